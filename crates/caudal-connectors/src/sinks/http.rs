@@ -1,0 +1,296 @@
+//! The HTTP sink: each batch becomes one request whose body is the JSON
+//! array of records, or whatever a minijinja template renders from them.
+//!
+//! The sink sends once and classifies the answer (see [`classify`]); it never
+//! retries by itself. Success is any 2xx. 408, 429 and 5xx except 501 (and
+//! connection errors and timeouts) are temporary; other statuses reject the
+//! batch. `Retry-After` (seconds or an HTTP date) is passed on to the engine.
+
+use std::io::Write as _;
+use std::time::Duration;
+
+use caudal_core::config::HttpSinkConfig;
+use caudal_core::record::Record;
+use caudal_core::sink::{Batch, Delivery, Sink};
+use caudal_core::{Error, ErrorKind, Result};
+use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use serde::Serialize;
+
+/// How much of a response body is kept for the operator.
+const BODY_EXCERPT_BYTES: usize = 2048;
+/// The template name; not ending in `.html`/`.json`, so nothing is escaped
+/// beyond what the template asks for.
+const TEMPLATE_NAME: &str = "body";
+
+/// A configured HTTP endpoint.
+#[derive(Debug)]
+pub struct HttpSink {
+    name: String,
+    url: reqwest::Url,
+    method: reqwest::Method,
+    headers: HeaderMap,
+    gzip: bool,
+    client: reqwest::Client,
+    template: Option<minijinja::Environment<'static>>,
+}
+
+/// What a body template sees.
+#[derive(Serialize)]
+struct TemplateContext<'a> {
+    /// The pipeline name.
+    pipeline: &'a str,
+    /// The batch's records (their data), in source order.
+    records: Vec<&'a serde_json::Map<String, serde_json::Value>>,
+}
+
+impl HttpSink {
+    /// Builds the sink; fails on an invalid URL, header or template.
+    pub fn new(name: &str, config: &HttpSinkConfig) -> Result<Self> {
+        let cfg_err = |msg: String| Error::new(ErrorKind::Config, format!("sink {name:?}: {msg}"));
+        let url = reqwest::Url::parse(&config.url).map_err(|e| cfg_err(format!("url: {e}")))?;
+        let method = reqwest::Method::from_bytes(config.method.to_ascii_uppercase().as_bytes())
+            .map_err(|_| cfg_err(format!("method {:?} is not an HTTP method", config.method)))?;
+        let mut headers = HeaderMap::new();
+        let content_type = HeaderValue::from_str(&config.content_type)
+            .map_err(|_| cfg_err(format!("content_type {:?} is not a valid header value", config.content_type)))?;
+        headers.insert(CONTENT_TYPE, content_type);
+        for (key, value) in &config.headers {
+            let name = HeaderName::from_bytes(key.as_bytes())
+                .map_err(|_| cfg_err(format!("headers.{key}: not a valid header name")))?;
+            let mut value = HeaderValue::from_str(value.expose())
+                .map_err(|_| cfg_err(format!("headers.{key}: the value is not a valid header value")))?;
+            value.set_sensitive(true);
+            headers.insert(name, value);
+        }
+        if config.gzip {
+            headers.insert(CONTENT_ENCODING, HeaderValue::from_static("gzip"));
+        }
+        let template = match &config.body {
+            None => None,
+            Some(body) => {
+                let mut env = minijinja::Environment::new();
+                env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
+                env.add_template_owned(TEMPLATE_NAME, body.clone())
+                    .map_err(|e| cfg_err(format!("body template: {e}")))?;
+                Some(env)
+            }
+        };
+        let client = reqwest::Client::builder()
+            .timeout(config.timeout.as_std())
+            .connect_timeout(config.timeout.as_std().min(Duration::from_secs(10)))
+            .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")))
+            .build()
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e))?;
+        Ok(Self {
+            name: name.to_string(),
+            url,
+            method,
+            headers,
+            gzip: config.gzip,
+            client,
+            template,
+        })
+    }
+
+    /// The request body for a batch (before compression).
+    pub fn encode(&self, pipeline: &str, records: &[Record]) -> Result<Vec<u8>> {
+        match &self.template {
+            None => {
+                let mut out = Vec::with_capacity(records.len() * 128 + 2);
+                out.push(b'[');
+                for (i, r) in records.iter().enumerate() {
+                    if i > 0 {
+                        out.push(b',');
+                    }
+                    serde_json::to_writer(&mut out, &r.data)
+                        .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a record", e))?;
+                }
+                out.push(b']');
+                Ok(out)
+            }
+            Some(env) => {
+                let template = env
+                    .get_template(TEMPLATE_NAME)
+                    .map_err(|e| Error::with_source(ErrorKind::Internal, "body template missing", e))?;
+                let ctx = TemplateContext {
+                    pipeline,
+                    records: records.iter().map(|r| &r.data).collect(),
+                };
+                template.render(minijinja::Value::from(minijinja::value::Serde(&ctx))).map(String::into_bytes).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Rejected,
+                        format!("sink {:?}: the body template failed on this batch", self.name),
+                        e,
+                    )
+                })
+            }
+        }
+    }
+
+    fn compress(body: &[u8]) -> Result<Vec<u8>> {
+        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+        enc.write_all(body)
+            .and_then(|()| enc.finish())
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "gzip failed", e))
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for HttpSink {
+    async fn deliver(&self, batch: Batch<'_>) -> Delivery {
+        let body = match self.encode(batch.pipeline, batch.records) {
+            Ok(b) => b,
+            Err(e) => {
+                return Delivery::Rejected {
+                    reason: e.report(),
+                    status: None,
+                    body_excerpt: String::new(),
+                };
+            }
+        };
+        let body = if self.gzip {
+            match Self::compress(&body) {
+                Ok(b) => b,
+                Err(e) => {
+                    return Delivery::Retry {
+                        reason: e.report(),
+                        status: None,
+                        after: None,
+                    };
+                }
+            }
+        } else {
+            body
+        };
+        let request = self
+            .client
+            .request(self.method.clone(), self.url.clone())
+            .headers(self.headers.clone())
+            .body(body);
+        match request.send().await {
+            Err(e) => {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "could not connect"
+                } else {
+                    "failed"
+                };
+                Delivery::Retry {
+                    reason: format!("{} {}: request {what}: {}", self.method, self.url, error_chain(&e)),
+                    status: None,
+                    after: None,
+                }
+            }
+            Ok(response) => {
+                let status = response.status().as_u16();
+                let retry_after = response
+                    .headers()
+                    .get(RETRY_AFTER)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| parse_retry_after(v, jiff::Timestamp::now()));
+                let class = classify(status);
+                if class == StatusClass::Success {
+                    // Drain the body so the connection can be reused.
+                    let _ = response.bytes().await;
+                    return Delivery::Delivered { status: Some(status) };
+                }
+                let excerpt = excerpt(response).await;
+                let reason = format!("{} {} answered {status}", self.method, self.url);
+                match class {
+                    StatusClass::Retry => Delivery::Retry {
+                        reason,
+                        status: Some(status),
+                        after: retry_after,
+                    },
+                    _ => Delivery::Rejected {
+                        reason,
+                        status: Some(status),
+                        body_excerpt: excerpt,
+                    },
+                }
+            }
+        }
+    }
+}
+
+/// How a response status is treated.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StatusClass {
+    Success,
+    Retry,
+    Reject,
+}
+
+/// The default status classes: 2xx succeed; 408, 429 and 5xx except 501 are
+/// temporary; everything else rejects the batch.
+pub fn classify(status: u16) -> StatusClass {
+    match status {
+        200..=299 => StatusClass::Success,
+        408 | 429 => StatusClass::Retry,
+        501 => StatusClass::Reject,
+        500..=599 => StatusClass::Retry,
+        _ => StatusClass::Reject,
+    }
+}
+
+/// `Retry-After` as seconds or an HTTP date, relative to `now`.
+pub fn parse_retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
+    let value = value.trim();
+    if let Ok(secs) = value.parse::<u64>() {
+        return Some(Duration::from_secs(secs));
+    }
+    let when = jiff::fmt::rfc2822::parse(value).ok()?.timestamp();
+    let wait = when.duration_since(now);
+    Some(Duration::try_from(wait).unwrap_or(Duration::ZERO))
+}
+
+async fn excerpt(response: reqwest::Response) -> String {
+    match response.bytes().await {
+        Ok(bytes) => {
+            let cut = &bytes[..bytes.len().min(BODY_EXCERPT_BYTES)];
+            String::from_utf8_lossy(cut).into_owned()
+        }
+        Err(e) => format!("(body unreadable: {e})"),
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        out.push_str(": ");
+        out.push_str(&c.to_string());
+        cause = c.source();
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_classes() {
+        assert_eq!(classify(200), StatusClass::Success);
+        assert_eq!(classify(204), StatusClass::Success);
+        assert_eq!(classify(429), StatusClass::Retry);
+        assert_eq!(classify(408), StatusClass::Retry);
+        assert_eq!(classify(503), StatusClass::Retry);
+        assert_eq!(classify(501), StatusClass::Reject);
+        assert_eq!(classify(400), StatusClass::Reject);
+        assert_eq!(classify(301), StatusClass::Reject);
+    }
+
+    #[test]
+    fn retry_after_seconds_and_dates() {
+        let now: jiff::Timestamp = "2025-05-14T12:00:00Z".parse().expect("ts");
+        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("Wed, 14 May 2025 12:01:30 GMT", now),
+            Some(Duration::from_secs(90))
+        );
+        assert_eq!(parse_retry_after("Wed, 14 May 2025 11:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(parse_retry_after("soon", now), None);
+    }
+}

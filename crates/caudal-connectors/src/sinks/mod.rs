@@ -1,0 +1,3 @@
+//! Sinks: where batches of records are delivered.
+
+pub mod http;

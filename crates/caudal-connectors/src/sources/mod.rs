@@ -1,0 +1,3 @@
+//! Sources: where records come from.
+
+pub mod sql;

@@ -1,0 +1,501 @@
+//! Cross-field checks of a parsed configuration: what the types alone
+//! cannot say (a pipeline names a sink that exists, a schedule has exactly
+//! one trigger, a URL fits its source type, a template compiles).
+//!
+//! Every problem is reported, each with the field path it is about; the
+//! loader turns paths into file locations. Messages never print secret
+//! values (source URLs, header values): at most a URL's scheme.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use croner::parser::{CronParser, Seconds, Year};
+
+use super::load::ConfigError;
+use super::load::path::{FieldPath, Problem};
+use super::{
+    Config, HttpSinkConfig, PipelineConfig, ScheduleConfig, SinkConfig, SourceConfig, SqlDialect,
+    SqlMode,
+};
+use crate::units::redact_url;
+
+/// HTTP methods a sink may use.
+pub const HTTP_METHODS: &[&str] = &["GET", "POST", "PUT", "PATCH", "DELETE"];
+
+/// Checks a configuration and returns every problem (empty when valid).
+/// Errors carry field paths but no locations; [`super::load_str`] runs these
+/// checks too and adds locations.
+pub fn validate(config: &Config) -> Vec<ConfigError> {
+    check(config)
+        .into_iter()
+        .map(|problem| ConfigError {
+            location: None,
+            path: problem.path.to_string(),
+            message: problem.message,
+        })
+        .collect()
+}
+
+/// Parses a cron expression the way schedules use it: 5 fields (minute
+/// hour day-of-month month day-of-week), 6 with seconds first, or a
+/// nickname such as `@hourly`.
+pub fn parse_cron(expression: &str) -> Result<croner::Cron, String> {
+    let parser = cron_parser();
+    let fields: Vec<&str> = expression.split_whitespace().collect();
+    let nickname = expression.trim_start().starts_with('@');
+    if !nickname && !(5..=6).contains(&fields.len()) {
+        return Err(format!(
+            "invalid cron expression {expression:?}: expected 5 fields (minute hour \
+             day-of-month month day-of-week) or 6 with seconds first, found {}",
+            fields.len()
+        ));
+    }
+    parser.parse(expression).map_err(|error| {
+        let reason = cron_reason(&error.to_string());
+        match culprit_field(&parser, &fields) {
+            Some((name, text)) => {
+                format!("invalid cron expression {expression:?}: {reason} in the {name} field ({text:?})")
+            }
+            None => format!("invalid cron expression {expression:?}: {reason}"),
+        }
+    })
+}
+
+fn cron_parser() -> CronParser {
+    CronParser::builder()
+        .seconds(Seconds::Optional)
+        .year(Year::Disallowed)
+        .build()
+}
+
+/// croner's message without its prefix and final period, e.g. "number out
+/// of bounds".
+fn cron_reason(message: &str) -> String {
+    let mut reason = message;
+    for prefix in [
+        "Component error: ",
+        "Invalid pattern: ",
+        "Pattern contains illegal characters: ",
+    ] {
+        reason = reason.strip_prefix(prefix).unwrap_or(reason);
+    }
+    let reason = reason.trim_end_matches('.');
+    let mut chars = reason.chars();
+    match chars.next() {
+        Some(first) => first.to_lowercase().chain(chars).collect(),
+        None => String::new(),
+    }
+}
+
+/// Finds the one field whose replacement by `*` makes the expression valid.
+fn culprit_field<'f>(parser: &CronParser, fields: &[&'f str]) -> Option<(&'static str, &'f str)> {
+    const FIVE: [&str; 5] = ["minute", "hour", "day-of-month", "month", "day-of-week"];
+    const SIX: [&str; 6] = [
+        "second",
+        "minute",
+        "hour",
+        "day-of-month",
+        "month",
+        "day-of-week",
+    ];
+    let names: &[&str] = match fields.len() {
+        5 => &FIVE,
+        6 => &SIX,
+        _ => return None,
+    };
+    (0..fields.len()).find_map(|i| {
+        let mut trial = fields.to_vec();
+        trial[i] = "*";
+        parser
+            .parse(&trial.join(" "))
+            .is_ok()
+            .then(|| (names[i], fields[i]))
+    })
+}
+
+/// Every cross-field problem of `config`, with paths.
+pub(crate) fn check(config: &Config) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let root = FieldPath::root();
+    for (name, source) in &config.sources {
+        check_source(
+            &root.key("sources").key(name.clone()),
+            source,
+            &mut problems,
+        );
+    }
+    for (name, sink) in &config.sinks {
+        let path = root.key("sinks").key(name.clone());
+        match sink {
+            SinkConfig::Http(http) => check_http_sink(&path, http, &mut problems),
+        }
+    }
+    for (name, pipeline) in &config.pipelines {
+        check_pipeline(
+            &root.key("pipelines").key(name.clone()),
+            pipeline,
+            config,
+            &mut problems,
+        );
+    }
+    problems
+}
+
+fn check_pipeline(
+    path: &FieldPath,
+    pipeline: &PipelineConfig,
+    config: &Config,
+    out: &mut Vec<Problem>,
+) {
+    if !config.sources.contains_key(&pipeline.source) {
+        out.push(Problem::at(
+            path.key("source"),
+            unknown_reference("source", &pipeline.source, &config.sources),
+        ));
+    }
+    if !config.sinks.contains_key(&pipeline.sink) {
+        out.push(Problem::at(
+            path.key("sink"),
+            unknown_reference("sink", &pipeline.sink, &config.sinks),
+        ));
+    }
+    if pipeline.key.as_deref() == Some("") {
+        out.push(Problem::at(
+            path.key("key"),
+            "must not be empty; name a record field or leave it out",
+        ));
+    }
+    check_schedule(&path.key("schedule"), &pipeline.schedule, out);
+}
+
+fn unknown_reference<V>(what: &str, name: &str, defined: &BTreeMap<String, V>) -> String {
+    if defined.is_empty() {
+        return format!("unknown {what} {name:?}; no {what}s are defined");
+    }
+    let names: Vec<&str> = defined.keys().map(String::as_str).collect();
+    format!(
+        "unknown {what} {name:?}; defined {what}s: {}",
+        names.join(", ")
+    )
+}
+
+fn check_schedule(path: &FieldPath, schedule: &ScheduleConfig, out: &mut Vec<Problem>) {
+    let set: Vec<&str> = [
+        ("\"every\"", schedule.every.is_some()),
+        ("\"cron\"", schedule.cron.is_some()),
+        ("\"continuous\"", schedule.continuous),
+    ]
+    .into_iter()
+    .filter_map(|(name, is_set)| is_set.then_some(name))
+    .collect();
+    match set.as_slice() {
+        [] => out.push(Problem::at_key(
+            path.clone(),
+            "no trigger: set one of \"every\" (e.g. \"1h\"), \"cron\" (e.g. \"0 * * * *\") or \"continuous\" (true)",
+        )),
+        [_] => {}
+        several => out.push(Problem::at_key(
+            path.clone(),
+            format!(
+                "set only one of \"every\", \"cron\" or \"continuous\"; found {}",
+                several.join(" and ")
+            ),
+        )),
+    }
+    if let Some(every) = schedule.every
+        && every.as_std().is_zero()
+    {
+        out.push(Problem::at(path.key("every"), "must be greater than 0s"));
+    }
+    if let Some(cron) = &schedule.cron
+        && let Err(message) = parse_cron(cron)
+    {
+        out.push(Problem::at(path.key("cron"), message));
+    }
+    if let Some(tz) = &schedule.tz {
+        if schedule.cron.is_none() {
+            out.push(Problem::at(
+                path.key("tz"),
+                "\"tz\" applies only to \"cron\" schedules",
+            ));
+        } else if jiff::tz::TimeZone::get(tz).is_err() {
+            out.push(Problem::at(
+                path.key("tz"),
+                format!("unknown time zone {tz:?}; use an IANA name such as \"UTC\" or \"America/Mexico_City\""),
+            ));
+        }
+    }
+    if schedule.poll.is_some() && !schedule.continuous {
+        out.push(Problem::at(
+            path.key("poll"),
+            "\"poll\" applies only to continuous schedules (\"continuous\" is not true)",
+        ));
+    }
+}
+
+fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Vec<Problem>) {
+    let sql = source.sql();
+    // `cdc` is not implemented yet; the enum has no such variant, so serde
+    // already rejects it with the list of supported modes.
+    match sql.mode {
+        SqlMode::Incremental => {}
+    }
+    if let Some(message) = sql_url_problem(source.dialect(), sql.url.expose()) {
+        out.push(Problem::at(path.key("url"), message));
+    }
+    match (&sql.table, &sql.query) {
+        (Some(_), Some(_)) => out.push(Problem::at(
+            path.key("query"),
+            "set either \"table\" or \"query\", not both",
+        )),
+        (None, None) => out.push(Problem::at_key(
+            path.clone(),
+            "set \"table\" (a table to read) or \"query\" (a query whose rows are read)",
+        )),
+        (Some(table), None) if table.trim().is_empty() => {
+            out.push(Problem::at(path.key("table"), "must not be empty"));
+        }
+        (None, Some(query)) if query.trim().is_empty() => {
+            out.push(Problem::at(path.key("query"), "must not be empty"));
+        }
+        _ => {}
+    }
+    check_cursor(&path.key("cursor"), &sql.cursor, out);
+    if let Some(columns) = &sql.columns {
+        check_columns(&path.key("columns"), columns, &sql.cursor, out);
+    }
+    if sql.page_size == 0 {
+        out.push(Problem::at(path.key("page_size"), "must be greater than 0"));
+    }
+}
+
+fn check_cursor(path: &FieldPath, cursor: &[String], out: &mut Vec<Problem>) {
+    if cursor.is_empty() {
+        out.push(Problem::at(
+            path.clone(),
+            "list at least one cursor column, e.g. [\"last_modified_date\", \"id\"]",
+        ));
+    }
+    let mut seen = BTreeSet::new();
+    for (i, column) in cursor.iter().enumerate() {
+        if column.trim().is_empty() {
+            out.push(Problem::at(path.index(i), "column name is empty"));
+        } else if !seen.insert(column.as_str()) {
+            out.push(Problem::at(
+                path.index(i),
+                format!("column {column:?} is listed twice"),
+            ));
+        }
+    }
+}
+
+fn check_columns(path: &FieldPath, columns: &[String], cursor: &[String], out: &mut Vec<Problem>) {
+    if columns.is_empty() {
+        out.push(Problem::at(
+            path.clone(),
+            "list at least one column, or leave \"columns\" out to read all columns",
+        ));
+        return;
+    }
+    let mut missing: Vec<String> = Vec::new();
+    for column in cursor.iter().filter(|c| !columns.contains(c)) {
+        let quoted = format!("{column:?}");
+        if !missing.contains(&quoted) {
+            missing.push(quoted);
+        }
+    }
+    if !missing.is_empty() {
+        out.push(Problem::at(
+            path.clone(),
+            format!(
+                "must include every cursor column; missing {}",
+                missing.join(", ")
+            ),
+        ));
+    }
+}
+
+/// Checks a source URL against its type. Only the scheme is ever printed:
+/// the rest may hold a password.
+fn sql_url_problem(dialect: SqlDialect, url: &str) -> Option<String> {
+    let prefixes: &[&str] = match dialect {
+        SqlDialect::Postgres => &["postgres://", "postgresql://"],
+        SqlDialect::Mysql => &["mysql://", "mariadb://"],
+        SqlDialect::Sqlite => &["sqlite:"],
+    };
+    if prefixes.iter().any(|p| url.starts_with(p)) {
+        return None;
+    }
+    let wanted = format!(
+        "a {} source needs a URL starting with {}",
+        dialect.as_str(),
+        prefixes.join(" or ")
+    );
+    Some(match url_scheme(url) {
+        Some(scheme) => format!("{wanted}; this one starts with {scheme}"),
+        None if url.trim().is_empty() => format!("{wanted}; this one is empty"),
+        None => format!("{wanted}; this one has no scheme"),
+    })
+}
+
+/// `mysql://` of `mysql://user:pw@host/db`, `sqlite:` of `sqlite:x.db`.
+fn url_scheme(url: &str) -> Option<&str> {
+    let colon = url.find(':')?;
+    let name = &url[..colon];
+    let valid = name.chars().next().is_some_and(|c| c.is_ascii_alphabetic())
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.'));
+    if !valid {
+        return None;
+    }
+    let end = if url[colon..].starts_with("://") {
+        colon + 3
+    } else {
+        colon + 1
+    };
+    url.get(..end)
+}
+
+fn check_http_sink(path: &FieldPath, sink: &HttpSinkConfig, out: &mut Vec<Problem>) {
+    if !is_http_url(&sink.url) {
+        out.push(Problem::at(
+            path.key("url"),
+            format!(
+                "expected an http:// or https:// URL, found {:?}",
+                redact_url(&sink.url)
+            ),
+        ));
+    }
+    if !HTTP_METHODS.contains(&sink.method.as_str()) {
+        let hint = if HTTP_METHODS.contains(&sink.method.to_ascii_uppercase().as_str()) {
+            " (methods are upper case)"
+        } else {
+            ""
+        };
+        out.push(Problem::at(
+            path.key("method"),
+            format!(
+                "unknown method {:?}; expected one of: {}{hint}",
+                sink.method,
+                HTTP_METHODS.join(", ")
+            ),
+        ));
+    }
+    for (name, value) in &sink.headers {
+        let header = path.key("headers").key(name.clone());
+        if !is_header_name(name) {
+            out.push(Problem::at_key(
+                header.clone(),
+                format!("invalid header name {name:?}; use letters, digits and !#$%&'*+-.^_`|~"),
+            ));
+        }
+        if value.expose().chars().any(|c| c.is_control() && c != '\t') {
+            // Never print the value: headers carry tokens.
+            out.push(Problem::at(
+                header,
+                "header value contains a line break or another control character",
+            ));
+        }
+    }
+    if sink.batch.max_records == 0 {
+        out.push(Problem::at(
+            path.key("batch").key("max_records"),
+            "must be greater than 0",
+        ));
+    }
+    if sink.batch.max_bytes.0 == 0 {
+        out.push(Problem::at(
+            path.key("batch").key("max_bytes"),
+            "must be greater than 0",
+        ));
+    }
+    if let Some(body) = &sink.body
+        && let Err(error) = minijinja::Environment::new().template_from_str(body)
+    {
+        let detail = error
+            .detail()
+            .map_or_else(|| error.to_string(), str::to_string);
+        let line = error
+            .line()
+            .map(|n| format!(" (line {n} of the template)"))
+            .unwrap_or_default();
+        out.push(Problem::at(
+            path.key("body"),
+            format!("template does not compile: {detail}{line}"),
+        ));
+    }
+    if sink.timeout.as_std().is_zero() {
+        out.push(Problem::at(path.key("timeout"), "must be greater than 0s"));
+    }
+}
+
+fn is_http_url(url: &str) -> bool {
+    let lower = url.to_ascii_lowercase();
+    ["http://", "https://"].iter().any(|scheme| {
+        lower
+            .strip_prefix(scheme)
+            .is_some_and(|rest| !rest.is_empty() && !rest.starts_with('/'))
+    })
+}
+
+/// An RFC 9110 token.
+fn is_header_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cron_accepts_five_or_six_fields_and_nicknames() {
+        assert!(parse_cron("0 * * * *").is_ok());
+        assert!(parse_cron("*/10 * * * * *").is_ok());
+        assert!(parse_cron("0 9 * * MON-FRI").is_ok());
+        assert!(parse_cron("@hourly").is_ok());
+    }
+
+    #[test]
+    fn cron_errors_name_the_problem() {
+        let e = parse_cron("* * * *").expect_err("four fields");
+        assert!(e.contains("expected 5 fields"), "{e}");
+        assert!(e.contains("found 4"), "{e}");
+        let e = parse_cron("0 0 * * * * 2030").expect_err("seven fields");
+        assert!(e.contains("found 7"), "{e}");
+        let e = parse_cron("61 * * * *").expect_err("bad minute");
+        assert_eq!(
+            e,
+            "invalid cron expression \"61 * * * *\": number out of bounds in the minute field (\"61\")"
+        );
+        let e = parse_cron("0 0 * * * 9").expect_err("bad weekday");
+        assert!(e.contains("day-of-week"), "{e}");
+    }
+
+    #[test]
+    fn url_schemes_are_printed_without_the_rest() {
+        let m = sql_url_problem(SqlDialect::Postgres, "mysql://root:secret@db/x").expect("wrong");
+        assert!(m.ends_with("this one starts with mysql://"), "{m}");
+        assert!(!m.contains("secret"));
+        assert!(sql_url_problem(SqlDialect::Postgres, "postgresql://x/y").is_none());
+        assert!(sql_url_problem(SqlDialect::Mysql, "mariadb://x/y").is_none());
+        assert!(sql_url_problem(SqlDialect::Sqlite, "sqlite::memory:").is_none());
+        let m = sql_url_problem(SqlDialect::Sqlite, "caudal.db").expect("no scheme");
+        assert!(m.ends_with("has no scheme"), "{m}");
+        let m = sql_url_problem(SqlDialect::Sqlite, "").expect("empty");
+        assert!(m.ends_with("is empty"), "{m}");
+    }
+
+    #[test]
+    fn http_urls_and_header_names() {
+        assert!(is_http_url("https://partner.example/x"));
+        assert!(is_http_url("HTTP://127.0.0.1:8080"));
+        assert!(!is_http_url("https://"));
+        assert!(!is_http_url("ftp://x"));
+        assert!(is_header_name("X-Request-Id"));
+        assert!(!is_header_name("X Request"));
+        assert!(!is_header_name(""));
+    }
+}

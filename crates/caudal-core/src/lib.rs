@@ -1,0 +1,14 @@
+//! caudal-core: the vocabulary every other crate speaks.
+//!
+//! It holds the record model, the configuration model (with its loader and
+//! validation), the error type whose kind drives retry decisions, and the
+//! small traits that sources and sinks implement. It depends on no database,
+//! network or runtime crate, so every other crate can depend on it cheaply.
+
+pub mod config;
+pub mod error;
+pub mod record;
+pub mod sink;
+pub mod units;
+
+pub use error::{Error, ErrorKind, Result};

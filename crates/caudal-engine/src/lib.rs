@@ -1,0 +1,15 @@
+//! caudal-engine: schedules, runs and the daemon.
+//!
+//! A [`Pipeline`] owns a source, a sink and a schedule; [`Pipeline::run_once`]
+//! is one run. [`daemon::run`] keeps every pipeline on its schedule until
+//! shutdown. Leases ([`lease`]) make sure a pipeline never runs twice at
+//! once, even across processes.
+
+pub mod batch;
+pub mod daemon;
+pub mod lease;
+pub mod pipeline;
+pub mod schedule;
+
+pub use pipeline::{Pipeline, Progress, RunSummary, Trigger, load_checkpoint};
+pub use schedule::Schedule;

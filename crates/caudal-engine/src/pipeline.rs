@@ -1,0 +1,381 @@
+//! One pipeline and one run of it: read pages from the source, cut them into
+//! batches, deliver each batch, and commit the checkpoint after each
+//! delivered batch.
+//!
+//! Promises:
+//! - The checkpoint only ever moves to the position of the last record of a
+//!   batch the sink accepted, in the same store transaction that records the
+//!   run's counters. A failed, cancelled or crashed run leaves the
+//!   checkpoint at the last accepted batch, so the next run resends nothing
+//!   that was accepted and skips nothing that was not.
+//! - Reading overlaps delivery (the next page is fetched while a batch is in
+//!   flight), bounded to a couple of pages in memory.
+//! - On shutdown, intake stops at once; a batch already in flight is allowed
+//!   to finish (bounded by the sink's timeout) so its answer is not wasted.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use caudal_connectors::sinks::http::HttpSink;
+use caudal_connectors::sources::sql::SqlSource;
+use caudal_core::config::{BatchConfig, Config, PipelineConfig, SinkConfig};
+use caudal_core::record::{Position, Record};
+use caudal_core::sink::{Batch, Delivery, Sink};
+use caudal_core::{Error, ErrorKind, Result};
+use caudal_store::{RunOutcome, Store};
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::batch::Batcher;
+use crate::lease::{Lease, pipeline_lease};
+use crate::schedule::Schedule;
+
+/// Live counters of a run, for progress bars and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Progress {
+    pub rows_read: u64,
+    pub rows_delivered: u64,
+    pub batches: u64,
+}
+
+/// How a run ended.
+#[derive(Debug)]
+pub struct RunSummary {
+    pub run_id: i64,
+    pub outcome: RunOutcome,
+    pub rows_read: u64,
+    pub rows_delivered: u64,
+    pub batches: u64,
+    pub elapsed: Duration,
+    /// Position of the checkpoint after the run, if any.
+    pub checkpoint: Option<Position>,
+    /// Why the run failed, if it did.
+    pub error: Option<Error>,
+}
+
+/// What started a run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Trigger {
+    Schedule,
+    Manual,
+}
+
+impl Trigger {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Schedule => "schedule",
+            Self::Manual => "manual",
+        }
+    }
+}
+
+/// A pipeline ready to run: its source, sink, batching and schedule.
+#[derive(Clone)]
+pub struct Pipeline {
+    name: String,
+    source: SqlSource,
+    sink: Arc<dyn Sink>,
+    batch: BatchConfig,
+    schedule: Schedule,
+    store: Store,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("name", &self.name)
+            .field("schedule", &self.schedule.describe())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Builds a pipeline from a validated configuration: connects the
+    /// source's pool (lazily usable) and builds the sink.
+    pub async fn build(name: &str, config: &Config, store: Store) -> Result<Self> {
+        let p: &PipelineConfig = config.pipelines.get(name).ok_or_else(|| {
+            let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
+            Error::new(
+                ErrorKind::Config,
+                format!("no pipeline named {name:?}; pipelines: {}", names.join(", ")),
+            )
+        })?;
+        let source_cfg = config.sources.get(&p.source).ok_or_else(|| {
+            Error::new(ErrorKind::Config, format!("pipeline {name:?}: unknown source {:?}", p.source))
+        })?;
+        let sink_cfg = config.sinks.get(&p.sink).ok_or_else(|| {
+            Error::new(ErrorKind::Config, format!("pipeline {name:?}: unknown sink {:?}", p.sink))
+        })?;
+        let source = SqlSource::connect(&p.source, source_cfg).await?;
+        let (sink, batch): (Arc<dyn Sink>, BatchConfig) = match sink_cfg {
+            SinkConfig::Http(c) => (Arc::new(HttpSink::new(&p.sink, c)?), c.batch),
+        };
+        Ok(Self {
+            name: name.to_string(),
+            source,
+            sink,
+            batch,
+            schedule: Schedule::from_config(&p.schedule)?,
+            store,
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn schedule(&self) -> &Schedule {
+        &self.schedule
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    /// The saved checkpoint, decoded.
+    pub async fn checkpoint(&self) -> Result<Option<Position>> {
+        load_checkpoint(&self.store, &self.name).await
+    }
+
+    /// Runs the pipeline once: takes its lease, records the run, reads from
+    /// the checkpoint to the source's current end and delivers everything.
+    /// Fails with [`ErrorKind::Busy`] (and records nothing) when another
+    /// process is running it.
+    pub async fn run_once(
+        &self,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+        progress: Option<watch::Sender<Progress>>,
+    ) -> Result<RunSummary> {
+        let lease = Lease::acquire(&self.store, &pipeline_lease(&self.name)).await?;
+        // We hold the lease: any run still marked running is a dead one.
+        let abandoned = self.store.abandon_running(&self.name).await?;
+        if abandoned > 0 {
+            tracing::warn!(pipeline = %self.name, abandoned, "marked runs of a process that died as abandoned");
+        }
+        let started = std::time::Instant::now();
+        let run_id = self.store.start_run(&self.name, trigger.as_str()).await?;
+        let span = tracing::info_span!("run", pipeline = %self.name, run_id);
+        let _enter = span.enter();
+        drop(_enter);
+        let run_cancel = cancel.child_token();
+        let lost = lease.lost();
+        let watcher = {
+            let run_cancel = run_cancel.clone();
+            tokio::spawn(async move {
+                lost.cancelled().await;
+                run_cancel.cancel();
+            })
+        };
+        let mut counters = Progress::default();
+        let result = self
+            .run_inner(run_id, &run_cancel, &mut counters, progress.as_ref())
+            .await;
+        watcher.abort();
+        let (outcome, error) = match result {
+            Ok(()) if run_cancel.is_cancelled() => (RunOutcome::Cancelled, None),
+            Ok(()) => (RunOutcome::Succeeded, None),
+            Err(e) if e.kind() == ErrorKind::Cancelled => (RunOutcome::Cancelled, None),
+            Err(e) => (RunOutcome::Failed, Some(e)),
+        };
+        let error_text = error.as_ref().map(Error::report);
+        let finished = self
+            .store
+            .finish_run(
+                run_id,
+                outcome,
+                counters.rows_read,
+                counters.rows_delivered,
+                error_text.as_deref(),
+            )
+            .await;
+        lease.release().await;
+        finished?;
+        match &error {
+            None => tracing::info!(
+                pipeline = %self.name, run_id, outcome = outcome.as_str(),
+                rows_read = counters.rows_read, rows_delivered = counters.rows_delivered,
+                "run finished"
+            ),
+            Some(e) => tracing::error!(
+                pipeline = %self.name, run_id, error = %e.report(),
+                rows_read = counters.rows_read, rows_delivered = counters.rows_delivered,
+                "run failed"
+            ),
+        }
+        Ok(RunSummary {
+            run_id,
+            outcome,
+            rows_read: counters.rows_read,
+            rows_delivered: counters.rows_delivered,
+            batches: counters.batches,
+            elapsed: started.elapsed(),
+            checkpoint: self.checkpoint().await.ok().flatten(),
+            error,
+        })
+    }
+
+    async fn run_inner(
+        &self,
+        run_id: i64,
+        cancel: &CancellationToken,
+        counters: &mut Progress,
+        progress: Option<&watch::Sender<Progress>>,
+    ) -> Result<()> {
+        let from = self.checkpoint().await?;
+        let mut reader = self.source.open_run(from.as_ref()).await?;
+        // The reader runs ahead of delivery by at most two pages.
+        let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<Record>>>(2);
+        let read_cancel = cancel.clone();
+        let read_task = tokio::spawn(async move {
+            loop {
+                let page = tokio::select! {
+                    () = read_cancel.cancelled() => return,
+                    page = reader.next_page() => page,
+                };
+                let last = match page {
+                    Ok(Some(records)) => pages_tx.send(Ok(records)).await,
+                    Ok(None) => return,
+                    Err(e) => {
+                        let _ = pages_tx.send(Err(e)).await;
+                        return;
+                    }
+                };
+                if last.is_err() {
+                    return;
+                }
+            }
+        });
+        let _abort_reader = AbortOnDrop(read_task);
+
+        let mut batcher = Batcher::new(self.batch);
+        let max_wait = self.batch.max_wait.as_std();
+        let mut deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let wait = async {
+                match deadline {
+                    Some(d) => tokio::time::sleep_until(d).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Ok(()),
+                () = wait => {
+                    let batch = batcher.take();
+                    deadline = None;
+                    self.deliver(run_id, batch, counters, progress).await?;
+                }
+                page = pages.recv() => match page {
+                    None => {
+                        let rest = batcher.take();
+                        if !rest.is_empty() {
+                            self.deliver(run_id, rest, counters, progress).await?;
+                        }
+                        return Ok(());
+                    }
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(records)) => {
+                        counters.rows_read += records.len() as u64;
+                        if let Some(p) = progress {
+                            p.send_replace(*counters);
+                        }
+                        for record in records {
+                            if let Some(full) = batcher.push(record) {
+                                self.deliver(run_id, full, counters, progress).await?;
+                                if cancel.is_cancelled() {
+                                    return Ok(());
+                                }
+                            }
+                        }
+                        deadline = if batcher.is_empty() {
+                            None
+                        } else {
+                            deadline.or_else(|| Some(tokio::time::Instant::now() + max_wait))
+                        };
+                    }
+                },
+            }
+        }
+    }
+
+    /// Delivers one batch and, if it was accepted, commits the checkpoint.
+    async fn deliver(
+        &self,
+        run_id: i64,
+        records: Vec<Record>,
+        counters: &mut Progress,
+        progress: Option<&watch::Sender<Progress>>,
+    ) -> Result<()> {
+        let Some(last) = records.last() else {
+            return Ok(());
+        };
+        let position = serde_json::to_value(&last.position)
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
+        let outcome = self
+            .sink
+            .deliver(Batch {
+                pipeline: &self.name,
+                records: &records,
+            })
+            .await;
+        match outcome {
+            Delivery::Delivered { .. } => {
+                counters.rows_delivered += records.len() as u64;
+                counters.batches += 1;
+                self.store
+                    .commit_progress(run_id, &self.name, &position, counters.rows_read, counters.rows_delivered)
+                    .await?;
+                if let Some(p) = progress {
+                    p.send_replace(*counters);
+                }
+                Ok(())
+            }
+            Delivery::Retry { reason, .. } => Err(Error::new(
+                ErrorKind::Unavailable,
+                format!("batch of {} records not delivered: {reason}", records.len()),
+            )),
+            Delivery::Rejected {
+                reason,
+                body_excerpt,
+                ..
+            } => Err(Error::new(
+                ErrorKind::Rejected,
+                format!(
+                    "batch of {} records rejected: {reason}{}",
+                    records.len(),
+                    if body_excerpt.is_empty() {
+                        String::new()
+                    } else {
+                        format!(": {}", body_excerpt.trim())
+                    }
+                ),
+            )),
+        }
+    }
+}
+
+/// Reads and decodes a pipeline's checkpoint.
+pub async fn load_checkpoint(store: &Store, pipeline: &str) -> Result<Option<Position>> {
+    match store.checkpoint(pipeline).await? {
+        None => Ok(None),
+        Some(cp) => serde_json::from_value(cp.position).map(Some).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Decode,
+                format!(
+                    "the checkpoint of pipeline {pipeline:?} is not readable; \
+                     reset it with `caudal checkpoint reset {pipeline}`"
+                ),
+                e,
+            )
+        }),
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,66 @@
+//! Checkpoints: where each pipeline resumes. One per pipeline; the position
+//! is opaque JSON that only the pipeline's source understands. Checkpoints
+//! are written by [`Store::commit_progress`](crate::Store::commit_progress),
+//! together with the run that produced them.
+
+use caudal_core::Result;
+use jiff::Timestamp;
+use sqlx::types::Json;
+
+use crate::{Store, clock, store_error};
+
+/// A pipeline's saved position.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Checkpoint {
+    pub pipeline: String,
+    /// Opaque to the store; returned equal (as a JSON value) to what was saved.
+    pub position: serde_json::Value,
+    /// When the position was last saved (database clock).
+    pub updated_at: Timestamp,
+}
+
+#[derive(sqlx::FromRow)]
+struct CheckpointRow {
+    pipeline: String,
+    position: Json<serde_json::Value>,
+    updated_at: i64,
+}
+
+impl Store {
+    /// The checkpoint of `pipeline`, or `None` if it has never committed
+    /// progress (or its checkpoint was reset).
+    pub async fn checkpoint(&self, pipeline: &str) -> Result<Option<Checkpoint>> {
+        const SQL: &str =
+            "SELECT pipeline, position, updated_at FROM checkpoints WHERE pipeline = $1";
+        let row: Option<CheckpointRow> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(pipeline)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(|e| store_error(format!("reading the checkpoint of pipeline `{pipeline}`"), e))?;
+        row.map(|row| {
+            Ok(Checkpoint {
+                pipeline: row.pipeline,
+                position: row.position.0,
+                updated_at: clock::from_db(row.updated_at, "checkpoints.updated_at")?,
+            })
+        })
+        .transpose()
+    }
+
+    /// Forgets the checkpoint of `pipeline`, so its next run starts from the
+    /// source's initial position. Returns whether there was one.
+    pub async fn reset_checkpoint(&self, pipeline: &str) -> Result<bool> {
+        const SQL: &str = "DELETE FROM checkpoints WHERE pipeline = $1";
+        let result = with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(pipeline)
+                .execute(pool)
+                .await
+                .map(|done| done.rows_affected())
+        })
+        .map_err(|e| store_error(format!("resetting the checkpoint of pipeline `{pipeline}`"), e))?;
+        Ok(result > 0)
+    }
+}

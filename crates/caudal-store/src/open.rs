@@ -1,0 +1,161 @@
+//! Opening a store: choosing the backend from the url, connecting with the
+//! settings each backend needs, and bringing the schema up to date.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::time::Duration;
+
+use caudal_core::{Error, ErrorKind, Result};
+use sqlx::migrate::Migrator;
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+
+use crate::{Pool, Store, store_error};
+
+static SQLITE_MIGRATIONS: Migrator = sqlx::migrate!("migrations/sqlite");
+static POSTGRES_MIGRATIONS: Migrator = sqlx::migrate!("migrations/postgres");
+
+/// How long an SQLite statement waits for another writer before failing.
+const SQLITE_BUSY_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections kept for an SQLite file. SQLite has one writer at a time, so
+/// more connections only help concurrent readers.
+const SQLITE_MAX_CONNECTIONS: u32 = 4;
+/// Connections kept for a PostgreSQL store.
+const POSTGRES_MAX_CONNECTIONS: u32 = 8;
+/// How long a call waits for a free connection (or a new one) before failing.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The url forms the store accepts, for error messages.
+const ACCEPTED_URLS: &str = "sqlite://PATH, sqlite:PATH, sqlite::memory: or postgres://USER@HOST/DB";
+
+impl Store {
+    /// Connects to the store at `url` and applies any pending migrations.
+    ///
+    /// `url` is `sqlite://PATH` or `sqlite:PATH` (the file and its parent
+    /// directories are created when missing), `sqlite::memory:` (a private
+    /// database that lives as long as the store, for tests), or
+    /// `postgres://…` / `postgresql://…`.
+    pub async fn open(url: &str) -> Result<Store> {
+        let url = url.trim();
+        let store = if url.starts_with("sqlite:") {
+            open_sqlite(url).await?
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            open_postgres(url).await?
+        } else {
+            // The url may hold a password: name only its scheme.
+            let scheme = url.split_once(':').map_or("(none)", |(scheme, _)| scheme);
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("state store url has an unsupported scheme `{scheme}`; expected {ACCEPTED_URLS}"),
+            ));
+        };
+        tracing::debug!(backend = store.backend(), "state store opened");
+        Ok(store)
+    }
+}
+
+async fn open_sqlite(url: &str) -> Result<Store> {
+    let rest = url.strip_prefix("sqlite:").unwrap_or(url);
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let in_memory = path == ":memory:" || query.split('&').any(|pair| pair == "mode=memory");
+    if path.is_empty() && !in_memory {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("state store url `{url}` names no file; expected {ACCEPTED_URLS}"),
+        ));
+    }
+    let invalid_url =
+        |e| Error::with_source(ErrorKind::Config, format!("state store url `{url}` is invalid"), e);
+    let options = SqliteConnectOptions::from_str(url)
+        .map_err(invalid_url)?
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .busy_timeout(SQLITE_BUSY_TIMEOUT)
+        .foreign_keys(true);
+
+    if !in_memory {
+        create_parent_dir(options.get_filename()).await?;
+    }
+
+    // An in-memory database vanishes with its last connection and is private
+    // to it, so it gets exactly one connection that is never recycled.
+    let pool_options = if in_memory {
+        SqlitePoolOptions::new()
+            .max_connections(1)
+            .min_connections(1)
+            .idle_timeout(None)
+            .max_lifetime(None)
+    } else {
+        SqlitePoolOptions::new().max_connections(SQLITE_MAX_CONNECTIONS)
+    };
+    let pool = pool_options
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|e| store_error(format!("opening the SQLite database `{path}`"), e))?;
+
+    // sqlx does not lock SQLite during migrations; one IMMEDIATE transaction
+    // around them makes a second process wait for the first (busy_timeout)
+    // and then find the schema already current. Each migration runs inside
+    // it as a savepoint.
+    let migrated = async {
+        let mut tx = pool.begin_with("BEGIN IMMEDIATE").await?;
+        // `run_direct` is what `run` does once it holds a connection; `run`
+        // itself makes this future not `Send` (its `Acquire` bound trips
+        // rust-lang/rust#102211), and sqlx exposes `run_direct` for that.
+        SQLITE_MIGRATIONS.run_direct(None, &mut *tx, false).await?;
+        tx.commit().await?;
+        Ok::<_, sqlx::Error>(())
+    };
+    migrated
+        .await
+        .map_err(|e| store_error(format!("migrating the SQLite database `{path}`"), e))?;
+
+    Ok(Store {
+        pool: Pool::Sqlite(pool),
+    })
+}
+
+async fn open_postgres(url: &str) -> Result<Store> {
+    // Messages here never repeat the url: it may hold a password.
+    let options = PgConnectOptions::from_str(url).map_err(|e| {
+        Error::with_source(ErrorKind::Config, "state store url (postgres) is invalid", e)
+    })?;
+    let database = options.get_database().unwrap_or("(default)").to_owned();
+    let host = options.get_host().to_owned();
+    let pool = PgPoolOptions::new()
+        .max_connections(POSTGRES_MAX_CONNECTIONS)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|e| {
+            store_error(format!("connecting to PostgreSQL database `{database}` on `{host}`"), e)
+        })?;
+    // The PostgreSQL migrator holds an advisory lock while it runs.
+    let migrated = async {
+        let mut conn = pool.acquire().await?;
+        POSTGRES_MIGRATIONS.run_direct(None, &mut *conn, false).await?;
+        Ok::<_, sqlx::Error>(())
+    };
+    migrated
+        .await
+        .map_err(|e| store_error(format!("migrating PostgreSQL database `{database}`"), e))?;
+    Ok(Store {
+        pool: Pool::Postgres(pool),
+    })
+}
+
+async fn create_parent_dir(file: &Path) -> Result<()> {
+    let Some(dir) = file.parent().filter(|dir| !dir.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    tokio::fs::create_dir_all(dir).await.map_err(|e| {
+        Error::with_source(
+            ErrorKind::Store,
+            format!("state store: creating directory `{}` failed", dir.display()),
+            e,
+        )
+    })
+}

@@ -1,0 +1,32 @@
+//! Test utilities shared by the integration tests of every caudal crate.
+//!
+//! - [`Receiver`]: a real HTTP server on loopback that records what a sink
+//!   sends and answers as the test says (statuses, `Retry-After`, delays,
+//!   connection resets, stop and restart on the same port).
+//! - [`pg_database`], [`mysql_database`], [`sqlite_database`]: a fresh
+//!   database per test, dropped again with its [`TestDb`], so tests run in
+//!   parallel against real servers.
+//!
+//! Everything here panics on setup failure with a message saying what to do:
+//! a test whose server is missing fails, it never skips.
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use caudal_testkit::{Receiver, pg_database};
+//!
+//! # async fn example() {
+//! let receiver = Receiver::start().await;
+//! receiver.fail_next(2, 503);
+//! let db = pg_database().await;
+//! // ... run a sync from db.url() to receiver.url("/ingest") ...
+//! assert!(receiver.wait_for_accepted_records("/requests", 10, Duration::from_secs(10)).await);
+//! # }
+//! ```
+
+pub mod database;
+pub mod receiver;
+
+pub use database::{
+    DbKind, TestDb, mysql_database, mysql_database_at, pg_database, pg_database_at, sqlite_database,
+};
+pub use receiver::{Behaviour, ReceivedRequest, Receiver, Reply};

@@ -1,0 +1,101 @@
+//! Command-line arguments: what the user typed, before anything is resolved.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// caudal keeps systems in sync: it reads changed rows from SQL databases on
+/// a schedule, and delivers them to HTTP APIs in batches, with checkpoints
+/// that move only after delivery.
+///
+/// Start with `caudal demo` (no services needed), then write a config file
+/// (`caudal schema` gives its JSON Schema) and run `caudal validate`,
+/// `caudal once PIPELINE` and `caudal run`.
+#[derive(Debug, Parser)]
+#[command(name = "caudal", version, about, long_about, after_help = EXIT_CODES)]
+pub struct Cli {
+    /// The configuration file (TOML or YAML).
+    #[arg(short, long, global = true, env = "CAUDAL_CONFIG", default_value = "caudal.toml")]
+    pub config: PathBuf,
+
+    /// Log level: error, warn, info, debug, trace (or a tracing filter such
+    /// as `caudal=debug`). RUST_LOG overrides it.
+    #[arg(long, global = true, env = "CAUDAL_LOG", default_value = "info")]
+    pub log_level: String,
+
+    /// Log format on standard error.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+pub const EXIT_CODES: &str = "\
+Exit codes:
+  0  success
+  1  a run failed, or the operation failed (the message says why)
+  2  invalid arguments or configuration
+  3  the pipeline is running in another process
+  130  interrupted (Ctrl-C) before the work finished";
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Show caudal working end to end, with no services: a SQLite database
+    /// of service requests changes while a pipeline syncs it to a local
+    /// receiver; at the end, what changed is compared with what arrived.
+    Demo(DemoArgs),
+    /// Run every pipeline on its schedule until SIGINT or SIGTERM.
+    ///
+    /// On a signal, caudal stops reading, lets a batch already in flight
+    /// finish, and exits 0; checkpoints never move past undelivered rows.
+    Run,
+    /// Run one pipeline once, now, from its checkpoint to the source's end.
+    Once {
+        /// The pipeline to run.
+        pipeline: String,
+    },
+    /// Show every pipeline: schedule, last run, rows, checkpoint, next run.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show or reset a pipeline's checkpoint.
+    #[command(subcommand)]
+    Checkpoint(CheckpointCommand),
+    /// Check a configuration file and report every problem with its
+    /// file:line:column and field path.
+    Validate,
+    /// Print the JSON Schema of the configuration, for editors.
+    Schema,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CheckpointCommand {
+    /// Print the checkpoint as JSON.
+    Show { pipeline: String },
+    /// Forget the checkpoint: the next run reads the source from the start.
+    Reset { pipeline: String },
+}
+
+#[derive(Debug, clap::Args)]
+pub struct DemoArgs {
+    /// How long rows keep changing before the final sync and summary.
+    #[arg(long, default_value = "20s")]
+    pub duration: caudal_core::units::Duration,
+    /// Directory for the demo's databases and config (recreated).
+    #[arg(long, default_value = "caudal-demo")]
+    pub dir: PathBuf,
+    /// Print fewer lines per delivered batch.
+    #[arg(long)]
+    pub quiet: bool,
+}

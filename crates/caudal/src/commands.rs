@@ -1,0 +1,343 @@
+//! The commands: each resolves its arguments into library objects, calls
+//! them, and turns the outcome into output and an exit code.
+
+use std::io::IsTerminal as _;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use caudal_core::config::{Config, load_file};
+use caudal_core::{Error, ErrorKind};
+use caudal_engine::{Pipeline, Progress, RunSummary, Trigger};
+use caudal_store::{RunOutcome, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::CheckpointCommand;
+
+pub const EXIT_FAILED: u8 = 1;
+pub const EXIT_CONFIG: u8 = 2;
+pub const EXIT_BUSY: u8 = 3;
+pub const EXIT_INTERRUPTED: u8 = 130;
+
+/// Prints an error with its hint and returns the exit code for its kind.
+pub fn fail(e: &Error) -> ExitCode {
+    eprintln!("error: {}", e.report());
+    if let Some(hint) = e.kind().hint() {
+        eprintln!("hint: {hint}");
+    }
+    ExitCode::from(match e.kind() {
+        ErrorKind::Config => EXIT_CONFIG,
+        ErrorKind::Busy => EXIT_BUSY,
+        _ => EXIT_FAILED,
+    })
+}
+
+/// Loads and validates the configuration, printing every problem.
+pub fn load(path: &Path) -> Result<Config, ExitCode> {
+    load_file(path).map_err(|errors| {
+        for e in &errors.0 {
+            eprintln!("error: {e}");
+        }
+        let n = errors.0.len();
+        eprintln!("{n} error{} in {}", if n == 1 { "" } else { "s" }, path.display());
+        ExitCode::from(EXIT_CONFIG)
+    })
+}
+
+async fn open_store(config: &Config) -> Result<Store, ExitCode> {
+    Store::open(config.state.url.expose()).await.map_err(|e| fail(&e))
+}
+
+/// A token cancelled by SIGINT or SIGTERM.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let t = token.clone();
+    tokio::spawn(async move {
+        let ctrl_c = tokio::signal::ctrl_c();
+        #[cfg(unix)]
+        {
+            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                    let _ = ctrl_c.await;
+                    t.cancel();
+                    return;
+                }
+            };
+            tokio::select! {
+                _ = ctrl_c => {}
+                _ = term.recv() => {}
+            }
+        }
+        #[cfg(not(unix))]
+        let _ = ctrl_c.await;
+        tracing::info!("shutdown requested: stopping intake, finishing in-flight batches");
+        t.cancel();
+    });
+    token
+}
+
+pub async fn run(path: &Path) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match open_store(&config).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut pipelines = Vec::new();
+    for name in config.pipelines.keys() {
+        match Pipeline::build(name, &config, store.clone()).await {
+            Ok(p) => pipelines.push(p),
+            Err(e) => return fail(&e),
+        }
+    }
+    if pipelines.is_empty() {
+        eprintln!("error: {} defines no pipelines", path.display());
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    tracing::info!(pipelines = pipelines.len(), state = store.backend(), "caudal running");
+    let shutdown = shutdown_on_signals();
+    caudal_engine::daemon::run(pipelines, shutdown).await;
+    tracing::info!("caudal stopped");
+    ExitCode::SUCCESS
+}
+
+pub async fn once(path: &Path, name: &str) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match open_store(&config).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let pipeline = match Pipeline::build(name, &config, store).await {
+        Ok(p) => p,
+        Err(e) => return fail(&e),
+    };
+    let shutdown = shutdown_on_signals();
+    let (tx, rx) = tokio::sync::watch::channel(Progress::default());
+    let bar = std::io::stderr().is_terminal().then(|| progress_bar(name, rx));
+    let result = pipeline.run_once(Trigger::Manual, &shutdown, Some(tx)).await;
+    if let Some((bar, task)) = bar {
+        task.abort();
+        bar.finish_and_clear();
+    }
+    match result {
+        Err(e) => fail(&e),
+        Ok(summary) => {
+            println!("{}", summary_line(name, &summary));
+            match summary.outcome {
+                RunOutcome::Succeeded => ExitCode::SUCCESS,
+                RunOutcome::Cancelled => ExitCode::from(EXIT_INTERRUPTED),
+                _ => {
+                    if let Some(e) = &summary.error {
+                        eprintln!("error: {}", e.report());
+                    }
+                    ExitCode::from(EXIT_FAILED)
+                }
+            }
+        }
+    }
+}
+
+fn progress_bar(
+    name: &str,
+    mut rx: tokio::sync::watch::Receiver<Progress>,
+) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed_precise}]")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.set_prefix(name.to_string());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    let b = bar.clone();
+    let task = tokio::spawn(async move {
+        let start = std::time::Instant::now();
+        while rx.changed().await.is_ok() {
+            let p = *rx.borrow();
+            let secs = start.elapsed().as_secs_f64().max(0.001);
+            b.set_message(format!(
+                "{} read, {} delivered, {:.0} rows/s",
+                p.rows_read,
+                p.rows_delivered,
+                p.rows_delivered as f64 / secs
+            ));
+        }
+    });
+    (bar, task)
+}
+
+fn summary_line(name: &str, s: &RunSummary) -> String {
+    let secs = s.elapsed.as_secs_f64();
+    let rate = if secs > 0.0 { s.rows_delivered as f64 / secs } else { 0.0 };
+    let checkpoint = s
+        .checkpoint
+        .as_ref()
+        .map_or_else(|| "none".to_string(), |p| p.display());
+    format!(
+        "{name}: run {} {}: {} rows read, {} delivered in {} batches, {:.2}s ({:.0} rows/s); checkpoint {checkpoint}",
+        s.run_id,
+        s.outcome.as_str(),
+        s.rows_read,
+        s.rows_delivered,
+        s.batches,
+        secs,
+        rate
+    )
+}
+
+pub async fn status(path: &Path, json: bool) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match open_store(&config).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let mut rows = Vec::new();
+    for (name, p) in &config.pipelines {
+        let schedule = caudal_engine::Schedule::from_config(&p.schedule)
+            .map(|s| s.describe())
+            .unwrap_or_else(|e| format!("invalid: {e}"));
+        let last = match store.last_run(name).await {
+            Ok(r) => r,
+            Err(e) => return fail(&e),
+        };
+        let checkpoint = match caudal_engine::load_checkpoint(&store, name).await {
+            Ok(c) => c.map(|p| p.display()),
+            Err(e) => Some(format!("unreadable: {e}")),
+        };
+        let next = store.next_run(name).await.ok().flatten();
+        rows.push(serde_json::json!({
+            "pipeline": name,
+            "schedule": schedule,
+            "last_run": last.as_ref().map(|r| r.started_at.to_string()),
+            "outcome": last.as_ref().map(|r| r.outcome.as_str()),
+            "rows_read": last.as_ref().map(|r| r.rows_read),
+            "rows_delivered": last.as_ref().map(|r| r.rows_delivered),
+            "error": last.as_ref().and_then(|r| r.error.clone()),
+            "checkpoint": checkpoint,
+            "next_run": next.map(|t| t.to_string()),
+        }));
+    }
+    if json {
+        println!("{}", serde_json::Value::Array(rows));
+        return ExitCode::SUCCESS;
+    }
+    let headers = ["PIPELINE", "SCHEDULE", "LAST RUN", "OUTCOME", "ROWS", "CHECKPOINT", "NEXT RUN"];
+    let table: Vec<[String; 7]> = rows
+        .iter()
+        .map(|r| {
+            let s = |k: &str| r[k].as_str().map_or_else(|| "-".to_string(), str::to_string);
+            let rows = match (r["rows_read"].as_u64(), r["rows_delivered"].as_u64()) {
+                (Some(a), Some(b)) => format!("{a} read / {b} sent"),
+                _ => "-".into(),
+            };
+            [s("pipeline"), s("schedule"), s("last_run"), s("outcome"), rows, s("checkpoint"), s("next_run")]
+        })
+        .collect();
+    print_table(&headers, &table);
+    for r in &rows {
+        if let Some(e) = r["error"].as_str() {
+            println!("{}: last error: {e}", r["pipeline"].as_str().unwrap_or("?"));
+        }
+    }
+    ExitCode::SUCCESS
+}
+
+fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
+    let mut widths = headers.map(str::len);
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let parts: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect();
+        println!("{}", parts.join("  ").trim_end());
+    };
+    line(headers.to_vec());
+    for row in rows {
+        line(row.iter().map(String::as_str).collect());
+    }
+}
+
+pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let name = match command {
+        CheckpointCommand::Show { pipeline } | CheckpointCommand::Reset { pipeline } => pipeline,
+    };
+    if !config.pipelines.contains_key(name) {
+        let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
+        eprintln!("error: no pipeline named {name:?}; pipelines: {}", names.join(", "));
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let store = match open_store(&config).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match command {
+        CheckpointCommand::Show { .. } => match store.checkpoint(name).await {
+            Err(e) => fail(&e),
+            Ok(None) => {
+                println!("{name}: no checkpoint (the next run reads from the start)");
+                ExitCode::SUCCESS
+            }
+            Ok(Some(cp)) => {
+                let out = serde_json::json!({
+                    "pipeline": name,
+                    "position": cp.position,
+                    "updated_at": cp.updated_at.to_string(),
+                });
+                println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+        },
+        CheckpointCommand::Reset { .. } => match store.reset_checkpoint(name).await {
+            Err(e) => fail(&e),
+            Ok(true) => {
+                println!("{name}: checkpoint reset; the next run reads the source from the start");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                println!("{name}: had no checkpoint");
+                ExitCode::SUCCESS
+            }
+        },
+    }
+}
+
+pub fn validate(path: &Path) -> ExitCode {
+    match load(path) {
+        Err(code) => code,
+        Ok(c) => {
+            println!(
+                "{}: ok ({} sources, {} sinks, {} pipelines)",
+                path.display(),
+                c.sources.len(),
+                c.sinks.len(),
+                c.pipelines.len()
+            );
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+pub fn schema() -> ExitCode {
+    let schema = caudal_core::config::load::json_schema();
+    println!("{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
+    ExitCode::SUCCESS
+}

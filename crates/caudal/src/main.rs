@@ -1,0 +1,52 @@
+//! The `caudal` binary: parses arguments, sets up logging, and hands off to
+//! a command. Everything else lives in the library crates.
+
+mod cli;
+mod commands;
+mod demo;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use cli::{Cli, Command, LogFormat};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let code = runtime.block_on(async {
+        match &cli.command {
+            Command::Demo(args) => demo::run(args).await,
+            Command::Run => commands::run(&cli.config).await,
+            Command::Once { pipeline } => commands::once(&cli.config, pipeline).await,
+            Command::Status { json } => commands::status(&cli.config, *json).await,
+            Command::Checkpoint(c) => commands::checkpoint(&cli.config, c).await,
+            Command::Validate => commands::validate(&cli.config),
+            Command::Schema => commands::schema(),
+        }
+    });
+    // Do not wait for stray blocking tasks (e.g. a stdin reader) at exit.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    code
+}
+
+fn init_logging(level: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .or_else(|_| EnvFilter::try_new(level))
+        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(false);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+}
