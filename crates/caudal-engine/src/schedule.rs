@@ -178,15 +178,15 @@ mod tests {
     #[test]
     fn daily_cron_keeps_local_time_across_fall_back() {
         let s = cron("0 9 * * *", "America/New_York");
-        let first = s.next_fire_after(ts("2025-11-01T12:00:00Z")).expect("next");
-        let second = s.next_fire_after(first).expect("next");
-        assert_eq!(local(first, "America/New_York"), "2025-11-02 09:00 EST");
-        assert_eq!(local(second, "America/New_York"), "2025-11-03 09:00 EST");
-        // 25 hours apart in absolute time across the change.
-        assert_eq!(first, ts("2025-11-02T14:00:00Z"));
-        let s2 = cron("0 9 * * *", "America/New_York");
-        let before = s2.next_fire_after(ts("2025-10-31T12:00:00Z")).expect("next");
-        assert_eq!(before, ts("2025-11-01T13:00:00Z"));
+        let saturday = s.next_fire_after(ts("2025-11-01T12:00:00Z")).expect("next");
+        let sunday = s.next_fire_after(saturday).expect("next");
+        let monday = s.next_fire_after(sunday).expect("next");
+        assert_eq!(local(saturday, "America/New_York"), "2025-11-01 09:00 EDT");
+        assert_eq!(local(sunday, "America/New_York"), "2025-11-02 09:00 EST");
+        assert_eq!(local(monday, "America/New_York"), "2025-11-03 09:00 EST");
+        // 09:00 local both days: 25 hours apart in absolute time.
+        assert_eq!(saturday, ts("2025-11-01T13:00:00Z"));
+        assert_eq!(sunday, ts("2025-11-02T14:00:00Z"));
     }
 
     #[test]

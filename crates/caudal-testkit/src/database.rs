@@ -40,7 +40,6 @@ const DROP_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Which database server a [`TestDb`] lives on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
 pub enum DbKind {
     /// PostgreSQL.
     Postgres,
@@ -357,6 +356,7 @@ async fn drop_database(kind: DbKind, admin_url: &str, name: &str) -> Result<(), 
         match kind {
             DbKind::Postgres => {
                 let mut conn = PgConnection::connect(admin_url).await?;
+                // MUTATION drop_pg_replication_slots(&mut conn, name).await?;
                 // FORCE (PostgreSQL 13+) terminates sessions still connected.
                 sqlx::raw_sql(AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
@@ -397,6 +397,48 @@ async fn drop_database(kind: DbKind, admin_url: &str, name: &str) -> Result<(), 
     tokio::time::timeout(DROP_TIMEOUT, work)
         .await
         .unwrap_or_else(|_| Err(DropError(format!("timed out after {DROP_TIMEOUT:?}"))))
+}
+
+/// Drops the logical replication slots of database `name` (a CDC test's).
+/// `DROP DATABASE` drops idle slots itself but fails while a slot is in use by
+/// a stream, and a stream may reconnect after being terminated: so terminate
+/// the sessions, drop the idle slots, and repeat until none is left.
+async fn drop_pg_replication_slots(conn: &mut PgConnection, name: &str) -> Result<(), DropError> {
+    const ATTEMPTS: u32 = 50;
+    for _ in 0..ATTEMPTS {
+        let slots: Vec<(String, bool)> = sqlx::query_as(
+            "SELECT slot_name::text, active FROM pg_replication_slots WHERE database = $1",
+        )
+        .bind(name)
+        .fetch_all(&mut *conn)
+        .await?;
+        if slots.is_empty() {
+            return Ok(());
+        }
+        if slots.iter().any(|(_, active)| *active) {
+            sqlx::query(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
+                 WHERE datname = $1 AND pid <> pg_backend_pid()",
+            )
+            .bind(name)
+            .execute(&mut *conn)
+            .await?;
+        }
+        for (slot, active) in &slots {
+            if !active {
+                // Another session may have dropped it meanwhile.
+                let _ = sqlx::query("SELECT pg_drop_replication_slot($1)")
+                    .bind(slot)
+                    .execute(&mut *conn)
+                    .await;
+            }
+        }
+        // A terminated walsender releases its slot a moment later.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(DropError(format!(
+        "replication slots of {name} still in use after {ATTEMPTS} attempts"
+    )))
 }
 
 /// The admin URL for `kind` and where it came from: the environment variable

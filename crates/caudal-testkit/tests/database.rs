@@ -74,6 +74,67 @@ async fn pg_database_is_dropped_on_drop() {
     assert!(!pg_exists(&name).await);
 }
 
+/// A CDC stream still open on the database keeps its slot active, which makes
+/// a plain `DROP DATABASE ... WITH (FORCE)` fail.
+#[tokio::test]
+async fn pg_database_with_an_active_replication_slot_is_dropped() {
+    let db = pg_database().await;
+    let name = db.name().to_owned();
+    let mut admin = sqlx::PgConnection::connect(&admin_pg_url())
+        .await
+        .expect("admin");
+    let mut session = sqlx::PgConnection::connect(db.url())
+        .await
+        .expect("connect");
+    // Needs wal_level=logical, which scripts/test sets up.
+    sqlx::query("SELECT pg_create_logical_replication_slot($1, 'test_decoding')")
+        .bind(&name)
+        .execute(&mut session)
+        .await
+        .expect("create slot");
+    // pg_recvlogical (PostgreSQL's client package) streams from the slot and
+    // reconnects when terminated, as a CDC reader would.
+    let mut stream = std::process::Command::new("pg_recvlogical")
+        .args([
+            "-d",
+            db.url(),
+            "--slot",
+            &name,
+            "--start",
+            "-f",
+            "/dev/null",
+        ])
+        .spawn()
+        .expect("pg_recvlogical (from the postgresql-client package)");
+    let mut active = false;
+    for _ in 0..100 {
+        active = sqlx::query_scalar::<_, bool>(
+            "SELECT coalesce(bool_or(active), false) FROM pg_replication_slots WHERE slot_name = $1",
+        )
+        .bind(&name)
+        .fetch_one(&mut admin)
+        .await
+        .expect("query");
+        if active {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(active, "pg_recvlogical did not start streaming");
+
+    drop(db);
+    let _ = stream.kill();
+    let _ = stream.wait();
+    assert!(!pg_exists(&name).await);
+    let slots: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("query");
+    assert_eq!(slots, 0);
+}
+
 #[tokio::test]
 async fn pg_databases_are_distinct() {
     let (a, b) = tokio::join!(pg_database(), pg_database());

@@ -195,6 +195,26 @@ mod tests {
         }
     }
 
+    proptest::proptest! {
+        #[test]
+        fn text_without_dollars_is_unchanged(text in "[^$]*") {
+            proptest::prop_assert_eq!(run(&text), Ok(text.clone()));
+        }
+
+        #[test]
+        fn escaped_text_comes_back_literally(text in "[a-z${}:-]*") {
+            let escaped = text.replace("${", "$${");
+            // Escaping is only unambiguous when no `$` precedes a `${`.
+            proptest::prop_assume!(!text.contains("$${"));
+            proptest::prop_assert_eq!(run(&escaped), Ok(text.clone()));
+        }
+
+        #[test]
+        fn any_text_is_handled_without_panicking(text in ".*") {
+            let _ = run(&text);
+        }
+    }
+
     #[test]
     fn tree_problems_carry_the_value_path() {
         let mut node =
