@@ -38,7 +38,12 @@ impl Store {
                 .fetch_optional(pool)
                 .await
         })
-        .map_err(|e| store_error(format!("reading the checkpoint of pipeline `{pipeline}`"), e))?;
+        .map_err(|e| {
+            store_error(
+                format!("reading the checkpoint of pipeline `{pipeline}`"),
+                e,
+            )
+        })?;
         row.map(|row| {
             Ok(Checkpoint {
                 pipeline: row.pipeline,
@@ -60,7 +65,12 @@ impl Store {
                 .await
                 .map(|done| done.rows_affected())
         })
-        .map_err(|e| store_error(format!("resetting the checkpoint of pipeline `{pipeline}`"), e))?;
+        .map_err(|e| {
+            store_error(
+                format!("resetting the checkpoint of pipeline `{pipeline}`"),
+                e,
+            )
+        })?;
         Ok(result > 0)
     }
 }

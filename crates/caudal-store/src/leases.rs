@@ -22,7 +22,10 @@ pub enum LeaseOutcome {
     /// The caller holds the lease until the TTL runs out (or it releases it).
     Acquired,
     /// Someone else holds it, until `expires_at` unless they renew it.
-    Held { holder: String, expires_at: Timestamp },
+    Held {
+        holder: String,
+        expires_at: Timestamp,
+    },
 }
 
 /// How often [`Store::try_acquire_lease`] retries when the lease changes
@@ -71,7 +74,10 @@ impl Store {
                 return Ok(LeaseOutcome::Acquired);
             }
             let current: Option<(String, i64)> = with_pool!(self, |pool| {
-                sqlx::query_as(CURRENT).bind(name).fetch_optional(pool).await
+                sqlx::query_as(CURRENT)
+                    .bind(name)
+                    .fetch_optional(pool)
+                    .await
             })
             .map_err(failed)?;
             // Released (or expired and deleted) in between: try again.

@@ -27,13 +27,11 @@
 //!   in `migrations/<backend>/` that the database has not seen yet; opening
 //!   an up-to-date database changes nothing. Concurrent opens are serialised
 //!   (an advisory lock on PostgreSQL, a write transaction on SQLite).
-//! - **Errors, not panics.** Every failure is a [`caudal_core::Error`] of kind
-//!   [`ErrorKind::Store`](caudal_core::ErrorKind::Store) with the driver's
-//!   error as its source, [`Config`](caudal_core::ErrorKind::Config) for a
-//!   url the store cannot use, and
-//!   [`Internal`](caudal_core::ErrorKind::Internal) for a call that breaks
-//!   the API's contract (finishing a run as `running`, a counter above
-//!   `i64::MAX`).
+//! - **Errors, not panics.** Every failure is a [`caudal_core::Error`]: of
+//!   kind [`ErrorKind::Store`] with the driver's error as its source,
+//!   [`Config`](ErrorKind::Config) for a url the store cannot use, and
+//!   [`Internal`](ErrorKind::Internal) for a call that breaks the API's
+//!   contract (finishing a run as `running`, a counter above `i64::MAX`).
 
 /// Runs `$body` with `$pool` bound to the store's concrete pool. The body is
 /// written once and compiled for each backend, so the SQL and the way its
@@ -92,5 +90,9 @@ impl Store {
 /// A database failure while doing `action` (phrased as "reading the
 /// checkpoint of pipeline `x`").
 fn store_error(action: String, source: sqlx::Error) -> Error {
-    Error::with_source(ErrorKind::Store, format!("state store: {action} failed"), source)
+    Error::with_source(
+        ErrorKind::Store,
+        format!("state store: {action} failed"),
+        source,
+    )
 }

@@ -9,6 +9,7 @@ use caudal_core::{Error, ErrorKind, Result};
 use sqlx::migrate::Migrator;
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePoolOptions, SqliteSynchronous};
+use sqlx::{Connection, PgConnection};
 
 use crate::{Pool, Store, store_error};
 
@@ -26,7 +27,8 @@ const POSTGRES_MAX_CONNECTIONS: u32 = 8;
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The url forms the store accepts, for error messages.
-const ACCEPTED_URLS: &str = "sqlite://PATH, sqlite:PATH, sqlite::memory: or postgres://USER@HOST/DB";
+const ACCEPTED_URLS: &str =
+    "sqlite://PATH, sqlite:PATH, sqlite::memory: or postgres://USER@HOST/DB";
 
 impl Store {
     /// Connects to the store at `url` and applies any pending migrations.
@@ -46,7 +48,9 @@ impl Store {
             let scheme = url.split_once(':').map_or("(none)", |(scheme, _)| scheme);
             return Err(Error::new(
                 ErrorKind::Config,
-                format!("state store url has an unsupported scheme `{scheme}`; expected {ACCEPTED_URLS}"),
+                format!(
+                    "state store url has an unsupported scheme `{scheme}`; expected {ACCEPTED_URLS}"
+                ),
             ));
         };
         tracing::debug!(backend = store.backend(), "state store opened");
@@ -65,8 +69,13 @@ async fn open_sqlite(url: &str) -> Result<Store> {
             format!("state store url `{url}` names no file; expected {ACCEPTED_URLS}"),
         ));
     }
-    let invalid_url =
-        |e| Error::with_source(ErrorKind::Config, format!("state store url `{url}` is invalid"), e);
+    let invalid_url = |e| {
+        Error::with_source(
+            ErrorKind::Config,
+            format!("state store url `{url}` is invalid"),
+            e,
+        )
+    };
     let options = SqliteConnectOptions::from_str(url)
         .map_err(invalid_url)?
         .create_if_missing(true)
@@ -79,8 +88,9 @@ async fn open_sqlite(url: &str) -> Result<Store> {
         create_parent_dir(options.get_filename()).await?;
     }
 
-    // An in-memory database vanishes with its last connection and is private
-    // to it, so it gets exactly one connection that is never recycled.
+    // An in-memory database vanishes with its last connection, and sharing it
+    // between connections (SQLite's shared cache) locks whole tables; one
+    // connection that is never recycled avoids both.
     let pool_options = if in_memory {
         SqlitePoolOptions::new()
             .max_connections(1)
@@ -121,27 +131,49 @@ async fn open_sqlite(url: &str) -> Result<Store> {
 async fn open_postgres(url: &str) -> Result<Store> {
     // Messages here never repeat the url: it may hold a password.
     let options = PgConnectOptions::from_str(url).map_err(|e| {
-        Error::with_source(ErrorKind::Config, "state store url (postgres) is invalid", e)
+        Error::with_source(
+            ErrorKind::Config,
+            "state store url (postgres) is invalid",
+            e,
+        )
     })?;
     let database = options.get_database().unwrap_or("(default)").to_owned();
     let host = options.get_host().to_owned();
+    let connecting = format!("connecting to PostgreSQL database `{database}` on `{host}`");
+
+    // Migrations get a connection of their own, opened once: unlike the pool
+    // (which retries until ACQUIRE_TIMEOUT), it reports an unreachable server
+    // at once. The migrator holds an advisory lock while it runs, so
+    // concurrent opens apply each migration once.
+    let mut conn = tokio::time::timeout(ACQUIRE_TIMEOUT, PgConnection::connect_with(&options))
+        .await
+        .map_err(|_| {
+            Error::new(
+                ErrorKind::Store,
+                format!("state store: {connecting} timed out after {ACQUIRE_TIMEOUT:?}"),
+            )
+        })?
+        .map_err(|e| store_error(connecting.clone(), e))?;
+    // `run_direct` is what `run` does once it holds a connection; `run`
+    // itself would make this future not `Send` (see `open_sqlite`).
+    POSTGRES_MIGRATIONS
+        .run_direct(None, &mut conn, false)
+        .await
+        .map_err(|e| {
+            store_error(
+                format!("migrating PostgreSQL database `{database}`"),
+                e.into(),
+            )
+        })?;
+    // Only a courtesy to the server: the connection is dropped either way.
+    let _ = conn.close().await;
+
     let pool = PgPoolOptions::new()
         .max_connections(POSTGRES_MAX_CONNECTIONS)
         .acquire_timeout(ACQUIRE_TIMEOUT)
         .connect_with(options)
         .await
-        .map_err(|e| {
-            store_error(format!("connecting to PostgreSQL database `{database}` on `{host}`"), e)
-        })?;
-    // The PostgreSQL migrator holds an advisory lock while it runs.
-    let migrated = async {
-        let mut conn = pool.acquire().await?;
-        POSTGRES_MIGRATIONS.run_direct(None, &mut *conn, false).await?;
-        Ok::<_, sqlx::Error>(())
-    };
-    migrated
-        .await
-        .map_err(|e| store_error(format!("migrating PostgreSQL database `{database}`"), e))?;
+        .map_err(|e| store_error(connecting, e))?;
     Ok(Store {
         pool: Pool::Postgres(pool),
     })

@@ -71,7 +71,10 @@ impl FromStr for RunOutcome {
                 let names: Vec<&str> = Self::ALL.iter().map(|o| o.as_str()).collect();
                 Error::new(
                     ErrorKind::Decode,
-                    format!("unknown run outcome `{s}`; expected one of {}", names.join(", ")),
+                    format!(
+                        "unknown run outcome `{s}`; expected one of {}",
+                        names.join(", ")
+                    ),
                 )
             })
     }
@@ -111,7 +114,11 @@ impl TryFrom<RunRow> for RunRecord {
 
     fn try_from(row: RunRow) -> Result<Self> {
         let outcome = row.outcome.parse().map_err(|e| {
-            Error::with_source(ErrorKind::Store, format!("state store: run {} is unreadable", row.id), e)
+            Error::with_source(
+                ErrorKind::Store,
+                format!("state store: run {} is unreadable", row.id),
+                e,
+            )
         })?;
         Ok(RunRecord {
             id: row.id,
@@ -209,7 +216,10 @@ impl Store {
             .await
         })
         .map_err(|e| {
-            store_error(format!("committing progress of run {run_id} (pipeline `{pipeline}`)"), e)
+            store_error(
+                format!("committing progress of run {run_id} (pipeline `{pipeline}`)"),
+                e,
+            )
         })?;
         if committed {
             Ok(())
@@ -340,7 +350,9 @@ impl Store {
 }
 
 fn not_running(run_id: i64, pipeline: Option<&str>) -> Error {
-    let of = pipeline.map(|p| format!(" of pipeline `{p}`")).unwrap_or_default();
+    let of = pipeline
+        .map(|p| format!(" of pipeline `{p}`"))
+        .unwrap_or_default();
     Error::new(
         ErrorKind::Store,
         format!("state store: run {run_id}{of} is not running (unknown, finished or abandoned)"),
@@ -351,7 +363,10 @@ fn counter_to_db(value: u64, name: &str) -> Result<i64> {
     i64::try_from(value).map_err(|_| {
         Error::new(
             ErrorKind::Internal,
-            format!("{name} = {value} is beyond what the state store can hold ({})", i64::MAX),
+            format!(
+                "{name} = {value} is beyond what the state store can hold ({})",
+                i64::MAX
+            ),
         )
     })
 }

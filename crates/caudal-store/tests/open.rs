@@ -9,7 +9,14 @@ use std::time::Duration;
 
 #[tokio::test]
 async fn unsupported_urls_are_config_errors() {
-    for url in ["", "caudal.db", "mysql://root@localhost/x", "http://x", "sqlite://", "sqlite:"] {
+    for url in [
+        "",
+        "caudal.db",
+        "mysql://root@localhost/x",
+        "http://x",
+        "sqlite://",
+        "sqlite:",
+    ] {
         let err = Store::open(url).await.expect_err(url);
         assert_eq!(err.kind(), ErrorKind::Config, "{url}: {}", err.report());
     }
@@ -109,12 +116,21 @@ async fn sqlite_memory_store_works_and_is_private() {
         .await
         .expect("finish");
     assert_eq!(
-        store.checkpoint("p").await.expect("checkpoint").expect("saved").position,
+        store
+            .checkpoint("p")
+            .await
+            .expect("checkpoint")
+            .expect("saved")
+            .position,
         json!({"n": 1})
     );
 
     let other = Store::open("sqlite::memory:").await.expect("open");
-    assert_eq!(other.run(run).await.expect("run"), None, "each memory store is its own");
+    assert_eq!(
+        other.run(run).await.expect("run"),
+        None,
+        "each memory store is its own"
+    );
 }
 
 #[tokio::test]
@@ -128,7 +144,10 @@ async fn a_closed_store_reports_errors() {
 #[test]
 fn run_outcomes_parse_from_their_names() {
     for outcome in RunOutcome::ALL {
-        assert_eq!(outcome.as_str().parse::<RunOutcome>().expect("parse"), outcome);
+        assert_eq!(
+            outcome.as_str().parse::<RunOutcome>().expect("parse"),
+            outcome
+        );
         assert_eq!(outcome.to_string(), outcome.as_str());
     }
     assert_eq!(RunOutcome::Failed.as_str(), "failed");

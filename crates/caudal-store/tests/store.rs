@@ -75,9 +75,16 @@ async fn reopening_keeps_data_and_applies_nothing_twice(ctx: Ctx) {
 
     for _ in 0..2 {
         let store = ctx.open().await;
-        let checkpoint = store.checkpoint(P).await.expect("checkpoint").expect("kept");
+        let checkpoint = store
+            .checkpoint(P)
+            .await
+            .expect("checkpoint")
+            .expect("kept");
         assert_eq!(checkpoint.position, json!({"lsn": 7}));
-        assert_eq!(store.run(run).await.expect("run").expect("kept").rows_read, 1);
+        assert_eq!(
+            store.run(run).await.expect("run").expect("kept").rows_read,
+            1
+        );
         let applied = count_migrations(&ctx.url).await;
         assert_eq!(applied, 1, "each migration is recorded exactly once");
         store.close().await;
@@ -88,12 +95,18 @@ async fn count_migrations(url: &str) -> i64 {
     const SQL: &str = "SELECT COUNT(*) FROM _sqlx_migrations";
     if url.starts_with("sqlite:") {
         let pool = sqlx::SqlitePool::connect(url).await.expect("sqlite");
-        let n = sqlx::query_scalar(SQL).fetch_one(&pool).await.expect("count");
+        let n = sqlx::query_scalar(SQL)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
         pool.close().await;
         n
     } else {
         let pool = sqlx::PgPool::connect(url).await.expect("postgres");
-        let n = sqlx::query_scalar(SQL).fetch_one(&pool).await.expect("count");
+        let n = sqlx::query_scalar(SQL)
+            .fetch_one(&pool)
+            .await
+            .expect("count");
         pool.close().await;
         n
     }
@@ -114,7 +127,10 @@ async fn concurrent_opens_of_a_fresh_database_all_succeed(ctx: Ctx) {
         }
     }
     let run = stores[0].start_run(P, "manual").await.expect("start_run");
-    assert_eq!(stores[7].run(run).await.expect("run").map(|r| r.id), Some(run));
+    assert_eq!(
+        stores[7].run(run).await.expect("run").map(|r| r.id),
+        Some(run)
+    );
     assert_eq!(count_migrations(&ctx.url).await, 1);
 }
 
@@ -134,7 +150,11 @@ async fn commit_progress_saves_checkpoint_and_counters(ctx: Ctx) {
         .await
         .expect("commit_progress");
 
-    let checkpoint = store.checkpoint(P).await.expect("checkpoint").expect("saved");
+    let checkpoint = store
+        .checkpoint(P)
+        .await
+        .expect("checkpoint")
+        .expect("saved");
     assert_eq!(checkpoint.pipeline, P);
     assert_eq!(checkpoint.position, position);
     assert_recent(checkpoint.updated_at);
@@ -153,13 +173,21 @@ async fn commit_progress_overwrites_the_previous_checkpoint(ctx: Ctx) {
         .commit_progress(run, P, &json!({"n": 1}), 1, 1)
         .await
         .expect("first");
-    let first = store.checkpoint(P).await.expect("checkpoint").expect("saved");
+    let first = store
+        .checkpoint(P)
+        .await
+        .expect("checkpoint")
+        .expect("saved");
     tokio::time::sleep(Duration::from_millis(5)).await;
     store
         .commit_progress(run, P, &json!([2, "two"]), 2, 2)
         .await
         .expect("second");
-    let second = store.checkpoint(P).await.expect("checkpoint").expect("saved");
+    let second = store
+        .checkpoint(P)
+        .await
+        .expect("checkpoint")
+        .expect("saved");
     assert_eq!(second.position, json!([2, "two"]));
     assert!(second.updated_at > first.updated_at);
 
@@ -173,7 +201,11 @@ async fn commit_progress_overwrites_the_previous_checkpoint(ctx: Ctx) {
         .commit_progress(next, P, &json!(3), 1, 1)
         .await
         .expect("third");
-    let third = store.checkpoint(P).await.expect("checkpoint").expect("saved");
+    let third = store
+        .checkpoint(P)
+        .await
+        .expect("checkpoint")
+        .expect("saved");
     assert_eq!(third.position, json!(3));
 }
 
@@ -205,21 +237,36 @@ async fn commit_progress_is_seen_all_or_nothing_by_concurrent_readers(ctx: Ctx) 
             let store = store.clone();
             tokio::spawn(async move {
                 let position = |store: Store| async move {
-                    let checkpoint = store.checkpoint(P).await.expect("checkpoint").expect("saved");
+                    let checkpoint = store
+                        .checkpoint(P)
+                        .await
+                        .expect("checkpoint")
+                        .expect("saved");
                     checkpoint.position["n"].as_u64().expect("n")
                 };
                 let counted = |store: Store| async move {
-                    store.run(run).await.expect("run").expect("exists").rows_read
+                    store
+                        .run(run)
+                        .await
+                        .expect("run")
+                        .expect("exists")
+                        .rows_read
                 };
                 loop {
                     if reader % 2 == 0 {
                         let counted = counted(store.clone()).await;
                         let saved = position(store.clone()).await;
-                        assert!(saved >= counted, "counters {counted} ahead of checkpoint {saved}");
+                        assert!(
+                            saved >= counted,
+                            "counters {counted} ahead of checkpoint {saved}"
+                        );
                     } else {
                         let saved = position(store.clone()).await;
                         let counted = counted(store.clone()).await;
-                        assert!(counted >= saved, "checkpoint {saved} ahead of counters {counted}");
+                        assert!(
+                            counted >= saved,
+                            "checkpoint {saved} ahead of counters {counted}"
+                        );
                     }
                     if position(store.clone()).await == BATCHES {
                         break;
@@ -233,7 +280,10 @@ async fn commit_progress_is_seen_all_or_nothing_by_concurrent_readers(ctx: Ctx) 
         reader.await.expect("reader");
     }
     let record = store.run(run).await.expect("run").expect("exists");
-    assert_eq!((record.rows_read, record.rows_delivered), (BATCHES, BATCHES));
+    assert_eq!(
+        (record.rows_read, record.rows_delivered),
+        (BATCHES, BATCHES)
+    );
 }
 
 async fn commit_progress_refuses_runs_that_are_not_running(ctx: Ctx) {
@@ -269,7 +319,11 @@ async fn commit_progress_refuses_runs_that_are_not_running(ctx: Ctx) {
     assert!(err.to_string().contains("not running"), "{err}");
 
     // Nothing moved: neither the checkpoint nor either run's counters.
-    let checkpoint = store.checkpoint(P).await.expect("checkpoint").expect("saved");
+    let checkpoint = store
+        .checkpoint(P)
+        .await
+        .expect("checkpoint")
+        .expect("saved");
     assert_eq!(checkpoint.position, json!(1));
     let record = store.run(run).await.expect("run").expect("exists");
     assert_eq!((record.rows_read, record.rows_delivered), (10, 10));
@@ -289,7 +343,10 @@ async fn reset_checkpoint_forgets_the_position(ctx: Ctx) {
     assert_eq!(store.checkpoint(P).await.expect("checkpoint"), None);
     assert!(!store.reset_checkpoint(P).await.expect("reset again"));
     // The run's history stays.
-    assert_eq!(store.run(run).await.expect("run").expect("kept").rows_read, 5);
+    assert_eq!(
+        store.run(run).await.expect("run").expect("kept").rows_read,
+        5
+    );
 }
 
 async fn start_run_records_a_running_run(ctx: Ctx) {
@@ -308,7 +365,12 @@ async fn start_run_records_a_running_run(ctx: Ctx) {
     assert_eq!(record.error, None);
     assert_recent(record.started_at);
     assert_eq!(
-        store.run(second).await.expect("run").expect("exists").trigger,
+        store
+            .run(second)
+            .await
+            .expect("run")
+            .expect("exists")
+            .trigger,
         "manual"
     );
 }
@@ -401,7 +463,10 @@ async fn runs_are_newest_first_filtered_and_limited(ctx: Ctx) {
     let mut all = Vec::new();
     for i in 0..8 {
         let pipeline = if i % 3 == 0 { "other" } else { P };
-        let id = store.start_run(pipeline, "schedule").await.expect("start_run");
+        let id = store
+            .start_run(pipeline, "schedule")
+            .await
+            .expect("start_run");
         if pipeline == P {
             mine.push(id);
         }
@@ -409,18 +474,29 @@ async fn runs_are_newest_first_filtered_and_limited(ctx: Ctx) {
     }
     mine.reverse();
     all.reverse();
-    let ids = |runs: Vec<caudal_store::RunRecord>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
+    let ids =
+        |runs: Vec<caudal_store::RunRecord>| runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
 
     assert_eq!(ids(store.runs(None, 100).await.expect("runs")), all);
     assert_eq!(ids(store.runs(None, 3).await.expect("runs")), all[..3]);
     assert_eq!(ids(store.runs(Some(P), 100).await.expect("runs")), mine);
     assert_eq!(ids(store.runs(Some(P), 2).await.expect("runs")), mine[..2]);
     assert!(store.runs(Some(P), 0).await.expect("runs").is_empty());
-    assert!(store.runs(Some("nobody"), 10).await.expect("runs").is_empty());
+    assert!(
+        store
+            .runs(Some("nobody"), 10)
+            .await
+            .expect("runs")
+            .is_empty()
+    );
     assert_eq!(store.runs(None, u32::MAX).await.expect("runs").len(), 8);
     let records = store.runs(Some(P), 100).await.expect("runs");
     assert!(records.iter().all(|r| r.pipeline == P));
-    assert!(records.windows(2).all(|w| w[0].started_at >= w[1].started_at));
+    assert!(
+        records
+            .windows(2)
+            .all(|w| w[0].started_at >= w[1].started_at)
+    );
 }
 
 async fn last_run_is_the_most_recently_started(ctx: Ctx) {
@@ -448,8 +524,14 @@ async fn abandon_running_marks_only_running_runs_of_the_pipeline(ctx: Ctx) {
         .expect("finish");
     let crashed_a = store.start_run(P, "schedule").await.expect("start_run");
     let crashed_b = store.start_run(P, "schedule").await.expect("start_run");
-    store.update_run_counts(crashed_b, 7, 5).await.expect("update");
-    let elsewhere = store.start_run("other", "schedule").await.expect("start_run");
+    store
+        .update_run_counts(crashed_b, 7, 5)
+        .await
+        .expect("update");
+    let elsewhere = store
+        .start_run("other", "schedule")
+        .await
+        .expect("start_run");
 
     assert_eq!(store.abandon_running(P).await.expect("abandon"), 2);
     for id in [crashed_a, crashed_b] {
@@ -459,7 +541,11 @@ async fn abandon_running_marks_only_running_runs_of_the_pipeline(ctx: Ctx) {
         assert!(record.error.is_some(), "an abandoned run says why");
     }
     let record = store.run(crashed_b).await.expect("run").expect("exists");
-    assert_eq!((record.rows_read, record.rows_delivered), (7, 5), "counters are kept");
+    assert_eq!(
+        (record.rows_read, record.rows_delivered),
+        (7, 5),
+        "counters are kept"
+    );
     let record = store.run(done).await.expect("run").expect("exists");
     assert_eq!(record.outcome, RunOutcome::Succeeded);
     assert_eq!(record.error, None);
@@ -500,10 +586,17 @@ async fn lease_is_exclusive_and_reentrant(ctx: Ctx) {
     let store = ctx.open().await;
     let lease = "pipeline:orders";
     assert_eq!(
-        store.try_acquire_lease(lease, "a", TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "a", TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Acquired
     );
-    match store.try_acquire_lease(lease, "b", TTL).await.expect("acquire") {
+    match store
+        .try_acquire_lease(lease, "b", TTL)
+        .await
+        .expect("acquire")
+    {
         LeaseOutcome::Held { holder, expires_at } => {
             assert_eq!(holder, "a");
             assert!(expires_at > Timestamp::now() + Duration::from_secs(30));
@@ -512,7 +605,10 @@ async fn lease_is_exclusive_and_reentrant(ctx: Ctx) {
     }
     // Acquiring again as the holder renews.
     assert_eq!(
-        store.try_acquire_lease(lease, "a", TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "a", TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Acquired
     );
     // Leases are independent of each other.
@@ -529,21 +625,34 @@ async fn lease_can_be_acquired_once_expired(ctx: Ctx) {
     let store = ctx.open().await;
     let lease = "pipeline:orders";
     assert_eq!(
-        store.try_acquire_lease(lease, "a", SHORT_TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "a", SHORT_TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Acquired
     );
     assert!(matches!(
-        store.try_acquire_lease(lease, "b", TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "b", TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Held { .. }
     ));
     tokio::time::sleep(PAST_SHORT_TTL).await;
     assert_eq!(
-        store.try_acquire_lease(lease, "b", TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "b", TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Acquired
     );
     // The old holder finds out when it next renews.
     assert!(!store.renew_lease(lease, "a", TTL).await.expect("renew"));
-    match store.try_acquire_lease(lease, "a", TTL).await.expect("acquire") {
+    match store
+        .try_acquire_lease(lease, "a", TTL)
+        .await
+        .expect("acquire")
+    {
         LeaseOutcome::Held { holder, .. } => assert_eq!(holder, "b"),
         LeaseOutcome::Acquired => panic!("a took back b's live lease"),
     }
@@ -552,25 +661,52 @@ async fn lease_can_be_acquired_once_expired(ctx: Ctx) {
 async fn renew_lease_extends_and_reports_loss(ctx: Ctx) {
     let store = ctx.open().await;
     let lease = "pipeline:orders";
-    assert!(!store.renew_lease(lease, "a", TTL).await.expect("renew unknown"));
+    assert!(
+        !store
+            .renew_lease(lease, "a", TTL)
+            .await
+            .expect("renew unknown")
+    );
     store
         .try_acquire_lease(lease, "a", SHORT_TTL)
         .await
         .expect("acquire");
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert!(store.renew_lease(lease, "a", SHORT_TTL).await.expect("renew"));
+    assert!(
+        store
+            .renew_lease(lease, "a", SHORT_TTL)
+            .await
+            .expect("renew")
+    );
     tokio::time::sleep(Duration::from_millis(700)).await;
     // 1.3 s after acquiring with a 1 s TTL: only the renewal keeps it.
-    match store.try_acquire_lease(lease, "b", TTL).await.expect("acquire") {
+    match store
+        .try_acquire_lease(lease, "b", TTL)
+        .await
+        .expect("acquire")
+    {
         LeaseOutcome::Held { holder, .. } => assert_eq!(holder, "a"),
         LeaseOutcome::Acquired => panic!("the renewal did not extend the lease"),
     }
-    assert!(!store.renew_lease(lease, "b", TTL).await.expect("renew by another"));
+    assert!(
+        !store
+            .renew_lease(lease, "b", TTL)
+            .await
+            .expect("renew by another")
+    );
     // Expired but not taken by anyone: the holder may still renew it.
     tokio::time::sleep(PAST_SHORT_TTL).await;
-    assert!(store.renew_lease(lease, "a", TTL).await.expect("renew late"));
+    assert!(
+        store
+            .renew_lease(lease, "a", TTL)
+            .await
+            .expect("renew late")
+    );
     assert!(matches!(
-        store.try_acquire_lease(lease, "b", TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "b", TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Held { .. }
     ));
 }
@@ -578,16 +714,31 @@ async fn renew_lease_extends_and_reports_loss(ctx: Ctx) {
 async fn release_lease_frees_it_only_for_its_holder(ctx: Ctx) {
     let store = ctx.open().await;
     let lease = "pipeline:orders";
-    store.release_lease(lease, "a").await.expect("release unknown");
-    store.try_acquire_lease(lease, "a", TTL).await.expect("acquire");
-    store.release_lease(lease, "b").await.expect("release by another");
+    store
+        .release_lease(lease, "a")
+        .await
+        .expect("release unknown");
+    store
+        .try_acquire_lease(lease, "a", TTL)
+        .await
+        .expect("acquire");
+    store
+        .release_lease(lease, "b")
+        .await
+        .expect("release by another");
     assert!(matches!(
-        store.try_acquire_lease(lease, "b", TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "b", TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Held { .. }
     ));
     store.release_lease(lease, "a").await.expect("release");
     assert_eq!(
-        store.try_acquire_lease(lease, "b", TTL).await.expect("acquire"),
+        store
+            .try_acquire_lease(lease, "b", TTL)
+            .await
+            .expect("acquire"),
         LeaseOutcome::Acquired
     );
     assert!(!store.renew_lease(lease, "a", TTL).await.expect("renew"));
@@ -602,7 +753,10 @@ async fn take_over_lease_is_a_compare_and_swap(ctx: Ctx) {
             .await
             .expect("take over a missing lease")
     );
-    store.try_acquire_lease(lease, "a", TTL).await.expect("acquire");
+    store
+        .try_acquire_lease(lease, "a", TTL)
+        .await
+        .expect("acquire");
     assert!(
         !store
             .take_over_lease(lease, "b", "c", TTL)
@@ -624,14 +778,22 @@ async fn take_over_lease_is_a_compare_and_swap(ctx: Ctx) {
     );
     assert!(!store.renew_lease(lease, "a", TTL).await.expect("renew"));
     assert!(store.renew_lease(lease, "c", TTL).await.expect("renew"));
-    match store.try_acquire_lease(lease, "b", TTL).await.expect("acquire") {
+    match store
+        .try_acquire_lease(lease, "b", TTL)
+        .await
+        .expect("acquire")
+    {
         LeaseOutcome::Held { holder, .. } => assert_eq!(holder, "c"),
         LeaseOutcome::Acquired => panic!("b acquired c's lease"),
     }
 }
 
 /// Many processes (each with its own store and pool) race for one lease.
-async fn race_for_lease(ctx: &Ctx, lease: &'static str, racers: usize) -> Vec<(String, LeaseOutcome)> {
+async fn race_for_lease(
+    ctx: &Ctx,
+    lease: &'static str,
+    racers: usize,
+) -> Vec<(String, LeaseOutcome)> {
     let mut stores = Vec::new();
     for _ in 0..racers {
         stores.push(ctx.open().await);
@@ -669,7 +831,10 @@ fn assert_exactly_one_winner(outcomes: &[(String, LeaseOutcome)]) {
         .collect();
     assert_eq!(winners.len(), 1, "winners: {winners:?}");
     for (holder, outcome) in outcomes {
-        if let LeaseOutcome::Held { holder: current, .. } = outcome {
+        if let LeaseOutcome::Held {
+            holder: current, ..
+        } = outcome
+        {
             assert_eq!(current, winners[0], "{holder} was told the wrong holder");
         }
     }
@@ -693,7 +858,14 @@ async fn concurrent_acquirers_of_an_expired_lease_exactly_one_wins(ctx: Ctx) {
 
 async fn odd_names_and_positions_round_trip(ctx: Ctx) {
     let store = ctx.open().await;
-    let names = ["", "it's", "a\"b", "naïve ☃ 数据", "x; DROP TABLE runs; --", "$1 ?"];
+    let names = [
+        "",
+        "it's",
+        "a\"b",
+        "naïve ☃ 数据",
+        "x; DROP TABLE runs; --",
+        "$1 ?",
+    ];
     let position = json!({
         "big": u64::MAX,
         "negative": i64::MIN,
@@ -707,21 +879,38 @@ async fn odd_names_and_positions_round_trip(ctx: Ctx) {
             .commit_progress(run, name, &position, 1, 1)
             .await
             .expect("commit_progress");
-        let checkpoint = store.checkpoint(name).await.expect("checkpoint").expect("saved");
+        let checkpoint = store
+            .checkpoint(name)
+            .await
+            .expect("checkpoint")
+            .expect("saved");
         assert_eq!(checkpoint.pipeline, name);
         assert_eq!(checkpoint.position, position);
-        let record = store.last_run(name).await.expect("last_run").expect("exists");
-        assert_eq!((record.pipeline.as_str(), record.trigger.as_str()), (name, name));
+        let record = store
+            .last_run(name)
+            .await
+            .expect("last_run")
+            .expect("exists");
+        assert_eq!(
+            (record.pipeline.as_str(), record.trigger.as_str()),
+            (name, name)
+        );
         store
             .finish_run(run, RunOutcome::Failed, 1, 1, Some(name))
             .await
             .expect("finish");
         assert_eq!(
-            store.try_acquire_lease(name, name, TTL).await.expect("lease"),
+            store
+                .try_acquire_lease(name, name, TTL)
+                .await
+                .expect("lease"),
             LeaseOutcome::Acquired
         );
     }
-    assert_eq!(store.runs(None, 100).await.expect("runs").len(), names.len());
+    assert_eq!(
+        store.runs(None, 100).await.expect("runs").len(),
+        names.len()
+    );
     // Scalars are positions too.
     let run = store.start_run(P, "manual").await.expect("start_run");
     for position in [json!(null), json!("text"), json!(0), json!([])] {
@@ -730,7 +919,12 @@ async fn odd_names_and_positions_round_trip(ctx: Ctx) {
             .await
             .expect("commit_progress");
         assert_eq!(
-            store.checkpoint(P).await.expect("checkpoint").expect("saved").position,
+            store
+                .checkpoint(P)
+                .await
+                .expect("checkpoint")
+                .expect("saved")
+                .position,
             position
         );
     }
@@ -740,7 +934,10 @@ async fn counters_beyond_i64_are_refused_not_truncated(ctx: Ctx) {
     let store = ctx.open().await;
     let run = store.start_run(P, "manual").await.expect("start_run");
     let max = i64::MAX as u64;
-    store.update_run_counts(run, max, max).await.expect("i64::MAX fits");
+    store
+        .update_run_counts(run, max, max)
+        .await
+        .expect("i64::MAX fits");
     let record = store.run(run).await.expect("run").expect("exists");
     assert_eq!((record.rows_read, record.rows_delivered), (max, max));
 

@@ -356,7 +356,7 @@ async fn drop_database(kind: DbKind, admin_url: &str, name: &str) -> Result<(), 
         match kind {
             DbKind::Postgres => {
                 let mut conn = PgConnection::connect(admin_url).await?;
-                // MUTATION drop_pg_replication_slots(&mut conn, name).await?;
+                drop_pg_replication_slots(&mut conn, name).await?;
                 // FORCE (PostgreSQL 13+) terminates sessions still connected.
                 sqlx::raw_sql(AssertSqlSafe(format!(
                     "DROP DATABASE IF EXISTS \"{name}\" WITH (FORCE)"
