@@ -53,11 +53,9 @@ impl ErrorKind {
                 Decision::Retry
             }
             Self::Rejected => Decision::Reject,
-            Self::Config
-            | Self::Query
-            | Self::Decode
-            | Self::Cancelled
-            | Self::Internal => Decision::Fatal,
+            Self::Config | Self::Query | Self::Decode | Self::Cancelled | Self::Internal => {
+                Decision::Fatal
+            }
         }
     }
 

@@ -45,7 +45,9 @@ impl FromStr for Duration {
         let mut total = StdDuration::ZERO;
         let mut rest = text;
         while !rest.is_empty() {
-            let digits = rest.find(|c: char| !c.is_ascii_digit()).unwrap_or(rest.len());
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
             if digits == 0 {
                 return Err(format!(
                     "invalid duration {s:?}: expected a number before {rest:?} (units: ms, s, m, h, d)"
@@ -55,7 +57,9 @@ impl FromStr for Duration {
                 .parse()
                 .map_err(|_| format!("invalid duration {s:?}: number too large"))?;
             rest = &rest[digits..];
-            let unit_len = rest.find(|c: char| c.is_ascii_digit()).unwrap_or(rest.len());
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
             let unit = &rest[..unit_len];
             rest = &rest[unit_len..];
             let part = match unit {
@@ -137,7 +141,9 @@ impl FromStr for ByteSize {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let text = s.trim();
-        let digits = text.find(|c: char| !c.is_ascii_digit()).unwrap_or(text.len());
+        let digits = text
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len());
         if digits == 0 {
             return Err(format!(
                 "invalid size {s:?}: expected a number such as \"64KiB\" or \"1MiB\""
@@ -273,12 +279,7 @@ pub fn redact_url(url: &str) -> String {
             } else {
                 user.to_string()
             };
-            format!(
-                "{}://{}@{}",
-                &url[..scheme_end],
-                redacted,
-                &rest[at + 1..]
-            )
+            format!("{}://{}@{}", &url[..scheme_end], redacted, &rest[at + 1..])
         }
         None => url.to_string(),
     }
@@ -295,8 +296,16 @@ mod tests {
         assert_eq!(d.to_string(), "1h30m");
         assert_eq!("500ms".parse::<Duration>().unwrap().0.as_millis(), 500);
         assert_eq!("0".parse::<Duration>().unwrap().0, StdDuration::ZERO);
-        assert!("90".parse::<Duration>().unwrap_err().contains("missing unit"));
-        assert!("5x".parse::<Duration>().unwrap_err().contains("unknown unit"));
+        assert!(
+            "90".parse::<Duration>()
+                .unwrap_err()
+                .contains("missing unit")
+        );
+        assert!(
+            "5x".parse::<Duration>()
+                .unwrap_err()
+                .contains("unknown unit")
+        );
         assert!("".parse::<Duration>().is_err());
         assert!("h".parse::<Duration>().is_err());
     }

@@ -58,7 +58,13 @@ impl Batcher {
 pub fn encoded_size(v: &Value) -> u64 {
     match v {
         Value::Null => 4,
-        Value::Bool(b) => if *b { 4 } else { 5 },
+        Value::Bool(b) => {
+            if *b {
+                4
+            } else {
+                5
+            }
+        }
         Value::Number(_) => 12,
         Value::String(s) => s.len() as u64 + 2,
         Value::Array(items) => 2 + items.iter().map(|i| encoded_size(i) + 1).sum::<u64>(),

@@ -41,7 +41,9 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken) {
             last_end = run.ended_at;
         }
         Ok(None) => {}
-        Err(e) => tracing::warn!(pipeline = %name, error = %e.report(), "cannot read the last run; scheduling as new"),
+        Err(e) => {
+            tracing::warn!(pipeline = %name, error = %e.report(), "cannot read the last run; scheduling as new")
+        }
     }
     tracing::info!(pipeline = %name, schedule = %pipeline.schedule().describe(), "scheduled");
     loop {

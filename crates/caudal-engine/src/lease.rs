@@ -46,7 +46,9 @@ fn holder_is_dead_local(holder: &str) -> bool {
     let Ok(pid) = pid.parse::<u32>() else {
         return false;
     };
-    host == hostname() && pid != std::process::id() && !std::path::Path::new(&format!("/proc/{pid}")).exists()
+    host == hostname()
+        && pid != std::process::id()
+        && !std::path::Path::new(&format!("/proc/{pid}")).exists()
 }
 
 /// A held lease, renewed in the background until released or dropped.
@@ -65,20 +67,26 @@ impl Lease {
     pub async fn acquire(store: &Store, name: &str) -> Result<Self> {
         let holder = holder_id();
         let mut outcome = store.try_acquire_lease(name, &holder, LEASE_TTL).await?;
-        if let LeaseOutcome::Held { holder: other, .. } = &outcome {
-            if holder_is_dead_local(other)
-                && store.take_over_lease(name, other, &holder, LEASE_TTL).await?
-            {
-                tracing::info!(lease = name, previous = %other, "took over the lease of a process that is gone");
-                outcome = LeaseOutcome::Acquired;
-            }
+        if let LeaseOutcome::Held { holder: other, .. } = &outcome
+            && holder_is_dead_local(other)
+            && store
+                .take_over_lease(name, other, &holder, LEASE_TTL)
+                .await?
+        {
+            tracing::info!(lease = name, previous = %other, "took over the lease of a process that is gone");
+            outcome = LeaseOutcome::Acquired;
         }
         match outcome {
             LeaseOutcome::Acquired => {}
-            LeaseOutcome::Held { holder: other, expires_at } => {
+            LeaseOutcome::Held {
+                holder: other,
+                expires_at,
+            } => {
                 return Err(Error::new(
                     ErrorKind::Busy,
-                    format!("{name} is running in another process ({other}); its lease expires at {expires_at} unless renewed"),
+                    format!(
+                        "{name} is running in another process ({other}); its lease expires at {expires_at} unless renewed"
+                    ),
                 ));
             }
         }
@@ -100,7 +108,9 @@ impl Lease {
                             lost.cancel();
                             return;
                         }
-                        Err(e) => tracing::warn!(lease = %name, error = %e.report(), "cannot renew the lease; will retry"),
+                        Err(e) => {
+                            tracing::warn!(lease = %name, error = %e.report(), "cannot renew the lease; will retry")
+                        }
                     }
                 }
             })

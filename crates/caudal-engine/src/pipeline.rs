@@ -25,6 +25,7 @@ use caudal_core::{Error, ErrorKind, Result};
 use caudal_store::{RunOutcome, Store};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::batch::Batcher;
 use crate::lease::{Lease, pipeline_lease};
@@ -97,14 +98,23 @@ impl Pipeline {
             let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
             Error::new(
                 ErrorKind::Config,
-                format!("no pipeline named {name:?}; pipelines: {}", names.join(", ")),
+                format!(
+                    "no pipeline named {name:?}; pipelines: {}",
+                    names.join(", ")
+                ),
             )
         })?;
         let source_cfg = config.sources.get(&p.source).ok_or_else(|| {
-            Error::new(ErrorKind::Config, format!("pipeline {name:?}: unknown source {:?}", p.source))
+            Error::new(
+                ErrorKind::Config,
+                format!("pipeline {name:?}: unknown source {:?}", p.source),
+            )
         })?;
         let sink_cfg = config.sinks.get(&p.sink).ok_or_else(|| {
-            Error::new(ErrorKind::Config, format!("pipeline {name:?}: unknown sink {:?}", p.sink))
+            Error::new(
+                ErrorKind::Config,
+                format!("pipeline {name:?}: unknown sink {:?}", p.sink),
+            )
         })?;
         let source = SqlSource::connect(&p.source, source_cfg).await?;
         let (sink, batch): (Arc<dyn Sink>, BatchConfig) = match sink_cfg {
@@ -155,9 +165,6 @@ impl Pipeline {
         }
         let started = std::time::Instant::now();
         let run_id = self.store.start_run(&self.name, trigger.as_str()).await?;
-        let span = tracing::info_span!("run", pipeline = %self.name, run_id);
-        let _enter = span.enter();
-        drop(_enter);
         let run_cancel = cancel.child_token();
         let lost = lease.lost();
         let watcher = {
@@ -170,6 +177,7 @@ impl Pipeline {
         let mut counters = Progress::default();
         let result = self
             .run_inner(run_id, &run_cancel, &mut counters, progress.as_ref())
+            .instrument(tracing::info_span!("run", pipeline = %self.name, run_id))
             .await;
         watcher.abort();
         let (outcome, error) = match result {
@@ -324,7 +332,13 @@ impl Pipeline {
                 counters.rows_delivered += records.len() as u64;
                 counters.batches += 1;
                 self.store
-                    .commit_progress(run_id, &self.name, &position, counters.rows_read, counters.rows_delivered)
+                    .commit_progress(
+                        run_id,
+                        &self.name,
+                        &position,
+                        counters.rows_read,
+                        counters.rows_delivered,
+                    )
                     .await?;
                 if let Some(p) = progress {
                     p.send_replace(*counters);

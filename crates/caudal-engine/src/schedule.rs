@@ -25,7 +25,11 @@ pub enum Schedule {
     /// Every fixed interval, counted from the start of the previous run.
     Every(Duration),
     /// On a cron expression, in a time zone.
-    Cron { cron: Box<Cron>, tz: TimeZone, text: String },
+    Cron {
+        cron: Box<Cron>,
+        tz: TimeZone,
+        text: String,
+    },
     /// Again `poll` after each run ends.
     Continuous { poll: Duration },
 }
@@ -212,11 +216,21 @@ mod tests {
         }
         assert_eq!(
             utc,
-            ["2022-10-30T06:00:00Z", "2022-10-30T07:00:00Z", "2022-10-30T08:00:00Z"]
+            [
+                "2022-10-30T06:00:00Z",
+                "2022-10-30T07:00:00Z",
+                "2022-10-30T08:00:00Z"
+            ]
         );
         let daily = cron("0 6 * * *", "America/Mexico_City");
-        let spring_2023 = daily.next_fire_after(ts("2023-04-02T00:00:00Z")).expect("next");
-        assert_eq!(spring_2023, ts("2023-04-02T12:00:00Z"), "06:00 CST = 12:00 UTC, no DST");
+        let spring_2023 = daily
+            .next_fire_after(ts("2023-04-02T00:00:00Z"))
+            .expect("next");
+        assert_eq!(
+            spring_2023,
+            ts("2023-04-02T12:00:00Z"),
+            "06:00 CST = 12:00 UTC, no DST"
+        );
     }
 
     #[test]
@@ -229,7 +243,10 @@ mod tests {
         let now = ts("2025-05-14T12:00:00Z");
         // Last run five hours ago: run now, once.
         let last = ts("2025-05-14T07:00:00Z");
-        assert_eq!(hourly.next_run(Some(last), Some(last), now).expect("n"), now);
+        assert_eq!(
+            hourly.next_run(Some(last), Some(last), now).expect("n"),
+            now
+        );
         // Last run 20 minutes ago: wait 40 minutes.
         let recent = ts("2025-05-14T11:40:00Z");
         assert_eq!(
@@ -247,8 +264,12 @@ mod tests {
             "a new cron pipeline waits for its first tick"
         );
         assert_eq!(
-            c.next_run(Some(ts("2025-05-14T12:00:00Z")), None, ts("2025-05-14T12:10:00Z"))
-                .expect("n"),
+            c.next_run(
+                Some(ts("2025-05-14T12:00:00Z")),
+                None,
+                ts("2025-05-14T12:10:00Z")
+            )
+            .expect("n"),
             ts("2025-05-14T13:00:00Z")
         );
     }

@@ -10,7 +10,9 @@ use std::time::Duration;
 use caudal_core::config::{Format, load_str};
 use caudal_engine::{Pipeline, RunSummary, Trigger};
 use caudal_store::{RunOutcome, Store};
-use caudal_testkit::{DbKind, Receiver, Reply, TestDb, mysql_database, pg_database, sqlite_database};
+use caudal_testkit::{
+    DbKind, Receiver, Reply, TestDb, mysql_database, pg_database, sqlite_database,
+};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
@@ -53,13 +55,22 @@ impl World {
         let sql = sqlx::AssertSqlSafe(sql.to_string());
         match self.kind() {
             DbKind::Postgres => {
-                sqlx::raw_sql(sql).execute(&self.db.pg_pool().await).await.expect("pg exec");
+                sqlx::raw_sql(sql)
+                    .execute(&self.db.pg_pool().await)
+                    .await
+                    .expect("pg exec");
             }
             DbKind::MySql => {
-                sqlx::raw_sql(sql).execute(&self.db.mysql_pool().await).await.expect("mysql exec");
+                sqlx::raw_sql(sql)
+                    .execute(&self.db.mysql_pool().await)
+                    .await
+                    .expect("mysql exec");
             }
             DbKind::Sqlite => {
-                sqlx::raw_sql(sql).execute(&self.db.sqlite_pool().await).await.expect("sqlite exec");
+                sqlx::raw_sql(sql)
+                    .execute(&self.db.sqlite_pool().await)
+                    .await
+                    .expect("sqlite exec");
             }
         }
     }
@@ -107,7 +118,9 @@ schedule = {{ every = "1h" }}
         let config = load_str(&self.config(), Format::Toml, "test.toml", &|_| None)
             .unwrap_or_else(|e| panic!("config: {e}"));
         let store = Store::open(config.state.url.expose()).await.expect("store");
-        Pipeline::build(PIPELINE, &config, store).await.expect("pipeline")
+        Pipeline::build(PIPELINE, &config, store)
+            .await
+            .expect("pipeline")
     }
 
     async fn run(&self) -> RunSummary {
@@ -127,7 +140,9 @@ schedule = {{ every = "1h" }}
     fn counts(&self) -> HashMap<i64, usize> {
         let mut counts = HashMap::new();
         for r in self.delivered() {
-            *counts.entry(r["request_id"].as_i64().expect("request_id")).or_default() += 1;
+            *counts
+                .entry(r["request_id"].as_i64().expect("request_id"))
+                .or_default() += 1;
         }
         counts
     }
@@ -251,7 +266,12 @@ async fn delivers_exactly_the_rows_then_later_changes(kind: DbKind) {
         .receiver
         .requests()
         .iter()
-        .map(|r| r.json.as_ref().expect("json")["requests"].as_array().expect("array").len())
+        .map(|r| {
+            r.json.as_ref().expect("json")["requests"]
+                .as_array()
+                .expect("array")
+                .len()
+        })
         .collect();
     assert_eq!(sizes, [10, 10, 5]);
 
@@ -262,10 +282,18 @@ async fn delivers_exactly_the_rows_then_later_changes(kind: DbKind) {
     w.receiver.clear();
     let second = w.run().await;
     assert_eq!(second.outcome, RunOutcome::Succeeded, "{:?}", second.error);
-    let mut ids: Vec<i64> = w.delivered().iter().map(|r| r["request_id"].as_i64().expect("id")).collect();
+    let mut ids: Vec<i64> = w
+        .delivered()
+        .iter()
+        .map(|r| r["request_id"].as_i64().expect("id"))
+        .collect();
     ids.sort_unstable();
     assert_eq!(ids, [3, 20, 26, 27, 28]);
-    let row3 = w.delivered().into_iter().find(|r| r["request_id"] == 3).expect("row 3");
+    let row3 = w
+        .delivered()
+        .into_iter()
+        .find(|r| r["request_id"] == 3)
+        .expect("row 3");
     assert_eq!(row3["status_id"], 4);
 
     // Nothing changed: nothing sent.
@@ -293,7 +321,11 @@ async fn ten_thousand_rows_sharing_a_timestamp_arrive_once_each(kind: DbKind) {
     w.receiver.clear();
     let next = w.run().await;
     assert_eq!(next.rows_delivered, 3, "{:?}", next.error);
-    let mut ids: Vec<i64> = w.delivered().iter().map(|r| r["request_id"].as_i64().expect("id")).collect();
+    let mut ids: Vec<i64> = w
+        .delivered()
+        .iter()
+        .map(|r| r["request_id"].as_i64().expect("id"))
+        .collect();
     ids.sort_unstable();
     assert_eq!(ids, [10_001, 10_002, 10_003]);
     w.db.cleanup().await;
@@ -315,12 +347,20 @@ async fn row_inside_the_safety_lag_waits_for_the_next_run(kind: DbKind) {
     .await;
     let first = w.run().await;
     assert_eq!(first.outcome, RunOutcome::Succeeded, "{:?}", first.error);
-    let ids: Vec<i64> = w.delivered().iter().map(|r| r["request_id"].as_i64().expect("id")).collect();
+    let ids: Vec<i64> = w
+        .delivered()
+        .iter()
+        .map(|r| r["request_id"].as_i64().expect("id"))
+        .collect();
     assert_eq!(ids, [1, 2], "the fresh row must wait for the lag");
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let second = w.run().await;
     assert_eq!(second.rows_delivered, 1, "{:?}", second.error);
-    let ids: Vec<i64> = w.delivered().iter().map(|r| r["request_id"].as_i64().expect("id")).collect();
+    let ids: Vec<i64> = w
+        .delivered()
+        .iter()
+        .map(|r| r["request_id"].as_i64().expect("id"))
+        .collect();
     assert_eq!(ids, [1, 2, 3]);
     w.db.cleanup().await;
 }
@@ -334,11 +374,25 @@ async fn receiver_down_fails_the_run_and_keeps_the_checkpoint(kind: DbKind) {
     let error = failed.error.expect("error").report();
     assert!(error.contains("could not connect"), "{error}");
     assert_eq!(failed.rows_delivered, 0);
-    assert!(failed.checkpoint.is_none(), "checkpoint moved: {:?}", failed.checkpoint);
+    assert!(
+        failed.checkpoint.is_none(),
+        "checkpoint moved: {:?}",
+        failed.checkpoint
+    );
     let store = w.pipeline().await.store().clone();
-    let recorded = store.last_run(PIPELINE).await.expect("runs").expect("a run");
+    let recorded = store
+        .last_run(PIPELINE)
+        .await
+        .expect("runs")
+        .expect("a run");
     assert_eq!(recorded.outcome, RunOutcome::Failed);
-    assert!(recorded.error.as_deref().unwrap_or("").contains("could not connect"));
+    assert!(
+        recorded
+            .error
+            .as_deref()
+            .unwrap_or("")
+            .contains("could not connect")
+    );
 
     w.receiver.restart().await;
     let ok = w.run().await;
@@ -354,7 +408,8 @@ async fn failure_mid_run_resumes_after_the_last_accepted_batch(kind: DbKind) {
     insert(&w, 1..=30, 0).await;
     // First batch accepted, second answered 503: the run fails with the
     // checkpoint after record 10.
-    w.receiver.queue_replies([Reply::status(200), Reply::status(503)]);
+    w.receiver
+        .queue_replies([Reply::status(200), Reply::status(503)]);
     let failed = w.run().await;
     assert_eq!(failed.outcome, RunOutcome::Failed);
     assert_eq!(failed.rows_delivered, 10);

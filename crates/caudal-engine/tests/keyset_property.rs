@@ -56,13 +56,22 @@ async fn exec(db: &TestDb, sql: String) {
     let sql = sqlx::AssertSqlSafe(sql);
     match db.kind() {
         DbKind::Postgres => {
-            sqlx::raw_sql(sql).execute(&db.pg_pool().await).await.expect("exec");
+            sqlx::raw_sql(sql)
+                .execute(&db.pg_pool().await)
+                .await
+                .expect("exec");
         }
         DbKind::Sqlite => {
-            sqlx::raw_sql(sql).execute(&db.sqlite_pool().await).await.expect("exec");
+            sqlx::raw_sql(sql)
+                .execute(&db.sqlite_pool().await)
+                .await
+                .expect("exec");
         }
         DbKind::MySql => {
-            sqlx::raw_sql(sql).execute(&db.mysql_pool().await).await.expect("exec");
+            sqlx::raw_sql(sql)
+                .execute(&db.mysql_pool().await)
+                .await
+                .expect("exec");
         }
     }
 }
@@ -75,15 +84,34 @@ async fn insert(db: &TestDb, table: &str, rows: &[(u32, i64)]) {
         .iter()
         .map(|(minute, id)| format!("({id}, '2025-05-14T12:{minute:02}:00Z')"))
         .collect();
-    exec(db, format!("INSERT INTO {table} (id, modified) VALUES {}", values.join(", "))).await;
+    exec(
+        db,
+        format!(
+            "INSERT INTO {table} (id, modified) VALUES {}",
+            values.join(", ")
+        ),
+    )
+    .await;
 }
 
 async fn check(db: &TestDb, table: &str, case: Case) -> Result<(), TestCaseError> {
-    let modified_type = if db.kind() == DbKind::Postgres { "TIMESTAMPTZ" } else { "TIMESTAMP" };
-    exec(db, format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, modified {modified_type} NOT NULL)")).await;
+    let modified_type = if db.kind() == DbKind::Postgres {
+        "TIMESTAMPTZ"
+    } else {
+        "TIMESTAMP"
+    };
+    exec(
+        db,
+        format!("CREATE TABLE {table} (id BIGINT PRIMARY KEY, modified {modified_type} NOT NULL)"),
+    )
+    .await;
     let receiver = Receiver::start().await;
     let state = tempfile::tempdir().expect("tempdir");
-    let source_type = if db.kind() == DbKind::Postgres { "postgres" } else { "sqlite" };
+    let source_type = if db.kind() == DbKind::Postgres {
+        "postgres"
+    } else {
+        "sqlite"
+    };
     let config = format!(
         r#"
 [state]
@@ -111,7 +139,9 @@ schedule = {{ every = "1h" }}
     );
     let config = load_str(&config, Format::Toml, "prop.toml", &|_| None).expect("config");
     let store = Store::open(config.state.url.expose()).await.expect("store");
-    let pipeline = Pipeline::build("p", &config, store).await.expect("pipeline");
+    let pipeline = Pipeline::build("p", &config, store)
+        .await
+        .expect("pipeline");
 
     let mut expected_order: Vec<(u32, i64)> = Vec::new();
     for phase in [&case.first, &case.second] {

@@ -15,7 +15,13 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[command(name = "caudal", version, about, long_about, after_help = EXIT_CODES)]
 pub struct Cli {
     /// The configuration file (TOML or YAML).
-    #[arg(short, long, global = true, env = "CAUDAL_CONFIG", default_value = "caudal.toml")]
+    #[arg(
+        short,
+        long,
+        global = true,
+        env = "CAUDAL_CONFIG",
+        default_value = "caudal.toml"
+    )]
     pub config: PathBuf,
 
     /// Log level: error, warn, info, debug, trace (or a tracing filter such

@@ -39,13 +39,19 @@ pub fn load(path: &Path) -> Result<Config, ExitCode> {
             eprintln!("error: {e}");
         }
         let n = errors.0.len();
-        eprintln!("{n} error{} in {}", if n == 1 { "" } else { "s" }, path.display());
+        eprintln!(
+            "{n} error{} in {}",
+            if n == 1 { "" } else { "s" },
+            path.display()
+        );
         ExitCode::from(EXIT_CONFIG)
     })
 }
 
 async fn open_store(config: &Config) -> Result<Store, ExitCode> {
-    Store::open(config.state.url.expose()).await.map_err(|e| fail(&e))
+    Store::open(config.state.url.expose())
+        .await
+        .map_err(|e| fail(&e))
 }
 
 /// A token cancelled by SIGINT or SIGTERM.
@@ -56,15 +62,16 @@ pub fn shutdown_on_signals() -> CancellationToken {
         let ctrl_c = tokio::signal::ctrl_c();
         #[cfg(unix)]
         {
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot listen for SIGTERM");
-                    let _ = ctrl_c.await;
-                    t.cancel();
-                    return;
-                }
-            };
+            let mut term =
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                        let _ = ctrl_c.await;
+                        t.cancel();
+                        return;
+                    }
+                };
             tokio::select! {
                 _ = ctrl_c => {}
                 _ = term.recv() => {}
@@ -98,7 +105,11 @@ pub async fn run(path: &Path) -> ExitCode {
         eprintln!("error: {} defines no pipelines", path.display());
         return ExitCode::from(EXIT_CONFIG);
     }
-    tracing::info!(pipelines = pipelines.len(), state = store.backend(), "caudal running");
+    tracing::info!(
+        pipelines = pipelines.len(),
+        state = store.backend(),
+        "caudal running"
+    );
     let shutdown = shutdown_on_signals();
     caudal_engine::daemon::run(pipelines, shutdown).await;
     tracing::info!("caudal stopped");
@@ -120,8 +131,12 @@ pub async fn once(path: &Path, name: &str) -> ExitCode {
     };
     let shutdown = shutdown_on_signals();
     let (tx, rx) = tokio::sync::watch::channel(Progress::default());
-    let bar = std::io::stderr().is_terminal().then(|| progress_bar(name, rx));
-    let result = pipeline.run_once(Trigger::Manual, &shutdown, Some(tx)).await;
+    let bar = std::io::stderr()
+        .is_terminal()
+        .then(|| progress_bar(name, rx));
+    let result = pipeline
+        .run_once(Trigger::Manual, &shutdown, Some(tx))
+        .await;
     if let Some((bar, task)) = bar {
         task.abort();
         bar.finish_and_clear();
@@ -174,7 +189,11 @@ fn progress_bar(
 
 fn summary_line(name: &str, s: &RunSummary) -> String {
     let secs = s.elapsed.as_secs_f64();
-    let rate = if secs > 0.0 { s.rows_delivered as f64 / secs } else { 0.0 };
+    let rate = if secs > 0.0 {
+        s.rows_delivered as f64 / secs
+    } else {
+        0.0
+    };
     let checkpoint = s
         .checkpoint
         .as_ref()
@@ -230,16 +249,35 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
         println!("{}", serde_json::Value::Array(rows));
         return ExitCode::SUCCESS;
     }
-    let headers = ["PIPELINE", "SCHEDULE", "LAST RUN", "OUTCOME", "ROWS", "CHECKPOINT", "NEXT RUN"];
+    let headers = [
+        "PIPELINE",
+        "SCHEDULE",
+        "LAST RUN",
+        "OUTCOME",
+        "ROWS",
+        "CHECKPOINT",
+        "NEXT RUN",
+    ];
     let table: Vec<[String; 7]> = rows
         .iter()
         .map(|r| {
-            let s = |k: &str| r[k].as_str().map_or_else(|| "-".to_string(), str::to_string);
+            let s = |k: &str| {
+                r[k].as_str()
+                    .map_or_else(|| "-".to_string(), str::to_string)
+            };
             let rows = match (r["rows_read"].as_u64(), r["rows_delivered"].as_u64()) {
                 (Some(a), Some(b)) => format!("{a} read / {b} sent"),
                 _ => "-".into(),
             };
-            [s("pipeline"), s("schedule"), s("last_run"), s("outcome"), rows, s("checkpoint"), s("next_run")]
+            [
+                s("pipeline"),
+                s("schedule"),
+                s("last_run"),
+                s("outcome"),
+                rows,
+                s("checkpoint"),
+                s("next_run"),
+            ]
         })
         .collect();
     print_table(&headers, &table);
@@ -282,7 +320,10 @@ pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
     };
     if !config.pipelines.contains_key(name) {
         let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
-        eprintln!("error: no pipeline named {name:?}; pipelines: {}", names.join(", "));
+        eprintln!(
+            "error: no pipeline named {name:?}; pipelines: {}",
+            names.join(", ")
+        );
         return ExitCode::from(EXIT_CONFIG);
     }
     let store = match open_store(&config).await {
@@ -338,6 +379,9 @@ pub fn validate(path: &Path) -> ExitCode {
 
 pub fn schema() -> ExitCode {
     let schema = caudal_core::config::load::json_schema();
-    println!("{}", serde_json::to_string_pretty(&schema).unwrap_or_default());
+    println!(
+        "{}",
+        serde_json::to_string_pretty(&schema).unwrap_or_default()
+    );
     ExitCode::SUCCESS
 }

@@ -92,7 +92,10 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
 
     let interrupted = shutdown_on_signals();
     let daemon_stop = interrupted.child_token();
-    let daemon = tokio::spawn(caudal_engine::daemon::run(vec![pipeline.clone()], daemon_stop.clone()));
+    let daemon = tokio::spawn(caudal_engine::daemon::run(
+        vec![pipeline.clone()],
+        daemon_stop.clone(),
+    ));
 
     let mut changes = Changes::default();
     let deadline = tokio::time::Instant::now() + args.duration.as_std();
@@ -117,10 +120,16 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     // so the final rows are in.
     daemon_stop.cancel();
     let _ = daemon.await;
-    println!("\nChanges stopped; a final run picks up the last ones once the 1s safety lag has passed.");
+    println!(
+        "\nChanges stopped; a final run picks up the last ones once the 1s safety lag has passed."
+    );
     tokio::time::sleep(Duration::from_millis(1100)).await;
     let final_run = pipeline
-        .run_once(Trigger::Manual, &tokio_util::sync::CancellationToken::new(), None)
+        .run_once(
+            Trigger::Manual,
+            &tokio_util::sync::CancellationToken::new(),
+            None,
+        )
         .await;
     if let Err(e) = &final_run {
         eprintln!("final run: {}", e.report());
@@ -128,17 +137,23 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     server.abort();
 
     // Compare every row's latest version with what arrived.
-    let rows: Vec<(i64, String)> =
-        sqlx::query_as("SELECT request_id, last_modified_date FROM service_requests ORDER BY request_id")
-            .fetch_all(&source)
-            .await?;
-    let got = received.lock().map_err(|_| anyhow::anyhow!("receiver state poisoned"))?;
+    let rows: Vec<(i64, String)> = sqlx::query_as(
+        "SELECT request_id, last_modified_date FROM service_requests ORDER BY request_id",
+    )
+    .fetch_all(&source)
+    .await?;
+    let got = received
+        .lock()
+        .map_err(|_| anyhow::anyhow!("receiver state poisoned"))?;
     let missing: Vec<i64> = rows
         .iter()
         .filter(|r| !got.versions.contains(r))
         .map(|r| r.0)
         .collect();
-    let runs = store.runs(Some(PIPELINE), 10_000).await.map_err(|e| anyhow::anyhow!(e.report()))?;
+    let runs = store
+        .runs(Some(PIPELINE), 10_000)
+        .await
+        .map_err(|e| anyhow::anyhow!(e.report()))?;
     println!("\nSummary");
     println!(
         "  rows changed in the source:   {} ({} initial, {} opened, {} updated)",
@@ -159,7 +174,14 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
         rows.len(),
         missing.len()
     );
-    println!("\nInspect it: caudal status -c {}", Path::new(&config_path).display());
+    println!(
+        "\n  A row changed several times between two runs is sent once, in its latest version:\n  \
+         the cursor syncs current state. Every intermediate change needs CDC."
+    );
+    println!(
+        "\nInspect it: caudal status -c {}",
+        Path::new(&config_path).display()
+    );
     if missing.is_empty() {
         println!("Nothing missing.");
         Ok(ExitCode::SUCCESS)
@@ -223,9 +245,11 @@ async fn create_source(path: &Path) -> anyhow::Result<SqlitePool> {
     )
     .execute(&pool)
     .await?;
-    sqlx::query("CREATE INDEX service_requests_sync ON service_requests (last_modified_date, request_id)")
-        .execute(&pool)
-        .await?;
+    sqlx::query(
+        "CREATE INDEX service_requests_sync ON service_requests (last_modified_date, request_id)",
+    )
+    .execute(&pool)
+    .await?;
     let mut rng = rand::rng();
     for _ in 0..INITIAL_ROWS {
         insert_request(&pool, &mut rng).await?;
@@ -247,7 +271,11 @@ async fn insert_request(pool: &SqlitePool, rng: &mut impl rand::Rng) -> anyhow::
     Ok(())
 }
 
-async fn update_request(pool: &SqlitePool, id: i64, rng: &mut impl rand::Rng) -> anyhow::Result<bool> {
+async fn update_request(
+    pool: &SqlitePool,
+    id: i64,
+    rng: &mut impl rand::Rng,
+) -> anyhow::Result<bool> {
     let status: i64 = rng.random_range(2..6);
     let done = sqlx::query(sqlx::AssertSqlSafe(format!(
         "UPDATE service_requests SET status_id = ?, last_modified_date = {NOW} WHERE request_id = ?"
@@ -280,8 +308,16 @@ async fn receive(State((received, quiet)): State<(Shared, bool)>, body: String) 
     if !quiet {
         let mut ids: Vec<_> = summary.into_iter().collect();
         ids.sort_unstable();
-        let shown: Vec<String> = ids.iter().take(8).map(|(id, st)| format!("#{id}→{st}")).collect();
-        let more = if ids.len() > 8 { format!(" …{} more", ids.len() - 8) } else { String::new() };
+        let shown: Vec<String> = ids
+            .iter()
+            .take(8)
+            .map(|(id, st)| format!("#{id}→{st}"))
+            .collect();
+        let more = if ids.len() > 8 {
+            format!(" …{} more", ids.len() - 8)
+        } else {
+            String::new()
+        };
         println!(
             "  partner ← POST /services-data/requests  {:>3} requests  {}{more}",
             requests.len(),

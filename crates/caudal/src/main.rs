@@ -12,8 +12,16 @@ use cli::{Cli, Command, LogFormat};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging(&cli.log_level, cli.log_format);
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    // The demo prints its own story; its logs stay at warnings unless asked.
+    let level = match (&cli.command, cli.log_level.as_str()) {
+        (Command::Demo(_), "info") => "warn",
+        (_, level) => level,
+    };
+    init_logging(level, cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");

@@ -13,7 +13,9 @@ use caudal_core::config::HttpSinkConfig;
 use caudal_core::record::Record;
 use caudal_core::sink::{Batch, Delivery, Sink};
 use caudal_core::{Error, ErrorKind, Result};
-use reqwest::header::{CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
+use reqwest::header::{
+    CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
+};
 use serde::Serialize;
 
 /// How much of a response body is kept for the operator.
@@ -51,14 +53,21 @@ impl HttpSink {
         let method = reqwest::Method::from_bytes(config.method.to_ascii_uppercase().as_bytes())
             .map_err(|_| cfg_err(format!("method {:?} is not an HTTP method", config.method)))?;
         let mut headers = HeaderMap::new();
-        let content_type = HeaderValue::from_str(&config.content_type)
-            .map_err(|_| cfg_err(format!("content_type {:?} is not a valid header value", config.content_type)))?;
+        let content_type = HeaderValue::from_str(&config.content_type).map_err(|_| {
+            cfg_err(format!(
+                "content_type {:?} is not a valid header value",
+                config.content_type
+            ))
+        })?;
         headers.insert(CONTENT_TYPE, content_type);
         for (key, value) in &config.headers {
             let name = HeaderName::from_bytes(key.as_bytes())
                 .map_err(|_| cfg_err(format!("headers.{key}: not a valid header name")))?;
-            let mut value = HeaderValue::from_str(value.expose())
-                .map_err(|_| cfg_err(format!("headers.{key}: the value is not a valid header value")))?;
+            let mut value = HeaderValue::from_str(value.expose()).map_err(|_| {
+                cfg_err(format!(
+                    "headers.{key}: the value is not a valid header value"
+                ))
+            })?;
             value.set_sensitive(true);
             headers.insert(name, value);
         }
@@ -80,7 +89,9 @@ impl HttpSink {
             .connect_timeout(config.timeout.as_std().min(Duration::from_secs(10)))
             .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")))
             .build()
-            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e))?;
+            .map_err(|e| {
+                Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e)
+            })?;
         Ok(Self {
             name: name.to_string(),
             url,
@@ -102,33 +113,43 @@ impl HttpSink {
                     if i > 0 {
                         out.push(b',');
                     }
-                    serde_json::to_writer(&mut out, &r.data)
-                        .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a record", e))?;
+                    serde_json::to_writer(&mut out, &r.data).map_err(|e| {
+                        Error::with_source(ErrorKind::Internal, "cannot encode a record", e)
+                    })?;
                 }
                 out.push(b']');
                 Ok(out)
             }
             Some(env) => {
-                let template = env
-                    .get_template(TEMPLATE_NAME)
-                    .map_err(|e| Error::with_source(ErrorKind::Internal, "body template missing", e))?;
+                let template = env.get_template(TEMPLATE_NAME).map_err(|e| {
+                    Error::with_source(ErrorKind::Internal, "body template missing", e)
+                })?;
                 let ctx = TemplateContext {
                     pipeline,
                     records: records.iter().map(|r| &r.data).collect(),
                 };
-                template.render(minijinja::Value::from(minijinja::value::Serde(&ctx))).map(String::into_bytes).map_err(|e| {
-                    Error::with_source(
-                        ErrorKind::Rejected,
-                        format!("sink {:?}: the body template failed on this batch", self.name),
-                        e,
-                    )
-                })
+                template
+                    .render(minijinja::Value::from(minijinja::value::Serde(&ctx)))
+                    .map(String::into_bytes)
+                    .map_err(|e| {
+                        Error::with_source(
+                            ErrorKind::Rejected,
+                            format!(
+                                "sink {:?}: the body template failed on this batch",
+                                self.name
+                            ),
+                            e,
+                        )
+                    })
             }
         }
     }
 
     fn compress(body: &[u8]) -> Result<Vec<u8>> {
-        let mut enc = flate2::write::GzEncoder::new(Vec::with_capacity(body.len() / 4), flate2::Compression::fast());
+        let mut enc = flate2::write::GzEncoder::new(
+            Vec::with_capacity(body.len() / 4),
+            flate2::Compression::fast(),
+        );
         enc.write_all(body)
             .and_then(|()| enc.finish())
             .map_err(|e| Error::with_source(ErrorKind::Internal, "gzip failed", e))
@@ -177,7 +198,12 @@ impl Sink for HttpSink {
                     "failed"
                 };
                 Delivery::Retry {
-                    reason: format!("{} {}: request {what}: {}", self.method, self.url, error_chain(&e)),
+                    reason: format!(
+                        "{} {}: request {what}: {}",
+                        self.method,
+                        self.url,
+                        error_chain(&e)
+                    ),
                     status: None,
                     after: None,
                 }
@@ -193,7 +219,9 @@ impl Sink for HttpSink {
                 if class == StatusClass::Success {
                     // Drain the body so the connection can be reused.
                     let _ = response.bytes().await;
-                    return Delivery::Delivered { status: Some(status) };
+                    return Delivery::Delivered {
+                        status: Some(status),
+                    };
                 }
                 let excerpt = excerpt(response).await;
                 let reason = format!("{} {} answered {status}", self.method, self.url);
@@ -285,12 +313,18 @@ mod tests {
     #[test]
     fn retry_after_seconds_and_dates() {
         let now: jiff::Timestamp = "2025-05-14T12:00:00Z".parse().expect("ts");
-        assert_eq!(parse_retry_after("120", now), Some(Duration::from_secs(120)));
+        assert_eq!(
+            parse_retry_after("120", now),
+            Some(Duration::from_secs(120))
+        );
         assert_eq!(
             parse_retry_after("Wed, 14 May 2025 12:01:30 GMT", now),
             Some(Duration::from_secs(90))
         );
-        assert_eq!(parse_retry_after("Wed, 14 May 2025 11:00:00 GMT", now), Some(Duration::ZERO));
+        assert_eq!(
+            parse_retry_after("Wed, 14 May 2025 11:00:00 GMT", now),
+            Some(Duration::ZERO)
+        );
         assert_eq!(parse_retry_after("soon", now), None);
     }
 }

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::{ByteSize, Duration, Secret};
 
-pub use load::{ConfigError, ConfigErrors, Located, load_file, load_str, Format};
+pub use load::{ConfigError, ConfigErrors, Format, Located, load_file, load_str};
 
 /// Default state store: a SQLite file next to where caudal runs.
 pub const DEFAULT_STATE_URL: &str = "sqlite://caudal.db";

@@ -17,7 +17,7 @@ mod mysql;
 mod postgres;
 mod sqlite;
 
-use caudal_core::config::{DecimalFormat, SourceConfig, SqlDialect, SqlSourceConfig, DEFAULT_LAG};
+use caudal_core::config::{DEFAULT_LAG, DecimalFormat, SourceConfig, SqlDialect, SqlSourceConfig};
 use caudal_core::record::{CursorValue, Position, Record};
 use caudal_core::{Error, ErrorKind, Result};
 use serde_json::{Map, Value};
@@ -149,7 +149,9 @@ impl SqlSource {
             )
         };
         let pool = match dialect {
-            SqlDialect::Postgres => Pool::Postgres(postgres::connect(url).await.map_err(connect_err)?),
+            SqlDialect::Postgres => {
+                Pool::Postgres(postgres::connect(url).await.map_err(connect_err)?)
+            }
             SqlDialect::Mysql => Pool::Mysql(mysql::connect(url).await.map_err(connect_err)?),
             SqlDialect::Sqlite => Pool::Sqlite(sqlite::connect(url).await.map_err(connect_err)?),
         };
@@ -209,7 +211,11 @@ impl SqlSource {
 
     /// The columns of the source's result set, with their kinds.
     async fn describe(&self) -> Result<Vec<ColumnSpec>> {
-        let probe = format!("SELECT {} FROM {} LIMIT 0", self.select_list(), self.from_clause());
+        let probe = format!(
+            "SELECT {} FROM {} LIMIT 0",
+            self.select_list(),
+            self.relation()
+        );
         let result = match &self.pool {
             Pool::Postgres(p) => postgres::describe(p, probe).await,
             Pool::Mysql(p) => mysql::describe(p, probe).await,
@@ -218,7 +224,11 @@ impl SqlSource {
         result.map_err(|e| {
             Error::with_source(
                 ErrorKind::Query,
-                format!("source {:?}: cannot read the columns of {}", self.name, self.what()),
+                format!(
+                    "source {:?}: cannot read the columns of {}",
+                    self.name,
+                    self.what()
+                ),
                 e,
             )
         })
@@ -246,14 +256,16 @@ impl SqlSource {
         }
     }
 
-    fn from_clause(&self) -> String {
+    fn relation(&self) -> String {
         match (&self.config.table, &self.config.query) {
             (Some(table), _) => table
                 .split('.')
                 .map(|part| self.quote(part))
                 .collect::<Vec<_>>()
                 .join("."),
-            (None, Some(query)) => format!("({}) AS caudal_src", query.trim().trim_end_matches(';')),
+            (None, Some(query)) => {
+                format!("({}) AS caudal_src", query.trim().trim_end_matches(';'))
+            }
             (None, None) => "caudal_missing_table".into(),
         }
     }
@@ -273,8 +285,10 @@ impl SqlSource {
                     ),
                 )
             })?;
-            if let ColumnKind::Other(t) = &col.kind {
-                if self.dialect != SqlDialect::Sqlite {
+            if let ColumnKind::Other(t) = &col.kind
+                && self.dialect != SqlDialect::Sqlite
+            {
+                {
                     return Err(Error::new(
                         ErrorKind::Config,
                         format!(
@@ -307,7 +321,7 @@ impl SqlSource {
 
         let cursor: Vec<String> = self.config.cursor.iter().map(|c| self.quote(c)).collect();
         let order = cursor.join(", ");
-        let base = format!("SELECT {} FROM {}", self.select_list(), self.from_clause());
+        let base = format!("SELECT {} FROM {}", self.select_list(), self.relation());
         let ph = |i: usize| placeholder(self.dialect, i);
 
         // Placeholders are numbered 1.. for PostgreSQL; MySQL and SQLite use `?`.
@@ -394,10 +408,9 @@ impl SqlSource {
                 format!("source {:?}: query on {} failed", self.name, self.what()),
                 e,
             ),
-            FetchError::Decode(msg) => Error::new(
-                ErrorKind::Decode,
-                format!("source {:?}: {msg}", self.name),
-            ),
+            FetchError::Decode(msg) => {
+                Error::new(ErrorKind::Decode, format!("source {:?}: {msg}", self.name))
+            }
         })?;
         rows.into_iter()
             .map(|data| {
@@ -438,7 +451,9 @@ impl RunReader {
         let records = match &self.after {
             None => {
                 let binds: Vec<&CursorValue> = self.bound.iter().collect();
-                self.source.fetch(&self.plan, &self.plan.first, &binds).await?
+                self.source
+                    .fetch(&self.plan, &self.plan.first, &binds)
+                    .await?
             }
             Some(after) => {
                 let mut binds = Vec::with_capacity(self.plan.next_binds.len());
@@ -448,7 +463,9 @@ impl RunReader {
                         (i, _) => binds.push(&after[i]),
                     }
                 }
-                self.source.fetch(&self.plan, &self.plan.next, &binds).await?
+                self.source
+                    .fetch(&self.plan, &self.plan.next, &binds)
+                    .await?
             }
         };
         if records.len() < self.source.config.page_size.max(1) as usize {
@@ -487,9 +504,10 @@ impl From<sqlx::Error> for FetchError {
 
 fn connect_kind(e: &sqlx::Error) -> ErrorKind {
     match e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed | sqlx::Error::Tls(_) => {
-            ErrorKind::Connect
-        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::Tls(_) => ErrorKind::Connect,
         sqlx::Error::Database(_) => ErrorKind::Query,
         _ => ErrorKind::Query,
     }
@@ -526,7 +544,10 @@ fn keyset_predicate(dialect: SqlDialect, cursor: &[String], n: &mut usize) -> (S
             if cursor.len() == 1 {
                 (format!("{} > {}", cursor[0], phs[0]), binds)
             } else {
-                (format!("({}) > ({})", cursor.join(", "), phs.join(", ")), binds)
+                (
+                    format!("({}) > ({})", cursor.join(", "), phs.join(", ")),
+                    binds,
+                )
             }
         }
         // MySQL/MariaDB do not use an index range for row comparisons in
@@ -638,12 +659,21 @@ mod tests {
 
     #[test]
     fn decimals_as_numbers_never_lose_digits() {
-        assert_eq!(decimal_value("12.50".into(), DecimalFormat::Number), serde_json::json!(12.5));
+        assert_eq!(
+            decimal_value("12.50".into(), DecimalFormat::Number),
+            serde_json::json!(12.5)
+        );
         assert_eq!(
             decimal_value("12345678901234567890.5".into(), DecimalFormat::Number),
             serde_json::json!("12345678901234567890.5")
         );
-        assert_eq!(decimal_value("0.000001".into(), DecimalFormat::Number), serde_json::json!(0.000001));
-        assert_eq!(decimal_value("7".into(), DecimalFormat::String), serde_json::json!("7"));
+        assert_eq!(
+            decimal_value("0.000001".into(), DecimalFormat::Number),
+            serde_json::json!(0.000001)
+        );
+        assert_eq!(
+            decimal_value("7".into(), DecimalFormat::String),
+            serde_json::json!("7")
+        );
     }
 }
