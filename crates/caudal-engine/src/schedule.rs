@@ -6,9 +6,11 @@
 //!   away, and that one run reads everything since its checkpoint. Missed
 //!   ticks are not replayed one by one (the checkpoint makes them pointless).
 //! - Cron times are computed in the configured zone, so `0 9 * * *` is 09:00
-//!   local time on both sides of a DST change; a wall time skipped by a
-//!   spring-forward fires at the first instant after the gap, and a repeated
-//!   wall time fires once.
+//!   local time on both sides of a DST change. For a fixed time of day
+//!   (single second, minute and hour values), a wall time skipped by a
+//!   spring-forward fires right after the gap and a repeated wall time fires
+//!   once. Expressions with `*` or steps in those fields follow the clock:
+//!   they skip the missing hour and fire in both passes of a repeated one.
 //! - Pure functions of the times given: tests pass times in, nothing sleeps.
 
 use std::time::Duration;

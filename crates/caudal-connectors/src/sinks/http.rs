@@ -77,6 +77,8 @@ impl HttpSink {
         let template = match &config.body {
             None => None,
             Some(body) => {
+                caudal_core::config::validate::check_body_template(body)
+                    .map_err(|m| cfg_err(format!("body: {m}")))?;
                 let mut env = minijinja::Environment::new();
                 env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
                 env.add_template_owned(TEMPLATE_NAME, body.clone())
@@ -88,6 +90,9 @@ impl HttpSink {
             .timeout(config.timeout.as_std())
             .connect_timeout(config.timeout.as_std().min(Duration::from_secs(10)))
             .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")))
+            // A redirect would turn a POST into a body-less GET whose 2xx
+            // looks like a delivery; a 3xx is an answer to act on instead.
+            .redirect(reqwest::redirect::Policy::none())
             .build()
             .map_err(|e| {
                 Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e)

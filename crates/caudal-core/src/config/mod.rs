@@ -42,6 +42,7 @@ pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
 pub struct Config {
     /// Where caudal keeps checkpoints, runs and leases.
     #[serde(default)]
+    #[schemars(extend("default" = { "url": DEFAULT_STATE_URL }))]
     pub state: StateConfig,
     /// Named sources of records.
     #[serde(default)]
@@ -61,6 +62,7 @@ pub struct StateConfig {
     /// `sqlite://PATH` (default `sqlite://caudal.db`, created when missing)
     /// or `postgres://user:password@host/db` for several machines.
     #[serde(default = "default_state_url")]
+    #[schemars(extend("default" = DEFAULT_STATE_URL))]
     pub url: Secret,
 }
 
@@ -143,8 +145,9 @@ pub enum DecimalFormat {
     /// A JSON string with every digit, e.g. `"12.50"` (exact everywhere).
     #[default]
     String,
-    /// A JSON number with every digit, e.g. `12.50` (receivers that parse
-    /// numbers as doubles may round it).
+    /// A JSON number of the same value, e.g. `12.5` for `12.50`, when a
+    /// double holds it exactly (15 significant digits or fewer); longer
+    /// values stay strings so no digit is lost.
     Number,
 }
 
@@ -166,7 +169,7 @@ pub struct SqlSourceConfig {
     /// filter and order.
     #[serde(default)]
     pub query: Option<String>,
-    /// Columns to read from `table` (default: all).
+    /// Columns to read from `table` or `query` (default: all).
     #[serde(default)]
     pub columns: Option<Vec<String>>,
     /// Cursor columns, most significant first, e.g.
