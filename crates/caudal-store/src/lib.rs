@@ -47,12 +47,14 @@ macro_rules! with_pool {
 
 mod checkpoints;
 mod clock;
+mod dead_letters;
 mod leases;
 mod open;
 mod runs;
 mod schedules;
 
 pub use checkpoints::Checkpoint;
+pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;
 pub use runs::{RunOutcome, RunRecord};
 

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caudal_core::ErrorKind;
-use caudal_store::{LeaseOutcome, RunOutcome, Store};
+use caudal_store::{DeadLetterState, LeaseOutcome, NewDeadLetter, RunOutcome, Store};
 use jiff::Timestamp;
 use serde_json::json;
 use support::{Backend, Ctx};
@@ -42,6 +42,7 @@ backend_tests!(
     concurrent_acquirers_of_an_expired_lease_exactly_one_wins,
     odd_names_and_positions_round_trip,
     counters_beyond_i64_are_refused_not_truncated,
+    dead_letters_are_kept_listed_and_resolved_once,
 );
 
 const P: &str = "orders";
@@ -961,4 +962,85 @@ async fn counters_beyond_i64_are_refused_not_truncated(ctx: Ctx) {
         store.run(run).await.expect("run").expect("exists").outcome,
         RunOutcome::Running
     );
+}
+
+fn letter(n: u32) -> NewDeadLetter {
+    NewDeadLetter {
+        batch_key: format!("orders-batch-{n}"),
+        event_id: format!("ev-{n}"),
+        record_key: (n % 2 == 0).then(|| format!("k{n}")),
+        position: json!({"kind": "cursor", "values": [n]}),
+        record: json!({"id": n, "note": "it's \"quoted\" ✓"}),
+        reason: format!("POST answered 400 for record {n}"),
+        status: Some(400),
+        response_excerpt: Some("{\"error\":\"bad status_id\"}".into()),
+        attempts: n,
+        first_attempt_at: Some(Timestamp::from_second(1_700_000_000).expect("ts")),
+        last_attempt_at: Some(Timestamp::from_second(1_700_000_060).expect("ts")),
+    }
+}
+
+async fn dead_letters_are_kept_listed_and_resolved_once(ctx: Ctx) {
+    let store = ctx.open().await;
+    let ids = store
+        .add_dead_letters(P, &[letter(1), letter(2), letter(3)])
+        .await
+        .expect("add");
+    store.add_dead_letters("other", &[letter(9)]).await.expect("add other");
+    assert_eq!(ids.len(), 3);
+    assert_eq!(store.pending_dead_letters(P).await.expect("count"), 3);
+
+    let listed = store.dead_letters(Some(P), None, 0, 100).await.expect("list");
+    assert_eq!(listed.iter().map(|l| l.id).collect::<Vec<_>>(), ids);
+    let first = &listed[0];
+    let expected = letter(1);
+    assert_eq!(first.pipeline, P);
+    assert_eq!(first.record, expected.record);
+    assert_eq!(first.position, expected.position);
+    assert_eq!(first.status, Some(400));
+    assert_eq!(first.attempts, 1);
+    assert_eq!(first.record_key, None);
+    assert_eq!(listed[1].record_key.as_deref(), Some("k2"));
+    assert_eq!(first.first_attempt_at, expected.first_attempt_at);
+    assert_eq!(first.state, DeadLetterState::Pending);
+    assert_recent(first.created_at);
+
+    // Paging and filtering.
+    let page = store.dead_letters(Some(P), None, ids[0], 1).await.expect("page");
+    assert_eq!(page.iter().map(|l| l.id).collect::<Vec<_>>(), [ids[1]]);
+    assert_eq!(store.dead_letters(None, None, 0, 100).await.expect("all").len(), 4);
+
+    // Resolving changes pending letters once; the rows stay.
+    assert_eq!(
+        store.resolve_dead_letters(&ids[..2], DeadLetterState::Replayed).await.expect("replay"),
+        2
+    );
+    assert_eq!(
+        store.resolve_dead_letters(&ids, DeadLetterState::Discarded).await.expect("discard"),
+        1
+    );
+    assert_eq!(store.pending_dead_letters(P).await.expect("count"), 0);
+    let states: Vec<DeadLetterState> = store
+        .dead_letters(Some(P), None, 0, 100)
+        .await
+        .expect("list")
+        .iter()
+        .map(|l| l.state)
+        .collect();
+    assert_eq!(
+        states,
+        [DeadLetterState::Replayed, DeadLetterState::Replayed, DeadLetterState::Discarded]
+    );
+    let pending = store
+        .dead_letters(Some(P), Some(DeadLetterState::Pending), 0, 100)
+        .await
+        .expect("pending");
+    assert!(pending.is_empty());
+    assert_eq!(store.dead_letter(ids[2]).await.expect("one").expect("exists").state, DeadLetterState::Discarded);
+    assert_eq!(store.dead_letter(999_999).await.expect("none"), None);
+    let err = store
+        .resolve_dead_letters(&ids, DeadLetterState::Pending)
+        .await
+        .expect_err("pending is not a resolution");
+    assert_eq!(err.kind(), ErrorKind::Internal);
 }
