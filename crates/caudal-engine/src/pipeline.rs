@@ -181,8 +181,8 @@ impl Pipeline {
             .await;
         watcher.abort();
         let (outcome, error) = match result {
-            Ok(()) if run_cancel.is_cancelled() => (RunOutcome::Cancelled, None),
-            Ok(()) => (RunOutcome::Succeeded, None),
+            Ok(Ended::Completed) => (RunOutcome::Succeeded, None),
+            Ok(Ended::Stopped) => (RunOutcome::Cancelled, None),
             Err(e) if e.kind() == ErrorKind::Cancelled => (RunOutcome::Cancelled, None),
             Err(e) => (RunOutcome::Failed, Some(e)),
         };
@@ -229,7 +229,7 @@ impl Pipeline {
         cancel: &CancellationToken,
         counters: &mut Progress,
         progress: Option<&watch::Sender<Progress>>,
-    ) -> Result<()> {
+    ) -> Result<Ended> {
         let from = self.checkpoint().await?;
         let mut reader = self.source.open_run(from.as_ref()).await?;
         // The reader runs ahead of delivery by at most two pages.
@@ -268,7 +268,7 @@ impl Pipeline {
             };
             tokio::select! {
                 biased;
-                () = cancel.cancelled() => return Ok(()),
+                () = cancel.cancelled() => return Ok(Ended::Stopped),
                 () = wait => {
                     let batch = batcher.take();
                     deadline = None;
@@ -280,7 +280,7 @@ impl Pipeline {
                         if !rest.is_empty() {
                             self.deliver(run_id, rest, counters, progress).await?;
                         }
-                        return Ok(());
+                        return Ok(Ended::Completed);
                     }
                     Some(Err(e)) => return Err(e),
                     Some(Ok(records)) => {
@@ -292,7 +292,7 @@ impl Pipeline {
                             if let Some(full) = batcher.push(record) {
                                 self.deliver(run_id, full, counters, progress).await?;
                                 if cancel.is_cancelled() {
-                                    return Ok(());
+                                    return Ok(Ended::Stopped);
                                 }
                             }
                         }
@@ -384,6 +384,15 @@ pub async fn load_checkpoint(store: &Store, pipeline: &str) -> Result<Option<Pos
             )
         }),
     }
+}
+
+/// How a run's reading ended.
+enum Ended {
+    /// Everything up to the source's end was delivered.
+    Completed,
+    /// Shutdown stopped it first; the checkpoint is at the last delivered
+    /// batch.
+    Stopped,
 }
 
 struct AbortOnDrop(tokio::task::JoinHandle<()>);

@@ -104,7 +104,10 @@ impl TryFrom<Row> for DeadLetter {
             serde_json::from_str(text).map_err(|e| {
                 Error::with_source(
                     ErrorKind::Store,
-                    format!("state store: dead letter {} has invalid JSON in `{column}`", r.id),
+                    format!(
+                        "state store: dead letter {} has invalid JSON in `{column}`",
+                        r.id
+                    ),
                     e,
                 )
             })
@@ -141,7 +144,11 @@ const SELECT: &str = "SELECT id, pipeline, batch_key, event_id, record_key, posi
 
 impl Store {
     /// Stores dead letters of `pipeline` in one transaction; returns their ids.
-    pub async fn add_dead_letters(&self, pipeline: &str, letters: &[NewDeadLetter]) -> Result<Vec<i64>> {
+    pub async fn add_dead_letters(
+        &self,
+        pipeline: &str,
+        letters: &[NewDeadLetter],
+    ) -> Result<Vec<i64>> {
         const SQL: &str = "INSERT INTO dead_letters (pipeline, batch_key, event_id, record_key, position, \
              record, reason, status, response_excerpt, attempts, first_attempt_at, last_attempt_at, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, (SELECT now_us FROM clock)) RETURNING id";
@@ -204,7 +211,10 @@ impl Store {
     pub async fn dead_letter(&self, id: i64) -> Result<Option<DeadLetter>> {
         let sql = format!("{SELECT}WHERE id = $1");
         let row: Option<Row> = with_pool!(self, |pool| {
-            sqlx::query_as(sqlx::AssertSqlSafe(sql.clone())).bind(id).fetch_optional(pool).await
+            sqlx::query_as(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(id)
+                .fetch_optional(pool)
+                .await
         })
         .map_err(|e| store_error(format!("reading dead letter {id}"), e))?;
         row.map(DeadLetter::try_from).transpose()
@@ -212,9 +222,13 @@ impl Store {
 
     /// Number of pending dead letters of a pipeline.
     pub async fn pending_dead_letters(&self, pipeline: &str) -> Result<u64> {
-        const SQL: &str = "SELECT COUNT(*) FROM dead_letters WHERE pipeline = $1 AND state = 'pending'";
-        let n: i64 = with_pool!(self, |pool| sqlx::query_scalar(SQL).bind(pipeline).fetch_one(pool).await)
-            .map_err(|e| store_error(format!("counting dead letters of `{pipeline}`"), e))?;
+        const SQL: &str =
+            "SELECT COUNT(*) FROM dead_letters WHERE pipeline = $1 AND state = 'pending'";
+        let n: i64 = with_pool!(self, |pool| sqlx::query_scalar(SQL)
+            .bind(pipeline)
+            .fetch_one(pool)
+            .await)
+        .map_err(|e| store_error(format!("counting dead letters of `{pipeline}`"), e))?;
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
@@ -222,7 +236,10 @@ impl Store {
     /// how many changed. Letters not pending are left as they are.
     pub async fn resolve_dead_letters(&self, ids: &[i64], state: DeadLetterState) -> Result<u64> {
         if state == DeadLetterState::Pending {
-            return Err(Error::new(ErrorKind::Internal, "dead letters cannot be resolved back to pending"));
+            return Err(Error::new(
+                ErrorKind::Internal,
+                "dead letters cannot be resolved back to pending",
+            ));
         }
         const SQL: &str = "UPDATE dead_letters SET state = $2, resolved_at = (SELECT now_us FROM clock) \
              WHERE id = $1 AND state = 'pending'";

@@ -968,7 +968,7 @@ fn letter(n: u32) -> NewDeadLetter {
     NewDeadLetter {
         batch_key: format!("orders-batch-{n}"),
         event_id: format!("ev-{n}"),
-        record_key: (n % 2 == 0).then(|| format!("k{n}")),
+        record_key: n.is_multiple_of(2).then(|| format!("k{n}")),
         position: json!({"kind": "cursor", "values": [n]}),
         record: json!({"id": n, "note": "it's \"quoted\" ✓"}),
         reason: format!("POST answered 400 for record {n}"),
@@ -986,11 +986,17 @@ async fn dead_letters_are_kept_listed_and_resolved_once(ctx: Ctx) {
         .add_dead_letters(P, &[letter(1), letter(2), letter(3)])
         .await
         .expect("add");
-    store.add_dead_letters("other", &[letter(9)]).await.expect("add other");
+    store
+        .add_dead_letters("other", &[letter(9)])
+        .await
+        .expect("add other");
     assert_eq!(ids.len(), 3);
     assert_eq!(store.pending_dead_letters(P).await.expect("count"), 3);
 
-    let listed = store.dead_letters(Some(P), None, 0, 100).await.expect("list");
+    let listed = store
+        .dead_letters(Some(P), None, 0, 100)
+        .await
+        .expect("list");
     assert_eq!(listed.iter().map(|l| l.id).collect::<Vec<_>>(), ids);
     let first = &listed[0];
     let expected = letter(1);
@@ -1006,17 +1012,33 @@ async fn dead_letters_are_kept_listed_and_resolved_once(ctx: Ctx) {
     assert_recent(first.created_at);
 
     // Paging and filtering.
-    let page = store.dead_letters(Some(P), None, ids[0], 1).await.expect("page");
+    let page = store
+        .dead_letters(Some(P), None, ids[0], 1)
+        .await
+        .expect("page");
     assert_eq!(page.iter().map(|l| l.id).collect::<Vec<_>>(), [ids[1]]);
-    assert_eq!(store.dead_letters(None, None, 0, 100).await.expect("all").len(), 4);
+    assert_eq!(
+        store
+            .dead_letters(None, None, 0, 100)
+            .await
+            .expect("all")
+            .len(),
+        4
+    );
 
     // Resolving changes pending letters once; the rows stay.
     assert_eq!(
-        store.resolve_dead_letters(&ids[..2], DeadLetterState::Replayed).await.expect("replay"),
+        store
+            .resolve_dead_letters(&ids[..2], DeadLetterState::Replayed)
+            .await
+            .expect("replay"),
         2
     );
     assert_eq!(
-        store.resolve_dead_letters(&ids, DeadLetterState::Discarded).await.expect("discard"),
+        store
+            .resolve_dead_letters(&ids, DeadLetterState::Discarded)
+            .await
+            .expect("discard"),
         1
     );
     assert_eq!(store.pending_dead_letters(P).await.expect("count"), 0);
@@ -1029,14 +1051,26 @@ async fn dead_letters_are_kept_listed_and_resolved_once(ctx: Ctx) {
         .collect();
     assert_eq!(
         states,
-        [DeadLetterState::Replayed, DeadLetterState::Replayed, DeadLetterState::Discarded]
+        [
+            DeadLetterState::Replayed,
+            DeadLetterState::Replayed,
+            DeadLetterState::Discarded
+        ]
     );
     let pending = store
         .dead_letters(Some(P), Some(DeadLetterState::Pending), 0, 100)
         .await
         .expect("pending");
     assert!(pending.is_empty());
-    assert_eq!(store.dead_letter(ids[2]).await.expect("one").expect("exists").state, DeadLetterState::Discarded);
+    assert_eq!(
+        store
+            .dead_letter(ids[2])
+            .await
+            .expect("one")
+            .expect("exists")
+            .state,
+        DeadLetterState::Discarded
+    );
     assert_eq!(store.dead_letter(999_999).await.expect("none"), None);
     let err = store
         .resolve_dead_letters(&ids, DeadLetterState::Pending)

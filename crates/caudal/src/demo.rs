@@ -142,14 +142,17 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     )
     .fetch_all(&source)
     .await?;
-    let got = received
-        .lock()
-        .map_err(|_| anyhow::anyhow!("receiver state poisoned"))?;
-    let missing: Vec<i64> = rows
-        .iter()
-        .filter(|r| !got.versions.contains(r))
-        .map(|r| r.0)
-        .collect();
+    let (missing, records, requests) = {
+        let got = received
+            .lock()
+            .map_err(|_| anyhow::anyhow!("receiver state poisoned"))?;
+        let missing: Vec<i64> = rows
+            .iter()
+            .filter(|r| !got.versions.contains(r))
+            .map(|r| r.0)
+            .collect();
+        (missing, got.records, got.requests)
+    };
     let runs = store
         .runs(Some(PIPELINE), 10_000)
         .await
@@ -164,8 +167,8 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "  delivered to the partner:     {} records in {} requests over {} runs",
-        got.records,
-        got.requests,
+        records,
+        requests,
         runs.len()
     );
     println!(

@@ -436,6 +436,55 @@ fn is_header_name(name: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || "!#$%&'*+-.^_`|~".contains(c))
 }
 
+/// Variables an HTTP body template can use.
+pub const BODY_TEMPLATE_VARIABLES: &[&str] = &["records", "pipeline"];
+
+/// Functions minijinja provides to every template.
+const TEMPLATE_GLOBALS: &[&str] = &["range", "dict", "namespace", "debug", "cycler", "joiner"];
+
+/// Checks that a body template compiles and uses only the variables the
+/// sink provides: a misspelt variable would otherwise render as nothing (or
+/// `null` through a filter) and a receiver would accept an empty batch.
+pub fn check_body_template(body: &str) -> Result<(), String> {
+    let env = minijinja::Environment::new();
+    let template = env.template_from_str(body).map_err(|error| {
+        let detail = error
+            .detail()
+            .map_or_else(|| error.to_string(), str::to_string);
+        let line = error
+            .line()
+            .map(|n| format!(" (line {n} of the template)"))
+            .unwrap_or_default();
+        format!("template does not compile: {detail}{line}")
+    })?;
+    let mut unknown: Vec<String> = template
+        .undeclared_variables(false)
+        .into_iter()
+        .filter(|v| {
+            !BODY_TEMPLATE_VARIABLES.contains(&v.as_str())
+                && !TEMPLATE_GLOBALS.contains(&v.as_str())
+        })
+        .collect();
+    if unknown.is_empty() {
+        return Ok(());
+    }
+    unknown.sort();
+    Err(format!(
+        "template uses unknown variable{} {}; a body template sees {}",
+        if unknown.len() == 1 { "" } else { "s" },
+        unknown
+            .iter()
+            .map(|v| format!("`{v}`"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        BODY_TEMPLATE_VARIABLES
+            .iter()
+            .map(|v| format!("`{v}`"))
+            .collect::<Vec<_>>()
+            .join(" and "),
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -488,42 +537,4 @@ mod tests {
         assert!(!is_header_name("X Request"));
         assert!(!is_header_name(""));
     }
-}
-
-/// Variables an HTTP body template can use.
-pub const BODY_TEMPLATE_VARIABLES: &[&str] = &["records", "pipeline"];
-
-/// Functions minijinja provides to every template.
-const TEMPLATE_GLOBALS: &[&str] = &["range", "dict", "namespace", "debug", "cycler", "joiner"];
-
-/// Checks that a body template compiles and uses only the variables the
-/// sink provides: a misspelt variable would otherwise render as nothing (or
-/// `null` through a filter) and a receiver would accept an empty batch.
-pub fn check_body_template(body: &str) -> Result<(), String> {
-    let env = minijinja::Environment::new();
-    let template = env.template_from_str(body).map_err(|error| {
-        let detail = error
-            .detail()
-            .map_or_else(|| error.to_string(), str::to_string);
-        let line = error
-            .line()
-            .map(|n| format!(" (line {n} of the template)"))
-            .unwrap_or_default();
-        format!("template does not compile: {detail}{line}")
-    })?;
-    let mut unknown: Vec<String> = template
-        .undeclared_variables(false)
-        .into_iter()
-        .filter(|v| !BODY_TEMPLATE_VARIABLES.contains(&v.as_str()) && !TEMPLATE_GLOBALS.contains(&v.as_str()))
-        .collect();
-    if unknown.is_empty() {
-        return Ok(());
-    }
-    unknown.sort();
-    Err(format!(
-        "template uses unknown variable{} {}; a body template sees {}",
-        if unknown.len() == 1 { "" } else { "s" },
-        unknown.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(", "),
-        BODY_TEMPLATE_VARIABLES.iter().map(|v| format!("`{v}`")).collect::<Vec<_>>().join(" and "),
-    ))
 }
