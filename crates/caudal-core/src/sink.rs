@@ -33,6 +33,15 @@ pub enum Delivery {
         /// The start of the response body, for the operator.
         body_excerpt: String,
     },
+    /// The receiver found the batch too large (413 by default): split it
+    /// and send each half; a single record goes to dead letters as too
+    /// large.
+    Split {
+        reason: String,
+        status: Option<u16>,
+        /// The start of the response body, for the operator.
+        body_excerpt: String,
+    },
 }
 
 /// A destination for batches of records.

@@ -432,3 +432,80 @@ fn several_checks_fail_together() {
     );
     check("several_checks", &toml, &yaml);
 }
+
+#[test]
+fn bad_delivery_values() {
+    let toml = edit(
+        &edit(
+            SEED_TOML,
+            "body = '",
+            "retry = { initial = \"2m\", multiplier = 0.5 }\n\
+             status = { success = [409], reject = [409, 700] }\n\
+             circuit_breaker = { failure_ratio = 1.5, half_open_probes = 0 }\n\
+             rate_limit = { requests_per_second = 0 }\n\
+             concurrency = { adaptive = { min = 4, max = 2 } }\n\
+             idempotency_header = \"Idempotency Key\"\n\
+             body = '",
+        ),
+        "key = \"request_id\"",
+        "key = \"request_id\"\nschema = \"\"\nbuffer = { max_bytes = \"0\", fsync = \"0s\" }",
+    );
+    let yaml = edit(
+        &edit(
+            SEED_YAML,
+            "    body: '",
+            "    retry: { initial: 2m, multiplier: 0.5 }\n\
+             \x20   status: { success: [409], reject: [409, 700] }\n\
+             \x20   circuit_breaker: { failure_ratio: 1.5, half_open_probes: 0 }\n\
+             \x20   rate_limit: { requests_per_second: 0 }\n\
+             \x20   concurrency: { adaptive: { min: 4, max: 2 } }\n\
+             \x20   idempotency_header: Idempotency Key\n\
+             \x20   body: '",
+        ),
+        "    key: request_id",
+        "    key: request_id\n    schema: ''\n    buffer: { max_bytes: '0', fsync: 0s }",
+    );
+    check("bad_delivery_values", &toml, &yaml);
+}
+
+#[test]
+fn bad_delivery_types() {
+    let toml = edit(
+        &edit(
+            SEED_TOML,
+            "body = '",
+            "retry = { max_delay = \"1 minute\", attempts = 3 }\n\
+             status = { success = [\"409\"] }\n\
+             concurrency = { adaptive = { min = 1, maximum = 8 } }\n\
+             body = '",
+        ),
+        "key = \"request_id\"",
+        "key = \"request_id\"\nack = \"written\"\nbuffer = { fsync = \"always\" }",
+    );
+    let yaml = edit(
+        &edit(
+            SEED_YAML,
+            "    body: '",
+            "    retry: { max_delay: 1 minute, attempts: 3 }\n\
+             \x20   status: { success: ['409'] }\n\
+             \x20   concurrency: { adaptive: { min: 1, maximum: 8 } }\n\
+             \x20   body: '",
+        ),
+        "    key: request_id",
+        "    key: request_id\n    ack: written\n    buffer: { fsync: always }",
+    );
+    check("bad_delivery_types", &toml, &yaml);
+}
+
+#[test]
+fn concurrency_typo() {
+    check(
+        "concurrency_typo",
+        &edit(SEED_TOML, "body = '", "concurrency = \"adaptve\"\nbody = '"),
+        &edit(
+            SEED_YAML,
+            "    body: '",
+            "    concurrency: adaptve\n    body: '",
+        ),
+    );
+}

@@ -7,7 +7,9 @@
 
 pub mod batch;
 pub mod daemon;
+pub mod delivery;
 pub mod lease;
+pub mod ordering;
 pub mod pipeline;
 pub mod schedule;
 

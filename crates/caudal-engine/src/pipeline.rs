@@ -349,7 +349,14 @@ impl Pipeline {
                 ErrorKind::Unavailable,
                 format!("batch of {} records not delivered: {reason}", records.len()),
             )),
+            // Splitting a too-large batch is not wired yet: treated as a
+            // rejection for now.
             Delivery::Rejected {
+                reason,
+                body_excerpt,
+                ..
+            }
+            | Delivery::Split {
                 reason,
                 body_excerpt,
                 ..

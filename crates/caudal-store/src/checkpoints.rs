@@ -73,4 +73,29 @@ impl Store {
         })?;
         Ok(result > 0)
     }
+
+    /// Saves `position` as the checkpoint of `pipeline`, outside any run:
+    /// used when delivery (not intake) moves the checkpoint (`ack =
+    /// "delivered"`), and when a restart finds records durable in the buffer
+    /// past the saved checkpoint.
+    pub async fn save_checkpoint(
+        &self,
+        pipeline: &str,
+        position: &serde_json::Value,
+    ) -> Result<()> {
+        const SQL: &str = "INSERT INTO checkpoints (pipeline, position, updated_at) \
+             VALUES ($1, $2, (SELECT now_us FROM clock)) \
+             ON CONFLICT (pipeline) DO UPDATE \
+             SET position = excluded.position, updated_at = excluded.updated_at";
+        with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(pipeline)
+                .bind(sqlx::types::Json(position))
+                .execute(pool)
+                .await
+                .map(|_| ())
+        })
+        .map_err(|e| store_error(format!("saving the checkpoint of pipeline `{pipeline}`"), e))?;
+        Ok(())
+    }
 }

@@ -228,6 +228,22 @@ impl Store {
         }
     }
 
+    /// Adds `delivered` to the delivered-rows counter of run `run_id`, in
+    /// whatever state the run is: with a buffer, a run ends once its rows
+    /// are durable and delivery reports them as they reach the sink.
+    pub async fn add_run_delivered(&self, run_id: i64, delivered: u64) -> Result<()> {
+        const SQL: &str = "UPDATE runs SET rows_delivered = rows_delivered + $2 WHERE id = $1";
+        let n = counter_to_db(delivered, "rows_delivered")?;
+        with_pool!(self, |pool| sqlx::query(SQL)
+            .bind(run_id)
+            .bind(n)
+            .execute(pool)
+            .await
+            .map(|_| ()))
+        .map_err(|e| store_error(format!("counting rows delivered by run {run_id}"), e))?;
+        Ok(())
+    }
+
     /// Sets the counters of a `running` run (progress without a checkpoint).
     /// Fails if the run is not `running`.
     pub async fn update_run_counts(

@@ -43,6 +43,7 @@ backend_tests!(
     odd_names_and_positions_round_trip,
     counters_beyond_i64_are_refused_not_truncated,
     dead_letters_are_kept_listed_and_resolved_once,
+    save_checkpoint_and_late_delivered_counts,
 );
 
 const P: &str = "orders";
@@ -1077,4 +1078,48 @@ async fn dead_letters_are_kept_listed_and_resolved_once(ctx: Ctx) {
         .await
         .expect_err("pending is not a resolution");
     assert_eq!(err.kind(), ErrorKind::Internal);
+}
+
+async fn save_checkpoint_and_late_delivered_counts(ctx: Ctx) {
+    let store = ctx.open().await;
+    store
+        .save_checkpoint(P, &json!({"at": 1}))
+        .await
+        .expect("save");
+    assert_eq!(
+        store
+            .checkpoint(P)
+            .await
+            .expect("read")
+            .expect("some")
+            .position,
+        json!({"at": 1})
+    );
+    store
+        .save_checkpoint(P, &json!({"at": 2}))
+        .await
+        .expect("save again");
+    assert_eq!(
+        store
+            .checkpoint(P)
+            .await
+            .expect("read")
+            .expect("some")
+            .position,
+        json!({"at": 2})
+    );
+
+    // Delivery reports rows after the run that buffered them has ended.
+    let run = store.start_run(P, "schedule").await.expect("start");
+    store
+        .finish_run(run, RunOutcome::Succeeded, 10, 0, None)
+        .await
+        .expect("finish");
+    store.add_run_delivered(run, 4).await.expect("add");
+    store.add_run_delivered(run, 6).await.expect("add");
+    let record = store.run(run).await.expect("run").expect("exists");
+    assert_eq!(
+        (record.rows_read, record.rows_delivered, record.outcome),
+        (10, 10, RunOutcome::Succeeded)
+    );
 }

@@ -1,15 +1,18 @@
 //! The HTTP sink: each batch becomes one request whose body is the JSON
 //! array of records, or whatever a minijinja template renders from them.
 //!
-//! The sink sends once and classifies the answer (see [`classify`]); it never
-//! retries by itself. Success is any 2xx. 408, 429 and 5xx except 501 (and
-//! connection errors and timeouts) are temporary; other statuses reject the
-//! batch. `Retry-After` (seconds or an HTTP date) is passed on to the engine.
+//! The sink sends once and classifies the answer with the sink's
+//! [`StatusClasses`] (its `status` lists over the defaults); it never
+//! retries by itself. By default success is any 2xx; 408, 429 and 5xx
+//! except 501 (and connection errors and timeouts) are temporary; 413 asks
+//! the engine to split the batch; other statuses reject it. `Retry-After`
+//! (seconds or an HTTP date) is passed on to the engine.
 
 use std::io::Write as _;
 use std::time::Duration;
 
 use caudal_core::config::HttpSinkConfig;
+use caudal_core::delivery::{StatusClass, StatusClasses};
 use caudal_core::record::Record;
 use caudal_core::sink::{Batch, Delivery, Sink};
 use caudal_core::{Error, ErrorKind, Result};
@@ -34,6 +37,7 @@ pub struct HttpSink {
     gzip: bool,
     client: reqwest::Client,
     template: Option<minijinja::Environment<'static>>,
+    classes: StatusClasses,
 }
 
 /// What a body template sees.
@@ -105,6 +109,7 @@ impl HttpSink {
             gzip: config.gzip,
             client,
             template,
+            classes: StatusClasses::from_config(&config.status),
         })
     }
 
@@ -220,50 +225,36 @@ impl Sink for HttpSink {
                     .get(RETRY_AFTER)
                     .and_then(|v| v.to_str().ok())
                     .and_then(|v| parse_retry_after(v, jiff::Timestamp::now()));
-                let class = classify(status);
-                if class == StatusClass::Success {
-                    // Drain the body so the connection can be reused.
-                    let _ = response.bytes().await;
-                    return Delivery::Delivered {
+                let reason = || format!("{} {} answered {status}", self.method, self.url);
+                match self.classes.classify(status) {
+                    StatusClass::Success => {
+                        // Drain the body so the connection can be reused.
+                        let _ = response.bytes().await;
+                        Delivery::Delivered {
+                            status: Some(status),
+                        }
+                    }
+                    StatusClass::Retry => {
+                        let _ = response.bytes().await;
+                        Delivery::Retry {
+                            reason: reason(),
+                            status: Some(status),
+                            after: retry_after,
+                        }
+                    }
+                    StatusClass::Split => Delivery::Split {
+                        reason: reason(),
                         status: Some(status),
-                    };
-                }
-                let excerpt = excerpt(response).await;
-                let reason = format!("{} {} answered {status}", self.method, self.url);
-                match class {
-                    StatusClass::Retry => Delivery::Retry {
-                        reason,
-                        status: Some(status),
-                        after: retry_after,
+                        body_excerpt: excerpt(response).await,
                     },
-                    _ => Delivery::Rejected {
-                        reason,
+                    StatusClass::Reject => Delivery::Rejected {
+                        reason: reason(),
                         status: Some(status),
-                        body_excerpt: excerpt,
+                        body_excerpt: excerpt(response).await,
                     },
                 }
             }
         }
-    }
-}
-
-/// How a response status is treated.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum StatusClass {
-    Success,
-    Retry,
-    Reject,
-}
-
-/// The default status classes: 2xx succeed; 408, 429 and 5xx except 501 are
-/// temporary; everything else rejects the batch.
-pub fn classify(status: u16) -> StatusClass {
-    match status {
-        200..=299 => StatusClass::Success,
-        408 | 429 => StatusClass::Retry,
-        501 => StatusClass::Reject,
-        500..=599 => StatusClass::Retry,
-        _ => StatusClass::Reject,
     }
 }
 
@@ -305,6 +296,8 @@ mod tests {
 
     #[test]
     fn status_classes() {
+        let classes = StatusClasses::default();
+        let classify = |status| classes.classify(status);
         assert_eq!(classify(200), StatusClass::Success);
         assert_eq!(classify(204), StatusClass::Success);
         assert_eq!(classify(429), StatusClass::Retry);
@@ -313,6 +306,7 @@ mod tests {
         assert_eq!(classify(501), StatusClass::Reject);
         assert_eq!(classify(400), StatusClass::Reject);
         assert_eq!(classify(301), StatusClass::Reject);
+        assert_eq!(classify(413), StatusClass::Split);
     }
 
     #[test]

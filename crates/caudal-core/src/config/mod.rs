@@ -35,6 +35,38 @@ pub const DEFAULT_BATCH_MAX_WAIT: Duration = Duration::from_secs(1);
 pub const DEFAULT_HTTP_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default poll interval of a continuous schedule.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(1);
+/// Default wait before the first retry of a batch (before jitter).
+pub const DEFAULT_RETRY_INITIAL: Duration = Duration::from_millis(500);
+/// Default growth of the wait from one retry to the next.
+pub const DEFAULT_RETRY_MULTIPLIER: f64 = 2.0;
+/// Default longest wait between two attempts (before jitter).
+pub const DEFAULT_RETRY_MAX_DELAY: Duration = Duration::from_secs(60);
+/// Default attempts per batch before it goes to dead letters; 0 means no
+/// limit.
+pub const DEFAULT_RETRY_MAX_ATTEMPTS: u32 = 0;
+/// Default time after a batch's first attempt when it goes to dead letters;
+/// 0s means never.
+pub const DEFAULT_RETRY_GIVE_UP_AFTER: Duration = Duration::from_secs(0);
+/// Default share of failed requests in the window that opens the breaker.
+pub const DEFAULT_BREAKER_FAILURE_RATIO: f64 = 0.5;
+/// Default requests the window must hold before the breaker may open.
+pub const DEFAULT_BREAKER_MIN_REQUESTS: u32 = 10;
+/// Default length of the breaker's rolling window.
+pub const DEFAULT_BREAKER_WINDOW: Duration = Duration::from_secs(30);
+/// Default time an open breaker stays open before probing.
+pub const DEFAULT_BREAKER_OPEN_FOR: Duration = Duration::from_secs(30);
+/// Default concurrent probe requests of a half-open breaker.
+pub const DEFAULT_BREAKER_HALF_OPEN_PROBES: u32 = 1;
+/// Default requests in flight per sink.
+pub const DEFAULT_CONCURRENCY: u32 = 1;
+/// Default lower bound of adaptive concurrency.
+pub const DEFAULT_ADAPTIVE_MIN: u32 = 1;
+/// Default upper bound of adaptive concurrency.
+pub const DEFAULT_ADAPTIVE_MAX: u32 = 32;
+/// Default header carrying a batch's idempotency key.
+pub const DEFAULT_IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+/// Default size of a pipeline's buffer on disk.
+pub const DEFAULT_BUFFER_MAX_BYTES: ByteSize = ByteSize(256 << 20);
 
 /// A whole caudal configuration file.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
@@ -243,6 +275,30 @@ pub struct HttpSinkConfig {
     /// Whole-request timeout (default `"30s"`).
     #[serde(default = "default_http_timeout")]
     pub timeout: Duration,
+    /// Backoff between attempts of a batch that failed temporarily.
+    #[serde(default)]
+    pub retry: RetryConfig,
+    /// Which response statuses mean success, retry later, reject or split.
+    #[serde(default)]
+    pub status: StatusConfig,
+    /// Stops sending for a while when most recent requests failed, so a
+    /// struggling receiver gets room to recover. On by default.
+    #[serde(default)]
+    pub circuit_breaker: CircuitBreakerConfig,
+    /// Caps on requests and records per second (default: no cap).
+    #[serde(default)]
+    pub rate_limit: RateLimitConfig,
+    /// Requests in flight at once: a number (default 1), `"adaptive"`, or
+    /// `{ adaptive = { min = 1, max = 32 } }`. Records with the same key
+    /// keep their order at any concurrency.
+    #[serde(default)]
+    pub concurrency: ConcurrencyConfig,
+    /// Request header carrying the batch's idempotency key, stable across
+    /// retries and replays so the receiver can drop duplicates (default
+    /// `"Idempotency-Key"`; `""` sends no such header).
+    #[serde(default = "default_idempotency_header")]
+    #[schemars(extend("default" = DEFAULT_IDEMPOTENCY_HEADER))]
+    pub idempotency_header: String,
 }
 
 fn default_method() -> String {
@@ -253,6 +309,9 @@ fn default_content_type() -> String {
 }
 fn default_http_timeout() -> Duration {
     DEFAULT_HTTP_TIMEOUT
+}
+fn default_idempotency_header() -> String {
+    DEFAULT_IDEMPOTENCY_HEADER.into()
 }
 
 /// Limits that cut a batch: whichever is reached first.
@@ -304,6 +363,28 @@ pub struct PipelineConfig {
     /// with the same key keep their order.
     #[serde(default)]
     pub key: Option<String>,
+    /// When a source position is acknowledged upstream (checkpoint saved,
+    /// replication slot confirmed): once its records are durable in the
+    /// buffer (`"buffered"`, default) or once they are delivered
+    /// (`"delivered"`).
+    #[serde(default)]
+    pub ack: AckMode,
+    /// A JSON Schema file every record must match; records that do not go
+    /// to dead letters. A relative path is relative to the directory of the
+    /// configuration file.
+    #[serde(default)]
+    pub schema: Option<String>,
+    /// The durable buffer between the source and the sink.
+    #[serde(default)]
+    pub buffer: BufferConfig,
+}
+
+impl PipelineConfig {
+    /// The `schema` file resolved against `config_dir`, the directory of
+    /// the configuration file (absolute paths are kept as written).
+    pub fn schema_path(&self, config_dir: &std::path::Path) -> Option<std::path::PathBuf> {
+        self.schema.as_deref().map(|schema| config_dir.join(schema))
+    }
 }
 
 /// When a pipeline runs. Set exactly one of `every`, `cron` or
@@ -328,4 +409,424 @@ pub struct ScheduleConfig {
     /// Pause between runs of a continuous schedule (default `"1s"`).
     #[serde(default)]
     pub poll: Option<Duration>,
+}
+
+/// Backoff between attempts of a batch that failed temporarily: the wait
+/// before retry `n` is random between 0 and
+/// `min(max_delay, initial × multiplier^n)` ("full jitter", so many
+/// senders do not retry in step), and never shorter than a `Retry-After`
+/// the receiver sent.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RetryConfig {
+    /// Longest wait before the first retry (default `"500ms"`).
+    #[serde(default = "default_retry_initial")]
+    #[schemars(extend("default" = DEFAULT_RETRY_INITIAL))]
+    pub initial: Duration,
+    /// Growth of the longest wait from one retry to the next, 1 or more
+    /// (default 2).
+    #[serde(default = "default_retry_multiplier")]
+    #[schemars(extend("default" = DEFAULT_RETRY_MULTIPLIER))]
+    pub multiplier: f64,
+    /// Upper bound of the wait between two attempts (default `"60s"`; also
+    /// accepted as `max`).
+    #[serde(default = "default_retry_max_delay", alias = "max")]
+    #[schemars(extend("default" = DEFAULT_RETRY_MAX_DELAY))]
+    pub max_delay: Duration,
+    /// Attempts of one batch, the first included, before it goes to dead
+    /// letters (default 0: no limit).
+    #[serde(default)]
+    #[schemars(extend("default" = DEFAULT_RETRY_MAX_ATTEMPTS))]
+    pub max_attempts: u32,
+    /// Time after a batch's first attempt when it goes to dead letters
+    /// instead of being retried again (default `"0s"`: never).
+    #[serde(default = "default_retry_give_up_after")]
+    #[schemars(extend("default" = DEFAULT_RETRY_GIVE_UP_AFTER))]
+    pub give_up_after: Duration,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial: DEFAULT_RETRY_INITIAL,
+            multiplier: DEFAULT_RETRY_MULTIPLIER,
+            max_delay: DEFAULT_RETRY_MAX_DELAY,
+            max_attempts: DEFAULT_RETRY_MAX_ATTEMPTS,
+            give_up_after: DEFAULT_RETRY_GIVE_UP_AFTER,
+        }
+    }
+}
+
+fn default_retry_initial() -> Duration {
+    DEFAULT_RETRY_INITIAL
+}
+fn default_retry_multiplier() -> f64 {
+    DEFAULT_RETRY_MULTIPLIER
+}
+fn default_retry_max_delay() -> Duration {
+    DEFAULT_RETRY_MAX_DELAY
+}
+fn default_retry_give_up_after() -> Duration {
+    DEFAULT_RETRY_GIVE_UP_AFTER
+}
+
+/// Response statuses that override the defaults. By default 2xx is
+/// success; 408, 429 and 5xx except 501 are retried later; 413 splits the
+/// batch in two (a single record that is still too large goes to dead
+/// letters); every other status rejects the batch to dead letters. A code
+/// may appear in one list only.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct StatusConfig {
+    /// Codes that also mean success, e.g. `[409]` for a receiver that
+    /// answers 409 to a duplicate it already has.
+    #[serde(default)]
+    pub success: Vec<u16>,
+    /// Codes to retry later, e.g. `[425]`.
+    #[serde(default)]
+    pub retry: Vec<u16>,
+    /// Codes that reject the batch to dead letters, e.g. `[503]` for a
+    /// receiver that uses it for permanent refusals.
+    #[serde(default)]
+    pub reject: Vec<u16>,
+    /// Codes meaning "too large": the batch is split in two and each half
+    /// sent again (413 always does this unless listed elsewhere).
+    #[serde(default)]
+    pub split: Vec<u16>,
+}
+
+/// A circuit breaker per sink: when, within the rolling `window`, at least
+/// `min_requests` requests were made and the share of them that failed
+/// temporarily (5xx, 429, timeouts, connection errors; not rejections) is
+/// `failure_ratio` or more, the breaker opens and nothing is sent for
+/// `open_for`. Then `half_open_probes` requests test the receiver: a
+/// success closes the breaker, a failure opens it again.
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CircuitBreakerConfig {
+    /// `false` turns the breaker off (default `true`).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Share of failed requests that opens the breaker, above 0 and at
+    /// most 1 (default 0.5).
+    #[serde(default = "default_breaker_failure_ratio")]
+    #[schemars(extend("default" = DEFAULT_BREAKER_FAILURE_RATIO))]
+    pub failure_ratio: f64,
+    /// Requests the window must hold before the breaker may open
+    /// (default 10).
+    #[serde(default = "default_breaker_min_requests")]
+    #[schemars(extend("default" = DEFAULT_BREAKER_MIN_REQUESTS))]
+    pub min_requests: u32,
+    /// Length of the rolling window of recent requests (default `"30s"`).
+    #[serde(default = "default_breaker_window")]
+    #[schemars(extend("default" = DEFAULT_BREAKER_WINDOW))]
+    pub window: Duration,
+    /// How long the breaker stays open before probing (default `"30s"`).
+    #[serde(default = "default_breaker_open_for")]
+    #[schemars(extend("default" = DEFAULT_BREAKER_OPEN_FOR))]
+    pub open_for: Duration,
+    /// Probe requests allowed at once while half-open (default 1).
+    #[serde(default = "default_breaker_half_open_probes")]
+    #[schemars(extend("default" = DEFAULT_BREAKER_HALF_OPEN_PROBES))]
+    pub half_open_probes: u32,
+}
+
+impl Default for CircuitBreakerConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            failure_ratio: DEFAULT_BREAKER_FAILURE_RATIO,
+            min_requests: DEFAULT_BREAKER_MIN_REQUESTS,
+            window: DEFAULT_BREAKER_WINDOW,
+            open_for: DEFAULT_BREAKER_OPEN_FOR,
+            half_open_probes: DEFAULT_BREAKER_HALF_OPEN_PROBES,
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_breaker_failure_ratio() -> f64 {
+    DEFAULT_BREAKER_FAILURE_RATIO
+}
+fn default_breaker_min_requests() -> u32 {
+    DEFAULT_BREAKER_MIN_REQUESTS
+}
+fn default_breaker_window() -> Duration {
+    DEFAULT_BREAKER_WINDOW
+}
+fn default_breaker_open_for() -> Duration {
+    DEFAULT_BREAKER_OPEN_FOR
+}
+fn default_breaker_half_open_probes() -> u32 {
+    DEFAULT_BREAKER_HALF_OPEN_PROBES
+}
+
+/// Caps on the pace of a sink; each is off when left out. Short bursts of
+/// up to one second's worth are allowed.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Requests per second, e.g. `10` or `0.5` (one every two seconds).
+    #[serde(default)]
+    pub requests_per_second: Option<f64>,
+    /// Records per second, across all requests.
+    #[serde(default)]
+    pub records_per_second: Option<f64>,
+}
+
+/// How many requests a sink keeps in flight.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ConcurrencyConfig {
+    /// Exactly this many (1 or more).
+    Fixed(u32),
+    /// Adjusted between `min` and `max` by how the receiver copes: one
+    /// more after a round of quick successes, half as many on 429, 503 or
+    /// a sharp rise in latency.
+    Adaptive { min: u32, max: u32 },
+}
+
+impl Default for ConcurrencyConfig {
+    fn default() -> Self {
+        Self::Fixed(DEFAULT_CONCURRENCY)
+    }
+}
+
+/// The bounds of adaptive concurrency, as written in
+/// `concurrency = { adaptive = { min = 1, max = 32 } }`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AdaptiveConcurrencyConfig {
+    /// Fewest requests in flight, and where it starts (default 1).
+    #[serde(default = "default_adaptive_min")]
+    #[schemars(extend("default" = DEFAULT_ADAPTIVE_MIN))]
+    pub min: u32,
+    /// Most requests in flight (default 32).
+    #[serde(default = "default_adaptive_max")]
+    #[schemars(extend("default" = DEFAULT_ADAPTIVE_MAX))]
+    pub max: u32,
+}
+
+impl Default for AdaptiveConcurrencyConfig {
+    fn default() -> Self {
+        Self {
+            min: DEFAULT_ADAPTIVE_MIN,
+            max: DEFAULT_ADAPTIVE_MAX,
+        }
+    }
+}
+
+fn default_adaptive_min() -> u32 {
+    DEFAULT_ADAPTIVE_MIN
+}
+fn default_adaptive_max() -> u32 {
+    DEFAULT_ADAPTIVE_MAX
+}
+
+/// The word that selects adaptive concurrency with default bounds.
+const ADAPTIVE: &str = "adaptive";
+
+/// Written as a number, `"adaptive"`, or `{ adaptive = { ... } }`. A
+/// hand-written visitor (not `#[serde(untagged)]`) so errors inside the
+/// table keep their field path and say what was expected.
+impl<'de> Deserialize<'de> for ConcurrencyConfig {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visitor;
+
+        impl<'de> serde::de::Visitor<'de> for Visitor {
+            type Value = ConcurrencyConfig;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str(
+                    "a number of requests (1 or more), \"adaptive\", or a table whose \
+                     \"adaptive\" entry holds min and max",
+                )
+            }
+
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<Self::Value, E> {
+                u32::try_from(n).map(ConcurrencyConfig::Fixed).map_err(|_| {
+                    E::invalid_value(serde::de::Unexpected::Unsigned(n), &"at most 4294967295")
+                })
+            }
+
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<Self::Value, E> {
+                match u64::try_from(n) {
+                    Ok(n) => self.visit_u64(n),
+                    Err(_) => Err(E::invalid_value(serde::de::Unexpected::Signed(n), &self)),
+                }
+            }
+
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<Self::Value, E> {
+                if s == ADAPTIVE {
+                    let AdaptiveConcurrencyConfig { min, max } = Default::default();
+                    return Ok(ConcurrencyConfig::Adaptive { min, max });
+                }
+                Err(E::invalid_value(serde::de::Unexpected::Str(s), &self))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                // A field identifier, like derived structs use, so an
+                // unknown key is reported at its own path.
+                #[derive(Deserialize)]
+                #[serde(field_identifier, rename_all = "snake_case")]
+                enum Key {
+                    Adaptive,
+                }
+
+                let mut bounds: Option<AdaptiveConcurrencyConfig> = None;
+                while let Some(Key::Adaptive) = map.next_key::<Key>()? {
+                    if bounds.is_some() {
+                        return Err(serde::de::Error::duplicate_field(ADAPTIVE));
+                    }
+                    bounds = Some(map.next_value()?);
+                }
+                let AdaptiveConcurrencyConfig { min, max } =
+                    bounds.ok_or_else(|| serde::de::Error::missing_field(ADAPTIVE))?;
+                Ok(ConcurrencyConfig::Adaptive { min, max })
+            }
+        }
+
+        d.deserialize_any(Visitor)
+    }
+}
+
+impl Serialize for ConcurrencyConfig {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match *self {
+            Self::Fixed(n) => s.serialize_u32(n),
+            Self::Adaptive { min, max } => {
+                use serde::ser::SerializeMap;
+                let mut map = s.serialize_map(Some(1))?;
+                map.serialize_entry(ADAPTIVE, &AdaptiveConcurrencyConfig { min, max })?;
+                map.end()
+            }
+        }
+    }
+}
+
+impl JsonSchema for ConcurrencyConfig {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "ConcurrencyConfig".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let bounds = generator.subschema_for::<AdaptiveConcurrencyConfig>();
+        schemars::json_schema!({
+            "description": "Requests in flight: a number (default 1), \"adaptive\" (between 1 and 32), or { adaptive = { min, max } }.",
+            "default": DEFAULT_CONCURRENCY,
+            "oneOf": [
+                { "type": "integer", "minimum": 1, "description": "Exactly this many requests in flight." },
+                { "const": ADAPTIVE, "description": "Adaptive, between 1 and 32 requests in flight." },
+                {
+                    "type": "object",
+                    "properties": { "adaptive": bounds },
+                    "required": [ADAPTIVE],
+                    "additionalProperties": false,
+                    "description": "Adaptive, between min and max requests in flight.",
+                },
+            ],
+        })
+    }
+}
+
+/// When a pipeline acknowledges a source position upstream.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum AckMode {
+    /// Once the records are durable in the buffer: the source is released
+    /// early and the buffer rides out receiver outages.
+    #[default]
+    Buffered,
+    /// Once the records are delivered to the sink.
+    Delivered,
+}
+
+impl AckMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Buffered => "buffered",
+            Self::Delivered => "delivered",
+        }
+    }
+}
+
+/// A pipeline's durable buffer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct BufferConfig {
+    /// Most bytes kept on disk; when full, reading from the source waits
+    /// (default `"256MiB"`).
+    #[serde(default = "default_buffer_max_bytes")]
+    #[schemars(extend("default" = DEFAULT_BUFFER_MAX_BYTES))]
+    pub max_bytes: ByteSize,
+    /// When appended records are forced to disk: `"batch"` (after every
+    /// appended batch, before it is acknowledged; default) or a duration
+    /// such as `"100ms"` (at most that often: faster, but a power loss may
+    /// lose acknowledged records).
+    #[serde(default)]
+    pub fsync: FsyncPolicy,
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        Self {
+            max_bytes: DEFAULT_BUFFER_MAX_BYTES,
+            fsync: FsyncPolicy::default(),
+        }
+    }
+}
+
+fn default_buffer_max_bytes() -> ByteSize {
+    DEFAULT_BUFFER_MAX_BYTES
+}
+
+/// When the buffer forces appended records to disk.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// After every appended batch.
+    #[default]
+    Batch,
+    /// At most once per this interval.
+    Interval(Duration),
+}
+
+/// The word that selects [`FsyncPolicy::Batch`].
+const FSYNC_BATCH: &str = "batch";
+
+impl<'de> Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == FSYNC_BATCH {
+            return Ok(Self::Batch);
+        }
+        text.parse().map(Self::Interval).map_err(|e: String| {
+            serde::de::Error::custom(format!("expected \"batch\" or a duration; {e}"))
+        })
+    }
+}
+
+impl Serialize for FsyncPolicy {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::Batch => s.serialize_str(FSYNC_BATCH),
+            Self::Interval(d) => d.serialize(s),
+        }
+    }
+}
+
+impl JsonSchema for FsyncPolicy {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "FsyncPolicy".into()
+    }
+    fn json_schema(generator: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        let duration = generator.subschema_for::<Duration>();
+        schemars::json_schema!({
+            "description": "\"batch\" (force every appended batch to disk) or a duration such as \"100ms\" (at most that often).",
+            "default": FSYNC_BATCH,
+            "oneOf": [{ "const": FSYNC_BATCH }, duration],
+        })
+    }
 }

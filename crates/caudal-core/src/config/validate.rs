@@ -13,8 +13,9 @@ use croner::parser::{CronParser, Seconds, Year};
 use super::load::ConfigError;
 use super::load::path::{FieldPath, Problem};
 use super::{
-    Config, HttpSinkConfig, PipelineConfig, ScheduleConfig, SinkConfig, SourceConfig, SqlDialect,
-    SqlMode,
+    BufferConfig, CircuitBreakerConfig, ConcurrencyConfig, Config, FsyncPolicy, HttpSinkConfig,
+    PipelineConfig, RateLimitConfig, RetryConfig, ScheduleConfig, SinkConfig, SourceConfig,
+    SqlDialect, SqlMode, StatusConfig,
 };
 use crate::units::redact_url;
 
@@ -165,6 +166,17 @@ fn check_pipeline(
         ));
     }
     check_schedule(&path.key("schedule"), &pipeline.schedule, out);
+    if pipeline
+        .schema
+        .as_deref()
+        .is_some_and(|schema| schema.trim().is_empty())
+    {
+        out.push(Problem::at(
+            path.key("schema"),
+            "must not be empty; name a JSON Schema file or leave it out",
+        ));
+    }
+    check_buffer(&path.key("buffer"), &pipeline.buffer, out);
 }
 
 fn unknown_reference<V>(what: &str, name: &str, defined: &BTreeMap<String, V>) -> String {
@@ -416,6 +428,147 @@ fn check_http_sink(path: &FieldPath, sink: &HttpSinkConfig, out: &mut Vec<Proble
     }
     if sink.timeout.as_std().is_zero() {
         out.push(Problem::at(path.key("timeout"), "must be greater than 0s"));
+    }
+    check_retry(&path.key("retry"), &sink.retry, out);
+    check_status(&path.key("status"), &sink.status, out);
+    check_circuit_breaker(&path.key("circuit_breaker"), &sink.circuit_breaker, out);
+    check_rate_limit(&path.key("rate_limit"), &sink.rate_limit, out);
+    check_concurrency(&path.key("concurrency"), sink.concurrency, out);
+    let header = &sink.idempotency_header;
+    if !header.is_empty() && !is_header_name(header) {
+        out.push(Problem::at(
+            path.key("idempotency_header"),
+            format!(
+                "invalid header name {header:?}; use letters, digits and !#$%&'*+-.^_`|~, \
+                 or \"\" to send no idempotency key"
+            ),
+        ));
+    }
+}
+
+fn check_retry(path: &FieldPath, retry: &RetryConfig, out: &mut Vec<Problem>) {
+    if retry.initial.as_std().is_zero() {
+        out.push(Problem::at(path.key("initial"), "must be greater than 0s"));
+    } else if retry.initial > retry.max_delay && !retry.max_delay.as_std().is_zero() {
+        out.push(Problem::at(
+            path.key("initial"),
+            format!("must not exceed max_delay ({})", retry.max_delay),
+        ));
+    }
+    if !(retry.multiplier.is_finite() && retry.multiplier >= 1.0) {
+        out.push(Problem::at(
+            path.key("multiplier"),
+            "must be 1 or more (1 keeps the longest wait the same for every retry)",
+        ));
+    }
+    if retry.max_delay.as_std().is_zero() {
+        out.push(Problem::at(
+            path.key("max_delay"),
+            "must be greater than 0s",
+        ));
+    }
+}
+
+/// The names of the status lists, in the order they are checked.
+const STATUS_LISTS: [&str; 4] = ["success", "retry", "reject", "split"];
+
+fn check_status(path: &FieldPath, status: &StatusConfig, out: &mut Vec<Problem>) {
+    let lists: [&[u16]; 4] = [
+        &status.success,
+        &status.retry,
+        &status.reject,
+        &status.split,
+    ];
+    let mut seen: BTreeMap<u16, &str> = BTreeMap::new();
+    for (name, codes) in STATUS_LISTS.into_iter().zip(lists) {
+        for (i, &code) in codes.iter().enumerate() {
+            let at = path.key(name).index(i);
+            if !(100..=599).contains(&code) {
+                out.push(Problem::at(
+                    at,
+                    format!("{code} is not an HTTP status; use a code from 100 to 599"),
+                ));
+            } else if let Some(first) = seen.insert(code, name) {
+                let message = if first == name {
+                    format!("{code} is listed twice")
+                } else {
+                    format!("{code} is already listed in \"{first}\"; a code belongs to one list")
+                };
+                out.push(Problem::at(at, message));
+            }
+        }
+    }
+}
+
+fn check_circuit_breaker(path: &FieldPath, breaker: &CircuitBreakerConfig, out: &mut Vec<Problem>) {
+    let ratio = breaker.failure_ratio;
+    if !(ratio > 0.0 && ratio <= 1.0) {
+        out.push(Problem::at(
+            path.key("failure_ratio"),
+            "must be above 0 and at most 1, e.g. 0.5 for half of the requests",
+        ));
+    }
+    for (name, value) in [
+        ("min_requests", breaker.min_requests),
+        ("half_open_probes", breaker.half_open_probes),
+    ] {
+        if value == 0 {
+            out.push(Problem::at(path.key(name), "must be 1 or more"));
+        }
+    }
+    for (name, value) in [("window", breaker.window), ("open_for", breaker.open_for)] {
+        if value.as_std().is_zero() {
+            out.push(Problem::at(path.key(name), "must be greater than 0s"));
+        }
+    }
+}
+
+fn check_rate_limit(path: &FieldPath, limit: &RateLimitConfig, out: &mut Vec<Problem>) {
+    for (name, value) in [
+        ("requests_per_second", limit.requests_per_second),
+        ("records_per_second", limit.records_per_second),
+    ] {
+        if let Some(rate) = value
+            && !(rate.is_finite() && rate > 0.0)
+        {
+            out.push(Problem::at(
+                path.key(name),
+                "must be greater than 0; leave it out for no limit",
+            ));
+        }
+    }
+}
+
+fn check_concurrency(path: &FieldPath, concurrency: ConcurrencyConfig, out: &mut Vec<Problem>) {
+    match concurrency {
+        ConcurrencyConfig::Fixed(0) => out.push(Problem::at(path.clone(), "must be 1 or more")),
+        ConcurrencyConfig::Fixed(_) => {}
+        ConcurrencyConfig::Adaptive { min, max } => {
+            let path = path.key("adaptive");
+            if min == 0 {
+                out.push(Problem::at(path.key("min"), "must be 1 or more"));
+            }
+            if max < min {
+                out.push(Problem::at(
+                    path.key("max"),
+                    format!("must be at least min ({min})"),
+                ));
+            }
+        }
+    }
+}
+
+fn check_buffer(path: &FieldPath, buffer: &BufferConfig, out: &mut Vec<Problem>) {
+    if buffer.max_bytes.0 == 0 {
+        out.push(Problem::at(path.key("max_bytes"), "must be greater than 0"));
+    }
+    if let FsyncPolicy::Interval(every) = buffer.fsync
+        && every.as_std().is_zero()
+    {
+        out.push(Problem::at(
+            path.key("fsync"),
+            "must be greater than 0s; use \"batch\" to force every batch to disk",
+        ));
     }
 }
 

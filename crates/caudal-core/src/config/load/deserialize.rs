@@ -446,7 +446,7 @@ mod tests {
                 "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite",
                 "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite",
                 "sources.d: expected a table with a \"type\" field, found a string",
-                "pipelines.p.extra: unknown field \"extra\"; expected one of: source, sink, schedule, key",
+                "pipelines.p.extra: unknown field \"extra\"; expected one of: source, sink, schedule, key, ack, schema, buffer",
             ]
         );
     }
