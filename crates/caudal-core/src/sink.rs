@@ -2,15 +2,52 @@
 
 use std::time::Duration;
 
-use crate::record::Record;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
 
-/// A batch handed to a sink: records in source order.
+use crate::record::{Position, Record, event_id};
+
+/// A record on its way to a sink, with the identities delivery needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Event {
+    /// Stable id of the record: the same record sent again has the same id.
+    pub id: String,
+    /// The pipeline's key field as text (`None` when no key is configured
+    /// or the record lacks it).
+    pub key: Option<String>,
+    /// Where the record sits in its source.
+    pub position: Position,
+    /// The record itself.
+    pub data: Map<String, Value>,
+}
+
+impl Event {
+    /// Wraps a record of `pipeline`, taking its key from `key_field`.
+    pub fn new(pipeline: &str, key_field: Option<&str>, record: Record) -> Self {
+        let key = key_field.and_then(|f| match record.data.get(f) {
+            None | Some(Value::Null) => None,
+            Some(Value::String(s)) => Some(s.clone()),
+            Some(other) => Some(other.to_string()),
+        });
+        Self {
+            id: event_id(pipeline, &record.position),
+            key,
+            position: record.position,
+            data: record.data,
+        }
+    }
+}
+
+/// A batch handed to a sink: events in source order, with the batch's
+/// idempotency key.
 #[derive(Debug)]
 pub struct Batch<'a> {
     /// The pipeline the batch belongs to.
     pub pipeline: &'a str,
-    /// The records, in source order.
-    pub records: &'a [Record],
+    /// Idempotency key: the same records sent again carry the same key.
+    pub key: &'a str,
+    /// The events, in source order.
+    pub events: &'a [Event],
 }
 
 /// The outcome of delivering one batch. The engine moves a checkpoint past a

@@ -12,6 +12,7 @@ pub mod lease;
 pub mod ordering;
 pub mod pipeline;
 pub mod schedule;
+pub mod send;
 
 pub use pipeline::{Pipeline, Progress, RunSummary, Trigger, load_checkpoint};
 pub use schedule::Schedule;

@@ -19,8 +19,9 @@ use std::time::Duration;
 use caudal_connectors::sinks::http::HttpSink;
 use caudal_connectors::sources::sql::SqlSource;
 use caudal_core::config::{BatchConfig, Config, PipelineConfig, SinkConfig};
+use caudal_core::record::batch_key;
 use caudal_core::record::{Position, Record};
-use caudal_core::sink::{Batch, Delivery, Sink};
+use caudal_core::sink::{Event, Sink};
 use caudal_core::{Error, ErrorKind, Result};
 use caudal_store::{RunOutcome, Store};
 use tokio::sync::{mpsc, watch};
@@ -30,12 +31,15 @@ use tracing::Instrument as _;
 use crate::batch::Batcher;
 use crate::lease::{Lease, pipeline_lease};
 use crate::schedule::Schedule;
+use crate::send::Sender;
 
 /// Live counters of a run, for progress bars and status.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Progress {
     pub rows_read: u64,
     pub rows_delivered: u64,
+    /// Records kept as dead letters (rejected by the receiver).
+    pub dead_letters: u64,
     pub batches: u64,
 }
 
@@ -46,6 +50,8 @@ pub struct RunSummary {
     pub outcome: RunOutcome,
     pub rows_read: u64,
     pub rows_delivered: u64,
+    /// Records kept as dead letters during the run.
+    pub dead_letters: u64,
     pub batches: u64,
     pub elapsed: Duration,
     /// Position of the checkpoint after the run, if any.
@@ -75,7 +81,9 @@ impl Trigger {
 pub struct Pipeline {
     name: String,
     source: SqlSource,
-    sink: Arc<dyn Sink>,
+    sender: Sender,
+    /// The record field that orders and identifies entities, if any.
+    key: Option<String>,
     batch: BatchConfig,
     schedule: Schedule,
     store: Store,
@@ -117,13 +125,17 @@ impl Pipeline {
             )
         })?;
         let source = SqlSource::connect(&p.source, source_cfg).await?;
-        let (sink, batch): (Arc<dyn Sink>, BatchConfig) = match sink_cfg {
-            SinkConfig::Http(c) => (Arc::new(HttpSink::new(&p.sink, c)?), c.batch),
+        let (sender, batch): (Sender, BatchConfig) = match sink_cfg {
+            SinkConfig::Http(c) => {
+                let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&p.sink, c)?);
+                (Sender::new(name, sink, c, store.clone()), c.batch)
+            }
         };
         Ok(Self {
             name: name.to_string(),
             source,
-            sink,
+            sender,
+            key: p.key.clone(),
             batch,
             schedule: Schedule::from_config(&p.schedule)?,
             store,
@@ -216,6 +228,7 @@ impl Pipeline {
             outcome,
             rows_read: counters.rows_read,
             rows_delivered: counters.rows_delivered,
+            dead_letters: counters.dead_letters,
             batches: counters.batches,
             elapsed: started.elapsed(),
             checkpoint: self.checkpoint().await.ok().flatten(),
@@ -272,13 +285,13 @@ impl Pipeline {
                 () = wait => {
                     let batch = batcher.take();
                     deadline = None;
-                    self.deliver(run_id, batch, counters, progress).await?;
+                    self.deliver(run_id, batch, counters, progress, cancel).await?;
                 }
                 page = pages.recv() => match page {
                     None => {
                         let rest = batcher.take();
                         if !rest.is_empty() {
-                            self.deliver(run_id, rest, counters, progress).await?;
+                            self.deliver(run_id, rest, counters, progress, cancel).await?;
                         }
                         return Ok(Ended::Completed);
                     }
@@ -290,7 +303,7 @@ impl Pipeline {
                         }
                         for record in records {
                             if let Some(full) = batcher.push(record) {
-                                self.deliver(run_id, full, counters, progress).await?;
+                                self.deliver(run_id, full, counters, progress, cancel).await?;
                                 if cancel.is_cancelled() {
                                     return Ok(Ended::Stopped);
                                 }
@@ -307,72 +320,44 @@ impl Pipeline {
         }
     }
 
-    /// Delivers one batch and, if it was accepted, commits the checkpoint.
+    /// Delivers one batch under the sink's policy (retries, splits, dead
+    /// letters) and, once every record is delivered or kept as a dead
+    /// letter, commits the checkpoint past it.
     async fn deliver(
         &self,
         run_id: i64,
         records: Vec<Record>,
         counters: &mut Progress,
         progress: Option<&watch::Sender<Progress>>,
+        stop: &CancellationToken,
     ) -> Result<()> {
-        let Some(last) = records.last() else {
+        let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(());
         };
+        let key = batch_key(&self.name, &first.position, &last.position, records.len());
         let position = serde_json::to_value(&last.position)
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
-        let outcome = self
-            .sink
-            .deliver(Batch {
-                pipeline: &self.name,
-                records: &records,
-            })
-            .await;
-        match outcome {
-            Delivery::Delivered { .. } => {
-                counters.rows_delivered += records.len() as u64;
-                counters.batches += 1;
-                self.store
-                    .commit_progress(
-                        run_id,
-                        &self.name,
-                        &position,
-                        counters.rows_read,
-                        counters.rows_delivered,
-                    )
-                    .await?;
-                if let Some(p) = progress {
-                    p.send_replace(*counters);
-                }
-                Ok(())
-            }
-            Delivery::Retry { reason, .. } => Err(Error::new(
-                ErrorKind::Unavailable,
-                format!("batch of {} records not delivered: {reason}", records.len()),
-            )),
-            // Splitting a too-large batch is not wired yet: treated as a
-            // rejection for now.
-            Delivery::Rejected {
-                reason,
-                body_excerpt,
-                ..
-            }
-            | Delivery::Split {
-                reason,
-                body_excerpt,
-                ..
-            } => Err(Error::new(
-                ErrorKind::Rejected,
-                format!(
-                    "batch of {} records rejected: {reason}{}",
-                    records.len(),
-                    if body_excerpt.is_empty() {
-                        String::new()
-                    } else {
-                        format!(": {}", body_excerpt.trim())
-                    }
-                ),
-            )),
+        let events: Vec<Event> = records
+            .into_iter()
+            .map(|r| Event::new(&self.name, self.key.as_deref(), r))
+            .collect();
+        let sent = self.sender.send(&key, events, stop).await?;
+        counters.rows_delivered += sent.delivered;
+        counters.dead_letters += sent.dead_letters;
+        counters.batches += 1;
+        self.store
+            .commit_progress(
+                run_id,
+                &self.name,
+                &position,
+                counters.rows_read,
+                counters.rows_delivered,
+            )
+            .await?;
+        if let Some(p) = progress {
+            p.send_replace(*counters);
         }
+        Ok(())
     }
 }
 
@@ -407,5 +392,87 @@ struct AbortOnDrop(tokio::task::JoinHandle<()>);
 impl Drop for AbortOnDrop {
     fn drop(&mut self) {
         self.0.abort();
+    }
+}
+
+/// What a replay of dead letters did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Letters sent again and delivered.
+    pub delivered: u64,
+    /// Letters the receiver refused again (kept as new dead letters).
+    pub rejected_again: u64,
+}
+
+impl Pipeline {
+    /// Sends pending dead letters of this pipeline again through the normal
+    /// delivery path, grouped by the batch they travelled in and with that
+    /// batch's idempotency key. Each replayed letter is marked `replayed`;
+    /// one the receiver refuses again becomes a new pending dead letter. A
+    /// batch whose retries give up stays pending, and the replay stops.
+    pub async fn replay_dead_letters(
+        &self,
+        ids: Option<&[i64]>,
+        stop: &CancellationToken,
+    ) -> Result<Replayed> {
+        let mut letters = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .store
+                .dead_letters(
+                    Some(&self.name),
+                    Some(caudal_store::DeadLetterState::Pending),
+                    after,
+                    1000,
+                )
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.id;
+            letters.extend(
+                page.into_iter()
+                    .filter(|l| ids.is_none_or(|ids| ids.contains(&l.id))),
+            );
+        }
+        let mut groups: Vec<(String, Vec<caudal_store::DeadLetter>)> = Vec::new();
+        for letter in letters {
+            match groups.iter_mut().find(|(k, _)| *k == letter.batch_key) {
+                Some((_, group)) => group.push(letter),
+                None => groups.push((letter.batch_key.clone(), vec![letter])),
+            }
+        }
+        let mut done = Replayed::default();
+        for (key, group) in groups {
+            let mut events = Vec::with_capacity(group.len());
+            for l in &group {
+                let position = serde_json::from_value(l.position.clone()).map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Decode,
+                        format!("dead letter {} has an unreadable position", l.id),
+                        e,
+                    )
+                })?;
+                let serde_json::Value::Object(data) = l.record.clone() else {
+                    return Err(Error::new(
+                        ErrorKind::Decode,
+                        format!("dead letter {} is not a record object", l.id),
+                    ));
+                };
+                events.push(Event {
+                    id: l.event_id.clone(),
+                    key: l.record_key.clone(),
+                    position,
+                    data,
+                });
+            }
+            let sent = self.sender.send(&key, events, stop).await?;
+            let ids: Vec<i64> = group.iter().map(|l| l.id).collect();
+            self.store
+                .resolve_dead_letters(&ids, caudal_store::DeadLetterState::Replayed)
+                .await?;
+            done.delivered += sent.delivered;
+            done.rejected_again += sent.dead_letters;
+        }
+        Ok(done)
     }
 }

@@ -26,6 +26,8 @@ struct World {
     extra_source: String,
     page_size: u32,
     max_records: usize,
+    /// `retry.max_attempts` of the sink (1: a failure fails the run).
+    max_attempts: u32,
 }
 
 impl World {
@@ -42,6 +44,7 @@ impl World {
             extra_source: String::new(),
             page_size: 7,
             max_records: 10,
+            max_attempts: 1,
         };
         world.exec(&create_table_sql(kind)).await;
         world
@@ -98,6 +101,7 @@ page_size = {page_size}
 type = "http"
 url = "{receiver}"
 batch = {{ max_records = {max_records}, max_wait = "200ms" }}
+retry = {{ max_attempts = {max_attempts}, initial = "10ms" }}
 body = '{{"requests": {{{{ records | tojson }}}}}}'
 
 [pipelines.{PIPELINE}]
@@ -111,6 +115,7 @@ schedule = {{ every = "1h" }}
             extra = self.extra_source,
             receiver = self.receiver.url("/services-data/requests"),
             max_records = self.max_records,
+            max_attempts = self.max_attempts,
         )
     }
 

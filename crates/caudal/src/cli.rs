@@ -78,6 +78,9 @@ pub enum Command {
     /// Show or reset a pipeline's checkpoint.
     #[command(subcommand)]
     Checkpoint(CheckpointCommand),
+    /// Dead letters: records a receiver refused, kept with why.
+    #[command(subcommand)]
+    Dlq(DlqCommand),
     /// Check a configuration file and report every problem with its
     /// file:line:column and field path.
     Validate,
@@ -91,6 +94,36 @@ pub enum CheckpointCommand {
     Show { pipeline: String },
     /// Forget the checkpoint: the next run reads the source from the start.
     Reset { pipeline: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List pending dead letters (all pipelines, or one).
+    List {
+        pipeline: Option<String>,
+        /// Also list replayed and discarded letters.
+        #[arg(long)]
+        all: bool,
+        /// Print JSON lines instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter whole: record, reason, response, attempts.
+    Show { id: i64 },
+    /// Send a pipeline's pending dead letters again through the normal
+    /// delivery path, with their original idempotency keys.
+    Replay {
+        pipeline: String,
+        /// Only these ids.
+        #[arg(long = "id")]
+        ids: Vec<i64>,
+    },
+    /// Mark dead letters discarded (they stay listed with `--all`).
+    Discard {
+        /// The ids to discard.
+        #[arg(required = true)]
+        ids: Vec<i64>,
+    },
 }
 
 #[derive(Debug, clap::Args)]

@@ -12,7 +12,7 @@ use caudal_engine::{Pipeline, Progress, RunSummary, Trigger};
 use caudal_store::{RunOutcome, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::CheckpointCommand;
+use crate::cli::{CheckpointCommand, DlqCommand};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
@@ -198,8 +198,13 @@ fn summary_line(name: &str, s: &RunSummary) -> String {
         .checkpoint
         .as_ref()
         .map_or_else(|| "none".to_string(), |p| p.display());
+    let dead = if s.dead_letters > 0 {
+        format!(", {} dead letters (see `caudal dlq list`)", s.dead_letters)
+    } else {
+        String::new()
+    };
     format!(
-        "{name}: run {} {}: {} rows read, {} delivered in {} batches, {:.2}s ({:.0} rows/s); checkpoint {checkpoint}",
+        "{name}: run {} {}: {} rows read, {} delivered{dead} in {} batches, {:.2}s ({:.0} rows/s); checkpoint {checkpoint}",
         s.run_id,
         s.outcome.as_str(),
         s.rows_read,
@@ -384,4 +389,132 @@ pub fn schema() -> ExitCode {
         serde_json::to_string_pretty(&schema).unwrap_or_default()
     );
     ExitCode::SUCCESS
+}
+
+pub async fn dlq(path: &Path, command: &DlqCommand) -> ExitCode {
+    use caudal_store::DeadLetterState;
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let store = match open_store(&config).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    match command {
+        DlqCommand::List {
+            pipeline,
+            all,
+            json,
+        } => {
+            let state = (!all).then_some(DeadLetterState::Pending);
+            let mut after = 0;
+            let mut rows = Vec::new();
+            loop {
+                let page = match store
+                    .dead_letters(pipeline.as_deref(), state, after, 1000)
+                    .await
+                {
+                    Ok(p) => p,
+                    Err(e) => return fail(&e),
+                };
+                let Some(last) = page.last() else { break };
+                after = last.id;
+                rows.extend(page);
+            }
+            if *json {
+                for l in &rows {
+                    println!("{}", letter_json(l, false));
+                }
+                return ExitCode::SUCCESS;
+            }
+            let table: Vec<[String; 7]> = rows
+                .iter()
+                .map(|l| {
+                    [
+                        l.id.to_string(),
+                        l.pipeline.clone(),
+                        l.state.as_str().to_string(),
+                        l.record_key.clone().unwrap_or_else(|| "-".into()),
+                        l.status.map_or_else(|| "-".into(), |s| s.to_string()),
+                        l.attempts.to_string(),
+                        l.reason.chars().take(80).collect(),
+                    ]
+                })
+                .collect();
+            print_table(
+                &[
+                    "ID", "PIPELINE", "STATE", "KEY", "STATUS", "ATTEMPTS", "REASON",
+                ],
+                &table,
+            );
+            ExitCode::SUCCESS
+        }
+        DlqCommand::Show { id } => match store.dead_letter(*id).await {
+            Err(e) => fail(&e),
+            Ok(None) => {
+                eprintln!("error: no dead letter {id}");
+                ExitCode::from(EXIT_FAILED)
+            }
+            Ok(Some(l)) => {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&letter_json(&l, true)).unwrap_or_default()
+                );
+                ExitCode::SUCCESS
+            }
+        },
+        DlqCommand::Replay { pipeline, ids } => {
+            let p = match Pipeline::build(pipeline, &config, store).await {
+                Ok(p) => p,
+                Err(e) => return fail(&e),
+            };
+            let only = (!ids.is_empty()).then_some(ids.as_slice());
+            match p.replay_dead_letters(only, &shutdown_on_signals()).await {
+                Err(e) => fail(&e),
+                Ok(r) => {
+                    println!(
+                        "{pipeline}: replayed {} dead letters: {} delivered, {} refused again (new dead letters)",
+                        r.delivered + r.rejected_again,
+                        r.delivered,
+                        r.rejected_again
+                    );
+                    ExitCode::SUCCESS
+                }
+            }
+        }
+        DlqCommand::Discard { ids } => match store
+            .resolve_dead_letters(ids, DeadLetterState::Discarded)
+            .await
+        {
+            Err(e) => fail(&e),
+            Ok(n) => {
+                println!("discarded {n} dead letters");
+                ExitCode::SUCCESS
+            }
+        },
+    }
+}
+
+fn letter_json(l: &caudal_store::DeadLetter, whole: bool) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "id": l.id,
+        "pipeline": l.pipeline,
+        "state": l.state.as_str(),
+        "batch_key": l.batch_key,
+        "event_id": l.event_id,
+        "record_key": l.record_key,
+        "status": l.status,
+        "reason": l.reason,
+        "attempts": l.attempts,
+        "first_attempt_at": l.first_attempt_at.map(|t| t.to_string()),
+        "last_attempt_at": l.last_attempt_at.map(|t| t.to_string()),
+        "created_at": l.created_at.to_string(),
+    });
+    if whole {
+        v["record"] = l.record.clone();
+        v["position"] = l.position.clone();
+        v["response_excerpt"] = l.response_excerpt.clone().into();
+    }
+    v
 }

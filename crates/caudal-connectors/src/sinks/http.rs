@@ -13,8 +13,7 @@ use std::time::Duration;
 
 use caudal_core::config::HttpSinkConfig;
 use caudal_core::delivery::{StatusClass, StatusClasses};
-use caudal_core::record::Record;
-use caudal_core::sink::{Batch, Delivery, Sink};
+use caudal_core::sink::{Batch, Delivery, Event, Sink};
 use caudal_core::{Error, ErrorKind, Result};
 use reqwest::header::{
     CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
@@ -31,6 +30,8 @@ const TEMPLATE_NAME: &str = "body";
 #[derive(Debug)]
 pub struct HttpSink {
     name: String,
+    /// Header carrying each batch's idempotency key, unless disabled.
+    idempotency_header: Option<HeaderName>,
     url: reqwest::Url,
     method: reqwest::Method,
     headers: HeaderMap,
@@ -47,6 +48,24 @@ struct TemplateContext<'a> {
     pipeline: &'a str,
     /// The batch's records (their data), in source order.
     records: Vec<&'a serde_json::Map<String, serde_json::Value>>,
+    /// The same records with their identities: `id` (stable event id),
+    /// `key`, `data`.
+    events: Vec<TemplateEvent<'a>>,
+    /// The batch: `key` (its idempotency key) and `size`.
+    batch: TemplateBatch<'a>,
+}
+
+#[derive(Serialize)]
+struct TemplateEvent<'a> {
+    id: &'a str,
+    key: Option<&'a str>,
+    data: &'a serde_json::Map<String, serde_json::Value>,
+}
+
+#[derive(Serialize)]
+struct TemplateBatch<'a> {
+    key: &'a str,
+    size: usize,
 }
 
 impl HttpSink {
@@ -101,8 +120,21 @@ impl HttpSink {
             .map_err(|e| {
                 Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e)
             })?;
+        let idempotency_header = if config.idempotency_header.is_empty() {
+            None
+        } else {
+            Some(
+                HeaderName::from_bytes(config.idempotency_header.as_bytes()).map_err(|_| {
+                    cfg_err(format!(
+                        "idempotency_header {:?} is not a valid header name",
+                        config.idempotency_header
+                    ))
+                })?,
+            )
+        };
         Ok(Self {
             name: name.to_string(),
+            idempotency_header,
             url,
             method,
             headers,
@@ -114,7 +146,7 @@ impl HttpSink {
     }
 
     /// The request body for a batch (before compression).
-    pub fn encode(&self, pipeline: &str, records: &[Record]) -> Result<Vec<u8>> {
+    pub fn encode(&self, pipeline: &str, key: &str, records: &[Event]) -> Result<Vec<u8>> {
         match &self.template {
             None => {
                 let mut out = Vec::with_capacity(records.len() * 128 + 2);
@@ -137,6 +169,18 @@ impl HttpSink {
                 let ctx = TemplateContext {
                     pipeline,
                     records: records.iter().map(|r| &r.data).collect(),
+                    events: records
+                        .iter()
+                        .map(|e| TemplateEvent {
+                            id: &e.id,
+                            key: e.key.as_deref(),
+                            data: &e.data,
+                        })
+                        .collect(),
+                    batch: TemplateBatch {
+                        key,
+                        size: records.len(),
+                    },
                 };
                 template
                     .render(minijinja::Value::from(minijinja::value::Serde(&ctx)))
@@ -169,7 +213,7 @@ impl HttpSink {
 #[async_trait::async_trait]
 impl Sink for HttpSink {
     async fn deliver(&self, batch: Batch<'_>) -> Delivery {
-        let body = match self.encode(batch.pipeline, batch.records) {
+        let body = match self.encode(batch.pipeline, batch.key, batch.events) {
             Ok(b) => b,
             Err(e) => {
                 return Delivery::Rejected {
@@ -193,10 +237,16 @@ impl Sink for HttpSink {
         } else {
             body
         };
+        let mut headers = self.headers.clone();
+        if let Some(name) = &self.idempotency_header
+            && let Ok(value) = HeaderValue::from_str(batch.key)
+        {
+            headers.insert(name.clone(), value);
+        }
         let request = self
             .client
             .request(self.method.clone(), self.url.clone())
-            .headers(self.headers.clone())
+            .headers(headers)
             .body(body);
         match request.send().await {
             Err(e) => {

@@ -590,7 +590,7 @@ fn is_header_name(name: &str) -> bool {
 }
 
 /// Variables an HTTP body template can use.
-pub const BODY_TEMPLATE_VARIABLES: &[&str] = &["records", "pipeline"];
+pub const BODY_TEMPLATE_VARIABLES: &[&str] = &["records", "events", "batch", "pipeline"];
 
 /// Functions minijinja provides to every template.
 const TEMPLATE_GLOBALS: &[&str] = &["range", "dict", "namespace", "debug", "cycler", "joiner"];
@@ -634,7 +634,7 @@ pub fn check_body_template(body: &str) -> Result<(), String> {
             .iter()
             .map(|v| format!("`{v}`"))
             .collect::<Vec<_>>()
-            .join(" and "),
+            .join(", "),
     ))
 }
 

@@ -133,6 +133,7 @@ cursor = ["last_modified_date", "request_id"]
 type = "http"
 url = "{receiver}"
 batch = {{ max_records = {max_records}, max_wait = "200ms" }}
+retry = {{ max_attempts = 1 }}   # fail the run at once when the receiver is down
 timeout = "120s"
 body = '{{"requests": {{{{ records | tojson }}}}}}'
 
@@ -169,6 +170,7 @@ sinks:
     type: http
     url: {receiver}
     batch: {{ max_records: {max_records}, max_wait: 200ms }}
+    retry: {{ max_attempts: 1 }}
     timeout: 120s
     body: '{{"requests": {{{{ records | tojson }}}}}}'
 

@@ -1,0 +1,268 @@
+//! Sending one batch under a sink's delivery policy: rate limit, circuit
+//! breaker, concurrency limit, retries with backoff, 413 splits, dead
+//! letters. Every sink and every caller (runs, dead-letter replay) goes
+//! through here, so there is one retry loop in the product.
+//!
+//! Outcomes, per record of the batch:
+//! - delivered (a success status);
+//! - a dead letter with its reason, status, response excerpt and attempts,
+//!   when the receiver rejected it, or it alone is too large (413);
+//! - neither, when retries gave up or shutdown came first: then the whole
+//!   call fails, nothing is marked delivered, and the caller keeps the
+//!   batch (the checkpoint does not move past it).
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use caudal_core::config::HttpSinkConfig;
+use caudal_core::delivery::{Outcome, RetryPolicy, split_batch};
+use caudal_core::sink::{Batch, Delivery, Event, Sink};
+use caudal_core::{Error, ErrorKind, Result};
+use caudal_store::{NewDeadLetter, Store};
+use tokio_util::sync::CancellationToken;
+
+use crate::delivery::{BreakerState, CircuitBreaker, ConcurrencyLimit, RateLimiter};
+
+/// Pause before retrying a failed state-store write of dead letters.
+const STORE_RETRY: Duration = Duration::from_secs(1);
+
+/// Live delivery figures of a sink.
+#[derive(Debug, Default)]
+pub struct SendStats {
+    pub retries: AtomicU64,
+    pub dead_letters: AtomicU64,
+}
+
+/// A sink with its delivery policy. Cheap to clone; clones share the
+/// breaker, limits and figures.
+#[derive(Clone)]
+pub struct Sender {
+    pipeline: String,
+    sink: Arc<dyn Sink>,
+    store: Store,
+    retry: RetryPolicy,
+    breaker: CircuitBreaker,
+    limiter: Arc<RateLimiter>,
+    concurrency: ConcurrencyLimit,
+    stats: Arc<SendStats>,
+}
+
+impl std::fmt::Debug for Sender {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sender")
+            .field("pipeline", &self.pipeline)
+            .field("breaker", &self.breaker.state().as_str())
+            .finish_non_exhaustive()
+    }
+}
+
+/// What happened to a batch that was finished.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Sent {
+    pub delivered: u64,
+    pub dead_letters: u64,
+}
+
+impl Sender {
+    pub fn new(pipeline: &str, sink: Arc<dyn Sink>, config: &HttpSinkConfig, store: Store) -> Self {
+        let breaker = if config.circuit_breaker.enabled {
+            CircuitBreaker::new(&config.circuit_breaker)
+        } else {
+            CircuitBreaker::disabled()
+        };
+        Self {
+            pipeline: pipeline.to_string(),
+            sink,
+            store,
+            retry: RetryPolicy::from_config(&config.retry),
+            breaker,
+            limiter: Arc::new(RateLimiter::new(&config.rate_limit)),
+            concurrency: ConcurrencyLimit::new(&config.concurrency),
+            stats: Arc::default(),
+        }
+    }
+
+    pub fn breaker_state(&self) -> BreakerState {
+        self.breaker.state()
+    }
+
+    pub fn stats(&self) -> &SendStats {
+        &self.stats
+    }
+
+    /// Sends `events` as one batch with idempotency key `key`, to the end
+    /// (see the module docs). Fails with [`ErrorKind::Unavailable`] when
+    /// retries gave up, [`ErrorKind::Cancelled`] on shutdown.
+    pub async fn send(
+        &self,
+        key: &str,
+        events: Vec<Event>,
+        stop: &CancellationToken,
+    ) -> Result<Sent> {
+        let mut sent = Sent::default();
+        let mut work: VecDeque<(String, Vec<Event>)> = VecDeque::from([(key.to_string(), events)]);
+        while let Some((key, events)) = work.pop_front() {
+            let mut attempts: u32 = 0;
+            let mut first: Option<(jiff::Timestamp, tokio::time::Instant)> = None;
+            loop {
+                let cancelled = || {
+                    Error::new(
+                        ErrorKind::Cancelled,
+                        "shutdown before the batch was delivered",
+                    )
+                };
+                if stop.is_cancelled() {
+                    return Err(cancelled());
+                }
+                let breaker = tokio::select! {
+                    () = stop.cancelled() => return Err(cancelled()),
+                    permit = self.breaker.acquire() => permit,
+                };
+                let permit = self.concurrency.acquire().await;
+                self.limiter
+                    .acquire(u32::try_from(events.len()).unwrap_or(u32::MAX))
+                    .await;
+                let started = tokio::time::Instant::now();
+                let (first_at, first_instant) =
+                    *first.get_or_insert((jiff::Timestamp::now(), started));
+                attempts += 1;
+                // A request in flight is allowed to finish (bounded by the
+                // sink's timeout): shutdown stops retries, not answers.
+                let answer = self
+                    .sink
+                    .deliver(Batch {
+                        pipeline: &self.pipeline,
+                        key: &key,
+                        events: &events,
+                    })
+                    .await;
+                let outcome = Outcome::of(&answer);
+                breaker.record(outcome);
+                permit.done(outcome, started.elapsed());
+                match answer {
+                    Delivery::Delivered { .. } => {
+                        sent.delivered += events.len() as u64;
+                        break;
+                    }
+                    Delivery::Retry { reason, after, .. } => {
+                        if self.retry.should_give_up(attempts, first_instant.elapsed()) {
+                            return Err(Error::new(
+                                ErrorKind::Unavailable,
+                                format!(
+                                    "batch {key} of {} records not delivered, gave up after {attempts} attempts: {reason}",
+                                    events.len()
+                                ),
+                            ));
+                        }
+                        let wait = self.retry.delay(attempts - 1, after, &mut rand::rng());
+                        self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        tracing::warn!(
+                            pipeline = %self.pipeline, batch = %key, attempt = attempts,
+                            wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), %reason,
+                            "delivery failed; retrying"
+                        );
+                        tokio::select! {
+                            () = stop.cancelled() => return Err(cancelled()),
+                            () = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                    Delivery::Rejected {
+                        reason,
+                        status,
+                        body_excerpt,
+                    } => {
+                        tracing::error!(pipeline = %self.pipeline, batch = %key, %reason, "batch rejected; records kept as dead letters");
+                        sent.dead_letters += self
+                            .dead(
+                                &key,
+                                &events,
+                                reason,
+                                status,
+                                body_excerpt,
+                                attempts,
+                                first_at,
+                            )
+                            .await;
+                        break;
+                    }
+                    Delivery::Split {
+                        reason,
+                        status,
+                        body_excerpt,
+                    } => match split_batch(events.clone()) {
+                        Some((a, b)) => {
+                            tracing::info!(pipeline = %self.pipeline, batch = %key, records = events.len(), "receiver found the batch too large; sending it in halves");
+                            // The halves go first, in order, before anything after them.
+                            work.push_front((format!("{key}.1"), b));
+                            work.push_front((format!("{key}.0"), a));
+                            break;
+                        }
+                        None => {
+                            let reason =
+                                format!("the record alone is too large for the receiver: {reason}");
+                            sent.dead_letters += self
+                                .dead(
+                                    &key,
+                                    &events,
+                                    reason,
+                                    status,
+                                    body_excerpt,
+                                    attempts,
+                                    first_at,
+                                )
+                                .await;
+                            break;
+                        }
+                    },
+                }
+            }
+        }
+        Ok(sent)
+    }
+
+    /// Stores the events as dead letters, retrying the store until it
+    /// works: a rejected record is never dropped.
+    #[allow(clippy::too_many_arguments)]
+    async fn dead(
+        &self,
+        key: &str,
+        events: &[Event],
+        reason: String,
+        status: Option<u16>,
+        excerpt: String,
+        attempts: u32,
+        first: jiff::Timestamp,
+    ) -> u64 {
+        let now = jiff::Timestamp::now();
+        let letters: Vec<NewDeadLetter> = events
+            .iter()
+            .map(|e| NewDeadLetter {
+                batch_key: key.to_string(),
+                event_id: e.id.clone(),
+                record_key: e.key.clone(),
+                position: serde_json::to_value(&e.position).unwrap_or_default(),
+                record: serde_json::Value::Object(e.data.clone()),
+                reason: reason.clone(),
+                status,
+                response_excerpt: (!excerpt.is_empty()).then(|| excerpt.clone()),
+                attempts,
+                first_attempt_at: Some(first),
+                last_attempt_at: Some(now),
+            })
+            .collect();
+        loop {
+            match self.store.add_dead_letters(&self.pipeline, &letters).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(pipeline = %self.pipeline, error = %e.report(), "cannot store dead letters yet; retrying");
+                    tokio::time::sleep(STORE_RETRY).await;
+                }
+            }
+        }
+        let n = letters.len() as u64;
+        self.stats.dead_letters.fetch_add(n, Ordering::Relaxed);
+        n
+    }
+}
