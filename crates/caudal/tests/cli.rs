@@ -356,3 +356,58 @@ async fn once_with_a_yaml_config_works_like_toml() {
     let ids: Vec<i64> = yaml_world.delivered().iter().map(request_id).collect();
     assert_eq!(ids, [1, 3, 4, 5, 6, 2], "cursor order");
 }
+
+/// A receiver refusing one batch: `once` still succeeds and says how many
+/// records became dead letters; `dlq list/show` show them with their
+/// reason; `dlq replay` delivers them once the receiver accepts; `dlq
+/// discard` marks the rest.
+#[tokio::test]
+async fn dead_letters_are_listed_shown_replayed_and_discarded() {
+    let mut w = World::sqlite().await;
+    w.max_records = 3;
+    w.insert(1..=6, 0).await;
+    w.receiver
+        .queue_replies([Reply::status(200), Reply::status(400).body("bad status_id")]);
+    let out = w.caudal(&["once", PIPELINE]).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert!(out.stdout.contains("3 delivered, 3 dead letters"), "{out}");
+
+    let list = w.caudal(&["dlq", "list", PIPELINE, "--json"]).await;
+    assert_eq!(list.code, Some(0), "{list}");
+    let letters: Vec<Value> = list
+        .stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(letters.len(), 3, "{list}");
+    assert_eq!(letters[0]["record_key"], "4");
+    assert_eq!(letters[0]["status"], 400);
+    let table = w.caudal(&["dlq", "list"]).await;
+    assert!(table.stdout.contains("answered 400"), "{table}");
+
+    let id = letters[0]["id"].as_i64().expect("id").to_string();
+    let show = w.caudal(&["dlq", "show", &id]).await;
+    assert_eq!(show.code, Some(0), "{show}");
+    let whole: Value = serde_json::from_str(&show.stdout).expect("JSON");
+    assert_eq!(whole["record"]["request_id"], 4);
+    assert_eq!(whole["response_excerpt"], "bad status_id");
+
+    // Replay two of them; the receiver now accepts.
+    let second = letters[1]["id"].as_i64().expect("id").to_string();
+    let replay = w
+        .caudal(&["dlq", "replay", PIPELINE, "--id", &id, "--id", &second])
+        .await;
+    assert_eq!(replay.code, Some(0), "{replay}");
+    assert!(replay.stdout.contains("2 delivered"), "{replay}");
+    assert_eq!(w.delivery_counts(), each(1..=5, 1));
+
+    let third = letters[2]["id"].as_i64().expect("id").to_string();
+    let discard = w.caudal(&["dlq", "discard", &third]).await;
+    assert!(discard.stdout.contains("discarded 1"), "{discard}");
+    let pending = w.caudal(&["dlq", "list", PIPELINE, "--json"]).await;
+    assert_eq!(pending.stdout.trim(), "", "{pending}");
+    let all = w
+        .caudal(&["dlq", "list", PIPELINE, "--all", "--json"])
+        .await;
+    assert_eq!(all.stdout.lines().count(), 3, "{all}");
+}
