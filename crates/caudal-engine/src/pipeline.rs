@@ -84,6 +84,8 @@ pub struct Pipeline {
     sender: Sender,
     /// The record field that orders and identifies entities, if any.
     key: Option<String>,
+    /// Records failing this JSON Schema become dead letters, never sent.
+    schema: Option<Arc<jsonschema::Validator>>,
     batch: BatchConfig,
     schedule: Schedule,
     store: Store,
@@ -136,6 +138,7 @@ impl Pipeline {
             source,
             sender,
             key: p.key.clone(),
+            schema: load_schema(name, p, config)?,
             batch,
             schedule: Schedule::from_config(&p.schedule)?,
             store,
@@ -337,13 +340,19 @@ impl Pipeline {
         let key = batch_key(&self.name, &first.position, &last.position, records.len());
         let position = serde_json::to_value(&last.position)
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
-        let events: Vec<Event> = records
+        let mut events: Vec<Event> = records
             .into_iter()
             .map(|r| Event::new(&self.name, self.key.as_deref(), r))
             .collect();
-        let sent = self.sender.send(&key, events, stop).await?;
-        counters.rows_delivered += sent.delivered;
-        counters.dead_letters += sent.dead_letters;
+        if let Some(schema) = &self.schema {
+            let invalid = self.keep_invalid(&key, schema, &mut events).await?;
+            counters.dead_letters += invalid;
+        }
+        if !events.is_empty() {
+            let sent = self.sender.send(&key, events, stop).await?;
+            counters.rows_delivered += sent.delivered;
+            counters.dead_letters += sent.dead_letters;
+        }
         counters.batches += 1;
         self.store
             .commit_progress(
@@ -359,6 +368,83 @@ impl Pipeline {
         }
         Ok(())
     }
+}
+
+impl Pipeline {
+    /// Moves the events that fail the pipeline's schema out of `events`
+    /// into dead letters, with every validation error and the record key.
+    async fn keep_invalid(
+        &self,
+        batch_key: &str,
+        schema: &jsonschema::Validator,
+        events: &mut Vec<Event>,
+    ) -> Result<u64> {
+        let mut letters = Vec::new();
+        events.retain(|e| {
+            let record = serde_json::Value::Object(e.data.clone());
+            let errors: Vec<String> = schema
+                .iter_errors(&record)
+                .map(|err| format!("{} at {}", err, err.instance_path()))
+                .collect();
+            if errors.is_empty() {
+                return true;
+            }
+            let reason = format!(
+                "record{} does not match the pipeline's schema: {}",
+                e.key
+                    .as_deref()
+                    .map(|k| format!(" with key {k}"))
+                    .unwrap_or_default(),
+                errors.join("; ")
+            );
+            letters.push(caudal_store::NewDeadLetter {
+                batch_key: batch_key.to_string(),
+                event_id: e.id.clone(),
+                record_key: e.key.clone(),
+                position: serde_json::to_value(&e.position).unwrap_or_default(),
+                record,
+                reason,
+                status: None,
+                response_excerpt: None,
+                attempts: 0,
+                first_attempt_at: None,
+                last_attempt_at: None,
+            });
+            false
+        });
+        if !letters.is_empty() {
+            tracing::warn!(pipeline = %self.name, records = letters.len(), "records failed the schema; kept as dead letters");
+            self.store.add_dead_letters(&self.name, &letters).await?;
+        }
+        Ok(letters.len() as u64)
+    }
+}
+
+/// Reads and compiles a pipeline's JSON Schema, if it has one.
+fn load_schema(
+    name: &str,
+    p: &PipelineConfig,
+    config: &Config,
+) -> Result<Option<Arc<jsonschema::Validator>>> {
+    let base = config
+        .base_dir
+        .clone()
+        .unwrap_or_else(|| std::path::PathBuf::from("."));
+    let Some(path) = p.schema_path(&base) else {
+        return Ok(None);
+    };
+    let err = |m: String| {
+        Error::new(
+            ErrorKind::Config,
+            format!("pipeline {name:?}: schema {}: {m}", path.display()),
+        )
+    };
+    let text = std::fs::read_to_string(&path).map_err(|e| err(e.to_string()))?;
+    let value: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| err(format!("not JSON: {e}")))?;
+    let validator = jsonschema::validator_for(&value)
+        .map_err(|e| err(format!("not a valid JSON Schema: {e}")))?;
+    Ok(Some(Arc::new(validator)))
 }
 
 /// Reads and decodes a pipeline's checkpoint.

@@ -44,6 +44,10 @@ impl World {
     }
 
     async fn pipeline(&self, sink_extra: &str) -> Pipeline {
+        self.pipeline_with(sink_extra, "").await
+    }
+
+    async fn pipeline_with(&self, sink_extra: &str, pipeline_extra: &str) -> Pipeline {
         let text = format!(
             r#"
 [state]
@@ -64,6 +68,7 @@ source = "s"
 sink = "r"
 key = "id"
 schedule = {{ every = "1h" }}
+{pipeline_extra}
 "#,
             state = self.state.path().display(),
             url = self.db.url(),
@@ -303,4 +308,61 @@ async fn templates_see_stable_event_ids_and_the_batch_key() {
         .map(|e| e["id"].as_str().expect("id").to_string())
         .collect();
     assert_eq!(again_ids, event_ids, "event ids are stable across reads");
+}
+
+#[tokio::test]
+async fn records_failing_the_schema_are_kept_and_never_sent() {
+    let w = World::new(6).await;
+    let pool = w.db.sqlite_pool().await;
+    sqlx::query("UPDATE requests SET status = 9 WHERE id IN (2, 5)")
+        .execute(&pool)
+        .await
+        .expect("update");
+    let schema = w.state.path().join("request.schema.json");
+    std::fs::write(
+        &schema,
+        r#"{"type": "object", "required": ["id", "status"], "properties": {"status": {"type": "integer", "maximum": 4}}}"#,
+    )
+    .expect("schema");
+    let p = w
+        .pipeline_with("", &format!("schema = {:?}", schema.display().to_string()))
+        .await;
+    let run = p
+        .run_once(Trigger::Manual, &CancellationToken::new(), None)
+        .await
+        .expect("run");
+    assert_eq!(run.outcome, RunOutcome::Succeeded, "{:?}", run.error);
+    assert_eq!((run.rows_delivered, run.dead_letters), (4, 2));
+    let sent: Vec<i64> = w
+        .receiver
+        .accepted_records_at("")
+        .iter()
+        .filter_map(|r| r["id"].as_i64())
+        .collect();
+    assert_eq!(sent, [1, 3, 4, 6], "invalid records never reach the sink");
+    let letters = p
+        .store()
+        .dead_letters(Some("p"), None, 0, 10)
+        .await
+        .expect("letters");
+    let keys: Vec<&str> = letters
+        .iter()
+        .filter_map(|l| l.record_key.as_deref())
+        .collect();
+    assert_eq!(keys, ["2", "5"]);
+    assert!(
+        letters[0].reason.contains("with key 2"),
+        "{}",
+        letters[0].reason
+    );
+    assert!(
+        letters[0].reason.contains("maximum") || letters[0].reason.contains("greater than"),
+        "{}",
+        letters[0].reason
+    );
+    assert!(
+        letters[0].reason.contains("/status"),
+        "{}",
+        letters[0].reason
+    );
 }

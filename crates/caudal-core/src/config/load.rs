@@ -91,9 +91,15 @@ pub fn load_file(path: &Path) -> Result<Config, ConfigErrors> {
         Some("yaml" | "yml") => Format::Yaml,
         _ => Format::Toml,
     };
-    load_str(&text, format, &path.display().to_string(), &|k| {
+    let mut config = load_str(&text, format, &path.display().to_string(), &|k| {
         std::env::var(k).ok()
-    })
+    })?;
+    config.base_dir = Some(
+        path.parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .map_or_else(|| std::path::PathBuf::from("."), Path::to_path_buf),
+    );
+    Ok(config)
 }
 
 /// Loads configuration text. `file` names the text in error messages;

@@ -85,6 +85,11 @@ pub struct Config {
     /// Named pipelines: a source, a sink and a schedule.
     #[serde(default)]
     pub pipelines: BTreeMap<String, PipelineConfig>,
+    /// The directory of the file this was loaded from, for paths written
+    /// relative to it (`schema`). Not part of the file.
+    #[serde(skip)]
+    #[schemars(skip)]
+    pub base_dir: Option<std::path::PathBuf>,
 }
 
 /// The state store.
