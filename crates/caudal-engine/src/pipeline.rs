@@ -398,17 +398,8 @@ impl Pipeline {
                 errors.join("; ")
             );
             letters.push(caudal_store::NewDeadLetter {
-                batch_key: batch_key.to_string(),
-                event_id: e.id.clone(),
-                record_key: e.key.clone(),
-                position: serde_json::to_value(&e.position).unwrap_or_default(),
                 record,
-                reason,
-                status: None,
-                response_excerpt: None,
-                attempts: 0,
-                first_attempt_at: None,
-                last_attempt_at: None,
+                ..caudal_store::NewDeadLetter::of_event(batch_key, e, reason)
             });
             false
         });

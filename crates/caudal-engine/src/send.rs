@@ -239,17 +239,12 @@ impl Sender {
         let letters: Vec<NewDeadLetter> = events
             .iter()
             .map(|e| NewDeadLetter {
-                batch_key: key.to_string(),
-                event_id: e.id.clone(),
-                record_key: e.key.clone(),
-                position: serde_json::to_value(&e.position).unwrap_or_default(),
-                record: serde_json::Value::Object(e.data.clone()),
-                reason: reason.clone(),
                 status,
                 response_excerpt: (!excerpt.is_empty()).then(|| excerpt.clone()),
                 attempts,
                 first_attempt_at: Some(first),
                 last_attempt_at: Some(now),
+                ..NewDeadLetter::of_event(key, e, reason.clone())
             })
             .collect();
         loop {

@@ -27,6 +27,26 @@ pub struct NewDeadLetter {
     pub last_attempt_at: Option<Timestamp>,
 }
 
+impl NewDeadLetter {
+    /// A dead letter for `event`, sent (or meant to be sent) in batch
+    /// `batch_key`, with no attempt details yet.
+    pub fn of_event(batch_key: &str, event: &caudal_core::sink::Event, reason: String) -> Self {
+        Self {
+            batch_key: batch_key.to_string(),
+            event_id: event.id.clone(),
+            record_key: event.key.clone(),
+            position: serde_json::to_value(&event.position).unwrap_or_default(),
+            record: serde_json::Value::Object(event.data.clone()),
+            reason,
+            status: None,
+            response_excerpt: None,
+            attempts: 0,
+            first_attempt_at: None,
+            last_attempt_at: None,
+        }
+    }
+}
+
 /// Where a dead letter stands.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DeadLetterState {
