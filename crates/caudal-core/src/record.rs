@@ -96,7 +96,13 @@ fn digest(parts: &[&[u8]]) -> String {
         hasher.update([0u8]);
     }
     let out = hasher.finalize();
-    out[..16].iter().map(|b| format!("{b:02x}")).collect()
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut text = String::with_capacity(32);
+    for b in &out[..16] {
+        text.push(char::from(HEX[usize::from(b >> 4)]));
+        text.push(char::from(HEX[usize::from(b & 0xf)]));
+    }
+    text
 }
 
 fn position_bytes(position: &Position) -> Vec<u8> {

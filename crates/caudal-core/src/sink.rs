@@ -10,8 +10,6 @@ use crate::record::{Position, Record, event_id};
 /// A record on its way to a sink, with the identities delivery needs.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Event {
-    /// Stable id of the record: the same record sent again has the same id.
-    pub id: String,
     /// The pipeline's key field as text (`None` when no key is configured
     /// or the record lacks it).
     pub key: Option<String>,
@@ -22,15 +20,21 @@ pub struct Event {
 }
 
 impl Event {
-    /// Wraps a record of `pipeline`, taking its key from `key_field`.
-    pub fn new(pipeline: &str, key_field: Option<&str>, record: Record) -> Self {
+    /// The stable id of the record in `pipeline`: the same record sent
+    /// again has the same id. Computed on demand (hashing every record of
+    /// a large sync costs more than the rest of its handling).
+    pub fn id(&self, pipeline: &str) -> String {
+        event_id(pipeline, &self.position)
+    }
+
+    /// Wraps a record, taking its key from `key_field`.
+    pub fn new(key_field: Option<&str>, record: Record) -> Self {
         let key = key_field.and_then(|f| match record.data.get(f) {
             None | Some(Value::Null) => None,
             Some(Value::String(s)) => Some(s.clone()),
             Some(other) => Some(other.to_string()),
         });
         Self {
-            id: event_id(pipeline, &record.position),
             key,
             position: record.position,
             data: record.data,

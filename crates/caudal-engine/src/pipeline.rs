@@ -342,7 +342,7 @@ impl Pipeline {
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
         let mut events: Vec<Event> = records
             .into_iter()
-            .map(|r| Event::new(&self.name, self.key.as_deref(), r))
+            .map(|r| Event::new(self.key.as_deref(), r))
             .collect();
         if let Some(schema) = &self.schema {
             let invalid = self.keep_invalid(&key, schema, &mut events).await?;
@@ -399,7 +399,7 @@ impl Pipeline {
             );
             letters.push(caudal_store::NewDeadLetter {
                 record,
-                ..caudal_store::NewDeadLetter::of_event(batch_key, e, reason)
+                ..caudal_store::NewDeadLetter::of_event(&self.name, batch_key, e, reason)
             });
             false
         });
@@ -536,7 +536,6 @@ impl Pipeline {
                     ));
                 };
                 events.push(Event {
-                    id: l.event_id.clone(),
                     key: l.record_key.clone(),
                     position,
                     data,

@@ -244,7 +244,7 @@ impl Sender {
                 attempts,
                 first_attempt_at: Some(first),
                 last_attempt_at: Some(now),
-                ..NewDeadLetter::of_event(key, e, reason.clone())
+                ..NewDeadLetter::of_event(&self.pipeline, key, e, reason.clone())
             })
             .collect();
         loop {

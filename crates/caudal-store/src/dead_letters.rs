@@ -28,12 +28,17 @@ pub struct NewDeadLetter {
 }
 
 impl NewDeadLetter {
-    /// A dead letter for `event`, sent (or meant to be sent) in batch
-    /// `batch_key`, with no attempt details yet.
-    pub fn of_event(batch_key: &str, event: &caudal_core::sink::Event, reason: String) -> Self {
+    /// A dead letter for `event` of `pipeline`, sent (or meant to be sent)
+    /// in batch `batch_key`, with no attempt details yet.
+    pub fn of_event(
+        pipeline: &str,
+        batch_key: &str,
+        event: &caudal_core::sink::Event,
+        reason: String,
+    ) -> Self {
         Self {
             batch_key: batch_key.to_string(),
-            event_id: event.id.clone(),
+            event_id: event.id(pipeline),
             record_key: event.key.clone(),
             position: serde_json::to_value(&event.position).unwrap_or_default(),
             record: serde_json::Value::Object(event.data.clone()),

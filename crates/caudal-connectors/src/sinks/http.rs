@@ -30,6 +30,8 @@ const TEMPLATE_NAME: &str = "body";
 #[derive(Debug)]
 pub struct HttpSink {
     name: String,
+    /// Whether the body template reads `events` (ids are then computed).
+    template_uses_events: bool,
     /// Header carrying each batch's idempotency key, unless disabled.
     idempotency_header: Option<HeaderName>,
     url: reqwest::Url,
@@ -57,7 +59,7 @@ struct TemplateContext<'a> {
 
 #[derive(Serialize)]
 struct TemplateEvent<'a> {
-    id: &'a str,
+    id: String,
     key: Option<&'a str>,
     data: &'a serde_json::Map<String, serde_json::Value>,
 }
@@ -132,8 +134,13 @@ impl HttpSink {
                 })?,
             )
         };
+        let template_uses_events = template.as_ref().is_some_and(|env| {
+            env.get_template(TEMPLATE_NAME)
+                .is_ok_and(|t| t.undeclared_variables(false).contains("events"))
+        });
         Ok(Self {
             name: name.to_string(),
+            template_uses_events,
             idempotency_header,
             url,
             method,
@@ -171,8 +178,9 @@ impl HttpSink {
                     records: records.iter().map(|r| &r.data).collect(),
                     events: records
                         .iter()
+                        .filter(|_| self.template_uses_events)
                         .map(|e| TemplateEvent {
-                            id: &e.id,
+                            id: e.id(pipeline),
                             key: e.key.as_deref(),
                             data: &e.data,
                         })
