@@ -48,6 +48,12 @@ impl World {
     }
 
     async fn pipeline_with(&self, sink_extra: &str, pipeline_extra: &str) -> Pipeline {
+        // Fast retries unless the test sets its own.
+        let retry = if sink_extra.contains("retry =") {
+            ""
+        } else {
+            r#"retry = { initial = "10ms", max_delay = "50ms" }"#
+        };
         let text = format!(
             r#"
 [state]
@@ -61,7 +67,7 @@ cursor = ["modified", "id"]
 type = "http"
 url = "{recv}"
 batch = {{ max_records = 5 }}
-retry = {{ initial = "10ms", max_delay = "50ms" }}
+{retry}
 {sink_extra}
 [pipelines.p]
 source = "s"
@@ -364,5 +370,70 @@ async fn records_failing_the_schema_are_kept_and_never_sent() {
         letters[0].reason.contains("/status"),
         "{}",
         letters[0].reason
+    );
+}
+
+/// The circuit breaker, seen from the receiver: after `min_requests`
+/// failures it opens, and no request arrives until `open_for` has passed
+/// (a lower bound on a gap, which waiting guarantees; no upper bound is
+/// asserted).
+#[tokio::test]
+async fn an_open_circuit_holds_requests_back_for_its_open_time() {
+    let w = World::new(5).await;
+    w.receiver.set_status(503);
+    let p = w
+        .pipeline(
+            r#"circuit_breaker = { min_requests = 3, failure_ratio = 0.5, window = "30s", open_for = "1500ms" }
+retry = { initial = "10ms", max_delay = "50ms", max_attempts = 5 }"#,
+        )
+        .await;
+    let run = p
+        .run_once(Trigger::Manual, &CancellationToken::new(), None)
+        .await
+        .expect("run");
+    assert_eq!(run.outcome, RunOutcome::Failed);
+    let at: Vec<_> = w
+        .receiver
+        .requests()
+        .iter()
+        .map(|r| r.received_at)
+        .collect();
+    assert_eq!(at.len(), 5, "five attempts");
+    let gap = at[3] - at[2];
+    assert!(
+        gap >= Duration::from_millis(1400),
+        "the fourth attempt came {gap:?} after the third"
+    );
+    let early = at[2] - at[0];
+    assert!(
+        early < Duration::from_millis(1400),
+        "the first three came close together: {early:?}"
+    );
+}
+
+/// The rate limit, seen from the receiver: at 4 requests per second (a
+/// burst of 4), twelve batches cannot arrive faster than in two seconds.
+#[tokio::test]
+async fn the_rate_limit_spaces_requests_out() {
+    let w = World::new(60).await;
+    let p = w
+        .pipeline(r#"rate_limit = { requests_per_second = 4 }"#)
+        .await;
+    let run = p
+        .run_once(Trigger::Manual, &CancellationToken::new(), None)
+        .await
+        .expect("run");
+    assert_eq!(run.outcome, RunOutcome::Succeeded, "{:?}", run.error);
+    let at: Vec<_> = w
+        .receiver
+        .requests()
+        .iter()
+        .map(|r| r.received_at)
+        .collect();
+    assert_eq!(at.len(), 12);
+    let span = at[11] - at[0];
+    assert!(
+        span >= Duration::from_millis(1900),
+        "12 requests at 4/s took only {span:?}"
     );
 }
