@@ -174,48 +174,30 @@ impl Sender {
                         body_excerpt,
                     } => {
                         tracing::error!(pipeline = %self.pipeline, batch = %key, %reason, "batch rejected; records kept as dead letters");
-                        sent.dead_letters += self
-                            .dead(
-                                &key,
-                                &events,
-                                reason,
-                                status,
-                                body_excerpt,
-                                attempts,
-                                first_at,
-                            )
-                            .await;
+                        let letter = (reason, status, body_excerpt);
+                        sent.dead_letters +=
+                            self.dead(&key, &events, letter, attempts, first_at).await;
                         break;
                     }
                     Delivery::Split {
                         reason,
                         status,
                         body_excerpt,
-                    } => match split_batch(events.clone()) {
-                        Some((a, b)) => {
+                    } => {
+                        if let Some((a, b)) = split_batch(events.clone()) {
                             tracing::info!(pipeline = %self.pipeline, batch = %key, records = events.len(), "receiver found the batch too large; sending it in halves");
                             // The halves go first, in order, before anything after them.
                             work.push_front((format!("{key}.1"), b));
                             work.push_front((format!("{key}.0"), a));
-                            break;
-                        }
-                        None => {
+                        } else {
                             let reason =
                                 format!("the record alone is too large for the receiver: {reason}");
-                            sent.dead_letters += self
-                                .dead(
-                                    &key,
-                                    &events,
-                                    reason,
-                                    status,
-                                    body_excerpt,
-                                    attempts,
-                                    first_at,
-                                )
-                                .await;
-                            break;
+                            let letter = (reason, status, body_excerpt);
+                            sent.dead_letters +=
+                                self.dead(&key, &events, letter, attempts, first_at).await;
                         }
-                    },
+                        break;
+                    }
                 }
             }
         }
@@ -224,17 +206,16 @@ impl Sender {
 
     /// Stores the events as dead letters, retrying the store until it
     /// works: a rejected record is never dropped.
-    #[allow(clippy::too_many_arguments)]
+    /// `letter` is the reason, the status and the response excerpt.
     async fn dead(
         &self,
         key: &str,
         events: &[Event],
-        reason: String,
-        status: Option<u16>,
-        excerpt: String,
+        letter: (String, Option<u16>, String),
         attempts: u32,
         first: jiff::Timestamp,
     ) -> u64 {
+        let (reason, status, excerpt) = letter;
         let now = jiff::Timestamp::now();
         let letters: Vec<NewDeadLetter> = events
             .iter()
