@@ -48,6 +48,13 @@ pub fn load(path: &Path) -> Result<Config, ExitCode> {
     })
 }
 
+/// Loads the configuration and opens its state store.
+async fn load_with_store(path: &Path) -> Result<(Config, Store), ExitCode> {
+    let config = load(path)?;
+    let store = open_store(&config).await?;
+    Ok((config, store))
+}
+
 async fn open_store(config: &Config) -> Result<Store, ExitCode> {
     Store::open(config.state.url.expose())
         .await
@@ -86,12 +93,8 @@ pub fn shutdown_on_signals() -> CancellationToken {
 }
 
 pub async fn run(path: &Path) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let store = match open_store(&config).await {
-        Ok(s) => s,
+    let (config, store) = match load_with_store(path).await {
+        Ok(both) => both,
         Err(code) => return code,
     };
     let mut pipelines = Vec::new();
@@ -117,12 +120,8 @@ pub async fn run(path: &Path) -> ExitCode {
 }
 
 pub async fn once(path: &Path, name: &str) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let store = match open_store(&config).await {
-        Ok(s) => s,
+    let (config, store) = match load_with_store(path).await {
+        Ok(both) => both,
         Err(code) => return code,
     };
     let pipeline = match Pipeline::build(name, &config, store).await {
@@ -216,12 +215,8 @@ fn summary_line(name: &str, s: &RunSummary) -> String {
 }
 
 pub async fn status(path: &Path, json: bool) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let store = match open_store(&config).await {
-        Ok(s) => s,
+    let (config, store) = match load_with_store(path).await {
+        Ok(both) => both,
         Err(code) => return code,
     };
     let mut rows = Vec::new();
@@ -393,12 +388,8 @@ pub fn schema() -> ExitCode {
 
 pub async fn dlq(path: &Path, command: &DlqCommand) -> ExitCode {
     use caudal_store::DeadLetterState;
-    let config = match load(path) {
-        Ok(c) => c,
-        Err(code) => return code,
-    };
-    let store = match open_store(&config).await {
-        Ok(s) => s,
+    let (config, store) = match load_with_store(path).await {
+        Ok(both) => both,
         Err(code) => return code,
     };
     match command {
