@@ -28,6 +28,8 @@ pub enum ErrorKind {
     Store,
     /// Another process holds the pipeline's lease.
     Busy,
+    /// The pipeline's durable buffer failed: a disk error, or damaged data.
+    Buffer,
     /// The operation was stopped by a shutdown request.
     Cancelled,
     /// A bug or an impossible state.
@@ -53,9 +55,12 @@ impl ErrorKind {
                 Decision::Retry
             }
             Self::Rejected => Decision::Reject,
-            Self::Config | Self::Query | Self::Decode | Self::Cancelled | Self::Internal => {
-                Decision::Fatal
-            }
+            Self::Config
+            | Self::Query
+            | Self::Decode
+            | Self::Buffer
+            | Self::Cancelled
+            | Self::Internal => Decision::Fatal,
         }
     }
 
@@ -66,6 +71,9 @@ impl ErrorKind {
             Self::Timeout => Some("the server is slow; raise the timeout or check its load"),
             Self::Busy => Some("another caudal process is running this pipeline"),
             Self::Query => Some("check the table, columns and privileges of the source"),
+            Self::Buffer => Some(
+                "check the disk of the buffer directory; `caudal buffer fsck PIPELINE` lists damage",
+            ),
             _ => None,
         }
     }
@@ -81,6 +89,7 @@ impl ErrorKind {
             Self::Decode => "decode",
             Self::Store => "store",
             Self::Busy => "busy",
+            Self::Buffer => "buffer",
             Self::Cancelled => "cancelled",
             Self::Internal => "internal",
         }

@@ -1,10 +1,14 @@
 //! The daemon: every pipeline on its schedule until shutdown.
 //!
-//! Each pipeline has its own task, so one pipeline's slow run never delays
+//! Each pipeline has two tasks: its schedule, whose runs read the source
+//! into the pipeline's buffer, and its delivery loop, which sends what the
+//! buffer holds as soon as it is there. So a receiver outage never stops
+//! reading (until the buffer is full), one pipeline's slow run never delays
 //! another's, and a pipeline's runs never overlap (a run ends before the
 //! next is scheduled; the lease also guards against other processes).
-//! Shutdown (the token) stops intake at once; runs in progress end as
-//! described in [`crate::pipeline`], and `run` returns when all have.
+//! Shutdown (the token) stops intake at once; requests in flight finish,
+//! undelivered records stay in the buffer, and `run` returns when all
+//! tasks have ended.
 
 use std::time::Duration;
 
@@ -24,6 +28,9 @@ const BUSY_RETRY: Duration = Duration::from_secs(5);
 pub async fn run(pipelines: Vec<Pipeline>, shutdown: CancellationToken) {
     let mut tasks = tokio::task::JoinSet::new();
     for pipeline in pipelines {
+        let delivery = pipeline.clone();
+        let stop = shutdown.clone();
+        tasks.spawn(async move { delivery.deliver_until_stopped(&stop).await });
         let shutdown = shutdown.clone();
         tasks.spawn(async move { schedule_loop(pipeline, shutdown).await });
     }
@@ -62,7 +69,7 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken) {
             break;
         }
         let started = Timestamp::now();
-        match pipeline.run_once(Trigger::Schedule, &shutdown, None).await {
+        match pipeline.run_capture(Trigger::Schedule, &shutdown).await {
             Ok(_) => {
                 last_start = Some(started);
                 last_end = Some(Timestamp::now());

@@ -6,7 +6,9 @@
 //! once, even across processes.
 
 pub mod batch;
+pub mod buffered;
 pub mod daemon;
+pub mod deliverer;
 pub mod delivery;
 pub mod lease;
 pub mod ordering;

@@ -13,12 +13,18 @@
 //! - On shutdown, intake stops at once; a batch already in flight is allowed
 //!   to finish (bounded by the sink's timeout) so its answer is not wasted.
 
+use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
+
+use caudal_buffer::Buffer;
 
 use caudal_connectors::sinks::http::HttpSink;
 use caudal_connectors::sources::sql::SqlSource;
-use caudal_core::config::{BatchConfig, Config, PipelineConfig, SinkConfig};
+use caudal_core::config::{
+    AckMode, BatchConfig, ConcurrencyConfig, Config, PipelineConfig, SinkConfig,
+};
 use caudal_core::record::batch_key;
 use caudal_core::record::{Position, Record};
 use caudal_core::sink::{Event, Sink};
@@ -29,6 +35,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::batch::Batcher;
+use crate::buffered::{self, Entry, buffer_error};
+use crate::deliverer::{Deliverer, DeliveryStats};
 use crate::lease::{Lease, pipeline_lease};
 use crate::schedule::Schedule;
 use crate::send::Sender;
@@ -89,7 +97,35 @@ pub struct Pipeline {
     batch: BatchConfig,
     schedule: Schedule,
     store: Store,
+    ack: AckMode,
+    buffer_dir: PathBuf,
+    buffer_config: caudal_buffer::BufferConfig,
+    /// Batches the deliverer dispatches at once.
+    max_in_flight: usize,
+    shared: Arc<Shared>,
 }
+
+/// What clones of a pipeline share: its open buffer, how far delivery may
+/// read it, and the delivery totals.
+#[derive(Debug, Default)]
+struct Shared {
+    buffer: tokio::sync::OnceCell<Buffer>,
+    released: watch::Sender<u64>,
+    stats: Arc<DeliveryStats>,
+}
+
+/// Counters of one run's intake.
+#[derive(Debug, Default)]
+struct RunCounters {
+    read: AtomicU64,
+    /// Records kept as dead letters by the schema.
+    dead: AtomicU64,
+}
+
+/// Pause of the daemon's delivery loop after a failure.
+const DELIVERY_PAUSE: Duration = Duration::from_secs(5);
+/// How often a run reports progress (for progress bars).
+const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -127,10 +163,14 @@ impl Pipeline {
             )
         })?;
         let source = SqlSource::connect(&p.source, source_cfg).await?;
-        let (sender, batch): (Sender, BatchConfig) = match sink_cfg {
+        let (sender, batch, max_in_flight): (Sender, BatchConfig, u32) = match sink_cfg {
             SinkConfig::Http(c) => {
                 let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&p.sink, c)?);
-                (Sender::new(name, sink, c, store.clone()), c.batch)
+                let max = match c.concurrency {
+                    ConcurrencyConfig::Fixed(n) => n,
+                    ConcurrencyConfig::Adaptive { max, .. } => max,
+                };
+                (Sender::new(name, sink, c, store.clone()), c.batch, max)
             }
         };
         Ok(Self {
@@ -142,6 +182,11 @@ impl Pipeline {
             batch,
             schedule: Schedule::from_config(&p.schedule)?,
             store,
+            ack: p.ack,
+            buffer_dir: config.buffer_dir(name),
+            buffer_config: buffered::buffer_config(&p.buffer),
+            max_in_flight: usize::try_from(max_in_flight.max(1)).unwrap_or(1),
+            shared: Arc::default(),
         })
     }
 
@@ -162,17 +207,125 @@ impl Pipeline {
         load_checkpoint(&self.store, &self.name).await
     }
 
-    /// Runs the pipeline once: takes its lease, records the run, reads from
-    /// the checkpoint to the source's current end and delivers everything.
-    /// Fails with [`ErrorKind::Busy`] (and records nothing) when another
-    /// process is running it.
+    /// Runs the pipeline once and waits for its records to be delivered:
+    /// takes its lease, records the run, reads from where the buffer and
+    /// the checkpoint say to the source's current end into the buffer, and
+    /// delivers the buffer (records left by earlier runs too) until it is
+    /// empty. This is `caudal once`. Fails with [`ErrorKind::Busy`] (and
+    /// records nothing) when another process is running it.
     pub async fn run_once(
         &self,
         trigger: Trigger,
         cancel: &CancellationToken,
         progress: Option<watch::Sender<Progress>>,
     ) -> Result<RunSummary> {
+        self.run(trigger, cancel, progress, true).await
+    }
+
+    /// Runs the pipeline's intake once: like [`run_once`](Self::run_once),
+    /// but the run ends once its records are durable in the buffer; the
+    /// daemon's [`deliver_until_stopped`](Self::deliver_until_stopped)
+    /// sends them and counts them on the run as they are delivered.
+    pub async fn run_capture(
+        &self,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+    ) -> Result<RunSummary> {
+        self.run(trigger, cancel, None, false).await
+    }
+
+    /// The daemon's delivery loop: sends whatever the buffer holds, as it
+    /// arrives, until `stop`. When a batch's retries give up, or the buffer
+    /// or store fails, it logs the error, pauses, and starts again from the
+    /// first undelivered batch: records stay in the buffer meanwhile.
+    pub async fn deliver_until_stopped(&self, stop: &CancellationToken) {
+        loop {
+            let result = match self.buffer().await {
+                Ok(buffer) => {
+                    let (_never, drain) = watch::channel(None);
+                    self.deliverer(buffer).run(stop, drain).await
+                }
+                Err(e) => Err(e),
+            };
+            match result {
+                Ok(()) => return,
+                Err(e) if e.kind() == ErrorKind::Cancelled => return,
+                Err(e) => {
+                    tracing::error!(pipeline = %self.name, error = %e.report(), pause_s = DELIVERY_PAUSE.as_secs(), "delivery stopped; records stay in the buffer and are tried again");
+                }
+            }
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(DELIVERY_PAUSE) => {}
+            }
+        }
+    }
+
+    /// Delivery totals of this pipeline in this process.
+    pub fn delivery_stats(&self) -> &DeliveryStats {
+        &self.shared.stats
+    }
+
+    /// The pipeline's buffer, opened (and recovered) on first use.
+    pub async fn buffer(&self) -> Result<&Buffer> {
+        self.shared
+            .buffer
+            .get_or_try_init(|| async {
+                let buffer =
+                    buffered::open(&self.name, &self.buffer_dir, self.buffer_config.clone())
+                        .await?;
+                let checkpoint = self.checkpoint().await?;
+                let (_, releasable) =
+                    buffered::recover(&self.name, &buffer, &self.store, self.ack, checkpoint)
+                        .await?;
+                self.release(releasable);
+                Ok(buffer)
+            })
+            .await
+    }
+
+    /// The directory of the pipeline's buffer.
+    pub fn buffer_dir(&self) -> &std::path::Path {
+        &self.buffer_dir
+    }
+
+    fn deliverer(&self, buffer: &Buffer) -> Deliverer {
+        Deliverer {
+            pipeline: self.name.clone(),
+            buffer: buffer.clone(),
+            sender: self.sender.clone(),
+            store: self.store.clone(),
+            ack: self.ack,
+            released: self.shared.released.subscribe(),
+            max_in_flight: self.max_in_flight,
+            stats: self.shared.stats.clone(),
+        }
+    }
+
+    /// Lets delivery read entries below `upto`.
+    fn release(&self, upto: u64) {
+        self.shared.released.send_if_modified(|r| {
+            let moved = upto > *r;
+            *r = (*r).max(upto);
+            moved
+        });
+    }
+
+    async fn run(
+        &self,
+        trigger: Trigger,
+        cancel: &CancellationToken,
+        progress: Option<watch::Sender<Progress>>,
+        deliver: bool,
+    ) -> Result<RunSummary> {
         let lease = Lease::acquire(&self.store, &pipeline_lease(&self.name)).await?;
+        let buffer = match self.buffer().await {
+            Ok(b) => b,
+            Err(e) => {
+                lease.release().await;
+                return Err(e);
+            }
+        };
         // We hold the lease: any run still marked running is a dead one.
         let abandoned = self.store.abandon_running(&self.name).await?;
         if abandoned > 0 {
@@ -189,9 +342,60 @@ impl Pipeline {
                 run_cancel.cancel();
             })
         };
-        let mut counters = Progress::default();
-        let result = self
-            .run_inner(run_id, &run_cancel, &mut counters, progress.as_ref())
+        let counters = RunCounters::default();
+        let base = (
+            self.shared.stats.delivered(),
+            self.shared.stats.dead_letters(),
+            self.shared.stats.batches(),
+        );
+        let snapshot = || Progress {
+            rows_read: counters.read.load(Ordering::Relaxed),
+            rows_delivered: self.shared.stats.delivered() - base.0,
+            dead_letters: counters.dead.load(Ordering::Relaxed) + self.shared.stats.dead_letters()
+                - base.1,
+            batches: self.shared.stats.batches() - base.2,
+        };
+        let work = async {
+            if !deliver {
+                return self.intake(run_id, buffer, &run_cancel, &counters).await;
+            }
+            let intake_cancel = run_cancel.child_token();
+            let (drain_tx, drain_rx) = watch::channel(None);
+            let intake = async {
+                let r = self.intake(run_id, buffer, &intake_cancel, &counters).await;
+                // Deliver what was buffered, also after a source error.
+                if !matches!(r, Ok(Ended::Stopped)) {
+                    drain_tx.send_replace(Some(buffer.next_offset()));
+                }
+                r
+            };
+            let delivery = async {
+                let r = self.deliverer(buffer).run(&run_cancel, drain_rx).await;
+                if r.is_err() {
+                    intake_cancel.cancel();
+                }
+                r
+            };
+            let both = async { tokio::join!(intake, delivery) };
+            tokio::pin!(both);
+            let (read, delivered) = loop {
+                tokio::select! {
+                    both = &mut both => break both,
+                    () = tokio::time::sleep(PROGRESS_EVERY), if progress.is_some() => {
+                        if let Some(p) = &progress {
+                            p.send_replace(snapshot());
+                        }
+                    }
+                }
+            };
+            match (read, delivered) {
+                (Err(e), _) if e.kind() != ErrorKind::Cancelled => Err(e),
+                (_, Err(e)) if e.kind() != ErrorKind::Cancelled => Err(e),
+                (Ok(Ended::Completed), Ok(())) => Ok(Ended::Completed),
+                _ => Ok(Ended::Stopped),
+            }
+        };
+        let result = work
             .instrument(tracing::info_span!("run", pipeline = %self.name, run_id))
             .await;
         watcher.abort();
@@ -201,14 +405,18 @@ impl Pipeline {
             Err(e) if e.kind() == ErrorKind::Cancelled => (RunOutcome::Cancelled, None),
             Err(e) => (RunOutcome::Failed, Some(e)),
         };
+        let totals = snapshot();
+        if let Some(p) = &progress {
+            p.send_replace(totals);
+        }
         let error_text = error.as_ref().map(Error::report);
         let finished = self
             .store
             .finish_run(
                 run_id,
                 outcome,
-                counters.rows_read,
-                counters.rows_delivered,
+                totals.rows_read,
+                None,
                 error_text.as_deref(),
             )
             .await;
@@ -217,38 +425,43 @@ impl Pipeline {
         match &error {
             None => tracing::info!(
                 pipeline = %self.name, run_id, outcome = outcome.as_str(),
-                rows_read = counters.rows_read, rows_delivered = counters.rows_delivered,
+                rows_read = totals.rows_read, rows_delivered = totals.rows_delivered,
                 "run finished"
             ),
             Some(e) => tracing::error!(
                 pipeline = %self.name, run_id, error = %e.report(),
-                rows_read = counters.rows_read, rows_delivered = counters.rows_delivered,
+                rows_read = totals.rows_read, rows_delivered = totals.rows_delivered,
                 "run failed"
             ),
         }
         Ok(RunSummary {
             run_id,
             outcome,
-            rows_read: counters.rows_read,
-            rows_delivered: counters.rows_delivered,
-            dead_letters: counters.dead_letters,
-            batches: counters.batches,
+            rows_read: totals.rows_read,
+            rows_delivered: totals.rows_delivered,
+            dead_letters: totals.dead_letters,
+            batches: totals.batches,
             elapsed: started.elapsed(),
             checkpoint: self.checkpoint().await.ok().flatten(),
             error,
         })
     }
 
-    async fn run_inner(
+    /// Reads the source from where the buffer and checkpoint say to its
+    /// current end, cutting batches and appending each to the buffer.
+    async fn intake(
         &self,
         run_id: i64,
+        buffer: &Buffer,
         cancel: &CancellationToken,
-        counters: &mut Progress,
-        progress: Option<&watch::Sender<Progress>>,
+        counters: &RunCounters,
     ) -> Result<Ended> {
-        let from = self.checkpoint().await?;
+        let checkpoint = self.checkpoint().await?;
+        let (from, releasable) =
+            buffered::recover(&self.name, buffer, &self.store, self.ack, checkpoint).await?;
+        self.release(releasable);
         let mut reader = self.source.open_run(from.as_ref()).await?;
-        // The reader runs ahead of delivery by at most two pages.
+        // The reader runs ahead of buffering by at most two pages.
         let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<Record>>>(2);
         let read_cancel = cancel.clone();
         let read_task = tokio::spawn(async move {
@@ -288,28 +501,26 @@ impl Pipeline {
                 () = wait => {
                     let batch = batcher.take();
                     deadline = None;
-                    self.deliver(run_id, batch, counters, progress, cancel).await?;
+                    if !self.buffer_batch(run_id, batch, buffer, cancel, counters).await? {
+                        return Ok(Ended::Stopped);
+                    }
                 }
                 page = pages.recv() => match page {
                     None => {
                         let rest = batcher.take();
-                        if !rest.is_empty() {
-                            self.deliver(run_id, rest, counters, progress, cancel).await?;
+                        if !self.buffer_batch(run_id, rest, buffer, cancel, counters).await? {
+                            return Ok(Ended::Stopped);
                         }
                         return Ok(Ended::Completed);
                     }
                     Some(Err(e)) => return Err(e),
                     Some(Ok(records)) => {
-                        counters.rows_read += records.len() as u64;
-                        if let Some(p) = progress {
-                            p.send_replace(*counters);
-                        }
+                        counters.read.fetch_add(records.len() as u64, Ordering::Relaxed);
                         for record in records {
-                            if let Some(full) = batcher.push(record) {
-                                self.deliver(run_id, full, counters, progress, cancel).await?;
-                                if cancel.is_cancelled() {
-                                    return Ok(Ended::Stopped);
-                                }
+                            if let Some(full) = batcher.push(record)
+                                && !self.buffer_batch(run_id, full, buffer, cancel, counters).await?
+                            {
+                                return Ok(Ended::Stopped);
                             }
                         }
                         deadline = if batcher.is_empty() {
@@ -323,22 +534,25 @@ impl Pipeline {
         }
     }
 
-    /// Delivers one batch under the sink's policy (retries, splits, dead
-    /// letters) and, once every record is delivered or kept as a dead
-    /// letter, commits the checkpoint past it.
-    async fn deliver(
+    /// Makes one batch durable: keeps the records failing the schema as
+    /// dead letters, appends the batch to the buffer (waiting while it is
+    /// full), then with `ack = "buffered"` commits the checkpoint past it,
+    /// and releases it to delivery. Returns false when `cancel` came while
+    /// waiting for room (nothing was appended).
+    async fn buffer_batch(
         &self,
         run_id: i64,
         records: Vec<Record>,
-        counters: &mut Progress,
-        progress: Option<&watch::Sender<Progress>>,
-        stop: &CancellationToken,
-    ) -> Result<()> {
+        buffer: &Buffer,
+        cancel: &CancellationToken,
+        counters: &RunCounters,
+    ) -> Result<bool> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
-            return Ok(());
+            return Ok(true);
         };
         let key = batch_key(&self.name, &first.position, &last.position, records.len());
-        let position = serde_json::to_value(&last.position)
+        let position = last.position.clone();
+        let position_json = serde_json::to_value(&position)
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
         let mut events: Vec<Event> = records
             .into_iter()
@@ -346,27 +560,35 @@ impl Pipeline {
             .collect();
         if let Some(schema) = &self.schema {
             let invalid = self.keep_invalid(&key, schema, &mut events).await?;
-            counters.dead_letters += invalid;
+            counters.dead.fetch_add(invalid, Ordering::Relaxed);
         }
-        if !events.is_empty() {
-            let sent = self.sender.send(&key, events, stop).await?;
-            counters.rows_delivered += sent.delivered;
-            counters.dead_letters += sent.dead_letters;
+        let entry = Entry {
+            run: run_id,
+            key,
+            position,
+            events,
         }
-        counters.batches += 1;
-        self.store
-            .commit_progress(
-                run_id,
-                &self.name,
-                &position,
-                counters.rows_read,
-                counters.rows_delivered,
-            )
-            .await?;
-        if let Some(p) = progress {
-            p.send_replace(*counters);
+        .encode()?;
+        let entries = [entry];
+        let appended = tokio::select! {
+            () = cancel.cancelled() => return Ok(false),
+            appended = buffer.append(&entries) => appended.map_err(|e| buffer_error(&self.name, e))?,
+        };
+        let rows_read = counters.read.load(Ordering::Relaxed);
+        match self.ack {
+            AckMode::Buffered => {
+                self.store
+                    .commit_progress(run_id, &self.name, &position_json, rows_read, None)
+                    .await?;
+            }
+            AckMode::Delivered => {
+                self.store
+                    .update_run_counts(run_id, rows_read, None)
+                    .await?;
+            }
         }
-        Ok(())
+        self.release(appended.end);
+        Ok(true)
     }
 }
 

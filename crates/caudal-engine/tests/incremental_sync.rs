@@ -28,6 +28,8 @@ struct World {
     max_records: usize,
     /// `retry.max_attempts` of the sink (1: a failure fails the run).
     max_attempts: u32,
+    /// The pipeline's `ack` mode.
+    ack: &'static str,
 }
 
 impl World {
@@ -45,6 +47,7 @@ impl World {
             page_size: 7,
             max_records: 10,
             max_attempts: 1,
+            ack: "buffered",
         };
         world.exec(&create_table_sql(kind)).await;
         world
@@ -108,7 +111,9 @@ body = '{{"requests": {{{{ records | tojson }}}}}}'
 source = "servicedesk"
 sink = "partner"
 schedule = {{ every = "1h" }}
+ack = "{ack}"
 "#,
+            ack = self.ack,
             state = self.state.path().display(),
             url = self.db.url(),
             page_size = self.page_size,
@@ -235,8 +240,9 @@ for_each_database!(
     delivers_exactly_the_rows_then_later_changes,
     ten_thousand_rows_sharing_a_timestamp_arrive_once_each,
     row_inside_the_safety_lag_waits_for_the_next_run,
-    receiver_down_fails_the_run_and_keeps_the_checkpoint,
-    failure_mid_run_resumes_after_the_last_accepted_batch,
+    receiver_down_with_ack_delivered_fails_the_run_and_keeps_the_checkpoint,
+    failure_mid_run_with_ack_delivered_resumes_after_the_last_accepted_batch,
+    receiver_down_with_ack_buffered_keeps_the_batches_in_the_buffer,
 );
 
 async fn delivers_exactly_the_rows_then_later_changes(kind: DbKind) {
@@ -370,8 +376,9 @@ async fn row_inside_the_safety_lag_waits_for_the_next_run(kind: DbKind) {
     w.db.cleanup().await;
 }
 
-async fn receiver_down_fails_the_run_and_keeps_the_checkpoint(kind: DbKind) {
-    let w = World::new(kind).await;
+async fn receiver_down_with_ack_delivered_fails_the_run_and_keeps_the_checkpoint(kind: DbKind) {
+    let mut w = World::new(kind).await;
+    w.ack = "delivered";
     insert(&w, 1..=30, 0).await;
     w.receiver.stop().await;
     let failed = w.run().await;
@@ -408,8 +415,9 @@ async fn receiver_down_fails_the_run_and_keeps_the_checkpoint(kind: DbKind) {
     w.db.cleanup().await;
 }
 
-async fn failure_mid_run_resumes_after_the_last_accepted_batch(kind: DbKind) {
-    let w = World::new(kind).await;
+async fn failure_mid_run_with_ack_delivered_resumes_after_the_last_accepted_batch(kind: DbKind) {
+    let mut w = World::new(kind).await;
+    w.ack = "delivered";
     insert(&w, 1..=30, 0).await;
     // First batch accepted, second answered 503: the run fails with the
     // checkpoint after record 10.
@@ -429,5 +437,48 @@ async fn failure_mid_run_resumes_after_the_last_accepted_batch(kind: DbKind) {
     let counts = w.counts();
     assert_eq!(counts.len(), 30);
     assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    w.db.cleanup().await;
+}
+
+/// With `ack = "buffered"` (the default) a receiver that is down still
+/// fails `run_once` (the run stops reading once delivery gave up), but what
+/// was read is acknowledged: the checkpoint covers exactly the batches that
+/// wait in the buffer. The next run sends them, then reads the rest; every
+/// row arrives exactly once.
+async fn receiver_down_with_ack_buffered_keeps_the_batches_in_the_buffer(kind: DbKind) {
+    let w = World::new(kind).await;
+    insert(&w, 1..=30, 0).await;
+    w.receiver.stop().await;
+    let failed = w.run().await;
+    assert_eq!(failed.outcome, RunOutcome::Failed);
+    assert_eq!(failed.rows_delivered, 0);
+    let waiting = {
+        let p = w.pipeline().await;
+        p.buffer().await.expect("buffer").stats().unacked_records
+    };
+    assert!(waiting >= 1, "the first batch at least is buffered");
+    let cp = failed
+        .checkpoint
+        .expect("the checkpoint covers the buffered rows");
+    assert!(
+        cp.display().ends_with(&format!(", {})", waiting * 10)),
+        "{} with {waiting} batches buffered",
+        cp.display()
+    );
+
+    w.receiver.restart().await;
+    let ok = w.run().await;
+    assert_eq!(ok.outcome, RunOutcome::Succeeded, "{:?}", ok.error);
+    assert_eq!(
+        ok.rows_read,
+        30 - waiting * 10,
+        "only the rows not buffered"
+    );
+    assert_eq!(ok.rows_delivered, 30);
+    let counts = w.counts();
+    assert_eq!(counts.len(), 30);
+    assert!(counts.values().all(|&n| n == 1), "{counts:?}");
+    let p = w.pipeline().await;
+    assert_eq!(p.buffer().await.expect("buffer").stats().unacked_records, 0);
     w.db.cleanup().await;
 }

@@ -52,11 +52,13 @@ mod leases;
 mod open;
 mod runs;
 mod schedules;
+mod sink_states;
 
 pub use checkpoints::Checkpoint;
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;
 pub use runs::{RunOutcome, RunRecord};
+pub use sink_states::SinkState;
 
 use caudal_core::{Error, ErrorKind};
 

@@ -180,16 +180,20 @@ impl Store {
         pipeline: &str,
         position: &serde_json::Value,
         rows_read: u64,
-        rows_delivered: u64,
+        rows_delivered: impl Into<Option<u64>>,
     ) -> Result<()> {
-        const UPDATE_RUN: &str = "UPDATE runs SET rows_read = $3, rows_delivered = $4 \
+        const UPDATE_RUN: &str = "UPDATE runs SET rows_read = $3, \
+             rows_delivered = COALESCE($4, rows_delivered) \
              WHERE id = $1 AND pipeline = $2 AND outcome = 'running'";
         const SAVE_CHECKPOINT: &str = "INSERT INTO checkpoints (pipeline, position, updated_at) \
              VALUES ($1, $2, (SELECT now_us FROM clock)) \
              ON CONFLICT (pipeline) DO UPDATE \
              SET position = excluded.position, updated_at = excluded.updated_at";
         let read = counter_to_db(rows_read, "rows_read")?;
-        let delivered = counter_to_db(rows_delivered, "rows_delivered")?;
+        let delivered = rows_delivered
+            .into()
+            .map(|n| counter_to_db(n, "rows_delivered"))
+            .transpose()?;
         let committed = with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
@@ -250,12 +254,16 @@ impl Store {
         &self,
         run_id: i64,
         rows_read: u64,
-        rows_delivered: u64,
+        rows_delivered: impl Into<Option<u64>>,
     ) -> Result<()> {
-        const SQL: &str = "UPDATE runs SET rows_read = $2, rows_delivered = $3 \
+        const SQL: &str = "UPDATE runs SET rows_read = $2, \
+             rows_delivered = COALESCE($3, rows_delivered) \
              WHERE id = $1 AND outcome = 'running'";
         let read = counter_to_db(rows_read, "rows_read")?;
-        let delivered = counter_to_db(rows_delivered, "rows_delivered")?;
+        let delivered = rows_delivered
+            .into()
+            .map(|n| counter_to_db(n, "rows_delivered"))
+            .transpose()?;
         let updated = with_pool!(self, |pool| {
             sqlx::query(SQL)
                 .bind(run_id)
@@ -281,11 +289,12 @@ impl Store {
         run_id: i64,
         outcome: RunOutcome,
         rows_read: u64,
-        rows_delivered: u64,
+        rows_delivered: impl Into<Option<u64>>,
         error: Option<&str>,
     ) -> Result<()> {
         const SQL: &str = "UPDATE runs \
-             SET outcome = $2, rows_read = $3, rows_delivered = $4, error = $5, \
+             SET outcome = $2, rows_read = $3, \
+                 rows_delivered = COALESCE($4, rows_delivered), error = $5, \
                  ended_at = (SELECT now_us FROM clock) \
              WHERE id = $1 AND outcome = 'running'";
         if !outcome.is_final() {
@@ -295,7 +304,10 @@ impl Store {
             ));
         }
         let read = counter_to_db(rows_read, "rows_read")?;
-        let delivered = counter_to_db(rows_delivered, "rows_delivered")?;
+        let delivered = rows_delivered
+            .into()
+            .map(|n| counter_to_db(n, "rows_delivered"))
+            .transpose()?;
         let updated = with_pool!(self, |pool| {
             sqlx::query(SQL)
                 .bind(run_id)

@@ -81,6 +81,9 @@ pub enum Command {
     /// Dead letters: records a receiver refused, kept with why.
     #[command(subcommand)]
     Dlq(DlqCommand),
+    /// A pipeline's durable buffer: what it holds, and whether it is intact.
+    #[command(subcommand)]
+    Buffer(BufferCommand),
     /// Check a configuration file and report every problem with its
     /// file:line:column and field path.
     Validate,
@@ -92,8 +95,32 @@ pub enum Command {
 pub enum CheckpointCommand {
     /// Print the checkpoint as JSON.
     Show { pipeline: String },
-    /// Forget the checkpoint: the next run reads the source from the start.
+    /// Forget the checkpoint: the next run reads the source from the
+    /// start. Records still waiting in the pipeline's buffer are dropped
+    /// (they are read again from the source).
     Reset { pipeline: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BufferCommand {
+    /// Segments, offsets, acknowledged offset and records waiting for
+    /// delivery. Read-only; works while the pipeline runs.
+    Inspect {
+        pipeline: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Verify every record's checksum and framing and list each problem
+    /// with its segment file and byte position. Read-only. Exits 1 when
+    /// records are damaged (a torn tail left by a crash is reported but is
+    /// not damage: it is cut at the next start).
+    Fsck {
+        pipeline: String,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,7 +12,7 @@ use caudal_engine::{Pipeline, Progress, RunSummary, Trigger};
 use caudal_store::{RunOutcome, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{CheckpointCommand, DlqCommand};
+use crate::cli::{BufferCommand, CheckpointCommand, DlqCommand};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
@@ -233,6 +233,23 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
             Err(e) => Some(format!("unreadable: {e}")),
         };
         let next = store.next_run(name).await.ok().flatten();
+        let circuit = match store.circuit_state(name).await {
+            Ok(c) => c,
+            Err(e) => return fail(&e),
+        };
+        let dir = config.buffer_dir(name);
+        let buffer = dir
+            .exists()
+            .then(|| caudal_buffer::inspect(&dir))
+            .transpose();
+        let (buffered, buffer_bytes) = match buffer {
+            Ok(Some(i)) => (Some(i.unacked_records()), Some(i.disk_bytes)),
+            Ok(None) => (Some(0), Some(0)),
+            Err(e) => {
+                eprintln!("warning: {name}: cannot inspect the buffer: {e}");
+                (None, None)
+            }
+        };
         rows.push(serde_json::json!({
             "pipeline": name,
             "schedule": schedule,
@@ -243,6 +260,10 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
             "error": last.as_ref().and_then(|r| r.error.clone()),
             "checkpoint": checkpoint,
             "next_run": next.map(|t| t.to_string()),
+            "buffered_batches": buffered,
+            "buffer_disk_bytes": buffer_bytes,
+            "circuit": circuit.as_ref().map(|c| c.circuit.clone()),
+            "circuit_updated_at": circuit.map(|c| c.updated_at.to_string()),
         }));
     }
     if json {
@@ -257,8 +278,10 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
         "ROWS",
         "CHECKPOINT",
         "NEXT RUN",
+        "BUFFERED",
+        "CIRCUIT",
     ];
-    let table: Vec<[String; 7]> = rows
+    let table: Vec<[String; 9]> = rows
         .iter()
         .map(|r| {
             let s = |k: &str| {
@@ -277,6 +300,10 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
                 rows,
                 s("checkpoint"),
                 s("next_run"),
+                r["buffered_batches"]
+                    .as_u64()
+                    .map_or_else(|| "-".into(), |n| format!("{n} batches")),
+                s("circuit"),
             ]
         })
         .collect();
@@ -347,7 +374,40 @@ pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
-        CheckpointCommand::Reset { .. } => match store.reset_checkpoint(name).await {
+        CheckpointCommand::Reset { .. } => {
+            match drop_buffered(&config, name).await {
+                Err(e) => return fail(&e),
+                Ok(0) => {}
+                Ok(n) => println!(
+                    "{name}: dropped {n} batches waiting in the buffer (they are read again from the source)"
+                ),
+            }
+            reset_checkpoint(&store, name).await
+        }
+    }
+}
+
+/// Drops the batches waiting in a pipeline's buffer (acknowledges all of
+/// them); returns how many there were. Fails with `Busy` while a process
+/// has the buffer open.
+async fn drop_buffered(config: &Config, name: &str) -> Result<u64, Error> {
+    let dir = config.buffer_dir(name);
+    if !dir.exists() {
+        return Ok(0);
+    }
+    let settings = caudal_engine::buffered::buffer_config(&config.pipelines[name].buffer);
+    let buffer = caudal_engine::buffered::open(name, &dir, settings).await?;
+    let waiting = buffer.next_offset() - buffer.acked();
+    buffer
+        .ack(buffer.next_offset())
+        .await
+        .map_err(|e| caudal_engine::buffered::buffer_error(name, e))?;
+    Ok(waiting)
+}
+
+async fn reset_checkpoint(store: &Store, name: &str) -> ExitCode {
+    {
+        match store.reset_checkpoint(name).await {
             Err(e) => fail(&e),
             Ok(true) => {
                 println!("{name}: checkpoint reset; the next run reads the source from the start");
@@ -357,7 +417,7 @@ pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
                 println!("{name}: had no checkpoint");
                 ExitCode::SUCCESS
             }
-        },
+        }
     }
 }
 
@@ -508,4 +568,56 @@ fn letter_json(l: &caudal_store::DeadLetter, whole: bool) -> serde_json::Value {
         v["response_excerpt"] = l.response_excerpt.clone().into();
     }
     v
+}
+
+pub async fn buffer(path: &Path, command: &BufferCommand) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let (BufferCommand::Inspect { pipeline, json } | BufferCommand::Fsck { pipeline, json }) =
+        command;
+    if !config.pipelines.contains_key(pipeline) {
+        let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
+        eprintln!(
+            "error: no pipeline named {pipeline:?}; pipelines: {}",
+            names.join(", ")
+        );
+        return ExitCode::from(EXIT_CONFIG);
+    }
+    let dir = config.buffer_dir(pipeline);
+    if !dir.exists() {
+        println!(
+            "{pipeline}: no buffer yet at {} (the pipeline has not run)",
+            dir.display()
+        );
+        return ExitCode::SUCCESS;
+    }
+    let show = |text: String, value: serde_json::Result<String>| {
+        if *json {
+            println!("{}", value.unwrap_or_default());
+        } else {
+            print!("{text}");
+        }
+    };
+    match command {
+        BufferCommand::Inspect { .. } => match caudal_buffer::inspect(&dir) {
+            Err(e) => fail(&caudal_engine::buffered::buffer_error(pipeline, e)),
+            Ok(i) => {
+                show(i.to_string(), serde_json::to_string(&i));
+                ExitCode::SUCCESS
+            }
+        },
+        BufferCommand::Fsck { .. } => match caudal_buffer::fsck(&dir) {
+            Err(e) => fail(&caudal_engine::buffered::buffer_error(pipeline, e)),
+            Ok(report) => {
+                show(report.to_string(), serde_json::to_string(&report));
+                if report.has_corruption() {
+                    ExitCode::from(EXIT_FAILED)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+        },
+    }
 }

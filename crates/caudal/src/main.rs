@@ -36,6 +36,7 @@ fn main() -> ExitCode {
             Command::Status { json } => commands::status(&cli.config, *json).await,
             Command::Checkpoint(c) => commands::checkpoint(&cli.config, c).await,
             Command::Dlq(c) => commands::dlq(&cli.config, c).await,
+            Command::Buffer(c) => commands::buffer(&cli.config, c).await,
             Command::Validate => commands::validate(&cli.config),
             Command::Schema => commands::schema(),
         }

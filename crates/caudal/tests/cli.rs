@@ -212,8 +212,10 @@ async fn once_of_an_unknown_pipeline_exits_2() {
     assert_eq!(w.receiver.request_count(), 0);
 }
 
-/// SIGINT during `once` lets the batch in flight finish, keeps its
-/// checkpoint, and exits 130 as `--help` promises.
+/// SIGINT during `once` lets the batch in flight finish and exits 130 as
+/// `--help` promises. The rows read are durable in the buffer (`ack =
+/// "buffered"`): the checkpoint covers them, and the next `once` delivers
+/// the two batches left in the buffer without reading them again.
 #[tokio::test]
 async fn once_interrupted_mid_batch_exits_130_and_keeps_the_batch() {
     let mut w = World::sqlite().await;
@@ -242,9 +244,16 @@ async fn once_interrupted_mid_batch_exits_130_and_keeps_the_batch() {
     let status = w.status().await;
     assert_eq!(status["outcome"], "cancelled", "{status}");
     assert_eq!(status["rows_delivered"], 10, "{status}");
+    assert_eq!(status["buffered_batches"], 2, "{status}");
+    assert_eq!(
+        status["checkpoint"], "(2025-05-14T12:00:00Z, 25)",
+        "{status}"
+    );
     let rest = w.caudal(&["once", PIPELINE]).await;
     assert_eq!(rest.code, Some(0), "{rest}");
-    assert!(rest.stdout.contains("15 rows read, 15 delivered"), "{rest}");
+    assert!(rest.stdout.contains("0 rows read, 15 delivered"), "{rest}");
+    let ids: Vec<i64> = w.delivered().iter().map(support::request_id).collect();
+    assert_eq!(ids, (1..=25).collect::<Vec<_>>(), "each row once, in order");
 }
 
 /// The status table and `status --json` show the same last run.

@@ -65,6 +65,9 @@ pub const DEFAULT_ADAPTIVE_MIN: u32 = 1;
 pub const DEFAULT_ADAPTIVE_MAX: u32 = 32;
 /// Default header carrying a batch's idempotency key.
 pub const DEFAULT_IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
+/// Default directory of the pipelines' buffers, relative to the
+/// configuration file.
+pub const DEFAULT_BUFFER_DIR: &str = "caudal-buffer";
 /// Default size of a pipeline's buffer on disk.
 pub const DEFAULT_BUFFER_MAX_BYTES: ByteSize = ByteSize(256 << 20);
 
@@ -92,6 +95,37 @@ pub struct Config {
     pub base_dir: Option<std::path::PathBuf>,
 }
 
+impl Config {
+    /// The buffer directory of `pipeline`: `state.buffer_dir` (resolved
+    /// against the configuration file's directory) joined with the
+    /// pipeline's name.
+    pub fn buffer_dir(&self, pipeline: &str) -> std::path::PathBuf {
+        use std::path::{Path, PathBuf};
+        let base = self.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
+        let root = match &self.state.buffer_dir {
+            Some(dir) => base.join(dir),
+            None => sqlite_state_file(self.state.url.expose())
+                .and_then(|file| Path::new(file).parent().map(Path::to_path_buf))
+                .map_or_else(
+                    || base.join(DEFAULT_BUFFER_DIR),
+                    |d| d.join(DEFAULT_BUFFER_DIR),
+                ),
+        };
+        root.join(pipeline)
+    }
+}
+
+/// The file of a `sqlite://PATH` or `sqlite:PATH` state url (not for an
+/// in-memory database).
+fn sqlite_state_file(url: &str) -> Option<&str> {
+    let rest = url.strip_prefix("sqlite:")?;
+    let rest = rest.strip_prefix("//").unwrap_or(rest);
+    let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let memory =
+        path.is_empty() || path == ":memory:" || query.split('&').any(|pair| pair == "mode=memory");
+    (!memory).then_some(path)
+}
+
 /// The state store.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -101,12 +135,20 @@ pub struct StateConfig {
     #[serde(default = "default_state_url")]
     #[schemars(extend("default" = DEFAULT_STATE_URL))]
     pub url: Secret,
+    /// Directory of the pipelines' durable buffers, one subdirectory per
+    /// pipeline. A relative path is relative to the directory of the
+    /// configuration file. Default: `caudal-buffer` next to the SQLite state
+    /// file, or next to the configuration file when the state is elsewhere.
+    /// Keep it on a local disk.
+    #[serde(default)]
+    pub buffer_dir: Option<String>,
 }
 
 impl Default for StateConfig {
     fn default() -> Self {
         Self {
             url: default_state_url(),
+            buffer_dir: None,
         }
     }
 }
@@ -773,6 +815,11 @@ pub struct BufferConfig {
     /// lose acknowledged records).
     #[serde(default)]
     pub fsync: FsyncPolicy,
+    /// What happens when the buffer holds `max_bytes`: `"block"` (the only
+    /// choice, and the default) pauses reading from the source until
+    /// delivery frees space. Nothing is ever dropped.
+    #[serde(default)]
+    pub when_full: WhenFull,
 }
 
 impl Default for BufferConfig {
@@ -780,8 +827,18 @@ impl Default for BufferConfig {
         Self {
             max_bytes: DEFAULT_BUFFER_MAX_BYTES,
             fsync: FsyncPolicy::default(),
+            when_full: WhenFull::default(),
         }
     }
+}
+
+/// What a full buffer does to the source.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum WhenFull {
+    /// Reading waits until delivery frees space (backpressure).
+    #[default]
+    Block,
 }
 
 fn default_buffer_max_bytes() -> ByteSize {

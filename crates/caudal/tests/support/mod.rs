@@ -37,6 +37,10 @@ pub struct World {
     pub every: String,
     /// `batch.max_records` of the sink.
     pub max_records: usize,
+    /// The pipeline's `ack` mode.
+    pub ack: &'static str,
+    /// Extra lines for the sink's table (TOML only).
+    pub sink_extra: String,
 }
 
 impl World {
@@ -58,6 +62,8 @@ impl World {
             dir: tempfile::tempdir().expect("a temporary state directory"),
             every: "1s".into(),
             max_records: 1000,
+            ack: "buffered",
+            sink_extra: String::new(),
         };
         world.exec(create_table_sql(world.db.kind())).await;
         world
@@ -136,13 +142,17 @@ batch = {{ max_records = {max_records}, max_wait = "200ms" }}
 retry = {{ max_attempts = 1 }}   # fail the run at once when the receiver is down
 timeout = "120s"
 body = '{{"requests": {{{{ records | tojson }}}}}}'
+{sink_extra}
 
 [pipelines.{PIPELINE}]
 source = "servicedesk"
 sink = "partner"
 schedule = {{ every = "{every}" }}
 key = "request_id"
+ack = "{ack}"
 "#,
+            ack = self.ack,
+            sink_extra = self.sink_extra,
             state = self.state_db().display(),
             source_type = self.source_type(),
             source_url = self.db.url(),
@@ -180,7 +190,9 @@ pipelines:
     sink: partner
     schedule: {{ every: {every} }}
     key: request_id
+    ack: {ack}
 "#,
+            ack = self.ack,
             state = self.state_db().display(),
             source_type = self.source_type(),
             source_url = self.db.url(),
@@ -198,7 +210,7 @@ pipelines:
         }
     }
 
-    fn state_db(&self) -> PathBuf {
+    pub fn state_db(&self) -> PathBuf {
         self.dir.path().join("state.db")
     }
 

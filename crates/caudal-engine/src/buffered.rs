@@ -1,0 +1,148 @@
+//! What a pipeline keeps in its durable buffer, and how it opens it.
+//!
+//! One buffer entry is one batch, cut by the intake before it is appended:
+//! the records, the batch's idempotency key, the run that read it and the
+//! source position it ends at. Batches are fixed once they are durable, so
+//! a batch sent again after a crash is the same batch with the same key.
+//!
+//! The invariant that makes restarts exact: every entry below the buffer's
+//! acknowledged offset is covered by the saved checkpoint. Intake releases
+//! an entry to delivery only once the checkpoint covers it (`ack =
+//! "buffered"`), or delivery saves the checkpoint before it acknowledges
+//! the buffer (`ack = "delivered"`). So the records past the checkpoint
+//! are exactly the unacknowledged entries, and [`recover`] can tell where
+//! reading must resume from the last of them.
+
+use std::path::Path;
+
+use caudal_buffer::{Buffer, BufferConfig, FsyncPolicy};
+use caudal_core::config::{self, AckMode};
+use caudal_core::record::Position;
+use caudal_core::sink::Event;
+use caudal_core::{Error, ErrorKind, Result};
+use caudal_store::Store;
+use serde::{Deserialize, Serialize};
+
+/// One batch as it sits in the buffer.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Entry {
+    /// The run that read the records; delivered records are counted on it.
+    pub run: i64,
+    /// The batch's idempotency key.
+    pub key: String,
+    /// The source position of the batch's last record (the checkpoint once
+    /// the batch is acknowledged). Kept even when every record failed the
+    /// schema, so the checkpoint still moves past them.
+    pub position: Position,
+    /// The records to send, in source order (possibly none).
+    pub events: Vec<Event>,
+}
+
+impl Entry {
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        serde_json::to_vec(self)
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a batch", e))
+    }
+
+    pub fn decode(offset: u64, bytes: &[u8]) -> Result<Self> {
+        serde_json::from_slice(bytes).map_err(|e| {
+            Error::with_source(
+                ErrorKind::Buffer,
+                format!("buffer entry {offset} is not a batch this version can read"),
+                e,
+            )
+        })
+    }
+
+    /// The distinct keys of the batch's records, for per-key ordering.
+    pub fn keys(&self) -> Vec<String> {
+        let mut keys: Vec<String> = self.events.iter().filter_map(|e| e.key.clone()).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        keys
+    }
+}
+
+/// The buffer's settings for a pipeline's `[buffer]` table.
+pub fn buffer_config(c: &config::BufferConfig) -> BufferConfig {
+    BufferConfig {
+        max_bytes: c.max_bytes.0,
+        fsync: match c.fsync {
+            config::FsyncPolicy::Batch => FsyncPolicy::Batch,
+            config::FsyncPolicy::Interval(d) => FsyncPolicy::Interval(d.as_std()),
+        },
+        ..BufferConfig::default()
+    }
+}
+
+/// A buffer error as a caudal error of the right kind: a directory in use
+/// is [`ErrorKind::Busy`] (another process runs the pipeline), anything
+/// else [`ErrorKind::Buffer`].
+pub fn buffer_error(pipeline: &str, e: caudal_buffer::Error) -> Error {
+    match e {
+        caudal_buffer::Error::Locked { dir } => Error::new(
+            ErrorKind::Busy,
+            format!(
+                "pipeline {pipeline:?} is running in another process (its buffer {} is in use)",
+                dir.display()
+            ),
+        ),
+        e => Error::with_source(
+            ErrorKind::Buffer,
+            format!("the buffer of pipeline {pipeline:?} failed"),
+            e,
+        ),
+    }
+}
+
+/// Opens (and recovers) a pipeline's buffer directory, off the async
+/// threads. A torn tail left by a crash is cut and logged by the buffer.
+pub async fn open(pipeline: &str, dir: &Path, config: BufferConfig) -> Result<Buffer> {
+    let dir = dir.to_path_buf();
+    let name = pipeline.to_string();
+    tokio::task::spawn_blocking(move || Buffer::open(&dir, config))
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Internal, "the buffer open task failed", e))?
+        .map(|(buffer, _recovery)| buffer)
+        .map_err(|e| buffer_error(&name, e))
+}
+
+/// Where reading the source resumes, given the saved checkpoint and the
+/// buffer: the position of the last unacknowledged entry when there is one
+/// (it is past the checkpoint, or equal to it), else the checkpoint. With
+/// `ack = "buffered"` a checkpoint that lags the buffer (a crash between an
+/// append and its checkpoint commit) is brought up to it first. Returns the
+/// position and the offset up to which entries may be delivered.
+pub async fn recover(
+    pipeline: &str,
+    buffer: &Buffer,
+    store: &Store,
+    ack: AckMode,
+    checkpoint: Option<Position>,
+) -> Result<(Option<Position>, u64)> {
+    let next = buffer.next_offset();
+    if next <= buffer.acked() {
+        return Ok((checkpoint, next));
+    }
+    let tail = buffer
+        .read(next - 1, 1)
+        .await
+        .map_err(|e| buffer_error(pipeline, e))?;
+    let Some((offset, bytes)) = tail.into_iter().next() else {
+        return Err(Error::new(
+            ErrorKind::Internal,
+            format!(
+                "the buffer of pipeline {pipeline:?} has no entry {}",
+                next - 1
+            ),
+        ));
+    };
+    let position = Entry::decode(offset, &bytes)?.position;
+    if ack == AckMode::Buffered && checkpoint.as_ref() != Some(&position) {
+        let value = serde_json::to_value(&position)
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
+        store.save_checkpoint(pipeline, &value).await?;
+        tracing::info!(pipeline, position = %position.display(), "checkpoint brought up to the records already durable in the buffer");
+    }
+    Ok((Some(position), next))
+}

@@ -1,0 +1,281 @@
+//! The delivery side of a pipeline: reads batches from the durable buffer
+//! and sends them through the sink's policy, several at once when the sink
+//! allows it, keeping order per key.
+//!
+//! Promises:
+//! - **Order per key.** A batch is dispatched only when none of its keys is
+//!   in a batch still in flight (sending or retrying) or in an earlier batch
+//!   still waiting ([`KeyGate`]); batches sharing no key go ahead of a stuck
+//!   one. Batches without keys are not ordered against each other.
+//! - **Acknowledged up to the first unfinished batch.** Batches finish out of
+//!   order; the buffer (and with `ack = "delivered"` the checkpoint, saved
+//!   first) moves only up to the first batch not yet delivered or kept as
+//!   dead letters ([`Watermark`]). A crash resends from there with the same
+//!   batches and keys.
+//! - **Only released entries.** Entries are read only below the offset the
+//!   intake released (see [`crate::buffered`]), so the buffer is never
+//!   acknowledged past what the checkpoint covers.
+//! - **Shutdown.** On stop nothing new is dispatched; requests in flight
+//!   finish (the sender stops their retries), then it returns.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use caudal_buffer::Buffer;
+use caudal_core::config::AckMode;
+use caudal_core::record::Position;
+use caudal_core::{Error, ErrorKind, Result};
+use caudal_store::Store;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::buffered::{Entry, buffer_error};
+use crate::ordering::{KeyGate, Watermark};
+use crate::send::{Sender, Sent};
+
+/// How often finished batches are acknowledged (buffer, checkpoint with
+/// `ack = "delivered"`, run counters) and the breaker state is saved for
+/// `caudal status`. Acknowledging in rounds instead of per batch saves two
+/// fsyncs and a store commit per batch; a crash resends at most one round,
+/// with the same keys.
+const FLUSH_EVERY: Duration = Duration::from_millis(100);
+
+/// Totals of a pipeline's delivery since the process started.
+#[derive(Debug, Default)]
+pub struct DeliveryStats {
+    pub delivered: AtomicU64,
+    pub dead_letters: AtomicU64,
+    pub batches: AtomicU64,
+}
+
+impl DeliveryStats {
+    pub fn delivered(&self) -> u64 {
+        self.delivered.load(Ordering::Relaxed)
+    }
+    pub fn dead_letters(&self) -> u64 {
+        self.dead_letters.load(Ordering::Relaxed)
+    }
+    pub fn batches(&self) -> u64 {
+        self.batches.load(Ordering::Relaxed)
+    }
+}
+
+/// Everything one pipeline's delivery needs. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct Deliverer {
+    pub(crate) pipeline: String,
+    pub(crate) buffer: Buffer,
+    pub(crate) sender: Sender,
+    pub(crate) store: Store,
+    pub(crate) ack: AckMode,
+    /// Entries below this offset may be delivered.
+    pub(crate) released: watch::Receiver<u64>,
+    /// Batches dispatched at once (the sink's concurrency, or its adaptive
+    /// maximum; the sender's limit decides how many are really sent).
+    pub(crate) max_in_flight: usize,
+    pub(crate) stats: Arc<DeliveryStats>,
+}
+
+/// A batch dispatched and not yet finished.
+struct InFlight {
+    keys: Vec<String>,
+    run: i64,
+}
+
+/// Finished work not yet acknowledged.
+#[derive(Default)]
+struct Unflushed {
+    /// The watermark to acknowledge the buffer up to.
+    upto: Option<u64>,
+    /// Source positions of entries read and not yet acknowledged.
+    positions: BTreeMap<u64, Position>,
+    /// Delivered records per run, not yet added to the runs.
+    delivered: HashMap<i64, u64>,
+    /// The circuit state last saved.
+    circuit: String,
+}
+
+impl Deliverer {
+    /// Delivers until `stop`, or, once `drain_to` holds an offset, until
+    /// every entry below it is finished. Fails when a batch's retries gave
+    /// up (the batch stays in the buffer) or the buffer or the store fails.
+    pub async fn run(
+        &self,
+        stop: &CancellationToken,
+        mut drain_to: watch::Receiver<Option<u64>>,
+    ) -> Result<()> {
+        let mut released = self.released.clone();
+        let start = self.buffer.acked();
+        let mut next_read = start;
+        let mut watermark = Watermark::new(start);
+        let mut gate = KeyGate::new();
+        let mut waiting: HashMap<u64, Entry> = HashMap::new();
+        let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
+        let mut unflushed = Unflushed::default();
+        let mut tasks: JoinSet<(u64, Result<Sent>)> = JoinSet::new();
+        let read_ahead = self.max_in_flight * 2 + 2;
+        let mut tick = tokio::time::interval(FLUSH_EVERY);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut released_open = true;
+        let mut failure: Option<Error> = None;
+        let mut stopping = false;
+        loop {
+            if failure.is_none() && !stopping {
+                while in_flight.len() < self.max_in_flight {
+                    let Some(offset) = gate.next_ready() else {
+                        break;
+                    };
+                    let Some(entry) = waiting.remove(&offset) else {
+                        continue;
+                    };
+                    let sender = self.sender.clone();
+                    let stop = stop.clone();
+                    in_flight.insert(
+                        offset,
+                        InFlight {
+                            keys: entry.keys(),
+                            run: entry.run,
+                        },
+                    );
+                    tasks.spawn(async move {
+                        if entry.events.is_empty() {
+                            return (offset, Ok(Sent::default()));
+                        }
+                        (offset, sender.send(&entry.key, entry.events, &stop).await)
+                    });
+                }
+            }
+            if tasks.is_empty() {
+                let drained = drain_to.borrow().is_some_and(|end| watermark.get() >= end);
+                if failure.is_some() || stopping || drained {
+                    let flushed = self.flush(&mut unflushed).await;
+                    if let Some(e) = failure.take() {
+                        return Err(e);
+                    }
+                    flushed?;
+                    if stopping {
+                        return Err(Error::new(
+                            ErrorKind::Cancelled,
+                            "shutdown before the buffer was delivered",
+                        ));
+                    }
+                    return Ok(());
+                }
+            }
+            let limit = *released.borrow();
+            let room = read_ahead.saturating_sub(waiting.len() + in_flight.len());
+            let can_read = failure.is_none() && !stopping && next_read < limit && room > 0;
+            let want =
+                room.min(usize::try_from(limit.saturating_sub(next_read)).unwrap_or(usize::MAX));
+            tokio::select! {
+                biased;
+                () = stop.cancelled(), if !stopping => stopping = true,
+                Some(done) = tasks.join_next() => {
+                    let (offset, sent) = done.map_err(|e| {
+                        Error::with_source(ErrorKind::Internal, "a delivery task failed", e)
+                    })?;
+                    let Some(flight) = in_flight.remove(&offset) else { continue };
+                    match sent {
+                        Ok(sent) => {
+                            gate.finished(&flight.keys);
+                            self.count(sent);
+                            *unflushed.delivered.entry(flight.run).or_default() += sent.delivered;
+                            if let Some(upto) = watermark.finish(offset) {
+                                unflushed.upto = Some(upto);
+                            }
+                        }
+                        Err(e) if e.kind() == ErrorKind::Cancelled => stopping = true,
+                        Err(e) => {
+                            failure.get_or_insert(e);
+                        }
+                    }
+                }
+                read = self.buffer.read(next_read, want), if can_read => {
+                    let read = read.map_err(|e| buffer_error(&self.pipeline, e))?;
+                    for (offset, bytes) in read {
+                        let entry = Entry::decode(offset, &bytes)?;
+                        unflushed.positions.insert(offset, entry.position.clone());
+                        gate.offer(offset, entry.keys());
+                        waiting.insert(offset, entry);
+                        next_read = offset + 1;
+                    }
+                }
+                changed = released.changed(), if !can_read && released_open => {
+                    released_open = changed.is_ok();
+                }
+                _ = drain_to.changed(), if drain_to.borrow().is_none() => {}
+                _ = tick.tick() => {
+                    if let Err(e) = self.flush(&mut unflushed).await {
+                        failure.get_or_insert(e);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Acknowledges what finished since the last flush: with `ack =
+    /// "delivered"` first the checkpoint, then the buffer, up to the
+    /// watermark; adds delivered records to their runs; saves the breaker
+    /// state when it changed.
+    async fn flush(&self, done: &mut Unflushed) -> Result<()> {
+        self.report_circuit(&mut done.circuit).await;
+        for (run, n) in done.delivered.drain() {
+            if n > 0
+                && let Err(e) = self.store.add_run_delivered(run, n).await
+            {
+                tracing::warn!(pipeline = %self.pipeline, run, error = %e.report(), "cannot count delivered rows on their run");
+            }
+        }
+        let Some(upto) = done.upto else {
+            return Ok(());
+        };
+        if self.ack == AckMode::Delivered
+            && let Some((_, position)) = done.positions.range(..upto).next_back()
+        {
+            let value = serde_json::to_value(position).map_err(|e| {
+                Error::with_source(ErrorKind::Internal, "cannot encode a position", e)
+            })?;
+            self.store.save_checkpoint(&self.pipeline, &value).await?;
+        }
+        self.buffer
+            .ack(upto)
+            .await
+            .map_err(|e| buffer_error(&self.pipeline, e))?;
+        done.positions = done.positions.split_off(&upto);
+        done.upto = None;
+        Ok(())
+    }
+
+    /// Adds a finished batch to the totals.
+    fn count(&self, sent: Sent) {
+        self.stats
+            .delivered
+            .fetch_add(sent.delivered, Ordering::Relaxed);
+        self.stats
+            .dead_letters
+            .fetch_add(sent.dead_letters, Ordering::Relaxed);
+        self.stats.batches.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Saves the breaker state for `caudal status` when it changed.
+    async fn report_circuit(&self, last: &mut String) {
+        let state = self.sender.breaker_state().as_str();
+        if state == last {
+            return;
+        }
+        match self.store.set_circuit_state(&self.pipeline, state).await {
+            Ok(()) => {
+                if !last.is_empty() {
+                    tracing::info!(pipeline = %self.pipeline, circuit = state, "circuit breaker changed state");
+                }
+                *last = state.to_string();
+            }
+            Err(e) => {
+                tracing::warn!(pipeline = %self.pipeline, error = %e.report(), "cannot save the circuit state")
+            }
+        }
+    }
+}
