@@ -41,6 +41,9 @@ pub struct World {
     pub ack: &'static str,
     /// Extra lines for the sink's table (TOML only).
     pub sink_extra: String,
+    /// The sink's `retry` table (TOML only); by default one attempt, so a
+    /// receiver that is down fails a run at once.
+    pub retry: String,
 }
 
 impl World {
@@ -64,6 +67,7 @@ impl World {
             max_records: 1000,
             ack: "buffered",
             sink_extra: String::new(),
+            retry: "{ max_attempts = 1 }".into(),
         };
         world.exec(create_table_sql(world.db.kind())).await;
         world
@@ -139,7 +143,7 @@ cursor = ["last_modified_date", "request_id"]
 type = "http"
 url = "{receiver}"
 batch = {{ max_records = {max_records}, max_wait = "200ms" }}
-retry = {{ max_attempts = 1 }}   # fail the run at once when the receiver is down
+retry = {retry}
 timeout = "120s"
 body = '{{"requests": {{{{ records | tojson }}}}}}'
 {sink_extra}
@@ -153,6 +157,7 @@ ack = "{ack}"
 "#,
             ack = self.ack,
             sink_extra = self.sink_extra,
+            retry = self.retry,
             state = self.state_db().display(),
             source_type = self.source_type(),
             source_url = self.db.url(),
@@ -208,6 +213,11 @@ pipelines:
             DbKind::MySql => "mysql",
             DbKind::Sqlite => "sqlite",
         }
+    }
+
+    /// The buffer directory of [`PIPELINE`] (the default, next to the state).
+    pub fn buffer_dir(&self) -> PathBuf {
+        self.dir.path().join("caudal-buffer").join(PIPELINE)
     }
 
     pub fn state_db(&self) -> PathBuf {
