@@ -790,6 +790,19 @@ impl Buffer {
         .map_err(|e| join_error("append", path, e))?
     }
 
+    /// Waits until appending `entries` would not have to wait for room (or
+    /// fails with [`Error::Closed`]). Writes nothing, so it is safe to drop
+    /// at any point: a caller that must be able to give up while the buffer
+    /// is full waits here, then appends. With a single appender the room
+    /// found here is still there for its append.
+    pub async fn wait_for_room<E: AsRef<[u8]>>(&self, entries: &[E]) -> Result<()> {
+        let bytes = entries
+            .iter()
+            .map(|e| RECORD_HEADER_BYTES + e.as_ref().len() as u64)
+            .sum();
+        self.wait_for_space(bytes).await
+    }
+
     async fn wait_for_space(&self, bytes: u64) -> Result<()> {
         loop {
             let mut changed = self.inner.progress.subscribe();

@@ -570,10 +570,16 @@ impl Pipeline {
         }
         .encode()?;
         let entries = [entry];
-        let appended = tokio::select! {
+        // Give up only while waiting for room: an append once started is
+        // finished, so its checkpoint commit is not skipped.
+        tokio::select! {
             () = cancel.cancelled() => return Ok(false),
-            appended = buffer.append(&entries) => appended.map_err(|e| buffer_error(&self.name, e))?,
-        };
+            room = buffer.wait_for_room(&entries) => room.map_err(|e| buffer_error(&self.name, e))?,
+        }
+        let appended = buffer
+            .append(&entries)
+            .await
+            .map_err(|e| buffer_error(&self.name, e))?;
         let rows_read = counters.read.load(Ordering::Relaxed);
         match self.ack {
             AckMode::Buffered => {

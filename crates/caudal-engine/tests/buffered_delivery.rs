@@ -48,12 +48,14 @@ impl World {
     async fn insert(&self, seqs: std::ops::RangeInclusive<i64>, keys: i64) {
         let pool = self.db.sqlite_pool().await;
         for seq in seqs {
-            sqlx::query("INSERT INTO events VALUES (?, ?, 'some text to make a record of a fair size')")
-                .bind(seq)
-                .bind(seq % keys)
-                .execute(&pool)
-                .await
-                .expect("insert");
+            sqlx::query(
+                "INSERT INTO events VALUES (?, ?, 'some text to make a record of a fair size')",
+            )
+            .bind(seq)
+            .bind(seq % keys)
+            .execute(&pool)
+            .await
+            .expect("insert");
         }
     }
 
@@ -118,7 +120,11 @@ schedule = {{ every = "1h" }}
 }
 
 fn distinct(accepted: &[(i64, i64)]) -> usize {
-    accepted.iter().map(|(seq, _)| seq).collect::<HashSet<_>>().len()
+    accepted
+        .iter()
+        .map(|(seq, _)| seq)
+        .collect::<HashSet<_>>()
+        .len()
 }
 
 /// Per key, the first arrival of each record is in source order.
@@ -199,7 +205,10 @@ circuit_breaker = { enabled = false }"#,
         .windows(2)
         .filter(|pair| pair[1] - pair[0] < Duration::from_millis(25))
         .count();
-    assert!(overlapping > 10, "requests never overlapped ({overlapping})");
+    assert!(
+        overlapping > 10,
+        "requests never overlapped ({overlapping})"
+    );
     assert_eq!(p.buffer().await.expect("buffer").stats().unacked_records, 0);
 }
 
@@ -252,7 +261,10 @@ circuit_breaker = { enabled = false }"#,
     assert_eq!(distinct(&accepted), 12);
     assert_order_per_key(&accepted);
     let position = |seq: i64| accepted.iter().position(|(s, _)| *s == seq);
-    assert!(position(4) < position(1), "event 4 overtook the stuck batch");
+    assert!(
+        position(4) < position(1),
+        "event 4 overtook the stuck batch"
+    );
     // Events 7..=9 share keys 1..=3 with the stuck batch: they waited.
     assert!(position(1) < position(7), "{accepted:?}");
 }
@@ -297,7 +309,11 @@ circuit_breaker = { min_requests = 3, window = "10s", open_for = "300ms" }"#,
         runs.push(run.run_id);
     }
     let cp = p.checkpoint().await.expect("checkpoint").expect("some");
-    assert_eq!(cp.display(), "(60)", "the checkpoint covers what is buffered");
+    assert_eq!(
+        cp.display(),
+        "(60)",
+        "the checkpoint covers what is buffered"
+    );
 
     // The breaker opened, and the delivery loop said so for `caudal status`.
     let deadline = tokio::time::Instant::now() + PATIENCE;
@@ -306,7 +322,10 @@ circuit_breaker = { min_requests = 3, window = "10s", open_for = "300ms" }"#,
         if state.is_some_and(|s| s.circuit != "closed") {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "breaker never opened");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "breaker never opened"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     assert_eq!(w.receiver.request_count(), 0);
@@ -391,7 +410,10 @@ circuit_breaker = { enabled = false }"#,
         {
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "buffer never filled");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "buffer never filled"
+        );
         tokio::time::sleep(Duration::from_millis(25)).await;
     }
     let full = buffer.stats();
@@ -410,7 +432,12 @@ circuit_breaker = { enabled = false }"#,
         .expect("the run resumes and ends")
         .expect("join")
         .expect("run");
-    assert_eq!(summary.outcome, RunOutcome::Succeeded, "{:?}", summary.error);
+    assert_eq!(
+        summary.outcome,
+        RunOutcome::Succeeded,
+        "{:?}",
+        summary.error
+    );
     assert_eq!(summary.rows_read, 200);
     w.wait_until_accepted(200).await;
     let seqs: Vec<i64> = w.accepted().iter().map(|(s, _)| *s).collect();

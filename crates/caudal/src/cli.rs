@@ -5,8 +5,8 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand, ValueEnum};
 
 /// caudal keeps systems in sync: it reads changed rows from SQL databases on
-/// a schedule, and delivers them to HTTP APIs in batches, with checkpoints
-/// that move only after delivery.
+/// a schedule into a durable local buffer, and delivers them to HTTP APIs in
+/// batches, with checkpoints that never move past rows that are not durable.
 ///
 /// Start with `caudal demo` (no services needed), then write a config file
 /// (`caudal schema` gives its JSON Schema) and run `caudal validate`,
@@ -61,10 +61,14 @@ pub enum Command {
     Demo(DemoArgs),
     /// Run every pipeline on its schedule until SIGINT or SIGTERM.
     ///
-    /// On a signal, caudal stops reading, lets a batch already in flight
-    /// finish, and exits 0; checkpoints never move past undelivered rows.
+    /// Each pipeline's runs read its source into its buffer, and a delivery
+    /// loop per pipeline sends the buffer as it fills, so a receiver outage
+    /// does not stop reading (until the buffer is full). On a signal,
+    /// caudal stops reading, lets requests already in flight finish, keeps
+    /// the rest in the buffer, and exits 0.
     Run,
-    /// Run one pipeline once, now, from its checkpoint to the source's end.
+    /// Run one pipeline once, now: read from its checkpoint to the source's
+    /// end, and deliver until its buffer is empty.
     Once {
         /// The pipeline to run.
         pipeline: String,

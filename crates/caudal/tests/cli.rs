@@ -213,9 +213,9 @@ async fn once_of_an_unknown_pipeline_exits_2() {
 }
 
 /// SIGINT during `once` lets the batch in flight finish and exits 130 as
-/// `--help` promises. The rows read are durable in the buffer (`ack =
-/// "buffered"`): the checkpoint covers them, and the next `once` delivers
-/// the two batches left in the buffer without reading them again.
+/// `--help` promises. The batches buffered before the signal are durable
+/// (`ack = "buffered"`): the checkpoint covers them, and the next `once`
+/// delivers them without reading them again, then reads the rest.
 #[tokio::test]
 async fn once_interrupted_mid_batch_exits_130_and_keeps_the_batch() {
     let mut w = World::sqlite().await;
@@ -244,14 +244,25 @@ async fn once_interrupted_mid_batch_exits_130_and_keeps_the_batch() {
     let status = w.status().await;
     assert_eq!(status["outcome"], "cancelled", "{status}");
     assert_eq!(status["rows_delivered"], 10, "{status}");
-    assert_eq!(status["buffered_batches"], 2, "{status}");
+    // The signal may come before or after the last partial batch (21..=25)
+    // was buffered; either way the checkpoint covers exactly the buffer.
+    let covered = match status["buffered_batches"].as_u64() {
+        Some(1) => 20,
+        Some(2) => 25,
+        _ => panic!("one or two batches wait in the buffer: {status}"),
+    };
     assert_eq!(
-        status["checkpoint"], "(2025-05-14T12:00:00Z, 25)",
+        status["checkpoint"],
+        format!("(2025-05-14T12:00:00Z, {covered})"),
         "{status}"
     );
     let rest = w.caudal(&["once", PIPELINE]).await;
     assert_eq!(rest.code, Some(0), "{rest}");
-    assert!(rest.stdout.contains("0 rows read, 15 delivered"), "{rest}");
+    assert!(
+        rest.stdout
+            .contains(&format!("{} rows read, 15 delivered", 25 - covered)),
+        "{rest}"
+    );
     let ids: Vec<i64> = w.delivered().iter().map(support::request_id).collect();
     assert_eq!(ids, (1..=25).collect::<Vec<_>>(), "each row once, in order");
 }

@@ -335,9 +335,10 @@ pub struct HttpSinkConfig {
     /// Caps on requests and records per second (default: no cap).
     #[serde(default)]
     pub rate_limit: RateLimitConfig,
-    /// Requests in flight at once: a number (default 1), `"adaptive"`, or
-    /// `{ adaptive = { min = 1, max = 32 } }`. Records with the same key
-    /// keep their order at any concurrency.
+    /// Batches in flight at once: a number (default 1), `"adaptive"`, or
+    /// `{ adaptive = { min = 1, max = 32 } }`. Records with the same
+    /// pipeline `key` keep their source order at any concurrency; batches
+    /// sharing no key may overtake each other.
     #[serde(default)]
     pub concurrency: ConcurrencyConfig,
     /// Request header carrying the batch's idempotency key, stable across
@@ -480,13 +481,14 @@ pub struct RetryConfig {
     #[serde(default = "default_retry_max_delay", alias = "max")]
     #[schemars(extend("default" = DEFAULT_RETRY_MAX_DELAY))]
     pub max_delay: Duration,
-    /// Attempts of one batch, the first included, before it goes to dead
-    /// letters (default 0: no limit).
+    /// Attempts of one batch, the first included, before delivery gives up
+    /// on it for now (default 0: no limit). The batch stays in the buffer:
+    /// `caudal once` fails, the daemon pauses and tries again.
     #[serde(default)]
     #[schemars(extend("default" = DEFAULT_RETRY_MAX_ATTEMPTS))]
     pub max_attempts: u32,
-    /// Time after a batch's first attempt when it goes to dead letters
-    /// instead of being retried again (default `"0s"`: never).
+    /// Time after a batch's first attempt when delivery gives up on it for
+    /// now, as with `max_attempts` (default `"0s"`: never).
     #[serde(default = "default_retry_give_up_after")]
     #[schemars(extend("default" = DEFAULT_RETRY_GIVE_UP_AFTER))]
     pub give_up_after: Duration,
