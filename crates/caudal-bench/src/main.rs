@@ -35,6 +35,9 @@ struct Args {
     /// Records per HTTP request.
     #[arg(long, default_value_t = 1000)]
     batch: u64,
+    /// The sink's `concurrency`: batches in flight at once.
+    #[arg(long, default_value_t = 1)]
+    concurrency: u32,
     /// PostgreSQL server to use (a database `caudal_bench` is recreated).
     #[arg(
         long,
@@ -175,6 +178,7 @@ page_size = 10000
 type = "http"
 url = "http://{addr}/services-data/requests"
 batch = {{ max_records = {batch}, max_bytes = "64MiB" }}
+concurrency = {concurrency}
 
 [pipelines.sync]
 source = "servicedesk"
@@ -184,6 +188,7 @@ schedule = {{ every = "1h" }}
             state = dir.join("state.db").display(),
             addr = receiver.addr,
             batch = args.batch,
+            concurrency = args.concurrency,
         ),
     )?;
 
@@ -237,6 +242,7 @@ schedule = {{ every = "1h" }}
             "scenario": "initial_sync",
             "rows": args.rows,
             "batch": args.batch,
+            "concurrency": args.concurrency,
             "requests": receiver.requests.load(Ordering::Relaxed),
             "caudal_secs": round(caudal_secs),
             "caudal_rows_per_s": round(rows / caudal_secs),

@@ -42,6 +42,8 @@ use crate::send::{Sender, Sent};
 /// fsyncs and a store commit per batch; a crash resends at most one round,
 /// with the same keys.
 const FLUSH_EVERY: Duration = Duration::from_millis(100);
+/// Batches read from the buffer beyond those in flight.
+const READ_AHEAD: usize = 4;
 
 /// Totals of a pipeline's delivery since the process started.
 #[derive(Debug, Default)]
@@ -116,7 +118,9 @@ impl Deliverer {
         let mut in_flight: HashMap<u64, InFlight> = HashMap::new();
         let mut unflushed = Unflushed::default();
         let mut tasks: JoinSet<(u64, Result<Sent>)> = JoinSet::new();
-        let read_ahead = self.max_in_flight * 2 + 2;
+        // Decoded batches kept ahead of dispatch, so the key gate can find
+        // one that is free while others wait on a busy key.
+        let read_ahead = self.max_in_flight + READ_AHEAD;
         let mut tick = tokio::time::interval(FLUSH_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut released_open = true;

@@ -100,11 +100,29 @@ async fn open_sqlite(url: &str) -> Result<Store> {
     } else {
         SqlitePoolOptions::new().max_connections(SQLITE_MAX_CONNECTIONS)
     };
-    let pool = pool_options
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .connect_with(options)
-        .await
-        .map_err(|e| store_error(format!("opening the SQLite database `{path}`"), e))?;
+    // Several processes creating the same file at once: switching a fresh
+    // database to WAL can fail with SQLITE_BUSY without waiting for the
+    // busy timeout, so opening is retried while that lasts.
+    let started = std::time::Instant::now();
+    let pool = loop {
+        match pool_options
+            .clone()
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .connect_with(options.clone())
+            .await
+        {
+            Ok(pool) => break pool,
+            Err(e) if is_busy(&e) && started.elapsed() < SQLITE_BUSY_TIMEOUT => {
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+            Err(e) => {
+                return Err(store_error(
+                    format!("opening the SQLite database `{path}`"),
+                    e,
+                ));
+            }
+        }
+    };
 
     // sqlx does not lock SQLite during migrations; one IMMEDIATE transaction
     // around them makes a second process wait for the first (busy_timeout)
@@ -177,6 +195,16 @@ async fn open_postgres(url: &str) -> Result<Store> {
     Ok(Store {
         pool: Pool::Postgres(pool),
     })
+}
+
+/// SQLITE_BUSY or SQLITE_LOCKED: another connection holds a lock.
+fn is_busy(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .and_then(|d| d.code())
+        .is_some_and(|code| {
+            let primary = code.parse::<i32>().map(|c| c & 0xff);
+            matches!(primary, Ok(5 | 6))
+        })
 }
 
 async fn create_parent_dir(file: &Path) -> Result<()> {
