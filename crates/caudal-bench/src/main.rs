@@ -57,7 +57,21 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match args.scenario.as_str() {
         "initial-sync" | "all" => rt.block_on(initial_sync(&args)),
-        other => bail!("unknown scenario {other:?}; scenarios: initial-sync, all"),
+        // Not a scenario: the always-200 receiver alone, for profiling caudal
+        // by hand. Prints its address, then its counts every second.
+        "receiver" => rt.block_on(async {
+            let receiver = start_receiver().await?;
+            println!("listening on http://{}", receiver.addr);
+            loop {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                eprintln!(
+                    "{} requests, {} records",
+                    receiver.requests.load(Ordering::Relaxed),
+                    receiver.records.load(Ordering::Relaxed)
+                );
+            }
+        }),
+        other => bail!("unknown scenario {other:?}; scenarios: initial-sync, all (or receiver)"),
     }
 }
 

@@ -13,7 +13,9 @@
 //! are exactly the unacknowledged entries, and [`recover`] can tell where
 //! reading must resume from the last of them.
 
+use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Mutex;
 
 use caudal_buffer::{Buffer, BufferConfig, FsyncPolicy};
 use caudal_core::config::{self, AckMode};
@@ -60,6 +62,39 @@ impl Entry {
         keys.sort_unstable();
         keys.dedup();
         keys
+    }
+}
+
+/// Batches just appended, kept in memory so that a delivery loop that keeps
+/// up does not read back and decode what the intake has just written. Only
+/// a hint: bounded, and a batch that is not here is read from disk.
+#[derive(Debug, Default)]
+pub struct Recent {
+    entries: Mutex<BTreeMap<u64, Entry>>,
+}
+
+impl Recent {
+    /// Batches kept at most; the oldest go first.
+    const CAPACITY: usize = 16;
+
+    /// Keeps the batch appended at `offset`.
+    pub fn put(&self, offset: u64, entry: Entry) {
+        let mut entries = self
+            .entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        entries.insert(offset, entry);
+        while entries.len() > Self::CAPACITY {
+            entries.pop_first();
+        }
+    }
+
+    /// Takes the batch at `offset`, if it is kept.
+    pub fn take(&self, offset: u64) -> Option<Entry> {
+        self.entries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&offset)
     }
 }
 

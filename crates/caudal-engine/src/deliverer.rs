@@ -32,7 +32,7 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::buffered::{Entry, buffer_error};
+use crate::buffered::{Entry, Recent, buffer_error};
 use crate::ordering::{KeyGate, Watermark};
 use crate::send::{Sender, Sent};
 
@@ -79,6 +79,8 @@ pub struct Deliverer {
     /// maximum; the sender's limit decides how many are really sent).
     pub(crate) max_in_flight: usize,
     pub(crate) stats: Arc<DeliveryStats>,
+    /// Batches the intake just appended, to skip reading them back.
+    pub(crate) recent: Arc<Recent>,
 }
 
 /// A batch dispatched and not yet finished.
@@ -98,6 +100,20 @@ struct Unflushed {
     delivered: HashMap<i64, u64>,
     /// The circuit state last saved.
     circuit: String,
+}
+
+/// Takes a batch read from the buffer (or handed over in memory) into the
+/// key gate.
+fn accept(
+    offset: u64,
+    entry: Entry,
+    gate: &mut KeyGate,
+    waiting: &mut HashMap<u64, Entry>,
+    unflushed: &mut Unflushed,
+) {
+    unflushed.positions.insert(offset, entry.position.clone());
+    gate.offer(offset, entry.keys());
+    waiting.insert(offset, entry);
 }
 
 impl Deliverer {
@@ -128,6 +144,14 @@ impl Deliverer {
         let mut stopping = false;
         loop {
             if failure.is_none() && !stopping {
+                let limit = *released.borrow();
+                while next_read < limit && waiting.len() + in_flight.len() < read_ahead {
+                    let Some(entry) = self.recent.take(next_read) else {
+                        break;
+                    };
+                    accept(next_read, entry, &mut gate, &mut waiting, &mut unflushed);
+                    next_read += 1;
+                }
                 while in_flight.len() < self.max_in_flight {
                     let Some(offset) = gate.next_ready() else {
                         break;
@@ -201,9 +225,7 @@ impl Deliverer {
                     let read = read.map_err(|e| buffer_error(&self.pipeline, e))?;
                     for (offset, bytes) in read {
                         let entry = Entry::decode(offset, &bytes)?;
-                        unflushed.positions.insert(offset, entry.position.clone());
-                        gate.offer(offset, entry.keys());
-                        waiting.insert(offset, entry);
+                        accept(offset, entry, &mut gate, &mut waiting, &mut unflushed);
                         next_read = offset + 1;
                     }
                 }

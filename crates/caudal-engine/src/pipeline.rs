@@ -35,7 +35,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::batch::Batcher;
-use crate::buffered::{self, Entry, buffer_error};
+use crate::buffered::{self, Entry, Recent, buffer_error};
 use crate::deliverer::{Deliverer, DeliveryStats};
 use crate::lease::{Lease, pipeline_lease};
 use crate::schedule::Schedule;
@@ -112,6 +112,7 @@ struct Shared {
     buffer: tokio::sync::OnceCell<Buffer>,
     released: watch::Sender<u64>,
     stats: Arc<DeliveryStats>,
+    recent: Arc<Recent>,
 }
 
 /// Counters of one run's intake.
@@ -299,6 +300,7 @@ impl Pipeline {
             released: self.shared.released.subscribe(),
             max_in_flight: self.max_in_flight,
             stats: self.shared.stats.clone(),
+            recent: self.shared.recent.clone(),
         }
     }
 
@@ -567,9 +569,8 @@ impl Pipeline {
             key,
             position,
             events,
-        }
-        .encode()?;
-        let entries = [entry];
+        };
+        let entries = [entry.encode()?];
         // Give up only while waiting for room: an append once started is
         // finished, so its checkpoint commit is not skipped.
         tokio::select! {
@@ -593,6 +594,7 @@ impl Pipeline {
                     .await?;
             }
         }
+        self.shared.recent.put(appended.start, entry);
         self.release(appended.end);
         Ok(true)
     }
