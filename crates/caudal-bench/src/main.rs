@@ -207,21 +207,16 @@ schedule = {{ every = "1h" }}
     )?;
 
     eprintln!("initial-sync: caudal once");
-    let started = Instant::now();
-    let status = Command::new(&args.caudal)
-        .args(["once", "sync", "-c"])
+    let mut once = Command::new(&args.caudal);
+    once.args(["once", "sync", "-c"])
         .arg(&config)
-        .env("CAUDAL_LOG", "warn")
-        .status()
-        .with_context(|| {
-            format!(
-                "cannot run {} (build it: cargo build --release -p caudal)",
-                args.caudal.display()
-            )
-        })?;
-    let caudal_secs = started.elapsed().as_secs_f64();
-    let usage = nix::sys::resource::getrusage(nix::sys::resource::UsageWho::RUSAGE_CHILDREN)?;
-    let peak_rss_mib = usage.max_rss() as f64 / 1024.0;
+        .env("CAUDAL_LOG", "warn");
+    let (status, caudal_secs, peak_rss_mib) = run_measured(once).with_context(|| {
+        format!(
+            "cannot run {} (build it: cargo build --release -p caudal)",
+            args.caudal.display()
+        )
+    })?;
     if !status.success() {
         bail!("caudal once failed: {status}");
     }
@@ -271,6 +266,33 @@ schedule = {{ every = "1h" }}
         .execute("DROP DATABASE IF EXISTS caudal_bench WITH (FORCE)")
         .await?;
     Ok(())
+}
+
+/// Runs `cmd` to the end; returns its exit status, wall-clock seconds and
+/// peak resident memory in MiB. The peak is the process's own high-water
+/// mark (`VmHWM`), sampled until it exits: `getrusage(RUSAGE_CHILDREN)`
+/// would also count every earlier child of this process and of the shell
+/// that exec'd it (the cargo build).
+fn run_measured(mut cmd: Command) -> anyhow::Result<(std::process::ExitStatus, f64, f64)> {
+    let started = Instant::now();
+    let mut child = cmd.spawn()?;
+    let status_file = format!("/proc/{}/status", child.id());
+    let mut peak_kib = 0u64;
+    let status = loop {
+        if let Ok(text) = std::fs::read_to_string(&status_file)
+            && let Some(kib) = text
+                .lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        {
+            peak_kib = peak_kib.max(kib);
+        }
+        if let Some(status) = child.try_wait()? {
+            break status;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
+    Ok((status, started.elapsed().as_secs_f64(), peak_kib as f64 / 1024.0))
 }
 
 fn round(x: f64) -> f64 {
