@@ -292,7 +292,11 @@ fn run_measured(mut cmd: Command) -> anyhow::Result<(std::process::ExitStatus, f
         }
         std::thread::sleep(std::time::Duration::from_millis(10));
     };
-    Ok((status, started.elapsed().as_secs_f64(), peak_kib as f64 / 1024.0))
+    Ok((
+        status,
+        started.elapsed().as_secs_f64(),
+        peak_kib as f64 / 1024.0,
+    ))
 }
 
 fn round(x: f64) -> f64 {

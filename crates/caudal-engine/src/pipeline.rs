@@ -1,17 +1,22 @@
-//! One pipeline and one run of it: read pages from the source, cut them into
-//! batches, deliver each batch, and commit the checkpoint after each
-//! delivered batch.
+//! One pipeline and its runs. A run is the intake: read pages from the
+//! source, cut them into batches, and append each batch to the pipeline's
+//! durable buffer. Delivery (the [`Deliverer`]) sends the buffer to the sink;
+//! [`Pipeline::run_once`] does both and waits for the buffer to drain, the
+//! daemon runs them side by side ([`Pipeline::run_capture`] on schedule,
+//! [`Pipeline::deliver_until_stopped`] all the time).
 //!
 //! Promises:
 //! - The checkpoint only ever moves to the position of the last record of a
-//!   batch the sink accepted, in the same store transaction that records the
-//!   run's counters. A failed, cancelled or crashed run leaves the
-//!   checkpoint at the last accepted batch, so the next run resends nothing
-//!   that was accepted and skips nothing that was not.
-//! - Reading overlaps delivery (the next page is fetched while a batch is in
-//!   flight), bounded to a couple of pages in memory.
-//! - On shutdown, intake stops at once; a batch already in flight is allowed
-//!   to finish (bounded by the sink's timeout) so its answer is not wasted.
+//!   batch that is durable in the buffer (`ack = "buffered"`, committed with
+//!   the run's counters) or delivered (`ack = "delivered"`, saved by
+//!   delivery before it acknowledges the buffer). See [`crate::buffered`]
+//!   for why a restart then neither skips nor re-cuts a batch.
+//! - Reading overlaps buffering and delivery, bounded to a couple of pages in
+//!   memory; a full buffer pauses reading (backpressure).
+//! - On shutdown, intake stops at once (an append already started is
+//!   finished, with its checkpoint); requests in flight are allowed to
+//!   finish (bounded by the sink's timeout) so their answers are not wasted;
+//!   everything else stays in the buffer.
 
 use std::path::PathBuf;
 use std::sync::Arc;
