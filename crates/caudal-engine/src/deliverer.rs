@@ -96,8 +96,10 @@ struct Unflushed {
     upto: Option<u64>,
     /// Source positions of entries read and not yet acknowledged.
     positions: BTreeMap<u64, Position>,
-    /// Delivered records per run, not yet added to the runs.
-    delivered: HashMap<i64, u64>,
+    /// Batches finished and not yet acknowledged: the run that read each,
+    /// and what became of its records. Counted once acknowledged, so a
+    /// batch finished past a stuck one and sent again later counts once.
+    finished: BTreeMap<u64, (i64, Sent)>,
     /// The circuit state last saved.
     circuit: String,
 }
@@ -209,8 +211,7 @@ impl Deliverer {
                     match sent {
                         Ok(sent) => {
                             gate.finished(&flight.keys);
-                            self.count(sent);
-                            *unflushed.delivered.entry(flight.run).or_default() += sent.delivered;
+                            unflushed.finished.insert(offset, (flight.run, sent));
                             if let Some(upto) = watermark.finish(offset) {
                                 unflushed.upto = Some(upto);
                             }
@@ -248,13 +249,6 @@ impl Deliverer {
     /// state when it changed.
     async fn flush(&self, done: &mut Unflushed) -> Result<()> {
         self.report_circuit(&mut done.circuit).await;
-        for (run, n) in done.delivered.drain() {
-            if n > 0
-                && let Err(e) = self.store.add_run_delivered(run, n).await
-            {
-                tracing::warn!(pipeline = %self.pipeline, run, error = %e.report(), "cannot count delivered rows on their run");
-            }
-        }
         let Some(upto) = done.upto else {
             return Ok(());
         };
@@ -272,18 +266,27 @@ impl Deliverer {
             .map_err(|e| buffer_error(&self.pipeline, e))?;
         done.positions = done.positions.split_off(&upto);
         done.upto = None;
+        let pending = done.finished.split_off(&upto);
+        let acknowledged = std::mem::replace(&mut done.finished, pending);
+        let mut per_run: BTreeMap<i64, u64> = BTreeMap::new();
+        for (run, sent) in acknowledged.into_values() {
+            self.stats
+                .delivered
+                .fetch_add(sent.delivered, Ordering::Relaxed);
+            self.stats
+                .dead_letters
+                .fetch_add(sent.dead_letters, Ordering::Relaxed);
+            self.stats.batches.fetch_add(1, Ordering::Relaxed);
+            *per_run.entry(run).or_default() += sent.delivered;
+        }
+        for (run, n) in per_run {
+            if n > 0
+                && let Err(e) = self.store.add_run_delivered(run, n).await
+            {
+                tracing::warn!(pipeline = %self.pipeline, run, error = %e.report(), "cannot count delivered rows on their run");
+            }
+        }
         Ok(())
-    }
-
-    /// Adds a finished batch to the totals.
-    fn count(&self, sent: Sent) {
-        self.stats
-            .delivered
-            .fetch_add(sent.delivered, Ordering::Relaxed);
-        self.stats
-            .dead_letters
-            .fetch_add(sent.dead_letters, Ordering::Relaxed);
-        self.stats.batches.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Saves the breaker state for `caudal status` when it changed.

@@ -370,9 +370,11 @@ impl Pipeline {
             let (drain_tx, drain_rx) = watch::channel(None);
             let intake = async {
                 let r = self.intake(run_id, buffer, &intake_cancel, &counters).await;
-                // Deliver what was buffered, also after a source error.
+                // Deliver what was released, also after a source or store
+                // error (a batch appended but not released is picked up by
+                // the next run's recovery).
                 if !matches!(r, Ok(Ended::Stopped)) {
-                    drain_tx.send_replace(Some(buffer.next_offset()));
+                    drain_tx.send_replace(Some(*self.shared.released.borrow()));
                 }
                 r
             };
@@ -565,10 +567,10 @@ impl Pipeline {
             .into_iter()
             .map(|r| Event::new(self.key.as_deref(), r))
             .collect();
-        if let Some(schema) = &self.schema {
-            let invalid = self.keep_invalid(&key, schema, &mut events).await?;
-            counters.dead.fetch_add(invalid, Ordering::Relaxed);
-        }
+        let invalid = match &self.schema {
+            Some(schema) => self.invalid(&key, schema, &mut events),
+            None => Vec::new(),
+        };
         let entry = Entry {
             run: run_id,
             key,
@@ -581,6 +583,14 @@ impl Pipeline {
         tokio::select! {
             () = cancel.cancelled() => return Ok(false),
             room = buffer.wait_for_room(&entries) => room.map_err(|e| buffer_error(&self.name, e))?,
+        }
+        // Kept before the checkpoint can move past them.
+        if !invalid.is_empty() {
+            tracing::warn!(pipeline = %self.name, records = invalid.len(), "records failed the schema; kept as dead letters");
+            self.store.add_dead_letters(&self.name, &invalid).await?;
+            counters
+                .dead
+                .fetch_add(invalid.len() as u64, Ordering::Relaxed);
         }
         let appended = buffer
             .append(&entries)
@@ -607,13 +617,14 @@ impl Pipeline {
 
 impl Pipeline {
     /// Moves the events that fail the pipeline's schema out of `events`
-    /// into dead letters, with every validation error and the record key.
-    async fn keep_invalid(
+    /// into dead letters (returned, to be stored), with every validation
+    /// error and the record key.
+    fn invalid(
         &self,
         batch_key: &str,
         schema: &jsonschema::Validator,
         events: &mut Vec<Event>,
-    ) -> Result<u64> {
+    ) -> Vec<caudal_store::NewDeadLetter> {
         let mut letters = Vec::new();
         events.retain(|e| {
             let record = serde_json::Value::Object(e.data.clone());
@@ -638,11 +649,7 @@ impl Pipeline {
             });
             false
         });
-        if !letters.is_empty() {
-            tracing::warn!(pipeline = %self.name, records = letters.len(), "records failed the schema; kept as dead letters");
-            self.store.add_dead_letters(&self.name, &letters).await?;
-        }
-        Ok(letters.len() as u64)
+        letters
     }
 }
 

@@ -120,10 +120,15 @@ impl Sender {
                     () = stop.cancelled() => return Err(cancelled()),
                     permit = self.breaker.acquire() => permit,
                 };
-                let permit = self.concurrency.acquire().await;
-                self.limiter
-                    .acquire(u32::try_from(events.len()).unwrap_or(u32::MAX))
-                    .await;
+                // Shutdown while waiting for a turn sends nothing new.
+                let permit = tokio::select! {
+                    () = stop.cancelled() => return Err(cancelled()),
+                    permit = self.concurrency.acquire() => permit,
+                };
+                tokio::select! {
+                    () = stop.cancelled() => return Err(cancelled()),
+                    () = self.limiter.acquire(u32::try_from(events.len()).unwrap_or(u32::MAX)) => {}
+                }
                 let started = tokio::time::Instant::now();
                 let (first_at, first_instant) =
                     *first.get_or_insert((jiff::Timestamp::now(), started));

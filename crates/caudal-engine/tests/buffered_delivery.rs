@@ -491,3 +491,78 @@ retry = { max_attempts = 1 }"#,
     let seqs: Vec<i64> = w.accepted().iter().map(|(s, _)| *s).collect();
     assert_eq!(seqs, (1..=12).collect::<Vec<_>>());
 }
+
+/// Batch 1 (events 1..=3) is answered 503 after a pause and gives up;
+/// meanwhile batch 2 (4..=6, other keys) is delivered. Batch 2 is past the
+/// first unfinished batch, so it is not acknowledged: the next run sends it
+/// again with the same key, and its rows are counted once, on the run that
+/// read them.
+#[tokio::test]
+async fn a_batch_delivered_past_a_failed_one_is_resent_and_counted_once() {
+    let w = World::new().await;
+    w.insert(1..=6, 6).await;
+    let first = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    {
+        let first = first.clone();
+        w.receiver.set_behaviour(Behaviour::custom(move |r| {
+            let holds_1 = r
+                .json
+                .as_ref()
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|e| e["seq"] == 1));
+            if holds_1 && first.swap(false, Ordering::SeqCst) {
+                return Reply::status(503).delay(Duration::from_millis(500));
+            }
+            Reply::status(200)
+        }));
+    }
+    let sink = r#"batch = { max_records = 3 }
+concurrency = 2
+retry = { max_attempts = 1 }"#;
+    let p = w.pipeline(sink, "").await;
+    let failed = p
+        .run_once(Trigger::Manual, &CancellationToken::new(), None)
+        .await
+        .expect("run");
+    assert_eq!(failed.outcome, RunOutcome::Failed);
+    assert_eq!(failed.rows_delivered, 0, "nothing acknowledged");
+    let seqs: Vec<i64> = w.accepted().iter().map(|(s, _)| *s).collect();
+    assert_eq!(seqs, [4, 5, 6], "batch 2 went past the stuck batch 1");
+    let keys_before: Vec<String> = w
+        .receiver
+        .requests()
+        .iter()
+        .filter_map(|r| r.header("idempotency-key").map(str::to_string))
+        .collect();
+
+    let ok = p
+        .run_once(Trigger::Manual, &CancellationToken::new(), None)
+        .await
+        .expect("run");
+    assert_eq!(ok.outcome, RunOutcome::Succeeded, "{:?}", ok.error);
+    assert_eq!(ok.rows_delivered, 6, "each row counted once");
+    let read_by_first = p
+        .store()
+        .run(failed.run_id)
+        .await
+        .expect("run")
+        .expect("exists");
+    assert_eq!(read_by_first.rows_delivered, 6, "{read_by_first:?}");
+    let requests = w.receiver.requests();
+    let resent_2 = requests
+        .iter()
+        .skip(2)
+        .find(|r| {
+            r.json
+                .as_ref()
+                .and_then(Value::as_array)
+                .is_some_and(|a| a.iter().any(|e| e["seq"] == 4))
+        })
+        .expect("batch 2 sent again");
+    assert!(
+        keys_before
+            .iter()
+            .any(|k| Some(k.as_str()) == resent_2.header("idempotency-key")),
+        "batch 2 kept its key"
+    );
+}

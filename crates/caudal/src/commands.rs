@@ -374,51 +374,47 @@ pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
-        CheckpointCommand::Reset { .. } => {
-            match drop_buffered(&config, name).await {
-                Err(e) => return fail(&e),
-                Ok(0) => {}
-                Ok(n) => println!(
-                    "{name}: dropped {n} batches waiting in the buffer (they are read again from the source)"
-                ),
-            }
-            reset_checkpoint(&store, name).await
-        }
+        CheckpointCommand::Reset { .. } => reset(&config, &store, name).await,
     }
 }
 
-/// Drops the batches waiting in a pipeline's buffer (acknowledges all of
-/// them); returns how many there were. Fails with `Busy` while a process
-/// has the buffer open.
-async fn drop_buffered(config: &Config, name: &str) -> Result<u64, Error> {
+/// Forgets the checkpoint, then drops the batches waiting in the buffer
+/// (they are read again from the source). The buffer is opened first, so a
+/// running pipeline refuses the reset (`Busy`) before anything changes, and
+/// acknowledged last, so a crash in between loses nothing (the batches are
+/// then still delivered, and the next run resumes after them as if the
+/// reset had not been made).
+async fn reset(config: &Config, store: &Store, name: &str) -> ExitCode {
+    use caudal_engine::buffered;
     let dir = config.buffer_dir(name);
-    if !dir.exists() {
-        return Ok(0);
+    let buffer = if dir.exists() {
+        let settings = buffered::buffer_config(&config.pipelines[name].buffer);
+        match buffered::open(name, &dir, settings).await {
+            Ok(b) => Some(b),
+            Err(e) => return fail(&e),
+        }
+    } else {
+        None
+    };
+    match store.reset_checkpoint(name).await {
+        Err(e) => return fail(&e),
+        Ok(true) => {
+            println!("{name}: checkpoint reset; the next run reads the source from the start")
+        }
+        Ok(false) => println!("{name}: had no checkpoint"),
     }
-    let settings = caudal_engine::buffered::buffer_config(&config.pipelines[name].buffer);
-    let buffer = caudal_engine::buffered::open(name, &dir, settings).await?;
-    let waiting = buffer.next_offset() - buffer.acked();
-    buffer
-        .ack(buffer.next_offset())
-        .await
-        .map_err(|e| caudal_engine::buffered::buffer_error(name, e))?;
-    Ok(waiting)
-}
-
-async fn reset_checkpoint(store: &Store, name: &str) -> ExitCode {
-    {
-        match store.reset_checkpoint(name).await {
-            Err(e) => fail(&e),
-            Ok(true) => {
-                println!("{name}: checkpoint reset; the next run reads the source from the start");
-                ExitCode::SUCCESS
-            }
-            Ok(false) => {
-                println!("{name}: had no checkpoint");
-                ExitCode::SUCCESS
-            }
+    if let Some(buffer) = buffer {
+        let waiting = buffer.next_offset() - buffer.acked();
+        if let Err(e) = buffer.ack(buffer.next_offset()).await {
+            return fail(&buffered::buffer_error(name, e));
+        }
+        if waiting > 0 {
+            println!(
+                "{name}: dropped {waiting} batches waiting in the buffer (they are read again from the source)"
+            );
         }
     }
+    ExitCode::SUCCESS
 }
 
 pub fn validate(path: &Path) -> ExitCode {
