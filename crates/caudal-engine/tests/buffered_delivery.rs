@@ -119,6 +119,15 @@ schedule = {{ every = "1h" }}
     }
 }
 
+/// Starts the daemon's delivery loop for `p`; cancel the token to stop it.
+fn spawn_delivery(p: &Pipeline) -> (CancellationToken, tokio::task::JoinHandle<()>) {
+    let stop = CancellationToken::new();
+    let p = p.clone();
+    let token = stop.clone();
+    let task = tokio::spawn(async move { p.deliver_until_stopped(&token).await });
+    (stop, task)
+}
+
 fn distinct(accepted: &[(i64, i64)]) -> usize {
     accepted
         .iter()
@@ -285,12 +294,7 @@ circuit_breaker = { min_requests = 3, window = "10s", open_for = "300ms" }"#,
             "",
         )
         .await;
-    let stop = CancellationToken::new();
-    let delivery = {
-        let p = p.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move { p.deliver_until_stopped(&stop).await })
-    };
+    let (stop, delivery) = spawn_delivery(&p);
 
     let mut runs = Vec::new();
     for round in 0..3 {
@@ -380,12 +384,7 @@ circuit_breaker = { enabled = false }"#,
             r#"buffer = { max_bytes = "4KiB" }"#,
         )
         .await;
-    let stop = CancellationToken::new();
-    let delivery = {
-        let p = p.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move { p.deliver_until_stopped(&stop).await })
-    };
+    let (stop, delivery) = spawn_delivery(&p);
     let run = {
         let p = p.clone();
         tokio::spawn(async move {

@@ -61,6 +61,20 @@ async fn open_store(config: &Config) -> Result<Store, ExitCode> {
         .map_err(|e| fail(&e))
 }
 
+/// Refuses a pipeline name the configuration does not define, listing the
+/// ones it does (exit code 2).
+fn known_pipeline(config: &Config, name: &str) -> Result<(), ExitCode> {
+    if config.pipelines.contains_key(name) {
+        return Ok(());
+    }
+    let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
+    eprintln!(
+        "error: no pipeline named {name:?}; pipelines: {}",
+        names.join(", ")
+    );
+    Err(ExitCode::from(EXIT_CONFIG))
+}
+
 /// A token cancelled by SIGINT or SIGTERM.
 pub fn shutdown_on_signals() -> CancellationToken {
     let token = CancellationToken::new();
@@ -345,13 +359,8 @@ pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
     let name = match command {
         CheckpointCommand::Show { pipeline } | CheckpointCommand::Reset { pipeline } => pipeline,
     };
-    if !config.pipelines.contains_key(name) {
-        let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
-        eprintln!(
-            "error: no pipeline named {name:?}; pipelines: {}",
-            names.join(", ")
-        );
-        return ExitCode::from(EXIT_CONFIG);
+    if let Err(code) = known_pipeline(&config, name) {
+        return code;
     }
     let store = match open_store(&config).await {
         Ok(s) => s,
@@ -573,13 +582,8 @@ pub async fn buffer(path: &Path, command: &BufferCommand) -> ExitCode {
     };
     let (BufferCommand::Inspect { pipeline, json } | BufferCommand::Fsck { pipeline, json }) =
         command;
-    if !config.pipelines.contains_key(pipeline) {
-        let names: Vec<&str> = config.pipelines.keys().map(String::as_str).collect();
-        eprintln!(
-            "error: no pipeline named {pipeline:?}; pipelines: {}",
-            names.join(", ")
-        );
-        return ExitCode::from(EXIT_CONFIG);
+    if let Err(code) = known_pipeline(&config, pipeline) {
+        return code;
     }
     let dir = config.buffer_dir(pipeline);
     if !dir.exists() {
