@@ -1,8 +1,8 @@
 //! The buffer as an operator sees it, through the real binary: `caudal
 //! buffer inspect|fsck`, a torn tail left by a crash cut at the next start
 //! with every complete batch delivered, a damaged record refused with an
-//! error that names it, and `caudal status` showing buffered batches and
-//! the circuit breaker.
+//! error that names it, `caudal status` showing buffered batches and the
+//! circuit breaker, and the daemon reading through a receiver outage.
 
 mod support;
 
@@ -187,4 +187,59 @@ async fn status_shows_buffered_batches_and_the_open_circuit() {
     assert_eq!(exit.code(), Some(0), "{log}");
     assert!(seen >= 2, "the breaker opened after 2 failures");
     assert_eq!(w.receiver.request_count(), seen);
+}
+
+/// The real daemon through a receiver outage: runs keep succeeding and
+/// reading new rows into the buffer while nothing can be delivered; once
+/// the receiver is back, every row arrives exactly once and the buffer
+/// empties.
+#[tokio::test]
+async fn the_daemon_keeps_reading_through_an_outage_and_catches_up() {
+    let mut w = World::sqlite().await;
+    w.max_records = 5;
+    w.every = "200ms".into();
+    w.retry = r#"{ initial = "10ms", max_delay = "100ms" }"#.into();
+    w.sink_extra = r#"circuit_breaker = { min_requests = 3, open_for = "200ms" }"#.into();
+    w.receiver.stop().await;
+    w.insert(1..=10, 0).await;
+    let daemon = w.start_daemon(1);
+
+    let wait_for = |rows: u64, minute: u32| {
+        let w = &w;
+        let daemon = &daemon;
+        async move {
+            let deadline = tokio::time::Instant::now() + PATIENCE;
+            loop {
+                let status = w.status().await;
+                let buffered = status["buffered_batches"].as_u64().unwrap_or(0);
+                if status["checkpoint"] == format!("(2025-05-14T12:{minute:02}:00Z, {rows})")
+                    && buffered == rows / 5
+                {
+                    return status;
+                }
+                assert!(
+                    tokio::time::Instant::now() < deadline,
+                    "rows 1..={rows} never all buffered: {status}; log:\n{}",
+                    daemon.log()
+                );
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    };
+    wait_for(10, 0).await;
+    // Still down: new rows are read too.
+    w.insert(11..=20, 1).await;
+    let status = wait_for(20, 1).await;
+    assert_eq!(status["outcome"], "succeeded", "{status}");
+
+    w.receiver.restart().await;
+    w.wait_for_delivered(20).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while w.status().await["buffered_batches"] != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let (exit, log) = daemon.stop(Signal::SIGTERM).await;
+    assert_eq!(exit.code(), Some(0), "{log}");
+    assert_eq!(w.delivery_counts(), each(1..=20, 1));
 }
