@@ -509,3 +509,18 @@ fn concurrency_typo() {
         ),
     );
 }
+
+/// A pipeline's name becomes a directory under the buffer directory: a
+/// name that could climb out of it is refused where it is written.
+#[test]
+fn pipeline_name_that_is_a_path() {
+    check(
+        "pipeline_name_that_is_a_path",
+        &edit(
+            SEED_TOML,
+            "[pipelines.requests_to_partner]",
+            "[pipelines.\"../requests\"]",
+        ),
+        &edit(SEED_YAML, "  requests_to_partner:", "  ../requests:"),
+    );
+}

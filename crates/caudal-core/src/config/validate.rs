@@ -131,14 +131,35 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         }
     }
     for (name, pipeline) in &config.pipelines {
-        check_pipeline(
-            &root.key("pipelines").key(name.clone()),
-            pipeline,
-            config,
-            &mut problems,
-        );
+        let path = root.key("pipelines").key(name.clone());
+        if let Err(why) = pipeline_name(name) {
+            problems.push(Problem::at(path.clone(), why));
+        }
+        check_pipeline(&path, pipeline, config, &mut problems);
     }
     problems
+}
+
+/// Most characters in a pipeline name.
+const MAX_PIPELINE_NAME: usize = 128;
+
+/// A pipeline's name names its buffer directory, its lease and its rows in
+/// the state store, so it is kept to letters, digits, `_`, `-` and `.`,
+/// not starting with `.` (no path can be smuggled into the buffer
+/// directory).
+fn pipeline_name(name: &str) -> Result<(), String> {
+    let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
+    if name.is_empty() || name.len() > MAX_PIPELINE_NAME {
+        return Err(format!(
+            "a pipeline name has 1 to {MAX_PIPELINE_NAME} characters"
+        ));
+    }
+    if name.starts_with('.') || !name.chars().all(allowed) {
+        return Err(format!(
+            "pipeline name {name:?} may hold only letters, digits, `_`, `-` and `.` (not first)"
+        ));
+    }
+    Ok(())
 }
 
 fn check_pipeline(
