@@ -174,6 +174,12 @@ impl Store {
     /// Fails, saving nothing, unless `run_id` is a `running` run of
     /// `pipeline`: a run that was finished or abandoned (possibly while
     /// another process took over the pipeline) must not move its checkpoint.
+    ///
+    /// Here and in [`update_run_counts`](Self::update_run_counts) and
+    /// [`finish_run`](Self::finish_run), `rows_delivered` of `None` leaves
+    /// that counter as it is: with a buffer, delivery adds to it
+    /// ([`add_run_delivered`](Self::add_run_delivered)) while intake only
+    /// sets `rows_read`.
     pub async fn commit_progress(
         &self,
         run_id: i64,

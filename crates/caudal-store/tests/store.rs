@@ -44,6 +44,8 @@ backend_tests!(
     counters_beyond_i64_are_refused_not_truncated,
     dead_letters_are_kept_listed_and_resolved_once,
     save_checkpoint_and_late_delivered_counts,
+    counts_left_out_keep_what_delivery_added,
+    circuit_state_round_trips,
 );
 
 const P: &str = "orders";
@@ -1133,4 +1135,44 @@ fn migration_files() -> i64 {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/migrations/sqlite");
     let n = std::fs::read_dir(dir).expect("migrations dir").count();
     i64::try_from(n).expect("a small number")
+}
+
+/// Intake passes `None` for the delivered counter: it keeps what delivery
+/// added meanwhile, through progress commits and the run's end.
+async fn counts_left_out_keep_what_delivery_added(ctx: Ctx) {
+    let store = ctx.open().await;
+    let run = store.start_run(P, "schedule").await.expect("start");
+    store.add_run_delivered(run, 3).await.expect("add");
+    store
+        .commit_progress(run, P, &json!({"n": 1}), 5, None)
+        .await
+        .expect("commit");
+    store.update_run_counts(run, 7, None).await.expect("update");
+    store.add_run_delivered(run, 2).await.expect("add");
+    store
+        .finish_run(run, RunOutcome::Succeeded, 9, None, None)
+        .await
+        .expect("finish");
+    let record = store.run(run).await.expect("run").expect("exists");
+    assert_eq!((record.rows_read, record.rows_delivered), (9, 5));
+}
+
+async fn circuit_state_round_trips(ctx: Ctx) {
+    let store = ctx.open().await;
+    assert_eq!(store.circuit_state(P).await.expect("read"), None);
+    store.set_circuit_state(P, "open").await.expect("save");
+    let state = store.circuit_state(P).await.expect("read").expect("some");
+    assert_eq!(state.circuit, "open");
+    assert_recent(state.updated_at);
+    store.set_circuit_state(P, "closed").await.expect("save");
+    assert_eq!(
+        store
+            .circuit_state(P)
+            .await
+            .expect("read")
+            .expect("some")
+            .circuit,
+        "closed"
+    );
+    assert_eq!(store.circuit_state("other").await.expect("read"), None);
 }
