@@ -267,6 +267,12 @@ impl Pipeline {
         }
     }
 
+    /// Requests the sink may have in flight now: the adaptive limit as it
+    /// stands, or the fixed `concurrency`.
+    pub fn concurrency_limit(&self) -> u32 {
+        self.sender.concurrency_limit()
+    }
+
     /// Delivery totals of this pipeline in this process.
     pub fn delivery_stats(&self) -> &DeliveryStats {
         &self.shared.stats

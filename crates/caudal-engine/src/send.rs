@@ -88,6 +88,12 @@ impl Sender {
         self.breaker.state()
     }
 
+    /// Requests the sink may have in flight now (the adaptive limit as it
+    /// stands, or the fixed number).
+    pub fn concurrency_limit(&self) -> u32 {
+        self.concurrency.current()
+    }
+
     pub fn stats(&self) -> &SendStats {
         &self.stats
     }

@@ -565,3 +565,44 @@ retry = { max_attempts = 1 }"#;
         "batch 2 kept its key"
     );
 }
+
+/// `concurrency = "adaptive"` in the real path: it starts at its minimum of
+/// 1, and against a receiver that answers every request in the same 30 ms
+/// it grows, so the receiver sees requests overlap (with one in flight,
+/// the next one arrives only after the previous answer).
+#[tokio::test]
+async fn adaptive_concurrency_grows_while_the_receiver_keeps_up() {
+    let w = World::new().await;
+    // One key per event, so ordering never holds a batch back.
+    w.insert(1..=120, 1_000).await;
+    w.receiver
+        .set_reply(Reply::status(200).delay(Duration::from_millis(30)));
+    let p = w
+        .pipeline(
+            r#"batch = { max_records = 1 }
+concurrency = { adaptive = { min = 1, max = 6 } }"#,
+            "",
+        )
+        .await;
+    assert_eq!(p.concurrency_limit(), 1, "adaptive starts at min");
+    let run = p
+        .run_once(Trigger::Manual, &CancellationToken::new(), None)
+        .await
+        .expect("run");
+    assert_eq!(run.outcome, RunOutcome::Succeeded, "{:?}", run.error);
+    assert_eq!(distinct(&w.accepted()), 120);
+    let times: Vec<_> = w
+        .receiver
+        .requests()
+        .iter()
+        .map(|r| r.received_at)
+        .collect();
+    let overlapping = times
+        .windows(2)
+        .filter(|pair| pair[1] - pair[0] < Duration::from_millis(25))
+        .count();
+    assert!(
+        overlapping > 0,
+        "requests never overlapped: the limit never grew past 1"
+    );
+}
