@@ -128,6 +128,17 @@ fn spawn_delivery(p: &Pipeline) -> (CancellationToken, tokio::task::JoinHandle<(
     (stop, task)
 }
 
+/// Requests that arrived less than 25 ms after the one before. Every
+/// answer here takes at least 30 ms, so with one request in flight there
+/// are none: each counts an overlap.
+fn quick_successions(receiver: &Receiver) -> usize {
+    let times: Vec<_> = receiver.requests().iter().map(|r| r.received_at).collect();
+    times
+        .windows(2)
+        .filter(|pair| pair[1] - pair[0] < Duration::from_millis(25))
+        .count()
+}
+
 fn distinct(accepted: &[(i64, i64)]) -> usize {
     accepted
         .iter()
@@ -204,16 +215,7 @@ circuit_breaker = { enabled = false }"#,
 
     // Requests really overlapped: with one in flight, the next arrives only
     // after the previous answer (at least 30ms later).
-    let times: Vec<_> = w
-        .receiver
-        .requests()
-        .iter()
-        .map(|r| r.received_at)
-        .collect();
-    let overlapping = times
-        .windows(2)
-        .filter(|pair| pair[1] - pair[0] < Duration::from_millis(25))
-        .count();
+    let overlapping = quick_successions(&w.receiver);
     assert!(
         overlapping > 10,
         "requests never overlapped ({overlapping})"
@@ -591,16 +593,7 @@ concurrency = { adaptive = { min = 1, max = 6 } }"#,
         .expect("run");
     assert_eq!(run.outcome, RunOutcome::Succeeded, "{:?}", run.error);
     assert_eq!(distinct(&w.accepted()), 120);
-    let times: Vec<_> = w
-        .receiver
-        .requests()
-        .iter()
-        .map(|r| r.received_at)
-        .collect();
-    let overlapping = times
-        .windows(2)
-        .filter(|pair| pair[1] - pair[0] < Duration::from_millis(25))
-        .count();
+    let overlapping = quick_successions(&w.receiver);
     assert!(
         overlapping > 0,
         "requests never overlapped: the limit never grew past 1"

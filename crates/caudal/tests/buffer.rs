@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use nix::sys::signal::Signal;
 use serde_json::Value;
-use support::{PATIENCE, PIPELINE, World, each};
+use support::{PIPELINE, World, each};
 
 /// The only segment file of a small buffer.
 fn segment(w: &World) -> PathBuf {
@@ -159,19 +159,11 @@ async fn status_shows_buffered_batches_and_the_open_circuit() {
     w.receiver.set_status(503);
     let daemon = w.start_daemon(1);
 
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    let status = loop {
-        let status = w.status().await;
-        if status["circuit"] == "open" && status["buffered_batches"] == 4 {
-            break status;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "{status}; log:\n{}",
-            daemon.log()
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    };
+    let status = w
+        .wait_for_status(Some(&daemon), "an open circuit, 4 batches", |s| {
+            s["circuit"] == "open" && s["buffered_batches"] == 4
+        })
+        .await;
     assert_eq!(
         status["checkpoint"], "(2025-05-14T12:00:00Z, 20)",
         "the rows are acknowledged once buffered: {status}"
@@ -205,25 +197,15 @@ async fn the_daemon_keeps_reading_through_an_outage_and_catches_up() {
     let daemon = w.start_daemon(1);
 
     let wait_for = |rows: u64, minute: u32| {
+        let checkpoint = format!("(2025-05-14T12:{minute:02}:00Z, {rows})");
+        let what = format!("rows 1..={rows} all buffered");
         let w = &w;
         let daemon = &daemon;
         async move {
-            let deadline = tokio::time::Instant::now() + PATIENCE;
-            loop {
-                let status = w.status().await;
-                let buffered = status["buffered_batches"].as_u64().unwrap_or(0);
-                if status["checkpoint"] == format!("(2025-05-14T12:{minute:02}:00Z, {rows})")
-                    && buffered == rows / 5
-                {
-                    return status;
-                }
-                assert!(
-                    tokio::time::Instant::now() < deadline,
-                    "rows 1..={rows} never all buffered: {status}; log:\n{}",
-                    daemon.log()
-                );
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-            }
+            w.wait_for_status(Some(daemon), &what, |s| {
+                s["checkpoint"] == checkpoint.as_str() && s["buffered_batches"] == rows / 5
+            })
+            .await
         }
     };
     wait_for(10, 0).await;
@@ -234,11 +216,10 @@ async fn the_daemon_keeps_reading_through_an_outage_and_catches_up() {
 
     w.receiver.restart().await;
     w.wait_for_delivered(20).await;
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while w.status().await["buffered_batches"] != 0 {
-        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+    w.wait_for_status(Some(&daemon), "an empty buffer", |s| {
+        s["buffered_batches"] == 0
+    })
+    .await;
     let (exit, log) = daemon.stop(Signal::SIGTERM).await;
     assert_eq!(exit.code(), Some(0), "{log}");
     assert_eq!(w.delivery_counts(), each(1..=20, 1));

@@ -276,21 +276,37 @@ pipelines:
             .unwrap_or_else(|| panic!("{PIPELINE} missing from status: {all}"))
     }
 
-    /// Polls `caudal status --json` until the last run's outcome is
-    /// `outcome`; returns that status entry.
-    pub async fn wait_for_outcome(&self, outcome: &str) -> Value {
+    /// Polls `caudal status --json` until `done` holds for the entry of
+    /// [`PIPELINE`]; returns that entry. On timeout the failure names
+    /// `what` and shows the daemon's log, if there is one.
+    pub async fn wait_for_status(
+        &self,
+        daemon: Option<&Daemon>,
+        what: &str,
+        done: impl Fn(&Value) -> bool,
+    ) -> Value {
         let deadline = tokio::time::Instant::now() + PATIENCE;
         loop {
             let status = self.status().await;
-            if status["outcome"] == outcome {
+            if done(&status) {
                 return status;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "the last run is not {outcome} after {PATIENCE:?}: {status}"
+                "{what} not reached after {PATIENCE:?}: {status}; log:\n{}",
+                daemon.map(Daemon::log).unwrap_or_default()
             );
-            tokio::time::sleep(Duration::from_millis(200)).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Polls `caudal status --json` until the last run's outcome is
+    /// `outcome`; returns that status entry.
+    pub async fn wait_for_outcome(&self, outcome: &str) -> Value {
+        self.wait_for_status(None, &format!("outcome {outcome}"), |s| {
+            s["outcome"] == outcome
+        })
+        .await
     }
 
     /// Starts `caudal run`, its stdout and stderr going to a log file in the
