@@ -30,6 +30,10 @@ pub enum ErrorKind {
     Busy,
     /// The pipeline's durable buffer failed: a disk error, or damaged data.
     Buffer,
+    /// The source can no longer continue from the pipeline's position (a
+    /// replication slot dropped or invalidated, a log purged): continuing
+    /// would lose changes, so it stops until an operator resyncs.
+    Resync,
     /// The operation was stopped by a shutdown request.
     Cancelled,
     /// A bug or an impossible state.
@@ -59,6 +63,7 @@ impl ErrorKind {
             | Self::Query
             | Self::Decode
             | Self::Buffer
+            | Self::Resync
             | Self::Cancelled
             | Self::Internal => Decision::Fatal,
         }
@@ -71,6 +76,9 @@ impl ErrorKind {
             Self::Timeout => Some("the server is slow; raise the timeout or check its load"),
             Self::Busy => Some("another caudal process is running this pipeline"),
             Self::Query => Some("check the table, columns and privileges of the source"),
+            Self::Resync => {
+                Some("`caudal resync PIPELINE` reads the tables again and streams from a new slot")
+            }
             Self::Buffer => Some(
                 "check the disk of the buffer directory; `caudal buffer fsck PIPELINE` lists damage",
             ),
@@ -90,6 +98,7 @@ impl ErrorKind {
             Self::Store => "store",
             Self::Busy => "busy",
             Self::Buffer => "buffer",
+            Self::Resync => "resync",
             Self::Cancelled => "cancelled",
             Self::Internal => "internal",
         }

@@ -56,6 +56,30 @@ impl CursorValue {
 pub enum Position {
     /// An incremental SQL source: the values of the cursor columns.
     Cursor { values: Vec<CursorValue> },
+    /// A change streamed from PostgreSQL's log: the LSN of its
+    /// transaction's commit and its index within the transaction (many
+    /// changes share one commit LSN).
+    Lsn { lsn: u64, index: u64 },
+    /// A row read by a CDC snapshot: the log position the snapshot is
+    /// consistent with, the table, and the row's primary key.
+    Snapshot {
+        lsn: u64,
+        table: String,
+        key: Vec<CursorValue>,
+    },
+}
+
+/// An LSN in PostgreSQL's text form (`16/B374D848`).
+pub fn format_lsn(lsn: u64) -> String {
+    format!("{:X}/{:X}", lsn >> 32, lsn & 0xFFFF_FFFF)
+}
+
+/// Parses PostgreSQL's text form of an LSN.
+pub fn parse_lsn(text: &str) -> Option<u64> {
+    let (hi, lo) = text.trim().split_once('/')?;
+    let hi = u64::from_str_radix(hi, 16).ok()?;
+    let lo = u64::from_str_radix(lo, 16).ok()?;
+    (hi <= 0xFFFF_FFFF && lo <= 0xFFFF_FFFF).then_some((hi << 32) | lo)
 }
 
 impl Position {
@@ -65,6 +89,15 @@ impl Position {
             Self::Cursor { values } => {
                 let parts: Vec<String> = values.iter().map(CursorValue::display).collect();
                 format!("({})", parts.join(", "))
+            }
+            Self::Lsn { lsn, index } => format!("{}#{index}", format_lsn(*lsn)),
+            Self::Snapshot { lsn, table, key } => {
+                let parts: Vec<String> = key.iter().map(CursorValue::display).collect();
+                format!(
+                    "snapshot@{} {table} ({})",
+                    format_lsn(*lsn),
+                    parts.join(", ")
+                )
             }
         }
     }
@@ -77,6 +110,10 @@ pub struct Record {
     pub data: Map<String, Value>,
     /// Where the record sits in its source.
     pub position: Position,
+    /// The entity the record is about, when the source knows it (a CDC
+    /// source: table and primary key). Used for per-key ordering when the
+    /// pipeline names no `key` field.
+    pub key: Option<String>,
 }
 
 impl Record {
@@ -158,5 +195,17 @@ mod tests {
         // Pinned: a change here would break receivers' deduplication
         // across an upgrade (computed independently with Python's hashlib).
         assert_eq!(event_id("p", &a), "cbbb61e7fe1aa52c35405e77d648af73");
+    }
+
+    #[test]
+    fn lsn_text_round_trips() {
+        for lsn in [0u64, 0x0016_B374_D848, u64::MAX] {
+            assert_eq!(parse_lsn(&format_lsn(lsn)), Some(lsn));
+        }
+        assert_eq!(format_lsn(0x16_B374_D848), "16/B374D848");
+        assert_eq!(parse_lsn("0/1"), Some(1));
+        for bad in ["", "1", "x/1", "1/", "100000000/0"] {
+            assert_eq!(parse_lsn(bad), None, "{bad:?}");
+        }
     }
 }

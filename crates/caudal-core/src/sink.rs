@@ -27,13 +27,17 @@ impl Event {
         event_id(pipeline, &self.position)
     }
 
-    /// Wraps a record, taking its key from `key_field`.
+    /// Wraps a record, taking its key from `key_field`, or the source's
+    /// own key for the record when no field is named.
     pub fn new(key_field: Option<&str>, record: Record) -> Self {
-        let key = key_field.and_then(|f| match record.data.get(f) {
-            None | Some(Value::Null) => None,
-            Some(Value::String(s)) => Some(s.clone()),
-            Some(other) => Some(other.to_string()),
-        });
+        let key = match key_field {
+            Some(f) => match record.data.get(f) {
+                None | Some(Value::Null) => None,
+                Some(Value::String(s)) => Some(s.clone()),
+                Some(other) => Some(other.to_string()),
+            },
+            None => record.key,
+        };
         Self {
             key,
             position: record.position,

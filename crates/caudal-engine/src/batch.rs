@@ -94,6 +94,7 @@ mod tests {
             position: Position::Cursor {
                 values: vec![CursorValue::Int(i)],
             },
+            key: None,
         }
     }
 

@@ -70,7 +70,15 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken) {
         }
         let started = Timestamp::now();
         match pipeline.run_capture(Trigger::Schedule, &shutdown).await {
-            Ok(_) => {
+            Ok(summary) => {
+                if let Some(e) = summary
+                    .error
+                    .as_ref()
+                    .filter(|e| e.kind() == ErrorKind::Resync)
+                {
+                    tracing::error!(pipeline = %name, error = %e.report(), "pipeline stopped: it cannot continue without losing changes; `caudal resync` starts it over");
+                    break;
+                }
                 last_start = Some(started);
                 last_end = Some(Timestamp::now());
             }

@@ -7,6 +7,10 @@
 //! stuck one go ahead. A stuck key holds back only the batches that contain
 //! it.
 //!
+//! A key may name a scope: `table[1]` is the row with key 1 of `table`, and
+//! the key `table` (a truncate of the table) orders against every row of
+//! it, in both directions.
+//!
 //! Acknowledgement is separate: batches complete out of order, and the
 //! buffer may only be acknowledged up to the first batch not yet complete
 //! (the [`Watermark`]).
@@ -18,6 +22,13 @@ use std::collections::{BTreeSet, HashMap, VecDeque};
 pub struct KeyGate {
     waiting: VecDeque<(u64, Vec<String>)>,
     busy: HashMap<String, usize>,
+    /// Keys in flight per scope (`table` of `table[1]`).
+    busy_scopes: HashMap<String, usize>,
+}
+
+/// The scope of a key: `table` of `table[1]`.
+fn scope(key: &str) -> Option<&str> {
+    key.find('[').filter(|&i| i > 0).map(|i| &key[..i])
 }
 
 impl KeyGate {
@@ -36,19 +47,33 @@ impl KeyGate {
     /// Takes the first waiting batch that may go now, marking its keys busy.
     pub fn next_ready(&mut self) -> Option<u64> {
         let mut held: Vec<&str> = Vec::new();
+        let mut held_scopes: Vec<&str> = Vec::new();
         let mut found = None;
         for (i, (_, keys)) in self.waiting.iter().enumerate() {
-            let blocked = keys
-                .iter()
-                .any(|k| self.busy.contains_key(k) || held.contains(&k.as_str()));
+            let blocked = keys.iter().any(|k| {
+                let k = k.as_str();
+                if self.busy.contains_key(k) || held.contains(&k) {
+                    return true;
+                }
+                match scope(k) {
+                    // A row waits for a truncate of its table.
+                    Some(s) => self.busy.contains_key(s) || held.contains(&s),
+                    // A truncate waits for every row of its table.
+                    None => self.busy_scopes.contains_key(k) || held_scopes.contains(&k),
+                }
+            });
             if !blocked {
                 found = Some(i);
                 break;
             }
             held.extend(keys.iter().map(String::as_str));
+            held_scopes.extend(keys.iter().filter_map(|k| scope(k)));
         }
         let (offset, keys) = self.waiting.remove(found?)?;
         for k in keys {
+            if let Some(s) = scope(&k) {
+                *self.busy_scopes.entry(s.to_string()).or_default() += 1;
+            }
             *self.busy.entry(k).or_default() += 1;
         }
         Some(offset)
@@ -65,6 +90,14 @@ impl KeyGate {
                 *n -= 1;
                 if *n == 0 {
                     self.busy.remove(&k);
+                }
+                if let Some(s) = scope(&k)
+                    && let Some(n) = self.busy_scopes.get_mut(s)
+                {
+                    *n -= 1;
+                    if *n == 0 {
+                        self.busy_scopes.remove(s);
+                    }
                 }
             }
         }
@@ -136,6 +169,25 @@ mod tests {
         assert_eq!(g.next_ready(), None);
         g.finished(&keys(&["a", "b"]));
         assert_eq!(g.next_ready(), Some(2));
+    }
+
+    #[test]
+    fn a_table_key_orders_against_every_row_of_the_table() {
+        let mut gate = KeyGate::new();
+        gate.offer(0, keys(&["t[1]"]));
+        gate.offer(1, keys(&["t"]));
+        gate.offer(2, keys(&["t[2]"]));
+        gate.offer(3, keys(&["u[1]"]));
+        assert_eq!(gate.next_ready(), Some(0));
+        // The truncate waits for row 1; row 2 waits for the truncate; the
+        // other table goes on.
+        assert_eq!(gate.next_ready(), Some(3));
+        assert_eq!(gate.next_ready(), None);
+        gate.finished(&keys(&["t[1]"]));
+        assert_eq!(gate.next_ready(), Some(1));
+        assert_eq!(gate.next_ready(), None);
+        gate.finished(&keys(&["t"]));
+        assert_eq!(gate.next_ready(), Some(2));
     }
 
     #[test]

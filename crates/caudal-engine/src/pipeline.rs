@@ -26,9 +26,11 @@ use std::time::Duration;
 use caudal_buffer::Buffer;
 
 use caudal_connectors::sinks::http::HttpSink;
-use caudal_connectors::sources::sql::SqlSource;
+use caudal_connectors::sources::postgres_cdc::{CdcReader, Durable, PgCdcSource};
+use caudal_connectors::sources::sql::{self, SqlSource};
 use caudal_core::config::{
-    AckMode, BatchConfig, ConcurrencyConfig, Config, PipelineConfig, SinkConfig,
+    AckMode, BatchConfig, ConcurrencyConfig, Config, PipelineConfig, SinkConfig, SqlDialect,
+    SqlMode,
 };
 use caudal_core::record::batch_key;
 use caudal_core::record::{Position, Record};
@@ -89,11 +91,35 @@ impl Trigger {
     }
 }
 
+/// Where a pipeline's records come from.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// Rows read by cursor, on a schedule.
+    Sql(SqlSource),
+    /// Changes streamed from PostgreSQL's log.
+    PgCdc(PgCdcSource),
+}
+
+/// The reader of one run.
+enum Reader {
+    Sql(Box<sql::RunReader>),
+    Cdc(CdcReader),
+}
+
+impl Reader {
+    async fn next_page(&mut self) -> Result<Option<Vec<Record>>> {
+        match self {
+            Self::Sql(r) => r.next_page().await,
+            Self::Cdc(r) => r.next_page().await,
+        }
+    }
+}
+
 /// A pipeline ready to run: its source, sink, batching and schedule.
 #[derive(Clone)]
 pub struct Pipeline {
     name: String,
-    source: SqlSource,
+    source: Source,
     sender: Sender,
     /// The record field that orders and identifies entities, if any.
     key: Option<String>,
@@ -130,6 +156,8 @@ struct RunCounters {
 
 /// Pause of the daemon's delivery loop after a failure.
 const DELIVERY_PAUSE: Duration = Duration::from_secs(5);
+/// How often a CDC run saves its replication lag for `caudal status`.
+const LAG_REPORT_EVERY: Duration = Duration::from_secs(2);
 /// How often a run reports progress (for progress bars).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
 
@@ -168,7 +196,32 @@ impl Pipeline {
                 format!("pipeline {name:?}: unknown sink {:?}", p.sink),
             )
         })?;
-        let source = SqlSource::connect(&p.source, source_cfg).await?;
+        let cdc = source_cfg.sql().mode == SqlMode::Cdc;
+        let source = match (cdc, source_cfg.dialect()) {
+            (true, SqlDialect::Postgres) => {
+                Source::PgCdc(PgCdcSource::connect(name, &p.source, source_cfg.sql()).await?)
+            }
+            (true, other) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "source {:?}: mode = \"cdc\" is not supported for {} sources",
+                        p.source,
+                        other.as_str()
+                    ),
+                ));
+            }
+            (false, _) => Source::Sql(SqlSource::connect(&p.source, source_cfg).await?),
+        };
+        // A CDC run streams until it fails or is stopped; the schedule
+        // only says how soon it starts again.
+        let schedule = if cdc {
+            Schedule::Continuous {
+                poll: DELIVERY_PAUSE,
+            }
+        } else {
+            Schedule::from_config(&p.schedule)?
+        };
         let (sender, batch, max_in_flight): (Sender, BatchConfig, u32) = match sink_cfg {
             SinkConfig::Http(c) => {
                 let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&p.sink, c)?);
@@ -186,7 +239,7 @@ impl Pipeline {
             key: p.key.clone(),
             schema: load_schema(name, p, config)?,
             batch,
-            schedule: Schedule::from_config(&p.schedule)?,
+            schedule,
             store,
             ack: p.ack,
             buffer_dir: config.buffer_dir(name),
@@ -202,6 +255,11 @@ impl Pipeline {
 
     pub fn schedule(&self) -> &Schedule {
         &self.schedule
+    }
+
+    /// The pipeline's source.
+    pub fn source(&self) -> &Source {
+        &self.source
     }
 
     pub fn store(&self) -> &Store {
@@ -370,12 +428,16 @@ impl Pipeline {
         };
         let work = async {
             if !deliver {
-                return self.intake(run_id, buffer, &run_cancel, &counters).await;
+                return self
+                    .intake(run_id, buffer, &run_cancel, &counters, true)
+                    .await;
             }
             let intake_cancel = run_cancel.child_token();
             let (drain_tx, drain_rx) = watch::channel(None);
             let intake = async {
-                let r = self.intake(run_id, buffer, &intake_cancel, &counters).await;
+                let r = self
+                    .intake(run_id, buffer, &intake_cancel, &counters, false)
+                    .await;
                 // Deliver what was released, also after a source or store
                 // error (a batch appended but not released is picked up by
                 // the next run's recovery).
@@ -463,19 +525,49 @@ impl Pipeline {
     }
 
     /// Reads the source from where the buffer and checkpoint say to its
-    /// current end, cutting batches and appending each to the buffer.
+    /// current end (`follow`: a CDC source keeps streaming until stopped),
+    /// cutting batches and appending each to the buffer.
     async fn intake(
         &self,
         run_id: i64,
         buffer: &Buffer,
         cancel: &CancellationToken,
         counters: &RunCounters,
+        follow: bool,
     ) -> Result<Ended> {
         let checkpoint = self.checkpoint().await?;
         let (from, releasable) =
             buffered::recover(&self.name, buffer, &self.store, self.ack, checkpoint).await?;
         self.release(releasable);
-        let mut reader = self.source.open_run(from.as_ref()).await?;
+        let (mut reader, durable) = match &self.source {
+            Source::Sql(s) => (
+                Reader::Sql(Box::new(s.open_run(from.as_ref()).await?)),
+                None,
+            ),
+            Source::PgCdc(s) => {
+                let r = s.open_run(from.as_ref(), follow).await?;
+                let durable = r.durable();
+                (Reader::Cdc(r), Some(durable))
+            }
+        };
+        let durable = durable.as_ref();
+        // A CDC source's lag is saved every few seconds for `caudal status`.
+        let _report = match &self.source {
+            Source::PgCdc(s) => {
+                let (source, store, name) = (s.clone(), self.store.clone(), self.name.clone());
+                Some(AbortOnDrop(tokio::spawn(async move {
+                    let mut tick = tokio::time::interval(LAG_REPORT_EVERY);
+                    loop {
+                        tick.tick().await;
+                        let lag = serde_json::to_value(source.lag()).unwrap_or_default();
+                        if let Err(e) = store.set_source_state(&name, &lag).await {
+                            tracing::debug!(pipeline = %name, error = %e.report(), "cannot save the replication lag");
+                        }
+                    }
+                })))
+            }
+            Source::Sql(_) => None,
+        };
         // The reader runs ahead of buffering by at most two pages.
         let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<Record>>>(2);
         let read_cancel = cancel.clone();
@@ -516,14 +608,14 @@ impl Pipeline {
                 () = wait => {
                     let batch = batcher.take();
                     deadline = None;
-                    if !self.buffer_batch(run_id, batch, buffer, cancel, counters).await? {
+                    if !self.buffer_batch(run_id, batch, buffer, cancel, counters, durable).await? {
                         return Ok(Ended::Stopped);
                     }
                 }
                 page = pages.recv() => match page {
                     None => {
                         let rest = batcher.take();
-                        if !self.buffer_batch(run_id, rest, buffer, cancel, counters).await? {
+                        if !self.buffer_batch(run_id, rest, buffer, cancel, counters, durable).await? {
                             return Ok(Ended::Stopped);
                         }
                         return Ok(Ended::Completed);
@@ -533,7 +625,7 @@ impl Pipeline {
                         counters.read.fetch_add(records.len() as u64, Ordering::Relaxed);
                         for record in records {
                             if let Some(full) = batcher.push(record)
-                                && !self.buffer_batch(run_id, full, buffer, cancel, counters).await?
+                                && !self.buffer_batch(run_id, full, buffer, cancel, counters, durable).await?
                             {
                                 return Ok(Ended::Stopped);
                             }
@@ -552,8 +644,9 @@ impl Pipeline {
     /// Makes one batch durable: keeps the records failing the schema as
     /// dead letters, appends the batch to the buffer (waiting while it is
     /// full), then with `ack = "buffered"` commits the checkpoint past it,
-    /// and releases it to delivery. Returns false when `cancel` came while
-    /// waiting for room (nothing was appended).
+    /// and releases it to delivery; a CDC source may then confirm its slot
+    /// up to it. Returns false when `cancel` came while waiting for room
+    /// (nothing was appended).
     async fn buffer_batch(
         &self,
         run_id: i64,
@@ -561,6 +654,7 @@ impl Pipeline {
         buffer: &Buffer,
         cancel: &CancellationToken,
         counters: &RunCounters,
+        durable: Option<&Durable>,
     ) -> Result<bool> {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(true);
@@ -614,6 +708,9 @@ impl Pipeline {
                     .update_run_counts(run_id, rows_read, None)
                     .await?;
             }
+        }
+        if let Some(d) = durable {
+            d.mark(&entry.position);
         }
         self.shared.recent.put(appended.start, entry);
         self.release(appended.end);

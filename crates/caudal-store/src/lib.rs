@@ -53,12 +53,14 @@ mod open;
 mod runs;
 mod schedules;
 mod sink_states;
+mod source_states;
 
 pub use checkpoints::Checkpoint;
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;
 pub use runs::{RunOutcome, RunRecord};
 pub use sink_states::SinkState;
+pub use source_states::SourceState;
 
 use caudal_core::{Error, ErrorKind};
 

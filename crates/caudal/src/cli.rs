@@ -93,6 +93,30 @@ pub enum Command {
     Validate,
     /// Print the JSON Schema of the configuration, for editors.
     Schema,
+    /// Change data capture: the replication slot and publication of a
+    /// pipeline with a `mode = "cdc"` source.
+    #[command(subcommand)]
+    Cdc(CdcCommand),
+    /// Start a CDC pipeline over on purpose: drop its slot (and what waits
+    /// in its buffer), forget its checkpoint; the next run creates a new
+    /// slot, reads the tables again and streams from there. For a slot that
+    /// was dropped or invalidated behind caudal's back.
+    Resync {
+        /// The pipeline to resync.
+        pipeline: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum CdcCommand {
+    /// Drop the pipeline's replication slot and publication, so the server
+    /// stops keeping WAL for it. Do this before removing a pipeline from
+    /// the configuration. The checkpoint is kept: running the pipeline
+    /// again stops with an error until `caudal resync`.
+    Drop {
+        /// The pipeline whose slot and publication to drop.
+        pipeline: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -12,7 +12,7 @@ use caudal_engine::{Pipeline, Progress, RunSummary, Trigger};
 use caudal_store::{RunOutcome, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BufferCommand, CheckpointCommand, DlqCommand};
+use crate::cli::{BufferCommand, CdcCommand, CheckpointCommand, DlqCommand};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
@@ -235,9 +235,22 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
     };
     let mut rows = Vec::new();
     for (name, p) in &config.pipelines {
-        let schedule = caudal_engine::Schedule::from_config(&p.schedule)
-            .map(|s| s.describe())
-            .unwrap_or_else(|e| format!("invalid: {e}"));
+        let cdc = config
+            .sources
+            .get(&p.source)
+            .is_some_and(|s| s.sql().mode == caudal_core::config::SqlMode::Cdc);
+        let schedule = if cdc {
+            "continuous (cdc)".to_string()
+        } else {
+            caudal_engine::Schedule::from_config(&p.schedule)
+                .map(|s| s.describe())
+                .unwrap_or_else(|e| format!("invalid: {e}"))
+        };
+        let replication = if cdc {
+            Some(replication_status(&config, &store, name).await)
+        } else {
+            None
+        };
         let last = match store.last_run(name).await {
             Ok(r) => r,
             Err(e) => return fail(&e),
@@ -278,6 +291,7 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
             "buffer_disk_bytes": buffer_bytes,
             "circuit": circuit.as_ref().map(|c| c.circuit.clone()),
             "circuit_updated_at": circuit.map(|c| c.updated_at.to_string()),
+            "replication": replication,
         }));
     }
     if json {
@@ -294,8 +308,9 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
         "NEXT RUN",
         "BUFFERED",
         "CIRCUIT",
+        "LAG",
     ];
-    let table: Vec<[String; 9]> = rows
+    let table: Vec<[String; 10]> = rows
         .iter()
         .map(|r| {
             let s = |k: &str| {
@@ -318,6 +333,7 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
                     .as_u64()
                     .map_or_else(|| "-".into(), |n| format!("{n} batches")),
                 s("circuit"),
+                lag_text(&r["replication"]),
             ]
         })
         .collect();
@@ -426,6 +442,117 @@ async fn reset(config: &Config, store: &Store, name: &str) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// The CDC source of a pipeline, or an error saying it has none.
+async fn cdc_source(
+    config: &Config,
+    name: &str,
+) -> Result<caudal_connectors::sources::postgres_cdc::PgCdcSource, ExitCode> {
+    known_pipeline(config, name)?;
+    let p = &config.pipelines[name];
+    let source = config.sources.get(&p.source);
+    match source {
+        Some(s) if s.sql().mode == caudal_core::config::SqlMode::Cdc => {
+            caudal_connectors::sources::postgres_cdc::PgCdcSource::connect(name, &p.source, s.sql())
+                .await
+                .map_err(|e| fail(&e))
+        }
+        _ => {
+            eprintln!(
+                "error: pipeline {name:?} does not capture changes (its source is not mode = \"cdc\")"
+            );
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+/// Opens a pipeline's buffer, which fails (`Busy`) while a process runs it.
+async fn hold_buffer(
+    config: &Config,
+    name: &str,
+) -> Result<Option<caudal_buffer::Buffer>, ExitCode> {
+    use caudal_engine::buffered;
+    let dir = config.buffer_dir(name);
+    if !dir.exists() {
+        return Ok(None);
+    }
+    let settings = buffered::buffer_config(&config.pipelines[name].buffer);
+    buffered::open(name, &dir, settings)
+        .await
+        .map(Some)
+        .map_err(|e| fail(&e))
+}
+
+pub async fn cdc(path: &Path, command: &CdcCommand) -> ExitCode {
+    let config = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let CdcCommand::Drop { pipeline: name } = command;
+    let source = match cdc_source(&config, name).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    // Refused while the pipeline runs.
+    let _buffer = match hold_buffer(&config, name).await {
+        Ok(b) => b,
+        Err(code) => return code,
+    };
+    match source.drop_replication().await {
+        Err(e) => fail(&e),
+        Ok(d) => {
+            match (&d.slot, &d.publication) {
+                (None, None) => println!(
+                    "{name}: no slot {:?} nor publication {:?} to drop",
+                    source.slot(),
+                    source.publication()
+                ),
+                _ => {
+                    if let Some(s) = &d.slot {
+                        println!("{name}: dropped replication slot {s:?}");
+                    }
+                    if let Some(p) = &d.publication {
+                        println!("{name}: dropped publication {p:?}");
+                    }
+                }
+            }
+            ExitCode::SUCCESS
+        }
+    }
+}
+
+pub async fn resync(path: &Path, name: &str) -> ExitCode {
+    let (config, store) = match load_with_store(path).await {
+        Ok(both) => both,
+        Err(code) => return code,
+    };
+    let source = match cdc_source(&config, name).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    if let Err(code) = hold_buffer(&config, name).await {
+        return code;
+    }
+    match source.drop_replication().await {
+        Err(e) => return fail(&e),
+        Ok(d) => {
+            if let Some(s) = &d.slot {
+                println!("{name}: dropped replication slot {s:?}");
+            }
+        }
+    }
+    if let Err(e) = store.clear_source_state(name).await {
+        return fail(&e);
+    }
+    let code = reset(&config, &store, name).await;
+    if code == ExitCode::SUCCESS {
+        println!(
+            "{name}: the next run creates slot {:?}, reads the tables again and streams from there",
+            source.slot()
+        );
+    }
+    code
+}
+
 pub fn validate(path: &Path) -> ExitCode {
     match load(path) {
         Err(code) => code,
@@ -440,6 +567,84 @@ pub fn validate(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
+}
+
+/// `12.3 KiB / 0.4s` of a CDC pipeline's replication status.
+fn lag_text(r: &serde_json::Value) -> String {
+    if r.is_null() {
+        return "-".into();
+    }
+    if r["slot_exists"] == serde_json::Value::Bool(false) {
+        return "slot missing".into();
+    }
+    let bytes = r["lag_bytes"].as_u64().map_or_else(
+        || "?".into(),
+        |b| caudal_core::units::ByteSize(b).to_string(),
+    );
+    let secs = r["lag_seconds"]
+        .as_f64()
+        .map_or_else(|| "?".into(), |s| format!("{s:.1}s"));
+    format!("{bytes} / {secs}")
+}
+
+/// A CDC pipeline's slot as the server shows it now, and the lag its
+/// reader last reported.
+async fn replication_status(config: &Config, store: &Store, name: &str) -> serde_json::Value {
+    let p = &config.pipelines[name];
+    let mut out = serde_json::Map::new();
+    if let Ok(Some(state)) = store.source_state(name).await {
+        for k in [
+            "slot",
+            "phase",
+            "lag_seconds",
+            "last_commit_time",
+            "snapshot_rows",
+            "confirmed_lsn",
+        ] {
+            if let Some(v) = state.state.get(k) {
+                out.insert(k.into(), v.clone());
+            }
+        }
+        out.insert("reported_at".into(), state.updated_at.to_string().into());
+    }
+    let Some(source) = config.sources.get(&p.source) else {
+        return out.into();
+    };
+    match caudal_connectors::sources::postgres_cdc::PgCdcSource::connect(
+        name,
+        &p.source,
+        source.sql(),
+    )
+    .await
+    {
+        Err(e) => {
+            out.insert("server".into(), format!("unreachable: {e}").into());
+        }
+        Ok(s) => {
+            out.insert("slot".into(), s.slot().into());
+            match s.slot_info().await {
+                Err(e) => {
+                    out.insert("server".into(), format!("unreachable: {e}").into());
+                }
+                Ok(None) => {
+                    out.insert("slot_exists".into(), false.into());
+                }
+                Ok(Some(slot)) => {
+                    out.insert("slot_exists".into(), true.into());
+                    out.insert("slot_active".into(), slot.active.into());
+                    out.insert("wal_status".into(), slot.wal_status.into());
+                    out.insert("lag_bytes".into(), slot.lag_bytes.into());
+                    out.insert(
+                        "confirmed_lsn".into(),
+                        slot.confirmed_flush
+                            .map(caudal_core::record::format_lsn)
+                            .into(),
+                    );
+                }
+            }
+        }
+    }
+    out.into()
 }
 
 pub fn schema() -> ExitCode {

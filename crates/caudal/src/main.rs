@@ -39,6 +39,8 @@ fn main() -> ExitCode {
             Command::Buffer(c) => commands::buffer(&cli.config, c).await,
             Command::Validate => commands::validate(&cli.config),
             Command::Schema => commands::schema(),
+            Command::Cdc(c) => commands::cdc(&cli.config, c).await,
+            Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
         }
     });
     // Do not wait for stray blocking tasks (e.g. a stdin reader) at exit.
@@ -48,8 +50,10 @@ fn main() -> ExitCode {
 
 fn init_logging(level: &str, format: LogFormat) {
     use tracing_subscriber::EnvFilter;
+    // The replication client logs every status update at info; its
+    // warnings still show, and RUST_LOG can ask for more.
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(level))
+        .or_else(|_| EnvFilter::try_new(format!("{level},pg_walstream=warn")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)

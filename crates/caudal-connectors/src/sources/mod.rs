@@ -1,3 +1,4 @@
 //! Sources: where records come from.
 
+pub mod postgres_cdc;
 pub mod sql;

@@ -215,7 +215,25 @@ pub enum SqlMode {
     /// Read rows whose cursor is past the checkpoint, on a schedule.
     #[default]
     Incremental,
+    /// Change data capture: snapshot the tables, then stream every change
+    /// from the database's log (PostgreSQL logical replication).
+    Cdc,
 }
+
+/// Whether a CDC source first reads the rows its tables already hold.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum CdcSnapshot {
+    /// Read every existing row (chunked by primary key), then stream from
+    /// exactly the point the rows were read at.
+    #[default]
+    Initial,
+    /// Only stream changes made after the replication slot was created.
+    Never,
+}
+
+/// Default interval of CDC heartbeats.
+pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
 /// How exact decimals (`numeric`, `DECIMAL`) appear in records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -236,13 +254,33 @@ pub enum DecimalFormat {
 pub struct SqlSourceConfig {
     /// Connection URL: `postgres://…`, `mysql://…` or `sqlite://PATH`.
     pub url: Secret,
-    /// Capture mode; `incremental` reads by cursor.
+    /// Capture mode: `incremental` reads by cursor, `cdc` streams changes.
     #[serde(default)]
     pub mode: SqlMode,
     /// The table to read, optionally schema-qualified (`public.requests`).
     /// Set either `table` or `query`.
     #[serde(default)]
     pub table: Option<String>,
+    /// CDC: the tables to capture, optionally schema-qualified (instead of
+    /// `table`).
+    #[serde(default)]
+    pub tables: Option<Vec<String>>,
+    /// CDC: the replication slot (default `caudal_<pipeline>`); created
+    /// when missing.
+    #[serde(default)]
+    pub slot: Option<String>,
+    /// CDC: the publication (default `caudal_<pipeline>`); created when
+    /// missing, and given the configured tables.
+    #[serde(default)]
+    pub publication: Option<String>,
+    /// CDC: how often a heartbeat is written to the log so the slot moves on
+    /// while the captured tables are idle (default `"10s"`; `"0s"` turns it
+    /// off).
+    #[serde(default)]
+    pub heartbeat: Option<Duration>,
+    /// CDC: whether existing rows are read first (default `initial`).
+    #[serde(default)]
+    pub snapshot: CdcSnapshot,
     /// A query whose rows are read instead of a table. It must return the
     /// cursor columns; caudal wraps it as a subquery and adds the cursor
     /// filter and order.
@@ -254,7 +292,8 @@ pub struct SqlSourceConfig {
     /// Cursor columns, most significant first, e.g.
     /// `["last_modified_date", "request_id"]`. The tuple must be unique per
     /// row: end it with a key column so rows sharing a timestamp are
-    /// neither skipped nor repeated.
+    /// neither skipped nor repeated. Required in `incremental` mode.
+    #[serde(default)]
     pub cursor: Vec<String>,
     /// Safety lag: rows whose first cursor column is newer than
     /// `now - lag` wait for the next run, so transactions still in flight
@@ -263,7 +302,8 @@ pub struct SqlSourceConfig {
     /// non-timestamp cursor is an error.
     #[serde(default)]
     pub lag: Option<Duration>,
-    /// Rows fetched per query (default 5000).
+    /// Rows fetched per query (default 5000); in `cdc` mode, rows per
+    /// snapshot chunk.
     #[serde(default = "default_page_size")]
     pub page_size: u32,
     /// How exact decimals appear in records (default `string`).
@@ -405,7 +445,9 @@ pub struct PipelineConfig {
     pub source: String,
     /// Name of a sink in `[sinks]`.
     pub sink: String,
-    /// When the pipeline runs.
+    /// When the pipeline runs. Required for incremental sources; a CDC
+    /// source streams continuously and takes none.
+    #[serde(default)]
     pub schedule: ScheduleConfig,
     /// Record field that identifies an entity (e.g. `request_id`); records
     /// with the same key keep their order.

@@ -15,7 +15,7 @@ use super::load::path::{FieldPath, Problem};
 use super::{
     BufferConfig, CircuitBreakerConfig, ConcurrencyConfig, Config, FsyncPolicy, HttpSinkConfig,
     PipelineConfig, RateLimitConfig, RetryConfig, ScheduleConfig, SinkConfig, SourceConfig,
-    SqlDialect, SqlMode, StatusConfig,
+    SqlDialect, SqlMode, SqlSourceConfig, StatusConfig,
 };
 use crate::units::redact_url;
 
@@ -186,7 +186,22 @@ fn check_pipeline(
             "must not be empty; name a record field or leave it out",
         ));
     }
-    check_schedule(&path.key("schedule"), &pipeline.schedule, out);
+    let cdc = config
+        .sources
+        .get(&pipeline.source)
+        .is_some_and(|s| s.sql().mode == SqlMode::Cdc);
+    let s = &pipeline.schedule;
+    if !cdc {
+        check_schedule(&path.key("schedule"), s, out);
+    } else if s.every.is_some() || s.cron.is_some() || s.continuous || s.poll.is_some() {
+        out.push(Problem::at_key(
+            path.key("schedule"),
+            format!(
+                "source {:?} captures changes continuously (mode = \"cdc\"); remove the schedule",
+                pipeline.source
+            ),
+        ));
+    }
     if pipeline
         .schema
         .as_deref()
@@ -267,14 +282,19 @@ fn check_schedule(path: &FieldPath, schedule: &ScheduleConfig, out: &mut Vec<Pro
 
 fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Vec<Problem>) {
     let sql = source.sql();
-    // `cdc` is not implemented yet; the enum has no such variant, so serde
-    // already rejects it with the list of supported modes.
-    match sql.mode {
-        SqlMode::Incremental => {}
-    }
     if let Some(message) = sql_url_problem(source.dialect(), sql.url.expose()) {
         out.push(Problem::at(path.key("url"), message));
     }
+    if sql.page_size == 0 {
+        out.push(Problem::at(path.key("page_size"), "must be greater than 0"));
+    }
+    match sql.mode {
+        SqlMode::Incremental => check_incremental(path, sql, out),
+        SqlMode::Cdc => check_cdc(path, source.dialect(), sql, out),
+    }
+}
+
+fn check_incremental(path: &FieldPath, sql: &SqlSourceConfig, out: &mut Vec<Problem>) {
     match (&sql.table, &sql.query) {
         (Some(_), Some(_)) => out.push(Problem::at(
             path.key("query"),
@@ -296,9 +316,116 @@ fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Vec<Problem>)
     if let Some(columns) = &sql.columns {
         check_columns(&path.key("columns"), columns, &sql.cursor, out);
     }
-    if sql.page_size == 0 {
-        out.push(Problem::at(path.key("page_size"), "must be greater than 0"));
+    for (field, set) in [
+        ("tables", sql.tables.is_some()),
+        ("slot", sql.slot.is_some()),
+        ("publication", sql.publication.is_some()),
+        ("heartbeat", sql.heartbeat.is_some()),
+    ] {
+        if set {
+            out.push(Problem::at(
+                path.key(field),
+                format!("{field:?} applies only to mode = \"cdc\""),
+            ));
+        }
     }
+}
+
+fn check_cdc(path: &FieldPath, dialect: SqlDialect, sql: &SqlSourceConfig, out: &mut Vec<Problem>) {
+    if dialect != SqlDialect::Postgres {
+        out.push(Problem::at(
+            path.key("mode"),
+            format!(
+                "mode = \"cdc\" is supported for postgres sources; {} sources read incrementally",
+                dialect.as_str()
+            ),
+        ));
+        return;
+    }
+    for (field, set, why) in [
+        (
+            "query",
+            sql.query.is_some(),
+            "changes are captured per table",
+        ),
+        (
+            "cursor",
+            !sql.cursor.is_empty(),
+            "changes are ordered by the log",
+        ),
+        (
+            "lag",
+            sql.lag.is_some(),
+            "the log only holds committed changes",
+        ),
+        (
+            "columns",
+            sql.columns.is_some(),
+            "every column of a captured table is sent",
+        ),
+    ] {
+        if set {
+            out.push(Problem::at(
+                path.key(field),
+                format!("{field:?} does not apply to mode = \"cdc\": {why}"),
+            ));
+        }
+    }
+    match (&sql.table, &sql.tables) {
+        (Some(_), Some(_)) => out.push(Problem::at(
+            path.key("tables"),
+            "set either \"table\" or \"tables\", not both",
+        )),
+        (None, None) => out.push(Problem::at_key(
+            path.clone(),
+            "set \"tables\", the tables to capture, e.g. [\"public.service_requests\"]",
+        )),
+        (Some(table), None) if table.trim().is_empty() => {
+            out.push(Problem::at(path.key("table"), "must not be empty"));
+        }
+        (None, Some(tables)) => {
+            if tables.is_empty() {
+                out.push(Problem::at(path.key("tables"), "list at least one table"));
+            }
+            let mut seen = BTreeSet::new();
+            for (i, t) in tables.iter().enumerate() {
+                if t.trim().is_empty() {
+                    out.push(Problem::at(
+                        path.key("tables").index(i),
+                        "table name is empty",
+                    ));
+                } else if !seen.insert(t.as_str()) {
+                    out.push(Problem::at(
+                        path.key("tables").index(i),
+                        format!("table {t:?} is listed twice"),
+                    ));
+                }
+            }
+        }
+        _ => {}
+    }
+    for (field, name) in [("slot", &sql.slot), ("publication", &sql.publication)] {
+        if let Some(name) = name
+            && !valid_pg_name(name)
+        {
+            out.push(Problem::at(
+                path.key(field),
+                format!(
+                    "{name:?} is not a valid {field} name: use 1 to 63 lowercase letters, digits and _"
+                ),
+            ));
+        }
+    }
+}
+
+/// A replication slot name as PostgreSQL accepts it (and so a publication
+/// name caudal never needs to quote).
+pub fn valid_pg_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 fn check_cursor(path: &FieldPath, cursor: &[String], out: &mut Vec<Problem>) {

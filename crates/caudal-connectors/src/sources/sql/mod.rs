@@ -14,7 +14,7 @@
 //!   unquoted (a user `query` is the user's own SQL, wrapped as a subquery).
 
 mod mysql;
-mod postgres;
+pub(crate) mod postgres;
 mod sqlite;
 
 use caudal_core::config::{DEFAULT_LAG, DecimalFormat, SourceConfig, SqlDialect, SqlSourceConfig};
@@ -47,7 +47,7 @@ impl ColumnKind {
     }
 
     /// The typed cursor value of a decoded JSON value of this kind.
-    fn cursor_value(&self, column: &str, value: &Value) -> Result<CursorValue> {
+    pub(crate) fn cursor_value(&self, column: &str, value: &Value) -> Result<CursorValue> {
         let bad = || {
             Error::new(
                 ErrorKind::Decode,
@@ -194,6 +194,17 @@ impl SqlSource {
                     ));
                 }
                 Some(values.clone())
+            }
+            Some(other) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "source {:?}: the checkpoint {} is not a cursor position; the source's mode \
+                         changed since it was saved (see `caudal checkpoint reset`)",
+                        self.name,
+                        other.display()
+                    ),
+                ));
             }
         };
         let bound = match plan.lag {
@@ -425,6 +436,7 @@ impl SqlSource {
                 Ok(Record {
                     data,
                     position: Position::Cursor { values },
+                    key: None,
                 })
             })
             .collect()
@@ -474,8 +486,9 @@ impl RunReader {
         match records.last() {
             None => Ok(None),
             Some(last) => {
-                let Position::Cursor { values } = &last.position;
-                self.after = Some(values.clone());
+                if let Position::Cursor { values } = &last.position {
+                    self.after = Some(values.clone());
+                }
                 Ok(Some(records))
             }
         }
@@ -491,7 +504,7 @@ impl RunReader {
 /// A failure inside a dialect module, mapped to an [`Error`] by the caller
 /// (which knows the source's name).
 #[derive(Debug)]
-enum FetchError {
+pub(crate) enum FetchError {
     Sql(sqlx::Error),
     Decode(String),
 }

@@ -36,9 +36,14 @@ use super::{
 };
 
 pub(super) async fn connect(url: &str) -> Result<PgPool, sqlx::Error> {
+    connect_pool(url, 2).await
+}
+
+/// A pool of at most `max` connections to `url`.
+pub(crate) async fn connect_pool(url: &str, max: u32) -> Result<PgPool, sqlx::Error> {
     let options = PgConnectOptions::from_str(url)?.application_name("caudal");
     PgPoolOptions::new()
-        .max_connections(2)
+        .max_connections(max)
         .acquire_timeout(std::time::Duration::from_secs(10))
         .connect_with(options)
         .await
@@ -71,7 +76,7 @@ pub(super) async fn describe(pool: &PgPool, sql: String) -> Result<Vec<ColumnSpe
 }
 
 /// The kind of a column's type; a domain has the kind of its base type.
-fn kind_of(ty: &PgTypeInfo) -> ColumnKind {
+pub(crate) fn kind_of(ty: &PgTypeInfo) -> ColumnKind {
     match ty.kind() {
         PgTypeKind::Domain(base) => kind_of(base),
         _ => kind(ty.name()),
@@ -84,7 +89,7 @@ pub(super) async fn now_utc(pool: &PgPool) -> Result<chrono::DateTime<chrono::Ut
 
 type PgQuery<'q> = sqlx::query::Query<'q, Postgres, sqlx::postgres::PgArguments>;
 
-fn bind<'q>(q: PgQuery<'q>, v: &CursorValue) -> Result<PgQuery<'q>, FetchError> {
+pub(crate) fn bind<'q>(q: PgQuery<'q>, v: &CursorValue) -> Result<PgQuery<'q>, FetchError> {
     let bad = |what: &str, s: &str| {
         FetchError::Decode(format!("checkpoint value {s:?} is not a valid {what}"))
     };
@@ -183,7 +188,7 @@ pub(super) async fn fetch(
     rows.iter().map(|r| decode_row(r, decimals)).collect()
 }
 
-fn decode_row(row: &PgRow, decimals: DecimalFormat) -> Result<super::Row, FetchError> {
+pub(crate) fn decode_row(row: &PgRow, decimals: DecimalFormat) -> Result<super::Row, FetchError> {
     let mut out = super::Row::with_capacity(row.len());
     for (i, col) in row.columns().iter().enumerate() {
         let ty = col.type_info();
@@ -226,7 +231,11 @@ fn decode(
 }
 
 /// Decodes one value in binary format, by its type (arrays element-wise).
-fn binary_value(ty: &PgTypeInfo, b: &[u8], decimals: DecimalFormat) -> Result<Value, String> {
+pub(crate) fn binary_value(
+    ty: &PgTypeInfo,
+    b: &[u8],
+    decimals: DecimalFormat,
+) -> Result<Value, String> {
     match ty.kind() {
         PgTypeKind::Enum(_) => text(b),
         PgTypeKind::Domain(base) => binary_value(base, b, decimals),

@@ -1,0 +1,356 @@
+//! What the CDC source asks PostgreSQL's catalog: tables and their primary
+//! keys, column types for decoding, the server's settings and the slot.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use caudal_core::{Error, ErrorKind, Result};
+use sqlx::postgres::PgTypeInfo;
+use sqlx::{AssertSqlSafe, Column, Executor, PgPool, SqlSafeStr, Statement};
+
+use crate::sources::sql::{ColumnKind, postgres::kind_of, quote_ident};
+use caudal_core::config::SqlDialect;
+
+/// A captured table as the catalog knows it.
+#[derive(Clone, Debug)]
+pub struct Table {
+    pub oid: u32,
+    /// `schema.table`, unquoted.
+    pub name: String,
+    /// `"schema"."table"`, for SQL.
+    pub quoted: String,
+    /// Primary key columns, in key order, with their kinds.
+    pub key: Vec<(String, ColumnKind)>,
+    /// `d` default, `n` nothing, `f` full, `i` index.
+    pub replica_identity: char,
+}
+
+pub fn query_error(source: &str, what: &str, e: sqlx::Error) -> Error {
+    let kind = match &e {
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            ErrorKind::Connect
+        }
+        _ => ErrorKind::Query,
+    };
+    Error::with_source(kind, format!("source {source:?}: {what}"), e)
+}
+
+/// Looks a configured table up (as written: `t`, `s.t`, `"Mixed"`),
+/// with its primary key and replica identity.
+pub async fn table(pool: &PgPool, source: &str, written: &str) -> Result<Table> {
+    let row: Option<(i64, String, String, String, bool)> = sqlx::query_as(
+        "SELECT c.oid::int8, n.nspname::text, c.relname::text, c.relreplident::text, \
+                has_table_privilege(c.oid, 'SELECT') \
+         FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace \
+         WHERE c.oid = to_regclass($1)",
+    )
+    .bind(written)
+    .fetch_optional(pool)
+    .await
+    .map_err(|e| query_error(source, &format!("cannot look up table {written:?}"), e))?;
+    let Some((oid, schema, name, replident, can_select)) = row else {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!("source {source:?}: table {written:?} does not exist"),
+        ));
+    };
+    if !can_select {
+        return Err(Error::new(
+            ErrorKind::Query,
+            format!(
+                "source {source:?}: the user cannot read table {schema}.{name}; \
+                 GRANT SELECT ON {} TO the user",
+                quoted(&schema, &name)
+            ),
+        ));
+    }
+    let oid = u32::try_from(oid).unwrap_or_default();
+    let key = primary_key(pool, source, oid).await?;
+    if key.is_empty() {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "source {source:?}: table {schema}.{name} has no primary key; CDC needs one to \
+                 identify rows and to read the table in chunks (add a primary key)"
+            ),
+        ));
+    }
+    Ok(Table {
+        oid,
+        quoted: quoted(&schema, &name),
+        name: format!("{schema}.{name}"),
+        key,
+        replica_identity: replident.chars().next().unwrap_or('d'),
+    })
+}
+
+fn quoted(schema: &str, name: &str) -> String {
+    format!(
+        "{}.{}",
+        quote_ident(SqlDialect::Postgres, schema),
+        quote_ident(SqlDialect::Postgres, name)
+    )
+}
+
+/// The primary key columns of a table (by OID), in key order, with kinds.
+pub async fn primary_key(
+    pool: &PgPool,
+    source: &str,
+    oid: u32,
+) -> Result<Vec<(String, ColumnKind)>> {
+    let names: Vec<(String,)> = sqlx::query_as(
+        "SELECT a.attname::text FROM pg_index i \
+         CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
+         JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
+         WHERE i.indrelid = $1::int8::oid AND i.indisprimary ORDER BY k.ord",
+    )
+    .bind(i64::from(oid))
+    .fetch_all(pool)
+    .await
+    .map_err(|e| query_error(source, "cannot read a primary key", e))?;
+    if names.is_empty() {
+        return Ok(Vec::new());
+    }
+    let (qualified,): (String,) = sqlx::query_as("SELECT $1::int8::oid::regclass::text")
+        .bind(i64::from(oid))
+        .fetch_one(pool)
+        .await
+        .map_err(|e| query_error(source, "cannot read a table name", e))?;
+    let cols: Vec<String> = names
+        .iter()
+        .map(|(n,)| quote_ident(SqlDialect::Postgres, n))
+        .collect();
+    let sql = format!("SELECT {} FROM {qualified} LIMIT 0", cols.join(", "));
+    let described = pool
+        .prepare(AssertSqlSafe(sql).into_sql_str())
+        .await
+        .map_err(|e| query_error(source, "cannot describe a primary key", e))?;
+    Ok(names
+        .into_iter()
+        .zip(described.columns())
+        .map(|((name,), col)| (name, kind_of(col.type_info())))
+        .collect())
+}
+
+/// Column types by OID, resolved once (enums, domains and arrays of them
+/// included) so binary values decode by their real type.
+#[derive(Debug, Default)]
+pub struct Types {
+    by_oid: HashMap<u32, Arc<PgTypeInfo>>,
+}
+
+impl Types {
+    /// The types of `oids`, resolving those not seen yet.
+    pub async fn resolve(
+        &mut self,
+        pool: &PgPool,
+        source: &str,
+        oids: &[u32],
+    ) -> Result<Vec<Arc<PgTypeInfo>>> {
+        let mut missing: Vec<u32> = oids
+            .iter()
+            .copied()
+            .filter(|o| !self.by_oid.contains_key(o))
+            .collect();
+        missing.sort_unstable();
+        missing.dedup();
+        if !missing.is_empty() {
+            let ids: Vec<i64> = missing.iter().map(|&o| i64::from(o)).collect();
+            let names: Vec<(i64, String)> = sqlx::query_as(
+                "SELECT oid::int8, format_type(oid, NULL) FROM pg_type WHERE oid = ANY($1::int8[]::oid[])",
+            )
+            .bind(&ids)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| query_error(source, "cannot look up column types", e))?;
+            if names.len() != missing.len() {
+                return Err(Error::new(
+                    ErrorKind::Decode,
+                    format!(
+                        "source {source:?}: a column type of a captured table no longer exists \
+                         (type OIDs {missing:?}); the change cannot be decoded"
+                    ),
+                ));
+            }
+            let select: Vec<String> = names.iter().map(|(_, ty)| format!("NULL::{ty}")).collect();
+            let sql = format!("SELECT {}", select.join(", "));
+            let described = pool
+                .prepare(AssertSqlSafe(sql).into_sql_str())
+                .await
+                .map_err(|e| query_error(source, "cannot describe column types", e))?;
+            for ((oid, _), col) in names.iter().zip(described.columns()) {
+                let oid = u32::try_from(*oid).unwrap_or_default();
+                self.by_oid.insert(oid, Arc::new(col.type_info().clone()));
+            }
+        }
+        oids.iter()
+            .map(|o| {
+                self.by_oid.get(o).cloned().ok_or_else(|| {
+                    Error::new(ErrorKind::Internal, format!("type {o} was not resolved"))
+                })
+            })
+            .collect()
+    }
+}
+
+/// A replication slot as `pg_replication_slots` shows it.
+#[derive(Clone, Debug)]
+pub struct Slot {
+    pub plugin: Option<String>,
+    pub database: Option<String>,
+    pub active: bool,
+    /// `reserved`, `extended`, `unreserved` or `lost`.
+    pub wal_status: Option<String>,
+    pub confirmed_flush: Option<u64>,
+    /// Bytes of WAL the server holds for the slot beyond its confirmed
+    /// position.
+    pub lag_bytes: Option<i64>,
+}
+
+/// plugin, database, active, wal_status, confirmed_flush_lsn, lag bytes.
+type SlotRow = (
+    Option<String>,
+    Option<String>,
+    bool,
+    Option<String>,
+    Option<String>,
+    Option<i64>,
+);
+
+pub async fn slot(pool: &PgPool, source: &str, name: &str) -> Result<Option<Slot>> {
+    let row: Option<SlotRow> = sqlx::query_as(
+        "SELECT plugin::text, database::text, active, wal_status, confirmed_flush_lsn::text, \
+                (pg_current_wal_lsn() - confirmed_flush_lsn)::int8 \
+         FROM pg_replication_slots WHERE slot_name = $1",
+    )
+    .bind(name)
+    .fetch_optional(pool)
+    .await
+    .map_err(|e| query_error(source, "cannot read pg_replication_slots", e))?;
+    Ok(row.map(
+        |(plugin, database, active, wal_status, confirmed, lag)| Slot {
+            plugin,
+            database,
+            active,
+            wal_status,
+            confirmed_flush: confirmed
+                .as_deref()
+                .and_then(caudal_core::record::parse_lsn),
+            lag_bytes: lag,
+        },
+    ))
+}
+
+/// Checks what logical replication needs from the server and the user, with
+/// errors that say what to change.
+pub async fn preflight(pool: &PgPool, source: &str) -> Result<()> {
+    let (wal_level, version, can_replicate, user): (String, i32, bool, String) = sqlx::query_as(
+        "SELECT current_setting('wal_level'), current_setting('server_version_num')::int4, \
+                (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
+                current_user::text",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|e| query_error(source, "cannot read the server's settings", e))?;
+    if version < 140_000 {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "source {source:?}: CDC needs PostgreSQL 14 or later (the server is {})",
+                version / 10_000
+            ),
+        ));
+    }
+    if wal_level != "logical" {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "source {source:?}: the server has wal_level = {wal_level}; CDC needs \
+                 wal_level = logical (ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)"
+            ),
+        ));
+    }
+    if !can_replicate {
+        return Err(Error::new(
+            ErrorKind::Query,
+            format!(
+                "source {source:?}: user {user:?} may not use replication; \
+                 ALTER ROLE {} WITH REPLICATION",
+                quote_ident(SqlDialect::Postgres, &user)
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// Makes sure the publication exists and holds every table in `tables`.
+pub async fn ensure_publication(
+    pool: &PgPool,
+    source: &str,
+    publication: &str,
+    tables: &[Table],
+) -> Result<()> {
+    let exists: Option<(bool,)> =
+        sqlx::query_as("SELECT puballtables FROM pg_publication WHERE pubname = $1")
+            .bind(publication)
+            .fetch_optional(pool)
+            .await
+            .map_err(|e| query_error(source, "cannot read pg_publication", e))?;
+    let list = |ts: &[&Table]| {
+        ts.iter()
+            .map(|t| t.quoted.clone())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let advice = "the user must own the tables (or create the publication beforehand: \
+                  CREATE PUBLICATION ... FOR TABLE ...)";
+    match exists {
+        None => {
+            let all: Vec<&Table> = tables.iter().collect();
+            let sql = format!(
+                "CREATE PUBLICATION {} FOR TABLE {}",
+                quote_ident(SqlDialect::Postgres, publication),
+                list(&all)
+            );
+            pool.execute(AssertSqlSafe(sql)).await.map_err(|e| {
+                query_error(
+                    source,
+                    &format!("cannot create publication {publication:?}; {advice}"),
+                    e,
+                )
+            })?;
+            tracing::info!(source, publication, "created the publication");
+        }
+        Some((true,)) => {}
+        Some((false,)) => {
+            let present: Vec<(i64,)> = sqlx::query_as(
+                "SELECT prrelid::int8 FROM pg_publication_rel r \
+                 JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = $1",
+            )
+            .bind(publication)
+            .fetch_all(pool)
+            .await
+            .map_err(|e| query_error(source, "cannot read pg_publication_rel", e))?;
+            let missing: Vec<&Table> = tables
+                .iter()
+                .filter(|t| !present.iter().any(|(o,)| *o == i64::from(t.oid)))
+                .collect();
+            if !missing.is_empty() {
+                let sql = format!(
+                    "ALTER PUBLICATION {} ADD TABLE {}",
+                    quote_ident(SqlDialect::Postgres, publication),
+                    list(&missing)
+                );
+                pool.execute(AssertSqlSafe(sql)).await.map_err(|e| {
+                    query_error(
+                        source,
+                        &format!("cannot add tables to publication {publication:?}; {advice}"),
+                        e,
+                    )
+                })?;
+                tracing::info!(source, publication, tables = %list(&missing), "added tables to the publication");
+            }
+        }
+    }
+    Ok(())
+}

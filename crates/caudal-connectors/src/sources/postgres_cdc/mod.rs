@@ -1,0 +1,408 @@
+//! PostgreSQL change data capture: logical replication with `pgoutput`.
+//!
+//! A run first makes sure of what replication needs (wal_level, the
+//! REPLICATION privilege, primary keys, the publication and the slot), then
+//! reads the tables' existing rows in primary-key chunks from the snapshot
+//! the slot exported, then streams changes from exactly the slot's start.
+//! See [`reader`] for the position and acknowledgement rules.
+//!
+//! Records have one shape for every change:
+//! `{op, table, key, before, after, unchanged, lsn, xid, commit_time, index}`
+//! where `op` is `read` (snapshot), `insert`, `update`, `delete` or
+//! `truncate`; `unchanged` lists the columns left out of `after` because
+//! PostgreSQL did not send their (unchanged, TOASTed) value.
+
+mod catalog;
+mod reader;
+
+use std::sync::Arc;
+
+use caudal_core::config::{CdcSnapshot, SqlSourceConfig};
+use caudal_core::record::{Position, Record, format_lsn};
+use caudal_core::{Error, ErrorKind, Result};
+use pg_walstream::{PgReplicationConnection, ReplicationSlotOptions, SlotType};
+use sqlx::PgPool;
+use tokio::sync::{mpsc, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use catalog::Slot;
+pub use reader::{HEARTBEAT_PREFIX, Lag, SharedLag};
+
+use catalog::query_error;
+use reader::{SnapshotStart, Task, replication_error};
+
+/// A PostgreSQL CDC source of one pipeline. Cheap to clone.
+#[derive(Clone, Debug)]
+pub struct PgCdcSource {
+    name: String,
+    config: SqlSourceConfig,
+    pool: PgPool,
+    slot: String,
+    publication: String,
+    lag: SharedLag,
+}
+
+/// The default name of a pipeline's slot and publication.
+pub fn default_name(pipeline: &str) -> String {
+    let mut name = String::from("caudal_");
+    name.extend(pipeline.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_lowercase()
+        } else {
+            '_'
+        }
+    }));
+    name.truncate(63);
+    name
+}
+
+impl PgCdcSource {
+    /// Prepares the source; nothing is queried until a run opens.
+    pub async fn connect(pipeline: &str, name: &str, config: &SqlSourceConfig) -> Result<Self> {
+        let url = config.url.expose();
+        let pool = crate::sources::sql::postgres::connect_pool(url, 4)
+            .await
+            .map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Connect,
+                    format!(
+                        "source {name:?}: cannot connect to postgres at {}",
+                        caudal_core::units::redact_url(url)
+                    ),
+                    e,
+                )
+            })?;
+        Ok(Self {
+            name: name.to_string(),
+            config: config.clone(),
+            pool,
+            slot: config
+                .slot
+                .clone()
+                .unwrap_or_else(|| default_name(pipeline)),
+            publication: config
+                .publication
+                .clone()
+                .unwrap_or_else(|| default_name(pipeline)),
+            lag: SharedLag::default(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn slot(&self) -> &str {
+        &self.slot
+    }
+
+    pub fn publication(&self) -> &str {
+        &self.publication
+    }
+
+    /// Live replication figures of the current run.
+    pub fn lag(&self) -> Lag {
+        self.lag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    fn tables(&self) -> Vec<String> {
+        match (&self.config.tables, &self.config.table) {
+            (Some(t), _) => t.clone(),
+            (None, Some(t)) => vec![t.clone()],
+            (None, None) => Vec::new(),
+        }
+    }
+
+    /// The libpq connection string of a replication connection.
+    fn conninfo(&self) -> String {
+        let url = self.config.url.expose();
+        let sep = if url.contains('?') { '&' } else { '?' };
+        format!("{url}{sep}replication=database&application_name=caudal")
+    }
+
+    /// The slot as the server shows it, if it exists.
+    pub async fn slot_info(&self) -> Result<Option<Slot>> {
+        catalog::slot(&self.pool, &self.name, &self.slot).await
+    }
+
+    /// Starts one run from `from` (the last durable position; `None` for a
+    /// pipeline that has captured nothing yet). `follow`: stream until
+    /// stopped; otherwise stop once the log as of now is read.
+    pub async fn open_run(&self, from: Option<&Position>, follow: bool) -> Result<CdcReader> {
+        catalog::preflight(&self.pool, &self.name).await?;
+        let mut tables = Vec::new();
+        for t in self.tables() {
+            tables.push(catalog::table(&self.pool, &self.name, &t).await?);
+        }
+        for t in &tables {
+            if t.replica_identity == 'n' {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "source {:?}: table {} has REPLICA IDENTITY NOTHING, so PostgreSQL refuses \
+                         its updates and deletes once published; ALTER TABLE {} REPLICA IDENTITY DEFAULT",
+                        self.name, t.name, t.quoted
+                    ),
+                ));
+            }
+        }
+        catalog::ensure_publication(&self.pool, &self.name, &self.publication, &tables).await?;
+        let slot = self.slot_info().await?;
+        let (snapshot, stream_from, resume_from) = match (from, slot) {
+            (None, None) => {
+                let (conn, lsn, snapshot) = self.create_slot().await?;
+                let start = (self.config.snapshot == CdcSnapshot::Initial).then(|| SnapshotStart {
+                    exported: Some((std::sync::Mutex::new(conn), snapshot)),
+                    resume: None,
+                    lsn,
+                });
+                (start, lsn, None)
+            }
+            (None, Some(s)) => {
+                let lsn = s.confirmed_flush.unwrap_or(0);
+                let start =
+                    (self.config.snapshot == CdcSnapshot::Initial).then_some(SnapshotStart {
+                        exported: None,
+                        resume: None,
+                        lsn,
+                    });
+                (start, lsn, None)
+            }
+            (Some(p), None) => {
+                return Err(Error::new(
+                    ErrorKind::Resync,
+                    format!(
+                        "source {:?}: replication slot {:?} does not exist, but the pipeline has \
+                         captured up to {}; the changes since are lost to caudal, so it stops \
+                         rather than skip them",
+                        self.name,
+                        self.slot,
+                        p.display()
+                    ),
+                ));
+            }
+            (Some(Position::Snapshot { lsn, table, key }), Some(_)) => {
+                let index = tables.iter().position(|t| t.name == *table).ok_or_else(|| {
+                    Error::new(
+                        ErrorKind::Config,
+                        format!(
+                            "source {:?}: the snapshot stopped in table {table}, which is no longer \
+                             configured; `caudal resync` starts over",
+                            self.name
+                        ),
+                    )
+                })?;
+                let start = SnapshotStart {
+                    exported: None,
+                    resume: Some((index, key.clone())),
+                    lsn: *lsn,
+                };
+                (Some(start), *lsn, None)
+            }
+            (Some(Position::Lsn { lsn, index }), Some(_)) => (None, *lsn, Some((*lsn, *index))),
+            (Some(other @ Position::Cursor { .. }), Some(_)) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "source {:?}: the checkpoint {} is a cursor position; the source's mode \
+                         changed since it was saved (see `caudal resync`)",
+                        self.name,
+                        other.display()
+                    ),
+                ));
+            }
+        };
+        {
+            let mut lag = self
+                .lag
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            *lag = Lag {
+                slot: self.slot.clone(),
+                ..Lag::default()
+            };
+        }
+        let (out, pages) = mpsc::channel(2);
+        let (durable_tx, durable) = watch::channel(from.cloned());
+        let stop = CancellationToken::new();
+        let task = Task {
+            source: self.name.clone(),
+            pool: self.pool.clone(),
+            conninfo: self.conninfo(),
+            slot: self.slot.clone(),
+            publication: self.publication.clone(),
+            tables,
+            decimals: self.config.decimals,
+            page_size: self.config.page_size.max(1) as usize,
+            heartbeat: Some(
+                self.config
+                    .heartbeat
+                    .unwrap_or(caudal_core::config::DEFAULT_HEARTBEAT)
+                    .as_std(),
+            ),
+            follow,
+            snapshot,
+            stream_from,
+            from: resume_from,
+            out,
+            durable,
+            lag: self.lag.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(task.run());
+        Ok(CdcReader {
+            pages,
+            durable: Arc::new(durable_tx),
+            stop,
+        })
+    }
+
+    /// Creates the slot, exporting its snapshot; returns the connection
+    /// (which must stay open until the snapshot is imported), the
+    /// consistent point and the snapshot's name.
+    async fn create_slot(&self) -> Result<(PgReplicationConnection, u64, String)> {
+        let conninfo = self.conninfo();
+        let slot = self.slot.clone();
+        let name = self.name.clone();
+        let created = tokio::task::spawn_blocking(move || {
+            let mut conn = PgReplicationConnection::connect(&conninfo)?;
+            let result = conn.create_replication_slot_with_options(
+                &slot,
+                SlotType::Logical,
+                Some("pgoutput"),
+                &ReplicationSlotOptions {
+                    snapshot: Some("export".into()),
+                    ..ReplicationSlotOptions::default()
+                },
+            )?;
+            let lsn = result.get_value(0, 1).unwrap_or_default();
+            let snapshot = result.get_value(0, 2).unwrap_or_default();
+            Ok::<_, pg_walstream::ReplicationError>((conn, lsn, snapshot))
+        })
+        .await
+        .map_err(|e| Error::with_source(ErrorKind::Internal, "the slot task failed", e))?
+        .map_err(|e| replication_error(&name, "cannot create the replication slot", &e))?;
+        let (conn, lsn_text, snapshot) = created;
+        let lsn = caudal_core::record::parse_lsn(&lsn_text).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Internal,
+                format!("the server gave an unreadable consistent point {lsn_text:?}"),
+            )
+        })?;
+        tracing::info!(source = %self.name, slot = %self.slot, consistent_point = %format_lsn(lsn), "created the replication slot");
+        Ok((conn, lsn, snapshot))
+    }
+
+    /// Drops the pipeline's slot and publication (`caudal cdc drop`,
+    /// `caudal resync`). Returns what existed and was dropped.
+    pub async fn drop_replication(&self) -> Result<Dropped> {
+        let mut dropped = Dropped::default();
+        if let Some(slot) = self.slot_info().await? {
+            if slot.active {
+                // A walsender of a process that died may linger briefly.
+                sqlx::query(
+                    "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+                     WHERE slot_name = $1 AND active_pid IS NOT NULL",
+                )
+                .bind(&self.slot)
+                .execute(&self.pool)
+                .await
+                .map_err(|e| query_error(&self.name, "cannot stop the slot's walsender", e))?;
+            }
+            let mut tries = 0;
+            loop {
+                match sqlx::query("SELECT pg_drop_replication_slot($1)")
+                    .bind(&self.slot)
+                    .execute(&self.pool)
+                    .await
+                {
+                    Ok(_) => break,
+                    Err(e) if tries < 50 && e.to_string().contains("is active") => {
+                        tries += 1;
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    }
+                    Err(e) => {
+                        return Err(query_error(
+                            &self.name,
+                            "cannot drop the replication slot",
+                            e,
+                        ));
+                    }
+                }
+            }
+            dropped.slot = Some(self.slot.clone());
+        }
+        let exists: Option<(i64,)> =
+            sqlx::query_as("SELECT 1::int8 FROM pg_publication WHERE pubname = $1")
+                .bind(&self.publication)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| query_error(&self.name, "cannot read pg_publication", e))?;
+        if exists.is_some() {
+            let sql = format!(
+                "DROP PUBLICATION {}",
+                crate::sources::sql::quote_ident(
+                    caudal_core::config::SqlDialect::Postgres,
+                    &self.publication
+                )
+            );
+            sqlx::query(sqlx::AssertSqlSafe(sql))
+                .execute(&self.pool)
+                .await
+                .map_err(|e| query_error(&self.name, "cannot drop the publication", e))?;
+            dropped.publication = Some(self.publication.clone());
+        }
+        Ok(dropped)
+    }
+}
+
+/// What [`PgCdcSource::drop_replication`] removed.
+#[derive(Clone, Debug, Default)]
+pub struct Dropped {
+    pub slot: Option<String>,
+    pub publication: Option<String>,
+}
+
+/// The pages of one CDC run. Dropping it stops the reader.
+#[derive(Debug)]
+pub struct CdcReader {
+    pages: mpsc::Receiver<Result<Vec<Record>>>,
+    durable: Arc<watch::Sender<Option<Position>>>,
+    stop: CancellationToken,
+}
+
+impl CdcReader {
+    /// The next page of records; `None` when a bounded read is done.
+    pub async fn next_page(&mut self) -> Result<Option<Vec<Record>>> {
+        match self.pages.recv().await {
+            None => Ok(None),
+            Some(Ok(page)) => Ok(Some(page)),
+            Some(Err(e)) => Err(e),
+        }
+    }
+
+    /// The handle through which the pipeline reports durable positions.
+    pub fn durable(&self) -> Durable {
+        Durable(self.durable.clone())
+    }
+}
+
+impl Drop for CdcReader {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+/// Reports the last position made durable, so the slot may be confirmed
+/// up to it.
+#[derive(Clone, Debug)]
+pub struct Durable(Arc<watch::Sender<Option<Position>>>);
+
+impl Durable {
+    pub fn mark(&self, position: &Position) {
+        self.0.send_replace(Some(position.clone()));
+    }
+}
