@@ -67,6 +67,9 @@ pub enum Position {
         table: String,
         key: Vec<CursorValue>,
     },
+    /// A CDC snapshot was read to its end: streaming goes on from `lsn`.
+    /// Carried by a marker record that is never sent.
+    SnapshotDone { lsn: u64 },
 }
 
 /// An LSN in PostgreSQL's text form (`16/B374D848`).
@@ -91,6 +94,7 @@ impl Position {
                 format!("({})", parts.join(", "))
             }
             Self::Lsn { lsn, index } => format!("{}#{index}", format_lsn(*lsn)),
+            Self::SnapshotDone { lsn } => format!("snapshot done@{}", format_lsn(*lsn)),
             Self::Snapshot { lsn, table, key } => {
                 let parts: Vec<String> = key.iter().map(CursorValue::display).collect();
                 format!(

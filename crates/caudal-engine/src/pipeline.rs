@@ -622,7 +622,13 @@ impl Pipeline {
                     }
                     Some(Err(e)) => return Err(e),
                     Some(Ok(records)) => {
-                        counters.read.fetch_add(records.len() as u64, Ordering::Relaxed);
+                        let markers = records
+                            .iter()
+                            .filter(|r| matches!(r.position, Position::SnapshotDone { .. }))
+                            .count();
+                        counters
+                            .read
+                            .fetch_add((records.len() - markers) as u64, Ordering::Relaxed);
                         for record in records {
                             if let Some(full) = batcher.push(record)
                                 && !self.buffer_batch(run_id, full, buffer, cancel, counters, durable).await?
@@ -663,8 +669,10 @@ impl Pipeline {
         let position = last.position.clone();
         let position_json = serde_json::to_value(&position)
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
+        // Markers (a CDC snapshot's end) move the position, nothing else.
         let mut events: Vec<Event> = records
             .into_iter()
+            .filter(|r| !matches!(r.position, Position::SnapshotDone { .. }))
             .map(|r| Event::new(self.key.as_deref(), r))
             .collect();
         let invalid = match &self.schema {

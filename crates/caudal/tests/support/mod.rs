@@ -312,13 +312,7 @@ pipelines:
     /// Starts `caudal run`, its stdout and stderr going to a log file in the
     /// state directory. `n` tells daemons of one test apart.
     pub fn start_daemon(&self, n: u32) -> Daemon {
-        let log = self.dir.path().join(format!("daemon-{n}.log"));
-        let file = std::fs::File::create(&log).expect("create the daemon log");
-        let mut cmd = self.command(&["run"]);
-        cmd.stdout(Stdio::from(file.try_clone().expect("clone the log handle")))
-            .stderr(Stdio::from(file));
-        let child = cmd.spawn().expect("start caudal run");
-        Daemon { child, log }
+        spawn_daemon(&self.write_config(), self.dir.path(), n)
     }
 
     /// Every record the receiver accepted (answered 2xx), in arrival order.
@@ -347,6 +341,22 @@ pipelines:
             self.delivered().len()
         );
     }
+}
+
+/// Starts `caudal --config <config> run` in `dir`, logging to
+/// `dir/daemon-<n>.log`.
+pub fn spawn_daemon(config: &Path, dir: &Path, n: u32) -> Daemon {
+    let log = dir.join(format!("daemon-{n}.log"));
+    let file = std::fs::File::create(&log).expect("create the daemon log");
+    let mut cmd = command(config, dir, &["run"]);
+    // For debugging a test: CAUDAL_TEST_DAEMON_LOG=caudal_connectors=debug.
+    if let Ok(filter) = std::env::var("CAUDAL_TEST_DAEMON_LOG") {
+        cmd.env("CAUDAL_LOG", format!("info,{filter}"));
+    }
+    cmd.stdout(Stdio::from(file.try_clone().expect("clone the log handle")))
+        .stderr(Stdio::from(file));
+    let child = cmd.spawn().expect("start caudal run");
+    Daemon { child, log }
 }
 
 /// `caudal --config <config> <args>` with a clean environment: no config or

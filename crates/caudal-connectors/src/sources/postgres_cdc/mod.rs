@@ -177,7 +177,8 @@ impl PgCdcSource {
                     format!(
                         "source {:?}: replication slot {:?} does not exist, but the pipeline has \
                          captured up to {}; the changes since are lost to caudal, so it stops \
-                         rather than skip them",
+                         rather than skip them. `caudal resync PIPELINE` reads the tables again \
+                         and streams from a new slot",
                         self.name,
                         self.slot,
                         p.display()
@@ -203,6 +204,7 @@ impl PgCdcSource {
                 (Some(start), *lsn, None)
             }
             (Some(Position::Lsn { lsn, index }), Some(_)) => (None, *lsn, Some((*lsn, *index))),
+            (Some(Position::SnapshotDone { lsn }), Some(_)) => (None, *lsn, None),
             (Some(other @ Position::Cursor { .. }), Some(_)) => {
                 return Err(Error::new(
                     ErrorKind::Config,
@@ -251,6 +253,7 @@ impl PgCdcSource {
             durable,
             lag: self.lag.clone(),
             stop: stop.clone(),
+            page: Vec::new(),
         };
         tokio::spawn(task.run());
         Ok(CdcReader {

@@ -117,6 +117,9 @@ pub struct Task {
     pub durable: watch::Receiver<Option<Position>>,
     pub lag: SharedLag,
     pub stop: CancellationToken,
+    /// Changes read but not handed over yet. Kept across reconnects: they
+    /// are past `from`, so the server will not send them again.
+    pub page: Vec<Record>,
 }
 
 /// A relation (table) as the stream described it last.
@@ -301,6 +304,14 @@ impl Task {
         txn.commit()
             .await
             .map_err(|e| query_error(&source, "cannot end the snapshot transaction", e))?;
+        // Once this marker is durable, a restart streams on instead of
+        // reading the snapshot's last table again.
+        self.send(vec![Record {
+            data: Map::new(),
+            position: Position::SnapshotDone { lsn: start.lsn },
+            key: None,
+        }])
+        .await?;
         tracing::info!(source = %source, "snapshot read; streaming changes");
         Ok(())
     }
@@ -338,7 +349,8 @@ impl Task {
                 format!(
                     "source {:?}: replication slot {:?} does not exist any more (dropped outside \
                      caudal?); changes made since it went are lost to it, so caudal stops rather \
-                     than skip them",
+                     than skip them. `caudal resync PIPELINE` reads the tables again and streams \
+                     from a new slot",
                     self.source, self.slot
                 ),
             )),
@@ -346,7 +358,8 @@ impl Task {
                 ErrorKind::Resync,
                 format!(
                     "source {:?}: replication slot {:?} was invalidated by the server (its WAL \
-                     was removed, see max_slot_wal_keep_size); changes since its position are lost",
+                     was removed, see max_slot_wal_keep_size); changes since its position are \
+                     lost. `caudal resync PIPELINE` reads the tables again and streams from a new slot",
                     self.source, self.slot
                 ),
             )),
@@ -417,7 +430,6 @@ impl Task {
             relations: HashMap::new(),
             types: Types::default(),
             txn: None,
-            page: Vec::new(),
             received: start,
             idle: None,
             confirmed: 0,
@@ -469,7 +481,7 @@ impl Task {
                         s.received = s.received.max(k.wal_end);
                         if s.txn.is_none() {
                             s.idle = Some(k.wal_end);
-                            if s.page.is_empty() {
+                            if self.page.is_empty() {
                                 self.caught_up(k.wal_end);
                             }
                         }
@@ -523,7 +535,7 @@ impl Task {
                     lag.lag_seconds = commit_age(&t.time);
                     lag.last_commit_time = Some(t.time);
                 }
-                if s.page.len() >= self.page_size {
+                if self.page.len() >= self.page_size {
                     self.flush_page(conn, s, tick).await?;
                 }
             }
@@ -534,6 +546,7 @@ impl Task {
                 columns,
                 ..
             } => {
+                tracing::debug!(source = %self.source, relation = %format!("{namespace}.{relation_name}"), "relation described");
                 let oids: Vec<u32> = columns.iter().map(|c| c.type_id).collect();
                 let types = s.types.resolve(&self.pool, &self.source, &oids).await?;
                 let key = catalog::primary_key(&self.pool, &self.source, relation_id)
@@ -763,7 +776,7 @@ impl Task {
         } else {
             entity_key(&table, &key)
         };
-        s.page.push(Record {
+        self.page.push(Record {
             data: change(op, &table, key, before, after, unchanged, &meta),
             position: Position::Lsn {
                 lsn: position.0,
@@ -772,7 +785,7 @@ impl Task {
             key: Some(record_key),
         });
         self.from = Some(position);
-        if s.page.len() >= self.page_size {
+        if self.page.len() >= self.page_size {
             self.flush_page(conn, s, tick).await?;
         }
         Ok(())
@@ -786,7 +799,7 @@ impl Task {
         s: &mut Session,
         tick: &mut tokio::time::Interval,
     ) -> Result<()> {
-        if s.page.is_empty() {
+        if self.page.is_empty() {
             return Ok(());
         }
         let permit = loop {
@@ -796,7 +809,8 @@ impl Task {
                 _ = tick.tick() => self.feedback(conn, s).await?,
             }
         };
-        permit.send(Ok(std::mem::take(&mut s.page)));
+        tracing::debug!(source = %self.source, records = self.page.len(), upto = ?self.from, "page handed over");
+        permit.send(Ok(std::mem::take(&mut self.page)));
         Ok(())
     }
 
@@ -808,13 +822,17 @@ impl Task {
             _ => None,
         };
         let mut flush = match &durable {
-            Some(Position::Lsn { lsn, .. } | Position::Snapshot { lsn, .. }) => *lsn,
+            Some(
+                Position::Lsn { lsn, .. }
+                | Position::Snapshot { lsn, .. }
+                | Position::SnapshotDone { lsn },
+            ) => *lsn,
             _ => 0,
         };
         // An idle point may be confirmed once every change read before it
         // is durable: changes read after it commit later.
         if let Some(at) = s.idle
-            && s.page.is_empty()
+            && self.page.is_empty()
             && durable_at >= self.from
         {
             flush = flush.max(at);
@@ -848,8 +866,8 @@ impl Task {
         conn: &mut PgReplicationConnection,
         s: &mut Session,
     ) -> Result<Ended> {
-        if !s.page.is_empty() {
-            let page = std::mem::take(&mut s.page);
+        if !self.page.is_empty() {
+            let page = std::mem::take(&mut self.page);
             self.send(page).await?;
         }
         // Closing the channel ends the run's reading.
@@ -885,7 +903,6 @@ struct Session {
     relations: HashMap<u32, Relation>,
     types: Types,
     txn: Option<Txn>,
-    page: Vec<Record>,
     /// Latest WAL position seen from the server.
     received: u64,
     /// The latest point where the stream was between transactions (a
