@@ -612,7 +612,20 @@ impl Task {
                     Some(t) => Some(self.old(rel, t, key_type == Some('K'))?),
                     None => None,
                 };
-                let (after, unchanged) = self.tuple(rel, &new_tuple)?;
+                let (mut after, mut unchanged) = self.tuple(rel, &new_tuple)?;
+                // With REPLICA IDENTITY FULL the old row holds the values
+                // PostgreSQL left out of the new one: the new row is whole.
+                if key_type == Some('O')
+                    && let Some(old) = &before
+                {
+                    unchanged.retain(|col| match old.get(col) {
+                        Some(v) => {
+                            after.insert(col.clone(), v.clone());
+                            false
+                        }
+                        None => true,
+                    });
+                }
                 let key = key_of(rel, &after);
                 let table = rel.table.clone();
                 self.push(
