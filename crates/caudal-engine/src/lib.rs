@@ -16,5 +16,5 @@ pub mod pipeline;
 pub mod schedule;
 pub mod send;
 
-pub use pipeline::{Pipeline, Progress, RunSummary, Trigger, load_checkpoint};
+pub use pipeline::{Pipeline, Progress, RunSummary, Trigger, backfill_key, load_checkpoint};
 pub use schedule::Schedule;

@@ -545,7 +545,8 @@ impl Pipeline {
                 None,
             ),
             Source::PgCdc(s) => {
-                let r = s.open_run(from.as_ref(), follow).await?;
+                let lookup = follow.then(|| backfill_lookup(&self.store, &self.name));
+                let r = s.open_run(from.as_ref(), follow, lookup).await?;
                 let durable = r.durable();
                 (Reader::Cdc(r), Some(durable))
             }
@@ -789,6 +790,27 @@ fn load_schema(
     let validator = jsonschema::validator_for(&value)
         .map_err(|e| err(format!("not a valid JSON Schema: {e}")))?;
     Ok(Some(Arc::new(validator)))
+}
+
+/// Where `caudal backfill` saves a request for a running pipeline.
+pub fn backfill_key(pipeline: &str, id: &str) -> String {
+    // Pipeline names have no `/`: no pipeline's own state is named so.
+    format!("backfill/{pipeline}/{id}")
+}
+
+/// Looks backfill requests up in the store.
+fn backfill_lookup(
+    store: &Store,
+    pipeline: &str,
+) -> caudal_connectors::sources::postgres_cdc::BackfillLookup {
+    let (store, pipeline) = (store.clone(), pipeline.to_string());
+    Arc::new(move |id: String| {
+        let (store, key) = (store.clone(), backfill_key(&pipeline, &id));
+        Box::pin(async move {
+            let state = store.source_state(&key).await.ok().flatten()?;
+            serde_json::from_value(state.state).ok()
+        })
+    })
 }
 
 /// Reads and decodes a pipeline's checkpoint.

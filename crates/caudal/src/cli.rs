@@ -105,6 +105,20 @@ pub enum Command {
         /// The pipeline to resync.
         pipeline: String,
     },
+    /// CDC: read a table again (or the rows matching `--where`) while the
+    /// pipeline keeps streaming, as `read` records ordered with the changes
+    /// around them. Needs the pipeline running under `caudal run`; shows
+    /// progress until the backfill is done.
+    Backfill {
+        /// The pipeline (its `caudal run` does the reading).
+        pipeline: String,
+        /// The table to read, as in `tables`.
+        #[arg(long)]
+        table: String,
+        /// Only rows matching this SQL condition, e.g. `"status_id = 3"`.
+        #[arg(long = "where")]
+        filter: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

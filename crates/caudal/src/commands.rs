@@ -553,6 +553,103 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
     code
 }
 
+/// How long `caudal backfill` waits for the running pipeline to take the
+/// request before saying it is not running.
+const BACKFILL_PICKUP: Duration = Duration::from_secs(30);
+
+pub async fn backfill(path: &Path, name: &str, table: &str, filter: Option<&str>) -> ExitCode {
+    use caudal_connectors::sources::postgres_cdc::{BackfillProgress, BackfillRequest};
+    let (config, store) = match load_with_store(path).await {
+        Ok(both) => both,
+        Err(code) => return code,
+    };
+    let source = match cdc_source(&config, name).await {
+        Ok(s) => s,
+        Err(code) => return code,
+    };
+    let total = match source.count_rows(table, filter).await {
+        Ok(n) => n,
+        Err(e) => return fail(&e),
+    };
+    let id = format!("{:016x}", rand::random::<u64>());
+    let request = BackfillRequest {
+        table: table.to_string(),
+        filter: filter.map(str::to_string),
+    };
+    let saved = serde_json::to_value(&request).unwrap_or_default();
+    if let Err(e) = store
+        .set_source_state(&caudal_engine::backfill_key(name, &id), &saved)
+        .await
+    {
+        return fail(&e);
+    }
+    if let Err(e) = source.request_backfill(&id).await {
+        return fail(&e);
+    }
+    let bar = indicatif::ProgressBar::new(total);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rows ({elapsed})")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_message(format!("{name}: backfill of {table}"));
+    if !std::io::stderr().is_terminal() {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let started = std::time::Instant::now();
+    let shutdown = shutdown_on_signals();
+    let outcome = loop {
+        let progress: Option<BackfillProgress> = store
+            .source_state(name)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| serde_json::from_value(s.state["backfill"].clone()).ok())
+            .filter(|p: &BackfillProgress| p.id == id);
+        match progress {
+            Some(p) if p.done => break Ok(p),
+            Some(p) => bar.set_position(p.rows),
+            None if started.elapsed() > BACKFILL_PICKUP => {
+                break Err(format!(
+                    "the request was not taken within {}s: is `caudal run` streaming pipeline {name:?}? \
+                     (the request stays in the log and is ignored by a later start)",
+                    BACKFILL_PICKUP.as_secs()
+                ));
+            }
+            None => {}
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break Err("interrupted; the backfill goes on in the pipeline".into()),
+            () = tokio::time::sleep(Duration::from_millis(300)) => {}
+        }
+    };
+    bar.finish_and_clear();
+    let _ = store
+        .clear_source_state(&caudal_engine::backfill_key(name, &id))
+        .await;
+    match outcome {
+        Ok(p) if p.error.is_none() => {
+            println!(
+                "{name}: backfill of {table} done: {} rows sent as read records ({} matched when it started), {:.1}s",
+                p.rows,
+                total,
+                started.elapsed().as_secs_f64()
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(p) => {
+            eprintln!(
+                "error: backfill of {table} failed: {}",
+                p.error.unwrap_or_default()
+            );
+            ExitCode::from(EXIT_FAILED)
+        }
+        Err(why) => {
+            eprintln!("error: {why}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
+
 pub fn validate(path: &Path) -> ExitCode {
     match load(path) {
         Err(code) => code,

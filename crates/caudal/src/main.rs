@@ -41,6 +41,11 @@ fn main() -> ExitCode {
             Command::Schema => commands::schema(),
             Command::Cdc(c) => commands::cdc(&cli.config, c).await,
             Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
+            Command::Backfill {
+                pipeline,
+                table,
+                filter,
+            } => commands::backfill(&cli.config, pipeline, table, filter.as_deref()).await,
         }
     });
     // Do not wait for stray blocking tasks (e.g. a stdin reader) at exit.

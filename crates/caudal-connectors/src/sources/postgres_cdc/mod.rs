@@ -26,7 +26,10 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 pub use catalog::Slot;
-pub use reader::{HEARTBEAT_PREFIX, Lag, SharedLag};
+pub use reader::{
+    BACKFILL_PREFIX, BackfillLookup, BackfillProgress, BackfillRequest, HEARTBEAT_PREFIX, Lag,
+    SharedLag,
+};
 
 use catalog::query_error;
 use reader::{SnapshotStart, Task, replication_error};
@@ -131,7 +134,12 @@ impl PgCdcSource {
     /// Starts one run from `from` (the last durable position; `None` for a
     /// pipeline that has captured nothing yet). `follow`: stream until
     /// stopped; otherwise stop once the log as of now is read.
-    pub async fn open_run(&self, from: Option<&Position>, follow: bool) -> Result<CdcReader> {
+    pub async fn open_run(
+        &self,
+        from: Option<&Position>,
+        follow: bool,
+        lookup: Option<BackfillLookup>,
+    ) -> Result<CdcReader> {
         catalog::preflight(&self.pool, &self.name).await?;
         let mut tables = Vec::new();
         for t in self.tables() {
@@ -254,6 +262,8 @@ impl PgCdcSource {
             lag: self.lag.clone(),
             stop: stop.clone(),
             page: Vec::new(),
+            lookup,
+            backfills: reader::Backfills::default(),
         };
         tokio::spawn(task.run());
         Ok(CdcReader {
@@ -297,6 +307,47 @@ impl PgCdcSource {
         })?;
         tracing::info!(source = %self.name, slot = %self.slot, consistent_point = %format_lsn(lsn), "created the replication slot");
         Ok((conn, lsn, snapshot))
+    }
+
+    /// Asks the pipeline streaming from this source's slot to backfill the
+    /// request saved under `id` (`caudal backfill`): a message in the log,
+    /// read by the running pipeline at its place in the stream.
+    pub async fn request_backfill(&self, id: &str) -> Result<()> {
+        let content = serde_json::json!({"slot": self.slot, "id": id}).to_string();
+        sqlx::query("SELECT pg_logical_emit_message(false, $1, $2)")
+            .bind(BACKFILL_PREFIX)
+            .bind(content)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| {
+                query_error(
+                    &self.name,
+                    "cannot write the backfill request to the log",
+                    e,
+                )
+            })?;
+        Ok(())
+    }
+
+    /// Rows of `table` matching `filter`, to show a backfill's progress;
+    /// also checks that the table and the filter are valid.
+    pub async fn count_rows(&self, table: &str, filter: Option<&str>) -> Result<u64> {
+        let t = catalog::table(&self.pool, &self.name, table).await?;
+        let sql = match filter {
+            Some(f) => format!("SELECT count(*)::int8 FROM {} WHERE ({f})", t.quoted),
+            None => format!("SELECT count(*)::int8 FROM {}", t.quoted),
+        };
+        let (n,): (i64,) = sqlx::query_as(sqlx::AssertSqlSafe(sql))
+            .fetch_one(&self.pool)
+            .await
+            .map_err(|e| {
+                query_error(
+                    &self.name,
+                    &format!("cannot count the rows to backfill in {table}"),
+                    e,
+                )
+            })?;
+        Ok(u64::try_from(n).unwrap_or(0))
     }
 
     /// Drops the pipeline's slot and publication (`caudal cdc drop`,

@@ -69,6 +69,79 @@ pub struct Lag {
     pub last_commit_time: Option<String>,
     /// Rows read by the snapshot so far.
     pub snapshot_rows: u64,
+    /// The latest on-demand backfill.
+    pub backfill: Option<BackfillProgress>,
+}
+
+/// How far an on-demand backfill got.
+#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
+pub struct BackfillProgress {
+    pub id: String,
+    pub table: String,
+    /// Rows sent as `read` records so far.
+    pub rows: u64,
+    pub done: bool,
+    pub error: Option<String>,
+}
+
+/// What an operator asked to backfill: a table and an optional filter.
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
+pub struct BackfillRequest {
+    pub table: String,
+    #[serde(default)]
+    pub filter: Option<String>,
+}
+
+/// Looks a backfill request up by id in caudal's own state: the log only
+/// carries the id, so nobody who can merely write to the log can make
+/// caudal run SQL.
+pub type BackfillLookup = Arc<
+    dyn Fn(
+            String,
+        )
+            -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<BackfillRequest>> + Send>>
+        + Send
+        + Sync,
+>;
+
+/// The prefix of the message that asks a running pipeline for a backfill.
+pub const BACKFILL_PREFIX: &str = "caudal_backfill";
+/// The prefix of a backfill chunk's low and high watermarks.
+const WATERMARK_PREFIX: &str = "caudal_watermark";
+
+/// A backfill in progress.
+struct Job {
+    id: String,
+    table: Table,
+    filter: Option<String>,
+    after: Option<Vec<CursorValue>>,
+    rows: u64,
+}
+
+/// One chunk of a backfill, read between two watermarks in the log. Rows
+/// whose key changed between them are dropped (the stream has a newer
+/// state); the others are sent at the high watermark.
+struct Chunk {
+    seq: u64,
+    low: u64,
+    high: u64,
+    open: bool,
+    all_changed: bool,
+    changed: std::collections::HashSet<String>,
+    /// Entity key, key columns and row of each row read.
+    rows: Vec<ChunkRow>,
+    last_key: Option<Vec<CursorValue>>,
+    full: bool,
+}
+
+type ChunkRow = (String, Map<String, Value>, Map<String, Value>);
+
+/// The backfills of a reader: queued jobs and the chunk in flight.
+#[derive(Default)]
+pub struct Backfills {
+    jobs: std::collections::VecDeque<Job>,
+    chunk: Option<Chunk>,
+    seq: u64,
 }
 
 pub type SharedLag = Arc<Mutex<Lag>>;
@@ -120,6 +193,9 @@ pub struct Task {
     /// Changes read but not handed over yet. Kept across reconnects: they
     /// are past `from`, so the server will not send them again.
     pub page: Vec<Record>,
+    /// Where backfill requests are looked up (the daemon only).
+    pub lookup: Option<BackfillLookup>,
+    pub backfills: Backfills,
 }
 
 /// A relation (table) as the stream described it last.
@@ -537,6 +613,13 @@ impl Task {
                 }
                 if self.page.len() >= self.page_size {
                     self.flush_page(conn, s, tick).await?;
+                } else if !self.page.is_empty()
+                    && let Ok(permit) = self.out.try_reserve()
+                {
+                    // A committed transaction goes on at once when the
+                    // pipeline has room (its batching decides how long to
+                    // wait); under backpressure pages fill up instead.
+                    permit.send(Ok(std::mem::take(&mut self.page)));
                 }
             }
             LogicalReplicationMessage::Relation {
@@ -680,9 +763,19 @@ impl Task {
                     .await?;
                 }
             }
-            LogicalReplicationMessage::Message { lsn, prefix, .. } => {
+            LogicalReplicationMessage::Message {
+                lsn,
+                prefix,
+                content,
+                ..
+            } => {
                 if s.txn.is_none() {
                     s.idle = Some(lsn);
+                }
+                if prefix == BACKFILL_PREFIX {
+                    self.backfill_requested(&content).await?;
+                } else if prefix == WATERMARK_PREFIX {
+                    self.watermark(s, tick, conn, &content, lsn).await?;
                 }
                 if prefix == STOP_PREFIX && stop_at.is_some_and(|stop| lsn >= stop) {
                     return Ok(true);
@@ -691,6 +784,253 @@ impl Task {
             _ => {}
         }
         Ok(false)
+    }
+
+    fn backfill_progress(&self, update: impl FnOnce(&mut BackfillProgress)) {
+        let mut lag = self
+            .lag
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(p) = lag.backfill.as_mut() {
+            update(p);
+        }
+    }
+
+    /// A backfill request seen in the log: `{"slot": …, "id": …}`. Only a
+    /// streaming daemon takes them, and only with a request of that id in
+    /// caudal's state.
+    async fn backfill_requested(&mut self, content: &[u8]) -> Result<()> {
+        let (Some(lookup), true) = (self.lookup.clone(), self.follow) else {
+            return Ok(());
+        };
+        let Ok(msg) = serde_json::from_slice::<Value>(content) else {
+            return Ok(());
+        };
+        if msg["slot"] != self.slot.as_str() {
+            return Ok(());
+        }
+        let Some(id) = msg["id"].as_str().map(str::to_string) else {
+            return Ok(());
+        };
+        let Some(request) = lookup(id.clone()).await else {
+            tracing::warn!(source = %self.source, id, "a backfill was requested in the log but caudal has no such request; ignored");
+            return Ok(());
+        };
+        {
+            let mut lag = self
+                .lag
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            lag.backfill = Some(BackfillProgress {
+                id: id.clone(),
+                table: request.table.clone(),
+                ..BackfillProgress::default()
+            });
+        }
+        match catalog::table(&self.pool, &self.source, &request.table).await {
+            Ok(table) => {
+                tracing::info!(source = %self.source, table = %table.name, filter = ?request.filter, "backfill started");
+                self.backfills.jobs.push_back(Job {
+                    id,
+                    table,
+                    filter: request.filter,
+                    after: None,
+                    rows: 0,
+                });
+                if self.backfills.chunk.is_none() {
+                    self.next_chunk().await;
+                }
+            }
+            Err(e) => self.backfill_progress(|p| {
+                p.error = Some(e.report());
+                p.done = true;
+            }),
+        }
+        Ok(())
+    }
+
+    /// Reads the next chunk of the first job between two watermarks. A
+    /// query error ends that job (reported), never the stream.
+    async fn next_chunk(&mut self) {
+        while let Some(job) = self.backfills.jobs.front() {
+            self.backfills.seq += 1;
+            let seq = self.backfills.seq;
+            match self.read_chunk(job, seq).await {
+                Ok(chunk) => {
+                    self.backfills.chunk = Some(chunk);
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(source = %self.source, error = %e.report(), "backfill failed");
+                    self.backfill_progress(|p| {
+                        p.error = Some(e.report());
+                        p.done = true;
+                    });
+                    self.backfills.jobs.pop_front();
+                }
+            }
+        }
+    }
+
+    async fn read_chunk(&self, job: &Job, seq: u64) -> Result<Chunk> {
+        let emit = |mark: &'static str| {
+            let pool = self.pool.clone();
+            let content = format!("{}:{seq}:{mark}", job.id);
+            async move {
+                sqlx::query_as::<_, (String,)>(
+                    "SELECT pg_logical_emit_message(false, $1, $2)::text",
+                )
+                .bind(WATERMARK_PREFIX)
+                .bind(content)
+                .fetch_one(&pool)
+                .await
+            }
+        };
+        let source = &self.source;
+        let low = emit("low")
+            .await
+            .map_err(|e| query_error(source, "cannot write a backfill watermark", e))?;
+        let keys: Vec<String> = job
+            .table
+            .key
+            .iter()
+            .map(|(k, _)| {
+                crate::sources::sql::quote_ident(caudal_core::config::SqlDialect::Postgres, k)
+            })
+            .collect();
+        let order = keys.join(", ");
+        let mut conditions = Vec::new();
+        if let Some(f) = &job.filter {
+            conditions.push(format!("({f})"));
+        }
+        if job.after.is_some() {
+            let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
+            conditions.push(format!("({order}) > ({})", params.join(", ")));
+        }
+        let filter = if conditions.is_empty() {
+            String::new()
+        } else {
+            format!(" WHERE {}", conditions.join(" AND "))
+        };
+        let sql = format!(
+            "SELECT * FROM {}{filter} ORDER BY {order} LIMIT {}",
+            job.table.quoted, self.page_size
+        );
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+        for v in job.after.iter().flatten() {
+            q = bind(q, v).map_err(|e| fetch_error(source, e))?;
+        }
+        let rows = q.fetch_all(&self.pool).await.map_err(|e| {
+            query_error(source, &format!("backfill of {} failed", job.table.name), e)
+        })?;
+        let full = rows.len() >= self.page_size;
+        let mut out = Vec::with_capacity(rows.len());
+        let mut last_key = None;
+        for row in &rows {
+            let data = decode_row(row, self.decimals).map_err(|e| fetch_error(source, e))?;
+            let mut values = Vec::with_capacity(job.table.key.len());
+            let mut key = Map::new();
+            for (col, kind) in &job.table.key {
+                let v = data.get(col).cloned().unwrap_or(Value::Null);
+                values.push(kind.cursor_value(col, &v)?);
+                key.insert(col.clone(), v);
+            }
+            out.push((entity_key(&job.table.name, &key), key, data));
+            last_key = Some(values);
+        }
+        let high = emit("high")
+            .await
+            .map_err(|e| query_error(source, "cannot write a backfill watermark", e))?;
+        let lsn = |t: &(String,)| caudal_core::record::parse_lsn(&t.0).unwrap_or(0);
+        Ok(Chunk {
+            seq,
+            low: lsn(&low),
+            high: lsn(&high),
+            open: false,
+            all_changed: false,
+            changed: std::collections::HashSet::new(),
+            rows: out,
+            last_key,
+            full,
+        })
+    }
+
+    /// A watermark in the log: the low one opens the chunk's window, the
+    /// high one closes it and sends the rows not changed inside it.
+    async fn watermark(
+        &mut self,
+        s: &mut Session,
+        tick: &mut tokio::time::Interval,
+        conn: &mut PgReplicationConnection,
+        content: &[u8],
+        lsn: u64,
+    ) -> Result<()> {
+        let text = String::from_utf8_lossy(content).into_owned();
+        let Some((job_id, table)) = self
+            .backfills
+            .jobs
+            .front()
+            .map(|j| (j.id.clone(), j.table.name.clone()))
+        else {
+            return Ok(());
+        };
+        let Some(chunk) = self.backfills.chunk.as_mut() else {
+            return Ok(());
+        };
+        if text == format!("{job_id}:{}:low", chunk.seq) && lsn == chunk.low {
+            chunk.open = true;
+            return Ok(());
+        }
+        if text != format!("{job_id}:{}:high", chunk.seq) || lsn != chunk.high {
+            return Ok(());
+        }
+        let Some(chunk) = self.backfills.chunk.take() else {
+            return Ok(());
+        };
+        let mut sent = 0;
+        for (i, (record_key, key, data)) in chunk.rows.into_iter().enumerate() {
+            if chunk.all_changed || chunk.changed.contains(&record_key) {
+                continue;
+            }
+            let position = (lsn, i as u64);
+            if self.from.is_some_and(|from| position <= from) {
+                continue;
+            }
+            let meta = Meta {
+                lsn,
+                xid: None,
+                time: None,
+                index: None,
+            };
+            self.page.push(Record {
+                data: change("read", &table, key, None, Some(data), Vec::new(), &meta),
+                position: Position::Lsn {
+                    lsn: position.0,
+                    index: position.1,
+                },
+                key: Some(record_key),
+            });
+            self.from = Some(position);
+            sent += 1;
+        }
+        if self.page.len() >= self.page_size {
+            self.flush_page(conn, s, tick).await?;
+        }
+        let done = !chunk.full;
+        if let Some(job) = self.backfills.jobs.front_mut() {
+            job.rows += sent;
+            job.after = chunk.last_key;
+            let rows = job.rows;
+            self.backfill_progress(|p| {
+                p.rows = rows;
+                p.done = done;
+            });
+        }
+        if done && let Some(job) = self.backfills.jobs.pop_front() {
+            tracing::info!(source = %self.source, table = %job.table.name, rows = job.rows, "backfill done");
+        }
+        self.next_chunk().await;
+        Ok(())
     }
 
     fn relation<'a>(&self, s: &'a Session, id: u32) -> Result<&'a Relation> {
@@ -789,6 +1129,20 @@ impl Task {
         } else {
             entity_key(&table, &key)
         };
+        if let Some(chunk) = self.backfills.chunk.as_mut()
+            && chunk.open
+            && self
+                .backfills
+                .jobs
+                .front()
+                .is_some_and(|j| j.table.name == table)
+        {
+            if key.is_empty() {
+                chunk.all_changed = true;
+            } else {
+                chunk.changed.insert(record_key.clone());
+            }
+        }
         self.page.push(Record {
             data: change(op, &table, key, before, after, unchanged, &meta),
             position: Position::Lsn {
