@@ -7,37 +7,64 @@
 //! - `initial-sync`: N rows (default 1,000,000) from PostgreSQL to a local
 //!   always-200 HTTP receiver in batches of 1,000, against `COPY (the same
 //!   ordered query) TO STDOUT` into /dev/null (the read ceiling).
+//! - `cdc-throughput`: a backlog of N changes (default 500,000) drained by
+//!   `caudal once` from a PostgreSQL slot to the receiver, against
+//!   `pg_recvlogical` draining the same backlog from its own pgoutput slot
+//!   into /dev/null (the decoding ceiling). See [`cdc`].
+//! - `cdc-latency`: `caudal run` streaming while changes are committed at a
+//!   steady rate (default 5,000/s for 20 s); commit-to-delivery latency
+//!   percentiles. See [`cdc`].
 
-use std::net::SocketAddr;
+mod cdc;
+mod process;
+mod receiver;
+
 use std::path::PathBuf;
 use std::process::Command;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
 use clap::Parser;
-use http_body_util::BodyExt;
-use hyper::body::Incoming;
-use hyper::{Request, Response};
-use hyper_util::rt::TokioIo;
 use serde_json::json;
+
+use crate::process::Measured;
+
+/// The scenarios `all` runs, in order.
+const SCENARIOS: &str = "initial-sync, cdc-throughput, cdc-latency";
 
 #[derive(Debug, Parser)]
 #[command(about = "Runs caudal's benchmark scenarios and prints JSON lines")]
 struct Args {
-    /// Scenario to run: initial-sync (or all).
+    /// Scenario to run: initial-sync, cdc-throughput, cdc-latency (or all).
     #[arg(default_value = "all")]
     scenario: String,
-    /// Rows in the source table.
-    #[arg(long, default_value_t = 1_000_000)]
-    rows: u64,
-    /// Records per HTTP request.
+    /// Rows in the source table (initial-sync, default 1,000,000), or
+    /// changes written (cdc-throughput, default 500,000).
+    #[arg(long)]
+    rows: Option<u64>,
+    /// Records per HTTP request (the most per batch).
     #[arg(long, default_value_t = 1000)]
     batch: u64,
+    /// How long a partial batch waits for more records, in milliseconds
+    /// (cdc-throughput default 50, cdc-latency default 20).
+    #[arg(long)]
+    max_wait_ms: Option<u64>,
     /// The sink's `concurrency`: batches in flight at once.
     #[arg(long, default_value_t = 1)]
     concurrency: u32,
+    /// CDC scenarios: the source's `page_size`, the most changes its reader
+    /// holds before handing them on (default: caudal's own).
+    #[arg(long)]
+    page_size: Option<u32>,
+    /// cdc-latency: changes committed per second.
+    #[arg(long, default_value_t = 5000)]
+    rate: u64,
+    /// cdc-latency: changes per transaction.
+    #[arg(long, default_value_t = 100)]
+    txn_rows: u64,
+    /// cdc-latency: seconds of steady load measured (after 2 s of warm-up).
+    #[arg(long, default_value_t = 20)]
+    duration: u64,
     /// PostgreSQL server to use (a database `caudal_bench` is recreated).
     #[arg(
         long,
@@ -48,6 +75,9 @@ struct Args {
     /// The caudal binary to measure.
     #[arg(long, default_value = "target/release/caudal")]
     caudal: PathBuf,
+    /// The pg_recvlogical binary (cdc-throughput's reference).
+    #[arg(long, default_value = "pg_recvlogical")]
+    pg_recvlogical: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,69 +86,30 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     match args.scenario.as_str() {
-        "initial-sync" | "all" => rt.block_on(initial_sync(&args)),
+        "initial-sync" => rt.block_on(initial_sync(&args)),
+        "cdc-throughput" => rt.block_on(cdc::throughput(&args)),
+        "cdc-latency" => rt.block_on(cdc::latency(&args)),
+        "all" => rt.block_on(async {
+            initial_sync(&args).await?;
+            cdc::throughput(&args).await?;
+            cdc::latency(&args).await
+        }),
         // Not a scenario: the always-200 receiver alone, for profiling caudal
         // by hand. Prints its address, then its counts every second.
         "receiver" => rt.block_on(async {
-            let receiver = start_receiver().await?;
+            let receiver = receiver::start().await?;
             println!("listening on http://{}", receiver.addr);
             loop {
                 tokio::time::sleep(std::time::Duration::from_secs(1)).await;
                 eprintln!(
                     "{} requests, {} records",
-                    receiver.requests.load(Ordering::Relaxed),
-                    receiver.records.load(Ordering::Relaxed)
+                    receiver.requests(),
+                    receiver.records()
                 );
             }
         }),
-        other => bail!("unknown scenario {other:?}; scenarios: initial-sync, all (or receiver)"),
+        other => bail!("unknown scenario {other:?}; scenarios: {SCENARIOS}, all (or receiver)"),
     }
-}
-
-/// Counts the records of every request body (a JSON array) and answers 200.
-struct Receiver {
-    addr: SocketAddr,
-    records: Arc<AtomicU64>,
-    requests: Arc<AtomicU64>,
-}
-
-async fn start_receiver() -> anyhow::Result<Receiver> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let records = Arc::new(AtomicU64::new(0));
-    let requests = Arc::new(AtomicU64::new(0));
-    let (r, q) = (records.clone(), requests.clone());
-    tokio::spawn(async move {
-        loop {
-            let Ok((stream, _)) = listener.accept().await else {
-                continue;
-            };
-            let (r, q) = (r.clone(), q.clone());
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req: Request<Incoming>| {
-                    let (r, q) = (r.clone(), q.clone());
-                    async move {
-                        let body = req.into_body().collect().await?.to_bytes();
-                        let n = serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body)
-                            .map_or(0, |v| v.len());
-                        r.fetch_add(n as u64, Ordering::Relaxed);
-                        q.fetch_add(1, Ordering::Relaxed);
-                        Ok::<_, hyper::Error>(Response::new(http_body_util::Full::new(
-                            bytes::Bytes::new(),
-                        )))
-                    }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
-    });
-    Ok(Receiver {
-        addr,
-        records,
-        requests,
-    })
 }
 
 /// `base` with its database name replaced by `db` (query parameters dropped).
@@ -132,6 +123,7 @@ fn database_url(base: &str, db: &str) -> String {
 
 async fn initial_sync(args: &Args) -> anyhow::Result<()> {
     use sqlx::Executor as _;
+    let rows = args.rows.unwrap_or(1_000_000);
     let admin = sqlx::PgPool::connect(&args.pg_url).await.with_context(|| {
         format!(
             "cannot connect to PostgreSQL at {} (run scripts/test --services-only)",
@@ -144,7 +136,7 @@ async fn initial_sync(args: &Args) -> anyhow::Result<()> {
     admin.execute("CREATE DATABASE caudal_bench").await?;
     let url = database_url(&args.pg_url, "caudal_bench");
     let db = sqlx::PgPool::connect(&url).await?;
-    eprintln!("initial-sync: loading {} rows", args.rows);
+    eprintln!("initial-sync: loading {rows} rows");
     db.execute(
         "CREATE TABLE service_requests (
             request_id BIGINT PRIMARY KEY,
@@ -161,7 +153,7 @@ async fn initial_sync(args: &Args) -> anyhow::Result<()> {
                 (g % 5) + 1, timestamptz '2025-01-01' + ((g / 10) || ' seconds')::interval
          FROM generate_series(1, $1) g",
     )
-    .bind(i64::try_from(args.rows)?)
+    .bind(i64::try_from(rows)?)
     .execute(&db)
     .await?;
     db.execute(
@@ -171,7 +163,7 @@ async fn initial_sync(args: &Args) -> anyhow::Result<()> {
     db.execute("VACUUM ANALYZE service_requests").await?;
     db.close().await;
 
-    let receiver = start_receiver().await?;
+    let receiver = receiver::start().await?;
     let dir = std::env::temp_dir().join(format!("caudal-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let config = dir.join("bench.toml");
@@ -211,21 +203,22 @@ schedule = {{ every = "1h" }}
     once.args(["once", "sync", "-c"])
         .arg(&config)
         .env("CAUDAL_LOG", "warn");
-    let (status, caudal_secs, peak_rss_mib) = run_measured(once).with_context(|| {
-        format!(
-            "cannot run {} (build it: cargo build --release -p caudal)",
-            args.caudal.display()
-        )
-    })?;
-    if !status.success() {
-        bail!("caudal once failed: {status}");
+    let ended = Measured::spawn(once)
+        .with_context(|| {
+            format!(
+                "cannot run {} (build it: cargo build --release -p caudal)",
+                args.caudal.display()
+            )
+        })?
+        .wait()
+        .await?;
+    let (caudal_secs, peak_rss_mib) = (ended.secs, ended.peak_rss_mib);
+    if !ended.status.success() {
+        bail!("caudal once failed: {}", ended.status);
     }
-    let delivered = receiver.records.load(Ordering::Relaxed);
-    if delivered != args.rows {
-        bail!(
-            "the receiver got {delivered} records, expected {}",
-            args.rows
-        );
+    let delivered = receiver.records();
+    if delivered != rows {
+        bail!("the receiver got {delivered} records, expected {rows}");
     }
 
     eprintln!("initial-sync: COPY reference");
@@ -244,19 +237,19 @@ schedule = {{ every = "1h" }}
     if !copy.success() {
         bail!("psql COPY failed: {copy}");
     }
-    let rows = args.rows as f64;
+    let n = rows as f64;
     println!(
         "{}",
         json!({
             "scenario": "initial_sync",
-            "rows": args.rows,
+            "rows": rows,
             "batch": args.batch,
             "concurrency": args.concurrency,
-            "requests": receiver.requests.load(Ordering::Relaxed),
+            "requests": receiver.requests(),
             "caudal_secs": round(caudal_secs),
-            "caudal_rows_per_s": round(rows / caudal_secs),
+            "caudal_rows_per_s": round(n / caudal_secs),
             "copy_secs": round(copy_secs),
-            "copy_rows_per_s": round(rows / copy_secs),
+            "copy_rows_per_s": round(n / copy_secs),
             "caudal_over_copy": round(copy_secs / caudal_secs),
             "caudal_peak_rss_mib": round(peak_rss_mib),
         })
@@ -266,37 +259,6 @@ schedule = {{ every = "1h" }}
         .execute("DROP DATABASE IF EXISTS caudal_bench WITH (FORCE)")
         .await?;
     Ok(())
-}
-
-/// Runs `cmd` to the end; returns its exit status, wall-clock seconds and
-/// peak resident memory in MiB. The peak is the process's own high-water
-/// mark (`VmHWM`), sampled until it exits: `getrusage(RUSAGE_CHILDREN)`
-/// would also count every earlier child of this process and of the shell
-/// that exec'd it (the cargo build).
-fn run_measured(mut cmd: Command) -> anyhow::Result<(std::process::ExitStatus, f64, f64)> {
-    let started = Instant::now();
-    let mut child = cmd.spawn()?;
-    let status_file = format!("/proc/{}/status", child.id());
-    let mut peak_kib = 0u64;
-    let status = loop {
-        if let Ok(text) = std::fs::read_to_string(&status_file)
-            && let Some(kib) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        {
-            peak_kib = peak_kib.max(kib);
-        }
-        if let Some(status) = child.try_wait()? {
-            break status;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    };
-    Ok((
-        status,
-        started.elapsed().as_secs_f64(),
-        peak_kib as f64 / 1024.0,
-    ))
 }
 
 fn round(x: f64) -> f64 {
