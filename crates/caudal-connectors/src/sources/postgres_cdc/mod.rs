@@ -13,6 +13,7 @@
 //! PostgreSQL did not send their (unchanged, TOASTed) value.
 
 mod catalog;
+mod chunk;
 mod reader;
 
 use std::sync::Arc;

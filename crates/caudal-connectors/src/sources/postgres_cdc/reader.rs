@@ -37,7 +37,8 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::catalog::{self, Table, Types, query_error};
-use crate::sources::sql::postgres::{binary_value, bind, decode_row};
+use super::chunk;
+use crate::sources::sql::postgres::binary_value;
 use crate::sources::sql::{FetchError, format_utc};
 
 /// The prefix of heartbeat messages caudal writes to the log.
@@ -298,71 +299,43 @@ impl Task {
             if ti != first_table {
                 after = None;
             }
-            let keys: Vec<String> = table
-                .key
-                .iter()
-                .map(|(k, _)| {
-                    crate::sources::sql::quote_ident(caudal_core::config::SqlDialect::Postgres, k)
-                })
-                .collect();
-            let order = keys.join(", ");
-            let first = format!(
-                "SELECT * FROM {} ORDER BY {order} LIMIT {}",
-                table.quoted, self.page_size
-            );
-            let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
-            let next = format!(
-                "SELECT * FROM {} WHERE ({order}) > ({}) ORDER BY {order} LIMIT {}",
-                table.quoted,
-                params.join(", "),
-                self.page_size
-            );
             loop {
-                let sql = if after.is_some() { &next } else { &first };
-                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.clone()));
-                for v in after.iter().flatten() {
-                    q = bind(q, v).map_err(|e| fetch_error(&source, e))?;
-                }
-                let rows = q.fetch_all(&mut *txn).await.map_err(|e| {
-                    query_error(&source, &format!("snapshot of {} failed", table.name), e)
-                })?;
-                let full = rows.len() >= self.page_size;
+                let (rows, full) = chunk::read(
+                    &mut *txn,
+                    &source,
+                    table,
+                    None,
+                    after.as_deref(),
+                    self.page_size,
+                    self.decimals,
+                )
+                .await?;
+                let meta = Meta {
+                    lsn: start.lsn,
+                    xid: None,
+                    time: None,
+                    index: None,
+                };
                 let mut page = Vec::with_capacity(rows.len());
-                for row in &rows {
-                    let data =
-                        decode_row(row, self.decimals).map_err(|e| fetch_error(&source, e))?;
-                    let mut values = Vec::with_capacity(table.key.len());
-                    let mut key = Map::new();
-                    for (col, kind) in &table.key {
-                        let v = data.get(col).cloned().unwrap_or(Value::Null);
-                        values.push(kind.cursor_value(col, &v)?);
-                        key.insert(col.clone(), v);
-                    }
-                    let meta = Meta {
-                        lsn: start.lsn,
-                        xid: None,
-                        time: None,
-                        index: None,
-                    };
-                    let record_key = entity_key(&table.name, &key);
+                for row in rows {
                     page.push(Record {
                         data: change(
                             "read",
                             &table.name,
-                            key,
+                            row.key,
                             None,
-                            Some(data),
+                            Some(row.data),
                             Vec::new(),
                             &meta,
                         ),
                         position: Position::Snapshot {
                             lsn: start.lsn,
                             table: table.name.clone(),
-                            key: values.clone(),
+                            key: row.values.clone(),
                         },
-                        key: Some(record_key),
+                        key: Some(row.entity),
                     });
-                    after = Some(values);
+                    after = Some(row.values);
                 }
                 {
                     let mut lag = self
@@ -890,54 +863,21 @@ impl Task {
         let low = emit("low")
             .await
             .map_err(|e| query_error(source, "cannot write a backfill watermark", e))?;
-        let keys: Vec<String> = job
-            .table
-            .key
-            .iter()
-            .map(|(k, _)| {
-                crate::sources::sql::quote_ident(caudal_core::config::SqlDialect::Postgres, k)
-            })
+        let (rows, full) = chunk::read(
+            &self.pool,
+            source,
+            &job.table,
+            job.filter.as_deref(),
+            job.after.as_deref(),
+            self.page_size,
+            self.decimals,
+        )
+        .await?;
+        let last_key = rows.last().map(|r| r.values.clone());
+        let out: Vec<ChunkRow> = rows
+            .into_iter()
+            .map(|r| (r.entity, r.key, r.data))
             .collect();
-        let order = keys.join(", ");
-        let mut conditions = Vec::new();
-        if let Some(f) = &job.filter {
-            conditions.push(format!("({f})"));
-        }
-        if job.after.is_some() {
-            let params: Vec<String> = (1..=keys.len()).map(|i| format!("${i}")).collect();
-            conditions.push(format!("({order}) > ({})", params.join(", ")));
-        }
-        let filter = if conditions.is_empty() {
-            String::new()
-        } else {
-            format!(" WHERE {}", conditions.join(" AND "))
-        };
-        let sql = format!(
-            "SELECT * FROM {}{filter} ORDER BY {order} LIMIT {}",
-            job.table.quoted, self.page_size
-        );
-        let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
-        for v in job.after.iter().flatten() {
-            q = bind(q, v).map_err(|e| fetch_error(source, e))?;
-        }
-        let rows = q.fetch_all(&self.pool).await.map_err(|e| {
-            query_error(source, &format!("backfill of {} failed", job.table.name), e)
-        })?;
-        let full = rows.len() >= self.page_size;
-        let mut out = Vec::with_capacity(rows.len());
-        let mut last_key = None;
-        for row in &rows {
-            let data = decode_row(row, self.decimals).map_err(|e| fetch_error(source, e))?;
-            let mut values = Vec::with_capacity(job.table.key.len());
-            let mut key = Map::new();
-            for (col, kind) in &job.table.key {
-                let v = data.get(col).cloned().unwrap_or(Value::Null);
-                values.push(kind.cursor_value(col, &v)?);
-                key.insert(col.clone(), v);
-            }
-            out.push((entity_key(&job.table.name, &key), key, data));
-            last_key = Some(values);
-        }
         let high = emit("high")
             .await
             .map_err(|e| query_error(source, "cannot write a backfill watermark", e))?;
@@ -1317,7 +1257,7 @@ fn change(
 }
 
 /// `schema.table[key values]`: the entity a change is about.
-fn entity_key(table: &str, key: &Map<String, Value>) -> String {
+pub(super) fn entity_key(table: &str, key: &Map<String, Value>) -> String {
     let values: Vec<&Value> = key.values().collect();
     format!("{table}{}", json!(values))
 }
@@ -1374,7 +1314,7 @@ fn cancelled() -> Error {
     Error::new(ErrorKind::Cancelled, "the CDC reader was stopped")
 }
 
-fn fetch_error(source: &str, e: FetchError) -> Error {
+pub(super) fn fetch_error(source: &str, e: FetchError) -> Error {
     match e {
         FetchError::Sql(e) => query_error(source, "snapshot query failed", e),
         FetchError::Decode(m) => Error::new(ErrorKind::Decode, format!("source {source:?}: {m}")),
