@@ -16,5 +16,7 @@ pub mod pipeline;
 pub mod schedule;
 pub mod send;
 
-pub use pipeline::{Pipeline, Progress, RunSummary, Trigger, backfill_key, load_checkpoint};
+pub use pipeline::{
+    Pipeline, Progress, RunSummary, Trigger, backfill_key, drop_removed_slots, load_checkpoint,
+};
 pub use schedule::Schedule;

@@ -547,6 +547,15 @@ impl Pipeline {
             Source::PgCdc(s) => {
                 let lookup = follow.then(|| backfill_lookup(&self.store, &self.name));
                 let r = s.open_run(from.as_ref(), follow, lookup).await?;
+                // Remembered so that removing the pipeline drops its slot.
+                let slot = serde_json::json!({
+                    "source": s.name(),
+                    "slot": s.slot(),
+                    "publication": s.publication(),
+                });
+                self.store
+                    .set_source_state(&slot_key(&self.name), &slot)
+                    .await?;
                 let durable = r.durable();
                 (Reader::Cdc(r), Some(durable))
             }
@@ -790,6 +799,47 @@ fn load_schema(
     let validator = jsonschema::validator_for(&value)
         .map_err(|e| err(format!("not a valid JSON Schema: {e}")))?;
     Ok(Some(Arc::new(validator)))
+}
+
+/// Where the store remembers a CDC pipeline's slot and publication.
+pub fn slot_key(pipeline: &str) -> String {
+    format!("slot/{pipeline}")
+}
+
+/// Drops the slots and publications of CDC pipelines that are no longer in
+/// the configuration, so the server stops keeping WAL for them. A slot
+/// whose source is gone from the configuration too cannot be reached: it is
+/// named in a warning.
+pub async fn drop_removed_slots(config: &Config, store: &Store) -> Result<()> {
+    for (key, state) in store.source_states_with_prefix("slot/").await? {
+        let pipeline = &key["slot/".len()..];
+        if config.pipelines.contains_key(pipeline) {
+            continue;
+        }
+        let field = |k: &str| state.state[k].as_str().unwrap_or_default().to_string();
+        let (source, slot, publication) = (field("source"), field("slot"), field("publication"));
+        let Some(cfg) = config
+            .sources
+            .get(&source)
+            .filter(|c| c.sql().mode == SqlMode::Cdc && c.dialect() == SqlDialect::Postgres)
+        else {
+            tracing::warn!(
+                pipeline,
+                slot,
+                source,
+                "a removed CDC pipeline's replication slot is on a server no longer configured; drop it there (SELECT pg_drop_replication_slot(...)) or it keeps WAL"
+            );
+            continue;
+        };
+        let mut sql = cfg.sql().clone();
+        sql.slot = Some(slot.clone());
+        sql.publication = Some(publication.clone());
+        let cdc = PgCdcSource::connect(pipeline, &source, &sql).await?;
+        let dropped = cdc.drop_replication().await?;
+        tracing::info!(pipeline, slot = ?dropped.slot, publication = ?dropped.publication, "dropped the replication slot and publication of a pipeline removed from the configuration");
+        store.clear_source_state(&key).await?;
+    }
+    Ok(())
 }
 
 /// Where `caudal backfill` saves a request for a running pipeline.

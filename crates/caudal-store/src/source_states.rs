@@ -65,6 +65,30 @@ impl Store {
         .transpose()
     }
 
+    /// Every source state whose name starts with `prefix`, by name.
+    pub async fn source_states_with_prefix(
+        &self,
+        prefix: &str,
+    ) -> Result<Vec<(String, SourceState)>> {
+        const SQL: &str = "SELECT pipeline, state, updated_at FROM source_states \
+             WHERE substr(pipeline, 1, length($1)) = $1 ORDER BY pipeline";
+        let rows: Vec<(String, String, i64)> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL).bind(prefix).fetch_all(pool).await
+        })
+        .map_err(|e| store_error(format!("listing source states under `{prefix}`"), e))?;
+        rows.into_iter()
+            .map(|(name, text, at)| {
+                Ok((
+                    name,
+                    SourceState {
+                        state: serde_json::from_str(&text).unwrap_or(serde_json::Value::Null),
+                        updated_at: clock::from_db(at, "source_states.updated_at")?,
+                    },
+                ))
+            })
+            .collect()
+    }
+
     /// Forgets the state of `pipeline`'s source.
     pub async fn clear_source_state(&self, pipeline: &str) -> Result<()> {
         const SQL: &str = "DELETE FROM source_states WHERE pipeline = $1";

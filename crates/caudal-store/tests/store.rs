@@ -46,6 +46,7 @@ backend_tests!(
     save_checkpoint_and_late_delivered_counts,
     counts_left_out_keep_what_delivery_added,
     circuit_state_round_trips,
+    source_states_round_trip_and_list_by_prefix,
 );
 
 const P: &str = "orders";
@@ -1175,4 +1176,44 @@ async fn circuit_state_round_trips(ctx: Ctx) {
         "closed"
     );
     assert_eq!(store.circuit_state("other").await.expect("read"), None);
+}
+
+async fn source_states_round_trip_and_list_by_prefix(ctx: Ctx) {
+    let store = ctx.open().await;
+    assert_eq!(store.source_state(P).await.expect("read"), None);
+    store
+        .set_source_state(P, &json!({"lag_bytes": 10}))
+        .await
+        .expect("save");
+    store
+        .set_source_state(P, &json!({"lag_bytes": 20}))
+        .await
+        .expect("overwrite");
+    let state = store.source_state(P).await.expect("read").expect("some");
+    assert_eq!(state.state, json!({"lag_bytes": 20}));
+    assert_recent(state.updated_at);
+    for name in ["slot/a", "slot/b", "slotx", "backfill/a/1"] {
+        store
+            .set_source_state(name, &json!({"name": name}))
+            .await
+            .expect("save");
+    }
+    let listed: Vec<String> = store
+        .source_states_with_prefix("slot/")
+        .await
+        .expect("list")
+        .into_iter()
+        .map(|(name, _)| name)
+        .collect();
+    assert_eq!(listed, ["slot/a", "slot/b"]);
+    store.clear_source_state("slot/a").await.expect("clear");
+    assert_eq!(store.source_state("slot/a").await.expect("read"), None);
+    assert_eq!(
+        store
+            .source_states_with_prefix("slot/")
+            .await
+            .expect("list")
+            .len(),
+        1
+    );
 }

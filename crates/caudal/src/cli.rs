@@ -124,9 +124,9 @@ pub enum Command {
 #[derive(Debug, Subcommand)]
 pub enum CdcCommand {
     /// Drop the pipeline's replication slot and publication, so the server
-    /// stops keeping WAL for it. Do this before removing a pipeline from
-    /// the configuration. The checkpoint is kept: running the pipeline
-    /// again stops with an error until `caudal resync`.
+    /// stops keeping WAL for it (`caudal run` also does this for pipelines
+    /// removed from the configuration). The checkpoint is kept: running the
+    /// pipeline again stops with an error until `caudal resync`.
     Drop {
         /// The pipeline whose slot and publication to drop.
         pipeline: String,

@@ -122,6 +122,9 @@ pub async fn run(path: &Path) -> ExitCode {
         eprintln!("error: {} defines no pipelines", path.display());
         return ExitCode::from(EXIT_CONFIG);
     }
+    if let Err(e) = caudal_engine::drop_removed_slots(&config, &store).await {
+        tracing::warn!(error = %e.report(), "cannot drop the slots of removed pipelines; trying again at the next start");
+    }
     tracing::info!(
         pipelines = pipelines.len(),
         state = store.backend(),

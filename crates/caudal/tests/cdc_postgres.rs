@@ -930,6 +930,48 @@ async fn backfill_reads_a_table_again_while_streaming_without_regressing_a_row()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_a_pipeline_drops_its_slot_and_publication() {
+    let cdc = Cdc::new("CREATE TABLE items (id int PRIMARY KEY);", &["items"]).await;
+    cdc.once().await;
+    let count = || async {
+        let pool = cdc.db.pg_pool().await;
+        let (n,): (i64,) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1) \
+                  + (SELECT count(*) FROM pg_publication WHERE pubname = $1)",
+        )
+        .bind(&cdc.slot)
+        .fetch_one(&pool)
+        .await
+        .expect("count the slot and publication");
+        pool.close().await;
+        n
+    };
+    assert_eq!(count().await, 2);
+    // The CDC pipeline is gone; its source stays, another pipeline runs.
+    let config = cdc.config();
+    let cut = config
+        .find(&format!("[pipelines.{PIPELINE}]"))
+        .expect("the pipeline table");
+    let config = format!(
+        "{}[sources.rows]\ntype = \"postgres\"\nurl = \"{}\"\ntable = \"items\"\ncursor = [\"id\"]\n\n\
+         [pipelines.other]\nsource = \"rows\"\nsink = \"recv\"\nschedule = {{ every = \"1h\" }}\n",
+        &config[..cut],
+        cdc.db.url()
+    );
+    let path = cdc.dir.path().join("removed.toml");
+    std::fs::write(&path, config).expect("write the config");
+    let daemon = spawn_daemon(&path, cdc.dir.path(), 1);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while count().await != 0 {
+        assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let (_, log) = daemon.stop(Signal::SIGTERM).await;
+    assert!(log.contains("removed from the configuration"), "{log}");
+    cdc.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_errors_say_what_to_change() {
     let cdc = Cdc::new(
         "CREATE TABLE nokey (v text); CREATE TABLE items (id int PRIMARY KEY);",
