@@ -17,6 +17,7 @@ pub mod schedule;
 pub mod send;
 
 pub use pipeline::{
-    Pipeline, Progress, RunSummary, Trigger, backfill_key, drop_removed_slots, load_checkpoint,
+    Pipeline, Progress, RunSummary, Trigger, backfill_key, created_publication, drop_removed_slots,
+    load_checkpoint,
 };
 pub use schedule::Schedule;

@@ -547,11 +547,18 @@ impl Pipeline {
             Source::PgCdc(s) => {
                 let lookup = follow.then(|| backfill_lookup(&self.store, &self.name));
                 let r = s.open_run(from.as_ref(), follow, lookup).await?;
-                // Remembered so that removing the pipeline drops its slot.
+                // Remembered so that removing the pipeline drops its slot
+                // (and its publication, if caudal made it).
+                let created_before = self
+                    .store
+                    .source_state(&slot_key(&self.name))
+                    .await?
+                    .is_some_and(|st| st.state["publication_created"] == true);
                 let slot = serde_json::json!({
                     "source": s.name(),
                     "slot": s.slot(),
                     "publication": s.publication(),
+                    "publication_created": created_before || r.created_publication(),
                 });
                 self.store
                     .set_source_state(&slot_key(&self.name), &slot)
@@ -801,6 +808,15 @@ fn load_schema(
     Ok(Some(Arc::new(validator)))
 }
 
+/// Whether caudal created the publication of a CDC pipeline (so it may
+/// drop it with the pipeline).
+pub async fn created_publication(store: &Store, pipeline: &str) -> Result<bool> {
+    Ok(store
+        .source_state(&slot_key(pipeline))
+        .await?
+        .is_some_and(|st| st.state["publication_created"] == true))
+}
+
 /// Where the store remembers a CDC pipeline's slot and publication.
 pub fn slot_key(pipeline: &str) -> String {
     format!("slot/{pipeline}")
@@ -835,7 +851,9 @@ pub async fn drop_removed_slots(config: &Config, store: &Store) -> Result<()> {
         sql.slot = Some(slot.clone());
         sql.publication = Some(publication.clone());
         let cdc = PgCdcSource::connect(pipeline, &source, &sql).await?;
-        let dropped = cdc.drop_replication().await?;
+        let dropped = cdc
+            .drop_replication(state.state["publication_created"] == true)
+            .await?;
         tracing::info!(pipeline, slot = ?dropped.slot, publication = ?dropped.publication, "dropped the replication slot and publication of a pipeline removed from the configuration");
         store.clear_source_state(&key).await?;
     }

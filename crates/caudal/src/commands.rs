@@ -486,8 +486,8 @@ async fn hold_buffer(
 }
 
 pub async fn cdc(path: &Path, command: &CdcCommand) -> ExitCode {
-    let config = match load(path) {
-        Ok(c) => c,
+    let (config, store) = match load_with_store(path).await {
+        Ok(both) => both,
         Err(code) => return code,
     };
     let CdcCommand::Drop { pipeline: name } = command;
@@ -500,9 +500,19 @@ pub async fn cdc(path: &Path, command: &CdcCommand) -> ExitCode {
         Ok(b) => b,
         Err(code) => return code,
     };
-    match source.drop_replication().await {
+    let ours = match caudal_engine::created_publication(&store, name).await {
+        Ok(b) => b,
+        Err(e) => return fail(&e),
+    };
+    match source.drop_replication(ours).await {
         Err(e) => fail(&e),
         Ok(d) => {
+            if !ours {
+                println!(
+                    "{name}: publication {:?} was not created by caudal; kept",
+                    source.publication()
+                );
+            }
             match (&d.slot, &d.publication) {
                 (None, None) => println!(
                     "{name}: no slot {:?} nor publication {:?} to drop",
@@ -535,7 +545,8 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
     if let Err(code) = hold_buffer(&config, name).await {
         return code;
     }
-    match source.drop_replication().await {
+    // The publication stays: the next run uses it again.
+    match source.drop_replication(false).await {
         Err(e) => return fail(&e),
         Ok(d) => {
             if let Some(s) = &d.slot {

@@ -972,6 +972,53 @@ async fn removing_a_pipeline_drops_its_slot_and_publication() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_primary_key_change_is_a_delete_and_an_insert() {
+    let cdc = Cdc::new(
+        "CREATE TABLE items (id int PRIMARY KEY, v text); INSERT INTO items VALUES (1, 'a');",
+        &["items"],
+    )
+    .await;
+    cdc.once().await;
+    cdc.exec("UPDATE items SET id = 2, v = 'b' WHERE id = 1")
+        .await;
+    cdc.once().await;
+    let changes = cdc.changes();
+    let ops: Vec<(&str, &Value)> = changes
+        .iter()
+        .map(|c| (c["op"].as_str().expect("op"), &c["key"]))
+        .collect();
+    assert_eq!(
+        ops,
+        [
+            ("read", &json!({"id": 1})),
+            ("delete", &json!({"id": 1})),
+            ("insert", &json!({"id": 2}))
+        ],
+        "{changes:?}"
+    );
+    assert_eq!(changes[2]["after"], json!({"id": 2, "v": "b"}));
+    assert_eq!(
+        (changes[1]["index"].clone(), changes[2]["index"].clone()),
+        (json!(0), json!(1))
+    );
+    cdc.wait_for_copy(None).await;
+    cdc.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_pipelines_on_one_slot_and_an_unsynced_buffer_are_refused() {
+    let mut cdc = Cdc::new("CREATE TABLE items (id int PRIMARY KEY);", &["items"]).await;
+    cdc.pipeline_extra =
+        "buffer = { fsync = \"100ms\" }\n\n[pipelines.second]\nsource = \"pg\"\nsink = \"recv\""
+            .into();
+    let out = cdc.caudal(&["validate"]).await;
+    assert_eq!(out.code, Some(2), "{out}");
+    assert!(out.stderr.contains("would share replication slot"), "{out}");
+    assert!(out.stderr.contains("fsync = \"batch\""), "{out}");
+    cdc.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preflight_errors_say_what_to_change() {
     let cdc = Cdc::new(
         "CREATE TABLE nokey (v text); CREATE TABLE items (id int PRIMARY KEY);",

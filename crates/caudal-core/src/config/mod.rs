@@ -232,6 +232,22 @@ pub enum CdcSnapshot {
     Never,
 }
 
+/// The default name of a CDC pipeline's replication slot and publication:
+/// `caudal_` and the pipeline's name, lowercased, other characters as `_`,
+/// at most 63 characters.
+pub fn default_cdc_name(pipeline: &str) -> String {
+    let mut name = String::from("caudal_");
+    name.extend(pipeline.chars().map(|c| {
+        if c.is_ascii_alphanumeric() {
+            c.to_ascii_lowercase()
+        } else {
+            '_'
+        }
+    }));
+    name.truncate(63);
+    name
+}
+
 /// Default interval of CDC heartbeats.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 

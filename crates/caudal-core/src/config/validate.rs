@@ -137,7 +137,47 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         }
         check_pipeline(&path, pipeline, config, &mut problems);
     }
+    check_slots(config, &mut problems);
     problems
+}
+
+/// Every CDC pipeline needs a replication slot of its own: two consumers
+/// of one slot confirm each other's progress and skip each other's
+/// changes. And its buffer must fsync each batch: a slot, once confirmed,
+/// cannot be rewound.
+fn check_slots(config: &Config, out: &mut Vec<Problem>) {
+    let mut slots: BTreeMap<String, &str> = BTreeMap::new();
+    for (name, pipeline) in &config.pipelines {
+        let Some(source) = config
+            .sources
+            .get(&pipeline.source)
+            .filter(|s| s.sql().mode == SqlMode::Cdc)
+        else {
+            continue;
+        };
+        let path = FieldPath::root().key("pipelines").key(name.clone());
+        let slot = source
+            .sql()
+            .slot
+            .clone()
+            .unwrap_or_else(|| super::default_cdc_name(name));
+        if let Some(other) = slots.insert(slot.clone(), name) {
+            out.push(Problem::at(
+                path.key("source"),
+                format!(
+                    "pipelines {other:?} and {name:?} would share replication slot {slot:?}; each CDC \
+                     pipeline needs its own source (with its own `slot`)"
+                ),
+            ));
+        }
+        if matches!(pipeline.buffer.fsync, FsyncPolicy::Interval(_)) {
+            out.push(Problem::at(
+                path.key("buffer").key("fsync"),
+                "a CDC pipeline needs fsync = \"batch\": the replication slot is confirmed once a \
+                 batch is in the buffer, and a slot cannot be rewound after a power loss",
+            ));
+        }
+    }
 }
 
 /// Most characters in a pipeline name.

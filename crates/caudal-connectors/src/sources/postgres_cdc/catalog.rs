@@ -14,7 +14,6 @@ use caudal_core::config::SqlDialect;
 /// A captured table as the catalog knows it.
 #[derive(Clone, Debug)]
 pub struct Table {
-    pub oid: u32,
     /// `schema.table`, unquoted.
     pub name: String,
     /// `"schema"."table"`, for SQL.
@@ -75,8 +74,19 @@ pub async fn table(pool: &PgPool, source: &str, written: &str) -> Result<Table> 
             ),
         ));
     }
+    if let Some((col, ColumnKind::Other(ty))) =
+        key.iter().find(|(_, k)| matches!(k, ColumnKind::Other(_)))
+    {
+        return Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "source {source:?}: primary key column {col:?} of {schema}.{name} has type {ty}, \
+                 which caudal cannot read in key order; supported key types are integers, \
+                 numeric, floats, text types, dates, timestamps and uuid"
+            ),
+        ));
+    }
     Ok(Table {
-        oid,
         quoted: quoted(&schema, &name),
         name: format!("{schema}.{name}"),
         key,
@@ -283,13 +293,14 @@ pub async fn preflight(pool: &PgPool, source: &str) -> Result<()> {
     Ok(())
 }
 
-/// Makes sure the publication exists and holds every table in `tables`.
+/// Makes sure the publication exists and holds every table in `tables`;
+/// true when it had to be created.
 pub async fn ensure_publication(
     pool: &PgPool,
     source: &str,
     publication: &str,
     tables: &[Table],
-) -> Result<()> {
+) -> Result<bool> {
     let exists: Option<(bool,)> =
         sqlx::query_as("SELECT puballtables FROM pg_publication WHERE pubname = $1")
             .bind(publication)
@@ -320,20 +331,39 @@ pub async fn ensure_publication(
                 )
             })?;
             tracing::info!(source, publication, "created the publication");
+            return Ok(true);
         }
         Some((true,)) => {}
         Some((false,)) => {
-            let present: Vec<(i64,)> = sqlx::query_as(
-                "SELECT prrelid::int8 FROM pg_publication_rel r \
-                 JOIN pg_publication p ON p.oid = r.prpubid WHERE p.pubname = $1",
+            let (ins, upd, del): (bool, bool, bool) = sqlx::query_as(
+                "SELECT pubinsert, pubupdate, pubdelete FROM pg_publication WHERE pubname = $1",
+            )
+            .bind(publication)
+            .fetch_one(pool)
+            .await
+            .map_err(|e| query_error(source, "cannot read pg_publication", e))?;
+            if !(ins && upd && del) {
+                tracing::warn!(
+                    source,
+                    publication,
+                    insert = ins,
+                    update = upd,
+                    delete = del,
+                    "the publication does not publish every kind of change; the ones it leaves out are not captured"
+                );
+            }
+            // Tables listed one by one or through FOR TABLES IN SCHEMA.
+            let present: Vec<(String,)> = sqlx::query_as(
+                "SELECT schemaname::text || '.' || tablename::text FROM pg_publication_tables \
+                 WHERE pubname = $1",
             )
             .bind(publication)
             .fetch_all(pool)
             .await
-            .map_err(|e| query_error(source, "cannot read pg_publication_rel", e))?;
+            .map_err(|e| query_error(source, "cannot read pg_publication_tables", e))?;
             let missing: Vec<&Table> = tables
                 .iter()
-                .filter(|t| !present.iter().any(|(o,)| *o == i64::from(t.oid)))
+                .filter(|t| !present.iter().any(|(n,)| *n == t.name))
                 .collect();
             if !missing.is_empty() {
                 let sql = format!(
@@ -352,5 +382,5 @@ pub async fn ensure_publication(
             }
         }
     }
-    Ok(())
+    Ok(false)
 }

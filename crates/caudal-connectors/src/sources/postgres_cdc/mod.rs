@@ -47,18 +47,7 @@ pub struct PgCdcSource {
 }
 
 /// The default name of a pipeline's slot and publication.
-pub fn default_name(pipeline: &str) -> String {
-    let mut name = String::from("caudal_");
-    name.extend(pipeline.chars().map(|c| {
-        if c.is_ascii_alphanumeric() {
-            c.to_ascii_lowercase()
-        } else {
-            '_'
-        }
-    }));
-    name.truncate(63);
-    name
-}
+pub use caudal_core::config::default_cdc_name as default_name;
 
 impl PgCdcSource {
     /// Prepares the source; nothing is queried until a run opens.
@@ -158,7 +147,8 @@ impl PgCdcSource {
                 ));
             }
         }
-        catalog::ensure_publication(&self.pool, &self.name, &self.publication, &tables).await?;
+        let created_publication =
+            catalog::ensure_publication(&self.pool, &self.name, &self.publication, &tables).await?;
         let slot = self.slot_info().await?;
         let (snapshot, stream_from, resume_from) = match (from, slot) {
             (None, None) => {
@@ -265,12 +255,14 @@ impl PgCdcSource {
             page: Vec::new(),
             lookup,
             backfills: reader::Backfills::default(),
+            streamed: false,
         };
         tokio::spawn(task.run());
         Ok(CdcReader {
             pages,
             durable: Arc::new(durable_tx),
             stop,
+            created_publication,
         })
     }
 
@@ -351,9 +343,10 @@ impl PgCdcSource {
         Ok(u64::try_from(n).unwrap_or(0))
     }
 
-    /// Drops the pipeline's slot and publication (`caudal cdc drop`,
-    /// `caudal resync`). Returns what existed and was dropped.
-    pub async fn drop_replication(&self) -> Result<Dropped> {
+    /// Drops the pipeline's slot, and its publication when
+    /// `drop_publication` (`caudal cdc drop`, `caudal resync`). Returns what
+    /// existed and was dropped.
+    pub async fn drop_replication(&self, drop_publication: bool) -> Result<Dropped> {
         let mut dropped = Dropped::default();
         if let Some(slot) = self.slot_info().await? {
             if slot.active {
@@ -396,7 +389,7 @@ impl PgCdcSource {
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(|e| query_error(&self.name, "cannot read pg_publication", e))?;
-        if exists.is_some() {
+        if exists.is_some() && drop_publication {
             let sql = format!(
                 "DROP PUBLICATION {}",
                 crate::sources::sql::quote_ident(
@@ -427,6 +420,7 @@ pub struct CdcReader {
     pages: mpsc::Receiver<Result<Vec<Record>>>,
     durable: Arc<watch::Sender<Option<Position>>>,
     stop: CancellationToken,
+    created_publication: bool,
 }
 
 impl CdcReader {
@@ -437,6 +431,12 @@ impl CdcReader {
             Some(Ok(page)) => Ok(Some(page)),
             Some(Err(e)) => Err(e),
         }
+    }
+
+    /// Whether this run created the publication (so dropping the pipeline
+    /// may drop it; a publication made by an operator is left alone).
+    pub fn created_publication(&self) -> bool {
+        self.created_publication
     }
 
     /// The handle through which the pipeline reports durable positions.

@@ -47,6 +47,9 @@ pub const HEARTBEAT_PREFIX: &str = "caudal_heartbeat";
 const STOP_PREFIX: &str = "caudal_stop";
 /// How often a status update goes to the server.
 const FEEDBACK_EVERY: Duration = Duration::from_secs(1);
+/// A connection silent this long is taken for cut (the server sends a
+/// keepalive at least every half `wal_sender_timeout`, 30s by default).
+const SILENCE_LIMIT: Duration = Duration::from_secs(120);
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
@@ -197,6 +200,9 @@ pub struct Task {
     /// Where backfill requests are looked up (the daemon only).
     pub lookup: Option<BackfillLookup>,
     pub backfills: Backfills,
+    /// Whether the current connection received anything (then a reconnect
+    /// starts its backoff over).
+    pub streamed: bool,
 }
 
 /// A relation (table) as the stream described it last.
@@ -374,17 +380,29 @@ impl Task {
             let start = self
                 .from
                 .map_or(self.stream_from, |(lsn, _)| lsn.max(self.stream_from));
+            self.streamed = false;
             match self.stream_once(start, &mut stop_at).await {
                 Ok(Ended::Done) => return Ok(()),
                 Err(e) if e.kind() == ErrorKind::Connect => {
+                    if self.streamed {
+                        backoff = Duration::from_secs(1);
+                    }
                     self.set_phase("reconnecting");
-                    tracing::warn!(source = %self.source, error = %e.report(), retry_in_s = backoff.as_secs(), "replication connection lost; reconnecting from the durable position");
+                    tracing::warn!(source = %self.source, error = %e.report(), retry_in_s = backoff.as_secs(), "replication connection lost; reconnecting from the last change read");
                     tokio::select! {
                         () = self.stop.cancelled() => return Err(cancelled()),
                         () = tokio::time::sleep(backoff) => {}
                     }
                     backoff = (backoff * 2).min(MAX_BACKOFF);
                 }
+                // The server's words suggested the slot is gone: only the
+                // catalog may say so, else it is an ordinary failure.
+                Err(e) if e.kind() == ErrorKind::Resync => match self.check_slot().await {
+                    Ok(()) => {
+                        return Err(Error::new(ErrorKind::Query, e.to_string()));
+                    }
+                    Err(gone) => return Err(gone),
+                },
                 Err(e) => return Err(e),
             }
         }
@@ -486,6 +504,7 @@ impl Task {
         let mut tick = tokio::time::interval(FEEDBACK_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let never = CancellationToken::new();
+        let mut last_data = std::time::Instant::now();
         loop {
             enum Step {
                 Stop,
@@ -504,42 +523,59 @@ impl Task {
                     return Err(cancelled());
                 }
                 Step::Tick => {
+                    // The server sends keepalives well within this: a silent
+                    // connection is a cut one TCP has not noticed yet.
+                    if last_data.elapsed() > SILENCE_LIMIT {
+                        return Err(Error::new(
+                            ErrorKind::Connect,
+                            format!(
+                                "source {:?}: nothing from the server for {}s",
+                                self.source,
+                                SILENCE_LIMIT.as_secs()
+                            ),
+                        ));
+                    }
                     self.flush_page(&mut conn, &mut s, &mut tick).await?;
                     self.feedback(&mut conn, &mut s).await?;
                 }
                 Step::Data(Err(e)) => {
                     return Err(replication_error(&self.source, "streaming failed", &e));
                 }
-                Step::Data(Ok(data)) => match data.first() {
-                    Some(b'w') if data.len() >= 25 => {
-                        let wal_end = u64::from_be_bytes(slice8(&data[9..17]));
-                        s.received = s.received.max(wal_end);
-                        let msg = s.parser.parse_wal_message(&data[25..]).map_err(|e| {
-                            replication_error(&self.source, "cannot decode a change", &e)
-                        })?;
-                        if self
-                            .handle(&mut conn, &mut s, &mut tick, msg.message, *stop_at)
-                            .await?
-                        {
-                            return self.finish(&mut conn, &mut s).await;
-                        }
-                    }
-                    Some(b'k') => {
-                        let k = parse_keepalive_message(&data)
-                            .map_err(|e| replication_error(&self.source, "bad keepalive", &e))?;
-                        s.received = s.received.max(k.wal_end);
-                        if s.txn.is_none() {
-                            s.idle = Some(k.wal_end);
-                            if self.page.is_empty() {
-                                self.caught_up(k.wal_end);
+                Step::Data(Ok(data)) => {
+                    last_data = std::time::Instant::now();
+                    self.streamed = true;
+                    match data.first() {
+                        Some(b'w') if data.len() >= 25 => {
+                            let wal_end = u64::from_be_bytes(slice8(&data[9..17]));
+                            s.received = s.received.max(wal_end);
+                            let msg = s.parser.parse_wal_message(&data[25..]).map_err(|e| {
+                                replication_error(&self.source, "cannot decode a change", &e)
+                            })?;
+                            if self
+                                .handle(&mut conn, &mut s, &mut tick, msg.message, *stop_at)
+                                .await?
+                            {
+                                return self.finish(&mut conn, &mut s).await;
                             }
                         }
-                        if k.reply_requested {
-                            self.feedback(&mut conn, &mut s).await?;
+                        Some(b'k') => {
+                            let k = parse_keepalive_message(&data).map_err(|e| {
+                                replication_error(&self.source, "bad keepalive", &e)
+                            })?;
+                            s.received = s.received.max(k.wal_end);
+                            if s.txn.is_none() {
+                                s.idle = Some(k.wal_end);
+                                if self.page.is_empty() {
+                                    self.caught_up(k.wal_end);
+                                }
+                            }
+                            if k.reply_requested {
+                                self.feedback(&mut conn, &mut s).await?;
+                            }
                         }
+                        _ => {}
                     }
-                    _ => {}
-                },
+                }
             }
         }
     }
@@ -684,6 +720,43 @@ impl Task {
                 }
                 let key = key_of(rel, &after);
                 let table = rel.table.clone();
+                // A new primary key is a new entity: the change is sent as
+                // a delete of the old key and an insert of the new one, so
+                // per-key order (and backfills) hold for both keys. (When
+                // TOAST values were left unsent the new row is not whole:
+                // it stays an update whose `before` has the old key.)
+                let old_key = before
+                    .as_ref()
+                    .filter(|_| key_type.is_some() && unchanged.is_empty())
+                    .map(|b| key_of(rel, b))
+                    .filter(|old| *old != key);
+                if let Some(old_key) = old_key {
+                    self.push(
+                        s,
+                        tick,
+                        conn,
+                        "delete",
+                        table.clone(),
+                        old_key,
+                        before,
+                        None,
+                        Vec::new(),
+                    )
+                    .await?;
+                    self.push(
+                        s,
+                        tick,
+                        conn,
+                        "insert",
+                        table,
+                        key,
+                        None,
+                        Some(after),
+                        unchanged,
+                    )
+                    .await?;
+                    return Ok(false);
+                }
                 self.push(
                     s,
                     tick,
@@ -928,16 +1001,20 @@ impl Task {
             return Ok(());
         };
         let mut sent = 0;
+        // A message's LSN is the end of its record, where the next record
+        // (a commit, say) may start: the rows go just before it, so they
+        // never share a position with a transaction.
+        let at = lsn - 1;
         for (i, (record_key, key, data)) in chunk.rows.into_iter().enumerate() {
             if chunk.all_changed || chunk.changed.contains(&record_key) {
                 continue;
             }
-            let position = (lsn, i as u64);
+            let position = (at, i as u64);
             if self.from.is_some_and(|from| position <= from) {
                 continue;
             }
             let meta = Meta {
-                lsn,
+                lsn: at,
                 xid: None,
                 time: None,
                 index: None,
@@ -1151,7 +1228,14 @@ impl Task {
         let flush = self.confirmable(s).min(s.received.max(1));
         conn.send_standby_status_update(s.received, flush, flush, false)
             .await
-            .map_err(|e| replication_error(&self.source, "cannot send a status update", &e))?;
+            .map_err(|e| {
+                // A status update that cannot be written is a broken
+                // connection, whatever the client library calls it.
+                Error::new(
+                    ErrorKind::Connect,
+                    format!("source {:?}: cannot send a status update: {e}", self.source),
+                )
+            })?;
         s.confirmed = s.confirmed.max(flush);
         let mut lag = self
             .lag
