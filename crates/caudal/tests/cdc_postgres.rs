@@ -223,6 +223,22 @@ sink = "recv"
         normalise(out)
     }
 
+    /// How many replication slots and publications of this test's name
+    /// the server has.
+    async fn slot_and_publication(&self) -> (i64, i64) {
+        let pool = self.db.pg_pool().await;
+        let counts = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1), \
+                    (SELECT count(*) FROM pg_publication WHERE pubname = $1)",
+        )
+        .bind(&self.slot)
+        .fetch_one(&pool)
+        .await
+        .expect("count the slot and the publication");
+        pool.close().await;
+        counts
+    }
+
     /// Drops the slot (which would block dropping the database), then the
     /// database.
     async fn cleanup(self) {
@@ -696,17 +712,7 @@ async fn a_slot_dropped_behind_caudals_back_stops_the_pipeline_until_resync() {
     // `caudal cdc drop` removes slot and publication.
     let dropped = cdc.caudal(&["cdc", "drop", PIPELINE]).await;
     assert_eq!(dropped.code, Some(0), "{dropped}");
-    let pool = cdc.db.pg_pool().await;
-    let (slots, pubs): (i64, i64) = sqlx::query_as(
-        "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1), \
-                (SELECT count(*) FROM pg_publication WHERE pubname = $1)",
-    )
-    .bind(&cdc.slot)
-    .fetch_one(&pool)
-    .await
-    .expect("count slots");
-    pool.close().await;
-    assert_eq!((slots, pubs), (0, 0), "{dropped}");
+    assert_eq!(cdc.slot_and_publication().await, (0, 0), "{dropped}");
     cdc.cleanup().await;
 }
 
@@ -933,20 +939,7 @@ async fn backfill_reads_a_table_again_while_streaming_without_regressing_a_row()
 async fn removing_a_pipeline_drops_its_slot_and_publication() {
     let cdc = Cdc::new("CREATE TABLE items (id int PRIMARY KEY);", &["items"]).await;
     cdc.once().await;
-    let count = || async {
-        let pool = cdc.db.pg_pool().await;
-        let (n,): (i64,) = sqlx::query_as(
-            "SELECT (SELECT count(*) FROM pg_replication_slots WHERE slot_name = $1) \
-                  + (SELECT count(*) FROM pg_publication WHERE pubname = $1)",
-        )
-        .bind(&cdc.slot)
-        .fetch_one(&pool)
-        .await
-        .expect("count the slot and publication");
-        pool.close().await;
-        n
-    };
-    assert_eq!(count().await, 2);
+    assert_eq!(cdc.slot_and_publication().await, (1, 1));
     // The CDC pipeline is gone; its source stays, another pipeline runs.
     let config = cdc.config();
     let cut = config
@@ -962,7 +955,7 @@ async fn removing_a_pipeline_drops_its_slot_and_publication() {
     std::fs::write(&path, config).expect("write the config");
     let daemon = spawn_daemon(&path, cdc.dir.path(), 1);
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while count().await != 0 {
+    while cdc.slot_and_publication().await != (0, 0) {
         assert!(tokio::time::Instant::now() < deadline, "{}", daemon.log());
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
