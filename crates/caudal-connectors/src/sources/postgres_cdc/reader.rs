@@ -47,6 +47,8 @@ pub const HEARTBEAT_PREFIX: &str = "caudal_heartbeat";
 const STOP_PREFIX: &str = "caudal_stop";
 /// How often a status update goes to the server.
 const FEEDBACK_EVERY: Duration = Duration::from_secs(1);
+/// Most changes handed on at once while streaming.
+const STREAM_PAGE: usize = 1000;
 /// A connection silent this long is taken for cut (the server sends a
 /// keepalive at least every half `wal_sender_timeout`, 30s by default).
 const SILENCE_LIMIT: Duration = Duration::from_secs(120);
@@ -580,6 +582,13 @@ impl Task {
         }
     }
 
+    /// Changes handed on at once while streaming: at most a typical batch,
+    /// so a large transaction holds a few pages in memory, not a few
+    /// snapshot chunks.
+    fn stream_page(&self) -> usize {
+        self.page_size.min(STREAM_PAGE)
+    }
+
     fn caught_up(&self, server: u64) {
         let mut lag = self
             .lag
@@ -620,7 +629,7 @@ impl Task {
                     lag.lag_seconds = commit_age(&t.time);
                     lag.last_commit_time = Some(t.time);
                 }
-                if self.page.len() >= self.page_size {
+                if self.page.len() >= self.stream_page() {
                     self.flush_page(conn, s, tick).await?;
                 } else if !self.page.is_empty()
                     && let Ok(permit) = self.out.try_reserve()
@@ -1030,7 +1039,7 @@ impl Task {
             self.from = Some(position);
             sent += 1;
         }
-        if self.page.len() >= self.page_size {
+        if self.page.len() >= self.stream_page() {
             self.flush_page(conn, s, tick).await?;
         }
         let done = !chunk.full;
@@ -1169,7 +1178,7 @@ impl Task {
             key: Some(record_key),
         });
         self.from = Some(position);
-        if self.page.len() >= self.page_size {
+        if self.page.len() >= self.stream_page() {
             self.flush_page(conn, s, tick).await?;
         }
         Ok(())
