@@ -179,7 +179,8 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     );
     println!(
         "\n  A row changed several times between two runs is sent once, in its latest version:\n  \
-         the cursor syncs current state. Every intermediate change needs CDC."
+         the cursor syncs current state. To send every intermediate change, use CDC\n  \
+         (mode = \"cdc\" on a PostgreSQL source: docs/cdc-postgres.md)."
     );
     println!(
         "\nInspect it: caudal status -c {}",
