@@ -1110,6 +1110,7 @@ impl PrivatePg {
         );
     }
 
+    /// `wal_level`: its value, optionally followed by more `-c` settings.
     fn start(wal_level: &str) -> Self {
         let dir = tempfile::tempdir().expect("a directory for the server");
         if is_root() {
@@ -1222,6 +1223,60 @@ async fn a_terminated_walsender_and_a_server_restart_lose_nothing() {
     let (status, log) = daemon.stop(Signal::SIGTERM).await;
     assert!(status.success(), "{log}");
     assert!(log.contains("reconnecting"), "{log}");
+    cdc.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slot_invalidated_by_the_server_stops_the_pipeline_until_resync() {
+    // The server may keep at most 1MB of WAL for a slot.
+    let pg = PrivatePg::start("logical -c max_slot_wal_keep_size=1MB");
+    let cdc = Cdc::on(
+        pg_database_at(&pg.url()).await,
+        "CREATE TABLE items (id int PRIMARY KEY); CREATE TABLE busy (pad text);
+         INSERT INTO items VALUES (1);",
+        &["items"],
+    )
+    .await;
+    cdc.once().await;
+    // With caudal stopped, far more WAL than that goes by.
+    let pool = cdc.db.pg_pool().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        sqlx::raw_sql(
+            "INSERT INTO busy SELECT repeat('x', 1000) FROM generate_series(1, 20000); \
+             SELECT pg_switch_wal(); CHECKPOINT;",
+        )
+        .execute(&pool)
+        .await
+        .expect("write WAL");
+        let (status,): (Option<String>,) =
+            sqlx::query_as("SELECT wal_status FROM pg_replication_slots WHERE slot_name = $1")
+                .bind(&cdc.slot)
+                .fetch_one(&pool)
+                .await
+                .expect("the slot");
+        if status.as_deref() == Some("lost") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot is still {status:?}"
+        );
+    }
+    pool.close().await;
+    let out = cdc.caudal(&["once", PIPELINE]).await;
+    assert_ne!(out.code, Some(0), "{out}");
+    assert!(
+        out.stderr.contains("invalidated") && out.stderr.contains("caudal resync"),
+        "{out}"
+    );
+    let resync = cdc.caudal(&["resync", PIPELINE]).await;
+    assert_eq!(resync.code, Some(0), "{resync}");
+    cdc.receiver.clear();
+    cdc.once().await;
+    let reads: Vec<Value> = cdc.changes();
+    assert_eq!(reads.len(), 1, "{reads:?}");
+    assert_eq!(reads[0]["op"], "read");
     cdc.cleanup().await;
 }
 
