@@ -209,9 +209,16 @@ async fn the_daemon_keeps_reading_through_an_outage_and_catches_up() {
         }
     };
     wait_for(10, 0).await;
-    // Still down: new rows are read too.
+    // Still down: new rows are read too, and the run that read them ends
+    // as a success (its checkpoint is committed before it ends, so wait
+    // for the end too).
     w.insert(11..=20, 1).await;
-    let status = wait_for(20, 1).await;
+    wait_for(20, 1).await;
+    let status = w
+        .wait_for_status(Some(&daemon), "the run that read rows 11..=20 ended", |s| {
+            s["outcome"] != "running"
+        })
+        .await;
     assert_eq!(status["outcome"], "succeeded", "{status}");
 
     w.receiver.restart().await;
