@@ -70,6 +70,37 @@ pub enum Position {
     /// A CDC snapshot was read to its end: streaming goes on from `lsn`.
     /// Carried by a marker record that is never sent.
     SnapshotDone { lsn: u64 },
+    /// A change streamed from a MySQL/MariaDB binary log: the file and
+    /// offset where its transaction starts, its index within the
+    /// transaction, and the transaction's GTID when the server logs one
+    /// (MariaDB `domain-server-sequence`).
+    Binlog {
+        file: String,
+        pos: u64,
+        index: u64,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gtid: Option<String>,
+    },
+    /// A row read by a binlog CDC snapshot consistent with `file`:`pos`.
+    BinlogSnapshot {
+        file: String,
+        pos: u64,
+        table: String,
+        key: Vec<CursorValue>,
+    },
+    /// Binlog streaming goes on from `file`:`pos` (a transaction boundary):
+    /// the end of a snapshot, or the log read past changes of tables not
+    /// captured. Carried by a marker record that is never sent.
+    BinlogResume { file: String, pos: u64 },
+    /// A row read by an on-demand backfill, consistent with `file`:`pos`
+    /// and placed in the stream there (before the transaction starting
+    /// at it).
+    BinlogBackfill {
+        file: String,
+        pos: u64,
+        table: String,
+        key: Vec<CursorValue>,
+    },
 }
 
 /// An LSN in PostgreSQL's text form (`16/B374D848`).
@@ -103,7 +134,37 @@ impl Position {
                     parts.join(", ")
                 )
             }
+            Self::Binlog {
+                file, pos, index, ..
+            } => format!("{file}:{pos}#{index}"),
+            Self::BinlogResume { file, pos } => format!("resume@{file}:{pos}"),
+            Self::BinlogSnapshot {
+                file,
+                pos,
+                table,
+                key,
+            }
+            | Self::BinlogBackfill {
+                file,
+                pos,
+                table,
+                key,
+            } => {
+                let parts: Vec<String> = key.iter().map(CursorValue::display).collect();
+                let what = if matches!(self, Self::BinlogSnapshot { .. }) {
+                    "snapshot"
+                } else {
+                    "backfill"
+                };
+                format!("{what}@{file}:{pos} {table} ({})", parts.join(", "))
+            }
         }
+    }
+
+    /// Whether the position only marks progress (the end of a CDC
+    /// snapshot): its record is never sent.
+    pub fn is_marker(&self) -> bool {
+        matches!(self, Self::SnapshotDone { .. } | Self::BinlogResume { .. })
     }
 }
 

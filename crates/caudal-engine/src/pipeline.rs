@@ -26,7 +26,8 @@ use std::time::Duration;
 use caudal_buffer::Buffer;
 
 use caudal_connectors::sinks::http::HttpSink;
-use caudal_connectors::sources::postgres_cdc::{CdcReader, Durable, PgCdcSource};
+use caudal_connectors::sources::cdc::{CdcReader, CdcSource, Durable};
+use caudal_connectors::sources::postgres_cdc::PgCdcSource;
 use caudal_connectors::sources::sql::{self, SqlSource};
 use caudal_core::config::{
     AckMode, BatchConfig, ConcurrencyConfig, Config, PipelineConfig, SinkConfig, SqlDialect,
@@ -96,8 +97,8 @@ impl Trigger {
 pub enum Source {
     /// Rows read by cursor, on a schedule.
     Sql(SqlSource),
-    /// Changes streamed from PostgreSQL's log.
-    PgCdc(PgCdcSource),
+    /// Changes streamed from a database's log (PostgreSQL, MariaDB).
+    Cdc(CdcSource),
 }
 
 /// The reader of one run.
@@ -198,19 +199,7 @@ impl Pipeline {
         })?;
         let cdc = source_cfg.sql().mode == SqlMode::Cdc;
         let source = match (cdc, source_cfg.dialect()) {
-            (true, SqlDialect::Postgres) => {
-                Source::PgCdc(PgCdcSource::connect(name, &p.source, source_cfg.sql()).await?)
-            }
-            (true, other) => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "source {:?}: mode = \"cdc\" is not supported for {} sources",
-                        p.source,
-                        other.as_str()
-                    ),
-                ));
-            }
+            (true, _) => Source::Cdc(CdcSource::connect(name, &p.source, source_cfg).await?),
             (false, _) => Source::Sql(SqlSource::connect(&p.source, source_cfg).await?),
         };
         // A CDC run streams until it fails or is stopped; the schedule
@@ -544,25 +533,28 @@ impl Pipeline {
                 Reader::Sql(Box::new(s.open_run(from.as_ref()).await?)),
                 None,
             ),
-            Source::PgCdc(s) => {
+            Source::Cdc(s) => {
                 let lookup = follow.then(|| backfill_lookup(&self.store, &self.name));
-                let r = s.open_run(from.as_ref(), follow, lookup).await?;
-                // Remembered so that removing the pipeline drops its slot
-                // (and its publication, if caudal made it).
-                let created_before = self
-                    .store
-                    .source_state(&slot_key(&self.name))
-                    .await?
-                    .is_some_and(|st| st.state["publication_created"] == true);
-                let slot = serde_json::json!({
-                    "source": s.name(),
-                    "slot": s.slot(),
-                    "publication": s.publication(),
-                    "publication_created": created_before || r.created_publication(),
-                });
-                self.store
-                    .set_source_state(&slot_key(&self.name), &slot)
-                    .await?;
+                let pending = follow.then(|| backfill_pending(&self.store, &self.name));
+                let r = s.open_run(from.as_ref(), follow, lookup, pending).await?;
+                if let CdcSource::Postgres(pg) = s {
+                    // Remembered so that removing the pipeline drops its slot
+                    // (and its publication, if caudal made it).
+                    let created_before = self
+                        .store
+                        .source_state(&slot_key(&self.name))
+                        .await?
+                        .is_some_and(|st| st.state["publication_created"] == true);
+                    let slot = serde_json::json!({
+                        "source": pg.name(),
+                        "slot": pg.slot(),
+                        "publication": pg.publication(),
+                        "publication_created": created_before || r.created_publication(),
+                    });
+                    self.store
+                        .set_source_state(&slot_key(&self.name), &slot)
+                        .await?;
+                }
                 let durable = r.durable();
                 (Reader::Cdc(r), Some(durable))
             }
@@ -570,7 +562,7 @@ impl Pipeline {
         let durable = durable.as_ref();
         // A CDC source's lag is saved every few seconds for `caudal status`.
         let _report = match &self.source {
-            Source::PgCdc(s) => {
+            Source::Cdc(s) => {
                 let (source, store, name) = (s.clone(), self.store.clone(), self.name.clone());
                 Some(AbortOnDrop(tokio::spawn(async move {
                     let mut tick = tokio::time::interval(LAG_REPORT_EVERY);
@@ -641,7 +633,7 @@ impl Pipeline {
                     Some(Ok(records)) => {
                         let markers = records
                             .iter()
-                            .filter(|r| matches!(r.position, Position::SnapshotDone { .. }))
+                            .filter(|r| r.position.is_marker())
                             .count();
                         counters
                             .read
@@ -689,7 +681,7 @@ impl Pipeline {
         // Markers (a CDC snapshot's end) move the position, nothing else.
         let mut events: Vec<Event> = records
             .into_iter()
-            .filter(|r| !matches!(r.position, Position::SnapshotDone { .. }))
+            .filter(|r| !r.position.is_marker())
             .map(|r| Event::new(self.key.as_deref(), r))
             .collect();
         let invalid = match &self.schema {
@@ -870,13 +862,36 @@ pub fn backfill_key(pipeline: &str, id: &str) -> String {
 fn backfill_lookup(
     store: &Store,
     pipeline: &str,
-) -> caudal_connectors::sources::postgres_cdc::BackfillLookup {
+) -> caudal_connectors::sources::cdc::BackfillLookup {
     let (store, pipeline) = (store.clone(), pipeline.to_string());
     Arc::new(move |id: String| {
         let (store, key) = (store.clone(), backfill_key(&pipeline, &id));
         Box::pin(async move {
             let state = store.source_state(&key).await.ok().flatten()?;
             serde_json::from_value(state.state).ok()
+        })
+    })
+}
+
+/// Lists the backfill requests saved for a pipeline.
+fn backfill_pending(
+    store: &Store,
+    pipeline: &str,
+) -> caudal_connectors::sources::cdc::BackfillPending {
+    let (store, prefix) = (store.clone(), backfill_key(pipeline, ""));
+    Arc::new(move || {
+        let (store, prefix) = (store.clone(), prefix.clone());
+        Box::pin(async move {
+            store
+                .source_states_with_prefix(&prefix)
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter_map(|(key, state)| {
+                    let id = key.strip_prefix(&prefix)?.to_string();
+                    Some((id, serde_json::from_value(state.state).ok()?))
+                })
+                .collect()
         })
     })
 }

@@ -6,6 +6,7 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use caudal_connectors::sources::cdc::CdcSource;
 use caudal_core::config::{Config, load_file};
 use caudal_core::{Error, ErrorKind};
 use caudal_engine::{Pipeline, Progress, RunSummary, Trigger};
@@ -446,16 +447,13 @@ async fn reset(config: &Config, store: &Store, name: &str) -> ExitCode {
 }
 
 /// The CDC source of a pipeline, or an error saying it has none.
-async fn cdc_source(
-    config: &Config,
-    name: &str,
-) -> Result<caudal_connectors::sources::postgres_cdc::PgCdcSource, ExitCode> {
+async fn cdc_source(config: &Config, name: &str) -> Result<CdcSource, ExitCode> {
     known_pipeline(config, name)?;
     let p = &config.pipelines[name];
     let source = config.sources.get(&p.source);
     match source {
         Some(s) if s.sql().mode == caudal_core::config::SqlMode::Cdc => {
-            caudal_connectors::sources::postgres_cdc::PgCdcSource::connect(name, &p.source, s.sql())
+            CdcSource::connect(name, &p.source, s)
                 .await
                 .map_err(|e| fail(&e))
         }
@@ -492,7 +490,14 @@ pub async fn cdc(path: &Path, command: &CdcCommand) -> ExitCode {
     };
     let CdcCommand::Drop { pipeline: name } = command;
     let source = match cdc_source(&config, name).await {
-        Ok(s) => s,
+        Ok(CdcSource::Postgres(s)) => s,
+        Ok(CdcSource::Mysql(s)) => {
+            println!(
+                "{name}: a binary log replica (server_id {}) keeps nothing on the server; nothing to drop",
+                s.server_id()
+            );
+            return ExitCode::SUCCESS;
+        }
         Err(code) => return code,
     };
     // Refused while the pipeline runs.
@@ -546,11 +551,13 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
         return code;
     }
     // The publication stays: the next run uses it again.
-    match source.drop_replication(false).await {
-        Err(e) => return fail(&e),
-        Ok(d) => {
-            if let Some(s) = &d.slot {
-                println!("{name}: dropped replication slot {s:?}");
+    if let CdcSource::Postgres(pg) = &source {
+        match pg.drop_replication(false).await {
+            Err(e) => return fail(&e),
+            Ok(d) => {
+                if let Some(s) = &d.slot {
+                    println!("{name}: dropped replication slot {s:?}");
+                }
             }
         }
     }
@@ -559,10 +566,15 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
     }
     let code = reset(&config, &store, name).await;
     if code == ExitCode::SUCCESS {
-        println!(
-            "{name}: the next run creates slot {:?}, reads the tables again and streams from there",
-            source.slot()
-        );
+        match &source {
+            CdcSource::Postgres(pg) => println!(
+                "{name}: the next run creates slot {:?}, reads the tables again and streams from there",
+                pg.slot()
+            ),
+            CdcSource::Mysql(_) => println!(
+                "{name}: the next run reads the tables again and streams the binary log from there"
+            ),
+        }
     }
     code
 }
@@ -572,7 +584,7 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
 const BACKFILL_PICKUP: Duration = Duration::from_secs(30);
 
 pub async fn backfill(path: &Path, name: &str, table: &str, filter: Option<&str>) -> ExitCode {
-    use caudal_connectors::sources::postgres_cdc::{BackfillProgress, BackfillRequest};
+    use caudal_connectors::sources::cdc::{BackfillProgress, BackfillRequest};
     let (config, store) = match load_with_store(path).await {
         Ok(both) => both,
         Err(code) => return code,
@@ -688,6 +700,9 @@ fn lag_text(r: &serde_json::Value) -> String {
     if r["slot_exists"] == serde_json::Value::Bool(false) {
         return "slot missing".into();
     }
+    if r["log_purged"] == serde_json::Value::Bool(true) {
+        return "log purged".into();
+    }
     let bytes = r["lag_bytes"].as_u64().map_or_else(
         || "?".into(),
         |b| caudal_core::units::ByteSize(b).to_string(),
@@ -711,6 +726,8 @@ async fn replication_status(config: &Config, store: &Store, name: &str) -> serde
             "last_commit_time",
             "snapshot_rows",
             "confirmed_lsn",
+            "server_id",
+            "read_position",
         ] {
             if let Some(v) = state.state.get(k) {
                 out.insert(k.into(), v.clone());
@@ -721,13 +738,46 @@ async fn replication_status(config: &Config, store: &Store, name: &str) -> serde
     let Some(source) = config.sources.get(&p.source) else {
         return out.into();
     };
-    match caudal_connectors::sources::postgres_cdc::PgCdcSource::connect(
-        name,
-        &p.source,
-        source.sql(),
-    )
-    .await
-    {
+    let connected = CdcSource::connect(name, &p.source, source).await;
+    if let Ok(CdcSource::Mysql(s)) = &connected {
+        let checkpoint = caudal_engine::load_checkpoint(store, name)
+            .await
+            .ok()
+            .flatten();
+        match s.binary_logs().await {
+            Err(e) => {
+                out.insert("server".into(), format!("unreachable: {e}").into());
+            }
+            Ok(logs) => {
+                if let Some(end) = logs.last() {
+                    out.insert(
+                        "server_position".into(),
+                        format!("{}:{}", end.name, end.size).into(),
+                    );
+                }
+                if let Some((file, pos)) = checkpoint
+                    .as_ref()
+                    .and_then(caudal_connectors::sources::mysql_cdc::log_position)
+                {
+                    out.insert("checkpoint_position".into(), format!("{file}:{pos}").into());
+                    match caudal_connectors::sources::mysql_cdc::distance(&logs, file, pos) {
+                        Some(b) => {
+                            out.insert("lag_bytes".into(), b.into());
+                            out.insert("log_purged".into(), false.into());
+                        }
+                        None => {
+                            out.insert("log_purged".into(), true.into());
+                        }
+                    }
+                }
+            }
+        }
+        return out.into();
+    }
+    match connected.and_then(|c| match c {
+        CdcSource::Postgres(pg) => Ok(pg),
+        CdcSource::Mysql(_) => Err(Error::new(ErrorKind::Internal, "not a PostgreSQL source")),
+    }) {
         Err(e) => {
             out.insert("server".into(), format!("unreachable: {e}").into());
         }

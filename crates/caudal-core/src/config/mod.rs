@@ -248,6 +248,18 @@ pub fn default_cdc_name(pipeline: &str) -> String {
     name
 }
 
+/// The default replica server id of a MySQL CDC pipeline: stable for the
+/// pipeline's name (FNV-1a), between 1,000,000,000 and 1,999,999,999 so it
+/// stays clear of the small ids servers are usually given.
+pub fn default_server_id(pipeline: &str) -> u32 {
+    let mut hash: u32 = 0x811c_9dc5;
+    for b in pipeline.bytes() {
+        hash ^= u32::from(b);
+        hash = hash.wrapping_mul(0x0100_0193);
+    }
+    1_000_000_000 + hash % 1_000_000_000
+}
+
 /// Default interval of CDC heartbeats.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
@@ -289,9 +301,15 @@ pub struct SqlSourceConfig {
     /// missing, and given the configured tables.
     #[serde(default)]
     pub publication: Option<String>,
+    /// CDC (mysql): the server id caudal registers with as a binlog replica;
+    /// unique among the server's replicas (default: derived from the
+    /// pipeline's name, see `caudal validate`).
+    #[serde(default)]
+    pub server_id: Option<u32>,
     /// CDC: how often a heartbeat is written to the log so the slot moves on
     /// while the captured tables are idle (default `"10s"`; `"0s"` turns it
-    /// off).
+    /// off). For mysql, how often the server sends a heartbeat to an idle
+    /// replica, so a dead connection is noticed.
     #[serde(default)]
     pub heartbeat: Option<Duration>,
     /// CDC: whether existing rows are read first (default `initial`).

@@ -147,6 +147,7 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
 /// cannot be rewound.
 fn check_slots(config: &Config, out: &mut Vec<Problem>) {
     let mut slots: BTreeMap<String, &str> = BTreeMap::new();
+    let mut server_ids: BTreeMap<(String, u32), &str> = BTreeMap::new();
     for (name, pipeline) in &config.pipelines {
         let Some(source) = config
             .sources
@@ -156,25 +157,43 @@ fn check_slots(config: &Config, out: &mut Vec<Problem>) {
             continue;
         };
         let path = FieldPath::root().key("pipelines").key(name.clone());
-        let slot = source
-            .sql()
-            .slot
-            .clone()
-            .unwrap_or_else(|| super::default_cdc_name(name));
-        if let Some(other) = slots.insert(slot.clone(), name) {
-            out.push(Problem::at(
-                path.key("source"),
-                format!(
-                    "pipelines {other:?} and {name:?} would share replication slot {slot:?}; each CDC \
-                     pipeline needs its own source (with its own `slot`)"
-                ),
-            ));
+        let sql = source.sql();
+        if source.dialect() == SqlDialect::Mysql {
+            let id = sql
+                .server_id
+                .unwrap_or_else(|| super::default_server_id(name));
+            let server = crate::units::redact_url(sql.url.expose());
+            if let Some(other) = server_ids.insert((server, id), name) {
+                out.push(Problem::at(
+                    path.key("source"),
+                    format!(
+                        "pipelines {other:?} and {name:?} would read the binary log with the same \
+                         replica server_id {id}, and the server drops one when the other connects; \
+                         give each its own source with its own `server_id`"
+                    ),
+                ));
+            }
+        } else {
+            let slot = sql
+                .slot
+                .clone()
+                .unwrap_or_else(|| super::default_cdc_name(name));
+            if let Some(other) = slots.insert(slot.clone(), name) {
+                out.push(Problem::at(
+                    path.key("source"),
+                    format!(
+                        "pipelines {other:?} and {name:?} would share replication slot {slot:?}; each CDC \
+                         pipeline needs its own source (with its own `slot`)"
+                    ),
+                ));
+            }
         }
         if matches!(pipeline.buffer.fsync, FsyncPolicy::Interval(_)) {
             out.push(Problem::at(
                 path.key("buffer").key("fsync"),
-                "a CDC pipeline needs fsync = \"batch\": the replication slot is confirmed once a \
-                 batch is in the buffer, and a slot cannot be rewound after a power loss",
+                "a CDC pipeline needs fsync = \"batch\": the source's position (the replication \
+                 slot, the binlog position) moves on once a batch is in the buffer, and cannot be \
+                 rewound after a power loss",
             ));
         }
     }
@@ -372,15 +391,44 @@ fn check_incremental(path: &FieldPath, sql: &SqlSourceConfig, out: &mut Vec<Prob
 }
 
 fn check_cdc(path: &FieldPath, dialect: SqlDialect, sql: &SqlSourceConfig, out: &mut Vec<Problem>) {
-    if dialect != SqlDialect::Postgres {
-        out.push(Problem::at(
-            path.key("mode"),
-            format!(
-                "mode = \"cdc\" is supported for postgres sources; {} sources read incrementally",
-                dialect.as_str()
-            ),
-        ));
-        return;
+    match dialect {
+        SqlDialect::Postgres => {
+            if sql.server_id.is_some() {
+                out.push(Problem::at(
+                    path.key("server_id"),
+                    "\"server_id\" is for mysql sources (a binlog replica's id); postgres uses a \"slot\"",
+                ));
+            }
+        }
+        SqlDialect::Mysql => {
+            for (field, set) in [
+                ("slot", sql.slot.is_some()),
+                ("publication", sql.publication.is_some()),
+            ] {
+                if set {
+                    out.push(Problem::at(
+                        path.key(field),
+                        format!(
+                            "{field:?} is for postgres sources; a mysql source reads the binary log \
+                             as a replica with its own \"server_id\""
+                        ),
+                    ));
+                }
+            }
+            if sql.server_id == Some(0) {
+                out.push(Problem::at(
+                    path.key("server_id"),
+                    "0 is not a replica id: use 1 to 4294967295, unique among the server's replicas",
+                ));
+            }
+        }
+        SqlDialect::Sqlite => {
+            out.push(Problem::at(
+                path.key("mode"),
+                "mode = \"cdc\" is supported for postgres and mysql sources; sqlite sources read incrementally",
+            ));
+            return;
+        }
     }
     for (field, set, why) in [
         (

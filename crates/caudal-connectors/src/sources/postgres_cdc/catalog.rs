@@ -24,15 +24,7 @@ pub struct Table {
     pub replica_identity: char,
 }
 
-pub fn query_error(source: &str, what: &str, e: sqlx::Error) -> Error {
-    let kind = match &e {
-        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
-            ErrorKind::Connect
-        }
-        _ => ErrorKind::Query,
-    };
-    Error::with_source(kind, format!("source {source:?}: {what}"), e)
-}
+pub use crate::sources::cdc::query_error;
 
 /// Looks a configured table up (as written: `t`, `s.t`, `"Mixed"`),
 /// with its primary key and replica identity.

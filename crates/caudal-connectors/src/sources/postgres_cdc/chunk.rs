@@ -3,25 +3,14 @@
 use caudal_core::Result;
 use caudal_core::config::{DecimalFormat, SqlDialect};
 use caudal_core::record::CursorValue;
-use serde_json::{Map, Value};
 use sqlx::Postgres;
 
 use super::catalog::{Table, query_error};
-use super::reader::{entity_key, fetch_error};
+use super::reader::fetch_error;
 use crate::sources::sql::postgres::{bind, decode_row};
 use crate::sources::sql::quote_ident;
 
-/// One row of a chunk.
-pub struct Row {
-    /// The primary key as typed values (where the next chunk starts).
-    pub values: Vec<CursorValue>,
-    /// The primary key columns.
-    pub key: Map<String, Value>,
-    /// The whole row.
-    pub data: Map<String, Value>,
-    /// `schema.table[key values]`.
-    pub entity: String,
-}
+pub use crate::sources::cdc::ChunkRow as Row;
 
 /// Reads up to `limit` rows of `table` after `after` (primary-key order),
 /// matching `filter` if given; also says whether the chunk was full (more
@@ -73,19 +62,7 @@ where
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let data = decode_row(row, decimals).map_err(|e| fetch_error(source, e))?;
-        let mut values = Vec::with_capacity(table.key.len());
-        let mut key = Map::new();
-        for (col, kind) in &table.key {
-            let v = data.get(col).cloned().unwrap_or(Value::Null);
-            values.push(kind.cursor_value(col, &v)?);
-            key.insert(col.clone(), v);
-        }
-        out.push(Row {
-            entity: entity_key(&table.name, &key),
-            values,
-            key,
-            data,
-        });
+        out.push(Row::new(&table.name, &table.key, data)?);
     }
     Ok((out, full))
 }

@@ -16,16 +16,15 @@ mod catalog;
 mod chunk;
 mod reader;
 
-use std::sync::Arc;
-
 use caudal_core::config::{CdcSnapshot, SqlSourceConfig};
-use caudal_core::record::{Position, Record, format_lsn};
+use caudal_core::record::{Position, format_lsn};
 use caudal_core::{Error, ErrorKind, Result};
 use pg_walstream::{PgReplicationConnection, ReplicationSlotOptions, SlotType};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
+pub use crate::sources::cdc::{CdcReader, Durable};
 pub use catalog::Slot;
 pub use reader::{
     BACKFILL_PREFIX, BackfillLookup, BackfillProgress, BackfillRequest, HEARTBEAT_PREFIX, Lag,
@@ -204,12 +203,12 @@ impl PgCdcSource {
             }
             (Some(Position::Lsn { lsn, index }), Some(_)) => (None, *lsn, Some((*lsn, *index))),
             (Some(Position::SnapshotDone { lsn }), Some(_)) => (None, *lsn, None),
-            (Some(other @ Position::Cursor { .. }), Some(_)) => {
+            (Some(other), Some(_)) => {
                 return Err(Error::new(
                     ErrorKind::Config,
                     format!(
-                        "source {:?}: the checkpoint {} is a cursor position; the source's mode \
-                         changed since it was saved (see `caudal resync`)",
+                        "source {:?}: the checkpoint {} is not a PostgreSQL log position; the \
+                         source changed since it was saved (see `caudal resync`)",
                         self.name,
                         other.display()
                     ),
@@ -227,6 +226,7 @@ impl PgCdcSource {
             };
         }
         let (out, pages) = mpsc::channel(2);
+        let out_guard = out.clone();
         let (durable_tx, durable) = watch::channel(from.cloned());
         let stop = CancellationToken::new();
         let task = Task {
@@ -257,13 +257,8 @@ impl PgCdcSource {
             backfills: reader::Backfills::default(),
             streamed: false,
         };
-        tokio::spawn(task.run());
-        Ok(CdcReader {
-            pages,
-            durable: Arc::new(durable_tx),
-            stop,
-            created_publication,
-        })
+        crate::sources::cdc::spawn_reader(task.run(), out_guard);
+        Ok(CdcReader::new(pages, durable_tx, stop, created_publication))
     }
 
     /// Creates the slot, exporting its snapshot; returns the connection
@@ -412,52 +407,4 @@ impl PgCdcSource {
 pub struct Dropped {
     pub slot: Option<String>,
     pub publication: Option<String>,
-}
-
-/// The pages of one CDC run. Dropping it stops the reader.
-#[derive(Debug)]
-pub struct CdcReader {
-    pages: mpsc::Receiver<Result<Vec<Record>>>,
-    durable: Arc<watch::Sender<Option<Position>>>,
-    stop: CancellationToken,
-    created_publication: bool,
-}
-
-impl CdcReader {
-    /// The next page of records; `None` when a bounded read is done.
-    pub async fn next_page(&mut self) -> Result<Option<Vec<Record>>> {
-        match self.pages.recv().await {
-            None => Ok(None),
-            Some(Ok(page)) => Ok(Some(page)),
-            Some(Err(e)) => Err(e),
-        }
-    }
-
-    /// Whether this run created the publication (so dropping the pipeline
-    /// may drop it; a publication made by an operator is left alone).
-    pub fn created_publication(&self) -> bool {
-        self.created_publication
-    }
-
-    /// The handle through which the pipeline reports durable positions.
-    pub fn durable(&self) -> Durable {
-        Durable(self.durable.clone())
-    }
-}
-
-impl Drop for CdcReader {
-    fn drop(&mut self) {
-        self.stop.cancel();
-    }
-}
-
-/// Reports the last position made durable, so the slot may be confirmed
-/// up to it.
-#[derive(Clone, Debug)]
-pub struct Durable(Arc<watch::Sender<Option<Position>>>);
-
-impl Durable {
-    pub fn mark(&self, position: &Position) {
-        self.0.send_replace(Some(position.clone()));
-    }
 }

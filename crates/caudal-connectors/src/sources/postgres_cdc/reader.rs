@@ -20,7 +20,7 @@
 //!   stops with [`ErrorKind::Resync`].
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use caudal_core::config::DecimalFormat;
@@ -30,7 +30,7 @@ use pg_walstream::{
     ColumnData, LogicalReplicationMessage, LogicalReplicationParser, PgReplicationConnection,
     TupleData, parse_keepalive_message,
 };
-use serde_json::{Map, Value, json};
+use serde_json::{Map, Value};
 use sqlx::PgPool;
 use sqlx::postgres::PgTypeInfo;
 use tokio::sync::{mpsc, watch};
@@ -55,60 +55,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(120);
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-/// Live replication figures of a reader, shared with status reporting.
-#[derive(Clone, Debug, Default, serde::Serialize)]
-pub struct Lag {
-    /// The slot's name.
-    pub slot: String,
-    /// `snapshot` or `streaming` (or `reconnecting`).
-    pub phase: String,
-    /// Last LSN confirmed to the server.
-    pub confirmed_lsn: Option<String>,
-    /// Latest WAL position the server reported.
-    pub server_lsn: Option<String>,
-    /// Bytes between the server's position and the confirmed one.
-    pub lag_bytes: Option<u64>,
-    /// Seconds between the commit of the last transaction read and when it
-    /// was read; 0 once caught up.
-    pub lag_seconds: Option<f64>,
-    /// Commit time of the last transaction read.
-    pub last_commit_time: Option<String>,
-    /// Rows read by the snapshot so far.
-    pub snapshot_rows: u64,
-    /// The latest on-demand backfill.
-    pub backfill: Option<BackfillProgress>,
-}
-
-/// How far an on-demand backfill got.
-#[derive(Clone, Debug, Default, serde::Serialize, serde::Deserialize)]
-pub struct BackfillProgress {
-    pub id: String,
-    pub table: String,
-    /// Rows sent as `read` records so far.
-    pub rows: u64,
-    pub done: bool,
-    pub error: Option<String>,
-}
-
-/// What an operator asked to backfill: a table and an optional filter.
-#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
-pub struct BackfillRequest {
-    pub table: String,
-    #[serde(default)]
-    pub filter: Option<String>,
-}
-
-/// Looks a backfill request up by id in caudal's own state: the log only
-/// carries the id, so nobody who can merely write to the log can make
-/// caudal run SQL.
-pub type BackfillLookup = Arc<
-    dyn Fn(
-            String,
-        )
-            -> std::pin::Pin<Box<dyn std::future::Future<Output = Option<BackfillRequest>> + Send>>
-        + Send
-        + Sync,
->;
+pub(super) use crate::sources::cdc::entity_key;
+pub use crate::sources::cdc::{BackfillLookup, BackfillProgress, BackfillRequest, Lag, SharedLag};
 
 /// The prefix of the message that asks a running pipeline for a backfill.
 pub const BACKFILL_PREFIX: &str = "caudal_backfill";
@@ -149,8 +97,6 @@ pub struct Backfills {
     chunk: Option<Chunk>,
     seq: u64,
 }
-
-pub type SharedLag = Arc<Mutex<Lag>>;
 
 /// What the snapshot phase of a run starts from.
 pub struct SnapshotStart {
@@ -1347,12 +1293,6 @@ fn change(
     );
     m.insert("index".into(), meta.index.map_or(Value::Null, Value::from));
     m
-}
-
-/// `schema.table[key values]`: the entity a change is about.
-pub(super) fn entity_key(table: &str, key: &Map<String, Value>) -> String {
-    let values: Vec<&Value> = key.values().collect();
-    format!("{table}{}", json!(values))
 }
 
 fn key_of(rel: &Relation, row: &Map<String, Value>) -> Map<String, Value> {

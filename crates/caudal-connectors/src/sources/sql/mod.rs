@@ -13,7 +13,7 @@
 //!   parameters; nothing from configuration or data is spliced into SQL
 //!   unquoted (a user `query` is the user's own SQL, wrapped as a subquery).
 
-mod mysql;
+pub(crate) mod mysql;
 pub(crate) mod postgres;
 mod sqlite;
 
@@ -544,7 +544,11 @@ fn placeholder(dialect: SqlDialect, i: usize) -> String {
 /// `(c1, .., ck) > (v1, .., vk)` in the form each database optimises best.
 /// Returns the predicate and, in bind order, the index of the cursor value
 /// each placeholder takes. `n` counts placeholders used so far.
-fn keyset_predicate(dialect: SqlDialect, cursor: &[String], n: &mut usize) -> (String, Vec<usize>) {
+pub(crate) fn keyset_predicate(
+    dialect: SqlDialect,
+    cursor: &[String],
+    n: &mut usize,
+) -> (String, Vec<usize>) {
     match dialect {
         SqlDialect::Postgres | SqlDialect::Sqlite => {
             let phs: Vec<String> = (0..cursor.len())

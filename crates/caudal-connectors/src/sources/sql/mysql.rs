@@ -34,7 +34,7 @@ use super::{
     ColumnKind, ColumnSpec, DecodeOptions, FetchError, decimal_value, format_naive, format_utc,
 };
 
-pub(super) async fn connect(url: &str) -> Result<MySqlPool, sqlx::Error> {
+pub(crate) async fn connect(url: &str) -> Result<MySqlPool, sqlx::Error> {
     let url = url.replacen("mariadb://", "mysql://", 1);
     let options = MySqlConnectOptions::from_str(&url)?.timezone(Some("+00:00".to_string()));
     MySqlPoolOptions::new()
@@ -59,7 +59,7 @@ fn kind(type_name: &str) -> ColumnKind {
     }
 }
 
-pub(super) async fn describe(
+pub(crate) async fn describe(
     pool: &MySqlPool,
     sql: String,
 ) -> Result<Vec<ColumnSpec>, sqlx::Error> {
@@ -76,10 +76,21 @@ pub(super) async fn describe(
 
 /// Columns of `table` that MariaDB declares as `JSON` (a `json_valid`
 /// check on a text column).
-pub(super) async fn json_columns(
+pub(crate) async fn json_columns(
     pool: &MySqlPool,
     table: &str,
 ) -> Result<HashSet<String>, sqlx::Error> {
+    json_columns_with(pool, table).await
+}
+
+/// [`json_columns`] on any connection (a snapshot's transaction).
+pub(crate) async fn json_columns_with<'c, E>(
+    executor: E,
+    table: &str,
+) -> Result<HashSet<String>, sqlx::Error>
+where
+    E: sqlx::Executor<'c, Database = MySql>,
+{
     let (schema, name) = match table.split_once('.') {
         Some((s, n)) => (Some(s.to_string()), n.to_string()),
         None => (None, table.to_string()),
@@ -90,7 +101,7 @@ pub(super) async fn json_columns(
     )
     .bind(schema)
     .bind(name)
-    .fetch_all(pool)
+    .fetch_all(executor)
     .await
     .unwrap_or_default();
     Ok(clauses
@@ -113,9 +124,9 @@ pub(super) async fn now_utc(
     Ok(now.and_utc())
 }
 
-type MyQuery<'q> = sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>;
+pub(crate) type MyQuery<'q> = sqlx::query::Query<'q, MySql, sqlx::mysql::MySqlArguments>;
 
-fn bind<'q>(q: MyQuery<'q>, v: &CursorValue) -> Result<MyQuery<'q>, FetchError> {
+pub(crate) fn bind<'q>(q: MyQuery<'q>, v: &CursorValue) -> Result<MyQuery<'q>, FetchError> {
     let bad = |what: &str, s: &str| {
         FetchError::Decode(format!("checkpoint value {s:?} is not a valid {what}"))
     };
@@ -151,7 +162,7 @@ pub(super) async fn fetch(
     rows.iter().map(|r| decode_row(r, opts)).collect()
 }
 
-fn decode_row(row: &MySqlRow, opts: &DecodeOptions) -> Result<super::Row, FetchError> {
+pub(crate) fn decode_row(row: &MySqlRow, opts: &DecodeOptions) -> Result<super::Row, FetchError> {
     let mut out = super::Row::with_capacity(row.len());
     for (i, col) in row.columns().iter().enumerate() {
         let json = opts.json_columns.contains(col.name());

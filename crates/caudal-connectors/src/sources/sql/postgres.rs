@@ -374,7 +374,7 @@ fn time_of_day(us: i64) -> Result<String, String> {
 
 /// Fractional seconds like chrono's `%.f` (and so like every timestamp
 /// caudal writes): nothing, 3 or 6 digits.
-pub(super) fn fraction(micros: u32) -> String {
+pub(crate) fn fraction(micros: u32) -> String {
     if micros == 0 {
         String::new()
     } else if micros.is_multiple_of(1000) {
@@ -578,7 +578,7 @@ fn nest(items: &mut impl Iterator<Item = Value>, dims: &[usize]) -> Value {
 
 /// A float as JSON; NaN and infinities (which JSON cannot hold) as the
 /// strings PostgreSQL prints: `NaN`, `Infinity`, `-Infinity`.
-pub(super) fn float(f: f64) -> Value {
+pub(crate) fn float(f: f64) -> Value {
     if f.is_nan() {
         Value::String("NaN".into())
     } else if f.is_infinite() {
@@ -590,7 +590,7 @@ pub(super) fn float(f: f64) -> Value {
 
 /// A single-precision float as the double with the same shortest decimal
 /// form (`real` 0.1 is 0.1, not 0.10000000149011612).
-pub(super) fn float32(f: f32) -> Value {
+pub(crate) fn float32(f: f32) -> Value {
     if f.is_finite() {
         float(f.to_string().parse().unwrap_or(f64::from(f)))
     } else {

@@ -1,0 +1,94 @@
+//! Reading a table in primary-key chunks: the snapshot and backfills.
+
+use caudal_core::config::{DecimalFormat, SqlDialect};
+use caudal_core::record::CursorValue;
+use caudal_core::{Error, ErrorKind, Result};
+
+use super::catalog::{Table, query_error};
+use crate::sources::sql::mysql::{bind, decode_row};
+use crate::sources::sql::{DecodeOptions, FetchError, keyset_predicate, quote_ident};
+
+pub use crate::sources::cdc::ChunkRow as Row;
+
+/// Reads up to `limit` rows of `table` after `after` (primary-key order),
+/// matching `filter` if given; also says whether the chunk was full (more
+/// may follow). JSON columns (MariaDB's checked LONGTEXT) come out as JSON.
+pub async fn read(
+    conn: &mut sqlx::MySqlConnection,
+    source: &str,
+    table: &Table,
+    filter: Option<&str>,
+    after: Option<&[CursorValue]>,
+    limit: usize,
+    decimals: DecimalFormat,
+) -> Result<(Vec<Row>, bool)> {
+    let keys: Vec<String> = table
+        .key
+        .iter()
+        .map(|(k, _)| quote_ident(SqlDialect::Mysql, k))
+        .collect();
+    let mut conditions = Vec::new();
+    if let Some(f) = filter {
+        conditions.push(format!("({f})"));
+    }
+    let mut binds = Vec::new();
+    if after.is_some() {
+        let mut n = 0;
+        let (predicate, order) = keyset_predicate(SqlDialect::Mysql, &keys, &mut n);
+        conditions.push(predicate);
+        binds = order;
+    }
+    let filter = if conditions.is_empty() {
+        String::new()
+    } else {
+        format!(" WHERE {}", conditions.join(" AND "))
+    };
+    let sql = format!(
+        "SELECT * FROM {}{filter} ORDER BY {} LIMIT {limit}",
+        table.quoted,
+        keys.join(", ")
+    );
+    let json_columns = crate::sources::sql::mysql::json_columns_with(&mut *conn, &table.name)
+        .await
+        .map_err(|e| {
+            query_error(
+                source,
+                &format!("cannot read the columns of {}", table.name),
+                e,
+            )
+        })?;
+    let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
+    if let Some(after) = after {
+        for i in binds {
+            let v = after.get(i).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::Internal,
+                    "a chunk position has too few key values",
+                )
+            })?;
+            q = bind(q, v).map_err(|e| fetch_error(source, e))?;
+        }
+    }
+    let rows = q
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(|e| query_error(source, &format!("reading {} failed", table.name), e))?;
+    let full = rows.len() >= limit;
+    let opts = DecodeOptions {
+        decimals,
+        json_columns,
+    };
+    let mut out = Vec::with_capacity(rows.len());
+    for row in &rows {
+        let data = decode_row(row, &opts).map_err(|e| fetch_error(source, e))?;
+        out.push(Row::new(&table.name, &table.key, data)?);
+    }
+    Ok((out, full))
+}
+
+pub(super) fn fetch_error(source: &str, e: FetchError) -> Error {
+    match e {
+        FetchError::Sql(e) => query_error(source, "snapshot query failed", e),
+        FetchError::Decode(m) => Error::new(ErrorKind::Decode, format!("source {source:?}: {m}")),
+    }
+}

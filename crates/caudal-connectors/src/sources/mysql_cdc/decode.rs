@@ -1,0 +1,364 @@
+//! Binary log rows as JSON, in exactly the form the snapshot (and every
+//! incremental MySQL source) gives the same values; see
+//! [`crate::sources::sql::mysql`] for the mapping.
+//!
+//! A row is decoded with the shape its table had at that point of the log:
+//! the table map event before it carries column types, and with
+//! `binlog_row_metadata = FULL` names, signedness, character sets and
+//! ENUM/SET values. Only what the log does not carry (which text columns
+//! hold JSON, which `TINYINT` are `TINYINT(1)` booleans) comes from the
+//! catalog.
+
+use caudal_core::config::DecimalFormat;
+use mysql_async::Value as MyValue;
+use mysql_async::binlog::events::{OptionalMetaExtractor, OptionalMetadataField, TableMapEvent};
+use mysql_async::binlog::row::BinlogRow;
+use mysql_async::binlog::value::BinlogValue;
+use mysql_async::consts::{ColumnFlags, ColumnType};
+use serde_json::{Map, Value};
+
+use super::catalog::Facts;
+use crate::sources::sql::{base64, decimal_value, format_naive, format_utc, postgres};
+
+/// The character set number of binary strings and blobs.
+const BINARY: u16 = 63;
+
+/// A table as one table map event describes it.
+#[derive(Debug)]
+pub struct Shape {
+    /// `schema.table`.
+    pub table: String,
+    /// Every column's name, in table order.
+    pub columns: Vec<String>,
+    /// ENUM values per column index (empty for other columns).
+    enums: Vec<Vec<String>>,
+    /// SET values per column index.
+    sets: Vec<Vec<String>>,
+    pub facts: Facts,
+}
+
+impl Shape {
+    /// Reads the shape from a table map event; `None` when the event has no
+    /// column names (`binlog_row_metadata` was not FULL when it was written).
+    pub fn of(tme: &TableMapEvent<'_>, facts: Facts) -> std::io::Result<Option<Self>> {
+        let n = usize::try_from(tme.columns_count()).unwrap_or(0);
+        for i in 0..n {
+            if let Ok(Some(ColumnType::MYSQL_TYPE_TIME2)) = tme.get_column_type(i)
+                && matches!(tme.get_column_metadata(i), Some([1 | 2, ..]))
+            {
+                return Err(std::io::Error::other(format!(
+                    "column {} of {}.{} is TIME(1) or TIME(2), whose negative values the binary \
+                     log decoder reads wrong; ALTER it to TIME(3) (or TIME(0), TIME(6))",
+                    i + 1,
+                    tme.database_name(),
+                    tme.table_name()
+                )));
+            }
+        }
+        let extractor = OptionalMetaExtractor::new(tme.iter_optional_meta())?;
+        let mut columns = Vec::with_capacity(n);
+        for name in extractor.iter_column_name() {
+            columns.push(name?.name().into_owned());
+        }
+        if columns.len() != n {
+            return Ok(None);
+        }
+        let mut enum_lists = Vec::new();
+        let mut set_lists = Vec::new();
+        for field in tme.iter_optional_meta() {
+            match field? {
+                OptionalMetadataField::EnumStrValue(v) => {
+                    for values in v.iter_values() {
+                        let values = values?;
+                        enum_lists.push(
+                            values
+                                .values()
+                                .iter()
+                                .map(|s| s.value().into_owned())
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                }
+                OptionalMetadataField::SetStrValue(v) => {
+                    for values in v.iter_values() {
+                        let values = values?;
+                        set_lists.push(
+                            values
+                                .values()
+                                .iter()
+                                .map(|s| s.value().into_owned())
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (mut enums, mut sets) = (vec![Vec::new(); n], vec![Vec::new(); n]);
+        let (mut e, mut s) = (enum_lists.into_iter(), set_lists.into_iter());
+        for i in 0..n {
+            match tme.get_column_type(i) {
+                Ok(Some(ColumnType::MYSQL_TYPE_ENUM)) => enums[i] = e.next().unwrap_or_default(),
+                Ok(Some(ColumnType::MYSQL_TYPE_SET)) => sets[i] = s.next().unwrap_or_default(),
+                _ => {}
+            }
+        }
+        Ok(Some(Self {
+            table: format!("{}.{}", tme.database_name(), tme.table_name()),
+            columns,
+            enums,
+            sets,
+            facts,
+        }))
+    }
+
+    fn index(&self, name: &str) -> Option<usize> {
+        self.columns.iter().position(|c| c == name)
+    }
+}
+
+/// One row image as JSON (columns in table order) and the columns the
+/// image left out (`binlog_row_image` MINIMAL or NOBLOB).
+pub fn row(
+    shape: &Shape,
+    row: &BinlogRow,
+    decimals: DecimalFormat,
+) -> Result<(Map<String, Value>, Vec<String>), String> {
+    let mut out = Map::new();
+    let present: Vec<String> = row
+        .columns_ref()
+        .iter()
+        .map(|c| c.name_str().into_owned())
+        .collect();
+    for (i, column) in row.columns_ref().iter().enumerate() {
+        let name = &present[i];
+        let Some(value) = row.as_ref(i) else {
+            continue;
+        };
+        let at = shape.index(name);
+        let v = value_of(shape, at, name, column, value, decimals)
+            .map_err(|e| format!("column {name:?} of {}: {e}", shape.table))?;
+        out.insert(name.clone(), v);
+    }
+    let missing = shape
+        .columns
+        .iter()
+        .filter(|c| !out.contains_key(c.as_str()))
+        .cloned()
+        .collect();
+    Ok((out, missing))
+}
+
+fn value_of(
+    shape: &Shape,
+    at: Option<usize>,
+    name: &str,
+    column: &mysql_async::Column,
+    value: &BinlogValue<'_>,
+    decimals: DecimalFormat,
+) -> Result<Value, String> {
+    let v = match value {
+        BinlogValue::Value(v) => v,
+        BinlogValue::Jsonb(_) | BinlogValue::JsonDiff(_) => {
+            return Err("MySQL's binary JSON is not read (MariaDB logs JSON as text)".into());
+        }
+    };
+    if *v == MyValue::NULL {
+        return Ok(Value::Null);
+    }
+    let unsigned = column.flags().contains(ColumnFlags::UNSIGNED_FLAG);
+    use ColumnType::*;
+    Ok(match (column.column_type(), v) {
+        (MYSQL_TYPE_TINY, _) if shape.facts.boolean.contains(name) => Value::Bool(integer(v)? != 0),
+        (
+            MYSQL_TYPE_TINY | MYSQL_TYPE_SHORT | MYSQL_TYPE_INT24 | MYSQL_TYPE_LONG
+            | MYSQL_TYPE_LONGLONG,
+            _,
+        ) => match v {
+            MyValue::UInt(u) => Value::from(*u),
+            MyValue::Int(i) if unsigned => Value::from(unsigned_of(*i, column.column_type())),
+            MyValue::Int(i) => Value::from(*i),
+            other => return Err(format!("unexpected integer value {other:?}")),
+        },
+        (MYSQL_TYPE_FLOAT, MyValue::Float(f)) => postgres::float32(*f),
+        (MYSQL_TYPE_DOUBLE, MyValue::Double(f)) => postgres::float(*f),
+        (MYSQL_TYPE_NEWDECIMAL, MyValue::Bytes(b)) => {
+            decimal_value(String::from_utf8_lossy(b).into_owned(), decimals)
+        }
+        (MYSQL_TYPE_YEAR, MyValue::Bytes(b)) => {
+            // The log holds the year minus 1900; YEAR 0000 is stored as 0.
+            let year: u64 = String::from_utf8_lossy(b).parse().unwrap_or(0);
+            Value::from(if year == 1900 { 0 } else { year })
+        }
+        (MYSQL_TYPE_BIT, MyValue::Bytes(b)) => {
+            Value::from(b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
+        }
+        (MYSQL_TYPE_TIMESTAMP | MYSQL_TYPE_TIMESTAMP2, v) => timestamp(v)?,
+        (MYSQL_TYPE_DATETIME | MYSQL_TYPE_DATETIME2, MyValue::Date(y, mo, d, h, mi, s, us)) => {
+            chrono::NaiveDate::from_ymd_opt(i32::from(*y), u32::from(*mo), u32::from(*d))
+                .and_then(|date| {
+                    date.and_hms_micro_opt(u32::from(*h), u32::from(*mi), u32::from(*s), *us)
+                })
+                .map_or(Value::Null, |t| Value::String(format_naive(&t)))
+        }
+        (MYSQL_TYPE_DATE | MYSQL_TYPE_NEWDATE, MyValue::Date(y, mo, d, ..)) => {
+            chrono::NaiveDate::from_ymd_opt(i32::from(*y), u32::from(*mo), u32::from(*d))
+                .map_or(Value::Null, |d| {
+                    Value::String(d.format("%Y-%m-%d").to_string())
+                })
+        }
+        (MYSQL_TYPE_TIME | MYSQL_TYPE_TIME2, MyValue::Time(neg, days, h, m, s, us)) => {
+            let sign = if *neg { "-" } else { "" };
+            let hours = u64::from(*days) * 24 + u64::from(*h);
+            Value::String(format!(
+                "{sign}{hours:02}:{m:02}:{s:02}{}",
+                postgres::fraction(*us)
+            ))
+        }
+        (MYSQL_TYPE_ENUM, MyValue::Int(i)) => {
+            let values = at.map(|a| shape.enums[a].as_slice()).unwrap_or_default();
+            // 0 is the empty string MySQL stores for an invalid value.
+            match usize::try_from(*i).ok().filter(|i| *i > 0) {
+                None => Value::String(String::new()),
+                Some(i) => Value::String(
+                    values
+                        .get(i - 1)
+                        .cloned()
+                        .ok_or_else(|| format!("ENUM index {i} beyond the column's values"))?,
+                ),
+            }
+        }
+        (MYSQL_TYPE_SET, MyValue::Bytes(b)) => {
+            let values = at.map(|a| shape.sets[a].as_slice()).unwrap_or_default();
+            let mut bits = 0u64;
+            for (k, byte) in b.iter().enumerate() {
+                bits |= u64::from(*byte) << (8 * k);
+            }
+            let chosen: Vec<&str> = values
+                .iter()
+                .enumerate()
+                .filter(|(k, _)| *k < 64 && bits & (1 << k) != 0)
+                .map(|(_, v)| v.as_str())
+                .collect();
+            Value::String(chosen.join(","))
+        }
+        (MYSQL_TYPE_GEOMETRY, MyValue::Bytes(b)) => base64(b),
+        (
+            MYSQL_TYPE_STRING
+            | MYSQL_TYPE_VAR_STRING
+            | MYSQL_TYPE_VARCHAR
+            | MYSQL_TYPE_BLOB
+            | MYSQL_TYPE_TINY_BLOB
+            | MYSQL_TYPE_MEDIUM_BLOB
+            | MYSQL_TYPE_LONG_BLOB,
+            MyValue::Bytes(b),
+        ) => {
+            if column.character_set() == BINARY {
+                base64(b)
+            } else {
+                let text = text(b, column.character_set());
+                if shape.facts.json.contains(name) {
+                    serde_json::from_str(&text)
+                        .map_err(|e| format!("invalid JSON in a JSON column: {e}"))?
+                } else {
+                    Value::String(text)
+                }
+            }
+        }
+        (ty, other) => {
+            return Err(format!(
+                "type {ty:?} with value {other:?} has no JSON mapping"
+            ));
+        }
+    })
+}
+
+fn integer(v: &MyValue) -> Result<i128, String> {
+    match v {
+        MyValue::Int(i) => Ok(i128::from(*i)),
+        MyValue::UInt(u) => Ok(i128::from(*u)),
+        other => Err(format!("unexpected integer value {other:?}")),
+    }
+}
+
+/// An unsigned column's value that came out as a signed integer of the
+/// column's width (MEDIUMINT is read as a signed 64-bit value already
+/// masked to 24 bits).
+fn unsigned_of(i: i64, ty: ColumnType) -> u64 {
+    let bits = match ty {
+        ColumnType::MYSQL_TYPE_TINY => 8,
+        ColumnType::MYSQL_TYPE_SHORT => 16,
+        ColumnType::MYSQL_TYPE_INT24 => 24,
+        ColumnType::MYSQL_TYPE_LONG => 32,
+        _ => 64,
+    };
+    let raw = i.cast_unsigned();
+    if bits == 64 {
+        raw
+    } else {
+        raw & ((1u64 << bits) - 1)
+    }
+}
+
+/// A TIMESTAMP: seconds since the epoch (with microseconds after a dot),
+/// in UTC; the zero timestamp is null, as in the snapshot.
+fn timestamp(v: &MyValue) -> Result<Value, String> {
+    let text = match v {
+        MyValue::Int(i) => i.to_string(),
+        MyValue::Bytes(b) => String::from_utf8_lossy(b).into_owned(),
+        other => return Err(format!("unexpected TIMESTAMP value {other:?}")),
+    };
+    let (secs, micros) = match text.split_once('.') {
+        Some((s, f)) => (s.parse::<i64>(), f.parse::<u32>()),
+        None => (text.parse::<i64>(), Ok(0)),
+    };
+    let (Ok(secs), Ok(micros)) = (secs, micros) else {
+        return Err(format!("unreadable TIMESTAMP {text:?}"));
+    };
+    if secs == 0 && micros == 0 {
+        return Ok(Value::Null);
+    }
+    let t = chrono::DateTime::from_timestamp(secs, micros * 1000)
+        .ok_or_else(|| format!("TIMESTAMP {text:?} out of range"))?;
+    Ok(Value::String(format_utc(&t)))
+}
+
+/// Text in the column's character set: UTF-8 and ASCII as they are,
+/// latin1 byte by byte.
+fn text(bytes: &[u8], charset: u16) -> String {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => s.to_string(),
+        Err(_) if LATIN1.contains(&charset) => bytes.iter().map(|b| char::from(*b)).collect(),
+        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+    }
+}
+
+/// Collation ids of latin1.
+const LATIN1: [u16; 8] = [5, 8, 15, 31, 47, 48, 49, 94];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsigned_values_keep_their_width() {
+        assert_eq!(unsigned_of(-1, ColumnType::MYSQL_TYPE_TINY), 255);
+        assert_eq!(unsigned_of(-1, ColumnType::MYSQL_TYPE_LONG), 4_294_967_295);
+        assert_eq!(unsigned_of(-1, ColumnType::MYSQL_TYPE_LONGLONG), u64::MAX);
+    }
+
+    #[test]
+    fn timestamps_are_utc_and_zero_is_null() {
+        assert_eq!(
+            timestamp(&MyValue::Bytes(b"1700000000.250000".to_vec())).unwrap(),
+            Value::String("2023-11-14T22:13:20.250Z".into())
+        );
+        assert_eq!(timestamp(&MyValue::Int(0)).unwrap(), Value::Null);
+    }
+
+    #[test]
+    fn latin1_text_is_read_byte_by_byte() {
+        assert_eq!(text(&[0x63, 0x61, 0x66, 0xe9], 8), "café");
+        assert_eq!(text("café".as_bytes(), 45), "café");
+    }
+}
