@@ -18,11 +18,11 @@ use std::time::Duration;
 use caudal_testkit::{Receiver, TestDb, pg_database, pg_database_at};
 use nix::sys::signal::Signal;
 use rand::Rng as _;
-use serde_json::{Map, Value, json};
+use serde_json::{Value, json};
+use support::cdc::{CHANGES, Tables, accepted_changes, apply, difference, normalise};
 use support::{Daemon, Output, PATIENCE, command, spawn_daemon};
 
 const PIPELINE: &str = "cdc";
-const CHANGES: &str = "/changes";
 
 /// One test's source database, receiver, state directory and config.
 struct Cdc {
@@ -144,34 +144,9 @@ sink = "recv"
         pool.close().await;
     }
 
-    /// The accepted changes, each batch once: a request whose idempotency
-    /// key was seen before must carry the same records, and is skipped.
+    /// The accepted changes, each batch once.
     fn changes(&self) -> Vec<Value> {
-        let mut seen: BTreeMap<String, Vec<Value>> = BTreeMap::new();
-        let mut out = Vec::new();
-        for r in self.receiver.requests() {
-            if !r.accepted() {
-                continue;
-            }
-            let key = r
-                .headers
-                .get("idempotency-key")
-                .and_then(|v| v.to_str().ok())
-                .expect("an Idempotency-Key header")
-                .to_string();
-            let records = r.records_at(CHANGES);
-            match seen.get(&key) {
-                Some(before) => assert_eq!(
-                    before, &records,
-                    "idempotency key {key} was sent with different records"
-                ),
-                None => {
-                    out.extend(records.iter().cloned());
-                    seen.insert(key, records);
-                }
-            }
-        }
-        out
+        accepted_changes(&self.receiver)
     }
 
     /// Waits until the changes applied in order reproduce the source tables;
@@ -266,95 +241,6 @@ sink = "recv"
         pool.close().await;
         self.db.cleanup().await;
     }
-}
-
-/// table → key → row.
-type Tables = BTreeMap<String, BTreeMap<String, Map<String, Value>>>;
-
-/// Applies changes in order to an empty copy: `read`/`insert` store the
-/// row, `update` merges `after` (keeping the `unchanged` columns) and moves
-/// the row when its key changed, `delete` removes it, `truncate` empties
-/// the table.
-fn apply(changes: &[Value]) -> Tables {
-    let mut out = Tables::new();
-    for c in changes {
-        let table = c["table"].as_str().expect("a table").to_string();
-        let rows = out.entry(table).or_default();
-        let key = |v: &Value| -> String {
-            let obj = c["key"].as_object().expect("a key object");
-            let values: Vec<&Value> = obj.keys().map(|k| &v[k.as_str()]).collect();
-            json!(values).to_string()
-        };
-        match c["op"].as_str().expect("an op") {
-            "read" | "insert" => {
-                let after = c["after"].as_object().expect("after").clone();
-                rows.insert(key(&c["after"]), after);
-            }
-            "update" => {
-                let after = c["after"].as_object().expect("after").clone();
-                let mut row = Map::new();
-                let old_key = if c["before"].is_object() {
-                    key(&c["before"])
-                } else {
-                    key(&c["after"])
-                };
-                let old = rows
-                    .remove(&old_key)
-                    .or_else(|| rows.remove(&key(&c["after"])));
-                for col in c["unchanged"].as_array().expect("unchanged") {
-                    let col = col.as_str().expect("a column name");
-                    let value = old.as_ref().and_then(|o| o.get(col)).unwrap_or_else(|| {
-                        panic!("unchanged column {col} of a row never seen: {c}")
-                    });
-                    row.insert(col.to_string(), value.clone());
-                }
-                row.extend(after);
-                rows.insert(key(&c["after"]), row);
-            }
-            "delete" => {
-                rows.remove(&key(&c["before"]));
-            }
-            "truncate" => rows.clear(),
-            other => panic!("unknown op {other}: {c}"),
-        }
-    }
-    out.retain(|_, rows| !rows.is_empty());
-    normalise(out)
-}
-
-/// Sorts every row's columns: with serde_json's `preserve_order`, maps
-/// compare in order, and the column order is not what is under test.
-fn normalise(mut t: Tables) -> Tables {
-    for rows in t.values_mut() {
-        for row in rows.values_mut() {
-            let sorted: BTreeMap<String, Value> = std::mem::take(row).into_iter().collect();
-            row.extend(sorted);
-        }
-    }
-    t
-}
-
-fn difference(want: &Tables, got: &Tables) -> String {
-    let mut out = Vec::new();
-    for (table, rows) in want {
-        let other = got.get(table);
-        for (k, row) in rows {
-            match other.and_then(|o| o.get(k)) {
-                None => out.push(format!("{table} {k}: missing (want {row:?})")),
-                Some(g) if g != row => out.push(format!("{table} {k}: got {g:?}, want {row:?}")),
-                _ => {}
-            }
-        }
-    }
-    for (table, rows) in got {
-        for k in rows.keys() {
-            if want.get(table).is_none_or(|w| !w.contains_key(k)) {
-                out.push(format!("{table} {k}: present but deleted at the source"));
-            }
-        }
-    }
-    out.truncate(10);
-    out.join("\n")
 }
 
 /// The (lsn, index) of every streamed change, with how often it arrived

@@ -10,6 +10,8 @@
 // Each test file uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod cdc;
+
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};

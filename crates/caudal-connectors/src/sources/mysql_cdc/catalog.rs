@@ -64,8 +64,9 @@ pub async fn preflight(pool: &MySqlPool, source: &str, server_id: u32) -> Result
         ));
     }
     let row = sqlx::query(
-        "SELECT CAST(@@log_bin AS SIGNED), @@binlog_format, @@binlog_row_image, \
-         @@binlog_row_metadata, CAST(@@server_id AS UNSIGNED), CAST(@@log_bin_compress AS SIGNED)",
+        "SELECT CAST(@@log_bin AS SIGNED), @@GLOBAL.binlog_format, @@GLOBAL.binlog_row_image, \
+         @@GLOBAL.binlog_row_metadata, CAST(@@server_id AS UNSIGNED), \
+         CAST(@@GLOBAL.log_bin_compress AS SIGNED)",
     )
     .fetch_one(pool)
     .await

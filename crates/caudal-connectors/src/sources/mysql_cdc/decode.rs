@@ -177,6 +177,11 @@ fn value_of(
         ) => match v {
             MyValue::UInt(u) => Value::from(*u),
             MyValue::Int(i) if unsigned => Value::from(unsigned_of(*i, column.column_type())),
+            // A signed MEDIUMINT comes out of the decoder without its sign
+            // extended: 0x800000 and up are the negative values.
+            MyValue::Int(i) if column.column_type() == MYSQL_TYPE_INT24 && *i >= 1 << 23 => {
+                Value::from(*i - (1 << 24))
+            }
             MyValue::Int(i) => Value::from(*i),
             other => return Err(format!("unexpected integer value {other:?}")),
         },

@@ -116,8 +116,9 @@ struct Stream {
     /// `txn` is `None`.
     next: u64,
     txn: Option<Txn>,
-    /// Changes of the transaction at (file, pos) with index at or below
-    /// this were durable before the run began.
+    /// The first this many changes of the transaction at (file, pos) were
+    /// read before (durable before the run began, or read before a
+    /// reconnect).
     skip: Option<(String, u64, u64)>,
     /// Table shapes by table id (`None`: a table caudal does not capture).
     shapes: HashMap<u64, Option<Arc<Shape>>>,
@@ -186,7 +187,7 @@ impl Task {
                 stream.next = pos;
             }
             Some(Start::At { file, pos, skip }) => {
-                stream.skip = skip.map(|i| (file.clone(), pos, i));
+                stream.skip = skip.map(|i| (file.clone(), pos, i + 1));
                 stream.file = file;
                 stream.next = pos;
             }
@@ -300,7 +301,12 @@ impl Task {
                         // Read that transaction again from its start; what
                         // was read of it stays in the page.
                         let t = st.txn.take().unwrap_or_else(|| unreachable_txn(&st));
-                        st.skip = Some((t.file.clone(), t.pos, t.index));
+                        let before = st
+                            .skip
+                            .as_ref()
+                            .filter(|(f, p, _)| *f == t.file && *p == t.pos)
+                            .map_or(0, |(_, _, n)| *n);
+                        st.skip = Some((t.file.clone(), t.pos, t.index.max(before)));
                         st.file = t.file;
                         st.next = t.pos;
                     }
@@ -593,7 +599,19 @@ impl Task {
                 )
             };
             let before = decode(before.as_ref()).map_err(fail)?;
-            let after = decode(after.as_ref()).map_err(fail)?;
+            let mut after = decode(after.as_ref()).map_err(fail)?;
+            // A minimal after image leaves out the key when it did not
+            // change: it is the before image's.
+            if let (Some((old, _)), Some((new, missing))) = (&before, &mut after) {
+                for (k, _) in &table.key {
+                    if !new.contains_key(k)
+                        && let Some(v) = old.get(k)
+                    {
+                        new.insert(k.clone(), v.clone());
+                        missing.retain(|m| m != k);
+                    }
+                }
+            }
             let key_of = |row: &Map<String, Value>| -> Map<String, Value> {
                 table
                     .key
@@ -614,11 +632,12 @@ impl Task {
                     }
                 };
             for (op, key, before, after) in changes {
+                let index = txn.index;
                 txn.index += 1;
-                if let Some((f, p, i)) = &st.skip
+                if let Some((f, p, n)) = &st.skip
                     && *f == txn.file
                     && *p == txn.pos
-                    && txn.index <= *i
+                    && index < *n
                 {
                     continue;
                 }
@@ -635,13 +654,14 @@ impl Task {
                     after.map(|(r, _)| r),
                     unchanged,
                     &txn,
+                    Some(index),
                 );
                 st.page.push(Record {
                     data,
                     position: Position::Binlog {
                         file: txn.file.clone(),
                         pos: txn.pos,
-                        index: txn.index,
+                        index,
                         gtid: txn.gtid.clone(),
                     },
                     key: Some(entity),
@@ -655,19 +675,29 @@ impl Task {
 
     /// A captured table was truncated (a statement in the log, not rows).
     fn truncate(&mut self, st: &mut Stream, mut txn: Txn, table: &str) {
+        let index = txn.index;
         txn.index += 1;
         let skipped = st
             .skip
             .as_ref()
-            .is_some_and(|(f, p, i)| *f == txn.file && *p == txn.pos && txn.index <= *i);
+            .is_some_and(|(f, p, n)| *f == txn.file && *p == txn.pos && index < *n);
         if !skipped {
-            let data = change("truncate", table, Map::new(), None, None, Vec::new(), &txn);
+            let data = change(
+                "truncate",
+                table,
+                Map::new(),
+                None,
+                None,
+                Vec::new(),
+                &txn,
+                Some(index),
+            );
             st.page.push(Record {
                 data,
                 position: Position::Binlog {
                     file: txn.file.clone(),
                     pos: txn.pos,
-                    index: txn.index,
+                    index,
                     gtid: txn.gtid.clone(),
                 },
                 key: Some(table.to_string()),
@@ -1043,7 +1073,7 @@ fn read_record(table: &Table, row: chunk::Row, position: Position, file: &str, p
         index: 0,
         standalone: false,
     };
-    let mut data = change(
+    let data = change(
         "read",
         &table.name,
         row.key,
@@ -1051,8 +1081,8 @@ fn read_record(table: &Table, row: chunk::Row, position: Position, file: &str, p
         Some(row.data),
         Vec::new(),
         &txn,
+        None,
     );
-    data.insert("index".into(), Value::Null);
     Record {
         data,
         position,
@@ -1062,6 +1092,7 @@ fn read_record(table: &Table, row: chunk::Row, position: Position, file: &str, p
 
 /// The record of one change: the same shape as PostgreSQL CDC's, with the
 /// binary log position and GTID in place of LSN and xid.
+#[allow(clippy::too_many_arguments)]
 fn change(
     op: &str,
     table: &str,
@@ -1070,6 +1101,7 @@ fn change(
     after: Option<Map<String, Value>>,
     unchanged: Vec<String>,
     txn: &Txn,
+    index: Option<u64>,
 ) -> Map<String, Value> {
     let mut m = Map::with_capacity(10);
     m.insert("op".into(), Value::String(op.into()));
@@ -1093,14 +1125,7 @@ fn change(
         "commit_time".into(),
         txn.time.clone().map_or(Value::Null, Value::String),
     );
-    m.insert(
-        "index".into(),
-        if txn.index == 0 {
-            Value::Null
-        } else {
-            Value::from(txn.index)
-        },
-    );
+    m.insert("index".into(), index.map_or(Value::Null, Value::from));
     m
 }
 
