@@ -156,6 +156,56 @@ impl ChunkRow {
     }
 }
 
+/// What a change is: the part of the record every CDC source shares.
+#[derive(Debug)]
+pub struct Change {
+    pub op: String,
+    pub table: String,
+    pub key: Map<String, Value>,
+    pub before: Option<Map<String, Value>>,
+    pub after: Option<Map<String, Value>>,
+    /// Columns left out of `after` because the log did not carry them.
+    pub unchanged: Vec<String>,
+}
+
+impl Change {
+    /// The record: `{op, table, key, before, after, unchanged}` followed
+    /// by the source's position fields (`lsn`, `xid` or `binlog`, `gtid`)
+    /// and `commit_time` and `index`.
+    pub fn into_record(
+        self,
+        position: [(&str, Value); 2],
+        time: Option<String>,
+        index: Option<u64>,
+    ) -> Map<String, Value> {
+        let mut m = Map::with_capacity(10);
+        m.insert("op".into(), Value::String(self.op));
+        m.insert("table".into(), Value::String(self.table));
+        m.insert("key".into(), Value::Object(self.key));
+        m.insert(
+            "before".into(),
+            self.before.map_or(Value::Null, Value::Object),
+        );
+        m.insert(
+            "after".into(),
+            self.after.map_or(Value::Null, Value::Object),
+        );
+        m.insert(
+            "unchanged".into(),
+            Value::Array(self.unchanged.into_iter().map(Value::String).collect()),
+        );
+        for (k, v) in position {
+            m.insert(k.into(), v);
+        }
+        m.insert(
+            "commit_time".into(),
+            time.map_or(Value::Null, Value::String),
+        );
+        m.insert("index".into(), index.map_or(Value::Null, Value::from));
+        m
+    }
+}
+
 /// `table[key values]`: the entity a change is about, for per-key order.
 pub fn entity_key(table: &str, key: &Map<String, Value>) -> String {
     let values: Vec<&Value> = key.values().collect();

@@ -1103,30 +1103,22 @@ fn change(
     txn: &Txn,
     index: Option<u64>,
 ) -> Map<String, Value> {
-    let mut m = Map::with_capacity(10);
-    m.insert("op".into(), Value::String(op.into()));
-    m.insert("table".into(), Value::String(table.into()));
-    m.insert("key".into(), Value::Object(key));
-    m.insert("before".into(), before.map_or(Value::Null, Value::Object));
-    m.insert("after".into(), after.map_or(Value::Null, Value::Object));
-    m.insert(
-        "unchanged".into(),
-        Value::Array(unchanged.into_iter().map(Value::String).collect()),
-    );
-    m.insert(
-        "binlog".into(),
-        Value::String(format!("{}:{}", txn.file, txn.pos)),
-    );
-    m.insert(
-        "gtid".into(),
-        txn.gtid.clone().map_or(Value::Null, Value::String),
-    );
-    m.insert(
-        "commit_time".into(),
-        txn.time.clone().map_or(Value::Null, Value::String),
-    );
-    m.insert("index".into(), index.map_or(Value::Null, Value::from));
-    m
+    let change = crate::sources::cdc::Change {
+        op: op.to_string(),
+        table: table.to_string(),
+        key,
+        before,
+        after,
+        unchanged,
+    };
+    change.into_record(
+        [
+            ("binlog", Value::String(format!("{}:{}", txn.file, txn.pos))),
+            ("gtid", txn.gtid.clone().map_or(Value::Null, Value::String)),
+        ],
+        txn.time.clone(),
+        index,
+    )
 }
 
 /// A client error as a caudal error: a broken or killed connection is

@@ -1275,24 +1275,22 @@ fn change(
     unchanged: Vec<String>,
     meta: &Meta,
 ) -> Map<String, Value> {
-    let mut m = Map::with_capacity(10);
-    m.insert("op".into(), Value::String(op.into()));
-    m.insert("table".into(), Value::String(table.into()));
-    m.insert("key".into(), Value::Object(key));
-    m.insert("before".into(), before.map_or(Value::Null, Value::Object));
-    m.insert("after".into(), after.map_or(Value::Null, Value::Object));
-    m.insert(
-        "unchanged".into(),
-        Value::Array(unchanged.into_iter().map(Value::String).collect()),
-    );
-    m.insert("lsn".into(), Value::String(format_lsn(meta.lsn)));
-    m.insert("xid".into(), meta.xid.map_or(Value::Null, Value::from));
-    m.insert(
-        "commit_time".into(),
-        meta.time.clone().map_or(Value::Null, Value::String),
-    );
-    m.insert("index".into(), meta.index.map_or(Value::Null, Value::from));
-    m
+    let change = crate::sources::cdc::Change {
+        op: op.to_string(),
+        table: table.to_string(),
+        key,
+        before,
+        after,
+        unchanged,
+    };
+    change.into_record(
+        [
+            ("lsn", Value::String(format_lsn(meta.lsn))),
+            ("xid", meta.xid.map_or(Value::Null, Value::from)),
+        ],
+        meta.time.clone(),
+        meta.index,
+    )
 }
 
 fn key_of(rel: &Relation, row: &Map<String, Value>) -> Map<String, Value> {
