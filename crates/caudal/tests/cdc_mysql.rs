@@ -300,7 +300,8 @@ async fn every_type_round_trips_exactly_through_snapshot_and_stream() {
         flag TINYINT(1), dec_ DECIMAL(20,4), f FLOAT, d DOUBLE,
         c CHAR(5), vc VARCHAR(40), tx TEXT, bl BLOB, vb VARBINARY(8),
         dt DATE, dtm DATETIME(6), dt0 DATETIME, ts TIMESTAMP(3) NULL, tm TIME(6), tm0 TIME, yr YEAR,
-        en ENUM('small','medium','large'), st SET('red','green','blue'), js JSON, bt BIT(12)";
+        en ENUM('small','medium','large'), st SET('red','green','blue'), js JSON, bt BIT(12),
+        l1 VARCHAR(10) CHARACTER SET latin1, hid INT INVISIBLE DEFAULT 7";
     let cdc = Cdc::new(
         &format!(
             "CREATE TABLE snap (id INT PRIMARY KEY, {columns}) ENGINE=InnoDB;
@@ -314,13 +315,13 @@ async fn every_type_round_trips_exactly_through_snapshot_and_stream() {
          'ab', 'héllo wörld ✓', 'a\\nlong\\ttext', x'00ff10', x'0102',
          '2024-02-29', '2024-02-29 23:59:58.123456', '1999-12-31 00:00:01', '2024-03-01 12:30:45.678',
          '-838:59:58.000001', '12:00:00', 2024,
-         'medium', 'red,blue', '{\"a\": [1, 2.5, \"x\"], \"b\": null}', b'101010101010'";
-    let nulls = ["NULL"; 30].join(", ");
+         'medium', 'red,blue', '{\"a\": [1, 2.5, \"x\"], \"b\": null}', b'101010101010', 'café€'";
+    let nulls = ["NULL"; 31].join(", ");
     for t in ["snap"] {
         cdc.exec(&format!(
             "SET time_zone = '+00:00'; INSERT INTO {t} VALUES (1, {values}), (2, {nulls}), (3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', '', '', '', '', \
              '1000-01-01', '1000-01-01 00:00:00', '1000-01-01 00:00:00', '1970-01-01 00:00:01', '00:00:00', '-00:00:01', 1901, \
-             'small', '', '[]', b'0')"
+             'small', '', '[]', b'0', '')"
         ))
         .await;
     }
@@ -329,7 +330,7 @@ async fn every_type_round_trips_exactly_through_snapshot_and_stream() {
         cdc.exec(&format!(
             "SET time_zone = '+00:00'; INSERT INTO {t} VALUES (1, {values}), (2, {nulls}), (3, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, '', '', '', '', '', \
              '1000-01-01', '1000-01-01 00:00:00', '1000-01-01 00:00:00', '1970-01-01 00:00:01', '00:00:00', '-00:00:01', 1901, \
-             'small', '', '[]', b'0')"
+             'small', '', '[]', b'0', '')"
         ))
         .await;
     }
@@ -349,19 +350,21 @@ async fn every_type_round_trips_exactly_through_snapshot_and_stream() {
         "c": "ab", "vc": "héllo wörld ✓", "tx": "a\nlong\ttext", "bl": "AP8Q", "vb": "AQI=",
         "dt": "2024-02-29", "dtm": "2024-02-29T23:59:58.123456", "dt0": "1999-12-31T00:00:01",
         "ts": "2024-03-01T12:30:45.678Z", "tm": "-838:59:58.000001", "tm0": "12:00:00", "yr": 2024,
-        "en": "medium", "st": "red,blue", "js": {"a": [1, 2.5, "x"], "b": null}, "bt": 2730
+        "en": "medium", "st": "red,blue", "js": {"a": [1, 2.5, "x"], "b": null}, "bt": 2730,
+        "l1": "café€", "hid": 7
     });
     let mut empty = serde_json::Map::new();
     for (k, _) in full.as_object().expect("an object") {
         empty.insert(k.clone(), Value::Null);
     }
     empty.insert("id".into(), json!(2));
+    empty.insert("hid".into(), json!(7));
     let zero = json!({
         "id": 3, "ti": 0, "tu": 0, "si": 0, "su": 0, "mi": 0, "mu": 0, "i": 0, "iu": 0, "bi": 0, "bu": 0,
         "flag": false, "dec_": "0.0000", "f": 0.0, "d": 0.0, "c": "", "vc": "", "tx": "", "bl": "", "vb": "",
         "dt": "1000-01-01", "dtm": "1000-01-01T00:00:00", "dt0": "1000-01-01T00:00:00",
         "ts": "1970-01-01T00:00:01Z", "tm": "00:00:00", "tm0": "-00:00:01", "yr": 1901,
-        "en": "small", "st": "", "js": [], "bt": 0
+        "en": "small", "st": "", "js": [], "bt": 0, "l1": "", "hid": 7
     });
     for (id, want) in [(1, full), (2, Value::Object(empty)), (3, zero)] {
         assert_eq!(row("snap", "read", id), want, "snapshot row {id}");
@@ -1036,5 +1039,51 @@ async fn a_snapshot_killed_halfway_resumes_after_its_last_durable_row() {
     // Rows read again after the restart are at most a few batches.
     assert!(reads < 20_000 + 2_000, "{reads} reads for 20,000 rows");
     daemon.stop(Signal::SIGTERM).await;
+    cdc.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_the_log_cannot_say_stops_the_pipeline_instead_of_being_skipped() {
+    let cdc = Cdc::new(
+        "CREATE TABLE items (id INT PRIMARY KEY, v TEXT) ENGINE=InnoDB;
+         CREATE TABLE notes (id INT PRIMARY KEY) ENGINE=Aria;",
+        &["items"],
+    )
+    .await;
+    cdc.once().await;
+    // A non-transactional write ends with a COMMIT statement: the
+    // checkpoint still moves past it.
+    cdc.exec("INSERT INTO notes VALUES (1)").await;
+    cdc.once().await;
+    let out = cdc.caudal(&["checkpoint", "show", PIPELINE]).await;
+    assert!(out.stdout.contains("binlog_resume"), "{out}");
+    let cases = [
+        (
+            "SET SESSION binlog_format = 'STATEMENT'; INSERT INTO items VALUES (1, 'statement')",
+            "logged as a statement",
+        ),
+        (
+            "XA START 'x1'; INSERT INTO items VALUES (2, 'xa'); XA END 'x1'; XA PREPARE 'x1'; XA ROLLBACK 'x1'",
+            "XA transaction",
+        ),
+    ];
+    for (sql, error) in cases {
+        cdc.exec(sql).await;
+        let out = cdc.caudal(&["once", PIPELINE]).await;
+        assert_ne!(out.code, Some(0), "{sql}: {out}");
+        assert!(out.stderr.contains(error), "{sql}: {out}");
+        assert!(out.stderr.contains("mariadb-bin."), "says where: {out}");
+        let resync = cdc.caudal(&["resync", PIPELINE]).await;
+        assert_eq!(resync.code, Some(0), "{resync}");
+        cdc.once().await;
+    }
+    // The XA insert was rolled back: it never arrived.
+    assert!(
+        !cdc.changes()
+            .iter()
+            .any(|c| c["key"]["id"] == 2 && c["op"] == "insert"),
+        "{:?}",
+        cdc.changes()
+    );
     cdc.cleanup().await;
 }

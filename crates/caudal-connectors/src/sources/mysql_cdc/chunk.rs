@@ -43,8 +43,35 @@ pub async fn read(
     } else {
         format!(" WHERE {}", conditions.join(" AND "))
     };
+    // Every column by name: `*` leaves INVISIBLE ones out, the log has
+    // them.
+    let (schema, name) = table.name.split_once('.').unwrap_or(("", &table.name));
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(|e| {
+        query_error(
+            source,
+            &format!("cannot read the columns of {}", table.name),
+            e,
+        )
+    })?;
+    let list: Vec<String> = columns
+        .iter()
+        .map(|c| quote_ident(SqlDialect::Mysql, c))
+        .collect();
     let sql = format!(
-        "SELECT * FROM {}{filter} ORDER BY {} LIMIT {limit}",
+        "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {limit}",
+        if list.is_empty() {
+            "*".to_string()
+        } else {
+            list.join(", ")
+        },
         table.quoted,
         keys.join(", ")
     );

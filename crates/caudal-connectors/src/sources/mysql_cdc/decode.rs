@@ -163,6 +163,11 @@ fn value_of(
             return Err("MySQL's binary JSON is not read (MariaDB logs JSON as text)".into());
         }
     };
+    if let Some(ty) = shape.facts.unsupported.get(name) {
+        return Err(format!(
+            "type {ty} is held in the binary log as raw bytes caudal does not decode yet"
+        ));
+    }
     if *v == MyValue::NULL {
         return Ok(Value::Null);
     }
@@ -261,7 +266,7 @@ fn value_of(
             if column.character_set() == BINARY {
                 base64(b)
             } else {
-                let text = text(b, column.character_set());
+                let text = text(b, shape.facts.charsets.get(name).map(String::as_str))?;
                 if shape.facts.json.contains(name) {
                     serde_json::from_str(&text)
                         .map_err(|e| format!("invalid JSON in a JSON column: {e}"))?
@@ -328,18 +333,22 @@ fn timestamp(v: &MyValue) -> Result<Value, String> {
     Ok(Value::String(format_utc(&t)))
 }
 
-/// Text in the column's character set: UTF-8 and ASCII as they are,
-/// latin1 byte by byte.
-fn text(bytes: &[u8], charset: u16) -> String {
-    match std::str::from_utf8(bytes) {
-        Ok(s) => s.to_string(),
-        Err(_) if LATIN1.contains(&charset) => bytes.iter().map(|b| char::from(*b)).collect(),
-        Err(_) => String::from_utf8_lossy(bytes).into_owned(),
+/// Text in the column's character set (from the catalog): UTF-8 and
+/// ASCII as they are, latin1 as MariaDB means it (Windows-1252).
+fn text(bytes: &[u8], charset: Option<&str>) -> Result<String, String> {
+    match charset {
+        None | Some("utf8mb4" | "utf8mb3" | "utf8" | "ascii") => String::from_utf8(bytes.to_vec())
+            .map_err(|_| "text that is not valid UTF-8".to_string()),
+        Some("latin1") => Ok(encoding_rs::WINDOWS_1252
+            .decode_without_bom_handling(bytes)
+            .0
+            .into_owned()),
+        Some(other) => Err(format!(
+            "character set {other} is not read from the binary log (utf8mb4, utf8mb3, ascii and \
+             latin1 are)"
+        )),
     }
 }
-
-/// Collation ids of latin1.
-const LATIN1: [u16; 8] = [5, 8, 15, 31, 47, 48, 49, 94];
 
 #[cfg(test)]
 mod tests {
@@ -362,8 +371,14 @@ mod tests {
     }
 
     #[test]
-    fn latin1_text_is_read_byte_by_byte() {
-        assert_eq!(text(&[0x63, 0x61, 0x66, 0xe9], 8), "café");
-        assert_eq!(text("café".as_bytes(), 45), "café");
+    fn latin1_text_is_windows_1252_and_utf8_is_checked() {
+        assert_eq!(
+            text(&[0x63, 0x61, 0x66, 0xe9], Some("latin1")).unwrap(),
+            "café"
+        );
+        assert_eq!(text(&[0x80], Some("latin1")).unwrap(), "€");
+        assert_eq!(text("café".as_bytes(), Some("utf8mb4")).unwrap(), "café");
+        assert!(text(&[0xff], Some("utf8mb4")).is_err());
+        assert!(text(b"x", Some("cp1251")).is_err());
     }
 }

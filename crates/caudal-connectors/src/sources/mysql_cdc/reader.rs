@@ -51,6 +51,9 @@ const STREAM_PAGE: usize = 1000;
 /// A connection silent this long is taken for cut (heartbeats come every
 /// `heartbeat`, 10s by default).
 const SILENCE_LIMIT: Duration = Duration::from_secs(120);
+/// Failures in a row at one position (each after a successful connect)
+/// that make a broken connection a fault of the log instead.
+const FAILURES_AT_ONE_POSITION: u32 = 8;
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How often saved backfill requests are looked for.
@@ -59,6 +62,10 @@ const BACKFILL_POLL: Duration = Duration::from_secs(1);
 const MARIADB_GTID_EVENT: u8 = 0xa2;
 /// `FL_STANDALONE`: a GTID event of a transaction without BEGIN/COMMIT.
 const GTID_STANDALONE: u8 = 1;
+/// `FL_PREPARED_XA`: a GTID event opening an XA transaction's PREPARE.
+const GTID_PREPARED_XA: u8 = 0x40;
+/// MariaDB's compressed query and row events (`log_bin_compress`).
+const MARIADB_COMPRESSED: std::ops::RangeInclusive<u8> = 0xa5..=0xab;
 
 /// Where a run starts.
 pub enum Start {
@@ -106,6 +113,10 @@ struct Txn {
     index: u64,
     /// A DDL statement: it ends with its one event.
     standalone: bool,
+    /// A captured table's change was read in it.
+    captured: bool,
+    /// The PREPARE of an XA transaction.
+    xa: bool,
 }
 
 /// Where the stream is and what it knows.
@@ -188,6 +199,9 @@ impl Task {
             }
             Some(Start::At { file, pos, skip }) => {
                 stream.skip = skip.map(|i| (file.clone(), pos, i + 1));
+                // Not a place for an idle marker: part of that transaction
+                // is durable.
+                stream.emitted = Some((file.clone(), pos));
                 stream.file = file;
                 stream.next = pos;
             }
@@ -284,9 +298,16 @@ impl Task {
     async fn stream(&mut self, mut st: Stream) -> Result<()> {
         let mut backfills = Backfills::default();
         let mut backoff = Duration::from_secs(1);
+        // Failures in a row at one position, after a connection was made.
+        let mut failures: (String, u64, u32) = (String::new(), 0, 0);
         loop {
             update_lag(&self.lag, |l| l.phase = "streaming".into());
-            match self.stream_once(&mut st, &mut backfills).await {
+            let at = (st.file.clone(), st.next);
+            let mut connected = false;
+            match self
+                .stream_once(&mut st, &mut backfills, &mut connected)
+                .await
+            {
                 Ok(Ended::Stopped) => return Ok(()),
                 Ok(Ended::Done) => {
                     self.end_marker(&mut st);
@@ -297,6 +318,33 @@ impl Task {
                     return Ok(());
                 }
                 Err(e) if e.kind() == ErrorKind::Connect => {
+                    if (st.file.clone(), st.next) != at || st.txn.is_some() {
+                        // It read on: a fresh start for the backoff.
+                        backoff = Duration::from_secs(1);
+                    }
+                    if connected {
+                        if (failures.0.as_str(), failures.1) == (at.0.as_str(), at.1) {
+                            failures.2 += 1;
+                        } else {
+                            failures = (at.0.clone(), at.1, 1);
+                        }
+                        if failures.2 >= FAILURES_AT_ONE_POSITION {
+                            return Err(Error::new(
+                                ErrorKind::Decode,
+                                format!(
+                                    "source {:?}: reading the binary log failed {} times in a row \
+                                     at {}:{}: {}",
+                                    self.source,
+                                    failures.2,
+                                    at.0,
+                                    at.1,
+                                    e.report()
+                                ),
+                            ));
+                        }
+                    } else if !self.follow {
+                        return Err(e);
+                    }
                     if st.txn.is_some() {
                         // Read that transaction again from its start; what
                         // was read of it stays in the page.
@@ -307,6 +355,7 @@ impl Task {
                             .filter(|(f, p, _)| *f == t.file && *p == t.pos)
                             .map_or(0, |(_, _, n)| *n);
                         st.skip = Some((t.file.clone(), t.pos, t.index.max(before)));
+                        st.emitted = Some((t.file.clone(), t.pos));
                         st.file = t.file;
                         st.next = t.pos;
                     }
@@ -345,13 +394,28 @@ impl Task {
         if !self.follow {
             request = request.with_non_blocking();
         }
-        conn.get_binlog_stream(request)
-            .await
-            .map_err(|e| binlog_error(&self.source, "cannot start reading the binary log", e))
+        conn.get_binlog_stream(request).await.map_err(|e| {
+            binlog_error(
+                &self.source,
+                &format!(
+                    "cannot start reading the binary log at {}:{}",
+                    st.file, st.next
+                ),
+                e,
+            )
+        })
     }
 
-    async fn stream_once(&mut self, st: &mut Stream, backfills: &mut Backfills) -> Result<Ended> {
+    async fn stream_once(
+        &mut self,
+        st: &mut Stream,
+        backfills: &mut Backfills,
+        connected: &mut bool,
+    ) -> Result<Ended> {
         let mut binlog = self.connect(st).await?;
+        *connected = true;
+        let mut last_event = Instant::now();
+        let silence = SILENCE_LIMIT.max(self.heartbeat.unwrap_or_default() * 3);
         let mut poll = tokio::time::interval(BACKFILL_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut started = false;
@@ -367,11 +431,22 @@ impl Task {
             let next = tokio::select! {
                 () = self.stop.cancelled() => return Ok(Ended::Stopped),
                 _ = poll.tick(), if self.follow => {
+                    if last_event.elapsed() >= silence {
+                        return Err(Error::new(
+                            ErrorKind::Connect,
+                            format!(
+                                "source {:?}: nothing came from the server for {}s",
+                                self.source,
+                                silence.as_secs()
+                            ),
+                        ));
+                    }
                     self.idle(st, backfills).await?;
                     continue;
                 }
-                next = tokio::time::timeout(SILENCE_LIMIT, binlog.next()) => next,
+                next = tokio::time::timeout(silence, binlog.next()) => next,
             };
+            last_event = Instant::now();
             let event = match next {
                 Err(_) => {
                     return Err(Error::new(
@@ -379,7 +454,7 @@ impl Task {
                         format!(
                             "source {:?}: nothing came from the server for {}s",
                             self.source,
-                            SILENCE_LIMIT.as_secs()
+                            silence.as_secs()
                         ),
                     ));
                 }
@@ -387,7 +462,7 @@ impl Task {
                 Ok(Some(Err(e))) => {
                     return Err(binlog_error(
                         &self.source,
-                        "reading the binary log failed",
+                        &format!("reading the binary log at {}:{} failed", st.file, st.next),
                         e,
                     ));
                 }
@@ -441,6 +516,8 @@ impl Task {
                     time: commit_time(header.timestamp()),
                     index: 0,
                     standalone: data[12] & GTID_STANDALONE != 0,
+                    captured: false,
+                    xa: data[12] & GTID_PREPARED_XA != 0,
                 });
                 self.lag_at(header.timestamp());
             }
@@ -448,11 +525,11 @@ impl Task {
             let q: QueryEvent<'_> = event.read_event().map_err(|e| self.decode(st, &e))?;
             let text = q.query();
             let word = text
-                .trim_start()
-                .get(..8)
+                .split(|c: char| c.is_whitespace() || c == ';')
+                .find(|w| !w.is_empty())
                 .unwrap_or("")
                 .to_ascii_uppercase();
-            if word.starts_with("BEGIN") {
+            if word == "BEGIN" {
                 if st.txn.is_none() {
                     st.txn = Some(Txn {
                         file: st.file.clone(),
@@ -461,16 +538,67 @@ impl Task {
                         time: commit_time(header.timestamp()),
                         index: 0,
                         standalone: false,
+                        captured: false,
+                        xa: false,
                     });
                     self.lag_at(header.timestamp());
                 }
-            } else if word.starts_with("COMMIT") {
+            } else if word == "COMMIT" {
                 st.txn = None;
+            } else if word == "ROLLBACK" && !text.to_ascii_uppercase().contains(" TO ") {
+                // Non-transactional changes rolled back around: the
+                // transaction ends.
+                st.txn = None;
+            } else if matches!(word.as_str(), "SAVEPOINT" | "ROLLBACK" | "XA") {
+                if word == "XA" && st.txn.as_ref().is_some_and(|t| t.captured) {
+                    return Err(self.unsupported(
+                        st,
+                        "an XA transaction changed a captured table; caudal reads XA transactions \
+                         at their PREPARE and cannot tell a later rollback, so it stops",
+                    ));
+                }
+            } else if matches!(
+                word.as_str(),
+                "INSERT" | "UPDATE" | "DELETE" | "REPLACE" | "LOAD"
+            ) {
+                // A statement-based change (a session with binlog_format =
+                // STATEMENT or MIXED): its rows are not in the log.
+                let lower = text.to_ascii_lowercase();
+                if let Some(t) = self.tables.iter().find(|t| {
+                    let name = t.name.rsplit('.').next().unwrap_or(&t.name);
+                    lower.contains(&name.to_ascii_lowercase())
+                }) {
+                    return Err(self.unsupported(
+                        st,
+                        &format!(
+                            "a change to {} was logged as a statement, not as rows (that session \
+                             ran with binlog_format = STATEMENT or MIXED), and its rows cannot be \
+                             read; `caudal resync` reads the tables again",
+                            t.name
+                        ),
+                    ));
+                }
             } else {
                 // DDL: shapes come again with the next table maps; facts
                 // (JSON, booleans) are read again from the catalog.
                 st.shapes.clear();
                 st.facts.clear();
+                let upper = text.to_ascii_uppercase();
+                if upper.contains("TRUNCATE PARTITION")
+                    && let Some(t) = self.tables.iter().find(|t| {
+                        let name = t.name.rsplit('.').next().unwrap_or(&t.name);
+                        upper.contains(&name.to_ascii_uppercase())
+                    })
+                {
+                    return Err(self.unsupported(
+                        st,
+                        &format!(
+                            "partitions of {} were truncated; the log holds the statement, not \
+                             the rows it removed; `caudal resync` reads the tables again",
+                            t.name
+                        ),
+                    ));
+                }
                 if let Some(table) = truncated(&text, &q.schema())
                     && self.tables.iter().any(|t| t.name == table)
                 {
@@ -481,6 +609,8 @@ impl Task {
                         time: commit_time(header.timestamp()),
                         index: 0,
                         standalone: true,
+                        captured: false,
+                        xa: false,
                     });
                     self.truncate(st, txn, &table);
                 }
@@ -531,8 +661,15 @@ impl Task {
             {
                 self.rows(st, binlog, &rows)?;
             }
-        } else if ty == EventType::XID_EVENT as u8 {
+        } else if ty == EventType::XID_EVENT as u8 || ty == EventType::XA_PREPARE_LOG_EVENT as u8 {
             st.txn = None;
+        } else if MARIADB_COMPRESSED.contains(&ty) {
+            return Err(self.unsupported(
+                st,
+                "the binary log holds compressed events (log_bin_compress was ON when they were \
+                 written), which caudal cannot read; SET GLOBAL log_bin_compress = OFF and \
+                 `caudal resync`",
+            ));
         } else if ty == EventType::HEARTBEAT_EVENT as u8 {
             update_lag(&self.lag, |l| l.lag_seconds = Some(0.0));
             return Ok(());
@@ -563,7 +700,7 @@ impl Task {
             return Ok(());
         };
         let Some(tme) = binlog.get_tme(id) else {
-            return Ok(());
+            return Err(self.unsupported(st, "a row event without its table map"));
         };
         let Some(table) = self.tables.iter().find(|t| t.name == shape.table).cloned() else {
             return Ok(());
@@ -575,6 +712,13 @@ impl Task {
             | RowsEventData::PartialUpdateRowsEvent(_) => "update",
             RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => "delete",
         };
+        if st.txn.as_ref().is_some_and(|t| t.xa) {
+            return Err(self.unsupported(
+                st,
+                "an XA transaction changed a captured table; caudal reads XA transactions at \
+                 their PREPARE and cannot tell a later rollback, so it stops",
+            ));
+        }
         let Some(mut txn) = st.txn.clone() else {
             return Err(Error::new(
                 ErrorKind::Decode,
@@ -669,8 +813,19 @@ impl Task {
                 st.emitted = Some((txn.file.clone(), txn.pos));
             }
         }
+        txn.captured = true;
         st.txn = Some(txn);
         Ok(())
+    }
+
+    fn unsupported(&self, st: &Stream, what: &str) -> Error {
+        Error::new(
+            ErrorKind::Decode,
+            format!(
+                "source {:?}: at {}:{}: {what}",
+                self.source, st.file, st.next
+            ),
+        )
     }
 
     /// A captured table was truncated (a statement in the log, not rows).
@@ -754,6 +909,15 @@ impl Task {
             )
             .await;
             match read {
+                // The server lets a replica read a transaction just before
+                // it is visible to a snapshot: a chunk older than what the
+                // stream read may lack it. Read it again at the next tick.
+                Ok(c)
+                    if catalog::compare((&c.file, c.pos), (&st.file, st.next))
+                        == std::cmp::Ordering::Less =>
+                {
+                    tracing::debug!(source = %self.source, "a backfill chunk's snapshot is behind the stream; reading it again");
+                }
                 Ok(c) => backfills.chunk = Some(c),
                 Err(e) => {
                     let job = backfills.jobs.pop_front();
@@ -917,6 +1081,8 @@ fn unreachable_txn(st: &Stream) -> Txn {
         time: None,
         index: 0,
         standalone: false,
+        captured: false,
+        xa: false,
     }
 }
 
@@ -1024,25 +1190,66 @@ async fn chunk_snapshot(
 }
 
 /// The table a `TRUNCATE [TABLE] name` statement empties, as
-/// `schema.table`.
+/// `schema.table`; identifiers may be quoted with backticks.
 fn truncated(query: &str, schema: &str) -> Option<String> {
-    let mut words = query.split_whitespace();
-    if !words.next()?.eq_ignore_ascii_case("truncate") {
+    let rest = query.trim_start();
+    let (word, rest) = rest.split_at(rest.find(char::is_whitespace)?);
+    if !word.eq_ignore_ascii_case("truncate") {
         return None;
     }
-    let mut name = words.next()?;
-    if name.eq_ignore_ascii_case("table") {
-        name = words.next()?;
+    let mut rest = rest.trim_start();
+    if rest.len() >= 5
+        && rest[..5].eq_ignore_ascii_case("table")
+        && rest[5..].starts_with(|c: char| c.is_whitespace() || c == '`')
+    {
+        rest = rest[5..].trim_start();
     }
-    let name = name.trim_end_matches(';');
-    let parts: Vec<String> = name
-        .split('.')
-        .map(|p| p.trim_matches('`').replace("``", "`"))
-        .collect();
+    let mut parts = Vec::new();
+    loop {
+        let (part, after) = identifier(rest)?;
+        parts.push(part);
+        match after.strip_prefix('.') {
+            Some(more) => rest = more,
+            None => {
+                let tail = after.trim();
+                if !(tail.is_empty() || tail == ";") {
+                    return None;
+                }
+                break;
+            }
+        }
+    }
     match parts.as_slice() {
         [t] => Some(format!("{schema}.{t}")),
         [s, t] => Some(format!("{s}.{t}")),
         _ => None,
+    }
+}
+
+/// One identifier at the start of `text` (backtick-quoted, a doubled
+/// backtick inside, or bare) and what follows it.
+fn identifier(text: &str) -> Option<(String, &str)> {
+    if let Some(quoted) = text.strip_prefix('`') {
+        let mut out = String::new();
+        let mut chars = quoted.char_indices().peekable();
+        while let Some((i, c)) = chars.next() {
+            if c == '`' {
+                if chars.peek().is_some_and(|(_, n)| *n == '`') {
+                    chars.next();
+                    out.push('`');
+                } else {
+                    return Some((out, &quoted[i + 1..]));
+                }
+            } else {
+                out.push(c);
+            }
+        }
+        None
+    } else {
+        let end = text
+            .find(|c: char| c.is_whitespace() || c == '.' || c == ';')
+            .unwrap_or(text.len());
+        (end > 0).then(|| (text[..end].to_string(), &text[end..]))
     }
 }
 
@@ -1072,6 +1279,8 @@ fn read_record(table: &Table, row: chunk::Row, position: Position, file: &str, p
         time: None,
         index: 0,
         standalone: false,
+        captured: false,
+        xa: false,
     };
     let data = change(
         "read",
@@ -1129,9 +1338,9 @@ pub fn binlog_error(source: &str, what: &str, e: mysql_async::Error) -> Error {
         mysql_async::Error::Server(s) => match s.code {
             // ER_MASTER_FATAL_ERROR_READING_BINLOG: the file is gone (purged)
             // or the position is not in it.
-            1236 if s.message.contains("first log file name") || s.message.contains("purged") => {
-                ErrorKind::Resync
-            }
+            // ER_MASTER_FATAL_ERROR_READING_BINLOG: the file is gone (purged,
+            // expired) or the position is not in it (the log was reset).
+            1236 => ErrorKind::Resync,
             // Killed (KILL CONNECTION), shutting down, another replica took
             // the server id over, lost or gone.
             1053 | 1077 | 1152 | 1158 | 1159 | 1160 | 1161 | 1927 | 2006 | 2013 => {
@@ -1145,9 +1354,9 @@ pub fn binlog_error(source: &str, what: &str, e: mysql_async::Error) -> Error {
         _ => ErrorKind::Query,
     };
     let hint = if kind == ErrorKind::Resync {
-        "; the server no longer has the binary log from caudal's position (purged or expired), so \
-         the changes since are lost to caudal and it stops rather than skip them. `caudal resync \
-         PIPELINE` reads the tables again and streams from the end of the log"
+        "; the server cannot send the binary log from caudal's position (purged, expired or \
+         reset), so the changes since are lost to caudal and it stops rather than skip them. \
+         `caudal resync PIPELINE` reads the tables again and streams from there"
     } else {
         ""
     };
@@ -1163,5 +1372,15 @@ mod tests {
         assert_eq!(truncated("TRUNCATE TABLE t", "db").as_deref(), Some("db.t"));
         assert_eq!(truncated("truncate `a`.`b`", "db").as_deref(), Some("a.b"));
         assert_eq!(truncated("ALTER TABLE t ADD c INT", "db"), None);
+        assert_eq!(
+            truncated("TRUNCATE TABLE `order items`", "db").as_deref(),
+            Some("db.order items")
+        );
+        assert_eq!(truncated("truncate `a.b`", "db").as_deref(), Some("db.a.b"));
+        assert_eq!(
+            truncated("TRUNCATE tablex", "db").as_deref(),
+            Some("db.tablex")
+        );
+        assert_eq!(truncated("TRUNCATE TABLE t PARTITION p0", "db"), None);
     }
 }
