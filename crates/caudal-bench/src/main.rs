@@ -10,10 +10,18 @@
 //! - `cdc-throughput`: a backlog of N changes (default 500,000) drained by
 //!   `caudal once` from a PostgreSQL slot to the receiver, against
 //!   `pg_recvlogical` draining the same backlog from its own pgoutput slot
-//!   into /dev/null (the decoding ceiling). See [`cdc`].
+//!   into /dev/null (the decoding ceiling). See [`cdc::postgres`].
 //! - `cdc-latency`: `caudal run` streaming while changes are committed at a
 //!   steady rate (default 5,000/s for 20 s); commit-to-delivery latency
-//!   percentiles. See [`cdc`].
+//!   percentiles. See [`cdc::postgres`].
+//! - `mysql-cdc-throughput`: `cdc-throughput` on MariaDB: a backlog of N
+//!   changes (default 500,000) drained by `caudal once` from the binary
+//!   log to the receiver, against `mariadb-binlog --read-from-remote-server`
+//!   reading the same stretch of the log, decoded to text, into /dev/null.
+//!   See [`cdc::mariadb`].
+//! - `mysql-cdc-latency`: `cdc-latency` on MariaDB, each row stamped with
+//!   its statement's time (binlog times are whole seconds). See
+//!   [`cdc::mariadb`].
 
 mod cdc;
 mod process;
@@ -30,23 +38,26 @@ use serde_json::json;
 use crate::process::Measured;
 
 /// The scenarios `all` runs, in order.
-const SCENARIOS: &str = "initial-sync, cdc-throughput, cdc-latency";
+const SCENARIOS: &str =
+    "initial-sync, cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency";
 
 #[derive(Debug, Parser)]
 #[command(about = "Runs caudal's benchmark scenarios and prints JSON lines")]
 struct Args {
-    /// Scenario to run: initial-sync, cdc-throughput, cdc-latency (or all).
+    /// Scenario to run: initial-sync, cdc-throughput, cdc-latency,
+    /// mysql-cdc-throughput, mysql-cdc-latency (or all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000), or
-    /// changes written (cdc-throughput, default 500,000).
+    /// changes written (cdc-throughput, mysql-cdc-throughput, default
+    /// 500,000).
     #[arg(long)]
     rows: Option<u64>,
     /// Records per HTTP request (the most per batch).
     #[arg(long, default_value_t = 1000)]
     batch: u64,
     /// How long a partial batch waits for more records, in milliseconds
-    /// (cdc-throughput default 50, cdc-latency default 20).
+    /// (throughput scenarios default 50, latency scenarios default 20).
     #[arg(long)]
     max_wait_ms: Option<u64>,
     /// The sink's `concurrency`: batches in flight at once.
@@ -56,13 +67,14 @@ struct Args {
     /// holds before handing them on (default: caudal's own).
     #[arg(long)]
     page_size: Option<u32>,
-    /// cdc-latency: changes committed per second.
+    /// Latency scenarios: changes committed per second.
     #[arg(long, default_value_t = 5000)]
     rate: u64,
-    /// cdc-latency: changes per transaction.
+    /// Latency scenarios: changes per transaction.
     #[arg(long, default_value_t = 100)]
     txn_rows: u64,
-    /// cdc-latency: seconds of steady load measured (after 2 s of warm-up).
+    /// Latency scenarios: seconds of steady load measured (after 2 s of
+    /// warm-up).
     #[arg(long, default_value_t = 20)]
     duration: u64,
     /// PostgreSQL server to use (a database `caudal_bench` is recreated).
@@ -72,12 +84,23 @@ struct Args {
         default_value = "postgres://postgres@127.0.0.1:5432/postgres"
     )]
     pg_url: String,
+    /// MariaDB server to use (each mysql-* run creates and drops a database
+    /// `caudal_bench_<random>`).
+    #[arg(
+        long,
+        env = "CAUDAL_BENCH_MYSQL_URL",
+        default_value = "mysql://root@127.0.0.1:3306"
+    )]
+    mysql_url: String,
     /// The caudal binary to measure.
     #[arg(long, default_value = "target/release/caudal")]
     caudal: PathBuf,
     /// The pg_recvlogical binary (cdc-throughput's reference).
     #[arg(long, default_value = "pg_recvlogical")]
     pg_recvlogical: PathBuf,
+    /// The mariadb-binlog binary (mysql-cdc-throughput's reference).
+    #[arg(long, default_value = "mariadb-binlog")]
+    mariadb_binlog: PathBuf,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -87,12 +110,16 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     match args.scenario.as_str() {
         "initial-sync" => rt.block_on(initial_sync(&args)),
-        "cdc-throughput" => rt.block_on(cdc::throughput(&args)),
-        "cdc-latency" => rt.block_on(cdc::latency(&args)),
+        "cdc-throughput" => rt.block_on(cdc::postgres::throughput(&args)),
+        "cdc-latency" => rt.block_on(cdc::postgres::latency(&args)),
+        "mysql-cdc-throughput" => rt.block_on(cdc::mariadb::throughput(&args)),
+        "mysql-cdc-latency" => rt.block_on(cdc::mariadb::latency(&args)),
         "all" => rt.block_on(async {
             initial_sync(&args).await?;
-            cdc::throughput(&args).await?;
-            cdc::latency(&args).await
+            cdc::postgres::throughput(&args).await?;
+            cdc::postgres::latency(&args).await?;
+            cdc::mariadb::throughput(&args).await?;
+            cdc::mariadb::latency(&args).await
         }),
         // Not a scenario: the always-200 receiver alone, for profiling caudal
         // by hand. Prints its address, then its counts every second.

@@ -2,11 +2,12 @@
 //! the harness process, parses every request body (a JSON array of
 //! records) to count its records, and answers 200 with an empty body.
 //!
-//! With latency recording on, it also reads each record's `commit_time`
-//! (RFC 3339, as CDC records carry it) and keeps, per record, the commit
-//! time and how long after it the request carrying the record had been read
-//! whole. The database and the harness run on the same machine, so both
-//! times come from the same clock.
+//! With latency recording on, it also reads each record's commit time
+//! ([`Stamp`]: the record's `commit_time`, or a stamp the load generator
+//! wrote into the row) and keeps, per record, the commit time and how long
+//! after it the request carrying the record had been read whole. The
+//! database and the harness run on the same machine, so both times come
+//! from the same clock.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -25,13 +26,36 @@ pub struct Arrival {
     pub arrived_us: i64,
 }
 
+/// Where a record's commit time is read from.
+#[derive(Clone, Copy, Debug)]
+pub enum Stamp {
+    /// The record's `commit_time`, RFC 3339 (PostgreSQL CDC: the commit
+    /// record's time, in microseconds).
+    CommitTime,
+    /// The row's own [`ROW_STAMP_COLUMN`] in `after`: microseconds since
+    /// the Unix epoch, written by the load generator's statement (MariaDB
+    /// CDC, whose `commit_time` is the binlog event's whole second). A
+    /// record without `after` (a delete) is counted but not timed.
+    Row,
+}
+
+/// The column [`Stamp::Row`] reads (the field of [`RowStamp`]).
+pub const ROW_STAMP_COLUMN: &str = "stamp_us";
+
 /// A running receiver; it serves until the harness exits.
 #[derive(Debug)]
 pub struct Receiver {
     pub addr: SocketAddr,
     records: Arc<AtomicU64>,
     requests: Arc<AtomicU64>,
-    arrivals: Option<Arc<Mutex<Vec<Arrival>>>>,
+    recording: Option<Arc<Recording>>,
+}
+
+/// What latency recording keeps.
+#[derive(Debug)]
+struct Recording {
+    stamp: Stamp,
+    arrivals: Mutex<Vec<Arrival>>,
 }
 
 impl Receiver {
@@ -46,8 +70,11 @@ impl Receiver {
     /// The arrivals recorded so far (empty unless started with
     /// [`start_with_latency`]).
     pub fn arrivals(&self) -> Vec<Arrival> {
-        self.arrivals.as_ref().map_or_else(Vec::new, |a| {
-            a.lock().unwrap_or_else(PoisonError::into_inner).clone()
+        self.recording.as_ref().map_or_else(Vec::new, |r| {
+            r.arrivals
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .clone()
         })
     }
 }
@@ -58,24 +85,41 @@ pub async fn start() -> anyhow::Result<Receiver> {
 }
 
 /// Starts a receiver that also records every record's commit-to-arrival
-/// latency.
-pub async fn start_with_latency() -> anyhow::Result<Receiver> {
-    serve(Some(Arc::new(Mutex::new(Vec::new())))).await
+/// latency, reading commit times from `stamp`.
+pub async fn start_with_latency(stamp: Stamp) -> anyhow::Result<Receiver> {
+    serve(Some(Arc::new(Recording {
+        stamp,
+        arrivals: Mutex::new(Vec::new()),
+    })))
+    .await
 }
 
-/// The one field latency recording reads; the others are skipped unparsed.
+/// The one field [`Stamp::CommitTime`] reads; the others are skipped
+/// unparsed.
 #[derive(serde::Deserialize)]
-struct Stamped<'a> {
+struct Committed<'a> {
     #[serde(borrow)]
     commit_time: Option<std::borrow::Cow<'a, str>>,
 }
 
-async fn serve(arrivals: Option<Arc<Mutex<Vec<Arrival>>>>) -> anyhow::Result<Receiver> {
+/// The one field [`Stamp::Row`] reads.
+#[derive(serde::Deserialize)]
+struct RowStamped {
+    after: Option<RowStamp>,
+}
+
+#[derive(serde::Deserialize)]
+struct RowStamp {
+    /// [`ROW_STAMP_COLUMN`].
+    stamp_us: Option<i64>,
+}
+
+async fn serve(recording: Option<Arc<Recording>>) -> anyhow::Result<Receiver> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
     let records = Arc::new(AtomicU64::new(0));
     let requests = Arc::new(AtomicU64::new(0));
-    let (r, q, a) = (records.clone(), requests.clone(), arrivals.clone());
+    let (r, q, a) = (records.clone(), requests.clone(), recording.clone());
     tokio::spawn(async move {
         loop {
             let Ok((stream, _)) = listener.accept().await else {
@@ -109,32 +153,46 @@ async fn serve(arrivals: Option<Arc<Mutex<Vec<Arrival>>>>) -> anyhow::Result<Rec
         addr,
         records,
         requests,
-        arrivals,
+        recording,
     })
 }
 
 /// Records the arrival of every record of `body`; returns how many records
-/// it holds. A record without a readable `commit_time` is counted but not
+/// it holds. A record without a readable commit time is counted but not
 /// timed.
-fn record_arrivals(body: &[u8], arrivals: &Mutex<Vec<Arrival>>) -> usize {
+fn record_arrivals(body: &[u8], recording: &Recording) -> usize {
     let arrived_us = now_us();
-    let Ok(batch) = serde_json::from_slice::<Vec<Stamped<'_>>>(body) else {
-        return 0;
+    let (n, commits): (usize, Vec<i64>) = match recording.stamp {
+        Stamp::CommitTime => {
+            let Ok(batch) = serde_json::from_slice::<Vec<Committed<'_>>>(body) else {
+                return 0;
+            };
+            let commits = batch
+                .iter()
+                .filter_map(|r| parse_utc_us(r.commit_time.as_deref()?))
+                .collect();
+            (batch.len(), commits)
+        }
+        Stamp::Row => {
+            let Ok(batch) = serde_json::from_slice::<Vec<RowStamped>>(body) else {
+                return 0;
+            };
+            let commits = batch
+                .iter()
+                .filter_map(|r| r.after.as_ref()?.stamp_us)
+                .collect();
+            (batch.len(), commits)
+        }
     };
-    let stamps: Vec<Arrival> = batch
-        .iter()
-        .filter_map(|s| {
-            Some(Arrival {
-                commit_us: parse_utc_us(s.commit_time.as_deref()?)?,
-                arrived_us,
-            })
-        })
-        .collect();
-    arrivals
+    recording
+        .arrivals
         .lock()
         .unwrap_or_else(PoisonError::into_inner)
-        .extend(stamps);
-    batch.len()
+        .extend(commits.into_iter().map(|commit_us| Arrival {
+            commit_us,
+            arrived_us,
+        }));
+    n
 }
 
 /// Now, in microseconds since the Unix epoch.
@@ -176,7 +234,35 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_utc_us;
+    use std::sync::Mutex;
+
+    use super::{Recording, Stamp, parse_utc_us, record_arrivals};
+
+    fn commits(stamp: Stamp, body: &str) -> (usize, Vec<i64>) {
+        let recording = Recording {
+            stamp,
+            arrivals: Mutex::new(Vec::new()),
+        };
+        let n = record_arrivals(body.as_bytes(), &recording);
+        let arrivals = recording.arrivals.into_inner().unwrap_or_default();
+        (n, arrivals.iter().map(|a| a.commit_us).collect())
+    }
+
+    #[test]
+    fn commit_times_come_from_the_record_or_the_row() {
+        let body = r#"[
+            {"op":"insert","after":{"id":1,"stamp_us":1000},"commit_time":"1970-01-01T00:00:01Z"},
+            {"op":"update","before":{"id":2},"after":{"id":2,"stamp_us":2000},"commit_time":null},
+            {"op":"delete","before":{"id":3,"stamp_us":3000},"after":null,"commit_time":"1970-01-01T00:00:03.5Z"}
+        ]"#;
+        assert_eq!(
+            commits(Stamp::CommitTime, body),
+            (3, vec![1_000_000, 3_500_000])
+        );
+        // A delete has no `after`: counted, not timed.
+        assert_eq!(commits(Stamp::Row, body), (3, vec![1000, 2000]));
+        assert_eq!(commits(Stamp::Row, "not json"), (0, vec![]));
+    }
 
     #[test]
     fn commit_times_parse_to_epoch_microseconds() {
