@@ -637,7 +637,7 @@ pub async fn backfill(path: &Path, name: &str, table: &str, filter: Option<&str>
             None if started.elapsed() > BACKFILL_PICKUP => {
                 break Err(format!(
                     "the request was not taken within {}s: is `caudal run` streaming pipeline {name:?}? \
-                     (the request stays in the log and is ignored by a later start)",
+                     (the request is withdrawn; a later start does not run it)",
                     BACKFILL_PICKUP.as_secs()
                 ));
             }

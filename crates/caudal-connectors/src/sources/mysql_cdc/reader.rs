@@ -139,6 +139,9 @@ struct Stream {
     emitted: Option<(String, u64)>,
     last_mark: Instant,
     page: Vec<Record>,
+    /// A bounded read ends here: the end of the log when it started
+    /// streaming.
+    stop_at: Option<(String, u64)>,
 }
 
 /// A backfill chunk read but not yet placed in the stream.
@@ -190,6 +193,7 @@ impl Task {
             emitted: None,
             last_mark: Instant::now(),
             page: Vec::new(),
+            stop_at: None,
         };
         match self.start.take() {
             Some(Start::Snapshot { resume }) => {
@@ -218,6 +222,9 @@ impl Task {
                 stream.file = file;
                 stream.next = pos;
             }
+        }
+        if !self.follow {
+            stream.stop_at = Some(catalog::end_of_log(&self.pool, &self.source).await?);
         }
         self.stream(stream).await
     }
@@ -475,6 +482,12 @@ impl Task {
             self.event(st, &binlog, &event).await?;
             if st.txn.is_none() {
                 self.place_chunk(st, backfills);
+                if let Some((file, pos)) = &st.stop_at
+                    && catalog::compare((&st.file, st.next), (file, *pos))
+                        != std::cmp::Ordering::Less
+                {
+                    return Ok(Ended::Done);
+                }
             }
         }
     }
