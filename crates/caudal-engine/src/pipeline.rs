@@ -218,7 +218,11 @@ impl Pipeline {
                     ConcurrencyConfig::Fixed(n) => n,
                     ConcurrencyConfig::Adaptive { max, .. } => max,
                 };
-                (Sender::new(name, sink, c, store.clone()), c.batch, max)
+                (
+                    Sender::new(name, &p.sink, sink, c, store.clone()),
+                    c.batch,
+                    max,
+                )
             }
         };
         Ok(Self {
@@ -393,6 +397,7 @@ impl Pipeline {
         }
         let started = std::time::Instant::now();
         let run_id = self.store.start_run(&self.name, trigger.as_str()).await?;
+        let run_started = std::time::Instant::now();
         let run_cancel = cancel.child_token();
         let lost = lease.lost();
         let watcher = {
@@ -475,6 +480,10 @@ impl Pipeline {
         if let Some(p) = &progress {
             p.send_replace(totals);
         }
+        metrics::counter!("caudal_runs_total", "pipeline" => self.name.clone(), "outcome" => outcome.as_str())
+            .increment(1);
+        metrics::histogram!("caudal_run_duration_seconds", "pipeline" => self.name.clone())
+            .record(run_started.elapsed().as_secs_f64());
         let error_text = error.as_ref().map(Error::report);
         let finished = self
             .store
@@ -638,6 +647,8 @@ impl Pipeline {
                         counters
                             .read
                             .fetch_add((records.len() - markers) as u64, Ordering::Relaxed);
+                        metrics::counter!("caudal_records_read_total", "pipeline" => self.name.clone())
+                            .increment((records.len() - markers) as u64);
                         for record in records {
                             if let Some(full) = batcher.push(record)
                                 && !self.buffer_batch(run_id, full, buffer, cancel, counters, durable).await?
@@ -705,6 +716,8 @@ impl Pipeline {
         if !invalid.is_empty() {
             tracing::warn!(pipeline = %self.name, records = invalid.len(), "records failed the schema; kept as dead letters");
             self.store.add_dead_letters(&self.name, &invalid).await?;
+            metrics::counter!("caudal_records_rejected_total", "pipeline" => self.name.clone(), "reason" => "schema")
+                .increment(invalid.len() as u64);
             counters
                 .dead
                 .fetch_add(invalid.len() as u64, Ordering::Relaxed);
@@ -770,6 +783,37 @@ impl Pipeline {
             false
         });
         letters
+    }
+}
+
+impl Pipeline {
+    /// Sets the pipeline's gauges (buffer size, checkpoint age, replication
+    /// lag) for `/metrics`.
+    pub async fn sample_metrics(&self) {
+        let name = self.name.clone();
+        if let Some(buffer) = self.shared.buffer.get() {
+            let st = buffer.stats();
+            metrics::gauge!("caudal_buffer_batches", "pipeline" => name.clone())
+                .set(st.unacked_records as f64);
+            metrics::gauge!("caudal_buffer_bytes", "pipeline" => name.clone())
+                .set(st.unacked_bytes as f64);
+        }
+        if let Ok(Some(cp)) = self.store.checkpoint(&name).await {
+            let age = jiff::Timestamp::now().duration_since(cp.updated_at);
+            metrics::gauge!("caudal_checkpoint_age_seconds", "pipeline" => name.clone())
+                .set(age.as_secs_f64().max(0.0));
+        }
+        if let Source::Cdc(s) = &self.source {
+            let lag = s.lag();
+            if let Some(b) = lag.lag_bytes {
+                metrics::gauge!("caudal_replication_lag_bytes", "pipeline" => name.clone())
+                    .set(b as f64);
+            }
+            if let Some(secs) = lag.lag_seconds {
+                metrics::gauge!("caudal_replication_lag_seconds", "pipeline" => name.clone())
+                    .set(secs);
+            }
+        }
     }
 }
 

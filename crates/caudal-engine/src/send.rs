@@ -40,6 +40,8 @@ pub struct SendStats {
 #[derive(Clone)]
 pub struct Sender {
     pipeline: String,
+    /// The sink's name, for metric labels.
+    sink_name: String,
     sink: Arc<dyn Sink>,
     store: Store,
     retry: RetryPolicy,
@@ -66,7 +68,13 @@ pub struct Sent {
 }
 
 impl Sender {
-    pub fn new(pipeline: &str, sink: Arc<dyn Sink>, config: &HttpSinkConfig, store: Store) -> Self {
+    pub fn new(
+        pipeline: &str,
+        sink_name: &str,
+        sink: Arc<dyn Sink>,
+        config: &HttpSinkConfig,
+        store: Store,
+    ) -> Self {
         let breaker = if config.circuit_breaker.enabled {
             CircuitBreaker::new(&config.circuit_breaker)
         } else {
@@ -74,6 +82,7 @@ impl Sender {
         };
         Self {
             pipeline: pipeline.to_string(),
+            sink_name: sink_name.to_string(),
             sink,
             store,
             retry: RetryPolicy::from_config(&config.retry),
@@ -152,9 +161,34 @@ impl Sender {
                 let outcome = Outcome::of(&answer);
                 breaker.record(outcome);
                 permit.done(outcome, started.elapsed());
+                let labels = [
+                    ("pipeline", self.pipeline.clone()),
+                    ("sink", self.sink_name.clone()),
+                ];
+                metrics::histogram!("caudal_sink_request_duration_seconds", &labels)
+                    .record(started.elapsed().as_secs_f64());
+                let kind = match &answer {
+                    Delivery::Delivered { .. } => "delivered",
+                    Delivery::Retry { .. } => "retry",
+                    Delivery::Rejected { .. } => "rejected",
+                    Delivery::Split { .. } => "split",
+                };
+                metrics::counter!("caudal_sink_requests_total", "pipeline" => self.pipeline.clone(), "sink" => self.sink_name.clone(), "outcome" => kind)
+                    .increment(1);
+                metrics::gauge!("caudal_sink_circuit_state", &labels).set(
+                    match self.breaker.state().as_str() {
+                        "closed" => 0.0,
+                        "half_open" => 1.0,
+                        _ => 2.0,
+                    },
+                );
                 match answer {
                     Delivery::Delivered { .. } => {
                         sent.delivered += events.len() as u64;
+                        metrics::counter!("caudal_records_delivered_total", &labels)
+                            .increment(events.len() as u64);
+                        metrics::counter!("caudal_batches_total", "pipeline" => self.pipeline.clone(), "sink" => self.sink_name.clone(), "outcome" => "delivered")
+                            .increment(1);
                         break;
                     }
                     Delivery::Retry { reason, after, .. } => {
@@ -169,6 +203,7 @@ impl Sender {
                         }
                         let wait = self.retry.delay(attempts - 1, after, &mut rand::rng());
                         self.stats.retries.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("caudal_sink_retries_total", &labels).increment(1);
                         tracing::warn!(
                             pipeline = %self.pipeline, batch = %key, attempt = attempts,
                             wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX), %reason,
@@ -250,6 +285,10 @@ impl Sender {
         }
         let n = letters.len() as u64;
         self.stats.dead_letters.fetch_add(n, Ordering::Relaxed);
+        metrics::counter!("caudal_records_rejected_total", "pipeline" => self.pipeline.clone(), "sink" => self.sink_name.clone(), "reason" => "sink")
+            .increment(n);
+        metrics::counter!("caudal_batches_total", "pipeline" => self.pipeline.clone(), "sink" => self.sink_name.clone(), "outcome" => "rejected")
+            .increment(1);
         n
     }
 }

@@ -86,6 +86,15 @@ impl Store {
         }
     }
 
+    /// Whether the store answers a query (for readiness checks).
+    pub async fn ping(&self) -> caudal_core::Result<()> {
+        with_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(drop))
+        .map_err(|e| store_error("checking the state store".into(), e))
+    }
+
     /// Closes every connection, waiting for queries in flight. Later calls on
     /// this store (or its clones) fail with a store error.
     pub async fn close(&self) {

@@ -132,9 +132,65 @@ pub async fn run(path: &Path) -> ExitCode {
         "caudal running"
     );
     let shutdown = shutdown_on_signals();
+    let server = match &config.server {
+        None => None,
+        Some(server) => match start_server(server, &store, &pipelines, &shutdown).await {
+            Ok(s) => Some(s),
+            Err(e) => return fail(&e),
+        },
+    };
+    if let Some((state, _)) = &server {
+        state.set_started();
+    }
     caudal_engine::daemon::run(pipelines, shutdown).await;
+    if let Some((_, task)) = server {
+        let _ = task.await;
+    }
     tracing::info!("caudal stopped");
     ExitCode::SUCCESS
+}
+
+/// Serves `/healthz`, `/readyz` and `/metrics` until shutdown, and samples
+/// the pipelines' gauges for `/metrics`.
+async fn start_server(
+    server: &caudal_core::config::ServerConfig,
+    store: &Store,
+    pipelines: &[Pipeline],
+    shutdown: &CancellationToken,
+) -> Result<(caudal_server::AppState, tokio::task::JoinHandle<()>), Error> {
+    let listen = server.address().ok_or_else(|| {
+        Error::new(
+            ErrorKind::Config,
+            format!("server.listen: {:?} is not host:port", server.listen),
+        )
+    })?;
+    let listener = caudal_server::bind(listen).await?;
+    let handle = caudal_server::install_metrics()?;
+    let state = caudal_server::AppState::new(handle, store.clone());
+    let sampled: Vec<Pipeline> = pipelines.to_vec();
+    let stop = shutdown.clone();
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(2));
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for p in &sampled {
+                p.sample_metrics().await;
+            }
+        }
+    });
+    tracing::info!(listen = %listen, "serving /healthz, /readyz and /metrics");
+    let task = {
+        let (state, shutdown) = (state.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            if let Err(e) = caudal_server::serve(listener, state, shutdown).await {
+                tracing::error!(error = %e.report(), "the HTTP server stopped");
+            }
+        })
+    };
+    Ok((state, task))
 }
 
 pub async fn once(path: &Path, name: &str) -> ExitCode {

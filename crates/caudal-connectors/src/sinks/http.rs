@@ -251,6 +251,8 @@ impl Sink for HttpSink {
         {
             headers.insert(name.clone(), value);
         }
+        metrics::counter!("caudal_sink_sent_bytes_total", "pipeline" => batch.pipeline.to_string(), "sink" => self.name.clone())
+            .increment(body.len() as u64);
         let request = self
             .client
             .request(self.method.clone(), self.url.clone())

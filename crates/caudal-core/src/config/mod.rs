@@ -88,6 +88,10 @@ pub struct Config {
     /// Named pipelines: a source, a sink and a schedule.
     #[serde(default)]
     pub pipelines: BTreeMap<String, PipelineConfig>,
+    /// The HTTP endpoints `caudal run` serves (health, metrics); off unless
+    /// this table is present.
+    #[serde(default)]
+    pub server: Option<ServerConfig>,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]
@@ -274,6 +278,30 @@ pub enum DecimalFormat {
     /// double holds it exactly (15 significant digits or fewer); longer
     /// values stay strings so no digit is lost.
     Number,
+}
+
+/// What `caudal run` serves over HTTP.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The address to listen on, `host:port` (default `127.0.0.1:9464`:
+    /// loopback only; `0.0.0.0:9464` for every interface).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+}
+
+/// Where `caudal run` listens when `[server]` names no address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+
+impl ServerConfig {
+    /// The listen address; `validate` has checked it parses.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
 }
 
 /// A SQL table or query read incrementally by a cursor.

@@ -138,6 +138,7 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         check_pipeline(&path, pipeline, config, &mut problems);
     }
     check_slots(config, &mut problems);
+    check_server(config, &mut problems);
     problems
 }
 
@@ -145,6 +146,20 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
 /// of one slot confirm each other's progress and skip each other's
 /// changes. And its buffer must fsync each batch: a slot, once confirmed,
 /// cannot be rewound.
+fn check_server(config: &Config, out: &mut Vec<Problem>) {
+    if let Some(server) = &config.server
+        && server.address().is_none()
+    {
+        out.push(Problem::at(
+            FieldPath::root().key("server").key("listen"),
+            format!(
+                "{:?} is not an address to listen on: write host:port, e.g. \"127.0.0.1:9464\"",
+                server.listen
+            ),
+        ));
+    }
+}
+
 fn check_slots(config: &Config, out: &mut Vec<Problem>) {
     let mut slots: BTreeMap<String, &str> = BTreeMap::new();
     let mut server_ids: BTreeMap<(String, u32), &str> = BTreeMap::new();
