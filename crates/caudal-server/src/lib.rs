@@ -42,77 +42,111 @@ pub fn install_metrics() -> Result<PrometheusHandle> {
     Ok(handle)
 }
 
+/// What a metric is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    Counter,
+    Gauge,
+    Histogram,
+}
+
+/// Every metric caudal exports: name, kind, help text. Labels: `pipeline`
+/// on all; `sink` on the sink's; `outcome` (`caudal_batches_total`:
+/// delivered, rejected; `caudal_sink_requests_total`: delivered, retry,
+/// rejected, split; `caudal_runs_total`: succeeded, failed, cancelled);
+/// `reason` on `caudal_records_rejected_total` (sink, schema).
+pub const METRICS: [(&str, Kind, &str); 16] = [
+    (
+        "caudal_records_read_total",
+        Kind::Counter,
+        "Records read from the pipeline's source.",
+    ),
+    (
+        "caudal_records_delivered_total",
+        Kind::Counter,
+        "Records the sink accepted.",
+    ),
+    (
+        "caudal_records_rejected_total",
+        Kind::Counter,
+        "Records kept as dead letters (refused by the sink, or failing the schema).",
+    ),
+    (
+        "caudal_batches_total",
+        Kind::Counter,
+        "Batches finished, by outcome.",
+    ),
+    (
+        "caudal_sink_requests_total",
+        Kind::Counter,
+        "Requests sent to the sink, by outcome.",
+    ),
+    (
+        "caudal_sink_retries_total",
+        Kind::Counter,
+        "Delivery attempts to be retried.",
+    ),
+    (
+        "caudal_sink_sent_bytes_total",
+        Kind::Counter,
+        "Request body bytes sent to the sink.",
+    ),
+    (
+        "caudal_sink_request_duration_seconds",
+        Kind::Histogram,
+        "Time from sending a request to the sink to its answer.",
+    ),
+    (
+        "caudal_sink_circuit_state",
+        Kind::Gauge,
+        "The sink's circuit breaker: 0 closed, 1 half open, 2 open.",
+    ),
+    (
+        "caudal_buffer_batches",
+        Kind::Gauge,
+        "Batches in the pipeline's buffer not yet delivered.",
+    ),
+    (
+        "caudal_buffer_bytes",
+        Kind::Gauge,
+        "Bytes of the pipeline's buffer not yet delivered.",
+    ),
+    (
+        "caudal_checkpoint_age_seconds",
+        Kind::Gauge,
+        "Seconds since the pipeline's checkpoint last moved.",
+    ),
+    (
+        "caudal_replication_lag_bytes",
+        Kind::Gauge,
+        "CDC: bytes of log between the server's end and what caudal confirmed or read.",
+    ),
+    (
+        "caudal_replication_lag_seconds",
+        Kind::Gauge,
+        "CDC: seconds between the last transaction read and when it was read.",
+    ),
+    (
+        "caudal_runs_total",
+        Kind::Counter,
+        "Runs ended, by outcome.",
+    ),
+    (
+        "caudal_run_duration_seconds",
+        Kind::Histogram,
+        "How long runs took.",
+    ),
+];
+
 /// The help text of every metric (`# HELP` lines).
 fn describe() {
-    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
-    describe_counter!(
-        "caudal_records_read_total",
-        "Records read from the pipeline's source."
-    );
-    describe_counter!(
-        "caudal_records_delivered_total",
-        "Records the sink accepted."
-    );
-    describe_counter!(
-        "caudal_records_rejected_total",
-        "Records kept as dead letters (refused by the sink or failing the schema)."
-    );
-    describe_counter!(
-        "caudal_batches_total",
-        "Batches delivered or rejected by the sink, by outcome."
-    );
-    describe_counter!(
-        "caudal_sink_requests_total",
-        "Requests sent to the sink, by outcome (delivered, retry, rejected, split)."
-    );
-    describe_counter!(
-        "caudal_sink_retries_total",
-        "Delivery attempts that will be retried."
-    );
-    describe_counter!(
-        "caudal_sink_sent_bytes_total",
-        Unit::Bytes,
-        "Request body bytes sent to the sink."
-    );
-    describe_histogram!(
-        "caudal_sink_request_duration_seconds",
-        Unit::Seconds,
-        "Time from sending a request to the sink to its answer."
-    );
-    describe_gauge!(
-        "caudal_sink_circuit_state",
-        "The sink's circuit breaker: 0 closed, 1 half open, 2 open."
-    );
-    describe_gauge!(
-        "caudal_buffer_records",
-        "Records in the pipeline's buffer not yet delivered."
-    );
-    describe_gauge!(
-        "caudal_buffer_bytes",
-        Unit::Bytes,
-        "Bytes of the pipeline's buffer not yet delivered."
-    );
-    describe_gauge!(
-        "caudal_checkpoint_age_seconds",
-        Unit::Seconds,
-        "Seconds since the pipeline's checkpoint last moved."
-    );
-    describe_gauge!(
-        "caudal_replication_lag_bytes",
-        Unit::Bytes,
-        "CDC: bytes of log between the server's end and what caudal confirmed or read."
-    );
-    describe_gauge!(
-        "caudal_replication_lag_seconds",
-        Unit::Seconds,
-        "CDC: seconds between the last transaction read and when it was read."
-    );
-    describe_counter!("caudal_runs_total", "Runs ended, by outcome.");
-    describe_histogram!(
-        "caudal_run_duration_seconds",
-        Unit::Seconds,
-        "How long runs took."
-    );
+    for (name, kind, help) in METRICS {
+        match kind {
+            Kind::Counter => metrics::describe_counter!(name, help),
+            Kind::Gauge => metrics::describe_gauge!(name, help),
+            Kind::Histogram => metrics::describe_histogram!(name, help),
+        }
+    }
 }
 
 /// Shared by the handlers.

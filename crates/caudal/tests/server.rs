@@ -109,6 +109,15 @@ async fn metrics_equal_what_the_runs_read_and_delivered() {
         sample(&scrape, "caudal_records_read_total", &p),
         Some(250.0)
     );
+    // Every metric shown is one of those documented.
+    let exported: Vec<&str> = caudal_server::METRICS.iter().map(|m| m.0).collect();
+    for s in &scrape.samples {
+        let base = ["_bucket", "_sum", "_count"]
+            .iter()
+            .find_map(|x| s.metric.strip_suffix(x))
+            .unwrap_or(&s.metric);
+        assert!(exported.contains(&base), "{} is not in METRICS", s.metric);
+    }
     assert_eq!(sample(&scrape, "caudal_records_rejected_total", &p), None);
     assert_eq!(
         sample(
@@ -229,4 +238,36 @@ async fn a_bad_listen_address_is_refused_with_where() {
             .contains(&format!("cannot listen on 127.0.0.1:{port}")),
         "{out}"
     );
+}
+
+#[test]
+fn the_grafana_dashboard_uses_only_metrics_caudal_exports() {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../docs/grafana/caudal.json"
+    ))
+    .expect("docs/grafana/caudal.json");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    let exported: Vec<&str> = caudal_server::METRICS.iter().map(|m| m.0).collect();
+    let mut used = 0;
+    for panel in dashboard["panels"].as_array().expect("panels") {
+        for target in panel["targets"].as_array().expect("targets") {
+            let expr = target["expr"].as_str().expect("an expression");
+            for word in expr.split(|c: char| !(c.is_ascii_alphanumeric() || c == '_')) {
+                if !word.starts_with("caudal_") {
+                    continue;
+                }
+                let base = ["_bucket", "_sum", "_count"]
+                    .iter()
+                    .find_map(|s| word.strip_suffix(s))
+                    .unwrap_or(word);
+                assert!(
+                    exported.contains(&base),
+                    "{base} in {expr:?} is not exported"
+                );
+                used += 1;
+            }
+        }
+    }
+    assert!(used >= exported.len(), "the dashboard shows every metric");
 }
