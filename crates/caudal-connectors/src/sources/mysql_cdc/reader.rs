@@ -64,6 +64,10 @@ const MARIADB_GTID_EVENT: u8 = 0xa2;
 const GTID_STANDALONE: u8 = 1;
 /// `FL_PREPARED_XA`: a GTID event opening an XA transaction's PREPARE.
 const GTID_PREPARED_XA: u8 = 0x40;
+/// Why an XA transaction on a captured table stops the pipeline.
+const XA_UNSUPPORTED: &str = "an XA transaction changed a captured table; caudal reads XA \
+                              transactions at their PREPARE and cannot tell a later rollback, \
+                              so it stops";
 /// MariaDB's compressed query and row events (`log_bin_compress`).
 const MARIADB_COMPRESSED: std::ops::RangeInclusive<u8> = 0xa5..=0xab;
 
@@ -564,11 +568,7 @@ impl Task {
                 st.txn = None;
             } else if matches!(word.as_str(), "SAVEPOINT" | "ROLLBACK" | "XA") {
                 if word == "XA" && st.txn.as_ref().is_some_and(|t| t.captured) {
-                    return Err(self.unsupported(
-                        st,
-                        "an XA transaction changed a captured table; caudal reads XA transactions \
-                         at their PREPARE and cannot tell a later rollback, so it stops",
-                    ));
+                    return Err(self.unsupported(st, XA_UNSUPPORTED));
                 }
             } else if matches!(
                 word.as_str(),
@@ -576,11 +576,7 @@ impl Task {
             ) {
                 // A statement-based change (a session with binlog_format =
                 // STATEMENT or MIXED): its rows are not in the log.
-                let lower = text.to_ascii_lowercase();
-                if let Some(t) = self.tables.iter().find(|t| {
-                    let name = t.name.rsplit('.').next().unwrap_or(&t.name);
-                    lower.contains(&name.to_ascii_lowercase())
-                }) {
+                if let Some(t) = self.mentioned(&text) {
                     return Err(self.unsupported(
                         st,
                         &format!(
@@ -596,12 +592,8 @@ impl Task {
                 // (JSON, booleans) are read again from the catalog.
                 st.shapes.clear();
                 st.facts.clear();
-                let upper = text.to_ascii_uppercase();
-                if upper.contains("TRUNCATE PARTITION")
-                    && let Some(t) = self.tables.iter().find(|t| {
-                        let name = t.name.rsplit('.').next().unwrap_or(&t.name);
-                        upper.contains(&name.to_ascii_uppercase())
-                    })
+                if text.to_ascii_uppercase().contains("TRUNCATE PARTITION")
+                    && let Some(t) = self.mentioned(&text)
                 {
                     return Err(self.unsupported(
                         st,
@@ -726,11 +718,7 @@ impl Task {
             RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => "delete",
         };
         if st.txn.as_ref().is_some_and(|t| t.xa) {
-            return Err(self.unsupported(
-                st,
-                "an XA transaction changed a captured table; caudal reads XA transactions at \
-                 their PREPARE and cannot tell a later rollback, so it stops",
-            ));
+            return Err(self.unsupported(st, XA_UNSUPPORTED));
         }
         let Some(mut txn) = st.txn.clone() else {
             return Err(Error::new(
@@ -829,6 +817,15 @@ impl Task {
         txn.captured = true;
         st.txn = Some(txn);
         Ok(())
+    }
+
+    /// A captured table whose name the statement mentions.
+    fn mentioned(&self, statement: &str) -> Option<&Table> {
+        let lower = statement.to_ascii_lowercase();
+        self.tables.iter().find(|t| {
+            let name = t.name.rsplit('.').next().unwrap_or(&t.name);
+            lower.contains(&name.to_ascii_lowercase())
+        })
     }
 
     fn unsupported(&self, st: &Stream, what: &str) -> Error {
