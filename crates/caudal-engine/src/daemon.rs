@@ -10,10 +10,13 @@
 //! undelivered records stay in the buffer, and `run` returns when all
 //! tasks have ended.
 
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
 use caudal_core::ErrorKind;
 use jiff::Timestamp;
+use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::pipeline::{Pipeline, Trigger};
@@ -24,20 +27,114 @@ const MAX_SLEEP: Duration = Duration::from_secs(30);
 /// Pause before trying again when another process holds the lease.
 const BUSY_RETRY: Duration = Duration::from_secs(5);
 
+/// Steers the pipelines of a running daemon: pause (no new runs; a run in
+/// progress, such as a CDC stream, is stopped; delivery of what is
+/// buffered goes on), resume, and trigger a run now. Cheap to clone.
+#[derive(Clone, Debug, Default)]
+pub struct Control {
+    pipelines: Arc<Mutex<BTreeMap<String, Arc<Steering>>>>,
+}
+
+#[derive(Debug)]
+struct Steering {
+    paused: watch::Sender<bool>,
+    trigger: Notify,
+    running: Mutex<Option<CancellationToken>>,
+}
+
+/// Why a control request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// No such pipeline in this daemon.
+    Unknown,
+    /// The pipeline is paused: resume it first.
+    Paused,
+}
+
+impl Control {
+    fn steering(&self, name: &str) -> Option<Arc<Steering>> {
+        self.pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    fn register(&self, name: &str) -> Arc<Steering> {
+        let steering = Arc::new(Steering {
+            paused: watch::Sender::new(false),
+            trigger: Notify::new(),
+            running: Mutex::new(None),
+        });
+        self.pipelines
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .insert(name.to_string(), steering.clone());
+        steering
+    }
+
+    /// Whether pipeline `name` is paused; `None` if the daemon has no such
+    /// pipeline.
+    pub fn is_paused(&self, name: &str) -> Option<bool> {
+        self.steering(name).map(|s| *s.paused.borrow())
+    }
+
+    /// Pauses pipeline `name`, stopping a run in progress.
+    pub fn pause(&self, name: &str) -> Result<(), Refused> {
+        let s = self.steering(name).ok_or(Refused::Unknown)?;
+        s.paused.send_replace(true);
+        if let Some(run) = s
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            run.cancel();
+        }
+        tracing::info!(pipeline = name, "paused");
+        Ok(())
+    }
+
+    /// Resumes pipeline `name`; its next run is due by its schedule.
+    pub fn resume(&self, name: &str) -> Result<(), Refused> {
+        let s = self.steering(name).ok_or(Refused::Unknown)?;
+        s.paused.send_replace(false);
+        tracing::info!(pipeline = name, "resumed");
+        Ok(())
+    }
+
+    /// Starts a run of pipeline `name` now (or right after the one in
+    /// progress).
+    pub fn trigger(&self, name: &str) -> Result<(), Refused> {
+        let s = self.steering(name).ok_or(Refused::Unknown)?;
+        if *s.paused.borrow() {
+            return Err(Refused::Paused);
+        }
+        s.trigger.notify_one();
+        Ok(())
+    }
+}
+
 /// Runs every pipeline on its schedule until `shutdown` is cancelled.
 pub async fn run(pipelines: Vec<Pipeline>, shutdown: CancellationToken) {
+    run_with(pipelines, shutdown, Control::default()).await;
+}
+
+/// As [`run`], steered by `control`.
+pub async fn run_with(pipelines: Vec<Pipeline>, shutdown: CancellationToken, control: Control) {
     let mut tasks = tokio::task::JoinSet::new();
     for pipeline in pipelines {
+        let steering = control.register(pipeline.name());
         let delivery = pipeline.clone();
         let stop = shutdown.clone();
         tasks.spawn(async move { delivery.deliver_until_stopped(&stop).await });
         let shutdown = shutdown.clone();
-        tasks.spawn(async move { schedule_loop(pipeline, shutdown).await });
+        tasks.spawn(async move { schedule_loop(pipeline, shutdown, steering).await });
     }
     while tasks.join_next().await.is_some() {}
 }
 
-async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken) {
+async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken, steering: Arc<Steering>) {
     let name = pipeline.name().to_string();
     let store = pipeline.store().clone();
     let mut last_start = None;
@@ -65,11 +162,41 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken) {
         if let Err(e) = store.set_next_run(&name, Some(next)).await {
             tracing::warn!(pipeline = %name, error = %e.report(), "cannot record the next run time");
         }
-        if !sleep_until(next, &shutdown).await {
-            break;
+        let mut paused = steering.paused.subscribe();
+        let trigger = tokio::select! {
+            woke = sleep_until(next, &shutdown) => {
+                if !woke {
+                    break;
+                }
+                Some(Trigger::Schedule)
+            }
+            () = steering.trigger.notified() => Some(Trigger::Manual),
+            _ = paused.wait_for(|p| *p) => None,
+        };
+        let Some(trigger) = trigger else {
+            // Paused: wait for resume (or shutdown), then schedule again.
+            let mut resumed = steering.paused.subscribe();
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = resumed.wait_for(|p| !*p) => {}
+            }
+            continue;
+        };
+        if *steering.paused.borrow() {
+            continue;
         }
         let started = Timestamp::now();
-        match pipeline.run_capture(Trigger::Schedule, &shutdown).await {
+        let run_stop = shutdown.child_token();
+        *steering
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(run_stop.clone());
+        let result = pipeline.run_capture(trigger, &run_stop).await;
+        *steering
+            .running
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        match result {
             Ok(summary) => {
                 if let Some(e) = summary
                     .error

@@ -15,6 +15,7 @@ pub mod ordering;
 pub mod pipeline;
 pub mod schedule;
 pub mod send;
+pub mod status;
 
 pub use pipeline::{
     Pipeline, Progress, RunSummary, Trigger, backfill_key, created_publication, drop_removed_slots,

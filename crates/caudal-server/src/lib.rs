@@ -6,6 +6,8 @@
 //! connectors; [`install_metrics`] installs the Prometheus recorder once per
 //! process. Without it (every command but `run`), recording is a no-op.
 
+pub mod api;
+
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -155,6 +157,7 @@ pub struct AppState {
     metrics: PrometheusHandle,
     store: Store,
     started: Arc<AtomicBool>,
+    api: Option<api::Api>,
 }
 
 impl AppState {
@@ -163,7 +166,14 @@ impl AppState {
             metrics,
             store,
             started: Arc::new(AtomicBool::new(false)),
+            api: None,
         }
+    }
+
+    /// Serves the REST API under `/api/v1` too.
+    pub fn with_api(mut self, api: api::Api) -> Self {
+        self.api = Some(api);
+        self
     }
 
     /// Marks every pipeline started: `/readyz` may answer 200.
@@ -174,11 +184,16 @@ impl AppState {
 
 /// The routes.
 pub fn router(state: AppState) -> Router {
-    Router::new()
+    let api = state.api.clone();
+    let mut router = Router::new()
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
-        .with_state(state)
+        .with_state(state);
+    if let Some(api) = api {
+        router = router.nest("/api/v1", api::routes(api));
+    }
+    router
 }
 
 async fn healthz() -> Response {

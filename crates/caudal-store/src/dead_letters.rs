@@ -288,3 +288,31 @@ impl Store {
         Ok(changed)
     }
 }
+
+impl DeadLetter {
+    /// The letter as JSON: its fields, and with `whole` the record, its
+    /// position and the response excerpt too.
+    pub fn to_json(&self, whole: bool) -> serde_json::Value {
+        let l = self;
+        let mut v = serde_json::json!({
+            "id": l.id,
+            "pipeline": l.pipeline,
+            "state": l.state.as_str(),
+            "batch_key": l.batch_key,
+            "event_id": l.event_id,
+            "record_key": l.record_key,
+            "status": l.status,
+            "reason": l.reason,
+            "attempts": l.attempts,
+            "first_attempt_at": l.first_attempt_at.map(|t| t.to_string()),
+            "last_attempt_at": l.last_attempt_at.map(|t| t.to_string()),
+            "created_at": l.created_at.to_string(),
+        });
+        if whole {
+            v["record"] = l.record.clone();
+            v["position"] = l.position.clone();
+            v["response_excerpt"] = l.response_excerpt.clone().into();
+        }
+        v
+    }
+}

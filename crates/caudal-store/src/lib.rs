@@ -45,6 +45,7 @@ macro_rules! with_pool {
     };
 }
 
+mod api;
 mod checkpoints;
 mod clock;
 mod dead_letters;
@@ -55,6 +56,7 @@ mod schedules;
 mod sink_states;
 mod source_states;
 
+pub use api::{AuditRecord, TokenRecord};
 pub use checkpoints::Checkpoint;
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;

@@ -359,6 +359,32 @@ impl Store {
     }
 
     /// The most recently started run of `pipeline`, if any.
+    /// Runs newest first, filtered by pipeline and outcome, with ids below
+    /// `before` (for paging).
+    pub async fn runs_page(
+        &self,
+        pipeline: Option<&str>,
+        outcome: Option<&str>,
+        before: Option<i64>,
+        limit: u32,
+    ) -> Result<Vec<RunRecord>> {
+        const SQL: &str = select_runs!(
+            "WHERE ($1 IS NULL OR pipeline = $1) AND ($2 IS NULL OR outcome = $2) \
+             AND id < $3 ORDER BY id DESC LIMIT $4"
+        );
+        let rows: Vec<RunRow> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL)
+                .bind(pipeline)
+                .bind(outcome)
+                .bind(before.unwrap_or(i64::MAX))
+                .bind(i64::from(limit))
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(|e| store_error("listing runs".into(), e))?;
+        rows.into_iter().map(RunRecord::try_from).collect()
+    }
+
     pub async fn last_run(&self, pipeline: &str) -> Result<Option<RunRecord>> {
         Ok(self.runs(Some(pipeline), 1).await?.into_iter().next())
     }
@@ -412,4 +438,22 @@ fn counter_from_db(value: i64, column: &str) -> Result<u64> {
             format!("state store: column `{column}` holds a negative count ({value})"),
         )
     })
+}
+
+impl RunRecord {
+    /// The run as JSON, as `caudal status` and the API show it.
+    pub fn to_json(&self) -> serde_json::Value {
+        let run = self;
+        serde_json::json!({
+            "id": run.id,
+            "pipeline": run.pipeline,
+            "trigger": run.trigger,
+            "started_at": run.started_at.to_string(),
+            "ended_at": run.ended_at.map(|t| t.to_string()),
+            "rows_read": run.rows_read,
+            "rows_delivered": run.rows_delivered,
+            "outcome": run.outcome.as_str(),
+            "error": run.error,
+        })
+    }
 }

@@ -97,6 +97,9 @@ pub enum Command {
     /// pipeline with a `mode = "cdc"` source.
     #[command(subcommand)]
     Cdc(CdcCommand),
+    /// API bearer tokens: create (shown once), list, revoke.
+    #[command(subcommand)]
+    Token(TokenCommand),
     /// Start a CDC pipeline over on purpose: drop its slot (and what waits
     /// in its buffer), forget its checkpoint; the next run creates a new
     /// slot, reads the tables again and streams from there. For a slot that
@@ -119,6 +122,25 @@ pub enum Command {
         #[arg(long = "where")]
         filter: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TokenCommand {
+    /// Create a token for the REST API; it is printed once (only its hash
+    /// is kept).
+    Create {
+        /// A name for the token (who or what uses it), unique.
+        #[arg(long)]
+        name: String,
+        /// viewer (reads), operator (also acts on pipelines and dead
+        /// letters) or admin (also tokens and the audit log).
+        #[arg(long, value_parser = ["viewer", "operator", "admin"])]
+        role: String,
+    },
+    /// List the tokens: name, role, when created and revoked.
+    List,
+    /// Revoke a token by name: it is refused from then on.
+    Revoke { name: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -13,7 +13,7 @@ use caudal_engine::{Pipeline, Progress, RunSummary, Trigger};
 use caudal_store::{RunOutcome, Store};
 use tokio_util::sync::CancellationToken;
 
-use crate::cli::{BufferCommand, CdcCommand, CheckpointCommand, DlqCommand};
+use crate::cli::{BufferCommand, CdcCommand, CheckpointCommand, DlqCommand, TokenCommand};
 
 pub const EXIT_FAILED: u8 = 1;
 pub const EXIT_CONFIG: u8 = 2;
@@ -132,17 +132,20 @@ pub async fn run(path: &Path) -> ExitCode {
         "caudal running"
     );
     let shutdown = shutdown_on_signals();
+    let control = caudal_engine::daemon::Control::default();
     let server = match &config.server {
         None => None,
-        Some(server) => match start_server(server, &store, &pipelines, &shutdown).await {
-            Ok(s) => Some(s),
-            Err(e) => return fail(&e),
-        },
+        Some(server) => {
+            match start_server(&config, server, &store, &pipelines, &control, &shutdown).await {
+                Ok(s) => Some(s),
+                Err(e) => return fail(&e),
+            }
+        }
     };
     if let Some((state, _)) = &server {
         state.set_started();
     }
-    caudal_engine::daemon::run(pipelines, shutdown).await;
+    caudal_engine::daemon::run_with(pipelines, shutdown, control).await;
     if let Some((_, task)) = server {
         let _ = task.await;
     }
@@ -153,9 +156,11 @@ pub async fn run(path: &Path) -> ExitCode {
 /// Serves `/healthz`, `/readyz` and `/metrics` until shutdown, and samples
 /// the pipelines' gauges for `/metrics`.
 async fn start_server(
+    config: &Config,
     server: &caudal_core::config::ServerConfig,
     store: &Store,
     pipelines: &[Pipeline],
+    control: &caudal_engine::daemon::Control,
     shutdown: &CancellationToken,
 ) -> Result<(caudal_server::AppState, tokio::task::JoinHandle<()>), Error> {
     let listen = server.address().ok_or_else(|| {
@@ -166,7 +171,13 @@ async fn start_server(
     })?;
     let listener = caudal_server::bind(listen).await?;
     let handle = caudal_server::install_metrics()?;
-    let state = caudal_server::AppState::new(handle, store.clone());
+    let api = caudal_server::api::Api::new(
+        std::sync::Arc::new(config.clone()),
+        store.clone(),
+        control.clone(),
+        server.requests_per_second,
+    );
+    let state = caudal_server::AppState::new(handle, store.clone()).with_api(api);
     let sampled: Vec<Pipeline> = pipelines.to_vec();
     let stop = shutdown.clone();
     tokio::spawn(async move {
@@ -181,7 +192,7 @@ async fn start_server(
             }
         }
     });
-    tracing::info!(listen = %listen, "serving /healthz, /readyz and /metrics");
+    tracing::info!(listen = %listen, "serving /healthz, /readyz, /metrics and /api/v1");
     let task = {
         let (state, shutdown) = (state.clone(), shutdown.clone());
         tokio::spawn(async move {
@@ -294,65 +305,11 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
         Err(code) => return code,
     };
     let mut rows = Vec::new();
-    for (name, p) in &config.pipelines {
-        let cdc = config
-            .sources
-            .get(&p.source)
-            .is_some_and(|s| s.sql().mode == caudal_core::config::SqlMode::Cdc);
-        let schedule = if cdc {
-            "continuous (cdc)".to_string()
-        } else {
-            caudal_engine::Schedule::from_config(&p.schedule)
-                .map(|s| s.describe())
-                .unwrap_or_else(|e| format!("invalid: {e}"))
-        };
-        let replication = if cdc {
-            Some(replication_status(&config, &store, name).await)
-        } else {
-            None
-        };
-        let last = match store.last_run(name).await {
-            Ok(r) => r,
+    for name in config.pipelines.keys() {
+        match caudal_engine::status::pipeline_status(&config, &store, name).await {
+            Ok(row) => rows.push(row),
             Err(e) => return fail(&e),
-        };
-        let checkpoint = match caudal_engine::load_checkpoint(&store, name).await {
-            Ok(c) => c.map(|p| p.display()),
-            Err(e) => Some(format!("unreadable: {e}")),
-        };
-        let next = store.next_run(name).await.ok().flatten();
-        let circuit = match store.circuit_state(name).await {
-            Ok(c) => c,
-            Err(e) => return fail(&e),
-        };
-        let dir = config.buffer_dir(name);
-        let buffer = dir
-            .exists()
-            .then(|| caudal_buffer::inspect(&dir))
-            .transpose();
-        let (buffered, buffer_bytes) = match buffer {
-            Ok(Some(i)) => (Some(i.unacked_records()), Some(i.disk_bytes)),
-            Ok(None) => (Some(0), Some(0)),
-            Err(e) => {
-                eprintln!("warning: {name}: cannot inspect the buffer: {e}");
-                (None, None)
-            }
-        };
-        rows.push(serde_json::json!({
-            "pipeline": name,
-            "schedule": schedule,
-            "last_run": last.as_ref().map(|r| r.started_at.to_string()),
-            "outcome": last.as_ref().map(|r| r.outcome.as_str()),
-            "rows_read": last.as_ref().map(|r| r.rows_read),
-            "rows_delivered": last.as_ref().map(|r| r.rows_delivered),
-            "error": last.as_ref().and_then(|r| r.error.clone()),
-            "checkpoint": checkpoint,
-            "next_run": next.map(|t| t.to_string()),
-            "buffered_batches": buffered,
-            "buffer_disk_bytes": buffer_bytes,
-            "circuit": circuit.as_ref().map(|c| c.circuit.clone()),
-            "circuit_updated_at": circuit.map(|c| c.updated_at.to_string()),
-            "replication": replication,
-        }));
+        }
     }
     if json {
         println!("{}", serde_json::Value::Array(rows));
@@ -769,101 +726,6 @@ fn lag_text(r: &serde_json::Value) -> String {
     format!("{bytes} / {secs}")
 }
 
-/// A CDC pipeline's slot as the server shows it now, and the lag its
-/// reader last reported.
-async fn replication_status(config: &Config, store: &Store, name: &str) -> serde_json::Value {
-    let p = &config.pipelines[name];
-    let mut out = serde_json::Map::new();
-    if let Ok(Some(state)) = store.source_state(name).await {
-        for k in [
-            "slot",
-            "phase",
-            "lag_seconds",
-            "last_commit_time",
-            "snapshot_rows",
-            "confirmed_lsn",
-            "server_id",
-            "read_position",
-        ] {
-            if let Some(v) = state.state.get(k) {
-                out.insert(k.into(), v.clone());
-            }
-        }
-        out.insert("reported_at".into(), state.updated_at.to_string().into());
-    }
-    let Some(source) = config.sources.get(&p.source) else {
-        return out.into();
-    };
-    let connected = CdcSource::connect(name, &p.source, source).await;
-    if let Ok(CdcSource::Mysql(s)) = &connected {
-        let checkpoint = caudal_engine::load_checkpoint(store, name)
-            .await
-            .ok()
-            .flatten();
-        match s.binary_logs().await {
-            Err(e) => {
-                out.insert("server".into(), format!("unreachable: {e}").into());
-            }
-            Ok(logs) => {
-                if let Some(end) = logs.last() {
-                    out.insert(
-                        "server_position".into(),
-                        format!("{}:{}", end.name, end.size).into(),
-                    );
-                }
-                if let Some((file, pos)) = checkpoint
-                    .as_ref()
-                    .and_then(caudal_connectors::sources::mysql_cdc::log_position)
-                {
-                    out.insert("checkpoint_position".into(), format!("{file}:{pos}").into());
-                    match caudal_connectors::sources::mysql_cdc::distance(&logs, file, pos) {
-                        Some(b) => {
-                            out.insert("lag_bytes".into(), b.into());
-                            out.insert("log_purged".into(), false.into());
-                        }
-                        None => {
-                            out.insert("log_purged".into(), true.into());
-                        }
-                    }
-                }
-            }
-        }
-        return out.into();
-    }
-    match connected.and_then(|c| match c {
-        CdcSource::Postgres(pg) => Ok(pg),
-        CdcSource::Mysql(_) => Err(Error::new(ErrorKind::Internal, "not a PostgreSQL source")),
-    }) {
-        Err(e) => {
-            out.insert("server".into(), format!("unreachable: {e}").into());
-        }
-        Ok(s) => {
-            out.insert("slot".into(), s.slot().into());
-            match s.slot_info().await {
-                Err(e) => {
-                    out.insert("server".into(), format!("unreachable: {e}").into());
-                }
-                Ok(None) => {
-                    out.insert("slot_exists".into(), false.into());
-                }
-                Ok(Some(slot)) => {
-                    out.insert("slot_exists".into(), true.into());
-                    out.insert("slot_active".into(), slot.active.into());
-                    out.insert("wal_status".into(), slot.wal_status.into());
-                    out.insert("lag_bytes".into(), slot.lag_bytes.into());
-                    out.insert(
-                        "confirmed_lsn".into(),
-                        slot.confirmed_flush
-                            .map(caudal_core::record::format_lsn)
-                            .into(),
-                    );
-                }
-            }
-        }
-    }
-    out.into()
-}
-
 pub fn schema() -> ExitCode {
     let schema = caudal_core::config::load::json_schema();
     println!(
@@ -975,26 +837,7 @@ pub async fn dlq(path: &Path, command: &DlqCommand) -> ExitCode {
 }
 
 fn letter_json(l: &caudal_store::DeadLetter, whole: bool) -> serde_json::Value {
-    let mut v = serde_json::json!({
-        "id": l.id,
-        "pipeline": l.pipeline,
-        "state": l.state.as_str(),
-        "batch_key": l.batch_key,
-        "event_id": l.event_id,
-        "record_key": l.record_key,
-        "status": l.status,
-        "reason": l.reason,
-        "attempts": l.attempts,
-        "first_attempt_at": l.first_attempt_at.map(|t| t.to_string()),
-        "last_attempt_at": l.last_attempt_at.map(|t| t.to_string()),
-        "created_at": l.created_at.to_string(),
-    });
-    if whole {
-        v["record"] = l.record.clone();
-        v["position"] = l.position.clone();
-        v["response_excerpt"] = l.response_excerpt.clone().into();
-    }
-    v
+    l.to_json(whole)
 }
 
 pub async fn buffer(path: &Path, command: &BufferCommand) -> ExitCode {
@@ -1039,6 +882,54 @@ pub async fn buffer(path: &Path, command: &BufferCommand) -> ExitCode {
                 } else {
                     ExitCode::SUCCESS
                 }
+            }
+        },
+    }
+}
+
+pub async fn token(path: &Path, command: &TokenCommand) -> ExitCode {
+    let (_, store) = match load_with_store(path).await {
+        Ok(both) => both,
+        Err(code) => return code,
+    };
+    match command {
+        TokenCommand::Create { name, role } => {
+            let (token, hash) = caudal_server::api::new_token();
+            if let Err(e) = store.create_token(name, role, &hash).await {
+                return fail(&e);
+            }
+            println!("{token}");
+            eprintln!(
+                "token {name:?} ({role}) created; it is shown only now: keep it in a secret store"
+            );
+            ExitCode::SUCCESS
+        }
+        TokenCommand::List => match store.tokens().await {
+            Err(e) => fail(&e),
+            Ok(list) => {
+                println!("{:<24} {:<9} {:<27} REVOKED", "NAME", "ROLE", "CREATED");
+                for t in list {
+                    println!(
+                        "{:<24} {:<9} {:<27} {}",
+                        t.name,
+                        t.role,
+                        t.created_at.to_string(),
+                        t.revoked_at
+                            .map_or_else(|| "-".to_string(), |r| r.to_string())
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+        },
+        TokenCommand::Revoke { name } => match store.revoke_token(name).await {
+            Err(e) => fail(&e),
+            Ok(true) => {
+                println!("token {name:?} revoked");
+                ExitCode::SUCCESS
+            }
+            Ok(false) => {
+                eprintln!("error: no live token named {name:?}");
+                ExitCode::from(EXIT_FAILED)
             }
         },
     }

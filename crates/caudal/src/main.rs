@@ -40,6 +40,7 @@ fn main() -> ExitCode {
             Command::Validate => commands::validate(&cli.config),
             Command::Schema => commands::schema(),
             Command::Cdc(c) => commands::cdc(&cli.config, c).await,
+            Command::Token(c) => commands::token(&cli.config, c).await,
             Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
             Command::Backfill {
                 pipeline,

@@ -288,6 +288,14 @@ pub struct ServerConfig {
     /// loopback only; `0.0.0.0:9464` for every interface).
     #[serde(default = "default_listen")]
     pub listen: String,
+    /// API requests allowed per second per token (bursts of twice that);
+    /// more get 429 with `Retry-After`.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u32,
+}
+
+fn default_requests_per_second() -> u32 {
+    20
 }
 
 /// Where `caudal run` listens when `[server]` names no address.

@@ -1,0 +1,549 @@
+//! The REST API under `/api/v1`: bearer tokens with roles on every route,
+//! a rate limit per token, an audit record of every mutating call, and one
+//! error shape: `{"error": {"code": "...", "message": "..."}}`.
+//!
+//! Roles: `viewer` reads; `operator` also pauses, resumes and triggers
+//! pipelines and discards dead letters; `admin` also lists tokens and reads
+//! the audit log. A missing, unknown or revoked token is 401; a token whose
+//! role is too low is 403; too many requests is 429 with `Retry-After`.
+
+use std::num::NonZeroU32;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderValue, Method, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use caudal_core::config::Config;
+use caudal_engine::daemon::{Control, Refused};
+use caudal_store::{DeadLetterState, Store};
+use governor::{Quota, RateLimiter};
+use serde::Deserialize;
+use serde_json::{Value, json};
+use sha2::Digest as _;
+
+/// The prefix of every caudal API token.
+pub const TOKEN_PREFIX: &str = "cdl_";
+
+/// What a token may do, lowest first.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Role {
+    Viewer,
+    Operator,
+    Admin,
+}
+
+impl Role {
+    pub fn parse(text: &str) -> Option<Self> {
+        match text {
+            "viewer" => Some(Self::Viewer),
+            "operator" => Some(Self::Operator),
+            "admin" => Some(Self::Admin),
+            _ => None,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Viewer => "viewer",
+            Self::Operator => "operator",
+            Self::Admin => "admin",
+        }
+    }
+}
+
+/// A new random token (shown once) and the hash the store keeps.
+pub fn new_token() -> (String, String) {
+    let bytes: [u8; 32] = rand::random();
+    let mut token = String::from(TOKEN_PREFIX);
+    for b in bytes {
+        token.push_str(&format!("{b:02x}"));
+    }
+    let hash = token_hash(&token);
+    (token, hash)
+}
+
+/// The SHA-256 of a token, in hex: what the store keeps and looks up.
+pub fn token_hash(token: &str) -> String {
+    let digest = sha2::Sha256::digest(token.as_bytes());
+    digest.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+type Limiter = RateLimiter<
+    String,
+    governor::state::keyed::DefaultKeyedStateStore<String>,
+    governor::clock::DefaultClock,
+>;
+
+/// What the API handlers share.
+#[derive(Clone)]
+pub struct Api {
+    config: Arc<Config>,
+    store: Store,
+    control: Control,
+    limiter: Arc<Limiter>,
+}
+
+impl std::fmt::Debug for Api {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Api").finish_non_exhaustive()
+    }
+}
+
+impl Api {
+    /// `requests_per_second` per token, with bursts of twice that.
+    pub fn new(
+        config: Arc<Config>,
+        store: Store,
+        control: Control,
+        requests_per_second: u32,
+    ) -> Self {
+        let rate = NonZeroU32::new(requests_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
+        let burst = NonZeroU32::new(requests_per_second.max(1).saturating_mul(2)).unwrap_or(rate);
+        Self {
+            config,
+            store,
+            control,
+            limiter: Arc::new(RateLimiter::keyed(
+                Quota::per_second(rate).allow_burst(burst),
+            )),
+        }
+    }
+}
+
+/// An API error in the one shape every route uses.
+struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+    retry_after: Option<u64>,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            code,
+            message: message.into(),
+            retry_after: None,
+        }
+    }
+
+    fn not_found(what: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+
+    fn internal(e: &caudal_core::Error) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.report())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let mut response = (
+            self.status,
+            [(header::CONTENT_TYPE, "application/json")],
+            body.to_string(),
+        )
+            .into_response();
+        if self.status == StatusCode::UNAUTHORIZED {
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        if let Some(secs) = self.retry_after
+            && let Ok(v) = HeaderValue::from_str(&secs.to_string())
+        {
+            response.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        response
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn ok(body: Value) -> ApiResult {
+    Ok((
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response())
+}
+
+/// The routes under `/api/v1`, each behind its role.
+pub fn routes(api: Api) -> Router {
+    let viewer = Router::new()
+        .route("/pipelines", get(pipelines))
+        .route("/pipelines/{name}", get(pipeline))
+        .route("/pipelines/{name}/checkpoint", get(checkpoint))
+        .route("/runs", get(runs))
+        .route("/runs/{id}", get(run))
+        .route("/dead-letters", get(dead_letters))
+        .route("/dead-letters/{id}", get(dead_letter))
+        .route_layer(middleware::from_fn_with_state(
+            (api.clone(), Role::Viewer),
+            authorize,
+        ));
+    let operator = Router::new()
+        .route("/pipelines/{name}/pause", post(pause))
+        .route("/pipelines/{name}/resume", post(resume))
+        .route("/pipelines/{name}/trigger", post(trigger))
+        .route("/dead-letters/{id}/discard", post(discard))
+        .route_layer(middleware::from_fn_with_state(
+            (api.clone(), Role::Operator),
+            authorize,
+        ));
+    let admin = Router::new()
+        .route("/tokens", get(tokens))
+        .route("/audit", get(audit))
+        .route_layer(middleware::from_fn_with_state(
+            (api.clone(), Role::Admin),
+            authorize,
+        ));
+    Router::new()
+        .merge(viewer)
+        .merge(operator)
+        .merge(admin)
+        .fallback(|| async { ApiError::not_found("no such API route") })
+        .with_state(api)
+}
+
+/// Checks the bearer token and its role, applies the rate limit, and
+/// audits mutating calls.
+async fn authorize(
+    State((api, needed)): State<(Api, Role)>,
+    request: Request,
+    next: Next,
+) -> Response {
+    let header = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let Some(token) = header
+        .strip_prefix("Bearer ")
+        .map(str::trim)
+        .filter(|t| !t.is_empty())
+    else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "send a token: Authorization: Bearer <token> (caudal token create)",
+        )
+        .into_response();
+    };
+    let record = match api.store.token_by_hash(&token_hash(token)).await {
+        Ok(r) => r,
+        Err(e) => return ApiError::internal(&e).into_response(),
+    };
+    let Some(record) = record.filter(|r| r.revoked_at.is_none()) else {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "the token is unknown or revoked",
+        )
+        .into_response();
+    };
+    let role = Role::parse(&record.role).unwrap_or(Role::Viewer);
+    if role < needed {
+        return ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "token {:?} has role {}; this needs {}",
+                record.name,
+                role.as_str(),
+                needed.as_str()
+            ),
+        )
+        .into_response();
+    }
+    if let Err(not_until) = api.limiter.check_key(&record.name) {
+        let wait = not_until.wait_time_from(governor::clock::Clock::now(
+            &governor::clock::DefaultClock::default(),
+        ));
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            format!("too many requests for token {:?}", record.name),
+        );
+        e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
+        return e.into_response();
+    }
+    let method = request.method().clone();
+    let path = request.uri().path().to_string();
+    let response = next.run(request).await;
+    if method != Method::GET && method != Method::HEAD {
+        let status = response.status().as_u16();
+        if let Err(e) = api
+            .store
+            .add_audit(&record.name, method.as_str(), &path, status)
+            .await
+        {
+            tracing::warn!(error = %e.report(), "cannot record an API call in the audit log");
+        }
+    }
+    response
+}
+
+fn known(api: &Api, name: &str) -> Result<(), ApiError> {
+    if api.config.pipelines.contains_key(name) {
+        Ok(())
+    } else {
+        Err(ApiError::not_found(format!("no pipeline {name:?}")))
+    }
+}
+
+async fn status_of(api: &Api, name: &str) -> Result<Value, ApiError> {
+    let mut v = caudal_engine::status::pipeline_status(&api.config, &api.store, name)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    v["paused"] = api.control.is_paused(name).unwrap_or(false).into();
+    Ok(v)
+}
+
+async fn pipelines(State(api): State<Api>) -> ApiResult {
+    let mut out = Vec::new();
+    for name in api.config.pipelines.keys() {
+        out.push(status_of(&api, name).await?);
+    }
+    ok(json!({ "pipelines": out }))
+}
+
+async fn pipeline(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    known(&api, &name)?;
+    let mut v = status_of(&api, &name).await?;
+    let recent = api
+        .store
+        .runs(Some(&name), 10)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    v["runs"] = recent
+        .iter()
+        .map(caudal_store::RunRecord::to_json)
+        .collect();
+    ok(v)
+}
+
+async fn checkpoint(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    known(&api, &name)?;
+    match api
+        .store
+        .checkpoint(&name)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+    {
+        None => Err(ApiError::not_found(format!(
+            "pipeline {name:?} has no checkpoint"
+        ))),
+        Some(cp) => ok(json!({
+            "pipeline": name,
+            "position": cp.position,
+            "updated_at": cp.updated_at.to_string(),
+        })),
+    }
+}
+
+fn steer(api: &Api, name: &str, result: Result<(), Refused>) -> ApiResult {
+    match result {
+        Err(Refused::Unknown) => Err(ApiError::not_found(format!("no pipeline {name:?}"))),
+        Err(Refused::Paused) => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "paused",
+            format!("pipeline {name:?} is paused; resume it first"),
+        )),
+        Ok(()) => ok(json!({
+            "pipeline": name,
+            "paused": api.control.is_paused(name).unwrap_or(false),
+        })),
+    }
+}
+
+async fn pause(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    steer(&api, &name, api.control.pause(&name))
+}
+
+async fn resume(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    steer(&api, &name, api.control.resume(&name))
+}
+
+async fn trigger(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    steer(&api, &name, api.control.trigger(&name))
+}
+
+/// Paging and filters of list routes.
+#[derive(Debug, Deserialize)]
+struct ListQuery {
+    pipeline: Option<String>,
+    outcome: Option<String>,
+    state: Option<String>,
+    /// Runs: ids below this. Dead letters: ids above this.
+    cursor: Option<i64>,
+    limit: Option<u32>,
+}
+
+const MAX_PAGE: u32 = 500;
+
+fn bad_request(message: String) -> ApiError {
+    ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
+}
+
+async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    if let Some(o) = &q.outcome
+        && !["running", "succeeded", "failed", "cancelled", "abandoned"].contains(&o.as_str())
+    {
+        return Err(bad_request(format!(
+            "outcome {o:?} is not one of running, succeeded, failed, cancelled, abandoned"
+        )));
+    }
+    let page = api
+        .store
+        .runs_page(q.pipeline.as_deref(), q.outcome.as_deref(), q.cursor, limit)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let next = (page.len() == limit as usize)
+        .then(|| page.last().map(|r| r.id))
+        .flatten();
+    ok(json!({
+        "runs": page.iter().map(caudal_store::RunRecord::to_json).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+async fn run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+    match api
+        .store
+        .run(id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+    {
+        Some(r) => ok(r.to_json()),
+        None => Err(ApiError::not_found(format!("no run {id}"))),
+    }
+}
+
+fn letter_state(text: Option<&str>) -> Result<Option<DeadLetterState>, ApiError> {
+    match text {
+        None => Ok(None),
+        Some("pending") => Ok(Some(DeadLetterState::Pending)),
+        Some("replayed") => Ok(Some(DeadLetterState::Replayed)),
+        Some("discarded") => Ok(Some(DeadLetterState::Discarded)),
+        Some(other) => Err(bad_request(format!(
+            "state {other:?} is not one of pending, replayed, discarded"
+        ))),
+    }
+}
+
+async fn dead_letters(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let state = letter_state(q.state.as_deref())?;
+    let page = api
+        .store
+        .dead_letters(q.pipeline.as_deref(), state, q.cursor.unwrap_or(0), limit)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let next = (page.len() == limit as usize)
+        .then(|| page.last().map(|l| l.id))
+        .flatten();
+    ok(json!({
+        "dead_letters": page.iter().map(|l| l.to_json(false)).collect::<Vec<_>>(),
+        "next_cursor": next,
+    }))
+}
+
+async fn dead_letter(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+    match api
+        .store
+        .dead_letter(id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+    {
+        Some(l) => ok(l.to_json(true)),
+        None => Err(ApiError::not_found(format!("no dead letter {id}"))),
+    }
+}
+
+async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+    let letter = api
+        .store
+        .dead_letter(id)
+        .await
+        .map_err(|e| ApiError::internal(&e))?
+        .ok_or_else(|| ApiError::not_found(format!("no dead letter {id}")))?;
+    if letter.state != DeadLetterState::Pending {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_pending",
+            format!("dead letter {id} is {}, not pending", letter.state.as_str()),
+        ));
+    }
+    api.store
+        .resolve_dead_letters(&[id], DeadLetterState::Discarded)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    ok(json!({"id": id, "state": "discarded"}))
+}
+
+async fn tokens(State(api): State<Api>) -> ApiResult {
+    let list = api
+        .store
+        .tokens()
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let out: Vec<Value> = list
+        .iter()
+        .map(|t| {
+            json!({
+                "name": t.name,
+                "role": t.role,
+                "created_at": t.created_at.to_string(),
+                "revoked_at": t.revoked_at.map(|r| r.to_string()),
+            })
+        })
+        .collect();
+    ok(json!({ "tokens": out }))
+}
+
+async fn audit(State(api): State<Api>) -> ApiResult {
+    let list = api
+        .store
+        .audit(200)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    let out: Vec<Value> = list
+        .iter()
+        .map(|a| {
+            json!({
+                "id": a.id,
+                "at": a.at.to_string(),
+                "token": a.token,
+                "method": a.method,
+                "path": a.path,
+                "status": a.status,
+            })
+        })
+        .collect();
+    ok(json!({ "audit": out }))
+}
+
+/// Every route and the role it needs, for documentation and tests.
+pub const ROUTES: [(&str, &str, Role); 13] = [
+    ("GET", "/api/v1/pipelines", Role::Viewer),
+    ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
+    ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
+    ("GET", "/api/v1/runs", Role::Viewer),
+    ("GET", "/api/v1/runs/{id}", Role::Viewer),
+    ("GET", "/api/v1/dead-letters", Role::Viewer),
+    ("GET", "/api/v1/dead-letters/{id}", Role::Viewer),
+    ("POST", "/api/v1/pipelines/{name}/pause", Role::Operator),
+    ("POST", "/api/v1/pipelines/{name}/resume", Role::Operator),
+    ("POST", "/api/v1/pipelines/{name}/trigger", Role::Operator),
+    ("POST", "/api/v1/dead-letters/{id}/discard", Role::Operator),
+    ("GET", "/api/v1/tokens", Role::Admin),
+    ("GET", "/api/v1/audit", Role::Admin),
+];

@@ -1,0 +1,275 @@
+//! The REST API of `caudal run` over loopback: the auth matrix over every
+//! route, revocation, the rate limit, the audit log, steering a pipeline,
+//! and no secret in any answer or log.
+
+mod support;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use caudal_server::api::{ROUTES, Role};
+use nix::sys::signal::Signal;
+use serde_json::Value;
+use support::{Daemon, Output, PATIENCE, PIPELINE, World, command, spawn_daemon};
+
+const SECRET: &str = "topsecret-header-value-81f3";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port()
+}
+
+fn write_config(world: &World, port: u16, per_second: u32) -> PathBuf {
+    let path = world.dir.path().join("api.toml");
+    let config = format!(
+        "{}\n[server]\nlisten = \"127.0.0.1:{port}\"\nrequests_per_second = {per_second}\n",
+        world.config_toml()
+    );
+    std::fs::write(&path, config).expect("write the config");
+    path
+}
+
+async fn token(path: &std::path::Path, world: &World, name: &str, role: &str) -> String {
+    let out = Output::of(command(
+        path,
+        world.dir.path(),
+        &["token", "create", "--name", name, "--role", role],
+    ))
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let token = out.stdout.trim().to_string();
+    assert!(token.starts_with("cdl_") && token.len() > 60, "{out}");
+    token
+}
+
+struct Client {
+    port: u16,
+    http: reqwest::Client,
+}
+
+impl Client {
+    async fn call(&self, method: &str, path: &str, token: Option<&str>) -> (u16, Value, String) {
+        let url = format!("http://127.0.0.1:{}{path}", self.port);
+        let method = reqwest::Method::from_bytes(method.as_bytes()).expect("a method");
+        let deadline = tokio::time::Instant::now() + PATIENCE;
+        loop {
+            let mut request = self.http.request(method.clone(), &url);
+            if let Some(t) = token {
+                request = request.bearer_auth(t);
+            }
+            match request.send().await {
+                Ok(r) => {
+                    let status = r.status().as_u16();
+                    let retry_after = r
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string();
+                    let body = r.text().await.unwrap_or_default();
+                    assert!(!body.contains(SECRET), "a secret in {path}: {body}");
+                    let json = serde_json::from_str(&body).unwrap_or(Value::Null);
+                    return (status, json, retry_after);
+                }
+                Err(e) => {
+                    assert!(tokio::time::Instant::now() < deadline, "{url}: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+}
+
+/// A world whose first 10 records the receiver refuses (dead letters), then
+/// accepts the rest; a daemon serving the API.
+async fn started(per_second: u32) -> (World, PathBuf, Daemon, Client) {
+    let mut world = World::sqlite().await;
+    world.every = "1h".into();
+    world.max_records = 5;
+    world.sink_extra = format!("headers = {{ Authorization = \"Bearer {SECRET}\" }}");
+    world.insert(1..=10, 0).await;
+    world.receiver.set_status(422);
+    let port = free_port();
+    let path = write_config(&world, port, per_second);
+    let daemon = spawn_daemon(&path, world.dir.path(), 1);
+    let client = Client {
+        port,
+        http: reqwest::Client::new(),
+    };
+    (world, path, daemon, client)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_route_needs_its_role_and_mutations_are_audited() {
+    let (world, path, daemon, client) = started(10_000).await;
+    let viewer = token(&path, &world, "dash", "viewer").await;
+    let operator = token(&path, &world, "oncall", "operator").await;
+    let admin = token(&path, &world, "root", "admin").await;
+    // Wait for the run: two refused batches, two dead letters each 5.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let letters = loop {
+        let (_, body, _) = client
+            .call("GET", "/api/v1/dead-letters?state=pending", Some(&viewer))
+            .await;
+        let ids: Vec<i64> = body["dead_letters"]
+            .as_array()
+            .map(|a| a.iter().filter_map(|l| l["id"].as_i64()).collect())
+            .unwrap_or_default();
+        if ids.len() == 10 {
+            break ids;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{body}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let (_, runs, _) = client.call("GET", "/api/v1/runs", Some(&viewer)).await;
+    let run_id = runs["runs"][0]["id"].as_i64().expect("a run id");
+    let tokens = [
+        (None, None),
+        (Some(viewer.as_str()), Some(Role::Viewer)),
+        (Some(operator.as_str()), Some(Role::Operator)),
+        (Some(admin.as_str()), Some(Role::Admin)),
+    ];
+    let mut discards = letters.iter();
+    let mut mutations = 0;
+    for (method, route, needed) in ROUTES {
+        for (token, role) in &tokens {
+            let path = route.replace("{name}", PIPELINE).replace(
+                "{id}",
+                &if route.starts_with("/api/v1/runs") {
+                    run_id.to_string()
+                } else {
+                    let allowed = role.is_some_and(|r| r >= needed);
+                    if route.ends_with("/discard") && allowed {
+                        discards.next().expect("a letter to discard").to_string()
+                    } else {
+                        letters[9].to_string()
+                    }
+                },
+            );
+            let (status, body, _) = client.call(method, &path, *token).await;
+            let want = match role {
+                None => 401,
+                Some(r) if *r < needed => 403,
+                Some(_) => 200,
+            };
+            assert_eq!(status, want, "{method} {path} as {role:?}: {body}");
+            if want != 200 {
+                assert!(body["error"]["code"].is_string(), "{body}");
+                assert!(body["error"]["message"].is_string(), "{body}");
+            }
+            if method == "POST" && want == 200 {
+                mutations += 1;
+            }
+        }
+    }
+    // Pausing shows, and a trigger while paused is refused.
+    let (status, body, _) = client
+        .call(
+            "POST",
+            &format!("/api/v1/pipelines/{PIPELINE}/pause"),
+            Some(&operator),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["paused"]),
+        (200, &Value::Bool(true)),
+        "{body}"
+    );
+    let (_, detail, _) = client
+        .call(
+            "GET",
+            &format!("/api/v1/pipelines/{PIPELINE}"),
+            Some(&viewer),
+        )
+        .await;
+    assert_eq!(detail["paused"], true, "{detail}");
+    let (status, body, _) = client
+        .call(
+            "POST",
+            &format!("/api/v1/pipelines/{PIPELINE}/trigger"),
+            Some(&operator),
+        )
+        .await;
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (409, Some("paused"))
+    );
+    let (status, _, _) = client
+        .call("GET", "/api/v1/pipelines/nope", Some(&viewer))
+        .await;
+    assert_eq!(status, 404);
+    // A trigger after resume starts a run that delivers the new rows.
+    world.receiver.set_status(200);
+    world.insert(11..=13, 1).await;
+    client
+        .call(
+            "POST",
+            &format!("/api/v1/pipelines/{PIPELINE}/resume"),
+            Some(&operator),
+        )
+        .await;
+    let (status, _, _) = client
+        .call(
+            "POST",
+            &format!("/api/v1/pipelines/{PIPELINE}/trigger"),
+            Some(&operator),
+        )
+        .await;
+    assert_eq!(status, 200);
+    world.wait_for_delivered(3).await;
+    // The audit log has every mutating call, with who made it.
+    let (_, audit, _) = client.call("GET", "/api/v1/audit", Some(&admin)).await;
+    let entries = audit["audit"].as_array().expect("audit entries");
+    assert_eq!(entries.len(), mutations + 4, "{audit}");
+    assert!(
+        entries
+            .iter()
+            .any(|e| e["token"] == "oncall" && e["status"] == 409),
+        "{audit}"
+    );
+    // A revoked token is refused.
+    let out = Output::of(command(
+        &path,
+        world.dir.path(),
+        &["token", "revoke", "dash"],
+    ))
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let (status, _, _) = client.call("GET", "/api/v1/pipelines", Some(&viewer)).await;
+    assert_eq!(status, 401);
+    let (status, list, _) = client.call("GET", "/api/v1/tokens", Some(&admin)).await;
+    assert_eq!(status, 200);
+    assert!(!list.to_string().contains("cdl_"), "no token in {list}");
+    let (_, log) = daemon.stop(Signal::SIGTERM).await;
+    assert!(!log.contains(SECRET), "a secret in the log");
+    assert!(!log.contains(&operator), "a token in the log");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn too_many_requests_get_429_with_retry_after() {
+    let (world, path, daemon, client) = started(1).await;
+    let viewer = token(&path, &world, "busy", "viewer").await;
+    let mut limited = None;
+    for _ in 0..10 {
+        let (status, body, retry_after) = client.call("GET", "/api/v1/runs", Some(&viewer)).await;
+        if status == 429 {
+            limited = Some((body, retry_after));
+            break;
+        }
+    }
+    let (body, retry_after) = limited.expect("a 429 within 10 quick requests");
+    assert_eq!(body["error"]["code"], "rate_limited", "{body}");
+    let secs: u64 = retry_after.parse().expect("Retry-After in seconds");
+    assert!(secs >= 1, "{retry_after}");
+    // Another token has its own allowance.
+    let other = token(&path, &world, "calm", "viewer").await;
+    let (status, _, _) = client.call("GET", "/api/v1/runs", Some(&other)).await;
+    assert_eq!(status, 200);
+    daemon.stop(Signal::SIGTERM).await;
+}
