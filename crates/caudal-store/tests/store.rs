@@ -47,6 +47,8 @@ backend_tests!(
     counts_left_out_keep_what_delivery_added,
     circuit_state_round_trips,
     source_states_round_trip_and_list_by_prefix,
+    tokens_are_kept_by_hash_revoked_and_audited,
+    runs_page_by_pipeline_outcome_and_cursor,
 );
 
 const P: &str = "orders";
@@ -1216,4 +1218,76 @@ async fn source_states_round_trip_and_list_by_prefix(ctx: Ctx) {
             .len(),
         1
     );
+}
+
+async fn tokens_are_kept_by_hash_revoked_and_audited(ctx: Ctx) {
+    let store = ctx.open().await;
+    store
+        .create_token("dash", "viewer", "hash-1")
+        .await
+        .expect("create");
+    let again = store.create_token("dash", "admin", "hash-2").await;
+    assert_eq!(again.expect_err("a name in use").kind(), ErrorKind::Config);
+    let found = store
+        .token_by_hash("hash-1")
+        .await
+        .expect("look up")
+        .expect("found");
+    assert_eq!(
+        (found.name.as_str(), found.role.as_str()),
+        ("dash", "viewer")
+    );
+    assert_recent(found.created_at);
+    assert_eq!(found.revoked_at, None);
+    assert_eq!(store.token_by_hash("nope").await.expect("look up"), None);
+    assert!(store.revoke_token("dash").await.expect("revoke"));
+    assert!(!store.revoke_token("dash").await.expect("revoke again"));
+    let listed = store.tokens().await.expect("list");
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].revoked_at.is_some());
+    store
+        .add_audit("dash", "POST", "/api/v1/pipelines/p/pause", 200)
+        .await
+        .expect("audit");
+    store
+        .add_audit("root", "POST", "/api/v1/dead-letters/3/discard", 409)
+        .await
+        .expect("audit");
+    let audit = store.audit(10).await.expect("read the audit log");
+    let seen: Vec<(&str, u16)> = audit.iter().map(|a| (a.token.as_str(), a.status)).collect();
+    assert_eq!(seen, [("root", 409), ("dash", 200)], "newest first");
+}
+
+async fn runs_page_by_pipeline_outcome_and_cursor(ctx: Ctx) {
+    let store = ctx.open().await;
+    let mut ids = Vec::new();
+    for (pipeline, outcome) in [
+        (P, RunOutcome::Succeeded),
+        (P, RunOutcome::Failed),
+        ("other", RunOutcome::Succeeded),
+        (P, RunOutcome::Succeeded),
+    ] {
+        let id = store.start_run(pipeline, "schedule").await.expect("start");
+        store
+            .finish_run(id, outcome, 0, None, None)
+            .await
+            .expect("finish");
+        ids.push(id);
+    }
+    let page = |p: Option<&'static str>, o: Option<&'static str>, before: Option<i64>| {
+        let store = store.clone();
+        async move {
+            store
+                .runs_page(p, o, before, 2)
+                .await
+                .expect("a page")
+                .iter()
+                .map(|r| r.id)
+                .collect::<Vec<_>>()
+        }
+    };
+    assert_eq!(page(Some(P), None, None).await, [ids[3], ids[1]]);
+    assert_eq!(page(Some(P), None, Some(ids[1])).await, [ids[0]]);
+    assert_eq!(page(None, Some("succeeded"), None).await, [ids[3], ids[2]]);
+    assert_eq!(page(Some(P), Some("failed"), None).await, [ids[1]]);
 }
