@@ -114,7 +114,7 @@ impl Api {
 }
 
 /// An API error in the one shape every route uses.
-struct ApiError {
+pub(crate) struct ApiError {
     status: StatusCode,
     code: &'static str,
     message: String,
@@ -163,7 +163,7 @@ impl IntoResponse for ApiError {
     }
 }
 
-type ApiResult = Result<Response, ApiError>;
+pub(crate) type ApiResult = Result<Response, ApiError>;
 
 fn ok(body: Value) -> ApiResult {
     Ok((
@@ -306,7 +306,8 @@ async fn status_of(api: &Api, name: &str) -> Result<Value, ApiError> {
     Ok(v)
 }
 
-async fn pipelines(State(api): State<Api>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/pipelines", tag = "pipelines", responses((status = 200, description = "ok", body = crate::openapi::PipelineList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn pipelines(State(api): State<Api>) -> ApiResult {
     let mut out = Vec::new();
     for name in api.config.pipelines.keys() {
         out.push(status_of(&api, name).await?);
@@ -314,7 +315,8 @@ async fn pipelines(State(api): State<Api>) -> ApiResult {
     ok(json!({ "pipelines": out }))
 }
 
-async fn pipeline(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/pipelines/{name}", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "ok", body = crate::openapi::PipelineDetail), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn pipeline(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     known(&api, &name)?;
     let mut v = status_of(&api, &name).await?;
     let recent = api
@@ -329,7 +331,8 @@ async fn pipeline(State(api): State<Api>, Path(name): Path<String>) -> ApiResult
     ok(v)
 }
 
-async fn checkpoint(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/pipelines/{name}/checkpoint", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "ok", body = crate::openapi::Checkpoint), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn checkpoint(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     known(&api, &name)?;
     match api
         .store
@@ -363,21 +366,25 @@ fn steer(api: &Api, name: &str, result: Result<(), Refused>) -> ApiResult {
     }
 }
 
-async fn pause(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/pause", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "ok", body = crate::openapi::Steered), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn pause(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     steer(&api, &name, api.control.pause(&name))
 }
 
-async fn resume(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/resume", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "ok", body = crate::openapi::Steered), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn resume(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     steer(&api, &name, api.control.resume(&name))
 }
 
-async fn trigger(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/trigger", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "ok", body = crate::openapi::Steered), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "paused", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn trigger(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     steer(&api, &name, api.control.trigger(&name))
 }
 
 /// Paging and filters of list routes.
-#[derive(Debug, Deserialize)]
-struct ListQuery {
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct ListQuery {
     pipeline: Option<String>,
     outcome: Option<String>,
     state: Option<String>,
@@ -392,7 +399,8 @@ fn bad_request(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
-async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(ListQuery), responses((status = 200, description = "ok", body = crate::openapi::RunPage), (status = 400, description = "bad filter", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
     if let Some(o) = &q.outcome
         && !["running", "succeeded", "failed", "cancelled", "abandoned"].contains(&o.as_str())
@@ -415,7 +423,8 @@ async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
     }))
 }
 
-async fn run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/runs/{id}", tag = "runs", params(("id" = i64, Path, description = "the id")), responses((status = 200, description = "ok", body = crate::openapi::Run), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
     match api
         .store
         .run(id)
@@ -439,7 +448,8 @@ fn letter_state(text: Option<&str>) -> Result<Option<DeadLetterState>, ApiError>
     }
 }
 
-async fn dead_letters(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "dead letters", params(ListQuery), responses((status = 200, description = "ok", body = crate::openapi::DeadLetterPage), (status = 400, description = "bad filter", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn dead_letters(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
     let state = letter_state(q.state.as_deref())?;
     let page = api
@@ -456,7 +466,8 @@ async fn dead_letters(State(api): State<Api>, Query(q): Query<ListQuery>) -> Api
     }))
 }
 
-async fn dead_letter(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/dead-letters/{id}", tag = "dead letters", params(("id" = i64, Path, description = "the id")), responses((status = 200, description = "ok", body = crate::openapi::DeadLetterDetail), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn dead_letter(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
     match api
         .store
         .dead_letter(id)
@@ -468,7 +479,8 @@ async fn dead_letter(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
     }
 }
 
-async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+#[utoipa::path(post, path = "/api/v1/dead-letters/{id}/discard", tag = "dead letters", params(("id" = i64, Path, description = "the id")), responses((status = 200, description = "ok", body = crate::openapi::Discarded), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "not pending", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
     let letter = api
         .store
         .dead_letter(id)
@@ -489,7 +501,8 @@ async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
     ok(json!({"id": id, "state": "discarded"}))
 }
 
-async fn tokens(State(api): State<Api>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/tokens", tag = "admin", responses((status = 200, description = "ok", body = crate::openapi::TokenList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn tokens(State(api): State<Api>) -> ApiResult {
     let list = api
         .store
         .tokens()
@@ -509,7 +522,8 @@ async fn tokens(State(api): State<Api>) -> ApiResult {
     ok(json!({ "tokens": out }))
 }
 
-async fn audit(State(api): State<Api>) -> ApiResult {
+#[utoipa::path(get, path = "/api/v1/audit", tag = "admin", responses((status = 200, description = "ok", body = crate::openapi::AuditLog), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn audit(State(api): State<Api>) -> ApiResult {
     let list = api
         .store
         .audit(200)

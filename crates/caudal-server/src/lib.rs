@@ -7,6 +7,7 @@
 //! process. Without it (every command but `run`), recording is a no-op.
 
 pub mod api;
+pub mod openapi;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -191,7 +192,11 @@ pub fn router(state: AppState) -> Router {
         .route("/metrics", get(metrics_text))
         .with_state(state);
     if let Some(api) = api {
-        router = router.nest("/api/v1", api::routes(api));
+        use utoipa::OpenApi as _;
+        router = router.nest("/api/v1", api::routes(api)).merge(
+            utoipa_swagger_ui::SwaggerUi::new("/api/docs")
+                .url("/api/openapi.json", openapi::ApiDoc::openapi()),
+        );
     }
     router
 }

@@ -82,6 +82,35 @@ impl Client {
     }
 }
 
+/// Checks `body`, answered with `status` to `method route`, against the
+/// response schema the OpenAPI document gives for it.
+fn conforms(openapi: &Value, method: &str, route: &str, status: u16, body: &Value) {
+    let op = &openapi["paths"][route][method.to_ascii_lowercase()];
+    assert!(
+        op.is_object(),
+        "{method} {route} is not in the OpenAPI document"
+    );
+    let schema = &op["responses"][status.to_string()]["content"]["application/json"]["schema"];
+    assert!(
+        schema.is_object(),
+        "the OpenAPI document has no {status} answer for {method} {route}"
+    );
+    // The response schema, resolving its references in the document.
+    let root = serde_json::json!({
+        "allOf": [schema],
+        "components": openapi["components"],
+    });
+    let validator = jsonschema::validator_for(&root).expect("a valid schema");
+    let errors: Vec<String> = validator
+        .iter_errors(body)
+        .map(|e| format!("{e} at {}", e.instance_path()))
+        .collect();
+    assert!(
+        errors.is_empty(),
+        "{method} {route} {status} does not match the document: {errors:?}\n{body}"
+    );
+}
+
 /// A world whose first 10 records the receiver refuses (dead letters), then
 /// accepts the rest; a daemon serving the API.
 async fn started(per_second: u32) -> (World, PathBuf, Daemon, Client) {
@@ -135,6 +164,26 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
         (Some(operator.as_str()), Some(Role::Operator)),
         (Some(admin.as_str()), Some(Role::Admin)),
     ];
+    let (status, openapi, _) = client.call("GET", "/api/openapi.json", None).await;
+    assert_eq!(status, 200, "the OpenAPI document is public");
+    assert_eq!(
+        openapi["paths"].as_object().map(serde_json::Map::len),
+        Some(ROUTES.len()),
+        "every route is documented: {openapi}"
+    );
+    // The document changes only on purpose.
+    insta::assert_json_snapshot!("openapi", openapi);
+    // The check itself catches a wrong shape.
+    let wrong = std::panic::catch_unwind(|| {
+        conforms(
+            &openapi,
+            "GET",
+            "/api/v1/runs",
+            200,
+            &serde_json::json!({"runs": [{"id": "seven"}], "next_cursor": null}),
+        );
+    });
+    assert!(wrong.is_err(), "a run without its fields conformed");
     let mut discards = letters.iter();
     let mut mutations = 0;
     for (method, route, needed) in ROUTES {
@@ -159,6 +208,7 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
                 Some(_) => 200,
             };
             assert_eq!(status, want, "{method} {path} as {role:?}: {body}");
+            conforms(&openapi, method, route, status, &body);
             if want != 200 {
                 assert!(body["error"]["code"].is_string(), "{body}");
                 assert!(body["error"]["message"].is_string(), "{body}");
@@ -200,10 +250,17 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
         (status, body["error"]["code"].as_str()),
         (409, Some("paused"))
     );
-    let (status, _, _) = client
+    let (status, body, _) = client
         .call("GET", "/api/v1/pipelines/nope", Some(&viewer))
         .await;
     assert_eq!(status, 404);
+    conforms(&openapi, "GET", "/api/v1/pipelines/{name}", 404, &body);
+    // Swagger UI is served from the binary.
+    let page = reqwest::get(format!("http://127.0.0.1:{}/api/docs/", client.port))
+        .await
+        .expect("the Swagger UI page");
+    assert_eq!(page.status().as_u16(), 200);
+    assert!(page.text().await.unwrap_or_default().contains("swagger"));
     // A trigger after resume starts a run that delivers the new rows.
     world.receiver.set_status(200);
     world.insert(11..=13, 1).await;

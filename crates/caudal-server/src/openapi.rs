@@ -1,0 +1,211 @@
+//! The OpenAPI document of `/api/v1`, generated from the handlers'
+//! annotations and these response shapes, served at `/api/openapi.json`
+//! (and as Swagger UI at `/api/docs`). The shapes document what the
+//! handlers answer; the API tests validate real answers against them.
+
+// The shapes are only described, never built: handlers answer JSON.
+#![allow(dead_code)]
+
+use serde::Serialize;
+use serde_json::Value;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+
+/// Every error: a stable code and a message for people.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorDetail {
+    /// `unauthorized`, `forbidden`, `rate_limited`, `not_found`,
+    /// `bad_request`, `paused`, `not_pending` or `internal`.
+    pub code: String,
+    pub message: String,
+}
+
+/// A pipeline as `caudal status --json` shows it, and whether it is paused.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PipelineStatus {
+    pub pipeline: String,
+    pub schedule: String,
+    pub last_run: Option<String>,
+    pub outcome: Option<String>,
+    pub rows_read: Option<u64>,
+    pub rows_delivered: Option<u64>,
+    pub error: Option<String>,
+    /// The checkpoint's position, as text.
+    pub checkpoint: Option<String>,
+    pub next_run: Option<String>,
+    pub buffered_batches: Option<u64>,
+    pub buffer_disk_bytes: Option<u64>,
+    pub circuit: Option<String>,
+    pub circuit_updated_at: Option<String>,
+    /// CDC: slot or binlog position, lag in bytes and seconds.
+    #[schema(value_type = Option<Object>)]
+    pub replication: Option<Value>,
+    pub paused: bool,
+}
+
+/// A pipeline and its latest runs.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PipelineDetail {
+    #[serde(flatten)]
+    pub status: PipelineStatus,
+    pub runs: Vec<Run>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PipelineList {
+    pub pipelines: Vec<PipelineStatus>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Checkpoint {
+    pub pipeline: String,
+    /// The source position, by kind (`cursor`, `lsn`, `binlog`, …).
+    #[schema(value_type = Object)]
+    pub position: Value,
+    pub updated_at: String,
+}
+
+/// The answer of pause, resume and trigger.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Steered {
+    pub pipeline: String,
+    pub paused: bool,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Run {
+    pub id: i64,
+    pub pipeline: String,
+    /// `schedule` or `manual`.
+    pub trigger: String,
+    pub started_at: String,
+    pub ended_at: Option<String>,
+    pub rows_read: u64,
+    pub rows_delivered: u64,
+    /// `running`, `succeeded`, `failed`, `cancelled`, `abandoned`.
+    pub outcome: String,
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct RunPage {
+    pub runs: Vec<Run>,
+    /// Pass as `cursor` for the next page; null at the end.
+    pub next_cursor: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetter {
+    pub id: i64,
+    pub pipeline: String,
+    /// `pending`, `replayed` or `discarded`.
+    pub state: String,
+    pub batch_key: String,
+    pub event_id: String,
+    pub record_key: Option<String>,
+    pub status: Option<u16>,
+    pub reason: String,
+    pub attempts: u32,
+    pub first_attempt_at: Option<String>,
+    pub last_attempt_at: Option<String>,
+    pub created_at: String,
+}
+
+/// A dead letter with its record, position and the receiver's answer.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterDetail {
+    #[serde(flatten)]
+    pub letter: DeadLetter,
+    #[schema(value_type = Object)]
+    pub record: Value,
+    #[schema(value_type = Object)]
+    pub position: Value,
+    pub response_excerpt: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct DeadLetterPage {
+    pub dead_letters: Vec<DeadLetter>,
+    /// Pass as `cursor` for the next page; null at the end.
+    pub next_cursor: Option<i64>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Discarded {
+    pub id: i64,
+    pub state: String,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Token {
+    pub name: String,
+    pub role: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct TokenList {
+    pub tokens: Vec<Token>,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditEntry {
+    pub id: i64,
+    pub at: String,
+    /// The name of the token that made the call.
+    pub token: String,
+    pub method: String,
+    pub path: String,
+    pub status: u16,
+}
+
+#[derive(Debug, Serialize, ToSchema)]
+pub struct AuditLog {
+    pub audit: Vec<AuditEntry>,
+}
+
+#[derive(Debug)]
+struct Bearer;
+
+impl Modify for Bearer {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[derive(Debug, OpenApi)]
+#[openapi(
+    info(title = "caudal", description = "The REST API of `caudal run`: see docs/api.md."),
+    paths(
+        crate::api::pipelines,
+        crate::api::pipeline,
+        crate::api::checkpoint,
+        crate::api::pause,
+        crate::api::resume,
+        crate::api::trigger,
+        crate::api::runs,
+        crate::api::run,
+        crate::api::dead_letters,
+        crate::api::dead_letter,
+        crate::api::discard,
+        crate::api::tokens,
+        crate::api::audit,
+    ),
+    components(schemas(
+        ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
+        Steered, Run, RunPage, DeadLetter, DeadLetterDetail, DeadLetterPage, Discarded, Token,
+        TokenList, AuditEntry, AuditLog
+    )),
+    modifiers(&Bearer)
+)]
+pub struct ApiDoc;
