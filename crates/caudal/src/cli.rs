@@ -33,6 +33,16 @@ pub struct Cli {
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
+    /// `status` and `dlq list|show|discard` ask a running `caudal run` at
+    /// this address (its `[server]`, e.g. http://127.0.0.1:9464) instead
+    /// of reading the state store.
+    #[arg(long, global = true, env = "CAUDAL_API")]
+    pub api: Option<String>,
+
+    /// The API token for `--api` (`caudal token create`).
+    #[arg(long, global = true, env = "CAUDAL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+
     #[command(subcommand)]
     pub command: Command,
 }

@@ -311,9 +311,15 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
+    print_status(rows, json);
+    ExitCode::SUCCESS
+}
+
+/// Prints pipeline status rows (from the store or the API).
+pub(crate) fn print_status(rows: Vec<serde_json::Value>, json: bool) {
     if json {
         println!("{}", serde_json::Value::Array(rows));
-        return ExitCode::SUCCESS;
+        return;
     }
     let headers = [
         "PIPELINE",
@@ -360,7 +366,41 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
             println!("{}: last error: {e}", r["pipeline"].as_str().unwrap_or("?"));
         }
     }
-    ExitCode::SUCCESS
+}
+
+/// Prints dead letters (as JSON, from the store or the API).
+pub(crate) fn print_letters(rows: &[serde_json::Value], json: bool) {
+    if json {
+        for l in rows {
+            println!("{l}");
+        }
+        return;
+    }
+    let text = |v: &serde_json::Value| match v {
+        serde_json::Value::Null => "-".to_string(),
+        serde_json::Value::String(s) => s.clone(),
+        other => other.to_string(),
+    };
+    let table: Vec<[String; 7]> = rows
+        .iter()
+        .map(|l| {
+            [
+                text(&l["id"]),
+                text(&l["pipeline"]),
+                text(&l["state"]),
+                text(&l["record_key"]),
+                text(&l["status"]),
+                text(&l["attempts"]),
+                text(&l["reason"]).chars().take(80).collect(),
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "ID", "PIPELINE", "STATE", "KEY", "STATUS", "ATTEMPTS", "REASON",
+        ],
+        &table,
+    );
 }
 
 fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
@@ -762,32 +802,8 @@ pub async fn dlq(path: &Path, command: &DlqCommand) -> ExitCode {
                 after = last.id;
                 rows.extend(page);
             }
-            if *json {
-                for l in &rows {
-                    println!("{}", letter_json(l, false));
-                }
-                return ExitCode::SUCCESS;
-            }
-            let table: Vec<[String; 7]> = rows
-                .iter()
-                .map(|l| {
-                    [
-                        l.id.to_string(),
-                        l.pipeline.clone(),
-                        l.state.as_str().to_string(),
-                        l.record_key.clone().unwrap_or_else(|| "-".into()),
-                        l.status.map_or_else(|| "-".into(), |s| s.to_string()),
-                        l.attempts.to_string(),
-                        l.reason.chars().take(80).collect(),
-                    ]
-                })
-                .collect();
-            print_table(
-                &[
-                    "ID", "PIPELINE", "STATE", "KEY", "STATUS", "ATTEMPTS", "REASON",
-                ],
-                &table,
-            );
+            let rows: Vec<serde_json::Value> = rows.iter().map(|l| letter_json(l, false)).collect();
+            print_letters(&rows, *json);
             ExitCode::SUCCESS
         }
         DlqCommand::Show { id } => match store.dead_letter(*id).await {

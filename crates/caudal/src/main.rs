@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod demo;
+mod remote;
 
 use std::process::ExitCode;
 
@@ -33,9 +34,15 @@ fn main() -> ExitCode {
             Command::Demo(args) => demo::run(args).await,
             Command::Run => commands::run(&cli.config).await,
             Command::Once { pipeline } => commands::once(&cli.config, pipeline).await,
-            Command::Status { json } => commands::status(&cli.config, *json).await,
+            Command::Status { json } => match remote::Remote::from_args(&cli) {
+                Some(r) => r.status(*json).await,
+                None => commands::status(&cli.config, *json).await,
+            },
             Command::Checkpoint(c) => commands::checkpoint(&cli.config, c).await,
-            Command::Dlq(c) => commands::dlq(&cli.config, c).await,
+            Command::Dlq(c) => match remote::Remote::from_args(&cli) {
+                Some(r) => r.dlq(c).await,
+                None => commands::dlq(&cli.config, c).await,
+            },
             Command::Buffer(c) => commands::buffer(&cli.config, c).await,
             Command::Validate => commands::validate(&cli.config),
             Command::Schema => commands::schema(),

@@ -290,6 +290,43 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
             .any(|e| e["token"] == "oncall" && e["status"] == 409),
         "{audit}"
     );
+    // The CLI on the API: status and dead letters from the running daemon.
+    let api = format!("http://127.0.0.1:{}", client.port);
+    let cli = |args: Vec<String>| {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Output::of(command(&path, world.dir.path(), &args))
+    };
+    let flags = |t: &str, rest: &[&str]| {
+        let mut v = vec![
+            "--api".to_string(),
+            api.clone(),
+            "--token".into(),
+            t.to_string(),
+        ];
+        v.extend(rest.iter().map(|s| (*s).to_string()));
+        v
+    };
+    let out = cli(flags(&viewer, &["status", "--json"])).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let rows: Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    assert_eq!(rows[0]["pipeline"], PIPELINE, "{rows}");
+    assert_eq!(rows[0]["paused"], false, "{rows}");
+    let out = cli(flags(&viewer, &["dlq", "list", "--json"])).await;
+    assert_eq!(out.code, Some(0), "{out}");
+    assert_eq!(
+        out.stdout.lines().count(),
+        8,
+        "10 letters, 2 discarded: {out}"
+    );
+    let out = cli(flags(&viewer, &["dlq", "discard", &letters[9].to_string()])).await;
+    assert_eq!(out.code, Some(1), "a viewer cannot discard: {out}");
+    assert!(out.stderr.contains("403"), "{out}");
+    let out = cli(flags(
+        &operator,
+        &["dlq", "discard", &letters[9].to_string()],
+    ))
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
     // A revoked token is refused.
     let out = Output::of(command(
         &path,

@@ -1,0 +1,153 @@
+//! `caudal status` and `caudal dlq list|show|discard` against a running
+//! `caudal run` through its REST API (`--api URL --token T`), printed as
+//! the commands print what they read from the store.
+
+use std::process::ExitCode;
+
+use serde_json::Value;
+
+use crate::cli::{Cli, DlqCommand};
+use crate::commands::{EXIT_FAILED, print_letters, print_status};
+
+/// A running daemon's API.
+pub struct Remote {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Remote {
+    /// The API the arguments point to, if they do.
+    pub fn from_args(cli: &Cli) -> Option<Self> {
+        let base = cli.api.as_ref()?.trim_end_matches('/').to_string();
+        Some(Self {
+            base,
+            token: cli.token.clone(),
+            http: reqwest::Client::new(),
+        })
+    }
+
+    /// Calls the API; an error answer is reported with its message.
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, ExitCode> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            request = request.bearer_auth(t);
+        }
+        let response = request.send().await.map_err(|e| {
+            eprintln!("error: cannot reach the caudal API at {}: {e}", self.base);
+            ExitCode::from(EXIT_FAILED)
+        })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(body);
+        }
+        let message = body["error"]["message"]
+            .as_str()
+            .map_or_else(|| status.to_string(), str::to_string);
+        eprintln!(
+            "error: the caudal API answered {}: {message}",
+            status.as_u16()
+        );
+        Err(ExitCode::from(EXIT_FAILED))
+    }
+
+    pub async fn status(&self, json: bool) -> ExitCode {
+        match self.call(reqwest::Method::GET, "/api/v1/pipelines").await {
+            Err(code) => code,
+            Ok(body) => {
+                let rows = body["pipelines"].as_array().cloned().unwrap_or_default();
+                print_status(rows, json);
+                ExitCode::SUCCESS
+            }
+        }
+    }
+
+    pub async fn dlq(&self, command: &DlqCommand) -> ExitCode {
+        match command {
+            DlqCommand::List {
+                pipeline,
+                all,
+                json,
+            } => {
+                let mut rows = Vec::new();
+                let mut cursor: Option<i64> = None;
+                loop {
+                    let mut path = String::from("/api/v1/dead-letters?limit=500");
+                    if let Some(p) = pipeline {
+                        path.push_str(&format!("&pipeline={}", urlencode(p)));
+                    }
+                    if !all {
+                        path.push_str("&state=pending");
+                    }
+                    if let Some(c) = cursor {
+                        path.push_str(&format!("&cursor={c}"));
+                    }
+                    let page = match self.call(reqwest::Method::GET, &path).await {
+                        Ok(p) => p,
+                        Err(code) => return code,
+                    };
+                    rows.extend(page["dead_letters"].as_array().cloned().unwrap_or_default());
+                    cursor = page["next_cursor"].as_i64();
+                    if cursor.is_none() {
+                        break;
+                    }
+                }
+                print_letters(&rows, *json);
+                ExitCode::SUCCESS
+            }
+            DlqCommand::Show { id } => {
+                match self
+                    .call(reqwest::Method::GET, &format!("/api/v1/dead-letters/{id}"))
+                    .await
+                {
+                    Err(code) => code,
+                    Ok(letter) => {
+                        println!(
+                            "{}",
+                            serde_json::to_string_pretty(&letter).unwrap_or_default()
+                        );
+                        ExitCode::SUCCESS
+                    }
+                }
+            }
+            DlqCommand::Discard { ids } => {
+                for id in ids {
+                    if let Err(code) = self
+                        .call(
+                            reqwest::Method::POST,
+                            &format!("/api/v1/dead-letters/{id}/discard"),
+                        )
+                        .await
+                    {
+                        return code;
+                    }
+                }
+                println!("discarded {} dead letters", ids.len());
+                ExitCode::SUCCESS
+            }
+            DlqCommand::Replay { .. } => {
+                eprintln!(
+                    "error: replaying dead letters is not offered through the API yet; run \
+                     `caudal dlq replay` where the state store is reachable"
+                );
+                ExitCode::from(2)
+            }
+        }
+    }
+}
+
+/// Percent-encodes a query value.
+fn urlencode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            other => format!("%{other:02X}"),
+        })
+        .collect()
+}
