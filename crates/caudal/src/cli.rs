@@ -107,6 +107,10 @@ pub enum Command {
     /// pipeline with a `mode = "cdc"` source.
     #[command(subcommand)]
     Cdc(CdcCommand),
+    /// A live view of every pipeline: state, rows in and out per second,
+    /// lag, buffer, dead letters, circuit. Refreshes every second; q quits.
+    /// Reads the state store, or a running daemon with --api.
+    Top,
     /// API bearer tokens: create (shown once), list, revoke.
     #[command(subcommand)]
     Token(TokenCommand),

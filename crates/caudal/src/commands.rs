@@ -50,7 +50,7 @@ pub fn load(path: &Path) -> Result<Config, ExitCode> {
 }
 
 /// Loads the configuration and opens its state store.
-async fn load_with_store(path: &Path) -> Result<(Config, Store), ExitCode> {
+pub(crate) async fn load_with_store(path: &Path) -> Result<(Config, Store), ExitCode> {
     let config = load(path)?;
     let store = open_store(&config).await?;
     Ok((config, store))
@@ -746,7 +746,7 @@ pub fn validate(path: &Path) -> ExitCode {
 }
 
 /// `12.3 KiB / 0.4s` of a CDC pipeline's replication status.
-fn lag_text(r: &serde_json::Value) -> String {
+pub(crate) fn lag_text(r: &serde_json::Value) -> String {
     if r.is_null() {
         return "-".into();
     }

@@ -5,6 +5,7 @@ mod cli;
 mod commands;
 mod demo;
 mod remote;
+mod top;
 
 use std::process::ExitCode;
 
@@ -48,6 +49,7 @@ fn main() -> ExitCode {
             Command::Schema => commands::schema(),
             Command::Cdc(c) => commands::cdc(&cli.config, c).await,
             Command::Token(c) => commands::token(&cli.config, c).await,
+            Command::Top => top::top(&cli.config, remote::Remote::from_args(&cli)).await,
             Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
             Command::Backfill {
                 pipeline,

@@ -27,6 +27,29 @@ impl Remote {
         })
     }
 
+    /// GETs `path`; an error answer is the API's message.
+    pub async fn get(&self, path: &str) -> Result<Value, String> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self.http.get(&url);
+        if let Some(t) = &self.token {
+            request = request.bearer_auth(t);
+        }
+        let response = request
+            .send()
+            .await
+            .map_err(|e| format!("{}: {e}", self.base))?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status.is_success() {
+            Ok(body)
+        } else {
+            Err(body["error"]["message"]
+                .as_str()
+                .map_or_else(|| status.to_string(), str::to_string))
+        }
+    }
+
     /// Calls the API; an error answer is reported with its message.
     async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, ExitCode> {
         let url = format!("{}{path}", self.base);

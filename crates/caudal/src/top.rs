@@ -1,0 +1,253 @@
+//! `caudal top`: a live terminal view of every pipeline (state, rows in and
+//! out per second, lag, buffer, dead letters, circuit), refreshed every
+//! second, from the state store or (with `--api`) a running daemon. `q`,
+//! Esc or Ctrl-C quits.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
+use ratatui::layout::{Constraint, Layout};
+use ratatui::style::{Modifier, Style};
+use ratatui::text::Line;
+use ratatui::widgets::{Block, Paragraph, Row, Table};
+use serde_json::Value;
+
+use crate::commands::{EXIT_FAILED, load_with_store};
+use crate::remote::Remote;
+
+const REFRESH: Duration = Duration::from_secs(1);
+
+/// One pipeline's figures at one refresh.
+#[derive(Clone, Debug, Default)]
+struct Figures {
+    state: String,
+    run: Option<i64>,
+    read: u64,
+    delivered: u64,
+    lag: String,
+    buffer: String,
+    dead: Option<u64>,
+    circuit: String,
+    at: Option<Instant>,
+}
+
+/// Where the figures come from.
+enum Feed {
+    Store(caudal_core::config::Config, caudal_store::Store),
+    Api(Remote),
+}
+
+impl Feed {
+    async fn sample(&self) -> Result<BTreeMap<String, Figures>, String> {
+        let (rows, dead) = match self {
+            Feed::Store(config, store) => {
+                let mut rows = Vec::new();
+                let mut dead = BTreeMap::new();
+                for name in config.pipelines.keys() {
+                    let row = caudal_engine::status::pipeline_status(config, store, name)
+                        .await
+                        .map_err(|e| e.report())?;
+                    rows.push(row);
+                    if let Ok(n) = store.pending_dead_letters(name).await {
+                        dead.insert(name.clone(), n);
+                    }
+                }
+                (rows, dead)
+            }
+            Feed::Api(remote) => {
+                let body = remote
+                    .get("/api/v1/pipelines")
+                    .await
+                    .map_err(|e| format!("the API: {e}"))?;
+                let rows = body["pipelines"].as_array().cloned().unwrap_or_default();
+                (rows, BTreeMap::new())
+            }
+        };
+        let mut out = BTreeMap::new();
+        for r in rows {
+            let name = r["pipeline"].as_str().unwrap_or("?").to_string();
+            let state = if r["paused"] == true {
+                "paused".to_string()
+            } else {
+                r["outcome"].as_str().unwrap_or("idle").to_string()
+            };
+            let text = |v: &Value| v.as_str().map_or_else(|| "-".to_string(), str::to_string);
+            let lag = if r["replication"].is_null() {
+                "-".to_string()
+            } else {
+                crate::commands::lag_text(&r["replication"])
+            };
+            out.insert(
+                name.clone(),
+                Figures {
+                    state,
+                    run: None,
+                    read: r["rows_read"].as_u64().unwrap_or(0),
+                    delivered: r["rows_delivered"].as_u64().unwrap_or(0),
+                    lag,
+                    buffer: r["buffered_batches"]
+                        .as_u64()
+                        .map_or_else(|| "-".into(), |n| format!("{n} batches")),
+                    dead: dead.get(&name).copied(),
+                    circuit: text(&r["circuit"]),
+                    at: Some(Instant::now()),
+                }
+                .with_run(r["last_run"].as_str()),
+            );
+        }
+        Ok(out)
+    }
+}
+
+impl Figures {
+    /// The run the counters belong to (rates compare the same run only).
+    fn with_run(mut self, started: Option<&str>) -> Self {
+        self.run = started.map(|s| {
+            s.bytes()
+                .fold(0i64, |h, b| h.wrapping_mul(31).wrapping_add(i64::from(b)))
+        });
+        self
+    }
+}
+
+/// Rows per second between two samples of one run.
+fn rate(now: &Figures, before: Option<&Figures>, pick: fn(&Figures) -> u64) -> String {
+    let Some(b) = before.filter(|b| b.run == now.run) else {
+        return "-".into();
+    };
+    let (Some(t0), Some(t1)) = (b.at, now.at) else {
+        return "-".into();
+    };
+    let secs = t1.duration_since(t0).as_secs_f64();
+    if secs <= 0.0 {
+        return "-".into();
+    }
+    let n = pick(now).saturating_sub(pick(b));
+    #[allow(clippy::cast_precision_loss)]
+    let per = n as f64 / secs;
+    format!("{per:.0}/s")
+}
+
+pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
+    let feed = match remote {
+        Some(r) => Feed::Api(r),
+        None => match load_with_store(path).await {
+            Ok((config, store)) => Feed::Store(config, store),
+            Err(code) => return code,
+        },
+    };
+    // The first sample fails before the screen is taken over.
+    let mut last = match feed.sample().await {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let mut terminal = match ratatui::try_init() {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("error: caudal top needs a terminal: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    let mut current = last.clone();
+    let mut problem: Option<String> = None;
+    let mut next = Instant::now() + REFRESH;
+    let outcome = loop {
+        let draw = terminal.draw(|frame| {
+            let [head, body] =
+                Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(frame.area());
+            let title = match &problem {
+                None => "caudal top — q quits".to_string(),
+                Some(p) => format!("caudal top — q quits — {p}"),
+            };
+            frame.render_widget(Paragraph::new(Line::from(title)), head);
+            let rows: Vec<Row> = current
+                .iter()
+                .map(|(name, f)| {
+                    let before = last.get(name);
+                    Row::new(vec![
+                        name.clone(),
+                        f.state.clone(),
+                        rate(f, before, |x| x.read),
+                        rate(f, before, |x| x.delivered),
+                        f.lag.clone(),
+                        f.buffer.clone(),
+                        f.dead.map_or_else(|| "-".into(), |n| n.to_string()),
+                        f.circuit.clone(),
+                        format!("{} / {}", f.read, f.delivered),
+                    ])
+                })
+                .collect();
+            let widths = [
+                Constraint::Min(20),
+                Constraint::Length(10),
+                Constraint::Length(9),
+                Constraint::Length(9),
+                Constraint::Length(18),
+                Constraint::Length(12),
+                Constraint::Length(6),
+                Constraint::Length(9),
+                Constraint::Min(14),
+            ];
+            let table = Table::new(rows, widths)
+                .header(
+                    Row::new(vec![
+                        "PIPELINE",
+                        "STATE",
+                        "IN",
+                        "OUT",
+                        "LAG",
+                        "BUFFER",
+                        "DEAD",
+                        "CIRCUIT",
+                        "RUN READ / SENT",
+                    ])
+                    .style(Style::default().add_modifier(Modifier::BOLD)),
+                )
+                .block(Block::default());
+            frame.render_widget(table, body);
+        });
+        if let Err(e) = draw {
+            break Err(format!("cannot draw: {e}"));
+        }
+        let wait = next.saturating_duration_since(Instant::now());
+        match event::poll(wait.min(Duration::from_millis(200))) {
+            Ok(true) => {
+                if let Ok(Event::Key(k)) = event::read()
+                    && k.kind == KeyEventKind::Press
+                {
+                    let ctrl_c =
+                        k.code == KeyCode::Char('c') && k.modifiers.contains(KeyModifiers::CONTROL);
+                    if matches!(k.code, KeyCode::Char('q') | KeyCode::Esc) || ctrl_c {
+                        break Ok(());
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => break Err(format!("cannot read the keyboard: {e}")),
+        }
+        if Instant::now() >= next {
+            next = Instant::now() + REFRESH;
+            match feed.sample().await {
+                Ok(s) => {
+                    last = std::mem::replace(&mut current, s);
+                    problem = None;
+                }
+                Err(e) => problem = Some(e),
+            }
+        }
+    };
+    ratatui::restore();
+    match outcome {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(EXIT_FAILED)
+        }
+    }
+}
