@@ -466,9 +466,16 @@ impl Pipeline {
                 _ => Ok(Ended::Stopped),
             }
         };
-        let result = work
-            .instrument(tracing::info_span!("run", pipeline = %self.name, run_id))
-            .await;
+        let span = tracing::info_span!(
+            "run",
+            pipeline = %self.name,
+            run_id,
+            trigger = trigger.as_str(),
+            outcome = tracing::field::Empty,
+            rows_read = tracing::field::Empty,
+            position = tracing::field::Empty,
+        );
+        let result = work.instrument(span.clone()).await;
         watcher.abort();
         let (outcome, error) = match result {
             Ok(Ended::Completed) => (RunOutcome::Succeeded, None),
@@ -482,6 +489,12 @@ impl Pipeline {
         }
         metrics::counter!("caudal_runs_total", "pipeline" => self.name.clone(), "outcome" => outcome.as_str())
             .increment(1);
+        span.record("outcome", outcome.as_str());
+        span.record("rows_read", totals.rows_read);
+        if let Ok(Some(p)) = load_checkpoint(&self.store, &self.name).await {
+            span.record("position", p.display());
+        }
+        drop(span);
         metrics::histogram!("caudal_run_duration_seconds", "pipeline" => self.name.clone())
             .record(run_started.elapsed().as_secs_f64());
         let error_text = error.as_ref().map(Error::report);

@@ -116,6 +116,39 @@ impl Sender {
         events: Vec<Event>,
         stop: &CancellationToken,
     ) -> Result<Sent> {
+        use tracing::Instrument as _;
+        let span = tracing::info_span!(
+            "deliver",
+            pipeline = %self.pipeline,
+            sink = %self.sink_name,
+            batch = key,
+            records = events.len(),
+            position = events.last().map(|e| e.position.display()).unwrap_or_default(),
+            outcome = tracing::field::Empty,
+        );
+        let result = self
+            .send_all(key, events, stop)
+            .instrument(span.clone())
+            .await;
+        span.record(
+            "outcome",
+            match &result {
+                Ok(s) if s.dead_letters > 0 && s.delivered == 0 => "rejected",
+                Ok(s) if s.dead_letters > 0 => "partly rejected",
+                Ok(_) => "delivered",
+                Err(e) if e.kind() == ErrorKind::Cancelled => "cancelled",
+                Err(_) => "failed",
+            },
+        );
+        result
+    }
+
+    async fn send_all(
+        &self,
+        key: &str,
+        events: Vec<Event>,
+        stop: &CancellationToken,
+    ) -> Result<Sent> {
         let mut sent = Sent::default();
         let mut work: VecDeque<(String, Vec<Event>)> = VecDeque::from([(key.to_string(), events)]);
         while let Some((key, events)) = work.pop_front() {

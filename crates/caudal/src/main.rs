@@ -19,7 +19,7 @@ fn main() -> ExitCode {
         (Command::Demo(_), "info") => "warn",
         (_, level) => level,
     };
-    init_logging(level, cli.log_format);
+    let traces = init_logging(level, cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,23 +60,91 @@ fn main() -> ExitCode {
     });
     // Do not wait for stray blocking tasks (e.g. a stdin reader) at exit.
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
+    if let Some(provider) = traces
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("warning: not every trace was sent: {e}");
+    }
     code
 }
 
-fn init_logging(level: &str, format: LogFormat) {
+/// Logs to standard error, readable or JSON; with an OTLP endpoint in the
+/// environment (`OTEL_EXPORTER_OTLP_ENDPOINT` or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), spans (runs, batch deliveries) go
+/// there too over OTLP/HTTP. Returns the tracer provider to flush at exit.
+fn init_logging(
+    level: &str,
+    format: LogFormat,
+) -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
     use tracing_subscriber::EnvFilter;
+    use tracing_subscriber::layer::SubscriberExt as _;
+    use tracing_subscriber::util::SubscriberInitExt as _;
     // The replication client logs every status update at info; its
     // warnings still show, and RUST_LOG can ask for more.
     let filter = EnvFilter::try_from_default_env()
         .or_else(|_| EnvFilter::try_new(format!("{level},pg_walstream=warn")))
         .unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_target(false);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let (text, json) = match format {
+        LogFormat::Text => (
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi)
+                    .with_target(false),
+            ),
+            None,
+        ),
+        LogFormat::Json => (
+            None,
+            Some(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_target(false)
+                    .json()
+                    .flatten_event(true),
+            ),
+        ),
+    };
+    let provider = otlp_provider();
+    let otel = provider.as_ref().map(|p| {
+        use opentelemetry::trace::TracerProvider as _;
+        tracing_opentelemetry::layer().with_tracer(p.tracer("caudal"))
+    });
+    tracing_subscriber::registry()
+        .with(filter)
+        .with(text)
+        .with(json)
+        .with(otel)
+        .init();
+    provider
+}
+
+/// The OTLP/HTTP span exporter the environment asks for, if any.
+fn otlp_provider() -> Option<opentelemetry_sdk::trace::SdkTracerProvider> {
+    use opentelemetry_otlp::WithExportConfig as _;
+    let set = |k: &str| std::env::var(k).is_ok_and(|v| !v.trim().is_empty());
+    if !set("OTEL_EXPORTER_OTLP_ENDPOINT") && !set("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT") {
+        return None;
     }
+    let exporter = opentelemetry_otlp::SpanExporter::builder()
+        .with_http()
+        .with_protocol(opentelemetry_otlp::Protocol::HttpBinary)
+        .build();
+    let exporter = match exporter {
+        Ok(e) => e,
+        Err(e) => {
+            eprintln!("warning: no traces: cannot set up the OTLP exporter: {e}");
+            return None;
+        }
+    };
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name("caudal")
+        .build();
+    Some(
+        opentelemetry_sdk::trace::SdkTracerProvider::builder()
+            .with_batch_exporter(exporter)
+            .with_resource(resource)
+            .build(),
+    )
 }

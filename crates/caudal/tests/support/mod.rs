@@ -372,6 +372,8 @@ pub fn command(config: &Path, dir: &Path, args: &[&str]) -> tokio::process::Comm
         .env_remove("CAUDAL_CONFIG")
         .env_remove("CAUDAL_LOG")
         .env_remove("RUST_LOG")
+        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
+        .env_remove("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")
         .env("NO_COLOR", "1")
         .stdin(Stdio::null())
         .kill_on_drop(true);
