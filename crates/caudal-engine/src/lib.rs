@@ -19,6 +19,6 @@ pub mod status;
 
 pub use pipeline::{
     Pipeline, Progress, RunSummary, Trigger, backfill_key, created_publication, drop_removed_slots,
-    load_checkpoint,
+    load_checkpoint, request_backfill,
 };
 pub use schedule::Schedule;

@@ -590,9 +590,15 @@ impl Pipeline {
                     let mut tick = tokio::time::interval(LAG_REPORT_EVERY);
                     loop {
                         tick.tick().await;
-                        let lag = serde_json::to_value(source.lag()).unwrap_or_default();
+                        let now = source.lag();
+                        let lag = serde_json::to_value(&now).unwrap_or_default();
                         if let Err(e) = store.set_source_state(&name, &lag).await {
                             tracing::debug!(pipeline = %name, error = %e.report(), "cannot save the replication lag");
+                        }
+                        // A finished backfill's request is not run again
+                        // after a restart.
+                        if let Some(b) = now.backfill.filter(|b| b.done) {
+                            let _ = store.clear_source_state(&backfill_key(&name, &b.id)).await;
                         }
                     }
                 })))
@@ -913,6 +919,50 @@ pub async fn drop_removed_slots(config: &Config, store: &Store) -> Result<()> {
 pub fn backfill_key(pipeline: &str, id: &str) -> String {
     // Pipeline names have no `/`: no pipeline's own state is named so.
     format!("backfill/{pipeline}/{id}")
+}
+
+/// Asks pipeline `name`'s running CDC reader to read `table` again (the
+/// rows matching `filter`): checks the table and the filter, saves the
+/// request in the store and tells the source. Returns the request's id and
+/// how many rows match now.
+pub async fn request_backfill(
+    config: &Config,
+    store: &Store,
+    name: &str,
+    table: &str,
+    filter: Option<&str>,
+) -> Result<(String, u64)> {
+    let p = config
+        .pipelines
+        .get(name)
+        .ok_or_else(|| Error::new(ErrorKind::Config, format!("no pipeline {name:?}")))?;
+    let source = config
+        .sources
+        .get(&p.source)
+        .filter(|s| s.sql().mode == SqlMode::Cdc)
+        .ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "pipeline {name:?} does not capture changes (its source is not mode = \"cdc\")"
+                ),
+            )
+        })?;
+    let cdc = CdcSource::connect(name, &p.source, source).await?;
+    let total = cdc.count_rows(table, filter).await?;
+    let id = format!("{:016x}", rand::random::<u64>());
+    let request = caudal_connectors::sources::cdc::BackfillRequest {
+        table: table.to_string(),
+        filter: filter.map(str::to_string),
+    };
+    let saved = serde_json::to_value(&request).map_err(|e| {
+        Error::with_source(ErrorKind::Internal, "cannot encode a backfill request", e)
+    })?;
+    store
+        .set_source_state(&backfill_key(name, &id), &saved)
+        .await?;
+    cdc.request_backfill(&id).await?;
+    Ok((id, total))
 }
 
 /// Looks backfill requests up in the store.

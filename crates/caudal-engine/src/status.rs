@@ -93,6 +93,7 @@ pub async fn replication_status(config: &Config, store: &Store, name: &str) -> s
             "confirmed_lsn",
             "server_id",
             "read_position",
+            "backfill",
         ] {
             if let Some(v) = state.state.get(k) {
                 out.insert(k.into(), v.clone());

@@ -84,6 +84,7 @@ pub struct Api {
     store: Store,
     control: Control,
     limiter: Arc<Limiter>,
+    pipelines: Arc<std::collections::BTreeMap<String, caudal_engine::Pipeline>>,
 }
 
 impl std::fmt::Debug for Api {
@@ -98,6 +99,7 @@ impl Api {
         config: Arc<Config>,
         store: Store,
         control: Control,
+        pipelines: Vec<caudal_engine::Pipeline>,
         requests_per_second: u32,
     ) -> Self {
         let rate = NonZeroU32::new(requests_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
@@ -109,6 +111,12 @@ impl Api {
             limiter: Arc::new(RateLimiter::keyed(
                 Quota::per_second(rate).allow_burst(burst),
             )),
+            pipelines: Arc::new(
+                pipelines
+                    .into_iter()
+                    .map(|p| (p.name().to_string(), p))
+                    .collect(),
+            ),
         }
     }
 }
@@ -193,6 +201,8 @@ pub fn routes(api: Api) -> Router {
         .route("/pipelines/{name}/resume", post(resume))
         .route("/pipelines/{name}/trigger", post(trigger))
         .route("/dead-letters/{id}/discard", post(discard))
+        .route("/pipelines/{name}/backfill", post(backfill))
+        .route("/pipelines/{name}/dead-letters/replay", post(replay))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Operator),
             authorize,
@@ -501,6 +511,91 @@ pub(crate) async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiR
     ok(json!({"id": id, "state": "discarded"}))
 }
 
+/// What to backfill.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+pub(crate) struct BackfillBody {
+    /// The table, as configured (`public.orders`, or `orders`).
+    table: String,
+    /// Only the rows matching this SQL condition.
+    #[serde(default, rename = "where")]
+    filter: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/backfill", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), request_body = BackfillBody, responses((status = 202, description = "taken; progress in the pipeline's replication.backfill", body = crate::openapi::BackfillStarted), (status = 400, description = "bad table or condition", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "not a CDC pipeline", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn backfill(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Option<axum::Json<BackfillBody>>,
+) -> ApiResult {
+    known(&api, &name)?;
+    let cdc = api
+        .config
+        .pipelines
+        .get(&name)
+        .and_then(|p| api.config.sources.get(&p.source))
+        .is_some_and(|s| s.sql().mode == caudal_core::config::SqlMode::Cdc);
+    if !cdc {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_cdc",
+            format!("pipeline {name:?} does not capture changes: only CDC pipelines backfill"),
+        ));
+    }
+    let Some(axum::Json(body)) = body else {
+        return Err(bad_request(
+            "send {\"table\": \"...\", \"where\": \"...\"} as JSON".into(),
+        ));
+    };
+    match caudal_engine::request_backfill(
+        &api.config,
+        &api.store,
+        &name,
+        &body.table,
+        body.filter.as_deref(),
+    )
+    .await
+    {
+        Ok((id, rows)) => Ok((
+            StatusCode::ACCEPTED,
+            [(header::CONTENT_TYPE, "application/json")],
+            json!({"pipeline": name, "id": id, "table": body.table, "rows": rows}).to_string(),
+        )
+            .into_response()),
+        Err(e) if e.kind() == caudal_core::ErrorKind::Connect => Err(ApiError::internal(&e)),
+        Err(e) => Err(bad_request(e.report())),
+    }
+}
+
+/// Which dead letters to replay (default: every pending one).
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+pub(crate) struct ReplayBody {
+    #[serde(default)]
+    ids: Option<Vec<i64>>,
+}
+
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/dead-letters/replay", tag = "dead letters", params(("name" = String, Path, description = "the pipeline")), request_body(content = ReplayBody, description = "optional: only these ids"), responses((status = 200, description = "replayed", body = crate::openapi::Replayed), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn replay(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: Option<axum::Json<ReplayBody>>,
+) -> ApiResult {
+    let pipeline = api
+        .pipelines
+        .get(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no pipeline {name:?}")))?;
+    let ids = body.and_then(|b| b.0.ids);
+    let stop = tokio_util::sync::CancellationToken::new();
+    let done = pipeline
+        .replay_dead_letters(ids.as_deref(), &stop)
+        .await
+        .map_err(|e| ApiError::internal(&e))?;
+    ok(json!({
+        "pipeline": name,
+        "delivered": done.delivered,
+        "rejected_again": done.rejected_again,
+    }))
+}
+
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "admin", responses((status = 200, description = "ok", body = crate::openapi::TokenList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn tokens(State(api): State<Api>) -> ApiResult {
     let list = api
@@ -546,7 +641,7 @@ pub(crate) async fn audit(State(api): State<Api>) -> ApiResult {
 }
 
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 13] = [
+pub const ROUTES: [(&str, &str, Role); 15] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
@@ -558,6 +653,12 @@ pub const ROUTES: [(&str, &str, Role); 13] = [
     ("POST", "/api/v1/pipelines/{name}/resume", Role::Operator),
     ("POST", "/api/v1/pipelines/{name}/trigger", Role::Operator),
     ("POST", "/api/v1/dead-letters/{id}/discard", Role::Operator),
+    ("POST", "/api/v1/pipelines/{name}/backfill", Role::Operator),
+    (
+        "POST",
+        "/api/v1/pipelines/{name}/dead-letters/replay",
+        Role::Operator,
+    ),
     ("GET", "/api/v1/tokens", Role::Admin),
     ("GET", "/api/v1/audit", Role::Admin),
 ];

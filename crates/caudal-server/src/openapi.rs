@@ -20,7 +20,7 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// `unauthorized`, `forbidden`, `rate_limited`, `not_found`,
-    /// `bad_request`, `paused`, `not_pending` or `internal`.
+    /// `bad_request`, `paused`, `not_pending`, `not_cdc` or `internal`.
     pub code: String,
     pub message: String,
 }
@@ -141,6 +141,26 @@ pub struct Discarded {
     pub state: String,
 }
 
+/// A backfill request taken.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct BackfillStarted {
+    pub pipeline: String,
+    pub id: String,
+    pub table: String,
+    /// Rows matching now.
+    pub rows: u64,
+}
+
+/// What a replay of dead letters did.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct Replayed {
+    pub pipeline: String,
+    /// Letters sent again and delivered.
+    pub delivered: u64,
+    /// Letters refused again (kept as new dead letters).
+    pub rejected_again: u64,
+}
+
 #[derive(Debug, Serialize, ToSchema)]
 pub struct Token {
     pub name: String,
@@ -198,13 +218,16 @@ impl Modify for Bearer {
         crate::api::dead_letters,
         crate::api::dead_letter,
         crate::api::discard,
+        crate::api::backfill,
+        crate::api::replay,
         crate::api::tokens,
         crate::api::audit,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
         Steered, Run, RunPage, DeadLetter, DeadLetterDetail, DeadLetterPage, Discarded, Token,
-        TokenList, AuditEntry, AuditLog
+        TokenList, AuditEntry, AuditLog, BackfillStarted, Replayed, crate::api::BackfillBody,
+        crate::api::ReplayBody
     )),
     modifiers(&Bearer)
 )]

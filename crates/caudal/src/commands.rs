@@ -175,6 +175,7 @@ async fn start_server(
         std::sync::Arc::new(config.clone()),
         store.clone(),
         control.clone(),
+        pipelines.to_vec(),
         server.requests_per_second,
     );
     let state = caudal_server::AppState::new(handle, store.clone()).with_api(api);
@@ -637,34 +638,19 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
 const BACKFILL_PICKUP: Duration = Duration::from_secs(30);
 
 pub async fn backfill(path: &Path, name: &str, table: &str, filter: Option<&str>) -> ExitCode {
-    use caudal_connectors::sources::cdc::{BackfillProgress, BackfillRequest};
+    use caudal_connectors::sources::cdc::BackfillProgress;
     let (config, store) = match load_with_store(path).await {
         Ok(both) => both,
         Err(code) => return code,
     };
-    let source = match cdc_source(&config, name).await {
-        Ok(s) => s,
-        Err(code) => return code,
-    };
-    let total = match source.count_rows(table, filter).await {
-        Ok(n) => n,
-        Err(e) => return fail(&e),
-    };
-    let id = format!("{:016x}", rand::random::<u64>());
-    let request = BackfillRequest {
-        table: table.to_string(),
-        filter: filter.map(str::to_string),
-    };
-    let saved = serde_json::to_value(&request).unwrap_or_default();
-    if let Err(e) = store
-        .set_source_state(&caudal_engine::backfill_key(name, &id), &saved)
-        .await
-    {
-        return fail(&e);
+    if let Err(code) = known_pipeline(&config, name) {
+        return code;
     }
-    if let Err(e) = source.request_backfill(&id).await {
-        return fail(&e);
-    }
+    let (id, total) =
+        match caudal_engine::request_backfill(&config, &store, name, table, filter).await {
+            Ok(both) => both,
+            Err(e) => return fail(&e),
+        };
     let bar = indicatif::ProgressBar::new(total);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rows ({elapsed})")

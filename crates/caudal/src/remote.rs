@@ -151,14 +151,59 @@ impl Remote {
                 println!("discarded {} dead letters", ids.len());
                 ExitCode::SUCCESS
             }
-            DlqCommand::Replay { .. } => {
-                eprintln!(
-                    "error: replaying dead letters is not offered through the API yet; run \
-                     `caudal dlq replay` where the state store is reachable"
+            DlqCommand::Replay { pipeline, ids } => {
+                let body = if ids.is_empty() {
+                    serde_json::json!({})
+                } else {
+                    serde_json::json!({ "ids": ids })
+                };
+                let path = format!(
+                    "/api/v1/pipelines/{}/dead-letters/replay",
+                    urlencode(pipeline)
                 );
-                ExitCode::from(2)
+                match self.post_json(&path, &body).await {
+                    Err(code) => code,
+                    Ok(done) => {
+                        println!(
+                            "{pipeline}: {} dead letters delivered, {} refused again (kept as new dead letters)",
+                            done["delivered"], done["rejected_again"]
+                        );
+                        ExitCode::SUCCESS
+                    }
+                }
             }
         }
+    }
+
+    /// POSTs a JSON body; an error answer is reported with its message.
+    async fn post_json(&self, path: &str, body: &Value) -> Result<Value, ExitCode> {
+        let url = format!("{}{path}", self.base);
+        let mut request = self
+            .http
+            .post(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body.to_string());
+        if let Some(t) = &self.token {
+            request = request.bearer_auth(t);
+        }
+        let response = request.send().await.map_err(|e| {
+            eprintln!("error: cannot reach the caudal API at {}: {e}", self.base);
+            ExitCode::from(EXIT_FAILED)
+        })?;
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        if status.is_success() {
+            return Ok(answer);
+        }
+        let message = answer["error"]["message"]
+            .as_str()
+            .map_or_else(|| status.to_string(), str::to_string);
+        eprintln!(
+            "error: the caudal API answered {}: {message}",
+            status.as_u16()
+        );
+        Err(ExitCode::from(EXIT_FAILED))
     }
 }
 

@@ -1087,3 +1087,72 @@ async fn what_the_log_cannot_say_stops_the_pipeline_instead_of_being_skipped() {
     );
     cdc.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn backfill_through_the_api_is_taken_and_reported() {
+    let mut cdc = Cdc::new(WORKLOAD_SCHEMA, &["accounts", "events"]).await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("a free port")
+        .port();
+    cdc.pipeline_extra = format!("\n[server]\nlisten = \"127.0.0.1:{port}\"");
+    let daemon = cdc.daemon(1);
+    cdc.wait_for_copy(Some(&daemon)).await;
+    let out = cdc
+        .caudal(&["token", "create", "--name", "ops", "--role", "operator"])
+        .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let token = out.stdout.trim().to_string();
+    let http = reqwest::Client::new();
+    let base = format!("http://127.0.0.1:{port}/api/v1/pipelines/{PIPELINE}");
+    let post = |body: Value| {
+        http.post(format!("{base}/backfill"))
+            .bearer_auth(&token)
+            .header("content-type", "application/json")
+            .body(body.to_string())
+            .send()
+    };
+    let answer = post(json!({"table": "accounts", "where": "id <= 20"}))
+        .await
+        .expect("the API answers");
+    assert_eq!(answer.status().as_u16(), 202);
+    let taken: Value =
+        serde_json::from_str(&answer.text().await.unwrap_or_default()).expect("JSON");
+    assert_eq!(taken["rows"], json!(20), "{taken}");
+    let bad = post(json!({"table": "accounts", "where": "nope ="}))
+        .await
+        .expect("the API answers");
+    assert_eq!(bad.status().as_u16(), 400);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let text = http
+            .get(&base)
+            .bearer_auth(&token)
+            .send()
+            .await
+            .expect("the API answers")
+            .text()
+            .await
+            .unwrap_or_default();
+        let detail: Value = serde_json::from_str(&text).expect("JSON");
+        let progress = &detail["replication"]["backfill"];
+        if progress["id"] == taken["id"] && progress["done"] == true {
+            assert_eq!(progress["rows"], json!(20), "{detail}");
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{detail}\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    let reads = cdc
+        .changes()
+        .iter()
+        .filter(|c| c["op"] == "read" && c["table"] == cdc.table("accounts"))
+        .count();
+    assert_eq!(reads, 500 + 20, "the snapshot and the backfill");
+    daemon.stop(Signal::SIGTERM).await;
+    cdc.cleanup().await;
+}
