@@ -347,6 +347,55 @@ impl Pipeline {
             .await
     }
 
+    /// Forgets the checkpoint (the next run reads the source from the
+    /// start). Refused ([`ErrorKind::Busy`]) while batches wait in the
+    /// buffer: they would be delivered after the reset. Returns whether
+    /// there was a checkpoint. For a daemon's paused pipeline (the API).
+    pub async fn reset_checkpoint(&self) -> Result<bool> {
+        let buffer = self.buffer().await?;
+        let waiting = buffer.next_offset() - buffer.acked();
+        if waiting > 0 {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "pipeline {:?} has {waiting} batches waiting in its buffer; let them be \
+                     delivered (or stop caudal and use `caudal checkpoint reset`)",
+                    self.name
+                ),
+            ));
+        }
+        self.store.reset_checkpoint(&self.name).await
+    }
+
+    /// Starts a CDC pipeline over: drops its PostgreSQL slot (the
+    /// publication stays), forgets what its source reported and its
+    /// checkpoint; the next run snapshots again. As [`Self::reset_checkpoint`]
+    /// for a non-empty buffer.
+    pub async fn resync(&self) -> Result<()> {
+        let Source::Cdc(source) = &self.source else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("pipeline {:?} does not capture changes", self.name),
+            ));
+        };
+        let buffer = self.buffer().await?;
+        if buffer.next_offset() > buffer.acked() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "pipeline {:?} has batches waiting in its buffer; let them be delivered first",
+                    self.name
+                ),
+            ));
+        }
+        if let CdcSource::Postgres(pg) = source {
+            pg.drop_replication(false).await?;
+        }
+        self.store.clear_source_state(&self.name).await?;
+        self.store.reset_checkpoint(&self.name).await?;
+        Ok(())
+    }
+
     /// The directory of the pipeline's buffer.
     pub fn buffer_dir(&self) -> &std::path::Path {
         &self.buffer_dir

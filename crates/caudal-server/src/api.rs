@@ -203,6 +203,11 @@ pub fn routes(api: Api) -> Router {
         .route("/dead-letters/{id}/discard", post(discard))
         .route("/pipelines/{name}/backfill", post(backfill))
         .route("/pipelines/{name}/dead-letters/replay", post(replay))
+        .route(
+            "/pipelines/{name}/checkpoint",
+            axum::routing::delete(reset_checkpoint),
+        )
+        .route("/pipelines/{name}/resync", post(resync))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Operator),
             authorize,
@@ -596,6 +601,54 @@ pub(crate) async fn replay(
     }))
 }
 
+/// Refuses unless pipeline `name` is paused.
+fn paused_first<'a>(api: &'a Api, name: &str) -> Result<&'a caudal_engine::Pipeline, ApiError> {
+    let pipeline = api
+        .pipelines
+        .get(name)
+        .ok_or_else(|| ApiError::not_found(format!("no pipeline {name:?}")))?;
+    if api.control.is_paused(name) != Some(true) {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "not_paused",
+            format!("pipeline {name:?} is running: pause it first"),
+        ));
+    }
+    Ok(pipeline)
+}
+
+fn busy_or_internal(e: &caudal_core::Error) -> ApiError {
+    match e.kind() {
+        caudal_core::ErrorKind::Busy => {
+            ApiError::new(StatusCode::CONFLICT, "buffer_not_empty", e.report())
+        }
+        caudal_core::ErrorKind::Config => {
+            ApiError::new(StatusCode::CONFLICT, "not_cdc", e.report())
+        }
+        _ => ApiError::internal(e),
+    }
+}
+
+#[utoipa::path(delete, path = "/api/v1/pipelines/{name}/checkpoint", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "forgotten; the next run reads from the start", body = crate::openapi::CheckpointReset), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "not paused, or batches wait in the buffer", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn reset_checkpoint(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+) -> ApiResult {
+    let pipeline = paused_first(&api, &name)?;
+    let had = pipeline
+        .reset_checkpoint()
+        .await
+        .map_err(|e| busy_or_internal(&e))?;
+    ok(json!({"pipeline": name, "had_checkpoint": had}))
+}
+
+#[utoipa::path(post, path = "/api/v1/pipelines/{name}/resync", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "the next run snapshots again", body = crate::openapi::Steered), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "not paused, not CDC, or batches wait in the buffer", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn resync(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
+    let pipeline = paused_first(&api, &name)?;
+    pipeline.resync().await.map_err(|e| busy_or_internal(&e))?;
+    ok(json!({"pipeline": name, "paused": true}))
+}
+
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "admin", responses((status = 200, description = "ok", body = crate::openapi::TokenList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn tokens(State(api): State<Api>) -> ApiResult {
     let list = api
@@ -641,7 +694,7 @@ pub(crate) async fn audit(State(api): State<Api>) -> ApiResult {
 }
 
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 15] = [
+pub const ROUTES: [(&str, &str, Role); 17] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
@@ -659,6 +712,12 @@ pub const ROUTES: [(&str, &str, Role); 15] = [
         "/api/v1/pipelines/{name}/dead-letters/replay",
         Role::Operator,
     ),
+    (
+        "DELETE",
+        "/api/v1/pipelines/{name}/checkpoint",
+        Role::Operator,
+    ),
+    ("POST", "/api/v1/pipelines/{name}/resync", Role::Operator),
     ("GET", "/api/v1/tokens", Role::Admin),
     ("GET", "/api/v1/audit", Role::Admin),
 ];

@@ -20,7 +20,8 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, ToSchema)]
 pub struct ErrorDetail {
     /// `unauthorized`, `forbidden`, `rate_limited`, `not_found`,
-    /// `bad_request`, `paused`, `not_pending`, `not_cdc` or `internal`.
+    /// `bad_request`, `paused`, `not_paused`, `not_pending`, `not_cdc`,
+    /// `buffer_not_empty` or `internal`.
     pub code: String,
     pub message: String,
 }
@@ -141,6 +142,13 @@ pub struct Discarded {
     pub state: String,
 }
 
+/// The answer of a checkpoint reset.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct CheckpointReset {
+    pub pipeline: String,
+    pub had_checkpoint: bool,
+}
+
 /// A backfill request taken.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct BackfillStarted {
@@ -220,13 +228,15 @@ impl Modify for Bearer {
         crate::api::discard,
         crate::api::backfill,
         crate::api::replay,
+        crate::api::reset_checkpoint,
+        crate::api::resync,
         crate::api::tokens,
         crate::api::audit,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
         Steered, Run, RunPage, DeadLetter, DeadLetterDetail, DeadLetterPage, Discarded, Token,
-        TokenList, AuditEntry, AuditLog, BackfillStarted, Replayed, crate::api::BackfillBody,
+        TokenList, AuditEntry, AuditLog, BackfillStarted, Replayed, CheckpointReset, crate::api::BackfillBody,
         crate::api::ReplayBody
     )),
     modifiers(&Bearer)

@@ -166,9 +166,18 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
     ];
     let (status, openapi, _) = client.call("GET", "/api/openapi.json", None).await;
     assert_eq!(status, 200, "the OpenAPI document is public");
+    let operations: usize = openapi["paths"]
+        .as_object()
+        .map(|paths| {
+            paths
+                .values()
+                .map(|p| p.as_object().map_or(0, serde_json::Map::len))
+                .sum()
+        })
+        .unwrap_or(0);
     assert_eq!(
-        openapi["paths"].as_object().map(serde_json::Map::len),
-        Some(ROUTES.len()),
+        operations,
+        ROUTES.len(),
         "every route is documented: {openapi}"
     );
     // The document changes only on purpose.
@@ -207,6 +216,8 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
                 Some(r) if *r < needed => 403,
                 // This pipeline reads by cursor: nothing to backfill.
                 Some(_) if route.ends_with("/backfill") => 409,
+                // Resumed by now: a reset or resync needs it paused.
+                Some(_) if method == "DELETE" || route.ends_with("/resync") => 409,
                 Some(_) => 200,
             };
             assert_eq!(status, want, "{method} {path} as {role:?}: {body}");
@@ -214,11 +225,16 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
             if want != 200 {
                 assert!(body["error"]["code"].is_string(), "{body}");
                 if want == 409 {
-                    assert_eq!(body["error"]["code"], "not_cdc", "{body}");
+                    let code = if route.ends_with("/backfill") {
+                        "not_cdc"
+                    } else {
+                        "not_paused"
+                    };
+                    assert_eq!(body["error"]["code"], code, "{body}");
                 }
                 assert!(body["error"]["message"].is_string(), "{body}");
             }
-            if method == "POST" && want != 401 && want != 403 {
+            if method != "GET" && want != 401 && want != 403 {
                 mutations += 1;
             }
         }
@@ -244,6 +260,34 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
         )
         .await;
     assert_eq!(detail["paused"], true, "{detail}");
+    // Paused, with an empty buffer: the checkpoint can be forgotten.
+    let (status, body, _) = client
+        .call(
+            "DELETE",
+            &format!("/api/v1/pipelines/{PIPELINE}/checkpoint"),
+            Some(&operator),
+        )
+        .await;
+    assert_eq!(
+        (status, &body["had_checkpoint"]),
+        (200, &Value::Bool(true)),
+        "{body}"
+    );
+    conforms(
+        &openapi,
+        "DELETE",
+        "/api/v1/pipelines/{name}/checkpoint",
+        200,
+        &body,
+    );
+    let (status, _, _) = client
+        .call(
+            "GET",
+            &format!("/api/v1/pipelines/{PIPELINE}/checkpoint"),
+            Some(&viewer),
+        )
+        .await;
+    assert_eq!(status, 404, "no checkpoint after the reset");
     let (status, body, _) = client
         .call(
             "POST",
@@ -284,11 +328,13 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
         )
         .await;
     assert_eq!(status, 200);
-    world.wait_for_delivered(3).await;
+    // The reset checkpoint: the run reads every row again (10 refused
+    // before, 3 new).
+    world.wait_for_delivered(13).await;
     // The audit log has every mutating call, with who made it.
     let (_, audit, _) = client.call("GET", "/api/v1/audit", Some(&admin)).await;
     let entries = audit["audit"].as_array().expect("audit entries");
-    assert_eq!(entries.len(), mutations + 4, "{audit}");
+    assert_eq!(entries.len(), mutations + 5, "{audit}");
     assert!(
         entries
             .iter()

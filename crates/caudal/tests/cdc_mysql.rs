@@ -1153,6 +1153,56 @@ async fn backfill_through_the_api_is_taken_and_reported() {
         .filter(|c| c["op"] == "read" && c["table"] == cdc.table("accounts"))
         .count();
     assert_eq!(reads, 500 + 20, "the snapshot and the backfill");
+    // A resync through the API: refused while running, done while paused;
+    // resumed, the pipeline reads the tables again.
+    let call = |method: reqwest::Method, path: &str| {
+        http.request(method, format!("{base}{path}"))
+            .bearer_auth(&token)
+            .send()
+    };
+    let refused = call(reqwest::Method::POST, "/resync")
+        .await
+        .expect("answers");
+    assert_eq!(refused.status().as_u16(), 409);
+    let paused = call(reqwest::Method::POST, "/pause")
+        .await
+        .expect("answers");
+    assert_eq!(paused.status().as_u16(), 200);
+    let resynced = call(reqwest::Method::POST, "/resync")
+        .await
+        .expect("answers");
+    assert_eq!(
+        resynced.status().as_u16(),
+        200,
+        "{}",
+        resynced.text().await.unwrap_or_default()
+    );
+    call(reqwest::Method::POST, "/resume")
+        .await
+        .expect("answers");
+    // Counted as sent, not deduplicated: a snapshot read again at the same
+    // log position has the same idempotency keys.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let reads = cdc
+            .receiver
+            .requests()
+            .iter()
+            .filter(|r| r.accepted())
+            .flat_map(|r| r.records_at(CHANGES))
+            .filter(|c| c["op"] == "read" && c["table"] == cdc.table("accounts"))
+            .count();
+        if reads >= 500 + 20 + 500 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{reads} reads\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    cdc.wait_for_copy(Some(&daemon)).await;
     daemon.stop(Signal::SIGTERM).await;
     cdc.cleanup().await;
 }
