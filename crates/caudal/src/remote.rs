@@ -27,54 +27,58 @@ impl Remote {
         })
     }
 
-    /// GETs `path`; an error answer is the API's message.
-    pub async fn get(&self, path: &str) -> Result<Value, String> {
+    /// Sends one request (a JSON `body` if given); an error answer is the
+    /// API's message.
+    async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&Value>,
+    ) -> Result<Value, String> {
         let url = format!("{}{path}", self.base);
-        let mut request = self.http.get(&url);
+        let mut request = self.http.request(method, &url);
+        if let Some(b) = body {
+            request = request
+                .header(reqwest::header::CONTENT_TYPE, "application/json")
+                .body(b.to_string());
+        }
         if let Some(t) = &self.token {
             request = request.bearer_auth(t);
         }
         let response = request
             .send()
             .await
-            .map_err(|e| format!("{}: {e}", self.base))?;
+            .map_err(|e| format!("cannot reach the caudal API at {}: {e}", self.base))?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status.is_success() {
-            Ok(body)
-        } else {
-            Err(body["error"]["message"]
-                .as_str()
-                .map_or_else(|| status.to_string(), str::to_string))
+            return Ok(answer);
         }
-    }
-
-    /// Calls the API; an error answer is reported with its message.
-    async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, ExitCode> {
-        let url = format!("{}{path}", self.base);
-        let mut request = self.http.request(method, &url);
-        if let Some(t) = &self.token {
-            request = request.bearer_auth(t);
-        }
-        let response = request.send().await.map_err(|e| {
-            eprintln!("error: cannot reach the caudal API at {}: {e}", self.base);
-            ExitCode::from(EXIT_FAILED)
-        })?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        let body: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if status.is_success() {
-            return Ok(body);
-        }
-        let message = body["error"]["message"]
+        let message = answer["error"]["message"]
             .as_str()
             .map_or_else(|| status.to_string(), str::to_string);
-        eprintln!(
-            "error: the caudal API answered {}: {message}",
+        Err(format!(
+            "the caudal API answered {}: {message}",
             status.as_u16()
-        );
-        Err(ExitCode::from(EXIT_FAILED))
+        ))
+    }
+
+    /// GETs `path`; an error answer is the API's message.
+    pub async fn get(&self, path: &str) -> Result<Value, String> {
+        self.send(reqwest::Method::GET, path, None).await
+    }
+
+    /// As [`Self::send`], reporting an error and giving the exit code.
+    async fn call(&self, method: reqwest::Method, path: &str) -> Result<Value, ExitCode> {
+        self.send(method, path, None).await.map_err(report)
+    }
+
+    /// POSTs a JSON body, reporting an error and giving the exit code.
+    async fn post_json(&self, path: &str, body: &Value) -> Result<Value, ExitCode> {
+        self.send(reqwest::Method::POST, path, Some(body))
+            .await
+            .map_err(report)
     }
 
     pub async fn status(&self, json: bool) -> ExitCode {
@@ -174,37 +178,11 @@ impl Remote {
             }
         }
     }
+}
 
-    /// POSTs a JSON body; an error answer is reported with its message.
-    async fn post_json(&self, path: &str, body: &Value) -> Result<Value, ExitCode> {
-        let url = format!("{}{path}", self.base);
-        let mut request = self
-            .http
-            .post(&url)
-            .header(reqwest::header::CONTENT_TYPE, "application/json")
-            .body(body.to_string());
-        if let Some(t) = &self.token {
-            request = request.bearer_auth(t);
-        }
-        let response = request.send().await.map_err(|e| {
-            eprintln!("error: cannot reach the caudal API at {}: {e}", self.base);
-            ExitCode::from(EXIT_FAILED)
-        })?;
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
-        if status.is_success() {
-            return Ok(answer);
-        }
-        let message = answer["error"]["message"]
-            .as_str()
-            .map_or_else(|| status.to_string(), str::to_string);
-        eprintln!(
-            "error: the caudal API answered {}: {message}",
-            status.as_u16()
-        );
-        Err(ExitCode::from(EXIT_FAILED))
-    }
+fn report(message: String) -> ExitCode {
+    eprintln!("error: {message}");
+    ExitCode::from(EXIT_FAILED)
 }
 
 /// Percent-encodes a query value.
