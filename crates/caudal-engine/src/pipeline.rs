@@ -347,6 +347,14 @@ impl Pipeline {
             .await
     }
 
+    /// The live replication figures of a CDC pipeline's reader.
+    pub fn live_lag(&self) -> Option<caudal_connectors::sources::cdc::Lag> {
+        match &self.source {
+            Source::Cdc(s) => Some(s.lag()),
+            Source::Sql(_) => None,
+        }
+    }
+
     /// Forgets the checkpoint (the next run reads the source from the
     /// start). Refused ([`ErrorKind::Busy`]) while batches wait in the
     /// buffer: they would be delivered after the reset. Returns whether

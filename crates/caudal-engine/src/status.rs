@@ -34,6 +34,33 @@ pub async fn pipeline_status(
     } else {
         None
     };
+    status_row(config, store, name, schedule, replication).await
+}
+
+/// As [`pipeline_status`] for a pipeline running in this process: its
+/// replication figures come from its reader, without asking the server.
+pub async fn live_status(
+    config: &Config,
+    store: &Store,
+    pipeline: &crate::Pipeline,
+) -> Result<serde_json::Value> {
+    let name = pipeline.name();
+    let Some(lag) = pipeline.live_lag() else {
+        return pipeline_status(config, store, name).await;
+    };
+    let mut replication = serde_json::to_value(lag).unwrap_or_default();
+    replication["live"] = true.into();
+    let schedule = "continuous (cdc)".to_string();
+    status_row(config, store, name, schedule, Some(replication)).await
+}
+
+async fn status_row(
+    config: &Config,
+    store: &Store,
+    name: &str,
+    schedule: String,
+    replication: Option<serde_json::Value>,
+) -> Result<serde_json::Value> {
     let last = match store.last_run(name).await {
         Ok(r) => r,
         Err(e) => return Err(e),

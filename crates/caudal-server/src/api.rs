@@ -314,9 +314,11 @@ fn known(api: &Api, name: &str) -> Result<(), ApiError> {
 }
 
 async fn status_of(api: &Api, name: &str) -> Result<Value, ApiError> {
-    let mut v = caudal_engine::status::pipeline_status(&api.config, &api.store, name)
-        .await
-        .map_err(|e| ApiError::internal(&e))?;
+    let status = match api.pipelines.get(name) {
+        Some(p) => caudal_engine::status::live_status(&api.config, &api.store, p).await,
+        None => caudal_engine::status::pipeline_status(&api.config, &api.store, name).await,
+    };
+    let mut v = status.map_err(|e| ApiError::internal(&e))?;
     v["paused"] = api.control.is_paused(name).unwrap_or(false).into();
     Ok(v)
 }
