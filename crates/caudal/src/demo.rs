@@ -180,7 +180,8 @@ async fn demo(args: &DemoArgs) -> anyhow::Result<ExitCode> {
     println!(
         "\n  A row changed several times between two runs is sent once, in its latest version:\n  \
          the cursor syncs current state. To send every intermediate change, use CDC\n  \
-         (mode = \"cdc\" on a PostgreSQL source: docs/cdc-postgres.md)."
+         (mode = \"cdc\" on a PostgreSQL or MariaDB source: docs/cdc-postgres.md,\n  \
+         docs/cdc-mysql.md)."
     );
     println!(
         "\nInspect it: caudal status -c {}",
