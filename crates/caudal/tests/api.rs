@@ -13,6 +13,9 @@ use serde_json::Value;
 use support::{Daemon, Output, PATIENCE, PIPELINE, World, command, spawn_daemon};
 
 const SECRET: &str = "topsecret-header-value-81f3";
+/// A database password in a source URL (PostgreSQL here trusts loopback,
+/// so any password connects).
+const PASSWORD: &str = "db-password-5c2e9";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -23,8 +26,15 @@ fn free_port() -> u16 {
 
 fn write_config(world: &World, port: u16, per_second: u32) -> PathBuf {
     let path = world.dir.path().join("api.toml");
+    // A second pipeline whose source has a password and a table that does
+    // not exist: its failed runs carry an error that must not show it.
     let config = format!(
-        "{}\n[server]\nlisten = \"127.0.0.1:{port}\"\nrequests_per_second = {per_second}\n",
+        "{}\n[sources.secret_db]\ntype = \"postgres\"\n\
+         url = \"postgres://postgres:{PASSWORD}@127.0.0.1:5432/postgres\"\n\
+         table = \"no_such_table\"\ncursor = [\"id\"]\n\n\
+         [pipelines.zz_secret]\nsource = \"secret_db\"\nsink = \"partner\"\n\
+         schedule = {{ every = \"1h\" }}\n\n\
+         [server]\nlisten = \"127.0.0.1:{port}\"\nrequests_per_second = {per_second}\n",
         world.config_toml()
     );
     std::fs::write(&path, config).expect("write the config");
@@ -70,6 +80,7 @@ impl Client {
                         .to_string();
                     let body = r.text().await.unwrap_or_default();
                     assert!(!body.contains(SECRET), "a secret in {path}: {body}");
+                    assert!(!body.contains(PASSWORD), "a password in {path}: {body}");
                     let json = serde_json::from_str(&body).unwrap_or(Value::Null);
                     return (status, json, retry_after);
                 }
@@ -410,7 +421,23 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
     let (status, list, _) = client.call("GET", "/api/v1/tokens", Some(&admin)).await;
     assert_eq!(status, 200);
     assert!(!list.to_string().contains("cdl_"), "no token in {list}");
+    // The other pipeline's run failed, and says why without the password.
+    let (_, secret, _) = client
+        .call("GET", "/api/v1/pipelines/zz_secret", Some(&admin))
+        .await;
+    assert_eq!(secret["outcome"], "failed", "{secret}");
+    assert!(
+        secret["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("no_such_table")),
+        "{secret}"
+    );
     let (_, log) = daemon.stop(Signal::SIGTERM).await;
+    assert!(
+        log.contains("no_such_table"),
+        "the failure is logged:\n{log}"
+    );
+    assert!(!log.contains(PASSWORD), "a password in the log");
     assert!(!log.contains(SECRET), "a secret in the log");
     assert!(!log.contains(&operator), "a token in the log");
 }
