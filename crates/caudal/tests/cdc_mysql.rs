@@ -1179,15 +1179,25 @@ async fn backfill_through_the_api_is_taken_and_reported() {
         .await
         .expect("answers");
     assert_eq!(paused.status().as_u16(), 200);
-    let resynced = call(reqwest::Method::POST, "/resync")
-        .await
-        .expect("answers");
-    assert_eq!(
-        resynced.status().as_u16(),
-        200,
-        "{}",
-        resynced.text().await.unwrap_or_default()
-    );
+    // Batches still in the buffer are delivered first: until then the
+    // resync is refused as buffer_not_empty.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let resynced = call(reqwest::Method::POST, "/resync")
+            .await
+            .expect("answers");
+        let status = resynced.status().as_u16();
+        let text = resynced.text().await.unwrap_or_default();
+        if status == 200 {
+            break;
+        }
+        assert!(
+            status == 409 && text.contains("buffer_not_empty"),
+            "{status}: {text}"
+        );
+        assert!(tokio::time::Instant::now() < deadline, "{text}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     call(reqwest::Method::POST, "/resume")
         .await
         .expect("answers");
