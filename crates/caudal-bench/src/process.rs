@@ -76,6 +76,15 @@ impl Measured {
         self.exited.load(Ordering::Acquire)
     }
 
+    /// The child's resident memory now (`VmRSS`), in MiB.
+    pub fn rss_mib(&self) -> anyhow::Result<f64> {
+        let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
+            .context("the child has exited")?;
+        status_kib(&text, "VmRSS:")
+            .map(|kib| kib as f64 / 1024.0)
+            .context("no VmRSS in the child's status")
+    }
+
     /// Asks the child to stop (SIGTERM).
     pub fn terminate(&self) -> anyhow::Result<()> {
         if !self.has_exited() {
@@ -116,10 +125,7 @@ fn sample_until_exit(
     let status_file = format!("/proc/{}/status", child.id());
     loop {
         if let Ok(text) = std::fs::read_to_string(&status_file)
-            && let Some(kib) = text
-                .lines()
-                .find_map(|l| l.strip_prefix("VmHWM:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            && let Some(kib) = status_kib(&text, "VmHWM:")
         {
             peak_kib.fetch_max(kib, Ordering::Relaxed);
         }
@@ -128,4 +134,12 @@ fn sample_until_exit(
         }
         std::thread::sleep(SAMPLE_EVERY);
     }
+}
+
+/// A `kB` field of `/proc/PID/status`.
+fn status_kib(status: &str, field: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(field))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
 }

@@ -132,8 +132,7 @@ async fn serve(recording: Option<Arc<Recording>>) -> anyhow::Result<Receiver> {
                     async move {
                         let body = req.into_body().collect().await?.to_bytes();
                         let n = match &a {
-                            None => serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(&body)
-                                .map_or(0, |v| v.len()),
+                            None => count_records(&body),
                             Some(a) => record_arrivals(&body, a),
                         };
                         r.fetch_add(n as u64, Ordering::Relaxed);
@@ -155,6 +154,28 @@ async fn serve(recording: Option<Arc<Recording>>) -> anyhow::Result<Receiver> {
         requests,
         recording,
     })
+}
+
+/// An object body: the seed 001 shape `{"requests": [records]}`, or one
+/// record (seed 000) when it has no `requests` array.
+#[derive(serde::Deserialize)]
+struct Wrapped {
+    requests: Option<Vec<serde::de::IgnoredAny>>,
+}
+
+/// How many records `body` holds: caudal's JSON array of records, the seed
+/// 001 shape or one record (0 when it is not JSON). Parsed without building
+/// values, so the receiver costs the senders little CPU.
+fn count_records(body: &[u8]) -> usize {
+    match body.iter().find(|b| !b.is_ascii_whitespace()) {
+        Some(b'[') => {
+            serde_json::from_slice::<Vec<serde::de::IgnoredAny>>(body).map_or(0, |v| v.len())
+        }
+        Some(b'{') => {
+            serde_json::from_slice::<Wrapped>(body).map_or(0, |w| w.requests.map_or(1, |r| r.len()))
+        }
+        _ => 0,
+    }
 }
 
 /// Records the arrival of every record of `body`; returns how many records
@@ -236,7 +257,18 @@ fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
 mod tests {
     use std::sync::Mutex;
 
-    use super::{Recording, Stamp, parse_utc_us, record_arrivals};
+    use super::{Recording, Stamp, count_records, parse_utc_us, record_arrivals};
+
+    #[test]
+    fn bodies_are_counted_in_every_senders_shape() {
+        assert_eq!(count_records(br#"[{"a":1},{"a":2}]"#), 2);
+        assert_eq!(
+            count_records(br#"{"requests":[{"a":1},{"a":2},{"a":3}]}"#),
+            3
+        );
+        assert_eq!(count_records(br#"{"service_id":"SRV-1"}"#), 1);
+        assert_eq!(count_records(b"not json"), 0);
+    }
 
     fn commits(stamp: Stamp, body: &str) -> (usize, Vec<i64>) {
         let recording = Recording {

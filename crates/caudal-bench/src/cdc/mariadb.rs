@@ -29,7 +29,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::{MySqlPool, Row as _};
 
 use super::{
@@ -152,15 +152,15 @@ impl std::fmt::Display for LogPos {
 }
 
 /// Runs `mysql-cdc-throughput`, then drops what it created.
-pub async fn throughput(args: &Args) -> anyhow::Result<()> {
+pub async fn throughput(args: &Args) -> anyhow::Result<Value> {
     let admin = connect_admin(args).await?;
     let run = Run::new();
     let result = throughput_run(args, &admin, &run).await;
     let cleaned = teardown(&admin, &run).await;
-    result.and(cleaned)
+    result.and_then(|report| cleaned.map(|()| report))
 }
 
-async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Result<()> {
+async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Result<Value> {
     let changes = args.rows.unwrap_or(DEFAULT_THROUGHPUT_CHANGES);
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_THROUGHPUT_MAX_WAIT_MS);
     let (url, db) = provision(args, admin, run, false).await?;
@@ -222,9 +222,7 @@ async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Re
 
     let n = changes as f64;
     let caudal_secs = drained.caudal_secs;
-    println!(
-        "{}",
-        json!({
+    let report = json!({
             "scenario": "mysql_cdc_throughput",
             "changes": changes,
             "inserts": written.inserts,
@@ -247,10 +245,9 @@ async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Re
             "binlog_base64_secs": round(base64.secs),
             "caudal_peak_rss_mib": round(drained.ended.peak_rss_mib),
             "binlog_peak_rss_mib": round(reference.peak_rss_mib),
-        })
-    );
+    });
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(report)
 }
 
 /// The stretch of the binary log both consumers read.
@@ -311,15 +308,15 @@ async fn mariadb_binlog(
 }
 
 /// Runs `mysql-cdc-latency`, then drops what it created.
-pub async fn latency(args: &Args) -> anyhow::Result<()> {
+pub async fn latency(args: &Args) -> anyhow::Result<Value> {
     let admin = connect_admin(args).await?;
     let run = Run::new();
     let result = latency_run(args, &admin, &run).await;
     let cleaned = teardown(&admin, &run).await;
-    result.and(cleaned)
+    result.and_then(|report| cleaned.map(|()| report))
 }
 
-async fn latency_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Result<()> {
+async fn latency_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Result<Value> {
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_LATENCY_MAX_WAIT_MS);
     if args.rate == 0 || args.txn_rows == 0 {
         bail!("--rate and --txn-rows must be above 0");
@@ -360,9 +357,8 @@ async fn latency_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Resul
         report["commit_rtt_p50_ms"] = json!(ms(0.50));
         report["commit_rtt_p99_ms"] = json!(ms(0.99));
     }
-    println!("{report}");
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(report)
 }
 
 async fn connect_admin(args: &Args) -> anyhow::Result<MySqlPool> {

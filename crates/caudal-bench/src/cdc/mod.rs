@@ -308,7 +308,7 @@ fn percentile(sorted: &[i64], p: f64) -> i64 {
 }
 
 /// A fresh directory for the config, the state, the buffer and the log.
-fn scratch_dir(scenario: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn scratch_dir(scenario: &str) -> anyhow::Result<PathBuf> {
     let dir = std::env::temp_dir().join(format!("caudal-bench-{}-{scenario}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -358,7 +358,7 @@ sink = "recv"
 }
 
 /// Starts caudal with `subcommand`, its output going to `DIR/caudal.log`.
-fn spawn_caudal(
+pub(crate) fn spawn_caudal(
     args: &Args,
     config: &Path,
     dir: &Path,
@@ -422,7 +422,7 @@ async fn wait_for_records(
 }
 
 /// Waits up to [`STALL_TIMEOUT`] for caudal to exit; it must succeed.
-async fn wait_exit(caudal: Measured, dir: &Path, what: &str) -> anyhow::Result<Ended> {
+pub(crate) async fn wait_exit(caudal: Measured, dir: &Path, what: &str) -> anyhow::Result<Ended> {
     let ended = tokio::time::timeout(STALL_TIMEOUT, caudal.wait())
         .await
         .with_context(|| {

@@ -20,7 +20,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use serde_json::json;
+use serde_json::{Value, json};
 use sqlx::{Executor as _, PgPool};
 
 use super::{
@@ -90,14 +90,14 @@ snapshot = "never"
 }
 
 /// Runs `cdc-throughput`, then drops what it created.
-pub async fn throughput(args: &Args) -> anyhow::Result<()> {
+pub async fn throughput(args: &Args) -> anyhow::Result<Value> {
     let admin = connect_admin(args).await?;
     let result = throughput_run(args, &admin).await;
     let cleaned = teardown(&admin).await;
-    result.and(cleaned)
+    result.and_then(|report| cleaned.map(|()| report))
 }
 
-async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<()> {
+async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
     let changes = args.rows.unwrap_or(DEFAULT_THROUGHPUT_CHANGES);
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_THROUGHPUT_MAX_WAIT_MS);
     let (url, db) = provision(args, admin).await?;
@@ -173,9 +173,7 @@ async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<()> {
 
     let n = changes as f64;
     let caudal_secs = drained.caudal_secs;
-    println!(
-        "{}",
-        json!({
+    let report = json!({
             "scenario": "cdc_throughput",
             "changes": changes,
             "inserts": written.inserts,
@@ -197,21 +195,20 @@ async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<()> {
             "caudal_over_recvlogical": round(reference.secs / caudal_secs),
             "caudal_peak_rss_mib": round(drained.ended.peak_rss_mib),
             "recvlogical_peak_rss_mib": round(reference.peak_rss_mib),
-        })
-    );
+    });
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(report)
 }
 
 /// Runs `cdc-latency`, then drops what it created.
-pub async fn latency(args: &Args) -> anyhow::Result<()> {
+pub async fn latency(args: &Args) -> anyhow::Result<Value> {
     let admin = connect_admin(args).await?;
     let result = latency_run(args, &admin).await;
     let cleaned = teardown(&admin).await;
-    result.and(cleaned)
+    result.and_then(|report| cleaned.map(|()| report))
 }
 
-async fn latency_run(args: &Args, admin: &PgPool) -> anyhow::Result<()> {
+async fn latency_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_LATENCY_MAX_WAIT_MS);
     if args.rate == 0 || args.txn_rows == 0 {
         bail!("--rate and --txn-rows must be above 0");
@@ -248,9 +245,8 @@ async fn latency_run(args: &Args, admin: &PgPool) -> anyhow::Result<()> {
         &load,
     )
     .await?;
-    println!("{report}");
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    Ok(report)
 }
 
 async fn connect_admin(args: &Args) -> anyhow::Result<PgPool> {

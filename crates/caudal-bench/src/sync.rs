@@ -1,0 +1,425 @@
+//! The hourly sync scenarios: an incremental PostgreSQL source (cursor
+//! `last_modified_date, request_id`) to the always-200 receiver.
+//!
+//! - `initial-sync`: the first run over N rows (default 1,000,000), against
+//!   `COPY (the same ordered query) TO STDOUT` into /dev/null (the read
+//!   ceiling) and the seeds' Python senders on the same rows and receiver:
+//!   seed 001's `send_interval_data` loop (`requests.post`, one request per
+//!   batch of 1,000) and seed 000's `ThreadPoolExecutor` sender (one request
+//!   per record, 5 workers) on a sample of `--seed000-rows` rows.
+//! - `steady-state`: a run after the first: `--changed` rows (default
+//!   10,000) modified in a table of N rows (default 10,000,000). caudal's
+//!   time from start to exit, against COPY of the same rows by the cursor
+//!   index and by a sequential scan, and seed 001's loop over the last
+//!   hour's rows; caudal's own scans of the table are counted
+//!   (`pg_stat_user_tables`) to show it used the index.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use serde_json::{Value, json};
+use sqlx::{Executor as _, PgPool, Row as _};
+
+use crate::cdc::{scratch_dir, spawn_caudal, wait_exit};
+use crate::process::{Ended, Measured};
+use crate::receiver::{self, Receiver};
+use crate::{Args, database_url, round};
+
+const DATABASE: &str = "caudal_bench";
+/// The cursor query both caudal and the COPY reference read in order.
+const ORDER: &str = "ORDER BY last_modified_date, request_id";
+
+/// Runs `initial-sync`, then drops its database.
+pub async fn initial(args: &Args) -> anyhow::Result<Vec<Value>> {
+    let rows = args.rows.unwrap_or(1_000_000);
+    let (admin, url) = provision(args, rows).await?;
+    let result = initial_run(args, &url, rows).await;
+    let cleaned = drop_database(&admin).await;
+    result.and_then(|r| cleaned.map(|()| vec![r]))
+}
+
+async fn initial_run(args: &Args, url: &str, rows: u64) -> anyhow::Result<Value> {
+    let dir = scratch_dir("initial-sync")?;
+    let receiver = receiver::start().await?;
+    let config = write_config(&dir, url, &receiver, args)?;
+
+    eprintln!("initial-sync: caudal once over {rows} rows");
+    let caudal = run_caudal(args, &config, &dir, &receiver, rows).await?;
+
+    eprintln!("initial-sync: COPY reference");
+    let copy_secs = copy(url, &[], &format!("SELECT * FROM service_requests {ORDER}"))?;
+
+    eprintln!("initial-sync: seed 001 send_interval_data loop over {rows} rows");
+    let seed001 = run_seed(
+        args,
+        &dir,
+        &receiver,
+        "seed001_send_interval_data.py",
+        &["--batch", &args.batch.to_string()],
+        url,
+        rows,
+    )
+    .await?;
+
+    let sample = args.seed000_rows.min(rows);
+    eprintln!("initial-sync: seed 000 thread pool, one request per record, {sample} rows");
+    let seed000 = run_seed(
+        args,
+        &dir,
+        &receiver,
+        "seed000_thread_pool.py",
+        &["--limit", &sample.to_string()],
+        url,
+        sample,
+    )
+    .await?;
+
+    let n = rows as f64;
+    let caudal_rate = n / caudal.secs;
+    let seed001_rate = n / seed001.secs;
+    let seed000_rate = sample as f64 / seed000.secs;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(json!({
+        "scenario": "initial_sync",
+        "rows": rows,
+        "batch": args.batch,
+        "concurrency": args.concurrency,
+        "caudal_secs": round(caudal.secs),
+        "caudal_rows_per_s": round(caudal_rate),
+        "caudal_peak_rss_mib": round(caudal.peak_rss_mib),
+        "copy_secs": round(copy_secs),
+        "copy_rows_per_s": round(n / copy_secs),
+        "caudal_over_copy": round(copy_secs / caudal.secs),
+        "seed001_secs": round(seed001.secs),
+        "seed001_rows_per_s": round(seed001_rate),
+        "seed001_peak_rss_mib": round(seed001.peak_rss_mib),
+        "caudal_over_seed001": round(caudal_rate / seed001_rate),
+        "seed000_rows": sample,
+        "seed000_secs": round(seed000.secs),
+        "seed000_rows_per_s": round(seed000_rate),
+        "seed000_peak_rss_mib": round(seed000.peak_rss_mib),
+        "caudal_over_seed000": round(caudal_rate / seed000_rate),
+    }))
+}
+
+/// Runs `steady-state`, then drops its database.
+pub async fn steady(args: &Args) -> anyhow::Result<Value> {
+    let rows = args.rows.unwrap_or(10_000_000);
+    if args.changed == 0 || args.changed > rows {
+        bail!("--changed must be between 1 and the table's {rows} rows");
+    }
+    let (admin, url) = provision(args, rows).await?;
+    let result = steady_run(args, &url, rows).await;
+    let cleaned = drop_database(&admin).await;
+    result.and_then(|r| cleaned.map(|()| r))
+}
+
+async fn steady_run(args: &Args, url: &str, rows: u64) -> anyhow::Result<Value> {
+    let changed = args.changed;
+    let dir = scratch_dir("steady-state")?;
+    let receiver = receiver::start().await?;
+    let config = write_config(&dir, url, &receiver, args)?;
+
+    eprintln!("steady-state: first run, {rows} rows (not timed against a reference)");
+    let first = run_caudal(args, &config, &dir, &receiver, rows).await?;
+
+    let db = PgPool::connect(url).await?;
+    // The cursor's end after the first run: the changed rows sort after it.
+    let last: (String, i64) = {
+        let row = sqlx::query(
+            "SELECT last_modified_date::text, request_id FROM service_requests
+             ORDER BY last_modified_date DESC, request_id DESC LIMIT 1",
+        )
+        .fetch_one(&db)
+        .await?;
+        (row.try_get(0)?, row.try_get(1)?)
+    };
+    // Stamped 10 s to 30 minutes ago: older than the source's safety lag
+    // (5 s), which leaves younger rows for the next run.
+    eprintln!("steady-state: changing {changed} rows spread over the table");
+    let stride = i64::try_from(rows / changed)?;
+    let updated = sqlx::query(
+        "UPDATE service_requests SET status_id = status_id % 5 + 1,
+                last_modified_date = now() - interval '10 seconds'
+                                     - (request_id % 3600) * interval '1 second' / 2
+         WHERE request_id IN (SELECT g * $1 FROM generate_series(1, $2) g)",
+    )
+    .bind(stride)
+    .bind(i64::try_from(changed)?)
+    .execute(&db)
+    .await?
+    .rows_affected();
+    if updated != changed {
+        bail!("changed {updated} rows, expected {changed}");
+    }
+    // The seed's interval: the last hour, as the scheduler would ask at the
+    // next full hour (the changed rows were stamped up to 30 minutes ago).
+    let (since, until): (String, String) = sqlx::query_as(
+        "SELECT (now() - interval '1 hour')::text, (now() + interval '1 minute')::text",
+    )
+    .fetch_one(&db)
+    .await?;
+    let before = table_scans(&db).await?;
+
+    eprintln!("steady-state: caudal once over the {changed} changed rows");
+    let delivered_before = receiver.records();
+    let caudal = run_caudal(args, &config, &dir, &receiver, delivered_before + changed).await?;
+    // Backends count their scans when they exit; caudal's have.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let after = table_scans(&db).await?;
+
+    let query = format!(
+        "SELECT * FROM service_requests \
+         WHERE (last_modified_date, request_id) > ('{}'::timestamptz, {}) {ORDER}",
+        last.0, last.1
+    );
+    eprintln!("steady-state: COPY references (index, sequential scan)");
+    let copy_index_secs = copy(url, &[], &query)?;
+    let copy_seqscan_secs = copy(
+        url,
+        &[
+            "SET enable_indexscan = off",
+            "SET enable_bitmapscan = off",
+            "SET enable_indexonlyscan = off",
+        ],
+        &query,
+    )?;
+
+    eprintln!("steady-state: seed 001 send_interval_data over the last hour");
+    let seed001 = run_seed(
+        args,
+        &dir,
+        &receiver,
+        "seed001_send_interval_data.py",
+        &[
+            "--since",
+            &since,
+            "--until",
+            &until,
+            "--batch",
+            &args.batch.to_string(),
+        ],
+        url,
+        changed,
+    )
+    .await?;
+    db.close().await;
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(json!({
+        "scenario": "steady_state",
+        "rows": rows,
+        "changed": changed,
+        "batch": args.batch,
+        "first_run_secs": round(first.secs),
+        "first_run_rows_per_s": round(rows as f64 / first.secs),
+        "caudal_secs": round(caudal.secs),
+        "caudal_peak_rss_mib": round(caudal.peak_rss_mib),
+        "caudal_seq_scans": after.0 - before.0,
+        "caudal_index_scans": after.1 - before.1,
+        "copy_index_secs": round(copy_index_secs),
+        "copy_seqscan_secs": round(copy_seqscan_secs),
+        "caudal_over_copy_index": round(copy_index_secs / caudal.secs),
+        "seed001_secs": round(seed001.secs),
+        "caudal_over_seed001": round(seed001.secs / caudal.secs),
+    }))
+}
+
+/// Recreates the database with `service_requests` holding `rows` rows, ten
+/// per second of modification time (many rows share a cursor value), and
+/// the cursor index.
+async fn provision(args: &Args, rows: u64) -> anyhow::Result<(PgPool, String)> {
+    let admin = PgPool::connect(&args.pg_url).await.with_context(|| {
+        format!(
+            "cannot connect to PostgreSQL at {} (run scripts/test --services-only)",
+            args.pg_url
+        )
+    })?;
+    drop_database(&admin).await?;
+    admin
+        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {DATABASE}"
+        ))))
+        .await?;
+    let url = database_url(&args.pg_url, DATABASE);
+    let db = PgPool::connect(&url).await?;
+    eprintln!("loading {rows} rows into service_requests");
+    db.execute(
+        "CREATE TABLE service_requests (
+            request_id BIGINT PRIMARY KEY,
+            service_id TEXT NOT NULL,
+            opening_date TIMESTAMPTZ NOT NULL,
+            status_id INT NOT NULL,
+            last_modified_date TIMESTAMPTZ NOT NULL)",
+    )
+    .await?;
+    sqlx::query(
+        "INSERT INTO service_requests
+         SELECT g, 'SRV-' || (g % 997), timestamptz '2025-01-01' + (g || ' seconds')::interval,
+                (g % 5) + 1, timestamptz '2025-01-01' + ((g / 10) || ' seconds')::interval
+         FROM generate_series(1, $1) g",
+    )
+    .bind(i64::try_from(rows)?)
+    .execute(&db)
+    .await?;
+    db.execute(
+        "CREATE INDEX service_requests_sync ON service_requests (last_modified_date, request_id)",
+    )
+    .await?;
+    db.execute("VACUUM ANALYZE service_requests").await?;
+    db.close().await;
+    Ok((admin, url))
+}
+
+async fn drop_database(admin: &PgPool) -> anyhow::Result<()> {
+    admin
+        .execute(sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {DATABASE} WITH (FORCE)"
+        ))))
+        .await?;
+    Ok(())
+}
+
+/// The source, sink and pipeline `bench`, as the seed's sync would be
+/// configured: pages of 10,000, batches of `--batch`.
+fn write_config(
+    dir: &Path,
+    url: &str,
+    receiver: &Receiver,
+    args: &Args,
+) -> anyhow::Result<std::path::PathBuf> {
+    let config = dir.join("bench.toml");
+    std::fs::write(
+        &config,
+        format!(
+            r#"[state]
+url = "sqlite://{state}"
+
+[sources.servicedesk]
+type = "postgres"
+url = "{url}"
+table = "service_requests"
+cursor = ["last_modified_date", "request_id"]
+page_size = 10000
+
+[sinks.partner]
+type = "http"
+url = "http://{addr}/services-data/requests"
+batch = {{ max_records = {batch}, max_bytes = "64MiB" }}
+concurrency = {concurrency}
+
+[pipelines.bench]
+source = "servicedesk"
+sink = "partner"
+schedule = {{ every = "1h" }}
+"#,
+            state = dir.join("state.db").display(),
+            addr = receiver.addr,
+            batch = args.batch,
+            concurrency = args.concurrency,
+        ),
+    )?;
+    Ok(config)
+}
+
+/// `caudal once bench`, from start to exit; the receiver must then hold
+/// exactly `total` records.
+async fn run_caudal(
+    args: &Args,
+    config: &Path,
+    dir: &Path,
+    receiver: &Receiver,
+    total: u64,
+) -> anyhow::Result<Ended> {
+    let caudal = spawn_caudal(args, config, dir, &["once", "bench"])?;
+    let ended = wait_exit(caudal, dir, "caudal once").await?;
+    let delivered = receiver.records();
+    if delivered != total {
+        bail!(
+            "the receiver holds {delivered} records, expected {total} (log: {})",
+            dir.join("caudal.log").display()
+        );
+    }
+    Ok(ended)
+}
+
+/// `psql` running `settings` then `COPY (query) TO STDOUT` into /dev/null;
+/// its seconds, process start to exit.
+fn copy(url: &str, settings: &[&str], query: &str) -> anyhow::Result<f64> {
+    let mut cmd = Command::new("psql");
+    cmd.arg(url).args(["-q", "-v", "ON_ERROR_STOP=1"]);
+    for s in settings {
+        cmd.args(["-c", s]);
+    }
+    cmd.args(["-c", &format!("COPY ({query}) TO STDOUT")])
+        .stdout(Stdio::null());
+    let started = Instant::now();
+    let status = cmd.status().context("cannot run psql")?;
+    let secs = started.elapsed().as_secs_f64();
+    if !status.success() {
+        bail!("psql COPY failed: {status}");
+    }
+    Ok(secs)
+}
+
+/// Runs a seed re-creation against the receiver; it must print a summary
+/// with `rows` rows and no failure, and the receiver must have counted
+/// `rows` more records.
+async fn run_seed(
+    args: &Args,
+    dir: &Path,
+    receiver: &Receiver,
+    script: &str,
+    extra: &[&str],
+    url: &str,
+    rows: u64,
+) -> anyhow::Result<Ended> {
+    let out = dir.join(format!("{script}.out"));
+    let err = dir.join(format!("{script}.err"));
+    let mut cmd = Command::new(&args.python);
+    cmd.arg(args.seeds.join(script))
+        .args(["--dsn", url])
+        .args([
+            "--url",
+            &format!("http://{}/services-data/requests", receiver.addr),
+        ])
+        .args(extra)
+        .stdout(Stdio::from(std::fs::File::create(&out)?))
+        .stderr(Stdio::from(std::fs::File::create(&err)?));
+    let before = receiver.records();
+    let ended = Measured::spawn(cmd)
+        .with_context(|| {
+            format!(
+                "cannot run {} (bench/run installs a virtualenv with the seeds' packages)",
+                args.python.display()
+            )
+        })?
+        .wait()
+        .await?;
+    let stderr = std::fs::read_to_string(&err).unwrap_or_default();
+    if !ended.status.success() {
+        bail!("{script} failed: {}: {stderr}", ended.status);
+    }
+    let summary: Value = serde_json::from_str(std::fs::read_to_string(&out)?.trim())
+        .with_context(|| format!("{script} printed no summary: {stderr}"))?;
+    let got = receiver.records() - before;
+    if summary["rows"] != json!(rows) || got != rows {
+        bail!(
+            "{script} read {} rows and delivered {got}, expected {rows}",
+            summary["rows"]
+        );
+    }
+    Ok(ended)
+}
+
+/// Sequential and index scans of `service_requests` so far.
+async fn table_scans(db: &PgPool) -> anyhow::Result<(i64, i64)> {
+    db.execute("SELECT pg_stat_clear_snapshot()").await?;
+    let row = sqlx::query(
+        "SELECT seq_scan, coalesce(idx_scan, 0) FROM pg_stat_user_tables WHERE relname = 'service_requests'",
+    )
+    .fetch_one(db)
+    .await?;
+    Ok((row.try_get(0)?, row.try_get(1)?))
+}
