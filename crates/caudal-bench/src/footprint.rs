@@ -10,7 +10,9 @@
 //!   run (the pipeline waits for its hour), and `--idle-secs` after a run of
 //!   the 1,000 rows that the last start is asked for through the API
 //!   (`POST /api/v1/pipelines/hourly/trigger`), with that process's
-//!   high-water mark;
+//!   high-water mark, and the private part of that idle RSS (`RssAnon`:
+//!   heap and stacks; the rest is pages of the binary, shared and
+//!   reclaimable);
 //! - the binary's size.
 //!
 //! The reference is seed 001's own process between two hourly runs
@@ -51,6 +53,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
 
     let mut ready_ms = Vec::new();
     let (mut fresh_rss, mut idle_rss, mut peak_rss) = (None, None, None);
+    let mut idle_anon = None;
     for start in 0..STARTS {
         let addr = free_port()?;
         let config = write_config(&dir, &source, receiver.addr, addr)?;
@@ -84,6 +87,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
             }
             tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
             idle_rss = Some(caudal.rss_mib()?);
+            idle_anon = Some(caudal.anon_rss_mib()?);
         }
         caudal.terminate()?;
         let ended = wait_exit(caudal, &dir, "caudal run").await?;
@@ -91,16 +95,17 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
             peak_rss = Some(ended.peak_rss_mib);
         }
     }
-    let (fresh_rss, idle_rss, peak_rss) = match (fresh_rss, idle_rss, peak_rss) {
-        (Some(f), Some(i), Some(p)) => (f, i, p),
-        _ => bail!("no idle reading"),
-    };
+    let (fresh_rss, idle_rss, idle_anon, peak_rss) =
+        match (fresh_rss, idle_rss, idle_anon, peak_rss) {
+            (Some(f), Some(i), Some(a), Some(p)) => (f, i, a, p),
+            _ => bail!("no idle reading"),
+        };
     ready_ms.sort_by(f64::total_cmp);
     let ready_median = ready_ms[STARTS / 2];
     let binary_mib = std::fs::metadata(&args.caudal)?.len() as f64 / (1024.0 * 1024.0);
 
     eprintln!("footprint: seed 001's scheduler process");
-    let (seed_ready_ms, seed_rss) = seed_idle(args, &dir).await?;
+    let (seed_ready_ms, seed_rss, seed_anon) = seed_idle(args, &dir).await?;
     let _ = std::fs::remove_dir_all(&dir);
     Ok(json!({
         "scenario": "footprint",
@@ -110,10 +115,13 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
         "idle_secs": args.idle_secs,
         "fresh_rss_mib": round(fresh_rss),
         "idle_rss_mib": round(idle_rss),
+        "idle_anon_rss_mib": round(idle_anon),
         "peak_rss_mib": round(peak_rss),
         "seed001_ready_ms": round(seed_ready_ms),
         "seed001_idle_rss_mib": round(seed_rss),
+        "seed001_idle_anon_rss_mib": round(seed_anon),
         "seed001_rss_over_caudal": round(seed_rss / idle_rss),
+        "seed001_anon_rss_over_caudal": round(seed_anon / idle_anon),
         "seed001_ready_over_caudal": round(seed_ready_ms / ready_median),
     }))
 }
@@ -234,8 +242,8 @@ fn create_token(args: &Args, config: &Path) -> anyhow::Result<String> {
 }
 
 /// Seed 001's scheduler: milliseconds until it printed `ready`, and its RSS
-/// after `--idle-secs`.
-async fn seed_idle(args: &Args, dir: &Path) -> anyhow::Result<(f64, f64)> {
+/// and private RSS after `--idle-secs`.
+async fn seed_idle(args: &Args, dir: &Path) -> anyhow::Result<(f64, f64, f64)> {
     let out = dir.join("seed-idle.out");
     let mut cmd = Command::new(&args.python);
     cmd.arg(args.seeds.join("seed001_send_interval_data.py"))
@@ -259,8 +267,8 @@ async fn seed_idle(args: &Args, dir: &Path) -> anyhow::Result<(f64, f64)> {
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
     tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-    let rss = seed.rss_mib()?;
+    let (rss, anon) = (seed.rss_mib()?, seed.anon_rss_mib()?);
     seed.terminate()?;
     seed.wait().await?;
-    Ok((ready_ms, rss))
+    Ok((ready_ms, rss, anon))
 }

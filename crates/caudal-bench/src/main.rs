@@ -36,6 +36,11 @@ mod sink;
 mod sync;
 
 use std::io::Write as _;
+
+/// The allocator caudal's binary uses: `buffer` and `http-sink` run caudal's
+/// code in this process, and should run it as `caudal` does.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};

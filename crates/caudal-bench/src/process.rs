@@ -78,11 +78,22 @@ impl Measured {
 
     /// The child's resident memory now (`VmRSS`), in MiB.
     pub fn rss_mib(&self) -> anyhow::Result<f64> {
+        self.status_mib("VmRSS:")
+    }
+
+    /// The private part of it (`RssAnon`: heap and stacks, not the pages of
+    /// the binary and libraries it maps, which the system shares and can
+    /// drop), in MiB.
+    pub fn anon_rss_mib(&self) -> anyhow::Result<f64> {
+        self.status_mib("RssAnon:")
+    }
+
+    fn status_mib(&self, field: &str) -> anyhow::Result<f64> {
         let text = std::fs::read_to_string(format!("/proc/{}/status", self.pid))
             .context("the child has exited")?;
-        status_kib(&text, "VmRSS:")
+        status_kib(&text, field)
             .map(|kib| kib as f64 / 1024.0)
-            .context("no VmRSS in the child's status")
+            .with_context(|| format!("no {field} in the child's status"))
     }
 
     /// Asks the child to stop (SIGTERM).

@@ -206,6 +206,17 @@ fn rows(r: &Value) -> Vec<Row> {
             ),
             row(
                 "footprint",
+                "of which private (heap, stacks)".to_string(),
+                format!("{:.1} MiB", f("idle_anon_rss_mib").unwrap_or(f64::NAN)),
+                format!(
+                    "seed 001 scheduler (Python): {:.1} MiB",
+                    f("seed001_idle_anon_rss_mib").unwrap_or(f64::NAN)
+                ),
+                f("seed001_anon_rss_over_caudal"),
+                None,
+            ),
+            row(
+                "footprint",
                 "startup to ready".to_string(),
                 ms("ready_ms"),
                 format!("seed 001 scheduler (Python): {}", ms("seed001_ready_ms")),
