@@ -3,7 +3,11 @@
 The seed (`Evaluación de la Arquitectura Actual`, "Ejemplo para enviar
 registros en paralelo") sends every record on its own request from a
 `ThreadPoolExecutor(max_workers=5)` through one urllib3 `PoolManager`, and
-logs each outcome. Here each record is the seed 001 record shape, posted as
+logs each outcome (here at INFO on stderr, which the harness keeps in a
+file, as the seed's `registrar_evento` writes its log file), with the
+`PoolManager`'s defaults (one kept connection per host: the other workers
+open and discard theirs, as the seed's would). The seed requests a URL per
+record (`GET`); here each record is the seed 001 record shape, posted as
 JSON to the receiver; the rows come from PostgreSQL with psycopg2
 (`fetchall`, as the seed's pyodbc does).
 
@@ -21,9 +25,9 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg2
 import urllib3
 
-logging.basicConfig(level=logging.WARNING)
+logging.basicConfig(level=logging.INFO)
 logger = logging.getLogger(__name__)
-http = urllib3.PoolManager(maxsize=10)
+http = urllib3.PoolManager()
 
 
 def registrar_evento(mensaje, nivel="info"):

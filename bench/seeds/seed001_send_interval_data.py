@@ -29,7 +29,7 @@ import psycopg2
 import requests
 import schedule
 
-logging.basicConfig(level=logging.WARNING)
+logging.basicConfig(level=logging.INFO)
 logger = logging.getLogger(__name__)
 
 

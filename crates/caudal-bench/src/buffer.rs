@@ -61,13 +61,19 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
         .collect::<Result<_, _>>()?;
     let bytes: usize = encoded.iter().map(Vec::len).sum();
 
-    eprintln!("buffer: pipeline (encode + append, read + decode)");
-    let pipeline = run_pipeline(&dir.join("pipeline"), &batches, records).await?;
-    eprintln!("buffer: buffer alone");
-    let buffer = run_buffer(&dir.join("buffer"), &encoded, bytes).await?;
-    eprintln!("buffer: plain write + fdatasync");
-    let plain = run_plain(&dir.join("plain"), &encoded)?;
+    let timings = async {
+        eprintln!("buffer: pipeline (encode + append, read + decode)");
+        let pipeline = run_pipeline(&dir.join("pipeline"), &batches, records).await?;
+        eprintln!("buffer: buffer alone");
+        let buffer = run_buffer(&dir.join("buffer"), &encoded, bytes).await?;
+        eprintln!("buffer: plain write + fdatasync");
+        let plain = run_plain(&dir.join("plain"), &encoded)?;
+        anyhow::Ok((pipeline, buffer, plain))
+    }
+    .await;
+    // The directories hold about 1 GB: removed whatever happened.
     let _ = std::fs::remove_dir_all(&dir);
+    let (pipeline, buffer, plain) = timings?;
 
     let n = records as f64;
     let mb = bytes as f64 / 1e6;
@@ -201,12 +207,12 @@ fn run_plain(dir: &Path, encoded: &[Vec<u8>]) -> anyhow::Result<Timing> {
         .iter()
         .map(|entry| {
             let mut bytes = Vec::with_capacity(entry.len() + 8);
-            bytes.extend_from_slice(&u32::try_from(entry.len()).unwrap_or(u32::MAX).to_le_bytes());
+            bytes.extend_from_slice(&u32::try_from(entry.len())?.to_le_bytes());
             bytes.extend_from_slice(&crc32fast::hash(entry).to_le_bytes());
             bytes.extend_from_slice(entry);
-            bytes
+            anyhow::Ok(bytes)
         })
-        .collect();
+        .collect::<Result<_, _>>()?;
     let path = dir.join("plain.log");
     let started = Instant::now();
     let mut file = File::create(&path)?;

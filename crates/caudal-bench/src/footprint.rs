@@ -6,13 +6,12 @@
 //! - startup-to-ready: from spawning the process until `/readyz` answers
 //!   200 (the store answers and every pipeline started), polled every
 //!   millisecond; the median of the five starts;
-//! - RSS (`VmRSS`) `--idle-secs` seconds after the first start, before any
-//!   run (the pipeline waits for its hour), and `--idle-secs` after a run of
-//!   the 1,000 rows that the last start is asked for through the API
-//!   (`POST /api/v1/pipelines/hourly/trigger`), with that process's
-//!   high-water mark, and the private part of that idle RSS (`RssAnon`:
+//! - RSS (`VmRSS`) `--idle-secs` seconds after the first start's run of
+//!   the 1,000 rows (a pipeline that never ran runs at once), with that
+//!   process's high-water mark and the private part of its RSS (`RssAnon`:
 //!   heap and stacks; the rest is pages of the binary, shared and
-//!   reclaimable);
+//!   reclaimable); and `--idle-secs` after the last start, a restart
+//!   within the hour that waits for the next one and runs nothing;
 //! - the binary's size.
 //!
 //! The reference is seed 001's own process between two hourly runs
@@ -46,37 +45,19 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let source = dir.join("source.db");
     seed_source(&source).await?;
 
-    let token = create_token(
-        args,
-        &write_config(&dir, &source, receiver.addr, free_port()?)?,
-    )?;
-
     let mut ready_ms = Vec::new();
-    let (mut fresh_rss, mut idle_rss, mut peak_rss) = (None, None, None);
-    let mut idle_anon = None;
+    let mut after_run = None;
+    let mut restart = None;
     for start in 0..STARTS {
         let addr = free_port()?;
         let config = write_config(&dir, &source, receiver.addr, addr)?;
         let caudal = spawn_caudal(args, &config, &dir, &["run"])?;
         ready_ms.push(wait_ready(&caudal, addr, &dir).await? * 1000.0);
         if start == 0 {
-            // Before any run: the hourly pipeline waits for its hour.
-            tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-            fresh_rss = Some(caudal.rss_mib()?);
-        }
-        if start + 1 == STARTS {
-            // After a run of 1,000 rows, asked for through the API.
-            request(
-                addr,
-                "POST",
-                "/api/v1/pipelines/hourly/trigger",
-                Some(&token),
-            )
-            .filter(|status| *status == 200)
-            .context("the trigger was not accepted")?;
-            let asked = Instant::now();
+            // A first start runs the pipeline at once (it never ran).
+            let started = Instant::now();
             while receiver.records() < SOURCE_ROWS {
-                if asked.elapsed() > READY_TIMEOUT {
+                if started.elapsed() > READY_TIMEOUT || caudal.has_exited() {
                     bail!(
                         "caudal delivered {} of {SOURCE_ROWS} rows (log: {})",
                         receiver.records(),
@@ -86,20 +67,27 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
             tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
-            idle_rss = Some(caudal.rss_mib()?);
-            idle_anon = Some(caudal.anon_rss_mib()?);
+            after_run = Some((caudal.rss_mib()?, caudal.anon_rss_mib()?, 0.0));
+        } else if start + 1 == STARTS {
+            // A restart within the hour waits for the next one: no run.
+            tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+            if receiver.records() != SOURCE_ROWS {
+                bail!(
+                    "a restart ran the pipeline again ({} records delivered; log: {})",
+                    receiver.records(),
+                    dir.join("caudal.log").display()
+                );
+            }
+            restart = Some((caudal.rss_mib()?, caudal.anon_rss_mib()?));
         }
         caudal.terminate()?;
         let ended = wait_exit(caudal, &dir, "caudal run").await?;
-        if start + 1 == STARTS {
-            peak_rss = Some(ended.peak_rss_mib);
+        if start == 0 {
+            after_run = after_run.map(|(rss, anon, _)| (rss, anon, ended.peak_rss_mib));
         }
     }
-    let (fresh_rss, idle_rss, idle_anon, peak_rss) =
-        match (fresh_rss, idle_rss, idle_anon, peak_rss) {
-            (Some(f), Some(i), Some(a), Some(p)) => (f, i, a, p),
-            _ => bail!("no idle reading"),
-        };
+    let ((idle_rss, idle_anon, peak_rss), (restart_rss, restart_anon)) =
+        after_run.zip(restart).context("no idle reading")?;
     ready_ms.sort_by(f64::total_cmp);
     let ready_median = ready_ms[STARTS / 2];
     let binary_mib = std::fs::metadata(&args.caudal)?.len() as f64 / (1024.0 * 1024.0);
@@ -113,10 +101,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
         "ready_ms": round(ready_median),
         "ready_ms_each": ready_ms.iter().map(|&ms| round(ms)).collect::<Vec<_>>(),
         "idle_secs": args.idle_secs,
-        "fresh_rss_mib": round(fresh_rss),
         "idle_rss_mib": round(idle_rss),
         "idle_anon_rss_mib": round(idle_anon),
         "peak_rss_mib": round(peak_rss),
+        "restart_rss_mib": round(restart_rss),
+        "restart_anon_rss_mib": round(restart_anon),
         "seed001_ready_ms": round(seed_ready_ms),
         "seed001_idle_rss_mib": round(seed_rss),
         "seed001_idle_anon_rss_mib": round(seed_anon),
@@ -190,7 +179,7 @@ schedule = {{ every = "1h" }}
 async fn wait_ready(caudal: &Measured, addr: SocketAddr, dir: &Path) -> anyhow::Result<f64> {
     let started = Instant::now();
     loop {
-        if request(addr, "GET", "/readyz", None) == Some(200) {
+        if ready(addr) {
             return Ok(caudal.elapsed_secs());
         }
         if caudal.has_exited() || started.elapsed() > READY_TIMEOUT {
@@ -204,41 +193,19 @@ async fn wait_ready(caudal: &Measured, addr: SocketAddr, dir: &Path) -> anyhow::
     }
 }
 
-/// An HTTP/1.1 request to caudal's server; the answer's status, `None`
-/// when there was no answer.
-fn request(addr: SocketAddr, method: &str, path: &str, token: Option<&str>) -> Option<u16> {
-    let mut stream = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    let auth = token.map_or_else(String::new, |t| format!("Authorization: Bearer {t}\r\n"));
-    let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: caudal\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(head.as_bytes()).ok()?;
+/// Whether caudal's `/readyz` answers 200 now.
+fn ready(addr: SocketAddr) -> bool {
+    let Ok(mut stream) = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(5)));
+    let head = "GET /readyz HTTP/1.1\r\nHost: caudal\r\nConnection: close\r\n\r\n";
+    if stream.write_all(head.as_bytes()).is_err() {
+        return false;
+    }
     let mut answer = Vec::new();
     let _ = stream.read_to_end(&mut answer);
-    let status = answer.strip_prefix(b"HTTP/1.1 ")?.get(..3)?;
-    std::str::from_utf8(status).ok()?.parse().ok()
-}
-
-/// `caudal token create`: an operator token for the trigger.
-fn create_token(args: &Args, config: &Path) -> anyhow::Result<String> {
-    let out = Command::new(&args.caudal)
-        .arg("-c")
-        .arg(config)
-        .args(["token", "create", "--name", "bench", "--role", "operator"])
-        .output()
-        .with_context(|| format!("cannot run {}", args.caudal.display()))?;
-    if !out.status.success() {
-        bail!(
-            "caudal token create failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    let token = String::from_utf8(out.stdout)?.trim().to_string();
-    if token.is_empty() {
-        bail!("caudal token create printed no token");
-    }
-    Ok(token)
+    answer.starts_with(b"HTTP/1.1 200")
 }
 
 /// Seed 001's scheduler: milliseconds until it printed `ready`, and its RSS

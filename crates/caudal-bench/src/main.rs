@@ -60,6 +60,37 @@ const SCENARIOS: &[&str] = &[
     "footprint",
 ];
 
+/// The scenarios that use the PostgreSQL server.
+const PG_SCENARIOS: &[&str] = &[
+    "initial-sync",
+    "steady-state",
+    "cdc-throughput",
+    "cdc-latency",
+];
+
+/// The advisory lock a harness run holds on the PostgreSQL server.
+const PG_LOCK_KEY: i64 = 0x6361_7564_616c_6265;
+
+/// A connection holding [`PG_LOCK_KEY`] until it is dropped.
+async fn pg_lock(url: &str) -> anyhow::Result<sqlx::PgConnection> {
+    use sqlx::Connection as _;
+    let mut conn = sqlx::PgConnection::connect(url).await.with_context(|| {
+        format!("cannot connect to PostgreSQL at {url} (run scripts/test --services-only)")
+    })?;
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(PG_LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await?;
+    if !got {
+        eprintln!("waiting for another caudal-bench run on this PostgreSQL server to finish");
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(PG_LOCK_KEY)
+            .execute(&mut conn)
+            .await?;
+    }
+    Ok(conn)
+}
+
 #[derive(Debug, Parser)]
 #[command(about = "Runs caudal's benchmark scenarios and prints JSON lines and a Markdown table")]
 struct Args {
@@ -176,6 +207,14 @@ fn main() -> anyhow::Result<()> {
             SCENARIOS.join(", ")
         );
     }
+    // The PostgreSQL scenarios use fixed names (database `caudal_bench`, its
+    // slots and publication) and drop what a killed run left; a second run
+    // on the same server waits for the first instead of breaking it.
+    let _pg_lock = if names.iter().any(|n| PG_SCENARIOS.contains(n)) {
+        Some(rt.block_on(pg_lock(&args.pg_url))?)
+    } else {
+        None
+    };
     let mut results = Vec::new();
     for name in names {
         let lines = rt

@@ -187,14 +187,6 @@ fn rows(r: &Value) -> Vec<Row> {
         "footprint" => vec![
             row(
                 "footprint",
-                format!("RSS {} s after start, before any run", n("idle_secs")),
-                format!("{:.1} MiB", f("fresh_rss_mib").unwrap_or(f64::NAN)),
-                "–".to_string(),
-                None,
-                None,
-            ),
-            row(
-                "footprint",
                 format!("idle RSS {} s after a run of 1,000 rows", n("idle_secs")),
                 format!("{:.1} MiB", f("idle_rss_mib").unwrap_or(f64::NAN)),
                 format!(
@@ -213,6 +205,21 @@ fn rows(r: &Value) -> Vec<Row> {
                     f("seed001_idle_anon_rss_mib").unwrap_or(f64::NAN)
                 ),
                 f("seed001_anon_rss_over_caudal"),
+                None,
+            ),
+            row(
+                "footprint",
+                format!(
+                    "RSS of a restart waiting for its hour, after {} s",
+                    n("idle_secs")
+                ),
+                format!(
+                    "{:.1} MiB ({:.1} private)",
+                    f("restart_rss_mib").unwrap_or(f64::NAN),
+                    f("restart_anon_rss_mib").unwrap_or(f64::NAN)
+                ),
+                "–".to_string(),
+                None,
                 None,
             ),
             row(

@@ -16,7 +16,7 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
@@ -30,6 +30,10 @@ use crate::{Args, database_url, round};
 const DATABASE: &str = "caudal_bench";
 /// The cursor query both caudal and the COPY reference read in order.
 const ORDER: &str = "ORDER BY last_modified_date, request_id";
+/// How long a sender may go without delivering anything, or a seed
+/// re-creation may run in all, before the scenario fails.
+const STALL: Duration = Duration::from_secs(60);
+const SEED_TIMEOUT: Duration = Duration::from_secs(900);
 
 /// Runs `initial-sync`, then drops its database.
 pub async fn initial(args: &Args) -> anyhow::Result<Vec<Value>> {
@@ -125,7 +129,12 @@ async fn steady_run(args: &Args, url: &str, rows: u64) -> anyhow::Result<Value> 
     eprintln!("steady-state: first run, {rows} rows (not timed against a reference)");
     let first = run_caudal(args, &config, &dir, &receiver, rows).await?;
 
-    let db = PgPool::connect(url).await?;
+    // One connection, so that its own statistics can be flushed before
+    // caudal's scans are counted.
+    let db = sqlx::postgres::PgPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await?;
     // The cursor's end after the first run: the changed rows sort after it.
     let last: (String, i64) = {
         let row = sqlx::query(
@@ -161,6 +170,9 @@ async fn steady_run(args: &Args, url: &str, rows: u64) -> anyhow::Result<Value> 
     )
     .fetch_one(&db)
     .await?;
+    // The UPDATE's own scans reach the statistics now, not during caudal's run.
+    db.execute("SELECT pg_stat_force_next_flush()").await?;
+    db.execute("SELECT 1").await?;
     let before = table_scans(&db).await?;
 
     eprintln!("steady-state: caudal once over the {changed} changed rows");
@@ -243,7 +255,18 @@ async fn provision(args: &Args, rows: u64) -> anyhow::Result<(PgPool, String)> {
         ))))
         .await?;
     let url = database_url(&args.pg_url, DATABASE);
-    let db = PgPool::connect(&url).await?;
+    match load(&url, rows).await {
+        Ok(()) => Ok((admin, url)),
+        Err(e) => {
+            let _ = drop_database(&admin).await;
+            Err(e)
+        }
+    }
+}
+
+/// Fills the new database: the table, its rows, the cursor index.
+async fn load(url: &str, rows: u64) -> anyhow::Result<()> {
+    let db = PgPool::connect(url).await?;
     eprintln!("loading {rows} rows into service_requests");
     db.execute(
         "CREATE TABLE service_requests (
@@ -269,7 +292,7 @@ async fn provision(args: &Args, rows: u64) -> anyhow::Result<(PgPool, String)> {
     .await?;
     db.execute("VACUUM ANALYZE service_requests").await?;
     db.close().await;
-    Ok((admin, url))
+    Ok(())
 }
 
 async fn drop_database(admin: &PgPool) -> anyhow::Result<()> {
@@ -324,7 +347,7 @@ schedule = {{ every = "1h" }}
 }
 
 /// `caudal once bench`, from start to exit; the receiver must then hold
-/// exactly `total` records.
+/// exactly `total` records. Fails when nothing arrives for [`STALL`].
 async fn run_caudal(
     args: &Args,
     config: &Path,
@@ -333,6 +356,20 @@ async fn run_caudal(
     total: u64,
 ) -> anyhow::Result<Ended> {
     let caudal = spawn_caudal(args, config, dir, &["once", "bench"])?;
+    let mut last = (receiver.records(), Instant::now());
+    while !caudal.has_exited() {
+        let n = receiver.records();
+        if n != last.0 {
+            last = (n, Instant::now());
+        } else if last.1.elapsed() > STALL {
+            bail!(
+                "caudal once delivered nothing for {} s (log: {})",
+                STALL.as_secs(),
+                dir.join("caudal.log").display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let ended = wait_exit(caudal, dir, "caudal once").await?;
     let delivered = receiver.records();
     if delivered != total {
@@ -348,7 +385,7 @@ async fn run_caudal(
 /// its seconds, process start to exit.
 fn copy(url: &str, settings: &[&str], query: &str) -> anyhow::Result<f64> {
     let mut cmd = Command::new("psql");
-    cmd.arg(url).args(["-q", "-v", "ON_ERROR_STOP=1"]);
+    cmd.arg(url).args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
     for s in settings {
         cmd.args(["-c", s]);
     }
@@ -388,15 +425,15 @@ async fn run_seed(
         .stdout(Stdio::from(std::fs::File::create(&out)?))
         .stderr(Stdio::from(std::fs::File::create(&err)?));
     let before = receiver.records();
-    let ended = Measured::spawn(cmd)
-        .with_context(|| {
-            format!(
-                "cannot run {} (bench/run installs a virtualenv with the seeds' packages)",
-                args.python.display()
-            )
-        })?
-        .wait()
-        .await?;
+    let seed = Measured::spawn(cmd).with_context(|| {
+        format!(
+            "cannot run {} (bench/run installs a virtualenv with the seeds' packages)",
+            args.python.display()
+        )
+    })?;
+    let ended = tokio::time::timeout(SEED_TIMEOUT, seed.wait())
+        .await
+        .with_context(|| format!("{script} did not finish in {} s", SEED_TIMEOUT.as_secs()))??;
     let stderr = std::fs::read_to_string(&err).unwrap_or_default();
     if !ended.status.success() {
         bail!("{script} failed: {}: {stderr}", ended.status);
