@@ -5,12 +5,15 @@
 //! batches of `--batch`, prepared before the clock starts. caudal's
 //! [`HttpSink`] (the sink `caudal run` uses, default settings) delivers
 //! every batch, encoding each request body itself, with 1 and then 8
-//! requests in flight; each must be delivered. The ceiling: the same
+//! requests in flight, each delivery in a task of its own as the engine
+//! runs them; each must be delivered. The ceiling: the same
 //! bodies, encoded once beforehand, posted by a bare hyper client over 8
 //! kept-alive connections as fast as the receiver answers (its own request
 //! rate), and over 1 for scale. The receiver parses every body in each
 //! case, and runs in this process, as do the sink and the client.
 
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Instant;
 
 use anyhow::{Context, bail};
@@ -18,10 +21,11 @@ use bytes::Bytes;
 use caudal_connectors::sinks::http::HttpSink;
 use caudal_core::config::HttpSinkConfig;
 use caudal_core::sink::{Batch, Delivery, Sink as _};
-use futures::StreamExt as _;
+use caudal_engine::buffered::Entry;
 use http_body_util::Full;
 use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
+use tokio::task::JoinSet;
 
 use crate::receiver::{self, Receiver};
 use crate::{Args, round};
@@ -38,13 +42,15 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Value>> {
     let url = format!("http://{}/ingest", receiver.addr);
     let config: HttpSinkConfig =
         serde_json::from_value(json!({ "url": url })).context("the sink's configuration")?;
-    let sink = HttpSink::new("recv", &config)?;
+    let sink = Arc::new(HttpSink::new("recv", &config)?);
     eprintln!("http-sink: preparing {records} records in batches of {batch}");
-    let batches = crate::buffer::batches(records, batch);
-    let bodies: Vec<Bytes> = batches
-        .iter()
-        .map(|b| sink.encode("bench", &b.key, &b.events).map(Bytes::from))
-        .collect::<Result<_, _>>()?;
+    let batches = Arc::new(crate::buffer::batches(records, batch));
+    let bodies: Arc<Vec<Bytes>> = Arc::new(
+        batches
+            .iter()
+            .map(|b| sink.encode("bench", &b.key, &b.events).map(Bytes::from))
+            .collect::<Result<_, _>>()?,
+    );
     let body_bytes: usize = bodies.iter().map(Bytes::len).sum();
 
     eprintln!("http-sink: ceiling, {CEILING_CONNECTIONS} connections");
@@ -62,24 +68,8 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Value>> {
         eprintln!("http-sink: caudal's sink, {concurrency} in flight");
         let before = receiver.records();
         let started = Instant::now();
-        let outcomes: Vec<Delivery> = futures::stream::iter(&batches)
-            .map(|b| {
-                sink.deliver(Batch {
-                    pipeline: "bench",
-                    key: &b.key,
-                    events: &b.events,
-                })
-            })
-            .buffer_unordered(concurrency)
-            .collect()
-            .await;
+        deliver_all(&sink, &batches, concurrency).await?;
         let secs = started.elapsed().as_secs_f64();
-        if let Some(failed) = outcomes
-            .iter()
-            .find(|d| !matches!(d, Delivery::Delivered { .. }))
-        {
-            bail!("a batch was not delivered: {failed:?}");
-        }
         let got = receiver.records() - before;
         if got != records {
             bail!("the receiver got {got} records, the sink sent {records}");
@@ -104,43 +94,80 @@ pub async fn run(args: &Args) -> anyhow::Result<Vec<Value>> {
     Ok(out)
 }
 
-/// Posts every body once over `connections` kept-alive connections (each
-/// takes the next body as soon as its last answer came); seconds until the
-/// last answer. The receiver must count `records` more.
+/// Delivers every batch through the sink, `concurrency` at a time, each
+/// delivery in a task of its own as the engine's deliverer runs them; every
+/// batch must be delivered.
+async fn deliver_all(
+    sink: &Arc<HttpSink>,
+    batches: &Arc<Vec<Entry>>,
+    concurrency: usize,
+) -> anyhow::Result<()> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut workers = JoinSet::new();
+    for _ in 0..concurrency {
+        let (sink, batches, next) = (sink.clone(), batches.clone(), next.clone());
+        workers.spawn(async move {
+            while let Some(b) = batches.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let delivery = sink
+                    .deliver(Batch {
+                        pipeline: "bench",
+                        key: &b.key,
+                        events: &b.events,
+                    })
+                    .await;
+                if !matches!(delivery, Delivery::Delivered { .. }) {
+                    bail!("batch {} was not delivered: {delivery:?}", b.key);
+                }
+            }
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = workers.join_next().await {
+        done??;
+    }
+    Ok(())
+}
+
+/// Posts every body once over `connections` kept-alive connections, each in
+/// a task of its own that takes the next body as soon as its last answer
+/// came; seconds until the last answer. The receiver must count `records`
+/// more.
 async fn post_all(
     receiver: &Receiver,
-    bodies: &[Bytes],
+    bodies: &Arc<Vec<Bytes>>,
     connections: usize,
     records: u64,
 ) -> anyhow::Result<f64> {
     let before = receiver.records();
-    let next = std::sync::atomic::AtomicUsize::new(0);
+    let next = Arc::new(AtomicUsize::new(0));
+    let addr = receiver.addr;
     let started = Instant::now();
-    let clients = (0..connections).map(|_| async {
-        let stream = tokio::net::TcpStream::connect(receiver.addr).await?;
-        stream.set_nodelay(true)?;
-        let (mut sender, conn) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(conn);
-        loop {
-            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let Some(body) = bodies.get(i) else {
-                return anyhow::Ok(());
-            };
-            let request = hyper::Request::post("/ingest")
-                .header(hyper::header::HOST, receiver.addr.to_string())
-                .header(hyper::header::CONTENT_TYPE, "application/json")
-                .body(Full::new(body.clone()))?;
-            sender.ready().await?;
-            let response = sender.send_request(request).await?;
-            if !response.status().is_success() {
-                bail!("the receiver answered {}", response.status());
+    let mut clients = JoinSet::new();
+    for _ in 0..connections {
+        let (bodies, next) = (bodies.clone(), next.clone());
+        clients.spawn(async move {
+            let stream = tokio::net::TcpStream::connect(addr).await?;
+            stream.set_nodelay(true)?;
+            let (mut sender, conn) =
+                hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+            tokio::spawn(conn);
+            while let Some(body) = bodies.get(next.fetch_add(1, Ordering::Relaxed)) {
+                let request = hyper::Request::post("/ingest")
+                    .header(hyper::header::HOST, addr.to_string())
+                    .header(hyper::header::CONTENT_TYPE, "application/json")
+                    .body(Full::new(body.clone()))?;
+                sender.ready().await?;
+                let response = sender.send_request(request).await?;
+                if !response.status().is_success() {
+                    bail!("the receiver answered {}", response.status());
+                }
+                http_body_util::BodyExt::collect(response.into_body()).await?;
             }
-            http_body_util::BodyExt::collect(response.into_body()).await?;
-        }
-    });
-    for result in futures::future::join_all(clients).await {
-        result?;
+            anyhow::Ok(())
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done??;
     }
     let secs = started.elapsed().as_secs_f64();
     let got = receiver.records() - before;
