@@ -492,6 +492,7 @@ async fn postgres_numerics_match_the_server_text() {
 // MariaDB / MySQL
 // ---------------------------------------------------------------------------
 
+#[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mariadb_types_map_to_exact_json() {
     let db = mysql_database().await;
@@ -621,6 +622,7 @@ async fn mariadb_types_map_to_exact_json() {
 /// MariaDB accepts zero dates (`0000-00-00`) and dates with zero parts
 /// unless `NO_ZERO_DATE`/`NO_ZERO_IN_DATE` are set; they are not dates, so
 /// they are read as null instead of failing the whole source.
+#[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mariadb_zero_dates_read_as_null() {
     let db = mysql_database().await;
@@ -655,6 +657,7 @@ async fn mariadb_zero_dates_read_as_null() {
 /// MariaDB reports it as `LONGTEXT` and names the derived table, not the
 /// base table, as the column's origin, so nothing says it holds JSON
 /// (table sources read the `json_valid` check from the catalog instead).
+#[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mariadb_query_source_keeps_types() {
     let db = mysql_database().await;
@@ -950,6 +953,7 @@ async fn postgres_quoted_identifiers_and_queries() {
     quoted_identifiers_work(DbKind::Postgres).await;
 }
 
+#[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mariadb_quoted_identifiers_and_queries() {
     quoted_identifiers_work(DbKind::MySql).await;
@@ -1029,6 +1033,7 @@ async fn postgres_errors_are_clear() {
     errors_are_clear(DbKind::Postgres).await;
 }
 
+#[cfg(feature = "mysql")]
 #[tokio::test]
 async fn mariadb_errors_are_clear() {
     errors_are_clear(DbKind::MySql).await;

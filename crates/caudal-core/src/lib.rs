@@ -10,6 +10,7 @@ pub mod delivery;
 pub mod error;
 pub mod record;
 pub mod sink;
+pub mod status;
 pub mod units;
 
 pub use error::{Error, ErrorKind, Result};

@@ -11,14 +11,12 @@ pub mod daemon;
 pub mod deliverer;
 pub mod delivery;
 pub mod lease;
+pub mod maintenance;
 pub mod ordering;
 pub mod pipeline;
 pub mod schedule;
 pub mod send;
 pub mod status;
 
-pub use pipeline::{
-    Pipeline, Progress, RunSummary, Trigger, backfill_key, created_publication, drop_removed_slots,
-    load_checkpoint, request_backfill,
-};
+pub use pipeline::{Pipeline, Progress, RunSummary, Source, Trigger, load_checkpoint};
 pub use schedule::Schedule;

@@ -27,15 +27,14 @@ use caudal_buffer::Buffer;
 
 use caudal_connectors::sinks::http::HttpSink;
 use caudal_connectors::sources::cdc::{CdcReader, CdcSource, Durable};
-use caudal_connectors::sources::postgres_cdc::PgCdcSource;
 use caudal_connectors::sources::sql::{self, SqlSource};
 use caudal_core::config::{
-    AckMode, BatchConfig, ConcurrencyConfig, Config, PipelineConfig, SinkConfig, SqlDialect,
-    SqlMode,
+    AckMode, BatchConfig, ConcurrencyConfig, Config, PipelineConfig, SinkConfig, SqlMode,
 };
 use caudal_core::record::batch_key;
 use caudal_core::record::{Position, Record};
 use caudal_core::sink::{Event, Sink};
+use caudal_core::status::Replication;
 use caudal_core::{Error, ErrorKind, Result};
 use caudal_store::{RunOutcome, Store};
 use tokio::sync::{mpsc, watch};
@@ -46,6 +45,7 @@ use crate::batch::Batcher;
 use crate::buffered::{self, Entry, Recent, buffer_error};
 use crate::deliverer::{Deliverer, DeliveryStats};
 use crate::lease::{Lease, pipeline_lease};
+use crate::maintenance;
 use crate::schedule::Schedule;
 use crate::send::Sender;
 
@@ -96,7 +96,7 @@ impl Trigger {
 #[derive(Clone, Debug)]
 pub enum Source {
     /// Rows read by cursor, on a schedule.
-    Sql(SqlSource),
+    Sql(Box<SqlSource>),
     /// Changes streamed from a database's log (PostgreSQL, MariaDB).
     Cdc(CdcSource),
 }
@@ -145,6 +145,8 @@ struct Shared {
     released: watch::Sender<u64>,
     stats: Arc<DeliveryStats>,
     recent: Arc<Recent>,
+    /// Why intake waits now, if it does (for status).
+    blocked: std::sync::Mutex<Option<String>>,
 }
 
 /// Counters of one run's intake.
@@ -200,7 +202,7 @@ impl Pipeline {
         let cdc = source_cfg.sql().mode == SqlMode::Cdc;
         let source = match (cdc, source_cfg.dialect()) {
             (true, _) => Source::Cdc(CdcSource::connect(name, &p.source, source_cfg).await?),
-            (false, _) => Source::Sql(SqlSource::connect(&p.source, source_cfg).await?),
+            (false, _) => Source::Sql(Box::new(SqlSource::connect(&p.source, source_cfg).await?)),
         };
         // A CDC run streams until it fails or is stopped; the schedule
         // only says how soon it starts again.
@@ -347,61 +349,25 @@ impl Pipeline {
             .await
     }
 
+    /// Why intake waits now (a full buffer, a full disk), if it does.
+    pub fn intake_blocked(&self) -> Option<String> {
+        self.shared
+            .blocked
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     /// The live replication figures of a CDC pipeline's reader.
-    pub fn live_lag(&self) -> Option<caudal_connectors::sources::cdc::Lag> {
+    pub fn live_replication(&self) -> Option<Replication> {
         match &self.source {
-            Source::Cdc(s) => Some(s.lag()),
+            Source::Cdc(s) => {
+                let mut r = s.live();
+                r.live = true;
+                Some(r)
+            }
             Source::Sql(_) => None,
         }
-    }
-
-    /// Forgets the checkpoint (the next run reads the source from the
-    /// start). Refused ([`ErrorKind::Busy`]) while batches wait in the
-    /// buffer: they would be delivered after the reset. Returns whether
-    /// there was a checkpoint. For a daemon's paused pipeline (the API).
-    pub async fn reset_checkpoint(&self) -> Result<bool> {
-        let buffer = self.buffer().await?;
-        let waiting = buffer.next_offset() - buffer.acked();
-        if waiting > 0 {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "pipeline {:?} has {waiting} batches waiting in its buffer; let them be \
-                     delivered (or stop caudal and use `caudal checkpoint reset`)",
-                    self.name
-                ),
-            ));
-        }
-        self.store.reset_checkpoint(&self.name).await
-    }
-
-    /// Starts a CDC pipeline over: drops its PostgreSQL slot (the
-    /// publication stays), forgets what its source reported and its
-    /// checkpoint; the next run snapshots again. As [`Self::reset_checkpoint`]
-    /// for a non-empty buffer.
-    pub async fn resync(&self) -> Result<()> {
-        let Source::Cdc(source) = &self.source else {
-            return Err(Error::new(
-                ErrorKind::Config,
-                format!("pipeline {:?} does not capture changes", self.name),
-            ));
-        };
-        let buffer = self.buffer().await?;
-        if buffer.next_offset() > buffer.acked() {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                format!(
-                    "pipeline {:?} has batches waiting in its buffer; let them be delivered first",
-                    self.name
-                ),
-            ));
-        }
-        if let CdcSource::Postgres(pg) = source {
-            pg.drop_replication(false).await?;
-        }
-        self.store.clear_source_state(&self.name).await?;
-        self.store.reset_checkpoint(&self.name).await?;
-        Ok(())
     }
 
     /// The directory of the pipeline's buffer.
@@ -613,26 +579,14 @@ impl Pipeline {
                 None,
             ),
             Source::Cdc(s) => {
-                let lookup = follow.then(|| backfill_lookup(&self.store, &self.name));
-                let pending = follow.then(|| backfill_pending(&self.store, &self.name));
-                let r = s.open_run(from.as_ref(), follow, lookup, pending).await?;
-                if let CdcSource::Postgres(pg) = s {
-                    // Remembered so that removing the pipeline drops its slot
-                    // (and its publication, if caudal made it).
-                    let created_before = self
-                        .store
-                        .source_state(&slot_key(&self.name))
-                        .await?
-                        .is_some_and(|st| st.state["publication_created"] == true);
-                    let slot = serde_json::json!({
-                        "source": pg.name(),
-                        "slot": pg.slot(),
-                        "publication": pg.publication(),
-                        "publication_created": created_before || r.created_publication(),
-                    });
-                    self.store
-                        .set_source_state(&slot_key(&self.name), &slot)
-                        .await?;
+                let backfills =
+                    follow.then(|| maintenance::StoredBackfills::shared(&self.store, &self.name));
+                let r = s.open_run(from.as_ref(), follow, backfills).await?;
+                // Remembered so that removing the pipeline releases what it
+                // keeps on the server (its slot; its publication if caudal
+                // made it).
+                if let Some(held) = s.held(r.created_publication()) {
+                    maintenance::save_held(&self.store, &self.name, held).await?;
                 }
                 let durable = r.durable();
                 (Reader::Cdc(r), Some(durable))
@@ -647,15 +601,8 @@ impl Pipeline {
                     let mut tick = tokio::time::interval(LAG_REPORT_EVERY);
                     loop {
                         tick.tick().await;
-                        let now = source.lag();
-                        let lag = serde_json::to_value(&now).unwrap_or_default();
-                        if let Err(e) = store.set_source_state(&name, &lag).await {
+                        if let Err(e) = maintenance::report(&store, &name, &source.live()).await {
                             tracing::debug!(pipeline = %name, error = %e.report(), "cannot save the replication lag");
-                        }
-                        // A finished backfill's request is not run again
-                        // after a restart.
-                        if let Some(b) = now.backfill.filter(|b| b.done) {
-                            let _ = store.clear_source_state(&backfill_key(&name, &b.id)).await;
                         }
                     }
                 })))
@@ -880,7 +827,7 @@ impl Pipeline {
                 .set(age.as_secs_f64().max(0.0));
         }
         if let Source::Cdc(s) = &self.source {
-            let lag = s.lag();
+            let lag = s.live();
             if let Some(b) = lag.lag_bytes {
                 metrics::gauge!("caudal_replication_lag_bytes", "pipeline" => name.clone())
                     .set(b as f64);
@@ -918,146 +865,6 @@ fn load_schema(
     let validator = jsonschema::validator_for(&value)
         .map_err(|e| err(format!("not a valid JSON Schema: {e}")))?;
     Ok(Some(Arc::new(validator)))
-}
-
-/// Whether caudal created the publication of a CDC pipeline (so it may
-/// drop it with the pipeline).
-pub async fn created_publication(store: &Store, pipeline: &str) -> Result<bool> {
-    Ok(store
-        .source_state(&slot_key(pipeline))
-        .await?
-        .is_some_and(|st| st.state["publication_created"] == true))
-}
-
-/// Where the store remembers a CDC pipeline's slot and publication.
-pub fn slot_key(pipeline: &str) -> String {
-    format!("slot/{pipeline}")
-}
-
-/// Drops the slots and publications of CDC pipelines that are no longer in
-/// the configuration, so the server stops keeping WAL for them. A slot
-/// whose source is gone from the configuration too cannot be reached: it is
-/// named in a warning.
-pub async fn drop_removed_slots(config: &Config, store: &Store) -> Result<()> {
-    for (key, state) in store.source_states_with_prefix("slot/").await? {
-        let pipeline = &key["slot/".len()..];
-        if config.pipelines.contains_key(pipeline) {
-            continue;
-        }
-        let field = |k: &str| state.state[k].as_str().unwrap_or_default().to_string();
-        let (source, slot, publication) = (field("source"), field("slot"), field("publication"));
-        let Some(cfg) = config
-            .sources
-            .get(&source)
-            .filter(|c| c.sql().mode == SqlMode::Cdc && c.dialect() == SqlDialect::Postgres)
-        else {
-            tracing::warn!(
-                pipeline,
-                slot,
-                source,
-                "a removed CDC pipeline's replication slot is on a server no longer configured; drop it there (SELECT pg_drop_replication_slot(...)) or it keeps WAL"
-            );
-            continue;
-        };
-        let mut sql = cfg.sql().clone();
-        sql.slot = Some(slot.clone());
-        sql.publication = Some(publication.clone());
-        let cdc = PgCdcSource::connect(pipeline, &source, &sql).await?;
-        let dropped = cdc
-            .drop_replication(state.state["publication_created"] == true)
-            .await?;
-        tracing::info!(pipeline, slot = ?dropped.slot, publication = ?dropped.publication, "dropped the replication slot and publication of a pipeline removed from the configuration");
-        store.clear_source_state(&key).await?;
-    }
-    Ok(())
-}
-
-/// Where `caudal backfill` saves a request for a running pipeline.
-pub fn backfill_key(pipeline: &str, id: &str) -> String {
-    // Pipeline names have no `/`: no pipeline's own state is named so.
-    format!("backfill/{pipeline}/{id}")
-}
-
-/// Asks pipeline `name`'s running CDC reader to read `table` again (the
-/// rows matching `filter`): checks the table and the filter, saves the
-/// request in the store and tells the source. Returns the request's id and
-/// how many rows match now.
-pub async fn request_backfill(
-    config: &Config,
-    store: &Store,
-    name: &str,
-    table: &str,
-    filter: Option<&str>,
-) -> Result<(String, u64)> {
-    let p = config
-        .pipelines
-        .get(name)
-        .ok_or_else(|| Error::new(ErrorKind::Config, format!("no pipeline {name:?}")))?;
-    let source = config
-        .sources
-        .get(&p.source)
-        .filter(|s| s.sql().mode == SqlMode::Cdc)
-        .ok_or_else(|| {
-            Error::new(
-                ErrorKind::Config,
-                format!(
-                    "pipeline {name:?} does not capture changes (its source is not mode = \"cdc\")"
-                ),
-            )
-        })?;
-    let cdc = CdcSource::connect(name, &p.source, source).await?;
-    let total = cdc.count_rows(table, filter).await?;
-    let id = format!("{:016x}", rand::random::<u64>());
-    let request = caudal_connectors::sources::cdc::BackfillRequest {
-        table: table.to_string(),
-        filter: filter.map(str::to_string),
-    };
-    let saved = serde_json::to_value(&request).map_err(|e| {
-        Error::with_source(ErrorKind::Internal, "cannot encode a backfill request", e)
-    })?;
-    store
-        .set_source_state(&backfill_key(name, &id), &saved)
-        .await?;
-    cdc.request_backfill(&id).await?;
-    Ok((id, total))
-}
-
-/// Looks backfill requests up in the store.
-fn backfill_lookup(
-    store: &Store,
-    pipeline: &str,
-) -> caudal_connectors::sources::cdc::BackfillLookup {
-    let (store, pipeline) = (store.clone(), pipeline.to_string());
-    Arc::new(move |id: String| {
-        let (store, key) = (store.clone(), backfill_key(&pipeline, &id));
-        Box::pin(async move {
-            let state = store.source_state(&key).await.ok().flatten()?;
-            serde_json::from_value(state.state).ok()
-        })
-    })
-}
-
-/// Lists the backfill requests saved for a pipeline.
-fn backfill_pending(
-    store: &Store,
-    pipeline: &str,
-) -> caudal_connectors::sources::cdc::BackfillPending {
-    let (store, prefix) = (store.clone(), backfill_key(pipeline, ""));
-    Arc::new(move || {
-        let (store, prefix) = (store.clone(), prefix.clone());
-        Box::pin(async move {
-            store
-                .source_states_with_prefix(&prefix)
-                .await
-                .unwrap_or_default()
-                .into_iter()
-                .filter_map(|(key, state)| {
-                    let id = key.strip_prefix(&prefix)?.to_string();
-                    Some((id, serde_json::from_value(state.state).ok()?))
-                })
-                .collect()
-        })
-    })
 }
 
 /// Reads and decodes a pipeline's checkpoint.

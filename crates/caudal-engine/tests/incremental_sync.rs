@@ -227,6 +227,7 @@ macro_rules! for_each_database {
         mod postgres {
             $( #[tokio::test] async fn $name() { super::$name(caudal_testkit::DbKind::Postgres).await } )*
         }
+        #[cfg(feature = "mysql")]
         mod mariadb {
             $( #[tokio::test] async fn $name() { super::$name(caudal_testkit::DbKind::MySql).await } )*
         }

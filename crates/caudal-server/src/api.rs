@@ -17,11 +17,18 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use caudal_core::config::Config;
+use caudal_core::status::PipelineStatus;
 use caudal_engine::daemon::{Control, Refused};
+use caudal_engine::maintenance::{BackfillTicket, Maintenance};
+
+use crate::openapi::{
+    AuditEntry, AuditLog, BackfillStarted, Checkpoint, CheckpointReset, DeadLetter,
+    DeadLetterDetail, DeadLetterPage, Discarded, ErrorBody, ErrorDetail, PipelineDetail,
+    PipelineList, Replayed, Run, RunPage, Steered, Token, TokenList,
+};
 use caudal_store::{DeadLetterState, Store};
 use governor::{Quota, RateLimiter};
 use serde::Deserialize;
-use serde_json::{Value, json};
 use sha2::Digest as _;
 
 /// The prefix of every caudal API token.
@@ -150,11 +157,16 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"code": self.code, "message": self.message}});
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.code.to_string(),
+                message: self.message,
+            },
+        };
         let mut response = (
             self.status,
             [(header::CONTENT_TYPE, "application/json")],
-            body.to_string(),
+            serde_json::to_string(&body).unwrap_or_default(),
         )
             .into_response();
         if self.status == StatusCode::UNAUTHORIZED {
@@ -173,13 +185,21 @@ impl IntoResponse for ApiError {
 
 pub(crate) type ApiResult = Result<Response, ApiError>;
 
-fn ok(body: Value) -> ApiResult {
-    Ok((
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response())
+/// A typed answer with `status`, as JSON.
+fn answer(status: StatusCode, body: &impl serde::Serialize) -> ApiResult {
+    let text = serde_json::to_string(body).map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            format!("cannot encode the answer: {e}"),
+        )
+    })?;
+    Ok((status, [(header::CONTENT_TYPE, "application/json")], text).into_response())
+}
+
+/// A typed answer as JSON (200).
+fn ok(body: &impl serde::Serialize) -> ApiResult {
+    answer(StatusCode::OK, body)
 }
 
 /// The routes under `/api/v1`, each behind its role.
@@ -313,39 +333,41 @@ fn known(api: &Api, name: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn status_of(api: &Api, name: &str) -> Result<Value, ApiError> {
-    let status = match api.pipelines.get(name) {
-        Some(p) => caudal_engine::status::live_status(&api.config, &api.store, p).await,
-        None => caudal_engine::status::pipeline_status(&api.config, &api.store, name).await,
-    };
-    let mut v = status.map_err(|e| ApiError::internal(&e))?;
-    v["paused"] = api.control.is_paused(name).unwrap_or(false).into();
-    Ok(v)
+async fn status_of(api: &Api, name: &str) -> Result<PipelineStatus, ApiError> {
+    let mut status = caudal_engine::status::pipeline_status(
+        &api.config,
+        &api.store,
+        name,
+        api.pipelines.get(name),
+    )
+    .await
+    .map_err(|e| ApiError::internal(&e))?;
+    status.paused = api.control.is_paused(name).unwrap_or(false);
+    Ok(status)
 }
 
 #[utoipa::path(get, path = "/api/v1/pipelines", tag = "pipelines", responses((status = 200, description = "ok", body = crate::openapi::PipelineList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn pipelines(State(api): State<Api>) -> ApiResult {
-    let mut out = Vec::new();
+    let mut pipelines = Vec::new();
     for name in api.config.pipelines.keys() {
-        out.push(status_of(&api, name).await?);
+        pipelines.push(status_of(&api, name).await?);
     }
-    ok(json!({ "pipelines": out }))
+    ok(&PipelineList { pipelines })
 }
 
 #[utoipa::path(get, path = "/api/v1/pipelines/{name}", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "ok", body = crate::openapi::PipelineDetail), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn pipeline(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     known(&api, &name)?;
-    let mut v = status_of(&api, &name).await?;
+    let status = status_of(&api, &name).await?;
     let recent = api
         .store
         .runs(Some(&name), 10)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    v["runs"] = recent
-        .iter()
-        .map(caudal_store::RunRecord::to_json)
-        .collect();
-    ok(v)
+    ok(&PipelineDetail {
+        status,
+        runs: recent.iter().map(Run::from).collect(),
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/pipelines/{name}/checkpoint", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "ok", body = crate::openapi::Checkpoint), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
@@ -360,11 +382,11 @@ pub(crate) async fn checkpoint(State(api): State<Api>, Path(name): Path<String>)
         None => Err(ApiError::not_found(format!(
             "pipeline {name:?} has no checkpoint"
         ))),
-        Some(cp) => ok(json!({
-            "pipeline": name,
-            "position": cp.position,
-            "updated_at": cp.updated_at.to_string(),
-        })),
+        Some(cp) => ok(&Checkpoint {
+            pipeline: name,
+            position: cp.position,
+            updated_at: cp.updated_at.to_string(),
+        }),
     }
 }
 
@@ -376,10 +398,10 @@ fn steer(api: &Api, name: &str, result: Result<(), Refused>) -> ApiResult {
             "paused",
             format!("pipeline {name:?} is paused; resume it first"),
         )),
-        Ok(()) => ok(json!({
-            "pipeline": name,
-            "paused": api.control.is_paused(name).unwrap_or(false),
-        })),
+        Ok(()) => ok(&Steered {
+            pipeline: name.to_string(),
+            paused: api.control.is_paused(name).unwrap_or(false),
+        }),
     }
 }
 
@@ -434,10 +456,10 @@ pub(crate) async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> 
     let next = (page.len() == limit as usize)
         .then(|| page.last().map(|r| r.id))
         .flatten();
-    ok(json!({
-        "runs": page.iter().map(caudal_store::RunRecord::to_json).collect::<Vec<_>>(),
-        "next_cursor": next,
-    }))
+    ok(&RunPage {
+        runs: page.iter().map(Run::from).collect(),
+        next_cursor: next,
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/runs/{id}", tag = "runs", params(("id" = i64, Path, description = "the id")), responses((status = 200, description = "ok", body = crate::openapi::Run), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
@@ -448,7 +470,7 @@ pub(crate) async fn run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResul
         .await
         .map_err(|e| ApiError::internal(&e))?
     {
-        Some(r) => ok(r.to_json()),
+        Some(r) => ok(&Run::from(&r)),
         None => Err(ApiError::not_found(format!("no run {id}"))),
     }
 }
@@ -477,10 +499,10 @@ pub(crate) async fn dead_letters(State(api): State<Api>, Query(q): Query<ListQue
     let next = (page.len() == limit as usize)
         .then(|| page.last().map(|l| l.id))
         .flatten();
-    ok(json!({
-        "dead_letters": page.iter().map(|l| l.to_json(false)).collect::<Vec<_>>(),
-        "next_cursor": next,
-    }))
+    ok(&DeadLetterPage {
+        dead_letters: page.iter().map(DeadLetter::from).collect(),
+        next_cursor: next,
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/dead-letters/{id}", tag = "dead letters", params(("id" = i64, Path, description = "the id")), responses((status = 200, description = "ok", body = crate::openapi::DeadLetterDetail), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
@@ -491,7 +513,7 @@ pub(crate) async fn dead_letter(State(api): State<Api>, Path(id): Path<i64>) -> 
         .await
         .map_err(|e| ApiError::internal(&e))?
     {
-        Some(l) => ok(l.to_json(true)),
+        Some(l) => ok(&DeadLetterDetail::from(&l)),
         None => Err(ApiError::not_found(format!("no dead letter {id}"))),
     }
 }
@@ -515,7 +537,10 @@ pub(crate) async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiR
         .resolve_dead_letters(&[id], DeadLetterState::Discarded)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    ok(json!({"id": id, "state": "discarded"}))
+    ok(&Discarded {
+        id,
+        state: DeadLetterState::Discarded.as_str().to_string(),
+    })
 }
 
 /// What to backfill.
@@ -553,21 +578,21 @@ pub(crate) async fn backfill(
             "send {\"table\": \"...\", \"where\": \"...\"} as JSON".into(),
         ));
     };
-    match caudal_engine::request_backfill(
-        &api.config,
-        &api.store,
-        &name,
-        &body.table,
-        body.filter.as_deref(),
-    )
-    .await
+    let maintenance = Maintenance::new(&api.config, &api.store, &name)
+        .map_err(|e| ApiError::not_found(e.report()))?;
+    match maintenance
+        .request_backfill(&body.table, body.filter.as_deref())
+        .await
     {
-        Ok((id, rows)) => Ok((
+        Ok(BackfillTicket { id, rows }) => answer(
             StatusCode::ACCEPTED,
-            [(header::CONTENT_TYPE, "application/json")],
-            json!({"pipeline": name, "id": id, "table": body.table, "rows": rows}).to_string(),
-        )
-            .into_response()),
+            &BackfillStarted {
+                pipeline: name,
+                id,
+                table: body.table,
+                rows,
+            },
+        ),
         Err(e) if e.kind() == caudal_core::ErrorKind::Connect => Err(ApiError::internal(&e)),
         Err(e) => Err(bad_request(e.report())),
     }
@@ -596,11 +621,11 @@ pub(crate) async fn replay(
         .replay_dead_letters(ids.as_deref(), &stop)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    ok(json!({
-        "pipeline": name,
-        "delivered": done.delivered,
-        "rejected_again": done.rejected_again,
-    }))
+    ok(&Replayed {
+        pipeline: name,
+        delivered: done.delivered,
+        rejected_again: done.rejected_again,
+    })
 }
 
 /// Refuses unless pipeline `name` is paused.
@@ -637,18 +662,29 @@ pub(crate) async fn reset_checkpoint(
     Path(name): Path<String>,
 ) -> ApiResult {
     let pipeline = paused_first(&api, &name)?;
-    let had = pipeline
-        .reset_checkpoint()
+    let reset = Maintenance::new(&api.config, &api.store, &name)
+        .map_err(|e| ApiError::not_found(e.report()))?
+        .reset_checkpoint(Some(pipeline))
         .await
         .map_err(|e| busy_or_internal(&e))?;
-    ok(json!({"pipeline": name, "had_checkpoint": had}))
+    ok(&CheckpointReset {
+        pipeline: name,
+        had_checkpoint: reset.had_checkpoint,
+    })
 }
 
 #[utoipa::path(post, path = "/api/v1/pipelines/{name}/resync", tag = "pipelines", params(("name" = String, Path, description = "the pipeline")), responses((status = 200, description = "the next run snapshots again", body = crate::openapi::Steered), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "not paused, not CDC, or batches wait in the buffer", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn resync(State(api): State<Api>, Path(name): Path<String>) -> ApiResult {
     let pipeline = paused_first(&api, &name)?;
-    pipeline.resync().await.map_err(|e| busy_or_internal(&e))?;
-    ok(json!({"pipeline": name, "paused": true}))
+    Maintenance::new(&api.config, &api.store, &name)
+        .map_err(|e| ApiError::not_found(e.report()))?
+        .resync(Some(pipeline))
+        .await
+        .map_err(|e| busy_or_internal(&e))?;
+    ok(&Steered {
+        pipeline: name,
+        paused: true,
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/tokens", tag = "admin", responses((status = 200, description = "ok", body = crate::openapi::TokenList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
@@ -658,18 +694,9 @@ pub(crate) async fn tokens(State(api): State<Api>) -> ApiResult {
         .tokens()
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let out: Vec<Value> = list
-        .iter()
-        .map(|t| {
-            json!({
-                "name": t.name,
-                "role": t.role,
-                "created_at": t.created_at.to_string(),
-                "revoked_at": t.revoked_at.map(|r| r.to_string()),
-            })
-        })
-        .collect();
-    ok(json!({ "tokens": out }))
+    ok(&TokenList {
+        tokens: list.iter().map(Token::from).collect(),
+    })
 }
 
 #[utoipa::path(get, path = "/api/v1/audit", tag = "admin", responses((status = 200, description = "ok", body = crate::openapi::AuditLog), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
@@ -679,20 +706,9 @@ pub(crate) async fn audit(State(api): State<Api>) -> ApiResult {
         .audit(200)
         .await
         .map_err(|e| ApiError::internal(&e))?;
-    let out: Vec<Value> = list
-        .iter()
-        .map(|a| {
-            json!({
-                "id": a.id,
-                "at": a.at.to_string(),
-                "token": a.token,
-                "method": a.method,
-                "path": a.path,
-                "status": a.status,
-            })
-        })
-        .collect();
-    ok(json!({ "audit": out }))
+    ok(&AuditLog {
+        audit: list.iter().map(AuditEntry::from).collect(),
+    })
 }
 
 /// Every route and the role it needs, for documentation and tests.

@@ -1,23 +1,21 @@
-//! The OpenAPI document of `/api/v1`, generated from the handlers'
-//! annotations and these response shapes, served at `/api/openapi.json`
-//! (and as Swagger UI at `/api/docs`). The shapes document what the
-//! handlers answer; the API tests validate real answers against them.
+//! The answers of `/api/v1` and its OpenAPI document, generated from the
+//! handlers' annotations and these types, served at `/api/openapi.json`
+//! (and as Swagger UI at `/api/docs`). The handlers build these types and
+//! the remote client reads them back, so the document cannot drift from
+//! what is answered; the API tests validate real answers against it too.
 
-// The shapes are only described, never built: handlers answer JSON.
-#![allow(dead_code)]
-
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::{Modify, OpenApi, ToSchema};
 
 /// Every error: a stable code and a message for people.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorBody {
     pub error: ErrorDetail,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// `unauthorized`, `forbidden`, `rate_limited`, `not_found`,
     /// `bad_request`, `paused`, `not_paused`, `not_pending`, `not_cdc`,
@@ -26,43 +24,24 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
-/// A pipeline as `caudal status --json` shows it, and whether it is paused.
-#[derive(Debug, Serialize, ToSchema)]
-pub struct PipelineStatus {
-    pub pipeline: String,
-    pub schedule: String,
-    pub last_run: Option<String>,
-    pub outcome: Option<String>,
-    pub rows_read: Option<u64>,
-    pub rows_delivered: Option<u64>,
-    pub error: Option<String>,
-    /// The checkpoint's position, as text.
-    pub checkpoint: Option<String>,
-    pub next_run: Option<String>,
-    pub buffered_batches: Option<u64>,
-    pub buffer_disk_bytes: Option<u64>,
-    pub circuit: Option<String>,
-    pub circuit_updated_at: Option<String>,
-    /// CDC: slot or binlog position, lag in bytes and seconds.
-    #[schema(value_type = Option<Object>)]
-    pub replication: Option<Value>,
-    pub paused: bool,
-}
+pub use caudal_core::status::PipelineStatus;
+use caudal_store::{AuditRecord, DeadLetter as StoredLetter, RunRecord, TokenRecord};
 
 /// A pipeline and its latest runs.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PipelineDetail {
     #[serde(flatten)]
     pub status: PipelineStatus,
     pub runs: Vec<Run>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+/// Every pipeline's status.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct PipelineList {
     pub pipelines: Vec<PipelineStatus>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Checkpoint {
     pub pipeline: String,
     /// The source position, by kind (`cursor`, `lsn`, `binlog`, …).
@@ -72,13 +51,13 @@ pub struct Checkpoint {
 }
 
 /// The answer of pause, resume and trigger.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Steered {
     pub pipeline: String,
     pub paused: bool,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Run {
     pub id: i64,
     pub pipeline: String,
@@ -93,14 +72,14 @@ pub struct Run {
     pub error: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct RunPage {
     pub runs: Vec<Run>,
     /// Pass as `cursor` for the next page; null at the end.
     pub next_cursor: Option<i64>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetter {
     pub id: i64,
     pub pipeline: String,
@@ -118,7 +97,7 @@ pub struct DeadLetter {
 }
 
 /// A dead letter with its record, position and the receiver's answer.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetterDetail {
     #[serde(flatten)]
     pub letter: DeadLetter,
@@ -129,28 +108,28 @@ pub struct DeadLetterDetail {
     pub response_excerpt: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct DeadLetterPage {
     pub dead_letters: Vec<DeadLetter>,
     /// Pass as `cursor` for the next page; null at the end.
     pub next_cursor: Option<i64>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Discarded {
     pub id: i64,
     pub state: String,
 }
 
 /// The answer of a checkpoint reset.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct CheckpointReset {
     pub pipeline: String,
     pub had_checkpoint: bool,
 }
 
 /// A backfill request taken.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct BackfillStarted {
     pub pipeline: String,
     pub id: String,
@@ -160,7 +139,7 @@ pub struct BackfillStarted {
 }
 
 /// What a replay of dead letters did.
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Replayed {
     pub pipeline: String,
     /// Letters sent again and delivered.
@@ -169,7 +148,7 @@ pub struct Replayed {
     pub rejected_again: u64,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct Token {
     pub name: String,
     pub role: String,
@@ -177,12 +156,12 @@ pub struct Token {
     pub revoked_at: Option<String>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct TokenList {
     pub tokens: Vec<Token>,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AuditEntry {
     pub id: i64,
     pub at: String,
@@ -193,9 +172,79 @@ pub struct AuditEntry {
     pub status: u16,
 }
 
-#[derive(Debug, Serialize, ToSchema)]
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AuditLog {
     pub audit: Vec<AuditEntry>,
+}
+
+impl From<&RunRecord> for Run {
+    fn from(r: &RunRecord) -> Self {
+        Self {
+            id: r.id,
+            pipeline: r.pipeline.clone(),
+            trigger: r.trigger.clone(),
+            started_at: r.started_at.to_string(),
+            ended_at: r.ended_at.map(|t| t.to_string()),
+            rows_read: r.rows_read,
+            rows_delivered: r.rows_delivered,
+            outcome: r.outcome.as_str().to_string(),
+            error: r.error.clone(),
+        }
+    }
+}
+
+impl From<&StoredLetter> for DeadLetter {
+    fn from(l: &StoredLetter) -> Self {
+        Self {
+            id: l.id,
+            pipeline: l.pipeline.clone(),
+            state: l.state.as_str().to_string(),
+            batch_key: l.batch_key.clone(),
+            event_id: l.event_id.clone(),
+            record_key: l.record_key.clone(),
+            status: l.status,
+            reason: l.reason.clone(),
+            attempts: l.attempts,
+            first_attempt_at: l.first_attempt_at.map(|t| t.to_string()),
+            last_attempt_at: l.last_attempt_at.map(|t| t.to_string()),
+            created_at: l.created_at.to_string(),
+        }
+    }
+}
+
+impl From<&StoredLetter> for DeadLetterDetail {
+    fn from(l: &StoredLetter) -> Self {
+        Self {
+            letter: DeadLetter::from(l),
+            record: l.record.clone(),
+            position: l.position.clone(),
+            response_excerpt: l.response_excerpt.clone(),
+        }
+    }
+}
+
+impl From<&TokenRecord> for Token {
+    fn from(t: &TokenRecord) -> Self {
+        Self {
+            name: t.name.clone(),
+            role: t.role.clone(),
+            created_at: t.created_at.to_string(),
+            revoked_at: t.revoked_at.map(|r| r.to_string()),
+        }
+    }
+}
+
+impl From<&AuditRecord> for AuditEntry {
+    fn from(a: &AuditRecord) -> Self {
+        Self {
+            id: a.id,
+            at: a.at.to_string(),
+            token: a.token.clone(),
+            method: a.method.clone(),
+            path: a.path.clone(),
+            status: a.status,
+        }
+    }
 }
 
 #[derive(Debug)]

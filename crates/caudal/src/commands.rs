@@ -6,12 +6,15 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use caudal_connectors::sources::cdc::CdcSource;
 use caudal_core::config::{Config, load_file};
+use caudal_core::status::PipelineStatus;
 use caudal_core::{Error, ErrorKind};
+use caudal_engine::maintenance::{Maintenance, Reset};
 use caudal_engine::{Pipeline, Progress, RunSummary, Trigger};
 use caudal_store::{RunOutcome, Store};
 use tokio_util::sync::CancellationToken;
+
+use caudal_server::openapi::{DeadLetter as Letter, DeadLetterDetail as LetterDetail};
 
 use crate::cli::{BufferCommand, CdcCommand, CheckpointCommand, DlqCommand, TokenCommand};
 
@@ -123,7 +126,7 @@ pub async fn run(path: &Path) -> ExitCode {
         eprintln!("error: {} defines no pipelines", path.display());
         return ExitCode::from(EXIT_CONFIG);
     }
-    if let Err(e) = caudal_engine::drop_removed_slots(&config, &store).await {
+    if let Err(e) = caudal_engine::maintenance::release_removed(&config, &store).await {
         tracing::warn!(error = %e.report(), "cannot drop the slots of removed pipelines; trying again at the next start");
     }
     tracing::info!(
@@ -307,19 +310,19 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
     };
     let mut rows = Vec::new();
     for name in config.pipelines.keys() {
-        match caudal_engine::status::pipeline_status(&config, &store, name).await {
+        match caudal_engine::status::pipeline_status(&config, &store, name, None).await {
             Ok(row) => rows.push(row),
             Err(e) => return fail(&e),
         }
     }
-    print_status(rows, json);
+    print_status(&rows, json);
     ExitCode::SUCCESS
 }
 
 /// Prints pipeline status rows (from the store or the API).
-pub(crate) fn print_status(rows: Vec<serde_json::Value>, json: bool) {
+pub(crate) fn print_status(rows: &[PipelineStatus], json: bool) {
     if json {
-        println!("{}", serde_json::Value::Array(rows));
+        println!("{}", serde_json::to_string(rows).unwrap_or_default());
         return;
     }
     let headers = [
@@ -334,65 +337,61 @@ pub(crate) fn print_status(rows: Vec<serde_json::Value>, json: bool) {
         "CIRCUIT",
         "LAG",
     ];
+    let text = |v: &Option<String>| v.clone().unwrap_or_else(|| "-".to_string());
     let table: Vec<[String; 10]> = rows
         .iter()
         .map(|r| {
-            let s = |k: &str| {
-                r[k].as_str()
-                    .map_or_else(|| "-".to_string(), str::to_string)
-            };
-            let rows = match (r["rows_read"].as_u64(), r["rows_delivered"].as_u64()) {
+            let rows = match (r.rows_read, r.rows_delivered) {
                 (Some(a), Some(b)) => format!("{a} read / {b} sent"),
                 _ => "-".into(),
             };
             [
-                s("pipeline"),
-                s("schedule"),
-                s("last_run"),
-                s("outcome"),
+                r.pipeline.clone(),
+                r.schedule.clone(),
+                text(&r.last_run),
+                text(&r.outcome),
                 rows,
-                s("checkpoint"),
-                s("next_run"),
-                r["buffered_batches"]
-                    .as_u64()
+                text(&r.checkpoint),
+                text(&r.next_run),
+                r.buffered_batches
                     .map_or_else(|| "-".into(), |n| format!("{n} batches")),
-                s("circuit"),
-                lag_text(&r["replication"]),
+                text(&r.circuit),
+                r.replication
+                    .as_ref()
+                    .map_or_else(|| "-".into(), caudal_core::status::Replication::lag_text),
             ]
         })
         .collect();
     print_table(&headers, &table);
-    for r in &rows {
-        if let Some(e) = r["error"].as_str() {
-            println!("{}: last error: {e}", r["pipeline"].as_str().unwrap_or("?"));
+    for r in rows {
+        if let Some(e) = &r.error {
+            println!("{}: last error: {e}", r.pipeline);
+        }
+        if let Some(why) = &r.intake_blocked {
+            println!("{}: reading waits: {why}", r.pipeline);
         }
     }
 }
 
-/// Prints dead letters (as JSON, from the store or the API).
-pub(crate) fn print_letters(rows: &[serde_json::Value], json: bool) {
+/// Prints dead letters (from the store or the API).
+pub(crate) fn print_letters(rows: &[Letter], json: bool) {
     if json {
         for l in rows {
-            println!("{l}");
+            println!("{}", serde_json::to_string(l).unwrap_or_default());
         }
         return;
     }
-    let text = |v: &serde_json::Value| match v {
-        serde_json::Value::Null => "-".to_string(),
-        serde_json::Value::String(s) => s.clone(),
-        other => other.to_string(),
-    };
     let table: Vec<[String; 7]> = rows
         .iter()
         .map(|l| {
             [
-                text(&l["id"]),
-                text(&l["pipeline"]),
-                text(&l["state"]),
-                text(&l["record_key"]),
-                text(&l["status"]),
-                text(&l["attempts"]),
-                text(&l["reason"]).chars().take(80).collect(),
+                l.id.to_string(),
+                l.pipeline.clone(),
+                l.state.clone(),
+                l.record_key.clone().unwrap_or_else(|| "-".into()),
+                l.status.map_or_else(|| "-".into(), |s| s.to_string()),
+                l.attempts.to_string(),
+                l.reason.chars().take(80).collect(),
             ]
         })
         .collect();
@@ -448,93 +447,62 @@ pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
                 ExitCode::SUCCESS
             }
             Ok(Some(cp)) => {
-                let out = serde_json::json!({
-                    "pipeline": name,
-                    "position": cp.position,
-                    "updated_at": cp.updated_at.to_string(),
-                });
+                let out = caudal_server::openapi::Checkpoint {
+                    pipeline: name.clone(),
+                    position: cp.position,
+                    updated_at: cp.updated_at.to_string(),
+                };
                 println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
                 ExitCode::SUCCESS
             }
         },
-        CheckpointCommand::Reset { .. } => reset(&config, &store, name).await,
+        CheckpointCommand::Reset { .. } => {
+            match maintenance(&config, &store, name) {
+                Ok(m) => match m.reset_checkpoint(None).await {
+                    Ok(reset) => print_reset(name, reset),
+                    Err(e) => return fail(&e),
+                },
+                Err(code) => return code,
+            }
+            ExitCode::SUCCESS
+        }
     }
 }
 
-/// Forgets the checkpoint, then drops the batches waiting in the buffer
-/// (they are read again from the source). The buffer is opened first, so a
-/// running pipeline refuses the reset (`Busy`) before anything changes, and
-/// acknowledged last, so a crash in between loses nothing (the batches are
-/// then still delivered, and the next run resumes after them as if the
-/// reset had not been made).
-async fn reset(config: &Config, store: &Store, name: &str) -> ExitCode {
-    use caudal_engine::buffered;
-    let dir = config.buffer_dir(name);
-    let buffer = if dir.exists() {
-        let settings = buffered::buffer_config(&config.pipelines[name].buffer);
-        match buffered::open(name, &dir, settings).await {
-            Ok(b) => Some(b),
-            Err(e) => return fail(&e),
-        }
-    } else {
-        None
-    };
-    match store.reset_checkpoint(name).await {
-        Err(e) => return fail(&e),
-        Ok(true) => {
-            println!("{name}: checkpoint reset; the next run reads the source from the start")
-        }
-        Ok(false) => println!("{name}: had no checkpoint"),
-    }
-    if let Some(buffer) = buffer {
-        let waiting = buffer.next_offset() - buffer.acked();
-        if let Err(e) = buffer.ack(buffer.next_offset()).await {
-            return fail(&buffered::buffer_error(name, e));
-        }
-        if waiting > 0 {
-            println!(
-                "{name}: dropped {waiting} batches waiting in the buffer (they are read again from the source)"
-            );
-        }
-    }
-    ExitCode::SUCCESS
-}
-
-/// The CDC source of a pipeline, or an error saying it has none.
-async fn cdc_source(config: &Config, name: &str) -> Result<CdcSource, ExitCode> {
+/// The maintenance of pipeline `name` (exit code 2 when there is none).
+fn maintenance<'a>(
+    config: &'a Config,
+    store: &'a Store,
+    name: &'a str,
+) -> Result<Maintenance<'a>, ExitCode> {
     known_pipeline(config, name)?;
-    let p = &config.pipelines[name];
-    let source = config.sources.get(&p.source);
-    match source {
-        Some(s) if s.sql().mode == caudal_core::config::SqlMode::Cdc => {
-            CdcSource::connect(name, &p.source, s)
-                .await
-                .map_err(|e| fail(&e))
-        }
-        _ => {
-            eprintln!(
-                "error: pipeline {name:?} does not capture changes (its source is not mode = \"cdc\")"
-            );
-            Err(ExitCode::from(2))
-        }
+    Maintenance::new(config, store, name).map_err(|e| fail(&e))
+}
+
+fn print_reset(name: &str, reset: Reset) {
+    if reset.had_checkpoint {
+        println!("{name}: checkpoint reset; the next run reads the source from the start");
+    } else {
+        println!("{name}: had no checkpoint");
+    }
+    if reset.dropped_batches > 0 {
+        println!(
+            "{name}: dropped {} batches waiting in the buffer (they are read again from the source)",
+            reset.dropped_batches
+        );
     }
 }
 
-/// Opens a pipeline's buffer, which fails (`Busy`) while a process runs it.
-async fn hold_buffer(
-    config: &Config,
-    name: &str,
-) -> Result<Option<caudal_buffer::Buffer>, ExitCode> {
-    use caudal_engine::buffered;
-    let dir = config.buffer_dir(name);
-    if !dir.exists() {
-        return Ok(None);
+fn print_released(name: &str, released: &caudal_engine::maintenance::Released) {
+    for d in &released.dropped {
+        println!("{name}: dropped {d}");
     }
-    let settings = buffered::buffer_config(&config.pipelines[name].buffer);
-    buffered::open(name, &dir, settings)
-        .await
-        .map(Some)
-        .map_err(|e| fail(&e))
+    for k in &released.kept {
+        println!("{name}: kept {k}");
+    }
+    if let Some(note) = &released.note {
+        println!("{name}: {note}");
+    }
 }
 
 pub async fn cdc(path: &Path, command: &CdcCommand) -> ExitCode {
@@ -543,50 +511,14 @@ pub async fn cdc(path: &Path, command: &CdcCommand) -> ExitCode {
         Err(code) => return code,
     };
     let CdcCommand::Drop { pipeline: name } = command;
-    let source = match cdc_source(&config, name).await {
-        Ok(CdcSource::Postgres(s)) => s,
-        Ok(CdcSource::Mysql(s)) => {
-            println!(
-                "{name}: a binary log replica (server_id {}) keeps nothing on the server; nothing to drop",
-                s.server_id()
-            );
-            return ExitCode::SUCCESS;
-        }
+    let m = match maintenance(&config, &store, name) {
+        Ok(m) => m,
         Err(code) => return code,
     };
-    // Refused while the pipeline runs.
-    let _buffer = match hold_buffer(&config, name).await {
-        Ok(b) => b,
-        Err(code) => return code,
-    };
-    let ours = match caudal_engine::created_publication(&store, name).await {
-        Ok(b) => b,
-        Err(e) => return fail(&e),
-    };
-    match source.drop_replication(ours).await {
+    match m.drop_replication().await {
         Err(e) => fail(&e),
-        Ok(d) => {
-            if !ours {
-                println!(
-                    "{name}: publication {:?} was not created by caudal; kept",
-                    source.publication()
-                );
-            }
-            match (&d.slot, &d.publication) {
-                (None, None) => println!(
-                    "{name}: no slot {:?} nor publication {:?} to drop",
-                    source.slot(),
-                    source.publication()
-                ),
-                _ => {
-                    if let Some(s) = &d.slot {
-                        println!("{name}: dropped replication slot {s:?}");
-                    }
-                    if let Some(p) = &d.publication {
-                        println!("{name}: dropped publication {p:?}");
-                    }
-                }
-            }
+        Ok(released) => {
+            print_released(name, &released);
             ExitCode::SUCCESS
         }
     }
@@ -597,40 +529,18 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
         Ok(both) => both,
         Err(code) => return code,
     };
-    let source = match cdc_source(&config, name).await {
-        Ok(s) => s,
+    let m = match maintenance(&config, &store, name) {
+        Ok(m) => m,
         Err(code) => return code,
     };
-    if let Err(code) = hold_buffer(&config, name).await {
-        return code;
-    }
-    // The publication stays: the next run uses it again.
-    if let CdcSource::Postgres(pg) = &source {
-        match pg.drop_replication(false).await {
-            Err(e) => return fail(&e),
-            Ok(d) => {
-                if let Some(s) = &d.slot {
-                    println!("{name}: dropped replication slot {s:?}");
-                }
-            }
+    match m.resync(None).await {
+        Err(e) => fail(&e),
+        Ok(done) => {
+            print_reset(name, done.reset);
+            print_released(name, &done.released);
+            ExitCode::SUCCESS
         }
     }
-    if let Err(e) = store.clear_source_state(name).await {
-        return fail(&e);
-    }
-    let code = reset(&config, &store, name).await;
-    if code == ExitCode::SUCCESS {
-        match &source {
-            CdcSource::Postgres(pg) => println!(
-                "{name}: the next run creates slot {:?}, reads the tables again and streams from there",
-                pg.slot()
-            ),
-            CdcSource::Mysql(_) => println!(
-                "{name}: the next run reads the tables again and streams the binary log from there"
-            ),
-        }
-    }
-    code
 }
 
 /// How long `caudal backfill` waits for the running pipeline to take the
@@ -638,20 +548,19 @@ pub async fn resync(path: &Path, name: &str) -> ExitCode {
 const BACKFILL_PICKUP: Duration = Duration::from_secs(30);
 
 pub async fn backfill(path: &Path, name: &str, table: &str, filter: Option<&str>) -> ExitCode {
-    use caudal_connectors::sources::cdc::BackfillProgress;
     let (config, store) = match load_with_store(path).await {
         Ok(both) => both,
         Err(code) => return code,
     };
-    if let Err(code) = known_pipeline(&config, name) {
-        return code;
-    }
-    let (id, total) =
-        match caudal_engine::request_backfill(&config, &store, name, table, filter).await {
-            Ok(both) => both,
-            Err(e) => return fail(&e),
-        };
-    let bar = indicatif::ProgressBar::new(total);
+    let m = match maintenance(&config, &store, name) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let ticket = match m.request_backfill(table, filter).await {
+        Ok(t) => t,
+        Err(e) => return fail(&e),
+    };
+    let bar = indicatif::ProgressBar::new(ticket.rows);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{msg} [{bar:30}] {pos}/{len} rows ({elapsed})")
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -663,14 +572,7 @@ pub async fn backfill(path: &Path, name: &str, table: &str, filter: Option<&str>
     let started = std::time::Instant::now();
     let shutdown = shutdown_on_signals();
     let outcome = loop {
-        let progress: Option<BackfillProgress> = store
-            .source_state(name)
-            .await
-            .ok()
-            .flatten()
-            .and_then(|s| serde_json::from_value(s.state["backfill"].clone()).ok())
-            .filter(|p: &BackfillProgress| p.id == id);
-        match progress {
+        match m.backfill_progress(&ticket.id).await.ok().flatten() {
             Some(p) if p.done => break Ok(p),
             Some(p) => bar.set_position(p.rows),
             None if started.elapsed() > BACKFILL_PICKUP => {
@@ -688,15 +590,13 @@ pub async fn backfill(path: &Path, name: &str, table: &str, filter: Option<&str>
         }
     };
     bar.finish_and_clear();
-    let _ = store
-        .clear_source_state(&caudal_engine::backfill_key(name, &id))
-        .await;
+    let _ = m.withdraw_backfill(&ticket.id).await;
     match outcome {
         Ok(p) if p.error.is_none() => {
             println!(
                 "{name}: backfill of {table} done: {} rows sent as read records ({} matched when it started), {:.1}s",
                 p.rows,
-                total,
+                ticket.rows,
                 started.elapsed().as_secs_f64()
             );
             ExitCode::SUCCESS
@@ -729,27 +629,6 @@ pub fn validate(path: &Path) -> ExitCode {
             ExitCode::SUCCESS
         }
     }
-}
-
-/// `12.3 KiB / 0.4s` of a CDC pipeline's replication status.
-pub(crate) fn lag_text(r: &serde_json::Value) -> String {
-    if r.is_null() {
-        return "-".into();
-    }
-    if r["slot_exists"] == serde_json::Value::Bool(false) {
-        return "slot missing".into();
-    }
-    if r["log_purged"] == serde_json::Value::Bool(true) {
-        return "log purged".into();
-    }
-    let bytes = r["lag_bytes"].as_u64().map_or_else(
-        || "?".into(),
-        |b| caudal_core::units::ByteSize(b).to_string(),
-    );
-    let secs = r["lag_seconds"]
-        .as_f64()
-        .map_or_else(|| "?".into(), |s| format!("{s:.1}s"));
-    format!("{bytes} / {secs}")
 }
 
 pub fn schema() -> ExitCode {
@@ -788,7 +667,7 @@ pub async fn dlq(path: &Path, command: &DlqCommand) -> ExitCode {
                 after = last.id;
                 rows.extend(page);
             }
-            let rows: Vec<serde_json::Value> = rows.iter().map(|l| letter_json(l, false)).collect();
+            let rows: Vec<Letter> = rows.iter().map(Letter::from).collect();
             print_letters(&rows, *json);
             ExitCode::SUCCESS
         }
@@ -801,7 +680,7 @@ pub async fn dlq(path: &Path, command: &DlqCommand) -> ExitCode {
             Ok(Some(l)) => {
                 println!(
                     "{}",
-                    serde_json::to_string_pretty(&letter_json(&l, true)).unwrap_or_default()
+                    serde_json::to_string_pretty(&LetterDetail::from(&l)).unwrap_or_default()
                 );
                 ExitCode::SUCCESS
             }
@@ -838,10 +717,6 @@ pub async fn dlq(path: &Path, command: &DlqCommand) -> ExitCode {
     }
 }
 
-fn letter_json(l: &caudal_store::DeadLetter, whole: bool) -> serde_json::Value {
-    l.to_json(whole)
-}
-
 pub async fn buffer(path: &Path, command: &BufferCommand) -> ExitCode {
     let config = match load(path) {
         Ok(c) => c,
@@ -849,17 +724,22 @@ pub async fn buffer(path: &Path, command: &BufferCommand) -> ExitCode {
     };
     let (BufferCommand::Inspect { pipeline, json } | BufferCommand::Fsck { pipeline, json }) =
         command;
-    if let Err(code) = known_pipeline(&config, pipeline) {
-        return code;
-    }
-    let dir = config.buffer_dir(pipeline);
-    if !dir.exists() {
+    // The buffer is read without the state store.
+    let store = match Store::open("sqlite::memory:").await {
+        Ok(s) => s,
+        Err(e) => return fail(&e),
+    };
+    let m = match maintenance(&config, &store, pipeline) {
+        Ok(m) => m,
+        Err(code) => return code,
+    };
+    let none_yet = || {
         println!(
             "{pipeline}: no buffer yet at {} (the pipeline has not run)",
-            dir.display()
+            m.buffer_dir().display()
         );
-        return ExitCode::SUCCESS;
-    }
+        ExitCode::SUCCESS
+    };
     let show = |text: String, value: serde_json::Result<String>| {
         if *json {
             println!("{}", value.unwrap_or_default());
@@ -868,16 +748,18 @@ pub async fn buffer(path: &Path, command: &BufferCommand) -> ExitCode {
         }
     };
     match command {
-        BufferCommand::Inspect { .. } => match caudal_buffer::inspect(&dir) {
-            Err(e) => fail(&caudal_engine::buffered::buffer_error(pipeline, e)),
-            Ok(i) => {
+        BufferCommand::Inspect { .. } => match m.inspect_buffer() {
+            Err(e) => fail(&e),
+            Ok(None) => none_yet(),
+            Ok(Some(i)) => {
                 show(i.to_string(), serde_json::to_string(&i));
                 ExitCode::SUCCESS
             }
         },
-        BufferCommand::Fsck { .. } => match caudal_buffer::fsck(&dir) {
-            Err(e) => fail(&caudal_engine::buffered::buffer_error(pipeline, e)),
-            Ok(report) => {
+        BufferCommand::Fsck { .. } => match m.fsck_buffer() {
+            Err(e) => fail(&e),
+            Ok(None) => none_yet(),
+            Ok(Some(report)) => {
                 show(report.to_string(), serde_json::to_string(&report));
                 if report.has_corruption() {
                     ExitCode::from(EXIT_FAILED)

@@ -6,6 +6,8 @@ use std::process::ExitCode;
 
 use serde_json::Value;
 
+use caudal_server::openapi::{DeadLetterDetail, DeadLetterPage, ErrorBody, PipelineList, Replayed};
+
 use crate::cli::{Cli, DlqCommand};
 use crate::commands::{EXIT_FAILED, print_letters, print_status};
 
@@ -51,22 +53,28 @@ impl Remote {
             .map_err(|e| format!("cannot reach the caudal API at {}: {e}", self.base))?;
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
-        let answer: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         if status.is_success() {
-            return Ok(answer);
+            return Ok(serde_json::from_str(&text).unwrap_or(Value::Null));
         }
-        let message = answer["error"]["message"]
-            .as_str()
-            .map_or_else(|| status.to_string(), str::to_string);
+        let message = serde_json::from_str::<ErrorBody>(&text)
+            .map_or_else(|_| status.to_string(), |b| b.error.message);
         Err(format!(
             "the caudal API answered {}: {message}",
             status.as_u16()
         ))
     }
 
-    /// GETs `path`; an error answer is the API's message.
-    pub async fn get(&self, path: &str) -> Result<Value, String> {
-        self.send(reqwest::Method::GET, path, None).await
+    /// GETs `path` and reads the answer as `T`; an error answer is the
+    /// API's message.
+    pub async fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, String> {
+        let answer = self.send(reqwest::Method::GET, path, None).await?;
+        serde_json::from_value(answer)
+            .map_err(|e| format!("the caudal API answered {path} with an unexpected shape: {e}"))
+    }
+
+    /// As [`Self::get`], reporting an error and giving the exit code.
+    async fn fetch<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T, ExitCode> {
+        self.get(path).await.map_err(report)
     }
 
     /// As [`Self::send`], reporting an error and giving the exit code.
@@ -82,11 +90,10 @@ impl Remote {
     }
 
     pub async fn status(&self, json: bool) -> ExitCode {
-        match self.call(reqwest::Method::GET, "/api/v1/pipelines").await {
+        match self.fetch::<PipelineList>("/api/v1/pipelines").await {
             Err(code) => code,
-            Ok(body) => {
-                let rows = body["pipelines"].as_array().cloned().unwrap_or_default();
-                print_status(rows, json);
+            Ok(list) => {
+                print_status(&list.pipelines, json);
                 ExitCode::SUCCESS
             }
         }
@@ -112,12 +119,12 @@ impl Remote {
                     if let Some(c) = cursor {
                         path.push_str(&format!("&cursor={c}"));
                     }
-                    let page = match self.call(reqwest::Method::GET, &path).await {
+                    let page = match self.fetch::<DeadLetterPage>(&path).await {
                         Ok(p) => p,
                         Err(code) => return code,
                     };
-                    rows.extend(page["dead_letters"].as_array().cloned().unwrap_or_default());
-                    cursor = page["next_cursor"].as_i64();
+                    rows.extend(page.dead_letters);
+                    cursor = page.next_cursor;
                     if cursor.is_none() {
                         break;
                     }
@@ -127,7 +134,7 @@ impl Remote {
             }
             DlqCommand::Show { id } => {
                 match self
-                    .call(reqwest::Method::GET, &format!("/api/v1/dead-letters/{id}"))
+                    .fetch::<DeadLetterDetail>(&format!("/api/v1/dead-letters/{id}"))
                     .await
                 {
                     Err(code) => code,
@@ -165,12 +172,16 @@ impl Remote {
                     "/api/v1/pipelines/{}/dead-letters/replay",
                     urlencode(pipeline)
                 );
-                match self.post_json(&path, &body).await {
-                    Err(code) => code,
+                let done = match self.post_json(&path, &body).await {
+                    Err(code) => return code,
+                    Ok(done) => serde_json::from_value::<Replayed>(done),
+                };
+                match done {
+                    Err(e) => report(format!("the caudal API answered an unexpected shape: {e}")),
                     Ok(done) => {
                         println!(
                             "{pipeline}: {} dead letters delivered, {} refused again (kept as new dead letters)",
-                            done["delivered"], done["rejected_again"]
+                            done.delivered, done.rejected_again
                         );
                         ExitCode::SUCCESS
                     }

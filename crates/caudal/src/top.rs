@@ -8,12 +8,13 @@ use std::path::Path;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use caudal_core::status::Replication;
+use caudal_server::openapi::PipelineList;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::Line;
 use ratatui::widgets::{Block, Paragraph, Row, Table};
-use serde_json::Value;
 
 use crate::commands::{EXIT_FAILED, load_with_store};
 use crate::remote::Remote;
@@ -47,7 +48,7 @@ impl Feed {
                 let mut rows = Vec::new();
                 let mut dead = BTreeMap::new();
                 for name in config.pipelines.keys() {
-                    let row = caudal_engine::status::pipeline_status(config, store, name)
+                    let row = caudal_engine::status::pipeline_status(config, store, name, None)
                         .await
                         .map_err(|e| e.report())?;
                     rows.push(row);
@@ -58,44 +59,39 @@ impl Feed {
                 (rows, dead)
             }
             Feed::Api(remote) => {
-                let body = remote
+                let list: PipelineList = remote
                     .get("/api/v1/pipelines")
                     .await
                     .map_err(|e| format!("the API: {e}"))?;
-                let rows = body["pipelines"].as_array().cloned().unwrap_or_default();
-                (rows, BTreeMap::new())
+                (list.pipelines, BTreeMap::new())
             }
         };
         let mut out = BTreeMap::new();
         for r in rows {
-            let name = r["pipeline"].as_str().unwrap_or("?").to_string();
-            let state = if r["paused"] == true {
+            let state = if r.paused {
                 "paused".to_string()
             } else {
-                r["outcome"].as_str().unwrap_or("idle").to_string()
-            };
-            let text = |v: &Value| v.as_str().map_or_else(|| "-".to_string(), str::to_string);
-            let lag = if r["replication"].is_null() {
-                "-".to_string()
-            } else {
-                crate::commands::lag_text(&r["replication"])
+                r.outcome.clone().unwrap_or_else(|| "idle".to_string())
             };
             out.insert(
-                name.clone(),
+                r.pipeline.clone(),
                 Figures {
                     state,
                     run: None,
-                    read: r["rows_read"].as_u64().unwrap_or(0),
-                    delivered: r["rows_delivered"].as_u64().unwrap_or(0),
-                    lag,
-                    buffer: r["buffered_batches"]
-                        .as_u64()
+                    read: r.rows_read.unwrap_or(0),
+                    delivered: r.rows_delivered.unwrap_or(0),
+                    lag: r
+                        .replication
+                        .as_ref()
+                        .map_or_else(|| "-".to_string(), Replication::lag_text),
+                    buffer: r
+                        .buffered_batches
                         .map_or_else(|| "-".into(), |n| format!("{n} batches")),
-                    dead: dead.get(&name).copied(),
-                    circuit: text(&r["circuit"]),
+                    dead: dead.get(&r.pipeline).copied(),
+                    circuit: r.circuit.clone().unwrap_or_else(|| "-".to_string()),
                     at: Some(Instant::now()),
                 }
-                .with_run(r["last_run"].as_str()),
+                .with_run(r.last_run.as_deref()),
             );
         }
         Ok(out)

@@ -431,3 +431,27 @@ async fn dead_letters_are_listed_shown_replayed_and_discarded() {
         .await;
     assert_eq!(all.stdout.lines().count(), 3, "{all}");
 }
+
+/// A build without the `mysql` feature refuses a MySQL source when the
+/// configuration is validated, at the source's `type`, naming the feature.
+#[cfg(not(feature = "mysql"))]
+#[test]
+fn a_lean_build_refuses_a_mysql_source_naming_the_feature() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = dir.path().join("caudal.toml");
+    std::fs::write(
+        &config,
+        "[sources.shop]\ntype = \"mysql\"\nurl = \"mysql://root@127.0.0.1/shop\"\ntable = \"orders\"\ncursor = [\"id\"]\n\n[sinks.out]\ntype = \"http\"\nurl = \"http://127.0.0.1:9/in\"\n\n[pipelines.p]\nsource = \"shop\"\nsink = \"out\"\nschedule = { every = \"1h\" }\n",
+    )
+    .expect("write config");
+    let out = assert_cmd::Command::new(env!("CARGO_BIN_EXE_caudal"))
+        .args(["--config"])
+        .arg(&config)
+        .arg("validate")
+        .output()
+        .expect("run caudal");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("caudal.toml:2:"), "{stderr}");
+    assert!(stderr.contains("cargo feature `mysql`"), "{stderr}");
+}

@@ -210,6 +210,15 @@ impl SourceConfig {
             Self::Postgres(c) | Self::Mysql(c) | Self::Sqlite(c) => c,
         }
     }
+
+    /// The same kind of source with other settings.
+    pub fn with_sql(&self, sql: SqlSourceConfig) -> Self {
+        match self {
+            Self::Postgres(_) => Self::Postgres(sql),
+            Self::Mysql(_) => Self::Mysql(sql),
+            Self::Sqlite(_) => Self::Sqlite(sql),
+        }
+    }
 }
 
 /// How a SQL source captures rows.

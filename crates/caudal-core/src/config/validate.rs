@@ -356,6 +356,9 @@ fn check_schedule(path: &FieldPath, schedule: &ScheduleConfig, out: &mut Vec<Pro
 
 fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Vec<Problem>) {
     let sql = source.sql();
+    if let Some(message) = missing_feature(source) {
+        out.push(Problem::at(path.key(message.0), message.1));
+    }
     if let Some(message) = sql_url_problem(source.dialect(), sql.url.expose()) {
         out.push(Problem::at(path.key("url"), message));
     }
@@ -365,6 +368,26 @@ fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Vec<Problem>)
     match sql.mode {
         SqlMode::Incremental => check_incremental(path, sql, out),
         SqlMode::Cdc => check_cdc(path, source.dialect(), sql, out),
+    }
+}
+
+/// The field and the reason, when this build lacks the connector a
+/// source needs (cargo features `mysql`, `postgres-cdc`).
+fn missing_feature(source: &SourceConfig) -> Option<(&'static str, String)> {
+    match (source.dialect(), source.sql().mode) {
+        (SqlDialect::Mysql, _) if !cfg!(feature = "mysql") => Some((
+            "type",
+            "this caudal was built without MySQL/MariaDB support (cargo feature `mysql`); \
+             use a build with default features"
+                .into(),
+        )),
+        (SqlDialect::Postgres, SqlMode::Cdc) if !cfg!(feature = "postgres-cdc") => Some((
+            "mode",
+            "this caudal was built without PostgreSQL change data capture (cargo feature \
+             `postgres-cdc`); use a build with default features"
+                .into(),
+        )),
+        _ => None,
     }
 }
 

@@ -49,7 +49,7 @@ pub struct Server {
     pub row_image: String,
 }
 
-pub use crate::sources::cdc::query_error;
+pub use crate::sources::change::query_error;
 
 fn config_error(source: &str, message: String) -> Error {
     Error::new(ErrorKind::Config, format!("source {source:?}: {message}"))

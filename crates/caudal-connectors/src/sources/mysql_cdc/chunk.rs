@@ -8,7 +8,7 @@ use super::catalog::{Table, query_error};
 use crate::sources::sql::mysql::{bind, decode_row};
 use crate::sources::sql::{DecodeOptions, FetchError, keyset_predicate, quote_ident};
 
-pub use crate::sources::cdc::ChunkRow as Row;
+pub use crate::sources::change::ChunkRow as Row;
 
 /// Reads up to `limit` rows of `table` after `after` (primary-key order),
 /// matching `filter` if given; also says whether the chunk was full (more

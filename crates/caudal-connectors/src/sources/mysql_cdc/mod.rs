@@ -18,10 +18,12 @@ mod chunk;
 mod decode;
 mod reader;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use caudal_core::config::{CdcSnapshot, SqlSourceConfig};
 use caudal_core::record::Position;
+use caudal_core::status::{BinlogReplication, Replication, ReplicationSource};
 use caudal_core::{Error, ErrorKind, Result};
 use sqlx::MySqlPool;
 use tokio::sync::{mpsc, watch};
@@ -31,7 +33,26 @@ use catalog::query_error;
 pub use catalog::{LogFile, distance};
 use reader::{Start, Task};
 
-use crate::sources::cdc::{BackfillPending, CdcReader, Lag, SharedLag, read_lag, update_lag};
+use crate::sources::change::{
+    BackfillRequests, CdcReader, ChangeCapture, Held, Released, SharedLag, read_lag, update_lag,
+};
+
+/// The binary log part of a MySQL source's figures.
+pub(crate) fn binlog_figures(r: &mut Replication) -> Option<&mut BinlogReplication> {
+    match &mut r.source {
+        ReplicationSource::Mysql(b) => Some(b),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Empty figures of a replica with `server_id`.
+fn figures(server_id: u32) -> Replication {
+    Replication::new(ReplicationSource::Mysql(BinlogReplication {
+        server_id: Some(server_id),
+        ..BinlogReplication::default()
+    }))
+}
 
 /// How often the reader's distance to the end of the log is measured.
 const LAG_EVERY: Duration = Duration::from_secs(2);
@@ -79,16 +100,17 @@ impl MyCdcSource {
         let opts = mysql_async::OptsBuilder::from_opts(opts)
             .prefer_socket(false)
             .into();
+        let server_id = config
+            .server_id
+            .unwrap_or_else(|| caudal_core::config::default_server_id(pipeline));
         Ok(Self {
             name: name.to_string(),
             pipeline: pipeline.to_string(),
             config: config.clone(),
             pool,
             opts,
-            server_id: config
-                .server_id
-                .unwrap_or_else(|| caudal_core::config::default_server_id(pipeline)),
-            lag: SharedLag::default(),
+            server_id,
+            lag: Arc::new(std::sync::Mutex::new(figures(server_id))),
         })
     }
 
@@ -99,11 +121,6 @@ impl MyCdcSource {
     /// The replica server id the binary log is read with.
     pub fn server_id(&self) -> u32 {
         self.server_id
-    }
-
-    /// Live replication figures of the current run.
-    pub fn lag(&self) -> Lag {
-        read_lag(&self.lag)
     }
 
     fn tables(&self) -> Vec<String> {
@@ -130,11 +147,11 @@ impl MyCdcSource {
     /// pipeline that has captured nothing yet). `follow`: stream until
     /// stopped; otherwise stop at the end of the log as of now.
     /// `pending` lists saved backfill requests (polled while streaming).
-    pub async fn open_run(
+    async fn open(
         &self,
         from: Option<&Position>,
         follow: bool,
-        pending: Option<BackfillPending>,
+        requests: Option<Arc<dyn BackfillRequests>>,
     ) -> Result<CdcReader> {
         let server = catalog::preflight(&self.pool, &self.name, self.server_id).await?;
         tracing::debug!(source = %self.name, version = %server.version, server_id = server.server_id, row_image = %server.row_image, "binary log checks passed");
@@ -224,11 +241,10 @@ impl MyCdcSource {
             }
         };
         update_lag(&self.lag, |l| {
-            *l = Lag {
-                server_id: Some(self.server_id),
-                read_position: from.and_then(log_position).map(|(f, p)| format!("{f}:{p}")),
-                ..Lag::default()
-            };
+            *l = figures(self.server_id);
+            if let Some(b) = binlog_figures(l) {
+                b.read_position = from.and_then(log_position).map(|(f, p)| format!("{f}:{p}"));
+            }
         });
         let (out, pages) = mpsc::channel(2);
         let out_guard = out.clone();
@@ -254,9 +270,9 @@ impl MyCdcSource {
             out,
             lag: self.lag.clone(),
             stop: stop.clone(),
-            pending,
+            requests,
         };
-        crate::sources::cdc::spawn_reader(task.run(), out_guard);
+        crate::sources::change::spawn_reader(task.run(), out_guard);
         tokio::spawn(watch_lag(self.clone(), stop.clone()));
         Ok(CdcReader::new(pages, durable_tx, stop, false))
     }
@@ -309,15 +325,103 @@ async fn watch_lag(source: MyCdcSource, stop: CancellationToken) {
         let Ok(logs) = source.binary_logs().await else {
             continue;
         };
-        let read = read_lag(&source.lag).read_position;
+        let mut now = read_lag(&source.lag);
+        let read = binlog_figures(&mut now).and_then(|b| b.read_position.clone());
         let end = logs.last().map(|l| format!("{}:{}", l.name, l.size));
         let behind = read.as_deref().and_then(|r| {
             let (f, p) = r.rsplit_once(':')?;
             distance(&logs, f, p.parse().ok()?)
         });
         update_lag(&source.lag, |l| {
-            l.server_position = end;
             l.lag_bytes = behind;
+            if let Some(b) = binlog_figures(l) {
+                b.server_position = end;
+            }
         });
+    }
+}
+
+#[async_trait::async_trait]
+impl ChangeCapture for MyCdcSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn live(&self) -> Replication {
+        read_lag(&self.lag)
+    }
+
+    async fn open_run(
+        &self,
+        from: Option<&Position>,
+        follow: bool,
+        backfills: Option<Arc<dyn BackfillRequests>>,
+    ) -> Result<CdcReader> {
+        self.open(from, follow, backfills).await
+    }
+
+    async fn server_status(
+        &self,
+        mut known: Replication,
+        checkpoint: Option<&Position>,
+    ) -> Replication {
+        if !matches!(known.source, ReplicationSource::Mysql(_)) {
+            known.source = figures(self.server_id).source;
+        }
+        let logs = match self.binary_logs().await {
+            Ok(logs) => logs,
+            Err(e) => {
+                known.server_error = Some(format!("unreachable: {e}"));
+                return known;
+            }
+        };
+        let at = checkpoint.and_then(log_position);
+        let behind = at.and_then(|(file, pos)| distance(&logs, file, pos));
+        if let Some(b) = binlog_figures(&mut known) {
+            b.server_id = Some(self.server_id);
+            if let Some(end) = logs.last() {
+                b.server_position = Some(format!("{}:{}", end.name, end.size));
+            }
+            if let Some((file, pos)) = at {
+                b.checkpoint_position = Some(format!("{file}:{pos}"));
+                b.log_purged = Some(behind.is_none());
+            }
+        }
+        if let Some(bytes) = behind {
+            known.lag_bytes = Some(bytes);
+        }
+        known
+    }
+
+    fn held(&self, _created_publication: bool) -> Option<Held> {
+        None
+    }
+
+    async fn release(&self, _held: Option<&Held>) -> Result<Released> {
+        Ok(Released {
+            note: Some(format!(
+                "a binary log replica (server_id {}) keeps nothing on the server; nothing to drop",
+                self.server_id
+            )),
+            ..Released::default()
+        })
+    }
+
+    async fn restart(&self) -> Result<Released> {
+        Ok(Released {
+            note: Some(
+                "the next run reads the tables again and streams the binary log from there".into(),
+            ),
+            ..Released::default()
+        })
+    }
+
+    async fn count_rows(&self, table: &str, filter: Option<&str>) -> Result<u64> {
+        MyCdcSource::count_rows(self, table, filter).await
+    }
+
+    async fn request_backfill(&self, _id: &str) -> Result<()> {
+        // The running reader polls the store for requests.
+        Ok(())
     }
 }

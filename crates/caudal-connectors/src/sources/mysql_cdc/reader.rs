@@ -42,8 +42,8 @@ use tokio_util::sync::CancellationToken;
 use super::catalog::{self, Facts, Table, query_error};
 use super::chunk;
 use super::decode::{self, Shape};
-use crate::sources::cdc::{
-    BackfillPending, BackfillProgress, BackfillRequest, SharedLag, entity_key, update_lag,
+use crate::sources::change::{
+    BackfillProgress, BackfillRequest, BackfillRequests, SharedLag, entity_key, update_lag,
 };
 
 /// Most changes handed on at once while streaming.
@@ -104,7 +104,7 @@ pub struct Task {
     pub out: mpsc::Sender<Result<Vec<Record>>>,
     pub lag: SharedLag,
     pub stop: CancellationToken,
-    pub pending: Option<BackfillPending>,
+    pub requests: Option<std::sync::Arc<dyn BackfillRequests>>,
 }
 
 /// An open transaction of the stream.
@@ -240,7 +240,7 @@ impl Task {
         resume: Option<(usize, Vec<CursorValue>, String, u64)>,
     ) -> Result<(String, u64)> {
         let source = self.source.clone();
-        update_lag(&self.lag, |l| l.phase = "snapshot".into());
+        update_lag(&self.lag, |l| l.phase = Some("snapshot".into()));
         let mut conn = self
             .pool
             .acquire()
@@ -312,7 +312,7 @@ impl Task {
         // Failures in a row at one position, after a connection was made.
         let mut failures: (String, u64, u32) = (String::new(), 0, 0);
         loop {
-            update_lag(&self.lag, |l| l.phase = "streaming".into());
+            update_lag(&self.lag, |l| l.phase = Some("streaming".into()));
             let at = (st.file.clone(), st.next);
             let mut connected = false;
             match self
@@ -372,7 +372,7 @@ impl Task {
                     }
                     st.shapes.clear();
                     tracing::warn!(source = %self.source, error = %e.report(), retry_in = ?backoff, "the binary log connection broke; reconnecting");
-                    update_lag(&self.lag, |l| l.phase = "reconnecting".into());
+                    update_lag(&self.lag, |l| l.phase = Some("reconnecting".into()));
                     tokio::select! {
                         () = self.stop.cancelled() => return Ok(()),
                         () = tokio::time::sleep(backoff) => {}
@@ -689,7 +689,11 @@ impl Task {
         st.next = end;
         if st.txn.is_none() {
             let at = format!("{}:{}", st.file, st.next);
-            update_lag(&self.lag, |l| l.read_position = Some(at));
+            update_lag(&self.lag, |l| {
+                if let Some(b) = super::binlog_figures(l) {
+                    b.read_position = Some(at);
+                }
+            });
         }
         Ok(())
     }
@@ -893,13 +897,13 @@ impl Task {
             return Ok(());
         }
         self.place_chunk(st, backfills);
-        if let Some(pending) = &self.pending
+        if let Some(requests) = &self.requests
             && backfills
                 .polled
                 .is_none_or(|p| p.elapsed() >= BACKFILL_POLL)
         {
             backfills.polled = Some(Instant::now());
-            for (id, request) in pending().await {
+            for (id, request) in requests.pending().await {
                 if backfills.seen.insert(id.clone()) {
                     self.start_backfill(id, request, backfills).await;
                 }
@@ -1322,7 +1326,7 @@ fn change(
     txn: &Txn,
     index: Option<u64>,
 ) -> Map<String, Value> {
-    let change = crate::sources::cdc::Change {
+    let change = crate::sources::change::Change {
         op: op.to_string(),
         table: table.to_string(),
         key,

@@ -24,7 +24,7 @@ pub struct Table {
     pub replica_identity: char,
 }
 
-pub use crate::sources::cdc::query_error;
+pub use crate::sources::change::query_error;
 
 /// Looks a configured table up (as written: `t`, `s.t`, `"Mixed"`),
 /// with its primary key and replica identity.

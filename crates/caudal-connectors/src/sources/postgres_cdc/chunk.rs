@@ -10,7 +10,7 @@ use super::reader::fetch_error;
 use crate::sources::sql::postgres::{bind, decode_row};
 use crate::sources::sql::quote_ident;
 
-pub use crate::sources::cdc::ChunkRow as Row;
+pub use crate::sources::change::ChunkRow as Row;
 
 /// Reads up to `limit` rows of `table` after `after` (primary-key order),
 /// matching `filter` if given; also says whether the chunk was full (more

@@ -16,23 +16,42 @@ mod catalog;
 mod chunk;
 mod reader;
 
+use std::sync::Arc;
+
 use caudal_core::config::{CdcSnapshot, SqlSourceConfig};
 use caudal_core::record::{Position, format_lsn};
+use caudal_core::status::{Replication, ReplicationSource, SlotReplication};
 use caudal_core::{Error, ErrorKind, Result};
 use pg_walstream::{PgReplicationConnection, ReplicationSlotOptions, SlotType};
 use sqlx::PgPool;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-pub use crate::sources::cdc::{CdcReader, Durable};
 pub use catalog::Slot;
-pub use reader::{
-    BACKFILL_PREFIX, BackfillLookup, BackfillProgress, BackfillRequest, HEARTBEAT_PREFIX, Lag,
-    SharedLag,
-};
+pub use reader::{BACKFILL_PREFIX, HEARTBEAT_PREFIX};
 
+use crate::sources::change::{
+    BackfillRequests, CdcReader, ChangeCapture, Held, Released, SharedLag, read_lag, update_lag,
+};
 use catalog::query_error;
 use reader::{SnapshotStart, Task, replication_error};
+
+/// The slot part of a PostgreSQL source's figures.
+pub(crate) fn slot_figures(r: &mut Replication) -> Option<&mut SlotReplication> {
+    match &mut r.source {
+        ReplicationSource::Postgres(slot) => Some(slot),
+        #[allow(unreachable_patterns)]
+        _ => None,
+    }
+}
+
+/// Empty figures of a slot.
+fn figures(slot: &str) -> Replication {
+    Replication::new(ReplicationSource::Postgres(SlotReplication {
+        slot: slot.to_string(),
+        ..SlotReplication::default()
+    }))
+}
 
 /// A PostgreSQL CDC source of one pipeline. Cheap to clone.
 #[derive(Clone, Debug)]
@@ -76,7 +95,12 @@ impl PgCdcSource {
                 .publication
                 .clone()
                 .unwrap_or_else(|| default_name(pipeline)),
-            lag: SharedLag::default(),
+            lag: Arc::new(std::sync::Mutex::new(figures(
+                &config
+                    .slot
+                    .clone()
+                    .unwrap_or_else(|| default_name(pipeline)),
+            ))),
         })
     }
 
@@ -90,14 +114,6 @@ impl PgCdcSource {
 
     pub fn publication(&self) -> &str {
         &self.publication
-    }
-
-    /// Live replication figures of the current run.
-    pub fn lag(&self) -> Lag {
-        self.lag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
     }
 
     fn tables(&self) -> Vec<String> {
@@ -123,11 +139,11 @@ impl PgCdcSource {
     /// Starts one run from `from` (the last durable position; `None` for a
     /// pipeline that has captured nothing yet). `follow`: stream until
     /// stopped; otherwise stop once the log as of now is read.
-    pub async fn open_run(
+    async fn open(
         &self,
         from: Option<&Position>,
         follow: bool,
-        lookup: Option<BackfillLookup>,
+        backfills: Option<Arc<dyn BackfillRequests>>,
     ) -> Result<CdcReader> {
         catalog::preflight(&self.pool, &self.name).await?;
         let mut tables = Vec::new();
@@ -215,16 +231,7 @@ impl PgCdcSource {
                 ));
             }
         };
-        {
-            let mut lag = self
-                .lag
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            *lag = Lag {
-                slot: self.slot.clone(),
-                ..Lag::default()
-            };
-        }
+        update_lag(&self.lag, |l| *l = figures(&self.slot));
         let (out, pages) = mpsc::channel(2);
         let out_guard = out.clone();
         let (durable_tx, durable) = watch::channel(from.cloned());
@@ -253,11 +260,11 @@ impl PgCdcSource {
             lag: self.lag.clone(),
             stop: stop.clone(),
             page: Vec::new(),
-            lookup,
+            requests: backfills,
             backfills: reader::Backfills::default(),
             streamed: false,
         };
-        crate::sources::cdc::spawn_reader(task.run(), out_guard);
+        crate::sources::change::spawn_reader(task.run(), out_guard);
         Ok(CdcReader::new(pages, durable_tx, stop, created_publication))
     }
 
@@ -339,9 +346,8 @@ impl PgCdcSource {
     }
 
     /// Drops the pipeline's slot, and its publication when
-    /// `drop_publication` (`caudal cdc drop`, `caudal resync`). Returns what
-    /// existed and was dropped.
-    pub async fn drop_replication(&self, drop_publication: bool) -> Result<Dropped> {
+    /// `drop_publication`. Returns what existed and was dropped.
+    async fn drop_replication(&self, drop_publication: bool) -> Result<Dropped> {
         let mut dropped = Dropped::default();
         if let Some(slot) = self.slot_info().await? {
             if slot.active {
@@ -404,7 +410,115 @@ impl PgCdcSource {
 
 /// What [`PgCdcSource::drop_replication`] removed.
 #[derive(Clone, Debug, Default)]
-pub struct Dropped {
-    pub slot: Option<String>,
-    pub publication: Option<String>,
+struct Dropped {
+    slot: Option<String>,
+    publication: Option<String>,
+}
+
+#[async_trait::async_trait]
+impl ChangeCapture for PgCdcSource {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn live(&self) -> Replication {
+        read_lag(&self.lag)
+    }
+
+    async fn open_run(
+        &self,
+        from: Option<&Position>,
+        follow: bool,
+        backfills: Option<Arc<dyn BackfillRequests>>,
+    ) -> Result<CdcReader> {
+        self.open(from, follow, backfills).await
+    }
+
+    async fn server_status(
+        &self,
+        mut known: Replication,
+        _checkpoint: Option<&Position>,
+    ) -> Replication {
+        if !matches!(known.source, ReplicationSource::Postgres(_)) {
+            known.source = figures(&self.slot).source;
+        }
+        match self.slot_info().await {
+            Err(e) => known.server_error = Some(format!("unreachable: {e}")),
+            Ok(info) => {
+                let lag_bytes = info
+                    .as_ref()
+                    .and_then(|i| i.lag_bytes)
+                    .and_then(|b| u64::try_from(b).ok());
+                if let Some(slot) = slot_figures(&mut known) {
+                    slot.slot.clone_from(&self.slot);
+                    slot.slot_exists = Some(info.is_some());
+                    if let Some(i) = info {
+                        slot.slot_active = Some(i.active);
+                        slot.wal_status = i.wal_status;
+                        slot.confirmed_lsn = i.confirmed_flush.map(format_lsn);
+                    }
+                }
+                if let Some(b) = lag_bytes {
+                    known.lag_bytes = Some(b);
+                }
+            }
+        }
+        known
+    }
+
+    fn held(&self, created_publication: bool) -> Option<Held> {
+        Some(Held {
+            source: self.name.clone(),
+            slot: Some(self.slot.clone()),
+            publication: Some(self.publication.clone()),
+            publication_created: created_publication,
+        })
+    }
+
+    async fn release(&self, held: Option<&Held>) -> Result<Released> {
+        let ours = held.is_some_and(|h| h.publication_created);
+        let d = self.drop_replication(ours).await?;
+        let mut out = Released::default();
+        out.dropped
+            .extend(d.slot.map(|s| format!("replication slot {s:?}")));
+        out.dropped
+            .extend(d.publication.map(|p| format!("publication {p:?}")));
+        if !ours {
+            out.kept.push(format!(
+                "publication {:?} (not created by caudal)",
+                self.publication
+            ));
+        }
+        if out.dropped.is_empty() {
+            out.note = Some(format!(
+                "no slot {:?} nor publication {:?} to drop",
+                self.slot, self.publication
+            ));
+        }
+        Ok(out)
+    }
+
+    async fn restart(&self) -> Result<Released> {
+        let d = self.drop_replication(false).await?;
+        Ok(Released {
+            dropped: d
+                .slot
+                .map(|s| format!("replication slot {s:?}"))
+                .into_iter()
+                .collect(),
+            kept: Vec::new(),
+            note: Some(format!(
+                "the next run creates slot {:?}, reads the tables again and streams from there",
+                self.slot
+            )),
+        })
+    }
+
+    async fn count_rows(&self, table: &str, filter: Option<&str>) -> Result<u64> {
+        PgCdcSource::count_rows(self, table, filter).await
+    }
+
+    async fn request_backfill(&self, id: &str) -> Result<()> {
+        PgCdcSource::request_backfill(self, id).await
+    }
 }

@@ -55,8 +55,8 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(120);
 /// Longest pause between reconnect attempts.
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
-pub(super) use crate::sources::cdc::entity_key;
-pub use crate::sources::cdc::{BackfillLookup, BackfillProgress, BackfillRequest, Lag, SharedLag};
+pub(super) use crate::sources::change::entity_key;
+use crate::sources::change::{BackfillProgress, BackfillRequests, SharedLag, update_lag};
 
 /// The prefix of the message that asks a running pipeline for a backfill.
 pub const BACKFILL_PREFIX: &str = "caudal_backfill";
@@ -146,7 +146,7 @@ pub struct Task {
     /// are past `from`, so the server will not send them again.
     pub page: Vec<Record>,
     /// Where backfill requests are looked up (the daemon only).
-    pub lookup: Option<BackfillLookup>,
+    pub requests: Option<Arc<dyn BackfillRequests>>,
     pub backfills: Backfills,
     /// Whether the current connection received anything (then a reconnect
     /// starts its backoff over).
@@ -196,11 +196,7 @@ impl Task {
     }
 
     fn set_phase(&self, phase: &str) {
-        let mut lag = self
-            .lag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        lag.phase = phase.to_string();
+        update_lag(&self.lag, |l| l.phase = Some(phase.to_string()));
     }
 
     async fn send(&self, page: Vec<Record>) -> Result<()> {
@@ -291,13 +287,8 @@ impl Task {
                     });
                     after = Some(row.values);
                 }
-                {
-                    let mut lag = self
-                        .lag
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    lag.snapshot_rows += page.len() as u64;
-                }
+                let n = page.len() as u64;
+                update_lag(&self.lag, |l| l.snapshot_rows += n);
                 self.send(page).await?;
                 if !full {
                     break;
@@ -536,12 +527,12 @@ impl Task {
     }
 
     fn caught_up(&self, server: u64) {
-        let mut lag = self
-            .lag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        lag.lag_seconds = Some(0.0);
-        lag.server_lsn = Some(format_lsn(server));
+        update_lag(&self.lag, |l| {
+            l.lag_seconds = Some(0.0);
+            if let Some(slot) = super::slot_figures(l) {
+                slot.server_lsn = Some(format_lsn(server));
+            }
+        });
     }
 
     /// Handles one message; true when a bounded read reached its end.
@@ -568,12 +559,10 @@ impl Task {
             }
             LogicalReplicationMessage::Commit { .. } => {
                 if let Some(t) = s.txn.take() {
-                    let mut lag = self
-                        .lag
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    lag.lag_seconds = commit_age(&t.time);
-                    lag.last_commit_time = Some(t.time);
+                    update_lag(&self.lag, |l| {
+                        l.lag_seconds = commit_age(&t.time);
+                        l.last_commit_time = Some(t.time);
+                    });
                 }
                 if self.page.len() >= self.stream_page() {
                     self.flush_page(conn, s, tick).await?;
@@ -788,20 +777,18 @@ impl Task {
     }
 
     fn backfill_progress(&self, update: impl FnOnce(&mut BackfillProgress)) {
-        let mut lag = self
-            .lag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(p) = lag.backfill.as_mut() {
-            update(p);
-        }
+        update_lag(&self.lag, |l| {
+            if let Some(p) = l.backfill.as_mut() {
+                update(p);
+            }
+        });
     }
 
     /// A backfill request seen in the log: `{"slot": …, "id": …}`. Only a
     /// streaming daemon takes them, and only with a request of that id in
     /// caudal's state.
     async fn backfill_requested(&mut self, content: &[u8]) -> Result<()> {
-        let (Some(lookup), true) = (self.lookup.clone(), self.follow) else {
+        let (Some(requests), true) = (self.requests.clone(), self.follow) else {
             return Ok(());
         };
         let Ok(msg) = serde_json::from_slice::<Value>(content) else {
@@ -813,21 +800,17 @@ impl Task {
         let Some(id) = msg["id"].as_str().map(str::to_string) else {
             return Ok(());
         };
-        let Some(request) = lookup(id.clone()).await else {
+        let Some(request) = requests.get(&id).await else {
             tracing::warn!(source = %self.source, id, "a backfill was requested in the log but caudal has no such request; ignored");
             return Ok(());
         };
-        {
-            let mut lag = self
-                .lag
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            lag.backfill = Some(BackfillProgress {
+        update_lag(&self.lag, |l| {
+            l.backfill = Some(BackfillProgress {
                 id: id.clone(),
                 table: request.table.clone(),
                 ..BackfillProgress::default()
             });
-        }
+        });
         match catalog::table(&self.pool, &self.source, &request.table).await {
             Ok(table) => {
                 tracing::info!(source = %self.source, table = %table.name, filter = ?request.filter, "backfill started");
@@ -1192,16 +1175,17 @@ impl Task {
                 )
             })?;
         s.confirmed = s.confirmed.max(flush);
-        let mut lag = self
-            .lag
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        lag.slot.clone_from(&self.slot);
-        if s.confirmed > 0 {
-            lag.confirmed_lsn = Some(format_lsn(s.confirmed));
-        }
-        lag.server_lsn = Some(format_lsn(s.received));
-        lag.lag_bytes = Some(s.received.saturating_sub(s.confirmed));
+        let (confirmed, received) = (s.confirmed, s.received);
+        update_lag(&self.lag, |l| {
+            l.lag_bytes = Some(received.saturating_sub(confirmed));
+            if let Some(slot) = super::slot_figures(l) {
+                slot.slot.clone_from(&self.slot);
+                if confirmed > 0 {
+                    slot.confirmed_lsn = Some(format_lsn(confirmed));
+                }
+                slot.server_lsn = Some(format_lsn(received));
+            }
+        });
         Ok(())
     }
 
@@ -1275,7 +1259,7 @@ fn change(
     unchanged: Vec<String>,
     meta: &Meta,
 ) -> Map<String, Value> {
-    let change = crate::sources::cdc::Change {
+    let change = crate::sources::change::Change {
         op: op.to_string(),
         table: table.to_string(),
         key,

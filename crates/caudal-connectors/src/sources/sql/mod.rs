@@ -13,6 +13,7 @@
 //!   parameters; nothing from configuration or data is spliced into SQL
 //!   unquoted (a user `query` is the user's own SQL, wrapped as a subquery).
 
+#[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 pub(crate) mod postgres;
 mod sqlite;
@@ -21,7 +22,9 @@ use caudal_core::config::{DEFAULT_LAG, DecimalFormat, SourceConfig, SqlDialect, 
 use caudal_core::record::{CursorValue, Position, Record};
 use caudal_core::{Error, ErrorKind, Result};
 use serde_json::{Map, Value};
-use sqlx::{MySqlPool, PgPool, SqlitePool};
+#[cfg(feature = "mysql")]
+use sqlx::MySqlPool;
+use sqlx::{PgPool, SqlitePool};
 
 /// What a column holds, as far as cursors and the safety lag care.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -90,6 +93,7 @@ pub struct ColumnSpec {
 #[derive(Clone, Debug)]
 enum Pool {
     Postgres(PgPool),
+    #[cfg(feature = "mysql")]
     Mysql(MySqlPool),
     Sqlite(SqlitePool),
 }
@@ -152,7 +156,18 @@ impl SqlSource {
             SqlDialect::Postgres => {
                 Pool::Postgres(postgres::connect(url).await.map_err(connect_err)?)
             }
+            #[cfg(feature = "mysql")]
             SqlDialect::Mysql => Pool::Mysql(mysql::connect(url).await.map_err(connect_err)?),
+            #[cfg(not(feature = "mysql"))]
+            SqlDialect::Mysql => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "source {name:?}: this caudal was built without MySQL/MariaDB support \
+                         (cargo feature `mysql`)"
+                    ),
+                ));
+            }
             SqlDialect::Sqlite => Pool::Sqlite(sqlite::connect(url).await.map_err(connect_err)?),
         };
         Ok(Self {
@@ -173,10 +188,19 @@ impl SqlSource {
     /// positioned after `from` (the last delivered position).
     pub async fn open_run(&self, from: Option<&Position>) -> Result<RunReader> {
         let columns = self.describe().await?;
-        let mut plan = self.plan(&columns)?;
-        if let (Pool::Mysql(pool), Some(table)) = (&self.pool, &self.config.table) {
-            plan.decode.json_columns = mysql::json_columns(pool, table).await.unwrap_or_default();
-        }
+        let plan = self.plan(&columns)?;
+        // MySQL reports JSON columns as text: the catalog says which.
+        #[cfg(feature = "mysql")]
+        let plan = match (&self.pool, &self.config.table) {
+            (Pool::Mysql(pool), Some(table)) => Plan {
+                decode: DecodeOptions {
+                    json_columns: mysql::json_columns(pool, table).await.unwrap_or_default(),
+                    ..plan.decode
+                },
+                ..plan
+            },
+            _ => plan,
+        };
         let after = match from {
             None => None,
             Some(Position::Cursor { values }) => {
@@ -229,6 +253,7 @@ impl SqlSource {
         );
         let result = match &self.pool {
             Pool::Postgres(p) => postgres::describe(p, probe).await,
+            #[cfg(feature = "mysql")]
             Pool::Mysql(p) => mysql::describe(p, probe).await,
             Pool::Sqlite(p) => sqlite::describe(p, probe).await,
         };
@@ -387,6 +412,7 @@ impl SqlSource {
     async fn lag_bound(&self, kind: &ColumnKind, lag: std::time::Duration) -> Result<CursorValue> {
         let now = match &self.pool {
             Pool::Postgres(p) => postgres::now_utc(p).await,
+            #[cfg(feature = "mysql")]
             Pool::Mysql(p) => mysql::now_utc(p).await,
             Pool::Sqlite(p) => sqlite::now_utc(p).await,
         }
@@ -410,6 +436,7 @@ impl SqlSource {
         let kinds = &plan.cursor_kinds;
         let rows = match &self.pool {
             Pool::Postgres(p) => postgres::fetch(p, sql, binds, &plan.decode).await,
+            #[cfg(feature = "mysql")]
             Pool::Mysql(p) => mysql::fetch(p, sql, binds, &plan.decode).await,
             Pool::Sqlite(p) => sqlite::fetch(p, sql, binds, &plan.decode).await,
         }
