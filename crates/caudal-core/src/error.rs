@@ -40,32 +40,41 @@ pub enum ErrorKind {
     Internal,
 }
 
-/// What to do about an error, decided in one place.
+/// What to do about an error, decided in one place
+/// ([`ErrorKind::decision`]) for every part of the product: the daemon
+/// (whether a failed run is tried again soon, at its next time, or the
+/// pipeline stops), CDC readers (whether to reconnect), delivery.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Decision {
-    /// Try again later; the data is kept.
+    /// Temporary: try the same work again after a pause (with backoff);
+    /// nothing is lost meanwhile.
     Retry,
-    /// The data itself is refused; keep it aside with its reason.
+    /// The data itself is refused: keep it aside (dead letters) with its
+    /// reason.
     Reject,
-    /// Stop the run; an operator must act.
-    Fatal,
+    /// This attempt fails; the schedule tries again at its next time
+    /// (an operator may have something to fix first).
+    Fail,
+    /// The pipeline stops until an operator acts: going on would lose
+    /// data (`caudal resync`).
+    Stop,
 }
 
 impl ErrorKind {
-    /// The retry decision for this kind of error.
+    /// The decision for this kind of error.
     pub fn decision(self) -> Decision {
         match self {
             Self::Connect | Self::Timeout | Self::Unavailable | Self::Busy | Self::Store => {
                 Decision::Retry
             }
             Self::Rejected => Decision::Reject,
+            Self::Resync => Decision::Stop,
             Self::Config
             | Self::Query
             | Self::Decode
             | Self::Buffer
-            | Self::Resync
             | Self::Cancelled
-            | Self::Internal => Decision::Fatal,
+            | Self::Internal => Decision::Fail,
         }
     }
 

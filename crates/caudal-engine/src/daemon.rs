@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use caudal_core::ErrorKind;
+use caudal_core::error::Decision;
 use jiff::Timestamp;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
@@ -24,8 +24,26 @@ use crate::pipeline::{Pipeline, Trigger};
 /// The longest single sleep; the wall clock is checked again after it, so
 /// clock changes (NTP, suspend) are noticed.
 const MAX_SLEEP: Duration = Duration::from_secs(30);
-/// Pause before trying again when another process holds the lease.
-const BUSY_RETRY: Duration = Duration::from_secs(5);
+/// Pause before the first retry of a run that failed temporarily
+/// (doubled after each further failure, up to [`MAX_RETRY`]).
+const FIRST_RETRY: Duration = Duration::from_secs(5);
+/// Longest pause between retries of a failing run.
+const MAX_RETRY: Duration = Duration::from_secs(300);
+
+/// The pause before retry `n` (from 1) of a run that failed temporarily.
+fn retry_after(n: u32) -> Duration {
+    FIRST_RETRY
+        .saturating_mul(2u32.saturating_pow(n.saturating_sub(1)))
+        .min(MAX_RETRY)
+}
+
+/// `t` plus `d`, saturating.
+fn add(t: Timestamp, d: Duration) -> Timestamp {
+    jiff::SignedDuration::try_from(d)
+        .ok()
+        .and_then(|d| t.checked_add(d).ok())
+        .unwrap_or(t)
+}
 
 /// Steers the pipelines of a running daemon: pause (no new runs; a run in
 /// progress, such as a CDC stream, is stopped; delivery of what is
@@ -150,6 +168,11 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken, steering
         }
     }
     tracing::info!(pipeline = %name, schedule = %pipeline.schedule().describe(), "scheduled");
+    // A run that failed for a reason that may pass (a server down, the
+    // lease held elsewhere) is tried again sooner than the schedule says,
+    // with a growing pause.
+    let mut failures: u32 = 0;
+    let mut retry_at: Option<Timestamp> = None;
     loop {
         let now = Timestamp::now();
         let next = match pipeline.schedule().next_run(last_start, last_end, now) {
@@ -159,6 +182,7 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken, steering
                 return;
             }
         };
+        let next = retry_at.take().map_or(next, |r| r.min(next).max(now));
         if let Err(e) = store.set_next_run(&name, Some(next)).await {
             tracing::warn!(pipeline = %name, error = %e.report(), "cannot record the next run time");
         }
@@ -196,27 +220,35 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken, steering
             .running
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
-        match result {
-            Ok(summary) => {
-                if let Some(e) = summary
-                    .error
-                    .as_ref()
-                    .filter(|e| e.kind() == ErrorKind::Resync)
-                {
-                    tracing::error!(pipeline = %name, error = %e.report(), "pipeline stopped: it cannot continue without losing changes; `caudal resync` starts it over");
-                    break;
+        let failure = match &result {
+            Ok(summary) => summary.error.as_ref(),
+            Err(e) => Some(e),
+        };
+        match failure.map(|e| (e, e.kind().decision())) {
+            Some((e, Decision::Stop)) => {
+                tracing::error!(pipeline = %name, error = %e.report(), "pipeline stopped: it cannot continue without losing changes; `caudal resync` starts it over");
+                break;
+            }
+            Some((e, Decision::Retry)) => {
+                failures += 1;
+                let wait = retry_after(failures);
+                tracing::warn!(pipeline = %name, error = %e.report(), retry_in_s = wait.as_secs(), "run failed for a reason that may pass; trying again soon");
+                retry_at = Some(add(Timestamp::now(), wait));
+                if result.is_ok() {
+                    last_start = Some(started);
+                    last_end = Some(Timestamp::now());
+                }
+            }
+            Some((e, _)) => {
+                failures = 0;
+                if result.is_err() {
+                    tracing::error!(pipeline = %name, error = %e.report(), "run could not start; trying again at the next scheduled time");
                 }
                 last_start = Some(started);
                 last_end = Some(Timestamp::now());
             }
-            Err(e) if e.kind() == ErrorKind::Busy => {
-                tracing::info!(pipeline = %name, reason = %e, "skipping this tick");
-                if !sleep_for(BUSY_RETRY, &shutdown).await {
-                    break;
-                }
-            }
-            Err(e) => {
-                tracing::error!(pipeline = %name, error = %e.report(), "run could not start");
+            None => {
+                failures = 0;
                 last_start = Some(started);
                 last_end = Some(Timestamp::now());
             }
@@ -249,5 +281,17 @@ async fn sleep_for(d: Duration, shutdown: &CancellationToken) -> bool {
     tokio::select! {
         () = shutdown.cancelled() => false,
         () = tokio::time::sleep(d) => true,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_of_a_failing_run_back_off_to_a_cap() {
+        let waits: Vec<u64> = (1..=8).map(|n| retry_after(n).as_secs()).collect();
+        assert_eq!(waits, [5, 10, 20, 40, 80, 160, 300, 300]);
+        assert_eq!(retry_after(u32::MAX), MAX_RETRY);
     }
 }

@@ -28,9 +28,7 @@ use caudal_buffer::Buffer;
 use caudal_connectors::sinks::http::HttpSink;
 use caudal_connectors::sources::cdc::{CdcReader, CdcSource, Durable};
 use caudal_connectors::sources::sql::{self, SqlSource};
-use caudal_core::config::{
-    AckMode, BatchConfig, ConcurrencyConfig, Config, PipelineConfig, SinkConfig, SqlMode,
-};
+use caudal_core::config::{AckMode, BatchConfig, Config, PipelineConfig, SinkConfig, SqlMode};
 use caudal_core::record::batch_key;
 use caudal_core::record::{Position, Record};
 use caudal_core::sink::{Event, Sink};
@@ -213,20 +211,12 @@ impl Pipeline {
         } else {
             Schedule::from_config(&p.schedule)?
         };
-        let (sender, batch, max_in_flight): (Sender, BatchConfig, u32) = match sink_cfg {
-            SinkConfig::Http(c) => {
-                let sink: Arc<dyn Sink> = Arc::new(HttpSink::new(&p.sink, c)?);
-                let max = match c.concurrency {
-                    ConcurrencyConfig::Fixed(n) => n,
-                    ConcurrencyConfig::Adaptive { max, .. } => max,
-                };
-                (
-                    Sender::new(name, &p.sink, sink, c, store.clone()),
-                    c.batch,
-                    max,
-                )
-            }
+        let (sink, batch): (Arc<dyn Sink>, BatchConfig) = match sink_cfg {
+            SinkConfig::Http(c) => (Arc::new(HttpSink::new(&p.sink, c)?), c.batch),
         };
+        let delivery = sink_cfg.delivery();
+        let sender = Sender::new(name, &p.sink, sink, delivery, store.clone());
+        let max_in_flight = delivery.max_in_flight();
         Ok(Self {
             name: name.to_string(),
             source,

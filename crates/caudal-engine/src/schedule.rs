@@ -15,7 +15,7 @@
 
 use std::time::Duration;
 
-use caudal_core::config::{DEFAULT_POLL, ScheduleConfig};
+use caudal_core::config::{ScheduleConfig, ScheduleSpec};
 use caudal_core::{Error, ErrorKind, Result};
 use croner::Cron;
 use jiff::Timestamp;
@@ -37,38 +37,20 @@ pub enum Schedule {
 }
 
 impl Schedule {
-    /// Builds a schedule from its (already validated) configuration.
+    /// Builds a schedule from its configuration, by the rules validation
+    /// checks ([`ScheduleConfig::spec`]: one cron parser, one set of
+    /// rules).
     pub fn from_config(config: &ScheduleConfig) -> Result<Self> {
-        let err = |m: String| Error::new(ErrorKind::Config, m);
-        match (config.every, &config.cron, config.continuous) {
-            (Some(every), None, false) => {
-                if every.as_std().is_zero() {
-                    return Err(err("schedule.every must be greater than zero".into()));
-                }
-                Ok(Self::Every(every.as_std()))
-            }
-            (None, Some(text), false) => {
-                let cron: Cron = text
-                    .parse()
-                    .map_err(|e| err(format!("schedule.cron {text:?}: {e}")))?;
-                let tz = match &config.tz {
-                    None => TimeZone::UTC,
-                    Some(name) => TimeZone::get(name)
-                        .map_err(|e| err(format!("schedule.tz {name:?}: {e}")))?,
-                };
-                Ok(Self::Cron {
-                    cron: Box::new(cron),
-                    tz,
-                    text: text.clone(),
-                })
-            }
-            (None, None, true) => Ok(Self::Continuous {
-                poll: config.poll.unwrap_or(DEFAULT_POLL).as_std(),
-            }),
-            _ => Err(err(
-                "schedule: set exactly one of `every`, `cron` or `continuous = true`".into(),
-            )),
-        }
+        Ok(
+            match config
+                .spec()
+                .map_err(|m| Error::new(ErrorKind::Config, m))?
+            {
+                ScheduleSpec::Every(every) => Self::Every(every),
+                ScheduleSpec::Cron { cron, tz, text } => Self::Cron { cron, tz, text },
+                ScheduleSpec::Continuous { poll } => Self::Continuous { poll },
+            },
+        )
     }
 
     /// When the next run should start, given when the last run started and

@@ -16,7 +16,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use caudal_core::config::HttpSinkConfig;
+use caudal_core::config::DeliveryConfig;
 use caudal_core::delivery::{Outcome, RetryPolicy, split_batch};
 use caudal_core::sink::{Batch, Delivery, Event, Sink};
 use caudal_core::{Error, ErrorKind, Result};
@@ -72,7 +72,7 @@ impl Sender {
         pipeline: &str,
         sink_name: &str,
         sink: Arc<dyn Sink>,
-        config: &HttpSinkConfig,
+        config: &DeliveryConfig,
         store: Store,
     ) -> Self {
         let breaker = if config.circuit_breaker.enabled {

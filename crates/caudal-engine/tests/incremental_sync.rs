@@ -104,7 +104,7 @@ page_size = {page_size}
 type = "http"
 url = "{receiver}"
 batch = {{ max_records = {max_records}, max_wait = "200ms" }}
-retry = {{ max_attempts = {max_attempts}, initial = "10ms" }}
+delivery.retry = {{ max_attempts = {max_attempts}, initial = "10ms" }}
 body = '{{"requests": {{{{ records | tojson }}}}}}'
 
 [pipelines.{PIPELINE}]

@@ -38,7 +38,7 @@ pub fn fail(e: &Error) -> ExitCode {
 
 /// Loads and validates the configuration, printing every problem.
 pub fn load(path: &Path) -> Result<Config, ExitCode> {
-    load_file(path).map_err(|errors| {
+    let loaded = load_file(path).map_err(|errors| {
         for e in &errors.0 {
             eprintln!("error: {e}");
         }
@@ -49,7 +49,13 @@ pub fn load(path: &Path) -> Result<Config, ExitCode> {
             path.display()
         );
         ExitCode::from(EXIT_CONFIG)
-    })
+    });
+    if let Ok(config) = &loaded {
+        for w in &config.warnings {
+            eprintln!("warning: {w}");
+        }
+    }
+    loaded
 }
 
 /// Loads the configuration and opens its state store.

@@ -154,7 +154,7 @@ async fn status_shows_buffered_batches_and_the_open_circuit() {
     w.max_records = 5;
     w.every = "200ms".into();
     w.retry = r#"{ initial = "10ms", max_delay = "20ms" }"#.into();
-    w.sink_extra = r#"circuit_breaker = { min_requests = 2, open_for = "1h" }"#.into();
+    w.sink_extra = r#"delivery.circuit_breaker = { min_requests = 2, open_for = "1h" }"#.into();
     w.insert(1..=20, 0).await;
     w.receiver.set_status(503);
     let daemon = w.start_daemon(1);
@@ -191,7 +191,7 @@ async fn the_daemon_keeps_reading_through_an_outage_and_catches_up() {
     w.max_records = 5;
     w.every = "200ms".into();
     w.retry = r#"{ initial = "10ms", max_delay = "100ms" }"#.into();
-    w.sink_extra = r#"circuit_breaker = { min_requests = 3, open_for = "200ms" }"#.into();
+    w.sink_extra = r#"delivery.circuit_breaker = { min_requests = 3, open_for = "200ms" }"#.into();
     w.receiver.stop().await;
     w.insert(1..=10, 0).await;
     let daemon = w.start_daemon(1);

@@ -81,7 +81,7 @@ page_size = 300
 type = "http"
 url = "{receiver}"
 batch = {{ max_records = 200, max_wait = "100ms" }}
-retry = {{ max_attempts = 1000, initial = "50ms", max = "500ms" }}
+delivery.retry = {{ max_attempts = 1000, initial = "50ms", max = "500ms" }}
 body = '{{"changes": {{{{ records | tojson }}}}}}'
 
 [pipelines.{PIPELINE}]

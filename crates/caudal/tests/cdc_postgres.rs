@@ -85,7 +85,7 @@ page_size = 300
 type = "http"
 url = "{receiver}"
 batch = {{ max_records = 200, max_wait = "100ms" }}
-retry = {{ max_attempts = 1000, initial = "50ms", max = "500ms" }}
+delivery.retry = {{ max_attempts = 1000, initial = "50ms", max = "500ms" }}
 body = '{{"changes": {{{{ records | tojson }}}}}}'
 {sink_extra}
 
@@ -398,7 +398,7 @@ async fn every_type_round_trips_exactly_through_snapshot_and_stream() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_writers_and_large_transactions_replay_to_an_exact_copy() {
     let mut cdc = Cdc::new(WORKLOAD_SCHEMA, &["accounts", "events"]).await;
-    cdc.sink_extra = "concurrency = 4".into();
+    cdc.sink_extra = "delivery.concurrency = 4".into();
     let daemon = cdc.daemon(1);
     let stop = tokio_util::sync::CancellationToken::new();
     let writers = workload(cdc.db.url().to_string(), 4, 3000, stop.clone()).await;

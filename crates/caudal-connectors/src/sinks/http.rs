@@ -102,7 +102,7 @@ impl HttpSink {
         let template = match &config.body {
             None => None,
             Some(body) => {
-                caudal_core::config::validate::check_body_template(body)
+                caudal_core::config::sinks::check_body_template(body)
                     .map_err(|m| cfg_err(format!("body: {m}")))?;
                 let mut env = minijinja::Environment::new();
                 env.set_undefined_behavior(minijinja::UndefinedBehavior::Strict);
@@ -148,7 +148,7 @@ impl HttpSink {
             gzip: config.gzip,
             client,
             template,
-            classes: StatusClasses::from_config(&config.status),
+            classes: StatusClasses::from_config(&config.delivery.status),
         })
     }
 

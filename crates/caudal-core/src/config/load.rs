@@ -132,9 +132,17 @@ pub fn load_str(
     let unresolved: Vec<FieldPath> = problems.iter().map(|p| p.path.clone()).collect();
 
     let mut later = Vec::new();
-    let config = deserialize::config(tree.to_json(), &mut later);
-    if let Some(config) = &config {
+    let mut warnings = Vec::new();
+    let mut config = deserialize::config(tree.to_json(), &mut later);
+    if let Some(config) = &mut config {
+        // Checked first where the file says it; then settings written the
+        // old way move to their new place.
         later.extend(validate::check(config));
+        for (name, sink) in &mut config.sinks {
+            let (w, e) = sink.upgrade(&FieldPath::root().key("sinks").key(name.clone()));
+            warnings.extend(w);
+            later.extend(e);
+        }
     }
     problems.extend(
         later.into_iter().filter(|p| {
@@ -143,7 +151,10 @@ pub fn load_str(
     );
 
     match config {
-        Some(config) if problems.is_empty() => Ok(config),
+        Some(mut config) if problems.is_empty() => {
+            config.warnings = locate(warnings, &tree.positions(), file);
+            Ok(config)
+        }
         _ => Err(located_errors(problems, &tree.positions(), file)),
     }
 }
@@ -158,6 +169,20 @@ fn located(file: &str, pos: Pos) -> Located {
 
 /// Gives each problem its place in the file and sorts them by it.
 fn located_errors(problems: Vec<Problem>, positions: &Positions, file: &str) -> ConfigErrors {
+    let mut errors = locate(problems, positions, file);
+    if errors.is_empty() {
+        // Unreachable in practice: a failed stage always reports a problem.
+        errors.push(ConfigError {
+            location: None,
+            path: String::new(),
+            message: format!("{file}: the configuration is invalid"),
+        });
+    }
+    ConfigErrors(errors)
+}
+
+/// Each problem with its place in the file, sorted by place.
+fn locate(problems: Vec<Problem>, positions: &Positions, file: &str) -> Vec<ConfigError> {
     let mut errors: Vec<ConfigError> = problems
         .into_iter()
         .map(|problem| ConfigError {
@@ -172,15 +197,7 @@ fn located_errors(problems: Vec<Problem>, positions: &Positions, file: &str) -> 
     // Stable: problems at one place keep the order they were found in.
     errors.sort_by_key(|e| e.location.as_ref().map(|l| (l.line, l.column)));
     errors.dedup();
-    if errors.is_empty() {
-        // Unreachable in practice: a failed stage always reports a problem.
-        errors.push(ConfigError {
-            location: None,
-            path: String::new(),
-            message: format!("{file}: the configuration is invalid"),
-        });
-    }
-    ConfigErrors(errors)
+    errors
 }
 
 /// The JSON Schema of the configuration, for editors.

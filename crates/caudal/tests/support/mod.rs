@@ -145,7 +145,7 @@ cursor = ["last_modified_date", "request_id"]
 type = "http"
 url = "{receiver}"
 batch = {{ max_records = {max_records}, max_wait = "200ms" }}
-retry = {retry}
+delivery.retry = {retry}
 timeout = "120s"
 body = '{{"requests": {{{{ records | tojson }}}}}}'
 {sink_extra}

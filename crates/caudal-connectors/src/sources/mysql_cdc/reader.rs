@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caudal_core::config::DecimalFormat;
+use caudal_core::error::Decision;
 use caudal_core::record::{CursorValue, Position, Record};
 use caudal_core::{Error, ErrorKind, Result};
 use futures::StreamExt;
@@ -328,7 +329,8 @@ impl Task {
                     }
                     return Ok(());
                 }
-                Err(e) if e.kind() == ErrorKind::Connect => {
+                // A temporary failure (a broken connection, a busy slot).
+                Err(e) if e.kind().decision() == Decision::Retry => {
                     if (st.file.clone(), st.next) != at || st.txn.is_some() {
                         // It read on: a fresh start for the backoff.
                         backoff = Duration::from_secs(1);

@@ -24,6 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use caudal_core::config::DecimalFormat;
+use caudal_core::error::Decision;
 use caudal_core::record::{CursorValue, Position, Record, format_lsn};
 use caudal_core::{Error, ErrorKind, Result};
 use pg_walstream::{
@@ -322,7 +323,8 @@ impl Task {
             self.streamed = false;
             match self.stream_once(start, &mut stop_at).await {
                 Ok(Ended::Done) => return Ok(()),
-                Err(e) if e.kind() == ErrorKind::Connect => {
+                // A temporary failure (a broken connection, a busy slot).
+                Err(e) if e.kind().decision() == Decision::Retry => {
                     if self.streamed {
                         backoff = Duration::from_secs(1);
                     }

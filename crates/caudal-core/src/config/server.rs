@@ -1,0 +1,55 @@
+//! The HTTP endpoints `caudal run` serves (health, metrics, the API), and
+//! the checks of their settings.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::Config;
+use super::load::path::{FieldPath, Problem};
+
+/// What `caudal run` serves over HTTP.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// The address to listen on, `host:port` (default `127.0.0.1:9464`:
+    /// loopback only; `0.0.0.0:9464` for every interface).
+    #[serde(default = "default_listen")]
+    pub listen: String,
+    /// API requests allowed per second per token (bursts of twice that);
+    /// more get 429 with `Retry-After`.
+    #[serde(default = "default_requests_per_second")]
+    pub requests_per_second: u32,
+}
+
+fn default_requests_per_second() -> u32 {
+    20
+}
+
+/// Where `caudal run` listens when `[server]` names no address.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:9464";
+
+fn default_listen() -> String {
+    DEFAULT_LISTEN.to_string()
+}
+
+impl ServerConfig {
+    /// The listen address; `validate` has checked it parses.
+    pub fn address(&self) -> Option<std::net::SocketAddr> {
+        self.listen.parse().ok()
+    }
+}
+
+/// The listen address must parse.
+pub(super) fn check_server(config: &Config, out: &mut Vec<Problem>) {
+    if let Some(server) = &config.server
+        && server.address().is_none()
+    {
+        out.push(Problem::at(
+            FieldPath::root().key("server").key("listen"),
+            format!(
+                "{:?} is not an address to listen on: write host:port, e.g. \"127.0.0.1:9464\"",
+                server.listen
+            ),
+        ));
+    }
+}
