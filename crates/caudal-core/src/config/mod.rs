@@ -7,6 +7,7 @@
 //! [`load`]; cross-field checks live in [`validate`].
 
 pub mod load;
+pub mod retention;
 pub mod validate;
 
 use std::collections::BTreeMap;
@@ -92,6 +93,10 @@ pub struct Config {
     /// this table is present.
     #[serde(default)]
     pub server: Option<ServerConfig>,
+    /// How long the state store keeps history: runs, resolved dead letters
+    /// and API audit entries.
+    #[serde(default)]
+    pub retention: retention::RetentionConfig,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]

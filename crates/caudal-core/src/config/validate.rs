@@ -139,6 +139,7 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
     }
     check_slots(config, &mut problems);
     check_server(config, &mut problems);
+    super::retention::check(&root.key("retention"), &config.retention, &mut problems);
     problems
 }
 
