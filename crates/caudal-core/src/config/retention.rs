@@ -36,7 +36,7 @@ pub struct RetentionConfig {
     /// (default 1000). Polls of a `continuous` schedule that read nothing
     /// leave no run at all, so this bounds the runs that did work.
     #[serde(default = "default_runs_max_count")]
-    #[schemars(extend("default" = DEFAULT_RUNS_MAX_COUNT))]
+    #[schemars(range(min = 1), extend("default" = DEFAULT_RUNS_MAX_COUNT))]
     pub runs_max_count: u32,
     /// Dead letters replayed or discarded longer ago than this are deleted
     /// (default `"30d"`). Pending dead letters are kept until they are
