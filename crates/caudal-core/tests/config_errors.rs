@@ -524,3 +524,35 @@ fn pipeline_name_that_is_a_path() {
         &edit(SEED_YAML, "  requests_to_partner:", "  ../requests:"),
     );
 }
+
+/// `[retention]` values that would delete history as soon as it is written.
+#[test]
+fn retention_zeros() {
+    check(
+        "retention_zeros",
+        &format!(
+            "{SEED_TOML}\n[retention]\nruns_max_age = \"0s\"\nruns_max_count = 0\n\
+             dead_letters_max_age = \"0\"\naudit_max_age = \"0ms\"\n"
+        ),
+        &format!(
+            "{SEED_YAML}\nretention:\n  runs_max_age: 0s\n  runs_max_count: 0\n  \
+             dead_letters_max_age: '0'\n  audit_max_age: 0ms\n"
+        ),
+    );
+}
+
+/// `[retention]` values of the wrong kind, and a misspelt field.
+#[test]
+fn retention_nonsense() {
+    check(
+        "retention_nonsense",
+        &format!(
+            "{SEED_TOML}\n[retention]\nruns_max_age = \"forever\"\nruns_max_count = -5\n\
+             audit_max_age = 90\nkeep_runs = 10\n"
+        ),
+        &format!(
+            "{SEED_YAML}\nretention:\n  runs_max_age: forever\n  runs_max_count: -5\n  \
+             audit_max_age: 90\n  keep_runs: 10\n"
+        ),
+    );
+}

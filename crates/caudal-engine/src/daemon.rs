@@ -8,7 +8,8 @@
 //! next is scheduled; the lease also guards against other processes).
 //! Shutdown (the token) stops intake at once; requests in flight finish,
 //! undelivered records stay in the buffer, and `run` returns when all
-//! tasks have ended.
+//! tasks have ended. One more task prunes the store's history at start and
+//! every hour ([`crate::retention`]).
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -141,6 +142,15 @@ pub async fn run(pipelines: Vec<Pipeline>, shutdown: CancellationToken) {
 /// As [`run`], steered by `control`.
 pub async fn run_with(pipelines: Vec<Pipeline>, shutdown: CancellationToken, control: Control) {
     let mut tasks = tokio::task::JoinSet::new();
+    // Every pipeline was built from the one configuration and store.
+    if let Some(first) = pipelines.first() {
+        let (store, retention) = (first.store().clone(), *first.retention());
+        tasks.spawn(crate::retention::prune_periodically(
+            store,
+            retention,
+            shutdown.clone(),
+        ));
+    }
     for pipeline in pipelines {
         let steering = control.register(pipeline.name());
         let delivery = pipeline.clone();

@@ -14,6 +14,7 @@ pub mod lease;
 pub mod maintenance;
 pub mod ordering;
 pub mod pipeline;
+pub mod retention;
 pub mod schedule;
 pub mod send;
 pub mod status;

@@ -28,6 +28,7 @@ use caudal_buffer::Buffer;
 use caudal_connectors::sinks::http::HttpSink;
 use caudal_connectors::sources::cdc::{CdcReader, CdcSource, Durable};
 use caudal_connectors::sources::sql::{self, SqlSource};
+use caudal_core::config::retention::RetentionConfig;
 use caudal_core::config::{AckMode, BatchConfig, Config, PipelineConfig, SinkConfig, SqlMode};
 use caudal_core::record::batch_key;
 use caudal_core::record::{Position, Record};
@@ -132,6 +133,8 @@ pub struct Pipeline {
     buffer_config: caudal_buffer::BufferConfig,
     /// Batches the deliverer dispatches at once.
     max_in_flight: usize,
+    /// How much run history to keep ([`crate::retention`]).
+    retention: RetentionConfig,
     shared: Arc<Shared>,
 }
 
@@ -230,6 +233,7 @@ impl Pipeline {
             buffer_dir: config.buffer_dir(name),
             buffer_config: buffered::buffer_config(&p.buffer),
             max_in_flight: usize::try_from(max_in_flight.max(1)).unwrap_or(1),
+            retention: config.retention,
             shared: Arc::default(),
         })
     }
@@ -249,6 +253,11 @@ impl Pipeline {
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    /// The configured `[retention]`.
+    pub fn retention(&self) -> &RetentionConfig {
+        &self.retention
     }
 
     /// The saved checkpoint, decoded.
@@ -523,6 +532,7 @@ impl Pipeline {
             .await;
         lease.release().await;
         finished?;
+        crate::retention::after_run(self, run_id, trigger, outcome, &totals).await;
         match &error {
             None => tracing::info!(
                 pipeline = %self.name, run_id, outcome = outcome.as_str(),

@@ -2,9 +2,10 @@
 //! why. A sink's rejection, a record failing the pipeline's JSON Schema, or
 //! retries that gave up put records here; an operator lists and inspects
 //! them, replays them through the normal delivery path (with the same
-//! idempotency keys), or discards them. Nothing here is ever deleted
-//! silently: replayed and discarded letters keep their row with the state
-//! and the time it changed.
+//! idempotency keys), or discards them. A pending letter is never deleted:
+//! replayed and discarded letters keep their row with the state and the
+//! time it changed, until they are older than the configured retention
+//! ([`Store::prune_dead_letters`]).
 
 use caudal_core::{Error, ErrorKind, Result};
 use jiff::Timestamp;

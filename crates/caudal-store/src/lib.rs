@@ -27,6 +27,10 @@
 //!   in `migrations/<backend>/` that the database has not seen yet; opening
 //!   an up-to-date database changes nothing. Concurrent opens are serialised
 //!   (an advisory lock on PostgreSQL, a write transaction on SQLite).
+//! - **Bounded history.** Runs, resolved dead letters and audit entries can
+//!   be pruned by age (runs also by count per pipeline) in short, indexed
+//!   batches; a running run, the newest run of a pipeline and a pending dead
+//!   letter are never pruned (see [`Store::prune_runs`]).
 //! - **Errors, not panics.** Every failure is a [`caudal_core::Error`]: of
 //!   kind [`ErrorKind::Store`] with the driver's error as its source,
 //!   [`Config`](ErrorKind::Config) for a url the store cannot use, and
@@ -51,6 +55,7 @@ mod clock;
 mod dead_letters;
 mod leases;
 mod open;
+mod retention;
 mod runs;
 mod schedules;
 mod sink_states;
@@ -60,6 +65,7 @@ pub use api::{AuditRecord, TokenRecord};
 pub use checkpoints::Checkpoint;
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;
+pub use retention::PRUNE_BATCH;
 pub use runs::{RunOutcome, RunRecord};
 pub use sink_states::SinkState;
 pub use source_states::SourceState;

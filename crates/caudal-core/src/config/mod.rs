@@ -9,6 +9,7 @@
 pub mod delivery;
 pub mod load;
 pub mod pipelines;
+pub mod retention;
 pub mod server;
 pub mod sinks;
 pub mod sources;
@@ -56,6 +57,10 @@ pub struct Config {
     /// this table is present.
     #[serde(default)]
     pub server: Option<ServerConfig>,
+    /// How long the state store keeps history: runs, resolved dead letters
+    /// and API audit entries.
+    #[serde(default)]
+    pub retention: retention::RetentionConfig,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]

@@ -42,5 +42,6 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
     }
     super::pipelines::check_pipelines(config, &mut problems);
     super::server::check_server(config, &mut problems);
+    super::retention::check(&root.key("retention"), &config.retention, &mut problems);
     problems
 }
