@@ -35,6 +35,10 @@ pub struct PipelineStatus {
     pub rows_delivered: Option<u64>,
     /// Why the last run failed.
     pub error: Option<String>,
+    /// A continuous pipeline: when it last polled and found nothing (such
+    /// polls leave no run; RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_idle_poll: Option<String>,
     /// The checkpoint's position, as text.
     pub checkpoint: Option<String>,
     /// When the next run is due (RFC 3339).

@@ -532,8 +532,10 @@ impl Pipeline {
             .await;
         lease.release().await;
         finished?;
-        crate::retention::after_run(self, run_id, trigger, outcome, &totals).await;
+        let idle = crate::retention::after_run(self, run_id, trigger, outcome, &totals).await;
         match &error {
+            // A poll that found nothing is not news.
+            None if idle => tracing::debug!(pipeline = %self.name, "idle poll"),
             None => tracing::info!(
                 pipeline = %self.name, run_id, outcome = outcome.as_str(),
                 rows_read = totals.rows_read, rows_delivered = totals.rows_delivered,

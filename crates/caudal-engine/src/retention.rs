@@ -61,14 +61,14 @@ fn is_idle_poll(
 }
 
 /// Called once run `run_id` of `pipeline` is finished: forgets it if it was
-/// an idle poll, else prunes the pipeline's runs.
+/// an idle poll (then returns true), else prunes the pipeline's runs.
 pub(crate) async fn after_run(
     pipeline: &Pipeline,
     run_id: i64,
     trigger: Trigger,
     outcome: RunOutcome,
     totals: &Progress,
-) {
+) -> bool {
     let store = pipeline.store();
     let name = pipeline.name();
     if is_idle_poll(
@@ -80,7 +80,7 @@ pub(crate) async fn after_run(
     ) {
         match store.forget_idle_run(run_id).await {
             // Nothing was added to the history: nothing to prune.
-            Ok(true) => return,
+            Ok(true) => return true,
             // Delivery counted rows on it meanwhile: it stays, as history.
             Ok(false) => {}
             Err(e) => {
@@ -103,6 +103,7 @@ pub(crate) async fn after_run(
             tracing::warn!(pipeline = %name, error = %e.report(), "cannot prune the run history; trying again after the next run");
         }
     }
+    false
 }
 
 /// Prunes everything `retention` bounds: the runs of every pipeline in the

@@ -87,6 +87,12 @@ pub async fn pipeline_status(
         rows_read: last.as_ref().map(|r| r.rows_read),
         rows_delivered: last.as_ref().map(|r| r.rows_delivered),
         error: last.as_ref().and_then(|r| r.error.clone()),
+        last_idle_poll: store
+            .last_idle_poll(name)
+            .await
+            .ok()
+            .flatten()
+            .map(|t| t.to_string()),
         checkpoint: match checkpoint {
             Ok(c) => c.map(|p| p.display()),
             Err(e) => Some(format!("unreadable: {e}")),
