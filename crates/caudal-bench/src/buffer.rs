@@ -120,7 +120,7 @@ pub(crate) fn batches(records: u64, batch: usize) -> Vec<Entry> {
         events.push(Event {
             key: None,
             position: cursor(i),
-            data,
+            data: caudal_core::record::Json::from_map(&data),
         });
         if events.len() == batch || i == records {
             out.push(Entry {

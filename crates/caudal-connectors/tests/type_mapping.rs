@@ -77,7 +77,7 @@ const MAX_PAGES: usize = 100;
 /// Reads every row of one run, in cursor order.
 async fn read_all(config: &SourceConfig) -> Result<Vec<Value>, Error> {
     let source = SqlSource::connect("s", config).await?;
-    let mut reader = source.open_run(None).await?;
+    let mut reader = source.open_run(None, None).await?;
     let mut rows = Vec::new();
     let mut pages = 0;
     while let Some(page) = reader.next_page().await? {
@@ -87,7 +87,7 @@ async fn read_all(config: &SourceConfig) -> Result<Vec<Value>, Error> {
             pages <= MAX_PAGES,
             "the reader never ends; rows so far: {rows:#?}"
         );
-        rows.extend(page.into_iter().map(|r| Value::Object(r.data)));
+        rows.extend(page.into_iter().map(|r| r.data.to_value()));
     }
     Ok(rows)
 }
@@ -427,12 +427,19 @@ async fn postgres_infinite_cursor_values_page_and_resume() {
             &format!("table = \"ev\"\ncursor = [\"{first}\", \"id\"]\nlag = \"0s\"\npage_size = 1"),
         );
         let source = SqlSource::connect("s", &config).await.expect("connect");
-        let mut reader = source.open_run(None).await.expect("open");
+        let mut reader = source.open_run(None, None).await.expect("open");
         let mut read = Vec::new();
         while let Some(page) = reader.next_page().await.expect("page") {
             assert!(read.len() < MAX_PAGES, "{first}: the reader never ends");
             for record in page {
-                read.push((record.data["id"].as_i64().expect("id"), record.position));
+                read.push((
+                    record
+                        .data
+                        .field("id")
+                        .and_then(|v| v.as_i64())
+                        .expect("id"),
+                    record.position,
+                ));
             }
         }
         let ids: Vec<i64> = read.iter().map(|(id, _)| *id).collect();
@@ -440,11 +447,17 @@ async fn postgres_infinite_cursor_values_page_and_resume() {
         // Resume after each row: the rows after it follow.
         for after in 0..read.len() {
             let rest = &ids[after + 1..];
-            let mut reader = source.open_run(Some(&read[after].1)).await.expect("open");
+            let mut reader = source
+                .open_run(Some(&read[after].1), None)
+                .await
+                .expect("open");
             let mut ids = Vec::new();
             while let Some(page) = reader.next_page().await.expect("page") {
                 assert!(ids.len() < MAX_PAGES, "{first}: the reader never ends");
-                ids.extend(page.iter().map(|r| r.data["id"].as_i64().expect("id")));
+                ids.extend(
+                    page.iter()
+                        .map(|r| r.data.field("id").and_then(|v| v.as_i64()).expect("id")),
+                );
             }
             assert_eq!(ids, rest, "{first}: resumed after {:?}", read[after].1);
         }

@@ -171,21 +171,216 @@ impl Position {
 /// One row or event on its way from a source to a sink.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Record {
-    /// The row as a JSON object, columns in source order.
-    pub data: Map<String, Value>,
+    /// The row or event as one JSON object, encoded once by the source.
+    pub data: Json,
     /// Where the record sits in its source.
     pub position: Position,
-    /// The entity the record is about, when the source knows it (a CDC
-    /// source: table and primary key). Used for per-key ordering when the
-    /// pipeline names no `key` field.
+    /// The entity the record is about, for per-key ordering: the value of
+    /// the pipeline's `key` field (a SQL source reads it as it encodes the
+    /// row), or what a CDC source knows (table and primary key).
     pub key: Option<String>,
 }
 
-impl Record {
-    /// The record's data as a JSON value.
-    pub fn value(&self) -> Value {
-        Value::Object(self.data.clone())
+/// A record's data: one JSON object, encoded once by the source that read
+/// it and carried as this text through the buffer into the request body,
+/// so no record is parsed or serialized again on its way. Templates,
+/// schemas and dead letters that need its values parse it
+/// ([`to_value`](Self::to_value)).
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct Json(Box<str>);
+
+impl Json {
+    /// The object `map`, encoded.
+    pub fn from_map(map: &Map<String, Value>) -> Self {
+        let mut out = ObjectWriter::with_capacity(map.len() * 16);
+        for (k, v) in map {
+            out.key(k).value(v);
+        }
+        out.finish()
     }
+
+    /// `text`, if it is one JSON object.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        match serde_json::from_str::<&serde_json::value::RawValue>(text) {
+            Ok(raw) if raw.get().trim_start().starts_with('{') => Ok(Self(raw.get().into())),
+            Ok(_) => Err("not a JSON object".into()),
+            Err(e) => Err(e.to_string()),
+        }
+    }
+
+    /// Text this product encoded earlier and kept (a buffer entry, checked
+    /// by its checksum): taken as it is, not parsed again.
+    pub fn from_encoded(text: String) -> Self {
+        Self(text.into_boxed_str())
+    }
+
+    /// The JSON text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+
+    /// Bytes of the JSON text.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the text is empty (never, for a record).
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// The object's fields, parsed.
+    pub fn to_map(&self) -> Map<String, Value> {
+        serde_json::from_str(&self.0).unwrap_or_default()
+    }
+
+    /// The object, parsed.
+    pub fn to_value(&self) -> Value {
+        Value::Object(self.to_map())
+    }
+
+    /// The top-level field `name`, parsed (the rest is only scanned).
+    pub fn field(&self, name: &str) -> Option<Value> {
+        type Fields<'a> =
+            std::collections::HashMap<std::borrow::Cow<'a, str>, &'a serde_json::value::RawValue>;
+        let fields: Fields<'_> = serde_json::from_str(&self.0).ok()?;
+        serde_json::from_str(fields.get(name)?.get()).ok()
+    }
+}
+
+impl std::fmt::Debug for Json {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::fmt::Display for Json {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for Json {
+    /// Any JSON object, kept as its text.
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+        if !raw.get().trim_start().starts_with('{') {
+            return Err(serde::de::Error::custom("a record is a JSON object"));
+        }
+        Ok(Self(raw.into()))
+    }
+}
+
+/// Writes one JSON object straight into its text, field by field: how
+/// sources encode a record once. Every [`key`](Self::key) must be followed
+/// by exactly one value, through the [`ValueWriter`] it returns.
+#[derive(Debug, Default)]
+pub struct ObjectWriter {
+    out: Vec<u8>,
+}
+
+impl ObjectWriter {
+    /// An empty object with room for about `bytes` of text.
+    pub fn with_capacity(bytes: usize) -> Self {
+        let mut out = Vec::with_capacity(bytes + 2);
+        out.push(b'{');
+        Self { out }
+    }
+
+    /// Starts field `name`.
+    pub fn key(&mut self, name: &str) -> ValueWriter<'_> {
+        if self.out.is_empty() {
+            self.out.push(b'{');
+        } else if self.out.len() > 1 {
+            self.out.push(b',');
+        }
+        write_str(&mut self.out, name);
+        self.out.push(b':');
+        ValueWriter(&mut self.out)
+    }
+
+    /// The object.
+    pub fn finish(mut self) -> Json {
+        if self.out.is_empty() {
+            self.out.push(b'{');
+        }
+        self.out.push(b'}');
+        // Everything written is UTF-8 (names and strings come as &str, the
+        // rest is ASCII), so the check never fails.
+        Json(
+            String::from_utf8(self.out)
+                .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+                .into_boxed_str(),
+        )
+    }
+}
+
+/// Writes the value of one field of an [`ObjectWriter`].
+#[derive(Debug)]
+pub struct ValueWriter<'a>(&'a mut Vec<u8>);
+
+impl ValueWriter<'_> {
+    /// A JSON value.
+    pub fn value(self, v: &Value) {
+        // Writing to a Vec cannot fail, and a Value always serializes.
+        let _ = serde_json::to_writer(&mut *self.0, v);
+    }
+
+    /// An object.
+    pub fn map(self, m: &Map<String, Value>) {
+        // Writing to a Vec cannot fail, and a map of values always
+        // serializes.
+        let _ = serde_json::to_writer(&mut *self.0, m);
+    }
+
+    /// A string.
+    pub fn str(self, s: &str) {
+        write_str(self.0, s);
+    }
+
+    /// `null`.
+    pub fn null(self) {
+        self.0.extend_from_slice(b"null");
+    }
+
+    /// A boolean.
+    pub fn bool(self, b: bool) {
+        self.0
+            .extend_from_slice(if b { b"true" as &[u8] } else { b"false" });
+    }
+
+    /// An integer.
+    pub fn i64(self, n: i64) {
+        let _ = serde_json::to_writer(&mut *self.0, &n);
+    }
+
+    /// An unsigned integer.
+    pub fn u64(self, n: u64) {
+        let _ = serde_json::to_writer(&mut *self.0, &n);
+    }
+
+    /// An encoded object.
+    pub fn json(self, j: &Json) {
+        self.0.extend_from_slice(j.as_str().as_bytes());
+    }
+
+    /// An array of strings.
+    pub fn strs<S: AsRef<str>>(self, items: &[S]) {
+        self.0.push(b'[');
+        for (i, s) in items.iter().enumerate() {
+            if i > 0 {
+                self.0.push(b',');
+            }
+            write_str(self.0, s.as_ref());
+        }
+        self.0.push(b']');
+    }
+}
+
+/// A JSON string, escaped.
+fn write_str(out: &mut Vec<u8>, s: &str) {
+    // A &str always serializes.
+    let _ = serde_json::to_writer(&mut *out, s);
 }
 
 /// Hex of the first 16 bytes of SHA-256 over the parts, each followed by a
@@ -205,6 +400,239 @@ fn digest(parts: &[&[u8]]) -> String {
         text.push(char::from(HEX[usize::from(b & 0xf)]));
     }
     text
+}
+
+/// A compact binary form of positions and cursor values, for the durable
+/// buffer's entries (where every record carries its position): a tag byte
+/// per variant, integers little-endian, strings length-prefixed. Its
+/// layout only changes by adding tags; [`Position::read_binary`] refuses
+/// what it does not know rather than guess.
+impl Position {
+    /// Appends the binary form to `out`.
+    pub fn write_binary(&self, out: &mut Vec<u8>) {
+        match self {
+            Self::Cursor { values } => {
+                out.push(1);
+                put_values(out, values);
+            }
+            Self::Lsn { lsn, index } => {
+                out.push(2);
+                put_u64(out, *lsn);
+                put_u64(out, *index);
+            }
+            Self::Snapshot { lsn, table, key } => {
+                out.push(3);
+                put_u64(out, *lsn);
+                put_str(out, table);
+                put_values(out, key);
+            }
+            Self::SnapshotDone { lsn } => {
+                out.push(4);
+                put_u64(out, *lsn);
+            }
+            Self::Binlog {
+                file,
+                pos,
+                index,
+                gtid,
+            } => {
+                out.push(5);
+                put_str(out, file);
+                put_u64(out, *pos);
+                put_u64(out, *index);
+                match gtid {
+                    None => out.push(0),
+                    Some(g) => {
+                        out.push(1);
+                        put_str(out, g);
+                    }
+                }
+            }
+            Self::BinlogSnapshot {
+                file,
+                pos,
+                table,
+                key,
+            } => {
+                out.push(6);
+                put_str(out, file);
+                put_u64(out, *pos);
+                put_str(out, table);
+                put_values(out, key);
+            }
+            Self::BinlogResume { file, pos } => {
+                out.push(7);
+                put_str(out, file);
+                put_u64(out, *pos);
+            }
+            Self::BinlogBackfill {
+                file,
+                pos,
+                table,
+                key,
+            } => {
+                out.push(8);
+                put_str(out, file);
+                put_u64(out, *pos);
+                put_str(out, table);
+                put_values(out, key);
+            }
+        }
+    }
+
+    /// Reads a position written by [`write_binary`](Self::write_binary)
+    /// from the front of `input`, advancing it; `None` when the bytes are
+    /// not one.
+    pub fn read_binary(input: &mut &[u8]) -> Option<Self> {
+        Some(match take_u8(input)? {
+            1 => Self::Cursor {
+                values: take_values(input)?,
+            },
+            2 => Self::Lsn {
+                lsn: take_u64(input)?,
+                index: take_u64(input)?,
+            },
+            3 => Self::Snapshot {
+                lsn: take_u64(input)?,
+                table: take_str(input)?,
+                key: take_values(input)?,
+            },
+            4 => Self::SnapshotDone {
+                lsn: take_u64(input)?,
+            },
+            5 => Self::Binlog {
+                file: take_str(input)?,
+                pos: take_u64(input)?,
+                index: take_u64(input)?,
+                gtid: match take_u8(input)? {
+                    0 => None,
+                    1 => Some(take_str(input)?),
+                    _ => return None,
+                },
+            },
+            6 => Self::BinlogSnapshot {
+                file: take_str(input)?,
+                pos: take_u64(input)?,
+                table: take_str(input)?,
+                key: take_values(input)?,
+            },
+            7 => Self::BinlogResume {
+                file: take_str(input)?,
+                pos: take_u64(input)?,
+            },
+            8 => Self::BinlogBackfill {
+                file: take_str(input)?,
+                pos: take_u64(input)?,
+                table: take_str(input)?,
+                key: take_values(input)?,
+            },
+            _ => return None,
+        })
+    }
+}
+
+fn put_values(out: &mut Vec<u8>, values: &[CursorValue]) {
+    put_u32(out, u32::try_from(values.len()).unwrap_or(u32::MAX));
+    for v in values {
+        match v {
+            CursorValue::Int(i) => {
+                out.push(1);
+                out.extend_from_slice(&i.to_le_bytes());
+            }
+            CursorValue::Uint(u) => {
+                out.push(2);
+                put_u64(out, *u);
+            }
+            CursorValue::Float(f) => {
+                out.push(3);
+                out.extend_from_slice(&f.to_le_bytes());
+            }
+            CursorValue::Decimal(s) => tagged_str(out, 4, s),
+            CursorValue::Text(s) => tagged_str(out, 5, s),
+            CursorValue::Timestamp(s) => tagged_str(out, 6, s),
+            CursorValue::TimestampTz(s) => tagged_str(out, 7, s),
+            CursorValue::Date(s) => tagged_str(out, 8, s),
+            CursorValue::Uuid(s) => tagged_str(out, 9, s),
+        }
+    }
+}
+
+fn take_values(input: &mut &[u8]) -> Option<Vec<CursorValue>> {
+    let n = take_u32(input)? as usize;
+    // Every value takes at least its tag byte.
+    if n > input.len() {
+        return None;
+    }
+    let mut values = Vec::with_capacity(n);
+    for _ in 0..n {
+        values.push(match take_u8(input)? {
+            1 => CursorValue::Int(i64::from_le_bytes(take_array(input)?)),
+            2 => CursorValue::Uint(take_u64(input)?),
+            3 => CursorValue::Float(f64::from_le_bytes(take_array(input)?)),
+            4 => CursorValue::Decimal(take_str(input)?),
+            5 => CursorValue::Text(take_str(input)?),
+            6 => CursorValue::Timestamp(take_str(input)?),
+            7 => CursorValue::TimestampTz(take_str(input)?),
+            8 => CursorValue::Date(take_str(input)?),
+            9 => CursorValue::Uuid(take_str(input)?),
+            _ => return None,
+        });
+    }
+    Some(values)
+}
+
+fn tagged_str(out: &mut Vec<u8>, tag: u8, s: &str) {
+    out.push(tag);
+    put_str(out, s);
+}
+
+/// Appends `n`, little-endian.
+pub fn put_u32(out: &mut Vec<u8>, n: u32) {
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+/// Appends `n`, little-endian.
+pub fn put_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(&n.to_le_bytes());
+}
+
+/// Appends `s`, its length first.
+pub fn put_str(out: &mut Vec<u8>, s: &str) {
+    put_u32(out, u32::try_from(s.len()).unwrap_or(u32::MAX));
+    out.extend_from_slice(s.as_bytes());
+}
+
+fn take_u8(input: &mut &[u8]) -> Option<u8> {
+    let (&b, rest) = input.split_first()?;
+    *input = rest;
+    Some(b)
+}
+
+fn take_array<const N: usize>(input: &mut &[u8]) -> Option<[u8; N]> {
+    let (head, rest) = input.split_first_chunk::<N>()?;
+    *input = rest;
+    Some(*head)
+}
+
+/// Reads a little-endian `u32` from the front of `input`.
+pub fn take_u32(input: &mut &[u8]) -> Option<u32> {
+    take_array(input).map(u32::from_le_bytes)
+}
+
+/// Reads a little-endian `u64` from the front of `input`.
+pub fn take_u64(input: &mut &[u8]) -> Option<u64> {
+    take_array(input).map(u64::from_le_bytes)
+}
+
+/// Reads a length-prefixed string from the front of `input`.
+pub fn take_str(input: &mut &[u8]) -> Option<String> {
+    let n = take_u32(input)? as usize;
+    if n > input.len() {
+        return None;
+    }
+    let (s, rest) = input.split_at(n);
+    *input = rest;
+    String::from_utf8(s.to_vec()).ok()
 }
 
 fn position_bytes(position: &Position) -> Vec<u8> {
@@ -260,6 +688,106 @@ mod tests {
         // Pinned: a change here would break receivers' deduplication
         // across an upgrade (computed independently with Python's hashlib).
         assert_eq!(event_id("p", &a), "cbbb61e7fe1aa52c35405e77d648af73");
+    }
+
+    #[test]
+    fn positions_round_trip_through_their_binary_form() {
+        let key = vec![
+            CursorValue::Int(-7),
+            CursorValue::Uint(u64::MAX),
+            CursorValue::Float(1.5),
+            CursorValue::Decimal("12.50".into()),
+            CursorValue::Text("a\u{e9}".into()),
+            CursorValue::Timestamp("2025-05-14T12:00:00".into()),
+            CursorValue::TimestampTz("2025-05-14T12:00:00Z".into()),
+            CursorValue::Date("2025-05-14".into()),
+            CursorValue::Uuid("1b4e28ba-2fa1-11d2-883f-0016541b7b3a".into()),
+        ];
+        let all = [
+            pos(key.clone()),
+            Position::Lsn {
+                lsn: 1 << 40,
+                index: 3,
+            },
+            Position::Snapshot {
+                lsn: 9,
+                table: "public.t".into(),
+                key: key.clone(),
+            },
+            Position::SnapshotDone { lsn: 10 },
+            Position::Binlog {
+                file: "b.000001".into(),
+                pos: 4,
+                index: 2,
+                gtid: Some("0-1-5".into()),
+            },
+            Position::Binlog {
+                file: "b.000001".into(),
+                pos: 4,
+                index: 2,
+                gtid: None,
+            },
+            Position::BinlogSnapshot {
+                file: "f".into(),
+                pos: 1,
+                table: "t".into(),
+                key: key.clone(),
+            },
+            Position::BinlogResume {
+                file: "f".into(),
+                pos: 2,
+            },
+            Position::BinlogBackfill {
+                file: "f".into(),
+                pos: 3,
+                table: "t".into(),
+                key,
+            },
+        ];
+        let mut bytes = Vec::new();
+        for p in &all {
+            p.write_binary(&mut bytes);
+        }
+        let mut input = bytes.as_slice();
+        for p in &all {
+            assert_eq!(Position::read_binary(&mut input).as_ref(), Some(p));
+        }
+        assert!(input.is_empty());
+        // Truncated or unknown input is refused, never misread.
+        for cut in 0..bytes.len().min(40) {
+            let mut short = &bytes[..cut];
+            let _ = Position::read_binary(&mut short);
+        }
+        assert_eq!(Position::read_binary(&mut &[99u8][..]), None);
+        assert_eq!(Position::read_binary(&mut &[][..]), None);
+    }
+
+    #[test]
+    fn records_encode_once_as_json_objects() {
+        let mut w = ObjectWriter::with_capacity(16);
+        w.key("id").i64(7);
+        w.key("name \"q\"").str("line\nbreak");
+        w.key("ok").bool(true);
+        w.key("none").null();
+        w.key("tags").strs(&["a", "b"]);
+        w.key("nested").value(&serde_json::json!({"x": [1, 2.5]}));
+        let json = w.finish();
+        let value: Value = serde_json::from_str(json.as_str()).expect("valid JSON");
+        assert_eq!(
+            value,
+            serde_json::json!({"id": 7, "name \"q\"": "line\nbreak", "ok": true, "none": null,
+                               "tags": ["a", "b"], "nested": {"x": [1, 2.5]}})
+        );
+        assert_eq!(json.field("ok"), Some(Value::Bool(true)));
+        assert_eq!(json.field("missing"), None);
+        assert_eq!(ObjectWriter::default().finish().as_str(), "{}");
+        assert_eq!(Json::from_map(&json.to_map()), json);
+        assert!(Json::parse("[1]").is_err());
+        assert!(Json::parse("{").is_err());
+        assert_eq!(
+            Json::parse(" {\"a\":1}").map(|j| j.field("a")),
+            Ok(Some(Value::from(1)))
+        );
     }
 
     #[test]

@@ -2,21 +2,21 @@
 
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-use serde_json::{Map, Value};
+use serde::Deserialize;
+use serde_json::Value;
 
-use crate::record::{Position, Record, event_id};
+use crate::record::{Json, Position, Record, event_id};
 
 /// A record on its way to a sink, with the identities delivery needs.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Deserialize)]
 pub struct Event {
-    /// The pipeline's key field as text (`None` when no key is configured
-    /// or the record lacks it).
+    /// The record's ordering key as text (`None` when the pipeline has no
+    /// key and the source knows none, or the record lacks it).
     pub key: Option<String>,
     /// Where the record sits in its source.
     pub position: Position,
-    /// The record itself.
-    pub data: Map<String, Value>,
+    /// The record itself, encoded.
+    pub data: Json,
 }
 
 impl Event {
@@ -27,22 +27,34 @@ impl Event {
         event_id(pipeline, &self.position)
     }
 
-    /// Wraps a record, taking its key from `key_field`, or the source's
-    /// own key for the record when no field is named.
-    pub fn new(key_field: Option<&str>, record: Record) -> Self {
-        let key = match key_field {
-            Some(f) => match record.data.get(f) {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(other) => Some(other.to_string()),
-            },
-            None => record.key,
-        };
+    /// Wraps a record, keyed as its source keyed it.
+    pub fn new(record: Record) -> Self {
+        Self {
+            key: record.key,
+            position: record.position,
+            data: record.data,
+        }
+    }
+
+    /// Wraps a record, keyed by its field `key_field` (read from the
+    /// record: for sources that do not key records by a field themselves).
+    pub fn keyed_by(key_field: &str, record: Record) -> Self {
+        let key = key_text(record.data.field(key_field));
         Self {
             key,
             position: record.position,
             data: record.data,
         }
+    }
+}
+
+/// A key field's value as the text records are ordered by: a string as
+/// itself, null or missing as no key, anything else as its JSON.
+pub fn key_text(value: Option<Value>) -> Option<String> {
+    match value {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s),
+        Some(other) => Some(other.to_string()),
     }
 }
 

@@ -2,7 +2,6 @@
 
 use caudal_core::config::BatchConfig;
 use caudal_core::record::Record;
-use serde_json::Value;
 
 /// Accumulates records until a batch is full.
 #[derive(Debug)]
@@ -26,7 +25,7 @@ impl Batcher {
     /// Adds a record; returns a full batch when this record completes one.
     /// A single record larger than `max_bytes` still travels, alone.
     pub fn push(&mut self, record: Record) -> Option<Vec<Record>> {
-        let size = object_size(&record.data) + 1;
+        let size = record.data.len() as u64 + 1;
         let mut out = None;
         if !self.records.is_empty() && self.bytes + size > self.max_bytes {
             out = Some(self.take());
@@ -53,44 +52,19 @@ impl Batcher {
     }
 }
 
-/// An estimate of a value's JSON size that costs no allocation. It counts
-/// every byte except escapes, so it is within a few percent for typical rows.
-pub fn encoded_size(v: &Value) -> u64 {
-    match v {
-        Value::Null => 4,
-        Value::Bool(b) => {
-            if *b {
-                4
-            } else {
-                5
-            }
-        }
-        Value::Number(_) => 12,
-        Value::String(s) => s.len() as u64 + 2,
-        Value::Array(items) => 2 + items.iter().map(|i| encoded_size(i) + 1).sum::<u64>(),
-        Value::Object(map) => object_size(map),
-    }
-}
-
-fn object_size(map: &serde_json::Map<String, Value>) -> u64 {
-    2 + map
-        .iter()
-        .map(|(k, v)| k.len() as u64 + 4 + encoded_size(v))
-        .sum::<u64>()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use caudal_core::record::{CursorValue, Position};
+    use caudal_core::record::{CursorValue, Json, Position};
     use proptest::prelude::*;
+    use serde_json::Value;
 
     fn record(i: i64, payload: usize) -> Record {
         let mut data = serde_json::Map::new();
         data.insert("id".into(), Value::from(i));
         data.insert("p".into(), Value::String("x".repeat(payload)));
         Record {
-            data,
+            data: Json::from_map(&data),
             position: Position::Cursor {
                 values: vec![CursorValue::Int(i)],
             },
@@ -119,13 +93,13 @@ mod tests {
                 }
             }
             out.push(b.take());
-            let ids: Vec<i64> = out.iter().flatten().map(|r| r.data["id"].as_i64().unwrap_or(-1)).collect();
+            let ids: Vec<i64> = out.iter().flatten().map(|r| r.data.field("id").and_then(|v| v.as_i64()).unwrap_or(-1)).collect();
             prop_assert_eq!(ids, (0..sizes.len() as i64).collect::<Vec<_>>());
             for batch in &out {
                 prop_assert!(batch.len() <= max_records);
                 if batch.len() > 1 {
-                    let bytes: u64 = batch.iter().map(|r| 1 + object_size(&r.data)).sum();
-                    let without_last = bytes - (1 + object_size(&batch[batch.len() - 1].data));
+                    let bytes: u64 = batch.iter().map(|r| 1 + r.data.len() as u64).sum();
+                    let without_last = bytes - (1 + batch[batch.len() - 1].data.len() as u64);
                     prop_assert!(without_last < max_bytes);
                 }
             }

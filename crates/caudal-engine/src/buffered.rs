@@ -19,14 +19,14 @@ use std::sync::Mutex;
 
 use caudal_buffer::{Buffer, BufferConfig, FsyncPolicy};
 use caudal_core::config::{self, AckMode};
-use caudal_core::record::Position;
+use caudal_core::record::{Json, Position, put_str, put_u32, take_str, take_u32};
 use caudal_core::sink::Event;
 use caudal_core::{Error, ErrorKind, Result};
 use caudal_store::Store;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 /// One batch as it sits in the buffer.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Deserialize)]
 pub struct Entry {
     /// The run that read the records; delivered records are counted on it.
     pub run: i64,
@@ -40,19 +40,95 @@ pub struct Entry {
     pub events: Vec<Event>,
 }
 
+/// The first byte of an entry in the binary layout (an entry written as
+/// JSON, by earlier versions, starts with `{`).
+const BINARY_ENTRY: u8 = 2;
+
 impl Entry {
+    /// The entry's bytes: a version byte, the run, the key, the position,
+    /// then each event's key, position and record text, length-prefixed.
+    /// Records are copied as their sources encoded them, never re-encoded.
     pub fn encode(&self) -> Result<Vec<u8>> {
-        serde_json::to_vec(self)
-            .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a batch", e))
+        let data: usize = self.events.iter().map(|e| e.data.len() + 48).sum();
+        let mut out = Vec::with_capacity(64 + self.key.len() + data);
+        out.push(BINARY_ENTRY);
+        out.extend_from_slice(&self.run.to_le_bytes());
+        put_str(&mut out, &self.key);
+        self.position.write_binary(&mut out);
+        put_u32(
+            &mut out,
+            u32::try_from(self.events.len()).unwrap_or(u32::MAX),
+        );
+        for e in &self.events {
+            match &e.key {
+                None => out.push(0),
+                Some(k) => {
+                    out.push(1);
+                    put_str(&mut out, k);
+                }
+            }
+            e.position.write_binary(&mut out);
+            put_str(&mut out, e.data.as_str());
+        }
+        Ok(out)
     }
 
     pub fn decode(offset: u64, bytes: &[u8]) -> Result<Self> {
-        serde_json::from_slice(bytes).map_err(|e| {
-            Error::with_source(
+        let unreadable = || {
+            Error::new(
                 ErrorKind::Buffer,
                 format!("buffer entry {offset} is not a batch this version can read"),
-                e,
             )
+        };
+        match bytes.first() {
+            Some(&BINARY_ENTRY) => Self::decode_binary(&bytes[1..]).ok_or_else(unreadable),
+            // Written as JSON by an earlier version.
+            Some(b'{') => serde_json::from_slice(bytes).map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Buffer,
+                    format!("buffer entry {offset} is not a batch this version can read"),
+                    e,
+                )
+            }),
+            _ => Err(unreadable()),
+        }
+    }
+
+    fn decode_binary(mut input: &[u8]) -> Option<Self> {
+        let input = &mut input;
+        let run = i64::from_le_bytes(input.get(..8)?.try_into().ok()?);
+        *input = &input[8..];
+        let key = take_str(input)?;
+        let position = Position::read_binary(input)?;
+        let n = take_u32(input)? as usize;
+        // Every event takes at least 10 bytes.
+        if n > input.len() / 10 + 1 {
+            return None;
+        }
+        let mut events = Vec::with_capacity(n);
+        for _ in 0..n {
+            let (&has_key, rest) = input.split_first()?;
+            *input = rest;
+            let key = match has_key {
+                0 => None,
+                1 => Some(take_str(input)?),
+                _ => return None,
+            };
+            let position = Position::read_binary(input)?;
+            // The buffer checked the entry's checksum: the record is the
+            // text this version wrote.
+            let data = Json::from_encoded(take_str(input)?);
+            events.push(Event {
+                key,
+                position,
+                data,
+            });
+        }
+        input.is_empty().then_some(Self {
+            run,
+            key,
+            position,
+            events,
         })
     }
 

@@ -31,7 +31,7 @@ use caudal_connectors::sources::sql::{self, SqlSource};
 use caudal_core::config::retention::RetentionConfig;
 use caudal_core::config::{AckMode, BatchConfig, Config, PipelineConfig, SinkConfig, SqlMode};
 use caudal_core::record::batch_key;
-use caudal_core::record::{Position, Record};
+use caudal_core::record::{Json, Position, Record};
 use caudal_core::sink::{Event, Sink};
 use caudal_core::status::Replication;
 use caudal_core::{Error, ErrorKind, Result};
@@ -577,7 +577,9 @@ impl Pipeline {
         self.release(releasable);
         let (mut reader, durable) = match &self.source {
             Source::Sql(s) => (
-                Reader::Sql(Box::new(s.open_run(from.as_ref()).await?)),
+                Reader::Sql(Box::new(
+                    s.open_run(from.as_ref(), self.key.as_deref()).await?,
+                )),
                 None,
             ),
             Source::Cdc(s) => {
@@ -715,10 +717,20 @@ impl Pipeline {
         let position_json = serde_json::to_value(&position)
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
         // Markers (a CDC snapshot's end) move the position, nothing else.
+        // A SQL source keys its records by the pipeline's key field as it
+        // encodes them; a CDC record is keyed by its entity unless a key
+        // field is named, which is then read from it.
+        let key_field = match &self.source {
+            Source::Cdc(_) => self.key.as_deref(),
+            Source::Sql(_) => None,
+        };
         let mut events: Vec<Event> = records
             .into_iter()
             .filter(|r| !r.position.is_marker())
-            .map(|r| Event::new(self.key.as_deref(), r))
+            .map(|r| match key_field {
+                Some(f) => Event::keyed_by(f, r),
+                None => Event::new(r),
+            })
             .collect();
         let invalid = match &self.schema {
             Some(schema) => self.invalid(&key, schema, &mut events),
@@ -785,7 +797,7 @@ impl Pipeline {
     ) -> Vec<caudal_store::NewDeadLetter> {
         let mut letters = Vec::new();
         events.retain(|e| {
-            let record = serde_json::Value::Object(e.data.clone());
+            let record = e.data.to_value();
             let errors: Vec<String> = schema
                 .iter_errors(&record)
                 .map(|err| format!("{} at {}", err, err.instance_path()))
@@ -960,7 +972,7 @@ impl Pipeline {
                         e,
                     )
                 })?;
-                let serde_json::Value::Object(data) = l.record.clone() else {
+                let serde_json::Value::Object(data) = &l.record else {
                     return Err(Error::new(
                         ErrorKind::Decode,
                         format!("dead letter {} is not a record object", l.id),
@@ -969,7 +981,7 @@ impl Pipeline {
                 events.push(Event {
                     key: l.record_key.clone(),
                     position,
-                    data,
+                    data: Json::from_map(data),
                 });
             }
             let sent = self.sender.send(&key, events, stop).await?;

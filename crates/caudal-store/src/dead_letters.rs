@@ -42,7 +42,7 @@ impl NewDeadLetter {
             event_id: event.id(pipeline),
             record_key: event.key.clone(),
             position: serde_json::to_value(&event.position).unwrap_or_default(),
-            record: serde_json::Value::Object(event.data.clone()),
+            record: event.data.to_value(),
             reason,
             status: None,
             response_excerpt: None,

@@ -32,6 +32,10 @@ pub struct HttpSink {
     name: String,
     /// Whether the body template reads `events` (ids are then computed).
     template_uses_events: bool,
+    /// The text around the array of records when the body template is
+    /// only `{{ records | tojson }}` in literal text (the common envelope):
+    /// then the records are copied into the body as encoded, not rendered.
+    envelope: Option<(String, String)>,
     /// Header carrying each batch's idempotency key, unless disabled.
     idempotency_header: Option<HeaderName>,
     url: reqwest::Url,
@@ -49,7 +53,7 @@ struct TemplateContext<'a> {
     /// The pipeline name.
     pipeline: &'a str,
     /// The batch's records (their data), in source order.
-    records: Vec<&'a serde_json::Map<String, serde_json::Value>>,
+    records: &'a [serde_json::Value],
     /// The same records with their identities: `id` (stable event id),
     /// `key`, `data`.
     events: Vec<TemplateEvent<'a>>,
@@ -61,7 +65,7 @@ struct TemplateContext<'a> {
 struct TemplateEvent<'a> {
     id: String,
     key: Option<&'a str>,
-    data: &'a serde_json::Map<String, serde_json::Value>,
+    data: &'a serde_json::Value,
 }
 
 #[derive(Serialize)]
@@ -134,6 +138,7 @@ impl HttpSink {
                 })?,
             )
         };
+        let envelope = config.body.as_deref().and_then(records_envelope);
         let template_uses_events = template.as_ref().is_some_and(|env| {
             env.get_template(TEMPLATE_NAME)
                 .is_ok_and(|t| t.undeclared_variables(false).contains("events"))
@@ -141,6 +146,7 @@ impl HttpSink {
         Ok(Self {
             name: name.to_string(),
             template_uses_events,
+            envelope,
             idempotency_header,
             url,
             method,
@@ -154,35 +160,27 @@ impl HttpSink {
 
     /// The request body for a batch (before compression).
     pub fn encode(&self, pipeline: &str, key: &str, records: &[Event]) -> Result<Vec<u8>> {
-        match &self.template {
-            None => {
-                let mut out = Vec::with_capacity(records.len() * 128 + 2);
-                out.push(b'[');
-                for (i, r) in records.iter().enumerate() {
-                    if i > 0 {
-                        out.push(b',');
-                    }
-                    serde_json::to_writer(&mut out, &r.data).map_err(|e| {
-                        Error::with_source(ErrorKind::Internal, "cannot encode a record", e)
-                    })?;
-                }
-                out.push(b']');
-                Ok(out)
-            }
-            Some(env) => {
+        match (&self.template, &self.envelope) {
+            (None, _) => Ok(json_array(records, "", "")),
+            (Some(_), Some((before, after))) => Ok(json_array(records, before, after)),
+            (Some(env), None) => {
                 let template = env.get_template(TEMPLATE_NAME).map_err(|e| {
                     Error::with_source(ErrorKind::Internal, "body template missing", e)
                 })?;
+                // The template needs values: the records are parsed here.
+                let values: Vec<serde_json::Value> =
+                    records.iter().map(|r| r.data.to_value()).collect();
                 let ctx = TemplateContext {
                     pipeline,
-                    records: records.iter().map(|r| &r.data).collect(),
+                    records: &values,
                     events: records
                         .iter()
+                        .zip(&values)
                         .filter(|_| self.template_uses_events)
-                        .map(|e| TemplateEvent {
+                        .map(|(e, data)| TemplateEvent {
                             id: e.id(pipeline),
                             key: e.key.as_deref(),
-                            data: &e.data,
+                            data,
                         })
                         .collect(),
                     batch: TemplateBatch {
@@ -318,6 +316,53 @@ impl Sink for HttpSink {
     }
 }
 
+/// The records as a JSON array, their encoded text copied, between
+/// `before` and `after`.
+fn json_array(records: &[Event], before: &str, after: &str) -> Vec<u8> {
+    let size: usize = records.iter().map(|r| r.data.len() + 1).sum();
+    let mut out = Vec::with_capacity(before.len() + size + after.len() + 2);
+    out.extend_from_slice(before.as_bytes());
+    out.push(b'[');
+    for (i, r) in records.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(r.data.as_str().as_bytes());
+    }
+    out.push(b']');
+    out.extend_from_slice(after.as_bytes());
+    out
+}
+
+/// When a body template is nothing but `{{ records | tojson }}` in
+/// literal text, that text before and after it: such a body is the array
+/// of encoded records in an envelope, e.g. `{"requests": [...]}`. Like the
+/// rendered template it is valid JSON with the same values; the records
+/// keep their encoding (compact, no `\u003c` escapes) instead of
+/// `tojson`'s.
+pub fn records_envelope(template: &str) -> Option<(String, String)> {
+    let open = template.find("{{")?;
+    let close = open + template[open..].find("}}")?;
+    let expression: String = template[open + 2..close]
+        .chars()
+        .filter(|c| !c.is_whitespace())
+        .collect();
+    let (before, mut after) = (&template[..open], &template[close + 2..]);
+    let literal = |t: &str| {
+        !["{{", "{%", "{#", "}}", "%}", "#}"]
+            .iter()
+            .any(|m| t.contains(m))
+    };
+    if expression != "records|tojson" || !literal(before) || !literal(after) {
+        return None;
+    }
+    // Templates drop one trailing newline (minijinja's default).
+    if let Some(stripped) = after.strip_suffix('\n') {
+        after = stripped.strip_suffix('\r').unwrap_or(stripped);
+    }
+    Some((before.to_string(), after.to_string()))
+}
+
 /// `Retry-After` as seconds or an HTTP date, relative to `now`.
 pub fn parse_retry_after(value: &str, now: jiff::Timestamp) -> Option<Duration> {
     let value = value.trim();
@@ -367,6 +412,28 @@ mod tests {
         assert_eq!(classify(400), StatusClass::Reject);
         assert_eq!(classify(301), StatusClass::Reject);
         assert_eq!(classify(413), StatusClass::Split);
+    }
+
+    #[test]
+    fn an_envelope_template_is_recognised_and_nothing_else() {
+        assert_eq!(
+            records_envelope(r#"{"requests": {{ records | tojson }}}"#),
+            Some((r#"{"requests": "#.into(), "}".into()))
+        );
+        assert_eq!(
+            records_envelope("{{records|tojson}}\n"),
+            Some((String::new(), String::new()))
+        );
+        for other in [
+            "{{ records | tojson(indent=2) }}",
+            "{{ records | length }}",
+            r#"{"p": {{ pipeline | tojson }}, "r": {{ records | tojson }}}"#,
+            "{% for r in records %}{{ r | tojson }}{% endfor %}",
+            "{# note #}{{ records | tojson }}",
+            "no expression",
+        ] {
+            assert_eq!(records_envelope(other), None, "{other}");
+        }
     }
 
     #[test]

@@ -21,7 +21,7 @@ pub use caudal_core::status::BackfillProgress;
 pub use live::{SharedLag, read_lag, update_lag};
 pub use reader::{CdcReader, Durable, spawn_reader};
 
-use caudal_core::record::CursorValue;
+use caudal_core::record::{CursorValue, Json, ObjectWriter};
 use caudal_core::{Error, ErrorKind, Result};
 use serde_json::{Map, Value, json};
 
@@ -77,53 +77,78 @@ impl ChunkRow {
     }
 }
 
-/// What a change is: the part of the record every CDC source shares.
+/// One change as every CDC source describes it, from its decoder to its
+/// record.
 #[derive(Debug)]
 pub struct Change {
-    pub op: String,
+    /// `read` (snapshot, backfill), `insert`, `update`, `delete` or
+    /// `truncate`.
+    pub op: &'static str,
+    /// The table, schema-qualified.
     pub table: String,
+    /// The row's identity: its primary key columns (or, for a table
+    /// without one, what identifies it: see each source).
     pub key: Map<String, Value>,
+    /// The row before the change (updates, deletes), as the log has it.
     pub before: Option<Map<String, Value>>,
+    /// The row after the change (reads, inserts, updates).
     pub after: Option<Map<String, Value>>,
     /// Columns left out of `after` because the log did not carry them.
     pub unchanged: Vec<String>,
 }
 
+/// Where a change sits in its source's log, as its record shows it.
+#[derive(Debug)]
+pub struct Stamp<'a> {
+    /// The source's own position fields, e.g. `lsn` and `xid`, or
+    /// `binlog` and `gtid`.
+    pub fields: [(&'a str, Value); 2],
+    /// The commit time of the change's transaction (RFC 3339), if known.
+    pub commit_time: Option<&'a str>,
+    /// The change's index within its transaction, if it has one.
+    pub index: Option<u64>,
+}
+
 impl Change {
-    /// The record: `{op, table, key, before, after, unchanged}` followed
-    /// by the source's position fields (`lsn`, `xid` or `binlog`, `gtid`)
-    /// and `commit_time` and `index`.
-    pub fn into_record(
-        self,
-        position: [(&str, Value); 2],
-        time: Option<String>,
-        index: Option<u64>,
-    ) -> Map<String, Value> {
-        let mut m = Map::with_capacity(10);
-        m.insert("op".into(), Value::String(self.op));
-        m.insert("table".into(), Value::String(self.table));
-        m.insert("key".into(), Value::Object(self.key));
-        m.insert(
-            "before".into(),
-            self.before.map_or(Value::Null, Value::Object),
-        );
-        m.insert(
-            "after".into(),
-            self.after.map_or(Value::Null, Value::Object),
-        );
-        m.insert(
-            "unchanged".into(),
-            Value::Array(self.unchanged.into_iter().map(Value::String).collect()),
-        );
-        for (k, v) in position {
-            m.insert(k.into(), v);
+    /// The record, encoded once: `{op, table, key, before, after,
+    /// unchanged}` followed by the stamp's fields, `commit_time` and
+    /// `index`.
+    pub fn encode(&self, stamp: &Stamp<'_>) -> Json {
+        let mut w = ObjectWriter::with_capacity(128);
+        w.key("op").str(self.op);
+        w.key("table").str(&self.table);
+        w.key("key").map(&self.key);
+        match &self.before {
+            Some(row) => w.key("before").map(row),
+            None => w.key("before").null(),
         }
-        m.insert(
-            "commit_time".into(),
-            time.map_or(Value::Null, Value::String),
-        );
-        m.insert("index".into(), index.map_or(Value::Null, Value::from));
-        m
+        match &self.after {
+            Some(row) => w.key("after").map(row),
+            None => w.key("after").null(),
+        }
+        w.key("unchanged").strs(&self.unchanged);
+        for (name, value) in &stamp.fields {
+            w.key(name).value(value);
+        }
+        match stamp.commit_time {
+            Some(t) => w.key("commit_time").str(t),
+            None => w.key("commit_time").null(),
+        }
+        match stamp.index {
+            Some(i) => w.key("index").u64(i),
+            None => w.key("index").null(),
+        }
+        w.finish()
+    }
+
+    /// The entity the change is about (table and key), for per-key order;
+    /// a change without a key is ordered against its whole table.
+    pub fn entity(&self) -> String {
+        if self.key.is_empty() {
+            self.table.clone()
+        } else {
+            entity_key(&self.table, &self.key)
+        }
     }
 }
 

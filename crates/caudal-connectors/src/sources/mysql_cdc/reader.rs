@@ -44,8 +44,9 @@ use super::catalog::{self, Facts, Table, query_error};
 use super::chunk;
 use super::decode::{self, Shape};
 use crate::sources::change::{
-    BackfillProgress, BackfillRequest, BackfillRequests, SharedLag, entity_key, update_lag,
+    BackfillProgress, BackfillRequest, BackfillRequests, SharedLag, Stamp, entity_key, update_lag,
 };
+use caudal_core::record::Json;
 
 /// Most changes handed on at once while streaming.
 const STREAM_PAGE: usize = 1000;
@@ -1272,7 +1273,7 @@ fn identifier(text: &str) -> Option<(String, &str)> {
 /// A marker position (never sent): streaming goes on from `file`:`pos`.
 fn resume_marker(file: &str, pos: u64) -> Record {
     Record {
-        data: Map::new(),
+        data: Json::from_map(&Map::new()),
         position: Position::BinlogResume {
             file: file.to_string(),
             pos,
@@ -1319,7 +1320,7 @@ fn read_record(table: &Table, row: chunk::Row, position: Position, file: &str, p
 /// binary log position and GTID in place of LSN and xid.
 #[allow(clippy::too_many_arguments)]
 fn change(
-    op: &str,
+    op: &'static str,
     table: &str,
     key: Map<String, Value>,
     before: Option<Map<String, Value>>,
@@ -1327,23 +1328,23 @@ fn change(
     unchanged: Vec<String>,
     txn: &Txn,
     index: Option<u64>,
-) -> Map<String, Value> {
+) -> Json {
     let change = crate::sources::change::Change {
-        op: op.to_string(),
+        op,
         table: table.to_string(),
         key,
         before,
         after,
         unchanged,
     };
-    change.into_record(
-        [
+    change.encode(&Stamp {
+        fields: [
             ("binlog", Value::String(format!("{}:{}", txn.file, txn.pos))),
             ("gtid", txn.gtid.clone().map_or(Value::Null, Value::String)),
         ],
-        txn.time.clone(),
+        commit_time: txn.time.as_deref(),
         index,
-    )
+    })
 }
 
 /// A client error as a caudal error: a broken or killed connection is

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use caudal_core::config::DecimalFormat;
 use caudal_core::error::Decision;
-use caudal_core::record::{CursorValue, Position, Record, format_lsn};
+use caudal_core::record::{CursorValue, Json, Position, Record, format_lsn};
 use caudal_core::{Error, ErrorKind, Result};
 use pg_walstream::{
     ColumnData, LogicalReplicationMessage, LogicalReplicationParser, PgReplicationConnection,
@@ -57,7 +57,7 @@ const SILENCE_LIMIT: Duration = Duration::from_secs(120);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 
 pub(super) use crate::sources::change::entity_key;
-use crate::sources::change::{BackfillProgress, BackfillRequests, SharedLag, update_lag};
+use crate::sources::change::{BackfillProgress, BackfillRequests, SharedLag, Stamp, update_lag};
 
 /// The prefix of the message that asks a running pipeline for a backfill.
 pub const BACKFILL_PREFIX: &str = "caudal_backfill";
@@ -302,7 +302,7 @@ impl Task {
         // Once this marker is durable, a restart streams on instead of
         // reading the snapshot's last table again.
         self.send(vec![Record {
-            data: Map::new(),
+            data: Json::from_map(&Map::new()),
             position: Position::SnapshotDone { lsn: start.lsn },
             key: None,
         }])
@@ -1053,7 +1053,7 @@ impl Task {
         s: &mut Session,
         tick: &mut tokio::time::Interval,
         conn: &mut PgReplicationConnection,
-        op: &str,
+        op: &'static str,
         table: String,
         key: Map<String, Value>,
         before: Option<Map<String, Value>>,
@@ -1253,30 +1253,30 @@ struct Meta {
 
 /// The record of one change (or snapshot row).
 fn change(
-    op: &str,
+    op: &'static str,
     table: &str,
     key: Map<String, Value>,
     before: Option<Map<String, Value>>,
     after: Option<Map<String, Value>>,
     unchanged: Vec<String>,
     meta: &Meta,
-) -> Map<String, Value> {
+) -> Json {
     let change = crate::sources::change::Change {
-        op: op.to_string(),
+        op,
         table: table.to_string(),
         key,
         before,
         after,
         unchanged,
     };
-    change.into_record(
-        [
+    change.encode(&Stamp {
+        fields: [
             ("lsn", Value::String(format_lsn(meta.lsn))),
             ("xid", meta.xid.map_or(Value::Null, Value::from)),
         ],
-        meta.time.clone(),
-        meta.index,
-    )
+        commit_time: meta.time.as_deref(),
+        index: meta.index,
+    })
 }
 
 fn key_of(rel: &Relation, row: &Map<String, Value>) -> Map<String, Value> {

@@ -19,7 +19,7 @@ pub(crate) mod postgres;
 mod sqlite;
 
 use caudal_core::config::{DEFAULT_LAG, DecimalFormat, SourceConfig, SqlDialect, SqlSourceConfig};
-use caudal_core::record::{CursorValue, Position, Record};
+use caudal_core::record::{CursorValue, Json, Position, Record};
 use caudal_core::{Error, ErrorKind, Result};
 use serde_json::{Map, Value};
 #[cfg(feature = "mysql")]
@@ -186,7 +186,13 @@ impl SqlSource {
     /// Starts one run: checks the cursor columns against the database, fixes
     /// the safety-lag bound from the database clock, and returns a reader
     /// positioned after `from` (the last delivered position).
-    pub async fn open_run(&self, from: Option<&Position>) -> Result<RunReader> {
+    /// `key_field`: the pipeline's `key` column; each record is keyed by
+    /// its value.
+    pub async fn open_run(
+        &self,
+        from: Option<&Position>,
+        key_field: Option<&str>,
+    ) -> Result<RunReader> {
         let columns = self.describe().await?;
         let plan = self.plan(&columns)?;
         // MySQL reports JSON columns as text: the catalog says which.
@@ -241,6 +247,7 @@ impl SqlSource {
             after,
             bound,
             done: false,
+            key_field: key_field.map(str::to_string),
         })
     }
 
@@ -431,14 +438,29 @@ impl SqlSource {
         })
     }
 
-    async fn fetch(&self, plan: &Plan, sql: &str, binds: &[&CursorValue]) -> Result<Vec<Record>> {
+    async fn fetch(
+        &self,
+        plan: &Plan,
+        sql: &str,
+        binds: &[&CursorValue],
+        key_field: Option<&str>,
+    ) -> Result<Vec<Record>> {
         let cursor = &self.config.cursor;
         let kinds = &plan.cursor_kinds;
+        // The values the engine needs besides the record's text: the
+        // cursor's, then the key field's.
+        let mut pick: Vec<&str> = cursor.iter().map(String::as_str).collect();
+        pick.extend(key_field);
+        let pick = &pick[..];
         let rows = match &self.pool {
-            Pool::Postgres(p) => postgres::fetch(p, sql, binds, &plan.decode).await,
+            Pool::Postgres(p) => postgres::fetch(p, sql, binds, &plan.decode, pick).await,
             #[cfg(feature = "mysql")]
-            Pool::Mysql(p) => mysql::fetch(p, sql, binds, &plan.decode).await,
-            Pool::Sqlite(p) => sqlite::fetch(p, sql, binds, &plan.decode).await,
+            Pool::Mysql(p) => mysql::fetch(p, sql, binds, &plan.decode)
+                .await
+                .map(|rows| encode_rows(rows, pick)),
+            Pool::Sqlite(p) => sqlite::fetch(p, sql, binds, &plan.decode)
+                .await
+                .map(|rows| encode_rows(rows, pick)),
         }
         .map_err(|e| match e {
             FetchError::Sql(e) => Error::with_source(
@@ -451,19 +473,20 @@ impl SqlSource {
             }
         })?;
         rows.into_iter()
-            .map(|data| {
+            .map(|row| {
+                let mut picked = row.picked.into_iter();
                 let values = cursor
                     .iter()
                     .zip(kinds)
                     .map(|(col, kind)| {
-                        let v = data.get(col).unwrap_or(&Value::Null);
-                        kind.cursor_value(col, v)
+                        let v = picked.next().unwrap_or(Value::Null);
+                        kind.cursor_value(col, &v)
                     })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(Record {
-                    data,
+                    data: row.data,
                     position: Position::Cursor { values },
-                    key: None,
+                    key: caudal_core::sink::key_text(picked.next()),
                 })
             })
             .collect()
@@ -478,6 +501,8 @@ pub struct RunReader {
     after: Option<Vec<CursorValue>>,
     bound: Option<CursorValue>,
     done: bool,
+    /// The column records are keyed by.
+    key_field: Option<String>,
 }
 
 impl RunReader {
@@ -491,7 +516,12 @@ impl RunReader {
             None => {
                 let binds: Vec<&CursorValue> = self.bound.iter().collect();
                 self.source
-                    .fetch(&self.plan, &self.plan.first, &binds)
+                    .fetch(
+                        &self.plan,
+                        &self.plan.first,
+                        &binds,
+                        self.key_field.as_deref(),
+                    )
                     .await?
             }
             Some(after) => {
@@ -503,7 +533,12 @@ impl RunReader {
                     }
                 }
                 self.source
-                    .fetch(&self.plan, &self.plan.next, &binds)
+                    .fetch(
+                        &self.plan,
+                        &self.plan.next,
+                        &binds,
+                        self.key_field.as_deref(),
+                    )
                     .await?
             }
         };
@@ -671,6 +706,27 @@ pub(crate) fn base64(bytes: &[u8]) -> Value {
 
 /// One decoded row, columns in result order.
 pub(crate) type Row = Map<String, Value>;
+
+/// A row encoded as its record, with the values of the columns the engine
+/// asked for (`pick`: the cursor's, the key field's), in that order.
+#[derive(Debug)]
+pub(crate) struct EncodedRow {
+    pub data: Json,
+    pub picked: Vec<Value>,
+}
+
+/// Rows decoded as maps, encoded (sources whose decoder builds values).
+fn encode_rows(rows: Vec<Row>, pick: &[&str]) -> Vec<EncodedRow> {
+    rows.into_iter()
+        .map(|row| EncodedRow {
+            data: Json::from_map(&row),
+            picked: pick
+                .iter()
+                .map(|c| row.get(*c).cloned().unwrap_or(Value::Null))
+                .collect(),
+        })
+        .collect()
+}
 
 #[cfg(test)]
 mod tests {

@@ -20,7 +20,7 @@ use std::str::FromStr;
 
 use bigdecimal::BigDecimal;
 use caudal_core::config::DecimalFormat;
-use caudal_core::record::CursorValue;
+use caudal_core::record::{CursorValue, ObjectWriter};
 use serde_json::Value;
 use sqlx::postgres::types::PgInterval;
 use sqlx::postgres::{
@@ -173,35 +173,73 @@ impl<T: sqlx::Type<Postgres>> sqlx::Encode<'_, Postgres> for Infinity<T> {
     }
 }
 
+/// The rows of `sql`, each encoded as its record as it is decoded, with
+/// the values of the `pick` columns (see [`super::EncodedRow`]).
 pub(super) async fn fetch(
     pool: &PgPool,
     sql: &str,
     binds: &[&CursorValue],
     opts: &DecodeOptions,
-) -> Result<Vec<super::Row>, FetchError> {
+    pick: &[&str],
+) -> Result<Vec<super::EncodedRow>, FetchError> {
     let decimals = opts.decimals;
     let mut q = sqlx::query(AssertSqlSafe(sql.to_string()));
     for v in binds {
         q = bind(q, v)?;
     }
     let rows = q.fetch_all(pool).await?;
-    rows.iter().map(|r| decode_row(r, decimals)).collect()
+    let Some(first) = rows.first() else {
+        return Ok(Vec::new());
+    };
+    // Where each picked column is in the result.
+    let at: Vec<Option<usize>> = pick
+        .iter()
+        .map(|name| first.columns().iter().position(|c| c.name() == *name))
+        .collect();
+    rows.iter()
+        .map(|row| {
+            let mut out = ObjectWriter::with_capacity(row.len() * 24);
+            let mut picked = vec![Value::Null; pick.len()];
+            for (i, col) in row.columns().iter().enumerate() {
+                let value = column(row, i, col, decimals)?;
+                out.key(col.name()).value(&value);
+                // A column may be picked twice (the key field is often the
+                // cursor's last column).
+                for (slot, _) in picked.iter_mut().zip(&at).filter(|(_, a)| **a == Some(i)) {
+                    *slot = value.clone();
+                }
+            }
+            Ok(super::EncodedRow {
+                data: out.finish(),
+                picked,
+            })
+        })
+        .collect()
+}
+
+/// Column `i` of `row`, decoded, or an error naming the column.
+fn column(
+    row: &PgRow,
+    i: usize,
+    col: &sqlx::postgres::PgColumn,
+    decimals: DecimalFormat,
+) -> Result<Value, FetchError> {
+    let ty = col.type_info();
+    decode(row, i, ty, decimals).map_err(|e| {
+        FetchError::Decode(format!(
+            "column {:?} of type {}: {e}; cast it to a supported type in a `query` \
+             (e.g. `{}::text`)",
+            col.name(),
+            ty.name(),
+            super::quote_ident(caudal_core::config::SqlDialect::Postgres, col.name())
+        ))
+    })
 }
 
 pub(crate) fn decode_row(row: &PgRow, decimals: DecimalFormat) -> Result<super::Row, FetchError> {
     let mut out = super::Row::with_capacity(row.len());
     for (i, col) in row.columns().iter().enumerate() {
-        let ty = col.type_info();
-        let value = decode(row, i, ty, decimals).map_err(|e| {
-            FetchError::Decode(format!(
-                "column {:?} of type {}: {e}; cast it to a supported type in a `query` \
-                 (e.g. `{}::text`)",
-                col.name(),
-                ty.name(),
-                super::quote_ident(caudal_core::config::SqlDialect::Postgres, col.name())
-            ))
-        })?;
-        out.insert(col.name().to_string(), value);
+        out.insert(col.name().to_string(), column(row, i, col, decimals)?);
     }
     Ok(out)
 }
