@@ -17,7 +17,8 @@
 //! The reference is seed 001's own process between two hourly runs
 //! (`schedule.every(1).hour`, a 60 s sleep loop, with requests, psycopg2
 //! and schedule imported): time until it prints `ready`, and its RSS after
-//! the same idle time.
+//! the same idle time. With `--baseline-caudal`, the baseline build makes
+//! the same five starts from a directory, source and receiver of its own.
 
 use std::io::{Read as _, Write as _};
 use std::net::SocketAddr;
@@ -29,9 +30,10 @@ use anyhow::{Context, bail};
 use serde_json::{Value, json};
 use sqlx::Executor as _;
 
-use crate::cdc::{scratch_dir, spawn_caudal, wait_exit};
+use crate::cdc::{scratch_dir, spawn_caudal, subject_dir, wait_exit};
 use crate::process::Measured;
 use crate::receiver;
+use crate::subject::{self, Subject};
 use crate::{Args, round};
 
 /// Starts measured for startup-to-ready.
@@ -41,6 +43,75 @@ const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let dir = scratch_dir("footprint")?;
+    let mut measured = Vec::new();
+    for subject in args.subjects() {
+        let sub = subject_dir(args, &dir, subject)?;
+        measured.push((subject, starts(subject, &sub, args.idle_secs).await?));
+    }
+    let (caudal, baseline) = subject::split(measured)?;
+
+    eprintln!("footprint: seed 001's scheduler process");
+    let (seed_ready_ms, seed_rss, seed_anon) = seed_idle(args, &dir).await?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut report = json!({
+        "scenario": "footprint",
+        "binary_mib": round(caudal.binary_mib),
+        "ready_ms": round(caudal.ready_ms),
+        "ready_ms_each": caudal.ready_ms_each.iter().map(|&ms| round(ms)).collect::<Vec<_>>(),
+        "idle_secs": args.idle_secs,
+        "idle_rss_mib": round(caudal.idle_rss),
+        "idle_anon_rss_mib": round(caudal.idle_anon),
+        "peak_rss_mib": round(caudal.peak_rss),
+        "restart_rss_mib": round(caudal.restart_rss),
+        "restart_anon_rss_mib": round(caudal.restart_anon),
+        "seed001_ready_ms": round(seed_ready_ms),
+        "seed001_idle_rss_mib": round(seed_rss),
+        "seed001_idle_anon_rss_mib": round(seed_anon),
+        "seed001_rss_over_caudal": round(seed_rss / caudal.idle_rss),
+        "seed001_anon_rss_over_caudal": round(seed_anon / caudal.idle_anon),
+        "seed001_ready_over_caudal": round(seed_ready_ms / caudal.ready_ms),
+    });
+    if let Some(b) = baseline {
+        subject::extend(
+            &mut report,
+            json!({
+                "baseline_binary_mib": round(b.binary_mib),
+                "baseline_ready_ms": round(b.ready_ms),
+                "baseline_idle_rss_mib": round(b.idle_rss),
+                "baseline_idle_anon_rss_mib": round(b.idle_anon),
+                "baseline_peak_rss_mib": round(b.peak_rss),
+                "baseline_restart_rss_mib": round(b.restart_rss),
+                "caudal_over_baseline": round(b.idle_rss / caudal.idle_rss),
+                "caudal_over_baseline_anon_rss": round(b.idle_anon / caudal.idle_anon),
+                "caudal_over_baseline_ready": round(b.ready_ms / caudal.ready_ms),
+            }),
+        );
+    }
+    Ok(report)
+}
+
+/// What one build's five starts measured.
+#[derive(Debug)]
+struct Starts {
+    binary_mib: f64,
+    /// The median start.
+    ready_ms: f64,
+    /// Every start, sorted.
+    ready_ms_each: Vec<f64>,
+    /// `--idle-secs` after the first start's run.
+    idle_rss: f64,
+    idle_anon: f64,
+    /// The first start's high-water mark.
+    peak_rss: f64,
+    /// `--idle-secs` after the last start, which runs nothing.
+    restart_rss: f64,
+    restart_anon: f64,
+}
+
+/// `subject`'s [`STARTS`] starts of `caudal run` in `dir`, with a source
+/// and a receiver of their own.
+async fn starts(subject: Subject<'_>, dir: &Path, idle_secs: u64) -> anyhow::Result<Starts> {
+    eprintln!("footprint: {} run, {STARTS} starts", subject.name);
     let receiver = receiver::start().await?;
     let source = dir.join("source.db");
     seed_source(&source).await?;
@@ -50,9 +121,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let mut restart = None;
     for start in 0..STARTS {
         let addr = free_port()?;
-        let config = write_config(&dir, &source, receiver.addr, addr)?;
-        let caudal = spawn_caudal(args, &config, &dir, &["run"])?;
-        ready_ms.push(wait_ready(&caudal, addr, &dir).await? * 1000.0);
+        let config = write_config(dir, &source, receiver.addr, addr)?;
+        let caudal = spawn_caudal(subject, &config, dir, &["run"])?;
+        ready_ms.push(wait_ready(&caudal, addr, dir).await? * 1000.0);
         if start == 0 {
             // A first start runs the pipeline at once (it never ran).
             let started = Instant::now();
@@ -66,11 +137,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
                 }
                 tokio::time::sleep(Duration::from_millis(10)).await;
             }
-            tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+            tokio::time::sleep(Duration::from_secs(idle_secs)).await;
             after_run = Some((caudal.rss_mib()?, caudal.anon_rss_mib()?, 0.0));
         } else if start + 1 == STARTS {
             // A restart within the hour waits for the next one: no run.
-            tokio::time::sleep(Duration::from_secs(args.idle_secs)).await;
+            tokio::time::sleep(Duration::from_secs(idle_secs)).await;
             if receiver.records() != SOURCE_ROWS {
                 bail!(
                     "a restart ran the pipeline again ({} records delivered; log: {})",
@@ -81,7 +152,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
             restart = Some((caudal.rss_mib()?, caudal.anon_rss_mib()?));
         }
         caudal.terminate()?;
-        let ended = wait_exit(caudal, &dir, "caudal run").await?;
+        let ended = wait_exit(caudal, dir, "caudal run").await?;
         if start == 0 {
             after_run = after_run.map(|(rss, anon, _)| (rss, anon, ended.peak_rss_mib));
         }
@@ -89,30 +160,16 @@ pub async fn run(args: &Args) -> anyhow::Result<Value> {
     let ((idle_rss, idle_anon, peak_rss), (restart_rss, restart_anon)) =
         after_run.zip(restart).context("no idle reading")?;
     ready_ms.sort_by(f64::total_cmp);
-    let ready_median = ready_ms[STARTS / 2];
-    let binary_mib = std::fs::metadata(&args.caudal)?.len() as f64 / (1024.0 * 1024.0);
-
-    eprintln!("footprint: seed 001's scheduler process");
-    let (seed_ready_ms, seed_rss, seed_anon) = seed_idle(args, &dir).await?;
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(json!({
-        "scenario": "footprint",
-        "binary_mib": round(binary_mib),
-        "ready_ms": round(ready_median),
-        "ready_ms_each": ready_ms.iter().map(|&ms| round(ms)).collect::<Vec<_>>(),
-        "idle_secs": args.idle_secs,
-        "idle_rss_mib": round(idle_rss),
-        "idle_anon_rss_mib": round(idle_anon),
-        "peak_rss_mib": round(peak_rss),
-        "restart_rss_mib": round(restart_rss),
-        "restart_anon_rss_mib": round(restart_anon),
-        "seed001_ready_ms": round(seed_ready_ms),
-        "seed001_idle_rss_mib": round(seed_rss),
-        "seed001_idle_anon_rss_mib": round(seed_anon),
-        "seed001_rss_over_caudal": round(seed_rss / idle_rss),
-        "seed001_anon_rss_over_caudal": round(seed_anon / idle_anon),
-        "seed001_ready_over_caudal": round(seed_ready_ms / ready_median),
-    }))
+    Ok(Starts {
+        binary_mib: std::fs::metadata(subject.binary)?.len() as f64 / (1024.0 * 1024.0),
+        ready_ms: ready_ms[STARTS / 2],
+        ready_ms_each: ready_ms,
+        idle_rss,
+        idle_anon,
+        peak_rss,
+        restart_rss,
+        restart_anon,
+    })
 }
 
 /// Rows in the pipeline's source table.

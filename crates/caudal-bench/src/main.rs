@@ -2,20 +2,27 @@
 //! measures caudal (the release binary as a separate process, or the
 //! component alone) and a reference in the same run, and prints one JSON
 //! line per result: figures stand as ratios against the reference because
-//! machines here are noisy. After the last scenario a Markdown table of
-//! every result follows (see [`report`]).
+//! machines here are noisy. With `--repeat N` each scenario runs N times
+//! (a JSON line for each run, with its `run` number); the Markdown table
+//! that follows the last scenario gives the median of each figure and
+//! ratio with its range across the runs (see [`report`]). With
+//! `--baseline-caudal PATH` every scenario that runs caudal's binary also
+//! runs a baseline build on the same workload (see [`subject`]).
 //!
 //! Scenarios, in the order `all` runs them (docs/benchmarks.md has the
 //! method of each):
 //! - `initial-sync`: N rows (default 1,000,000) from PostgreSQL to a local
-//!   always-200 HTTP receiver in batches of 1,000, against `COPY (the same
-//!   ordered query) TO STDOUT` into /dev/null (the read ceiling) and the
-//!   seeds' Python senders on the same rows and receiver. See [`sync`].
+//!   always-200 HTTP receiver in batches of 1,000, against COPY into
+//!   /dev/null (of the same ordered query; of the table, unordered, on one
+//!   connection and in ctid ranges on `--copy-workers`, text and binary:
+//!   the fastest is the read ceiling) and the seeds' Python senders on the
+//!   same rows and receiver. See [`sync`].
 //! - `steady-state`: the hourly run after the first: 10,000 changed rows in
 //!   a 10,000,000-row table, against COPY of the same rows by the same
 //!   index, and by a sequential scan. See [`sync`].
-//! - `cdc-throughput`, `cdc-latency`: PostgreSQL CDC, against
-//!   `pg_recvlogical`; commit-to-delivery percentiles. See [`cdc::postgres`].
+//! - `cdc-throughput`, `cdc-latency`: PostgreSQL CDC, against the server's
+//!   own decoding of the same backlog (the ceiling) and `pg_recvlogical`;
+//!   commit-to-delivery percentiles. See [`cdc::postgres`].
 //! - `mysql-cdc-throughput`, `mysql-cdc-latency`: the same on MariaDB,
 //!   against `mariadb-binlog`. See [`cdc::mariadb`].
 //! - `buffer`: the durable buffer's write + read with an fsync per batch,
@@ -33,6 +40,7 @@ mod process;
 mod receiver;
 mod report;
 mod sink;
+mod subject;
 mod sync;
 
 use std::io::Write as _;
@@ -57,6 +65,18 @@ const SCENARIOS: &[&str] = &[
     "mysql-cdc-latency",
     "buffer",
     "http-sink",
+    "footprint",
+];
+
+/// The scenarios that run caudal's binary (and so can run a baseline
+/// build too); `buffer` and `http-sink` link caudal's library instead.
+const BINARY_SCENARIOS: &[&str] = &[
+    "initial-sync",
+    "steady-state",
+    "cdc-throughput",
+    "cdc-latency",
+    "mysql-cdc-throughput",
+    "mysql-cdc-latency",
     "footprint",
 ];
 
@@ -157,6 +177,21 @@ struct Args {
     /// The caudal binary to measure.
     #[arg(long, default_value = "target/release/caudal")]
     caudal: PathBuf,
+    /// A baseline caudal binary (e.g. the previous build, copied aside):
+    /// every scenario that runs caudal's binary also runs this one on the
+    /// same workload and reports `caudal_over_baseline`. buffer and
+    /// http-sink run caudal's library in this process and take none.
+    #[arg(long, value_name = "PATH")]
+    baseline_caudal: Option<PathBuf>,
+    /// Runs of each scenario: a JSON line for each, and in the table the
+    /// median of each figure with its range (min–max) across the runs.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    repeat: u32,
+    /// initial-sync: connections of the parallel COPY reference, each
+    /// reading one range of the table's blocks (default 2, the cores of
+    /// the machine these figures come from; give the server's cores).
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
+    copy_workers: u32,
     /// The Python interpreter that runs the seed re-creations (bench/run
     /// gives its virtualenv's, with requests, urllib3, psycopg2, schedule).
     #[arg(long, default_value = "python3")]
@@ -173,10 +208,13 @@ struct Args {
     /// Also write the Markdown table to this file.
     #[arg(long)]
     markdown: Option<PathBuf>,
+    /// The repeat being run, from 1 (not an argument).
+    #[arg(skip)]
+    run: u32,
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -207,6 +245,16 @@ fn main() -> anyhow::Result<()> {
             SCENARIOS.join(", ")
         );
     }
+    if let Some(baseline) = &args.baseline_caudal {
+        if !baseline.is_file() {
+            bail!("--baseline-caudal {}: no such file", baseline.display());
+        }
+        for name in names.iter().filter(|n| !BINARY_SCENARIOS.contains(n)) {
+            eprintln!(
+                "{name}: runs caudal's library in this process, so it measures no baseline build"
+            );
+        }
+    }
     // The PostgreSQL scenarios use fixed names (database `caudal_bench`, its
     // slots and publication) and drop what a killed run left; a second run
     // on the same server waits for the first instead of breaking it.
@@ -217,13 +265,21 @@ fn main() -> anyhow::Result<()> {
     };
     let mut results = Vec::new();
     for name in names {
-        let lines = rt
-            .block_on(run(&args, name))
-            .with_context(|| format!("scenario {name} failed"))?;
-        for line in lines {
-            println!("{line}");
-            std::io::stdout().flush()?;
-            results.push(line);
+        for k in 1..=args.repeat {
+            args.run = k;
+            let lines = rt
+                .block_on(run(&args, name))
+                .with_context(|| format!("scenario {name} failed (run {k} of {})", args.repeat))?;
+            let baseline = args
+                .baseline_caudal
+                .as_deref()
+                .filter(|_| BINARY_SCENARIOS.contains(&name));
+            for line in lines {
+                let line = annotate(line, k, baseline);
+                println!("{line}");
+                std::io::stdout().flush()?;
+                results.push(line);
+            }
         }
     }
     let table = report::table(&results);
@@ -232,6 +288,27 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(path, &table).with_context(|| format!("cannot write {}", path.display()))?;
     }
     Ok(())
+}
+
+/// `line` with the run's number `run` after its scenario's name, and the
+/// baseline binary's path when one was measured.
+fn annotate(line: Value, run: u32, baseline: Option<&std::path::Path>) -> Value {
+    let Value::Object(fields) = line else {
+        return line;
+    };
+    let mut out = serde_json::Map::new();
+    if let Some(scenario) = fields.get("scenario") {
+        out.insert("scenario".into(), scenario.clone());
+    }
+    out.insert("run".into(), run.into());
+    if let Some(baseline) = baseline {
+        out.insert(
+            "baseline_binary".into(),
+            baseline.display().to_string().into(),
+        );
+    }
+    out.extend(fields.into_iter().filter(|(k, _)| k != "scenario"));
+    Value::Object(out)
 }
 
 /// Runs one scenario; its results, one JSON object each.

@@ -4,46 +4,163 @@
 //! `ratio` always reads "caudal as a share of the reference, 1.00 = as good
 //! as the reference, above 1 = better": a rate is caudal's over the
 //! reference's, a time or a size is the reference's over caudal's.
+//!
+//! With several runs of a scenario (`--repeat`), each cell is the median
+//! of that figure or ratio over the runs (of the ratios each run measured,
+//! not a ratio of medians), followed by its range, `(min–max)`, where the
+//! runs differ: figures are reported as the median of several runs with
+//! their range, never the best run.
+
+use std::collections::HashMap;
 
 use serde_json::Value;
 
-/// One row of the table.
+/// One row of the table, its cells formatted.
 struct Row {
     scenario: String,
     measure: String,
     caudal: String,
     reference: String,
-    ratio: Option<f64>,
-    rss: Option<f64>,
+    ratio: String,
+    rss: String,
 }
 
-/// The table of `results` (the JSON objects the scenarios returned).
+/// One result line across the runs of its scenario: the k-th line the
+/// scenario printed in each run (`http-sink` prints two per run).
+struct Runs<'a> {
+    scenario: String,
+    lines: Vec<&'a Value>,
+}
+
+impl Runs<'_> {
+    /// The runs' values of the number `key`, sorted.
+    fn numbers(&self, key: &str) -> Vec<f64> {
+        let mut v: Vec<f64> = self.lines.iter().filter_map(|l| l[key].as_f64()).collect();
+        v.sort_by(f64::total_cmp);
+        v
+    }
+
+    fn has(&self, key: &str) -> bool {
+        !self.numbers(key).is_empty()
+    }
+
+    /// The median of `key` formatted by `format` and followed by `unit`,
+    /// then `(min–max)` when the runs' values format differently; `?` when
+    /// no run has it.
+    fn show(&self, key: &str, format: impl Fn(f64) -> String, unit: &str) -> String {
+        let v = self.numbers(key);
+        let (Some(&lo), Some(&hi)) = (v.first(), v.last()) else {
+            return "?".to_string();
+        };
+        let (mid, lo, hi) = (format(median(&v)), format(lo), format(hi));
+        if lo == hi {
+            format!("{mid}{unit}")
+        } else {
+            format!("{mid}{unit} ({lo}–{hi})")
+        }
+    }
+
+    /// The runs' distinct values of the string `key`, joined by ` / `.
+    fn text(&self, key: &str) -> String {
+        let mut seen: Vec<&str> = Vec::new();
+        for line in &self.lines {
+            if let Some(s) = line[key].as_str()
+                && !seen.contains(&s)
+            {
+                seen.push(s);
+            }
+        }
+        if seen.is_empty() {
+            "?".to_string()
+        } else {
+            seen.join(" / ")
+        }
+    }
+}
+
+/// The median of sorted values (the mean of the middle two of an even
+/// number).
+fn median(sorted: &[f64]) -> f64 {
+    let n = sorted.len();
+    if n % 2 == 1 {
+        sorted[n / 2]
+    } else {
+        (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
+    }
+}
+
+/// `results` grouped across runs, in the order first printed: the lines
+/// of a run carry its number (`run`, 1 when absent).
+fn group(results: &[Value]) -> Vec<Runs<'_>> {
+    let mut groups: Vec<(usize, Runs<'_>)> = Vec::new();
+    let mut printed: HashMap<(String, u64), usize> = HashMap::new();
+    for line in results {
+        let scenario = line["scenario"].as_str().unwrap_or_default().to_string();
+        let run = line["run"].as_u64().unwrap_or(1);
+        let count = printed.entry((scenario.clone(), run)).or_insert(0);
+        let k = *count;
+        *count += 1;
+        match groups
+            .iter_mut()
+            .find(|(i, g)| *i == k && g.scenario == scenario)
+        {
+            Some((_, g)) => g.lines.push(line),
+            None => groups.push((
+                k,
+                Runs {
+                    scenario,
+                    lines: vec![line],
+                },
+            )),
+        }
+    }
+    groups.into_iter().map(|(_, g)| g).collect()
+}
+
+/// The table of `results` (the JSON objects the scenarios returned, one
+/// per run each), with a line saying how many runs each cell sums up and
+/// which baseline build was measured, if any.
 pub fn table(results: &[Value]) -> String {
-    let mut out = String::from(
+    let groups = group(results);
+    let runs = groups.iter().map(|g| g.lines.len()).max().unwrap_or(1);
+    let mut out = String::new();
+    if runs > 1 {
+        out.push_str(&format!(
+            "Each cell: the median of {runs} runs, then (min–max) across them where they differ.\n\n"
+        ));
+    }
+    let mut baselines: Vec<&str> = results
+        .iter()
+        .filter_map(|r| r["baseline_binary"].as_str())
+        .collect();
+    baselines.dedup();
+    if !baselines.is_empty() {
+        out.push_str(&format!(
+            "Baseline build (`--baseline-caudal`): `{}`.\n\n",
+            baselines.join("`, `")
+        ));
+    }
+    out.push_str(
         "| scenario | measure | caudal | reference (same run) | ratio | caudal peak RSS |\n\
          |---|---|---:|---|---:|---:|\n",
     );
-    for row in results.iter().flat_map(rows) {
+    for row in groups.iter().flat_map(rows) {
         out.push_str(&format!(
             "| {} | {} | {} | {} | {} | {} |\n",
-            row.scenario,
-            row.measure,
-            row.caudal,
-            row.reference,
-            row.ratio
-                .map_or_else(|| "–".to_string(), |r| format!("{r:.2}")),
-            row.rss
-                .map_or_else(|| "–".to_string(), |r| format!("{r:.0} MiB")),
+            row.scenario, row.measure, row.caudal, row.reference, row.ratio, row.rss,
         ));
     }
     out
 }
 
-fn rows(r: &Value) -> Vec<Row> {
-    let f = |k: &str| r[k].as_f64();
-    let n = |k: &str| f(k).map_or_else(|| "?".to_string(), thousands);
-    let ms = |k: &str| f(k).map_or_else(|| "?".to_string(), |v| format!("{v:.1} ms"));
-    let secs = |k: &str| f(k).map_or_else(|| "?".to_string(), |v| format!("{v:.2} s"));
+fn rows(r: &Runs<'_>) -> Vec<Row> {
+    let n = |k: &str| r.show(k, thousands, "");
+    let ms = |k: &str| r.show(k, |v| format!("{v:.1}"), " ms");
+    let secs = |k: &str| r.show(k, |v| format!("{v:.2}"), " s");
+    let mib = |k: &str| r.show(k, |v| format!("{v:.1}"), " MiB");
+    let ratio = |k: &str| r.show(k, |v| format!("{v:.2}"), "");
+    let rss = |k: &str| r.show(k, |v| format!("{v:.0}"), " MiB");
+    let none = || "–".to_string();
     let row =
         |scenario: &str, measure: String, caudal: String, reference: String, ratio, rss| Row {
             scenario: scenario.to_string(),
@@ -53,44 +170,102 @@ fn rows(r: &Value) -> Vec<Row> {
             ratio,
             rss,
         };
-    match r["scenario"].as_str().unwrap_or_default() {
+    let baseline = r.has("caudal_over_baseline");
+    let mut out = Vec::new();
+    match r.scenario.as_str() {
         "initial_sync" => {
             let what = format!("rows/s, {} rows PostgreSQL → HTTP", n("rows"));
-            let rss = f("caudal_peak_rss_mib");
-            vec![
-                row(
-                    "initial-sync",
-                    what.clone(),
-                    n("caudal_rows_per_s"),
-                    format!("COPY to /dev/null: {}", n("copy_rows_per_s")),
-                    f("caudal_over_copy"),
-                    rss,
+            let workers = n("copy_workers");
+            let copy_name = |name: &str| match name {
+                "ordered" => "the ordered query, text".to_string(),
+                "text" => "the table, text".to_string(),
+                "binary" => "the table, binary".to_string(),
+                "parallel_text" => format!("ctid ranges on {workers} connections, text"),
+                "parallel_binary" => format!("ctid ranges on {workers} connections, binary"),
+                other => other.to_string(),
+            };
+            let fastest = r
+                .text("copy_fastest")
+                .split(" / ")
+                .map(copy_name)
+                .collect::<Vec<_>>()
+                .join(" / ");
+            let c = || n("caudal_rows_per_s");
+            let c_rss = || rss("caudal_peak_rss_mib");
+            out.push(row(
+                "initial-sync",
+                what.clone(),
+                c(),
+                format!(
+                    "read ceiling, fastest COPY to /dev/null ({fastest}): {}",
+                    n("copy_fastest_rows_per_s")
                 ),
-                row(
-                    "initial-sync",
-                    what.clone(),
-                    n("caudal_rows_per_s"),
-                    format!(
-                        "seed 001 loop (Python): {} ({} MiB)",
-                        n("seed001_rows_per_s"),
-                        n("seed001_peak_rss_mib")
-                    ),
-                    f("caudal_over_seed001"),
-                    rss,
+                ratio("caudal_over_copy"),
+                c_rss(),
+            ));
+            out.push(row(
+                "initial-sync",
+                what.clone(),
+                c(),
+                format!(
+                    "COPY (the same ordered query) to /dev/null: {}",
+                    n("copy_ordered_rows_per_s")
                 ),
-                row(
+                ratio("caudal_over_copy_ordered"),
+                c_rss(),
+            ));
+            out.push(row(
+                "initial-sync",
+                what.clone(),
+                c(),
+                format!(
+                    "COPY of the table to /dev/null: text {}, binary {}; in ctid ranges on {workers} connections: text {}, binary {}",
+                    n("copy_text_rows_per_s"),
+                    n("copy_binary_rows_per_s"),
+                    n("copy_parallel_text_rows_per_s"),
+                    n("copy_parallel_binary_rows_per_s"),
+                ),
+                none(),
+                c_rss(),
+            ));
+            out.push(row(
+                "initial-sync",
+                what.clone(),
+                c(),
+                format!(
+                    "seed 001 loop (Python): {} ({} MiB)",
+                    n("seed001_rows_per_s"),
+                    n("seed001_peak_rss_mib")
+                ),
+                ratio("caudal_over_seed001"),
+                c_rss(),
+            ));
+            out.push(row(
+                "initial-sync",
+                what.clone(),
+                c(),
+                format!(
+                    "seed 000 thread pool (Python, {} rows): {}",
+                    n("seed000_rows"),
+                    n("seed000_rows_per_s")
+                ),
+                ratio("caudal_over_seed000"),
+                c_rss(),
+            ));
+            if baseline {
+                out.push(row(
                     "initial-sync",
                     what,
-                    n("caudal_rows_per_s"),
+                    c(),
                     format!(
-                        "seed 000 thread pool (Python, {} rows): {}",
-                        n("seed000_rows"),
-                        n("seed000_rows_per_s")
+                        "baseline build: {} ({})",
+                        n("baseline_rows_per_s"),
+                        rss("baseline_peak_rss_mib")
                     ),
-                    f("caudal_over_seed000"),
-                    rss,
-                ),
-            ]
+                    ratio("caudal_over_baseline"),
+                    c_rss(),
+                ));
+            }
         }
         "steady_state" => {
             let what = format!(
@@ -99,64 +274,149 @@ fn rows(r: &Value) -> Vec<Row> {
                 n("rows"),
                 n("caudal_seq_scans")
             );
-            let rss = f("caudal_peak_rss_mib");
-            vec![
-                row(
-                    "steady-state",
-                    what.clone(),
-                    secs("caudal_secs"),
-                    format!(
-                        "COPY by the index: {} (seq scan: {})",
-                        secs("copy_index_secs"),
-                        secs("copy_seqscan_secs")
-                    ),
-                    f("caudal_over_copy_index"),
-                    rss,
+            let c_rss = || rss("caudal_peak_rss_mib");
+            out.push(row(
+                "steady-state",
+                what.clone(),
+                secs("caudal_secs"),
+                format!(
+                    "COPY by the index: {} (seq scan: {})",
+                    secs("copy_index_secs"),
+                    secs("copy_seqscan_secs")
                 ),
-                row(
+                ratio("caudal_over_copy_index"),
+                c_rss(),
+            ));
+            out.push(row(
+                "steady-state",
+                what.clone(),
+                secs("caudal_secs"),
+                format!("seed 001 loop (Python): {}", secs("seed001_secs")),
+                ratio("caudal_over_seed001"),
+                c_rss(),
+            ));
+            if baseline {
+                out.push(row(
                     "steady-state",
                     what,
                     secs("caudal_secs"),
-                    format!("seed 001 loop (Python): {}", secs("seed001_secs")),
-                    f("caudal_over_seed001"),
-                    rss,
-                ),
-            ]
+                    format!(
+                        "baseline build: {} ({} seq scans; first run {} rows/s against caudal's {})",
+                        secs("baseline_secs"),
+                        n("baseline_seq_scans"),
+                        n("baseline_first_run_rows_per_s"),
+                        n("first_run_rows_per_s"),
+                    ),
+                    ratio("caudal_over_baseline"),
+                    c_rss(),
+                ));
+            }
         }
-        "cdc_throughput" => vec![row(
-            "cdc-throughput",
-            format!("changes/s, {} changes PostgreSQL → HTTP", n("changes")),
-            n("caudal_changes_per_s"),
-            format!(
-                "pg_recvlogical to /dev/null: {}",
-                n("recvlogical_changes_per_s")
-            ),
-            f("caudal_over_recvlogical"),
-            f("caudal_peak_rss_mib"),
-        )],
-        "mysql_cdc_throughput" => vec![row(
-            "mysql-cdc-throughput",
-            format!("changes/s, {} changes MariaDB → HTTP", n("changes")),
-            n("caudal_changes_per_s"),
-            format!(
-                "mariadb-binlog --verbose to /dev/null: {}",
-                n("binlog_changes_per_s")
-            ),
-            f("caudal_over_binlog"),
-            f("caudal_peak_rss_mib"),
-        )],
-        s @ ("cdc_latency" | "mysql_cdc_latency") => vec![row(
-            &s.replace('_', "-"),
-            format!(
+        "cdc_throughput" => {
+            let what = format!("changes/s, {} changes PostgreSQL → HTTP", n("changes"));
+            let c = || n("caudal_changes_per_s");
+            let c_rss = || rss("caudal_peak_rss_mib");
+            out.push(row(
+                "cdc-throughput",
+                what.clone(),
+                c(),
+                format!(
+                    "ceiling, the server's own decoding (pg_logical_slot_peek_binary_changes): {}",
+                    n("server_decode_changes_per_s")
+                ),
+                ratio("caudal_over_server_decode"),
+                c_rss(),
+            ));
+            out.push(row(
+                "cdc-throughput",
+                what.clone(),
+                c(),
+                format!(
+                    "pg_recvlogical to /dev/null: {}",
+                    n("recvlogical_changes_per_s")
+                ),
+                ratio("caudal_over_recvlogical"),
+                c_rss(),
+            ));
+            if baseline {
+                out.push(row(
+                    "cdc-throughput",
+                    what,
+                    c(),
+                    format!(
+                        "baseline build: {} ({})",
+                        n("baseline_changes_per_s"),
+                        rss("baseline_peak_rss_mib")
+                    ),
+                    ratio("caudal_over_baseline"),
+                    c_rss(),
+                ));
+            }
+        }
+        "mysql_cdc_throughput" => {
+            let what = format!("changes/s, {} changes MariaDB → HTTP", n("changes"));
+            let c = || n("caudal_changes_per_s");
+            let c_rss = || rss("caudal_peak_rss_mib");
+            out.push(row(
+                "mysql-cdc-throughput",
+                what.clone(),
+                c(),
+                format!(
+                    "mariadb-binlog --verbose to /dev/null: {}",
+                    n("binlog_changes_per_s")
+                ),
+                ratio("caudal_over_binlog"),
+                c_rss(),
+            ));
+            if baseline {
+                out.push(row(
+                    "mysql-cdc-throughput",
+                    what,
+                    c(),
+                    format!(
+                        "baseline build: {} ({})",
+                        n("baseline_changes_per_s"),
+                        rss("baseline_peak_rss_mib")
+                    ),
+                    ratio("caudal_over_baseline"),
+                    c_rss(),
+                ));
+            }
+        }
+        s @ ("cdc_latency" | "mysql_cdc_latency") => {
+            let name = s.replace('_', "-");
+            let what = format!(
                 "commit → delivery p50 / p95 / p99 at {} changes/s",
                 n("achieved_changes_per_s")
-            ),
-            format!("{} / {} / {}", ms("p50_ms"), ms("p95_ms"), ms("p99_ms")),
-            format!("batch max_wait: {} ms", n("max_wait_ms")),
-            None,
-            f("caudal_peak_rss_mib"),
-        )],
-        "buffer" => vec![row(
+            );
+            let c = || format!("{} / {} / {}", ms("p50_ms"), ms("p95_ms"), ms("p99_ms"));
+            out.push(row(
+                &name,
+                what.clone(),
+                c(),
+                format!("batch max_wait: {} ms", n("max_wait_ms")),
+                none(),
+                rss("caudal_peak_rss_mib"),
+            ));
+            if baseline {
+                out.push(row(
+                    &name,
+                    what,
+                    c(),
+                    format!(
+                        "baseline build: {} / {} / {} at {} changes/s ({}); ratio of the p50s",
+                        ms("baseline_p50_ms"),
+                        ms("baseline_p95_ms"),
+                        ms("baseline_p99_ms"),
+                        n("baseline_achieved_changes_per_s"),
+                        rss("baseline_peak_rss_mib"),
+                    ),
+                    ratio("caudal_over_baseline"),
+                    rss("caudal_peak_rss_mib"),
+                ));
+            }
+        }
+        "buffer" => out.push(row(
             "buffer",
             format!("records/s write + read, fsync per batch of {}", n("batch")),
             format!(
@@ -169,10 +429,10 @@ fn rows(r: &Value) -> Vec<Row> {
                 n("plain_records_per_s"),
                 n("plain_mb_per_s")
             ),
-            f("buffer_over_plain"),
-            None,
-        )],
-        "http_sink" => vec![row(
+            ratio("buffer_over_plain"),
+            none(),
+        )),
+        "http_sink" => out.push(row(
             "http-sink",
             format!("records/s, {} in flight", n("concurrency")),
             n("caudal_records_per_s"),
@@ -181,73 +441,110 @@ fn rows(r: &Value) -> Vec<Row> {
                 n("ceiling_connections"),
                 n("ceiling_records_per_s")
             ),
-            f("caudal_over_ceiling"),
-            None,
-        )],
-        "footprint" => vec![
-            row(
+            ratio("caudal_over_ceiling"),
+            none(),
+        )),
+        "footprint" => {
+            let idle = format!(
+                "idle daemon RSS, {} s after a run of 1,000 rows",
+                n("idle_secs")
+            );
+            out.push(row(
                 "footprint",
-                format!("idle RSS {} s after a run of 1,000 rows", n("idle_secs")),
-                format!("{:.1} MiB", f("idle_rss_mib").unwrap_or(f64::NAN)),
+                idle.clone(),
+                mib("idle_rss_mib"),
                 format!(
-                    "seed 001 scheduler (Python): {:.1} MiB",
-                    f("seed001_idle_rss_mib").unwrap_or(f64::NAN)
+                    "seed 001 scheduler (Python): {}",
+                    mib("seed001_idle_rss_mib")
                 ),
-                f("seed001_rss_over_caudal"),
-                f("peak_rss_mib"),
-            ),
-            row(
+                ratio("seed001_rss_over_caudal"),
+                rss("peak_rss_mib"),
+            ));
+            out.push(row(
                 "footprint",
                 "of which private (heap, stacks)".to_string(),
-                format!("{:.1} MiB", f("idle_anon_rss_mib").unwrap_or(f64::NAN)),
+                mib("idle_anon_rss_mib"),
                 format!(
-                    "seed 001 scheduler (Python): {:.1} MiB",
-                    f("seed001_idle_anon_rss_mib").unwrap_or(f64::NAN)
+                    "seed 001 scheduler (Python): {}",
+                    mib("seed001_idle_anon_rss_mib")
                 ),
-                f("seed001_anon_rss_over_caudal"),
-                None,
-            ),
-            row(
+                ratio("seed001_anon_rss_over_caudal"),
+                none(),
+            ));
+            if baseline {
+                out.push(row(
+                    "footprint",
+                    idle,
+                    format!(
+                        "{} ({} private)",
+                        mib("idle_rss_mib"),
+                        mib("idle_anon_rss_mib")
+                    ),
+                    format!(
+                        "baseline build: {} ({} private)",
+                        mib("baseline_idle_rss_mib"),
+                        mib("baseline_idle_anon_rss_mib")
+                    ),
+                    ratio("caudal_over_baseline"),
+                    rss("peak_rss_mib"),
+                ));
+            }
+            out.push(row(
                 "footprint",
                 format!(
                     "RSS of a restart waiting for its hour, after {} s",
                     n("idle_secs")
                 ),
                 format!(
-                    "{:.1} MiB ({:.1} private)",
-                    f("restart_rss_mib").unwrap_or(f64::NAN),
-                    f("restart_anon_rss_mib").unwrap_or(f64::NAN)
+                    "{} ({} private)",
+                    mib("restart_rss_mib"),
+                    mib("restart_anon_rss_mib")
                 ),
-                "–".to_string(),
-                None,
-                None,
-            ),
-            row(
+                none(),
+                none(),
+                none(),
+            ));
+            out.push(row(
                 "footprint",
                 "startup to ready".to_string(),
                 ms("ready_ms"),
                 format!("seed 001 scheduler (Python): {}", ms("seed001_ready_ms")),
-                f("seed001_ready_over_caudal"),
-                None,
-            ),
-            row(
+                ratio("seed001_ready_over_caudal"),
+                none(),
+            ));
+            if baseline {
+                out.push(row(
+                    "footprint",
+                    "startup to ready".to_string(),
+                    ms("ready_ms"),
+                    format!("baseline build: {}", ms("baseline_ready_ms")),
+                    ratio("caudal_over_baseline_ready"),
+                    none(),
+                ));
+            }
+            out.push(row(
                 "footprint",
                 "binary size".to_string(),
-                format!("{:.1} MiB", f("binary_mib").unwrap_or(f64::NAN)),
-                "–".to_string(),
-                None,
-                None,
-            ),
-        ],
-        other => vec![row(
+                mib("binary_mib"),
+                if r.has("baseline_binary_mib") {
+                    format!("baseline build: {}", mib("baseline_binary_mib"))
+                } else {
+                    none()
+                },
+                none(),
+                none(),
+            ));
+        }
+        other => out.push(row(
             other,
             String::new(),
             String::new(),
             String::new(),
-            None,
-            None,
-        )],
+            String::new(),
+            String::new(),
+        )),
     }
+    out
 }
 
 /// `1234567.8` → `1,234,568`; values under 100 keep two decimals.
@@ -285,17 +582,97 @@ mod tests {
     }
 
     #[test]
-    fn a_result_becomes_rows_with_its_reference() {
+    fn a_result_becomes_rows_with_its_references() {
         let t = table(&[json!({
             "scenario": "cdc_throughput", "changes": 500000,
             "caudal_changes_per_s": 100000.0, "recvlogical_changes_per_s": 160000.0,
             "caudal_over_recvlogical": 0.63, "caudal_peak_rss_mib": 75.2,
+            "server_decode_changes_per_s": 400000.0, "caudal_over_server_decode": 0.25,
         })]);
         let lines: Vec<&str> = t.lines().collect();
-        assert_eq!(lines.len(), 3, "{t}");
+        assert_eq!(lines.len(), 4, "{t}");
         assert_eq!(
             lines[2],
+            "| cdc-throughput | changes/s, 500,000 changes PostgreSQL → HTTP | 100,000 | ceiling, the server's own decoding (pg_logical_slot_peek_binary_changes): 400,000 | 0.25 | 75 MiB |"
+        );
+        assert_eq!(
+            lines[3],
             "| cdc-throughput | changes/s, 500,000 changes PostgreSQL → HTTP | 100,000 | pg_recvlogical to /dev/null: 160,000 | 0.63 | 75 MiB |"
+        );
+    }
+
+    #[test]
+    fn several_runs_show_the_median_and_the_range() {
+        let run = |run: u64, rate: f64, ratio: f64, rss: f64| {
+            json!({
+                "scenario": "mysql_cdc_throughput", "run": run, "changes": 500000,
+                "caudal_changes_per_s": rate, "binlog_changes_per_s": 2000000.0,
+                "caudal_over_binlog": ratio, "caudal_peak_rss_mib": rss,
+            })
+        };
+        let t = table(&[
+            run(1, 300000.0, 0.15, 120.0),
+            run(2, 100000.0, 0.05, 125.0),
+            run(3, 200000.0, 0.10, 130.0),
+        ]);
+        assert!(t.starts_with("Each cell: the median of 3 runs"), "{t}");
+        let row = t.lines().last().unwrap_or_default();
+        assert_eq!(
+            row,
+            "| mysql-cdc-throughput | changes/s, 500,000 changes MariaDB → HTTP | 200,000 (100,000–300,000) | mariadb-binlog --verbose to /dev/null: 2,000,000 | 0.10 (0.05–0.15) | 125 MiB (120–130) |"
+        );
+        // An even number of runs: the mean of the middle two.
+        let t = table(&[run(1, 300000.0, 0.2, 120.0), run(2, 100000.0, 0.1, 120.0)]);
+        assert!(
+            t.contains("| 200,000 (100,000–300,000) |")
+                && t.contains("| 0.15 (0.10–0.20) | 120 MiB |"),
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn lines_of_one_run_group_with_the_same_lines_of_the_others() {
+        // http-sink prints one line per concurrency in every run.
+        let line = |run: u64, concurrency: u64, rate: f64| {
+            json!({
+                "scenario": "http_sink", "run": run, "concurrency": concurrency,
+                "caudal_records_per_s": rate, "ceiling_connections": 8,
+                "ceiling_records_per_s": 1000000.0, "caudal_over_ceiling": rate / 1e6,
+            })
+        };
+        let t = table(&[
+            line(1, 1, 200000.0),
+            line(1, 8, 500000.0),
+            line(2, 1, 400000.0),
+            line(2, 8, 700000.0),
+        ]);
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| http-sink")).collect();
+        assert_eq!(
+            rows,
+            [
+                "| http-sink | records/s, 1 in flight | 300,000 (200,000–400,000) | receiver alone, 8 connections: 1,000,000 | 0.30 (0.20–0.40) | – |",
+                "| http-sink | records/s, 8 in flight | 600,000 (500,000–700,000) | receiver alone, 8 connections: 1,000,000 | 0.60 (0.50–0.70) | – |",
+            ],
+            "{t}"
+        );
+    }
+
+    #[test]
+    fn a_baseline_gets_its_own_row_and_ratio() {
+        let t = table(&[json!({
+            "scenario": "cdc_throughput", "run": 1, "baseline_binary": "/tmp/caudal-old",
+            "changes": 1000, "caudal_changes_per_s": 2000.0, "caudal_peak_rss_mib": 50.0,
+            "baseline_changes_per_s": 1000.0, "baseline_peak_rss_mib": 60.0,
+            "caudal_over_baseline": 2.0,
+        })]);
+        assert!(
+            t.starts_with("Baseline build (`--baseline-caudal`): `/tmp/caudal-old`."),
+            "{t}"
+        );
+        assert!(
+            t.lines().any(|l| l
+                == "| cdc-throughput | changes/s, 1,000 changes PostgreSQL → HTTP | 2,000 | baseline build: 1,000 (60 MiB) | 2.00 | 50 MiB |"),
+            "{t}"
         );
     }
 }

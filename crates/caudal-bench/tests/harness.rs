@@ -1,9 +1,11 @@
 //! The benchmark harness itself: every scenario, at a small size, against
 //! the real servers (`CAUDAL_TEST_PG_URL`, `CAUDAL_TEST_MYSQL_URL`, or the
 //! local ones), the seeds' Python senders and the caudal binary of this
-//! build. Figures are not checked (timings never are in tests); that every
+//! build, which is also given as the baseline build; and one scenario run
+//! twice. Figures are not checked (timings never are in tests); that every
 //! scenario provisions, measures, verifies what arrived, reports a ratio
-//! against its reference and leaves nothing behind, is.
+//! against each reference and the baseline, leaves nothing behind, and that
+//! the table sums up several runs by their median and range, is.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -47,17 +49,29 @@ fn python() -> PathBuf {
     python
 }
 
-#[test]
-fn every_scenario_runs_and_reports_its_reference() {
-    let table = std::env::temp_dir().join(format!("caudal-bench-table-{}.md", std::process::id()));
-    let pg_url = std::env::var(PG_URL_ENV).unwrap_or_else(|_| DEFAULT_PG_URL.to_string());
-    let mysql_url = std::env::var(MYSQL_URL_ENV).unwrap_or_else(|_| DEFAULT_MYSQL_URL.to_string());
+/// What a run of caudal-bench printed.
+struct Output {
+    stdout: String,
+    stderr: String,
+    /// The JSON lines.
+    results: Vec<Value>,
+    /// The `--markdown` file.
+    markdown: String,
+    pid: u32,
+}
+
+/// Runs caudal-bench with `args` against the test's servers, the caudal
+/// of this build and the seeds' interpreter; it must succeed.
+fn bench(args: &[&str]) -> Output {
+    let table = std::env::temp_dir().join(format!(
+        "caudal-bench-table-{}-{}.md",
+        std::process::id(),
+        args.join("-").replace(['/', ' '], "_")
+    ));
     let child = Command::new(env!("CARGO_BIN_EXE_caudal-bench"))
         .current_dir(root())
-        .args(["--pg-url", &pg_url, "--mysql-url", &mysql_url])
-        .args(["all", "--rows", "3000", "--changed", "300"])
-        .args(["--seed000-rows", "200", "--rate", "500", "--txn-rows", "50"])
-        .args(["--duration", "2", "--idle-secs", "1"])
+        .args(["--pg-url", &pg_url(), "--mysql-url", &mysql_url()])
+        .args(args)
         .arg("--caudal")
         .arg(caudal())
         .arg("--python")
@@ -70,8 +84,8 @@ fn every_scenario_runs_and_reports_its_reference() {
         .expect("run caudal-bench");
     let pid = child.id();
     let out = child.wait_with_output().expect("caudal-bench's output");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert!(
         out.status.success(),
         "caudal-bench failed ({}); the services come from scripts/test --services-only\nstdout:\n{stdout}\nstderr:\n{stderr}",
@@ -82,6 +96,97 @@ fn every_scenario_runs_and_reports_its_reference() {
         .filter(|l| l.starts_with('{'))
         .map(|l| serde_json::from_str(l).expect("a JSON line"))
         .collect();
+    // The Markdown table: printed after the lines and written to the file.
+    let markdown = std::fs::read_to_string(&table).expect("the --markdown file");
+    let _ = std::fs::remove_file(&table);
+    assert!(stdout.trim_end().ends_with(markdown.trim_end()), "{stdout}");
+    Output {
+        stdout,
+        stderr,
+        results,
+        markdown,
+        pid,
+    }
+}
+
+fn pg_url() -> String {
+    std::env::var(PG_URL_ENV).unwrap_or_else(|_| DEFAULT_PG_URL.to_string())
+}
+
+fn mysql_url() -> String {
+    std::env::var(MYSQL_URL_ENV).unwrap_or_else(|_| DEFAULT_MYSQL_URL.to_string())
+}
+
+/// The number `field` of `line`, which must be a positive real number.
+fn positive(line: &Value, field: &str) -> f64 {
+    let v = line[field]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{field} is not a number: {line}"));
+    assert!(v.is_finite() && v > 0.0, "{field} = {v}: {line}");
+    v
+}
+
+/// The advisory lock a caudal-bench run holds on the PostgreSQL server
+/// while it runs (`PG_LOCK_KEY` in the harness).
+const PG_LOCK_KEY: i64 = 0x6361_7564_616c_6265;
+
+/// Nothing of the PostgreSQL scenarios is left on the server. Checked
+/// under the harness's lock: another run (this file's other test) may be
+/// running its scenarios meanwhile, and holds the lock while it does.
+async fn assert_pg_clean(pg_url: &str) {
+    use sqlx::Connection as _;
+    let mut pg = sqlx::PgConnection::connect(pg_url)
+        .await
+        .expect("PostgreSQL");
+    sqlx::query("SELECT pg_advisory_lock($1)")
+        .bind(PG_LOCK_KEY)
+        .execute(&mut pg)
+        .await
+        .expect("the harness's lock");
+    let left: i64 = sqlx::query(
+        "SELECT (SELECT count(*) FROM pg_database WHERE datname = 'caudal_bench')
+              + (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'caudal\\_bench%')",
+    )
+    .fetch_one(&mut pg)
+    .await
+    .expect("PostgreSQL's catalog")
+    .get(0);
+    pg.close().await.expect("closing the connection");
+    assert_eq!(
+        left, 0,
+        "the PostgreSQL scenarios left their database or slots"
+    );
+}
+
+#[test]
+fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
+    let baseline = caudal();
+    let baseline = baseline.to_str().expect("a UTF-8 path");
+    let Output {
+        stdout,
+        stderr,
+        results,
+        markdown,
+        pid,
+    } = bench(&[
+        "all",
+        "--rows",
+        "3000",
+        "--changed",
+        "300",
+        "--seed000-rows",
+        "200",
+        "--rate",
+        "500",
+        "--txn-rows",
+        "50",
+        "--duration",
+        "2",
+        "--idle-secs",
+        "1",
+        "--baseline-caudal",
+        baseline,
+    ]);
     let scenarios: Vec<&str> = results
         .iter()
         .map(|r| r["scenario"].as_str().expect("a scenario name"))
@@ -107,28 +212,91 @@ fn every_scenario_runs_and_reports_its_reference() {
             .iter()
             .find(|r| r["scenario"] == scenario)
             .expect("the scenario's result");
-        r[field]
-            .as_f64()
-            .unwrap_or_else(|| panic!("{scenario}.{field} is not a number: {r}"))
+        positive(r, field)
     };
     // Each figure next to its reference, as ratios that are real numbers.
-    for (scenario, ratio) in [
+    for (scenario, figure) in [
         ("initial_sync", "caudal_over_copy"),
+        ("initial_sync", "caudal_over_copy_ordered"),
+        ("initial_sync", "copy_fastest_rows_per_s"),
+        ("initial_sync", "copy_ordered_rows_per_s"),
+        ("initial_sync", "copy_text_rows_per_s"),
+        ("initial_sync", "copy_binary_rows_per_s"),
+        ("initial_sync", "copy_parallel_text_rows_per_s"),
+        ("initial_sync", "copy_parallel_binary_rows_per_s"),
         ("initial_sync", "caudal_over_seed001"),
         ("initial_sync", "caudal_over_seed000"),
         ("steady_state", "caudal_over_copy_index"),
         ("steady_state", "caudal_over_seed001"),
+        ("cdc_throughput", "server_decode_changes_per_s"),
+        ("cdc_throughput", "caudal_over_server_decode"),
         ("cdc_throughput", "caudal_over_recvlogical"),
         ("mysql_cdc_throughput", "caudal_over_binlog"),
         ("buffer", "buffer_over_plain"),
         ("http_sink", "caudal_over_ceiling"),
+        ("footprint", "idle_rss_mib"),
         ("footprint", "seed001_rss_over_caudal"),
         ("footprint", "seed001_anon_rss_over_caudal"),
         ("footprint", "seed001_ready_over_caudal"),
     ] {
-        let v = get(scenario, ratio);
-        assert!(v.is_finite() && v > 0.0, "{scenario}.{ratio} = {v}");
+        get(scenario, figure);
     }
+    // The read ceiling is the fastest COPY, and says which one it is.
+    let initial = &results[0];
+    let fastest = initial["copy_fastest"].as_str().expect("copy_fastest");
+    assert!(
+        initial[format!("copy_{fastest}_rows_per_s")] == initial["copy_fastest_rows_per_s"],
+        "{initial}"
+    );
+    for name in [
+        "ordered",
+        "text",
+        "binary",
+        "parallel_text",
+        "parallel_binary",
+    ] {
+        assert!(
+            get("initial_sync", &format!("copy_{name}_rows_per_s"))
+                <= get("initial_sync", "copy_fastest_rows_per_s"),
+            "{initial}"
+        );
+    }
+    assert_eq!(initial["copy_workers"], 2, "{initial}");
+    // The server decoded at least every change and BEGIN and COMMIT of each
+    // transaction of 1,000.
+    assert!(get("cdc_throughput", "server_decode_messages") >= 3000.0 + 2.0 * 3.0);
+    // The baseline in every scenario that runs the binary, none in the
+    // others (they link caudal's library).
+    for r in &results {
+        let scenario = r["scenario"].as_str().unwrap_or_default();
+        if matches!(scenario, "buffer" | "http_sink") {
+            assert!(r.get("caudal_over_baseline").is_none(), "{r}");
+            assert!(r.get("baseline_binary").is_none(), "{r}");
+        } else {
+            positive(r, "caudal_over_baseline");
+            positive(r, "baseline_peak_rss_mib");
+            assert_eq!(r["baseline_binary"], baseline, "{r}");
+        }
+        assert_eq!(r["run"], 1, "{r}");
+    }
+    for (scenario, figure) in [
+        ("initial_sync", "baseline_rows_per_s"),
+        ("steady_state", "baseline_secs"),
+        ("steady_state", "baseline_first_run_rows_per_s"),
+        ("cdc_throughput", "baseline_changes_per_s"),
+        ("cdc_latency", "baseline_p50_ms"),
+        ("cdc_latency", "caudal_over_baseline_p99"),
+        ("mysql_cdc_throughput", "baseline_changes_per_s"),
+        ("mysql_cdc_latency", "baseline_p99_ms"),
+        ("footprint", "baseline_idle_rss_mib"),
+        ("footprint", "caudal_over_baseline_ready"),
+    ] {
+        get(scenario, figure);
+    }
+    assert!(
+        stderr.contains("buffer: runs caudal's library in this process"),
+        "{stderr}"
+    );
     // Every scenario checked its own deliveries (the harness fails when a
     // receiver counts more or fewer records than were sent); what it leaves
     // behind is checked here: nothing.
@@ -150,17 +318,10 @@ fn every_scenario_runs_and_reports_its_reference() {
     );
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
     rt.block_on(async {
-        let pg = sqlx::PgPool::connect(&pg_url).await.expect("PostgreSQL");
-        let left: i64 = sqlx::query(
-            "SELECT (SELECT count(*) FROM pg_database WHERE datname = 'caudal_bench')
-                  + (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'caudal\\_bench%')",
-        )
-        .fetch_one(&pg)
-        .await
-        .expect("PostgreSQL's catalog")
-        .get(0);
-        assert_eq!(left, 0, "the PostgreSQL scenarios left their database or slots");
-        let my = sqlx::MySqlPool::connect(&mysql_url).await.expect("MariaDB");
+        assert_pg_clean(&pg_url()).await;
+        let my = sqlx::MySqlPool::connect(&mysql_url())
+            .await
+            .expect("MariaDB");
         for db in &mariadb_databases {
             let left: i64 = sqlx::query(
                 "SELECT count(*) FROM information_schema.schemata WHERE schema_name = ?",
@@ -174,10 +335,7 @@ fn every_scenario_runs_and_reports_its_reference() {
         }
     });
 
-    // The Markdown table: printed after the lines and written to the file.
-    let markdown = std::fs::read_to_string(&table).expect("the --markdown file");
-    let _ = std::fs::remove_file(&table);
-    assert!(stdout.trim_end().ends_with(markdown.trim_end()), "{stdout}");
+    // The table: a row per scenario, the ceilings and the baseline named.
     for name in [
         "initial-sync",
         "steady-state",
@@ -196,4 +354,75 @@ fn every_scenario_runs_and_reports_its_reference() {
             "no row for {name}:\n{markdown}"
         );
     }
+    for text in [
+        "| read ceiling, fastest COPY to /dev/null (",
+        "| ceiling, the server's own decoding (pg_logical_slot_peek_binary_changes): ",
+        "| footprint | idle daemon RSS, 1 s after a run of 1,000 rows |",
+        "| baseline build: ",
+        &format!("Baseline build (`--baseline-caudal`): `{baseline}`."),
+    ] {
+        assert!(markdown.contains(text), "no {text:?} in:\n{markdown}");
+    }
+    assert!(
+        !markdown.contains("| ? |"),
+        "a figure is missing:\n{markdown}"
+    );
+}
+
+#[test]
+fn repeats_print_every_run_and_tabulate_the_median_and_range() {
+    let baseline = caudal();
+    let Output {
+        stdout,
+        results,
+        markdown,
+        ..
+    } = bench(&[
+        "cdc-throughput",
+        "--rows",
+        "2000",
+        "--repeat",
+        "2",
+        "--baseline-caudal",
+        baseline.to_str().expect("a UTF-8 path"),
+    ]);
+    let runs: Vec<&Value> = results.iter().map(|r| &r["run"]).collect();
+    assert_eq!(runs, [1, 2], "{stdout}");
+    for r in &results {
+        assert_eq!(r["scenario"], "cdc_throughput", "{r}");
+        for figure in [
+            "server_decode_changes_per_s",
+            "caudal_over_server_decode",
+            "caudal_over_recvlogical",
+            "baseline_changes_per_s",
+            "caudal_over_baseline",
+        ] {
+            positive(r, figure);
+        }
+    }
+    assert!(
+        markdown.starts_with("Each cell: the median of 2 runs"),
+        "{markdown}"
+    );
+    // The ceiling's ratio: the median of the two runs' (their mean), with
+    // their range when they differ.
+    let (a, b) = (
+        positive(&results[0], "caudal_over_server_decode"),
+        positive(&results[1], "caudal_over_server_decode"),
+    );
+    let (lo, hi) = (format!("{:.2}", a.min(b)), format!("{:.2}", a.max(b)));
+    let median = format!("{:.2}", (a + b) / 2.0);
+    let cell = if lo == hi {
+        format!("| {median} |")
+    } else {
+        format!("| {median} ({lo}–{hi}) |")
+    };
+    let ceiling = markdown
+        .lines()
+        .find(|l| l.contains("the server's own decoding"))
+        .unwrap_or_else(|| panic!("no ceiling row:\n{markdown}"));
+    assert!(ceiling.contains(&cell), "{cell} not in {ceiling}");
+    tokio::runtime::Runtime::new()
+        .expect("a runtime")
+        .block_on(assert_pg_clean(&pg_url()));
 }

@@ -20,7 +20,10 @@
 //!
 //! Each run creates a database of its own, `caudal_bench_<random>`, and
 //! drops it at the end, also when it fails; caudal replicates with a
-//! random `server_id` of its own.
+//! random `server_id` of its own. With `--baseline-caudal`, the baseline
+//! build drains the same backlog from a first run and a checkpoint of its
+//! own in `mysql-cdc-throughput`, and `mysql-cdc-latency` runs again for
+//! it from a database of its own.
 
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher as _;
@@ -37,7 +40,8 @@ use super::{
     STALL_TIMEOUT, THROUGHPUT_TXN_ROWS, Target,
 };
 use crate::process::Measured;
-use crate::receiver::{self, ROW_STAMP_COLUMN, Stamp};
+use crate::receiver::{self, ROW_STAMP_COLUMN, Receiver, Stamp};
+use crate::subject::{self, CAUDAL, Subject};
 use crate::{Args, database_url, round};
 
 /// The table of both scenarios: PostgreSQL's `bench_changes`, and in
@@ -165,27 +169,49 @@ async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Re
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_THROUGHPUT_MAX_WAIT_MS);
     let (url, db) = provision(args, admin, run, false).await?;
 
-    let receiver = receiver::start().await?;
     let dir = super::scratch_dir("mysql-cdc-throughput")?;
-    let config = super::write_config(
-        &dir,
-        ("my", &source_fields(&url, run)),
-        receiver.addr,
-        args,
-        max_wait_ms,
-    )?;
-    // The counterpart of creating the slot first: caudal's checkpoint at
-    // the end of the log, before the first change.
-    let first = super::spawn_caudal(args, &config, &dir, &["once", "bench"])?;
-    super::wait_exit(first, &dir, "the first caudal once (on the empty table)").await?;
-    if receiver.records() != 0 {
-        bail!(
-            "the first caudal once delivered {} records from an empty table",
-            receiver.records()
-        );
+    // Each build's receiver (each drain must deliver exactly `changes`),
+    // directory and configuration.
+    let mut setups: Vec<(
+        Subject<'_>,
+        Receiver,
+        std::path::PathBuf,
+        std::path::PathBuf,
+    )> = Vec::new();
+    let mut start = None;
+    for subject in args.subjects() {
+        let receiver = receiver::start().await?;
+        let sub = super::subject_dir(args, &dir, subject)?;
+        let config = super::write_config(
+            &sub,
+            ("my", &source_fields(&url, run)),
+            receiver.addr,
+            args,
+            max_wait_ms,
+        )?;
+        // The counterpart of creating the slot first: the build's
+        // checkpoint at the end of the log, before the first change.
+        let first = super::spawn_caudal(subject, &config, &sub, &["once", "bench"])?;
+        super::wait_exit(
+            first,
+            &sub,
+            &format!("the first {} once (on the empty table)", subject.name),
+        )
+        .await?;
+        if receiver.records() != 0 {
+            bail!(
+                "the first {} once delivered {} records from an empty table",
+                subject.name,
+                receiver.records()
+            );
+        }
+        // Where caudal's timed run starts, and so the reference.
+        if subject.name == CAUDAL {
+            start = Some(checkpoint(subject, &config)?);
+        }
+        setups.push((subject, receiver, sub, config));
     }
-    // Where the timed run starts, and so the reference.
-    let start = checkpoint(args, &config)?;
+    let start = start.context("caudal's first run saved no checkpoint")?;
 
     eprintln!(
         "mysql-cdc-throughput: writing {changes} changes while nothing consumes (database {}, from {start})",
@@ -205,11 +231,17 @@ async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Re
         .sum::<u64>();
     db.pool.close().await;
 
-    eprintln!(
-        "mysql-cdc-throughput: caudal once (log: {})",
-        dir.join("caudal.log").display()
-    );
-    let drained = super::drain_once(args, &config, &dir, &receiver, changes).await?;
+    let mut drains = Vec::new();
+    for (subject, receiver, sub, config) in &setups {
+        eprintln!(
+            "mysql-cdc-throughput: {} once (log: {})",
+            subject.name,
+            sub.join("caudal.log").display()
+        );
+        let drained = super::drain_once(*subject, config, sub, receiver, changes).await?;
+        drains.push((*subject, (drained, receiver.requests())));
+    }
+    let ((drained, requests), baseline) = subject::split(drains)?;
 
     eprintln!("mysql-cdc-throughput: mariadb-binlog reference, {start} to {end}");
     let range = Range {
@@ -222,7 +254,7 @@ async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Re
 
     let n = changes as f64;
     let caudal_secs = drained.caudal_secs;
-    let report = json!({
+    let mut report = json!({
             "scenario": "mysql_cdc_throughput",
             "changes": changes,
             "inserts": written.inserts,
@@ -235,7 +267,7 @@ async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Re
             "max_wait_ms": max_wait_ms,
             "concurrency": args.concurrency,
             "page_size": args.page_size,
-            "requests": receiver.requests(),
+            "requests": requests,
             "caudal_secs": round(caudal_secs),
             "caudal_changes_per_s": round(n / caudal_secs),
             "caudal_exit_secs": round(drained.ended.secs),
@@ -246,6 +278,18 @@ async fn throughput_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Re
             "caudal_peak_rss_mib": round(drained.ended.peak_rss_mib),
             "binlog_peak_rss_mib": round(reference.peak_rss_mib),
     });
+    if let Some((b, _)) = baseline {
+        subject::extend(
+            &mut report,
+            json!({
+                "baseline_secs": round(b.caudal_secs),
+                "baseline_changes_per_s": round(n / b.caudal_secs),
+                "baseline_exit_secs": round(b.ended.secs),
+                "baseline_peak_rss_mib": round(b.ended.peak_rss_mib),
+                "caudal_over_baseline": round(b.caudal_secs / caudal_secs),
+            }),
+        );
+    }
     let _ = std::fs::remove_dir_all(&dir);
     Ok(report)
 }
@@ -307,16 +351,27 @@ async fn mariadb_binlog(
     Ok(ended)
 }
 
-/// Runs `mysql-cdc-latency`, then drops what it created.
+/// Runs `mysql-cdc-latency` (once per build, each in a database of its
+/// own), then drops what it created.
 pub async fn latency(args: &Args) -> anyhow::Result<Value> {
     let admin = connect_admin(args).await?;
-    let run = Run::new();
-    let result = latency_run(args, &admin, &run).await;
-    let cleaned = teardown(&admin, &run).await;
-    result.and_then(|report| cleaned.map(|()| report))
+    let mut reports = Vec::new();
+    for subject in args.subjects() {
+        let run = Run::new();
+        let result = latency_run(args, &admin, &run, subject).await;
+        let cleaned = teardown(&admin, &run).await;
+        reports.push((subject, result.and_then(|r| cleaned.map(|()| r))?));
+    }
+    let (report, baseline) = subject::split(reports)?;
+    Ok(super::with_baseline_latency(report, baseline))
 }
 
-async fn latency_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Result<Value> {
+async fn latency_run(
+    args: &Args,
+    admin: &MySqlPool,
+    run: &Run,
+    subject: Subject<'_>,
+) -> anyhow::Result<Value> {
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_LATENCY_MAX_WAIT_MS);
     if args.rate == 0 || args.txn_rows == 0 {
         bail!("--rate and --txn-rows must be above 0");
@@ -333,11 +388,12 @@ async fn latency_run(args: &Args, admin: &MySqlPool, run: &Run) -> anyhow::Resul
         max_wait_ms,
     )?;
     eprintln!(
-        "mysql-cdc-latency: caudal run (database {}, log: {})",
+        "mysql-cdc-latency: {} run (database {}, log: {})",
+        subject.name,
         run.db,
         dir.join("caudal.log").display()
     );
-    let caudal = super::spawn_caudal(args, &config, &dir, &["run"])?;
+    let caudal = super::spawn_caudal(subject, &config, &dir, &["run"])?;
     wait_streaming(admin, run, &caudal, &dir).await?;
 
     let (load, caudal) = super::steady_load(args, "mysql-cdc-latency", &db, caudal, &dir).await?;
@@ -417,15 +473,15 @@ async fn teardown(admin: &MySqlPool, run: &Run) -> anyhow::Result<()> {
 
 /// The binary log position of pipeline `bench`'s checkpoint (`caudal
 /// checkpoint show`).
-fn checkpoint(args: &Args, config: &Path) -> anyhow::Result<LogPos> {
-    let out = Command::new(&args.caudal)
+fn checkpoint(subject: Subject<'_>, config: &Path) -> anyhow::Result<LogPos> {
+    let out = Command::new(subject.binary)
         .arg("-c")
         .arg(config)
         .args(["checkpoint", "show", "bench"])
         .env("CAUDAL_LOG", "warn")
         .stderr(Stdio::inherit())
         .output()
-        .with_context(|| format!("cannot run {}", args.caudal.display()))?;
+        .with_context(|| format!("cannot run {}", subject.binary.display()))?;
     if !out.status.success() {
         bail!("caudal checkpoint show failed: {}", out.status);
     }

@@ -36,6 +36,7 @@ use serde_json::json;
 
 use crate::process::{Ended, Measured};
 use crate::receiver::{self, Receiver};
+use crate::subject::{BASELINE, Subject};
 use crate::{Args, round};
 
 /// Default changes written by the throughput scenarios.
@@ -150,17 +151,17 @@ struct Drained {
     ended: Ended,
 }
 
-/// Runs `caudal once bench` and waits until the receiver has counted all
-/// `changes`, then for caudal to exit; the receiver must count exactly
-/// `changes`.
+/// Runs `caudal once bench` (with `subject`'s binary) and waits until the
+/// receiver has counted all `changes`, then for caudal to exit; the
+/// receiver must count exactly `changes`.
 async fn drain_once(
-    args: &Args,
+    subject: Subject<'_>,
     config: &Path,
     dir: &Path,
     receiver: &Receiver,
     changes: u64,
 ) -> anyhow::Result<Drained> {
-    let caudal = spawn_caudal(args, config, dir, &["once", "bench"])?;
+    let caudal = spawn_caudal(subject, config, dir, &["once", "bench"])?;
     let caudal_secs = wait_for_records(receiver, changes, &caudal, dir).await?;
     let ended = wait_exit(caudal, dir, "caudal once").await?;
     let delivered = receiver.records();
@@ -357,15 +358,16 @@ sink = "recv"
     Ok(config)
 }
 
-/// Starts caudal with `subcommand`, its output going to `DIR/caudal.log`.
+/// Starts `subject`'s caudal with `subcommand`, its output going to
+/// `DIR/caudal.log`.
 pub(crate) fn spawn_caudal(
-    args: &Args,
+    subject: Subject<'_>,
     config: &Path,
     dir: &Path,
     subcommand: &[&str],
 ) -> anyhow::Result<Measured> {
     let log = std::fs::File::create(dir.join("caudal.log"))?;
-    let mut cmd = Command::new(&args.caudal);
+    let mut cmd = Command::new(subject.binary);
     cmd.arg("-c")
         .arg(config)
         .args(subcommand)
@@ -373,11 +375,61 @@ pub(crate) fn spawn_caudal(
         .stdout(Stdio::from(log.try_clone()?))
         .stderr(Stdio::from(log));
     Measured::spawn(cmd).with_context(|| {
-        format!(
-            "cannot run {} (build it: cargo build --release -p caudal)",
-            args.caudal.display()
-        )
+        if subject.name == BASELINE {
+            format!("cannot run the baseline {}", subject.binary.display())
+        } else {
+            format!(
+                "cannot run {} (build it: cargo build --release -p caudal)",
+                subject.binary.display()
+            )
+        }
     })
+}
+
+/// A scratch subdirectory of `dir` for `subject`'s configuration, state,
+/// buffer and log, when a baseline is measured too (each build starts from
+/// a state of its own); `dir` itself otherwise.
+pub(crate) fn subject_dir(
+    args: &Args,
+    dir: &Path,
+    subject: Subject<'_>,
+) -> anyhow::Result<PathBuf> {
+    if args.baseline_caudal.is_none() {
+        return Ok(dir.to_path_buf());
+    }
+    let sub = dir.join(subject.name);
+    std::fs::create_dir_all(&sub)?;
+    Ok(sub)
+}
+
+/// A latency scenario's report with the baseline's run beside caudal's:
+/// its percentiles, rate and peak RSS as `baseline_…`, and
+/// `caudal_over_baseline` (the baseline's p50 over caudal's, above 1 =
+/// caudal is faster) and `caudal_over_baseline_p99`.
+fn with_baseline_latency(
+    mut report: serde_json::Value,
+    baseline: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let Some(b) = baseline else {
+        return report;
+    };
+    let ratio = |k: &str| match (b[k].as_f64(), report[k].as_f64()) {
+        (Some(b), Some(c)) if c > 0.0 => json!(round(b / c)),
+        _ => serde_json::Value::Null,
+    };
+    let more = json!({
+        "baseline_achieved_changes_per_s": b["achieved_changes_per_s"],
+        "baseline_timed": b["timed"],
+        "baseline_p50_ms": b["p50_ms"],
+        "baseline_p95_ms": b["p95_ms"],
+        "baseline_p99_ms": b["p99_ms"],
+        "baseline_max_ms": b["max_ms"],
+        "baseline_peak_rss_mib": b["caudal_peak_rss_mib"],
+        "caudal_over_baseline": ratio("p50_ms"),
+        "caudal_over_baseline_p99": ratio("p99_ms"),
+    });
+    crate::subject::extend(&mut report, more);
+    report
 }
 
 /// Waits until the receiver has counted `target` records; returns the

@@ -1,15 +1,20 @@
 //! The PostgreSQL CDC scenarios (see [`super`] for the workload).
 //!
-//! - `cdc-throughput`: both slots (caudal's and the reference's, both
-//!   `pgoutput` on the same publication) are created before the workload,
-//!   the workload is written while nothing consumes, then each consumer
-//!   drains the same backlog: `caudal once` until the receiver has counted
-//!   every change, and `pg_recvlogical` (with caudal's pgoutput options,
-//!   into /dev/null) until it has received the log up to a marker message
-//!   written right after the workload (`--endpos`, so it exits there).
+//! - `cdc-throughput`: every consumer's slot (`pgoutput`, on the same
+//!   publication) is created before the workload, the workload is written
+//!   while nothing consumes, then each consumer drains the same backlog:
+//!   `caudal once` until the receiver has counted every change (and the
+//!   baseline build's, from its own slot, with `--baseline-caudal`);
+//!   `pg_recvlogical` (with caudal's pgoutput options, into /dev/null)
+//!   until it has received the log up to a marker message written right
+//!   after the workload (`--endpos`, so it exits there); and the server's
+//!   own decoding, `pg_logical_slot_peek_binary_changes` up to the marker
+//!   counted in SQL: the ceiling, no client at all. pg_recvlogical is a
+//!   client like caudal, one that only writes the stream to /dev/null.
 //! - `cdc-latency`: `caudal run` streams while a load generator commits at
 //!   a steady rate; the receiver times every record from its `commit_time`
-//!   (the commit record's time) to its arrival.
+//!   (the commit record's time) to its arrival. With a baseline, the whole
+//!   scenario runs again from a fresh database for it.
 //!
 //! Each scenario drops its replication slots and its database
 //! `caudal_bench` at the end, also when it fails: a forgotten slot keeps
@@ -21,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use sqlx::{Executor as _, PgPool};
+use sqlx::{Connection as _, Executor as _, PgPool};
 
 use super::{
     DEFAULT_LATENCY_MAX_WAIT_MS, DEFAULT_THROUGHPUT_CHANGES, DEFAULT_THROUGHPUT_MAX_WAIT_MS, Op,
@@ -29,6 +34,7 @@ use super::{
 };
 use crate::process::Measured;
 use crate::receiver::{self, Stamp};
+use crate::subject::{self, BASELINE, Subject};
 use crate::{Args, database_url, round};
 
 /// The database the scenarios create and drop.
@@ -37,19 +43,22 @@ const DB: &str = "caudal_bench";
 const PUBLICATION: &str = "caudal_bench_pub";
 /// caudal's slot.
 const CAUDAL_SLOT: &str = "caudal_bench_slot";
+/// The baseline build's slot (`--baseline-caudal`).
+const BASELINE_SLOT: &str = "caudal_bench_base";
 /// pg_recvlogical's slot (`cdc-throughput`).
 const REFERENCE_SLOT: &str = "caudal_bench_ref";
+/// The slot the server decodes in SQL (`cdc-throughput`'s ceiling).
+const SERVER_SLOT: &str = "caudal_bench_srv";
 
 /// The caudal pgoutput options (see the CDC reader), given to
-/// pg_recvlogical too so both decode the same stream.
-fn pgoutput_options() -> [String; 4] {
-    [
-        "proto_version=1".into(),
-        format!("publication_names={PUBLICATION}"),
-        "binary=true".into(),
-        "messages=true".into(),
-    ]
-}
+/// pg_recvlogical and to the server's own decoding too so that all decode
+/// the same stream.
+const PGOUTPUT_OPTIONS: [(&str, &str); 4] = [
+    ("proto_version", "1"),
+    ("publication_names", PUBLICATION),
+    ("binary", "true"),
+    ("messages", "true"),
+];
 
 const CREATE_TABLE: &str = "CREATE TABLE bench_changes (
     id BIGINT PRIMARY KEY,
@@ -76,17 +85,26 @@ impl Target for PgPool {
 }
 
 /// caudal's source: the slot and publication made here, no snapshot.
-fn source_fields(url: &str) -> String {
+fn source_fields(url: &str, slot: &str) -> String {
     format!(
         r#"type = "postgres"
 url = "{url}"
 mode = "cdc"
 tables = ["public.bench_changes"]
-slot = "{CAUDAL_SLOT}"
+slot = "{slot}"
 publication = "{PUBLICATION}"
 snapshot = "never"
 "#
     )
+}
+
+/// `subject`'s slot.
+fn slot_of(subject: Subject<'_>) -> &'static str {
+    if subject.name == BASELINE {
+        BASELINE_SLOT
+    } else {
+        CAUDAL_SLOT
+    }
 }
 
 /// Runs `cdc-throughput`, then drops what it created.
@@ -101,13 +119,19 @@ async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
     let changes = args.rows.unwrap_or(DEFAULT_THROUGHPUT_CHANGES);
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_THROUGHPUT_MAX_WAIT_MS);
     let (url, db) = provision(args, admin).await?;
+    // Every slot at the same point, before the first change: each consumer
+    // then has the same backlog to decode.
     let start_lsn = create_slot(&db, CAUDAL_SLOT).await?;
+    if args.baseline_caudal.is_some() {
+        create_slot(&db, BASELINE_SLOT).await?;
+    }
     create_slot(&db, REFERENCE_SLOT).await?;
+    create_slot(&db, SERVER_SLOT).await?;
 
     eprintln!("cdc-throughput: writing {changes} changes while nothing consumes");
     let (written, workload_secs) = super::write_backlog(&db, changes).await?;
-    // The end of the backlog both consumers drain: a message right after the
-    // last commit (pgoutput sends it with `messages=true`).
+    // The end of the backlog every consumer drains: a message right after
+    // the last commit (pgoutput sends it with `messages=true`).
     let (end_lsn,): (String,) =
         sqlx::query_as("SELECT pg_logical_emit_message(false, 'caudal_bench_end', '')::text")
             .fetch_one(&db)
@@ -120,25 +144,102 @@ async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
             .await?;
     db.close().await;
 
-    let receiver = receiver::start().await?;
     let dir = super::scratch_dir("cdc-throughput")?;
-    let config = super::write_config(
-        &dir,
-        ("pg", &source_fields(&url)),
-        receiver.addr,
-        args,
-        max_wait_ms,
-    )?;
-    eprintln!(
-        "cdc-throughput: caudal once (log: {})",
-        dir.join("caudal.log").display()
-    );
-    let drained = super::drain_once(args, &config, &dir, &receiver, changes).await?;
+    let mut drains = Vec::new();
+    for subject in args.subjects() {
+        // A receiver of its own: each drain must deliver exactly `changes`.
+        let receiver = receiver::start().await?;
+        let sub = super::subject_dir(args, &dir, subject)?;
+        let config = super::write_config(
+            &sub,
+            ("pg", &source_fields(&url, slot_of(subject))),
+            receiver.addr,
+            args,
+            max_wait_ms,
+        )?;
+        eprintln!(
+            "cdc-throughput: {} once (log: {})",
+            subject.name,
+            sub.join("caudal.log").display()
+        );
+        let drained = super::drain_once(subject, &config, &sub, &receiver, changes).await?;
+        drains.push((subject, (drained, receiver.requests())));
+    }
+    let ((drained, requests), baseline) = subject::split(drains)?;
 
     eprintln!("cdc-throughput: pg_recvlogical reference");
+    let reference = recvlogical(args, admin, &url, &end_lsn).await?;
+
+    eprintln!("cdc-throughput: the server's own decoding (ceiling)");
+    let server = server_decode(&url, &end_lsn).await?;
+    // Every change is one message; BEGIN and COMMIT of each transaction,
+    // RELATION and the end marker come on top.
+    let least = changes + 2 * changes.div_ceil(THROUGHPUT_TXN_ROWS);
+    if server.messages < least {
+        bail!(
+            "the server decoded {} messages up to {end_lsn}, expected at least {least} \
+             for {changes} changes",
+            server.messages
+        );
+    }
+
+    let n = changes as f64;
+    let caudal_secs = drained.caudal_secs;
+    let mut report = json!({
+            "scenario": "cdc_throughput",
+            "changes": changes,
+            "inserts": written.inserts,
+            "updates": written.updates,
+            "deletes": written.deletes,
+            "txn_rows": THROUGHPUT_TXN_ROWS,
+            "wal_mib": round(wal_bytes / (1024.0 * 1024.0)),
+            "workload_secs": round(workload_secs),
+            "batch": args.batch,
+            "max_wait_ms": max_wait_ms,
+            "concurrency": args.concurrency,
+            "page_size": args.page_size,
+            "requests": requests,
+            "caudal_secs": round(caudal_secs),
+            "caudal_changes_per_s": round(n / caudal_secs),
+            "caudal_exit_secs": round(drained.ended.secs),
+            "server_decode_secs": round(server.secs),
+            "server_decode_messages": server.messages,
+            "server_decode_changes_per_s": round(n / server.secs),
+            "caudal_over_server_decode": round(server.secs / caudal_secs),
+            "recvlogical_secs": round(reference.secs),
+            "recvlogical_changes_per_s": round(n / reference.secs),
+            "caudal_over_recvlogical": round(reference.secs / caudal_secs),
+            "caudal_peak_rss_mib": round(drained.ended.peak_rss_mib),
+            "recvlogical_peak_rss_mib": round(reference.peak_rss_mib),
+    });
+    if let Some((b, _)) = baseline {
+        subject::extend(
+            &mut report,
+            json!({
+                "baseline_secs": round(b.caudal_secs),
+                "baseline_changes_per_s": round(n / b.caudal_secs),
+                "baseline_exit_secs": round(b.ended.secs),
+                "baseline_peak_rss_mib": round(b.ended.peak_rss_mib),
+                "caudal_over_baseline": round(b.caudal_secs / caudal_secs),
+            }),
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    Ok(report)
+}
+
+/// `pg_recvlogical` draining [`REFERENCE_SLOT`] up to `end_lsn` into
+/// /dev/null with caudal's pgoutput options; its slot must then be
+/// confirmed up to there.
+async fn recvlogical(
+    args: &Args,
+    admin: &PgPool,
+    url: &str,
+    end_lsn: &str,
+) -> anyhow::Result<crate::process::Ended> {
     let mut recv = Command::new(&args.pg_recvlogical);
     recv.arg("-d")
-        .arg(&url)
+        .arg(url)
         .args([
             "--slot",
             REFERENCE_SLOT,
@@ -148,8 +249,8 @@ async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
             "/dev/null",
         ])
         .arg(format!("--endpos={end_lsn}"));
-    for option in pgoutput_options() {
-        recv.arg("-o").arg(option);
+    for (name, value) in PGOUTPUT_OPTIONS {
+        recv.arg("-o").arg(format!("{name}={value}"));
     }
     let recv = Measured::spawn(recv).context(
         "the reference needs pg_recvlogical (it ships with PostgreSQL; --pg-recvlogical names it)",
@@ -163,75 +264,100 @@ async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
         "SELECT coalesce(confirmed_flush_lsn >= $1::text::pg_lsn, false)
          FROM pg_replication_slots WHERE slot_name = $2",
     )
-    .bind(&end_lsn)
+    .bind(end_lsn)
     .bind(REFERENCE_SLOT)
     .fetch_one(admin)
     .await?;
     if !drained_ref {
         bail!("pg_recvlogical exited before its slot was confirmed up to {end_lsn}");
     }
-
-    let n = changes as f64;
-    let caudal_secs = drained.caudal_secs;
-    let report = json!({
-            "scenario": "cdc_throughput",
-            "changes": changes,
-            "inserts": written.inserts,
-            "updates": written.updates,
-            "deletes": written.deletes,
-            "txn_rows": THROUGHPUT_TXN_ROWS,
-            "wal_mib": round(wal_bytes / (1024.0 * 1024.0)),
-            "workload_secs": round(workload_secs),
-            "batch": args.batch,
-            "max_wait_ms": max_wait_ms,
-            "concurrency": args.concurrency,
-            "page_size": args.page_size,
-            "requests": receiver.requests(),
-            "caudal_secs": round(caudal_secs),
-            "caudal_changes_per_s": round(n / caudal_secs),
-            "caudal_exit_secs": round(drained.ended.secs),
-            "recvlogical_secs": round(reference.secs),
-            "recvlogical_changes_per_s": round(n / reference.secs),
-            "caudal_over_recvlogical": round(reference.secs / caudal_secs),
-            "caudal_peak_rss_mib": round(drained.ended.peak_rss_mib),
-            "recvlogical_peak_rss_mib": round(reference.peak_rss_mib),
-    });
-    let _ = std::fs::remove_dir_all(&dir);
-    Ok(report)
+    Ok(reference)
 }
 
-/// Runs `cdc-latency`, then drops what it created.
+/// The server's own decoding of the backlog.
+#[derive(Debug)]
+struct ServerDecode {
+    /// The query's time, on a connection opened beforehand.
+    secs: f64,
+    /// pgoutput messages decoded: every change, and BEGIN, COMMIT,
+    /// RELATION and the end marker.
+    messages: u64,
+}
+
+/// Decodes [`SERVER_SLOT`] up to `end_lsn` inside the server:
+/// `SELECT count(*) FROM pg_logical_slot_peek_binary_changes(…)` with
+/// caudal's pgoutput options. The walsender's work without a client: no
+/// socket, no consumer. Peek, not get: the slot stays where it was, so the
+/// same figure can be taken again (the slot is dropped at the end anyway),
+/// and the decoding is the same. The function gathers its rows in a
+/// tuplestore before `count(*)` reads them; `work_mem` is raised so that
+/// this stays in memory for the default sizes.
+async fn server_decode(url: &str, end_lsn: &str) -> anyhow::Result<ServerDecode> {
+    let mut conn = sqlx::PgConnection::connect(url).await?;
+    conn.execute("SET work_mem = '1GB'").await?;
+    let options: Vec<String> = PGOUTPUT_OPTIONS
+        .iter()
+        .flat_map(|(name, value)| [(*name).to_string(), (*value).to_string()])
+        .collect();
+    let started = Instant::now();
+    let (messages,): (i64,) = sqlx::query_as(
+        "SELECT count(*) FROM pg_logical_slot_peek_binary_changes(
+            $1, $2::text::pg_lsn, NULL, VARIADIC $3::text[])",
+    )
+    .bind(SERVER_SLOT)
+    .bind(end_lsn)
+    .bind(&options)
+    .fetch_one(&mut conn)
+    .await
+    .context("the server's decoding of the backlog")?;
+    let secs = started.elapsed().as_secs_f64();
+    conn.close().await?;
+    Ok(ServerDecode {
+        secs,
+        messages: u64::try_from(messages)?,
+    })
+}
+
+/// Runs `cdc-latency` (once per build, each from a fresh database), then
+/// drops what it created.
 pub async fn latency(args: &Args) -> anyhow::Result<Value> {
     let admin = connect_admin(args).await?;
-    let result = latency_run(args, &admin).await;
-    let cleaned = teardown(&admin).await;
-    result.and_then(|report| cleaned.map(|()| report))
+    let mut reports = Vec::new();
+    for subject in args.subjects() {
+        let result = latency_run(args, &admin, subject).await;
+        let cleaned = teardown(&admin).await;
+        reports.push((subject, result.and_then(|r| cleaned.map(|()| r))?));
+    }
+    let (report, baseline) = subject::split(reports)?;
+    Ok(super::with_baseline_latency(report, baseline))
 }
 
-async fn latency_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
+async fn latency_run(args: &Args, admin: &PgPool, subject: Subject<'_>) -> anyhow::Result<Value> {
     let max_wait_ms = args.max_wait_ms.unwrap_or(DEFAULT_LATENCY_MAX_WAIT_MS);
     if args.rate == 0 || args.txn_rows == 0 {
         bail!("--rate and --txn-rows must be above 0");
     }
     let (url, db) = provision(args, admin).await?;
     // Created up front so caudal streams from before the first change.
-    create_slot(&db, CAUDAL_SLOT).await?;
+    let slot = slot_of(subject);
+    create_slot(&db, slot).await?;
 
     let receiver = receiver::start_with_latency(Stamp::CommitTime).await?;
     let dir = super::scratch_dir("cdc-latency")?;
     let config = super::write_config(
         &dir,
-        ("pg", &source_fields(&url)),
+        ("pg", &source_fields(&url, slot)),
         receiver.addr,
         args,
         max_wait_ms,
     )?;
     eprintln!(
-        "cdc-latency: caudal run (log: {})",
+        "cdc-latency: {} run (log: {})",
+        subject.name,
         dir.join("caudal.log").display()
     );
-    let caudal = super::spawn_caudal(args, &config, &dir, &["run"])?;
-    wait_streaming(admin, &caudal, &dir).await?;
+    let caudal = super::spawn_caudal(subject, &config, &dir, &["run"])?;
+    wait_streaming(admin, slot, &caudal, &dir).await?;
 
     let (load, caudal) = super::steady_load(args, "cdc-latency", &db, caudal, &dir).await?;
     db.close().await;
@@ -322,12 +448,17 @@ async fn teardown(admin: &PgPool) -> anyhow::Result<()> {
 }
 
 /// Waits until caudal's walsender holds its slot.
-async fn wait_streaming(admin: &PgPool, caudal: &Measured, dir: &Path) -> anyhow::Result<()> {
+async fn wait_streaming(
+    admin: &PgPool,
+    slot: &str,
+    caudal: &Measured,
+    dir: &Path,
+) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
         let active: Option<(bool,)> =
             sqlx::query_as("SELECT active FROM pg_replication_slots WHERE slot_name = $1")
-                .bind(CAUDAL_SLOT)
+                .bind(slot)
                 .fetch_optional(admin)
                 .await?;
         if active.is_some_and(|(a,)| a) {
@@ -335,7 +466,7 @@ async fn wait_streaming(admin: &PgPool, caudal: &Measured, dir: &Path) -> anyhow
         }
         if caudal.has_exited() || started.elapsed() > STALL_TIMEOUT {
             bail!(
-                "caudal did not start streaming from slot {CAUDAL_SLOT} (log: {})",
+                "caudal did not start streaming from slot {slot} (log: {})",
                 dir.join("caudal.log").display()
             );
         }
