@@ -101,6 +101,26 @@ pub enum Position {
         table: String,
         key: Vec<CursorValue>,
     },
+    /// A row of an incremental source's first load: the table read in
+    /// physical order (the row's `page` and `tuple`, its ctid) up to the
+    /// cursor's high-water mark `hwm`, which the checkpoint takes once the
+    /// load is done.
+    FirstLoad {
+        hwm: Vec<CursorValue>,
+        page: u32,
+        tuple: u16,
+    },
+    /// A first load was read to its end: reading goes on by cursor after
+    /// `hwm`. Carried by a marker record that is never sent.
+    FirstLoadDone { hwm: Vec<CursorValue> },
+    /// A row read by a CDC snapshot in physical order (its ctid),
+    /// consistent with `lsn`.
+    SnapshotRow {
+        lsn: u64,
+        table: String,
+        page: u32,
+        tuple: u16,
+    },
 }
 
 /// An LSN in PostgreSQL's text form (`16/B374D848`).
@@ -125,6 +145,23 @@ impl Position {
                 format!("({})", parts.join(", "))
             }
             Self::Lsn { lsn, index } => format!("{}#{index}", format_lsn(*lsn)),
+            Self::FirstLoad { hwm, page, tuple } => {
+                let parts: Vec<String> = hwm.iter().map(CursorValue::display).collect();
+                format!(
+                    "first load up to ({}) at ({page},{tuple})",
+                    parts.join(", ")
+                )
+            }
+            Self::FirstLoadDone { hwm } => {
+                let parts: Vec<String> = hwm.iter().map(CursorValue::display).collect();
+                format!("({})", parts.join(", "))
+            }
+            Self::SnapshotRow {
+                lsn,
+                table,
+                page,
+                tuple,
+            } => format!("snapshot@{} {table} at ({page},{tuple})", format_lsn(*lsn)),
             Self::SnapshotDone { lsn } => format!("snapshot done@{}", format_lsn(*lsn)),
             Self::Snapshot { lsn, table, key } => {
                 let parts: Vec<String> = key.iter().map(CursorValue::display).collect();
@@ -164,7 +201,10 @@ impl Position {
     /// Whether the position only marks progress (the end of a CDC
     /// snapshot): its record is never sent.
     pub fn is_marker(&self) -> bool {
-        matches!(self, Self::SnapshotDone { .. } | Self::BinlogResume { .. })
+        matches!(
+            self,
+            Self::SnapshotDone { .. } | Self::BinlogResume { .. } | Self::FirstLoadDone { .. }
+        )
     }
 }
 
@@ -477,6 +517,28 @@ impl Position {
                 put_str(out, table);
                 put_values(out, key);
             }
+            Self::FirstLoad { hwm, page, tuple } => {
+                out.push(9);
+                put_values(out, hwm);
+                put_u32(out, *page);
+                out.extend_from_slice(&tuple.to_le_bytes());
+            }
+            Self::FirstLoadDone { hwm } => {
+                out.push(10);
+                put_values(out, hwm);
+            }
+            Self::SnapshotRow {
+                lsn,
+                table,
+                page,
+                tuple,
+            } => {
+                out.push(11);
+                put_u64(out, *lsn);
+                put_str(out, table);
+                put_u32(out, *page);
+                out.extend_from_slice(&tuple.to_le_bytes());
+            }
         }
     }
 
@@ -525,6 +587,20 @@ impl Position {
                 pos: take_u64(input)?,
                 table: take_str(input)?,
                 key: take_values(input)?,
+            },
+            9 => Self::FirstLoad {
+                hwm: take_values(input)?,
+                page: take_u32(input)?,
+                tuple: u16::from_le_bytes(take_array(input)?),
+            },
+            10 => Self::FirstLoadDone {
+                hwm: take_values(input)?,
+            },
+            11 => Self::SnapshotRow {
+                lsn: take_u64(input)?,
+                table: take_str(input)?,
+                page: take_u32(input)?,
+                tuple: u16::from_le_bytes(take_array(input)?),
             },
             _ => return None,
         })
@@ -741,7 +817,19 @@ mod tests {
                 file: "f".into(),
                 pos: 3,
                 table: "t".into(),
-                key,
+                key: key.clone(),
+            },
+            Position::FirstLoad {
+                hwm: key.clone(),
+                page: 7,
+                tuple: 65535,
+            },
+            Position::FirstLoadDone { hwm: key },
+            Position::SnapshotRow {
+                lsn: 11,
+                table: "public.t".into(),
+                page: u32::MAX,
+                tuple: 1,
             },
         ];
         let mut bytes = Vec::new();

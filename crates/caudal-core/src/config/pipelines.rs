@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::load::path::{FieldPath, Problem};
-use super::{Config, SqlDialect, SqlMode};
+use super::{SinkConfig, SourceConfig, SqlDialect, SqlMode};
 use crate::units::{ByteSize, Duration};
 
 /// Default poll interval of a continuous schedule.
@@ -278,10 +278,10 @@ fn culprit_field<'f>(parser: &CronParser, fields: &[&'f str]) -> Option<(&'stati
 /// of one slot confirm each other's progress and skip each other's
 /// changes. And its buffer must fsync each batch: a slot, once confirmed,
 /// cannot be rewound.
-fn check_slots(config: &Config, out: &mut Vec<Problem>) {
+fn check_slots(config: &Defined<'_>, out: &mut Vec<Problem>) {
     let mut slots: BTreeMap<String, &str> = BTreeMap::new();
     let mut server_ids: BTreeMap<(String, u32), &str> = BTreeMap::new();
-    for (name, pipeline) in &config.pipelines {
+    for (name, pipeline) in config.pipelines {
         let Some(source) = config
             .sources
             .get(&pipeline.source)
@@ -357,19 +357,19 @@ fn pipeline_name(name: &str) -> Result<(), String> {
 fn check_pipeline(
     path: &FieldPath,
     pipeline: &PipelineConfig,
-    config: &Config,
+    config: &Defined<'_>,
     out: &mut Vec<Problem>,
 ) {
     if !config.sources.contains_key(&pipeline.source) {
         out.push(Problem::at(
             path.key("source"),
-            unknown_reference("source", &pipeline.source, &config.sources),
+            unknown_reference("source", &pipeline.source, config.sources),
         ));
     }
     if !config.sinks.contains_key(&pipeline.sink) {
         out.push(Problem::at(
             path.key("sink"),
-            unknown_reference("sink", &pipeline.sink, &config.sinks),
+            unknown_reference("sink", &pipeline.sink, config.sinks),
         ));
     }
     if pipeline.key.as_deref() == Some("") {
@@ -544,10 +544,18 @@ fn check_buffer(path: &FieldPath, buffer: &BufferConfig, out: &mut Vec<Problem>)
     }
 }
 
+/// What the other sections define, as the pipelines' checks see it.
+#[derive(Clone, Copy, Debug)]
+pub(super) struct Defined<'a> {
+    pub pipelines: &'a BTreeMap<String, PipelineConfig>,
+    pub sources: &'a BTreeMap<String, SourceConfig>,
+    pub sinks: &'a BTreeMap<String, SinkConfig>,
+}
+
 /// Checks every pipeline, and what pipelines must not share.
-pub(super) fn check_pipelines(config: &Config, out: &mut Vec<Problem>) {
+pub(super) fn check_pipelines(config: &Defined<'_>, out: &mut Vec<Problem>) {
     let root = FieldPath::root();
-    for (name, pipeline) in &config.pipelines {
+    for (name, pipeline) in config.pipelines {
         let path = root.key("pipelines").key(name.clone());
         if let Err(why) = pipeline_name(name) {
             out.push(Problem::at(path.clone(), why));
@@ -555,67 +563,4 @@ pub(super) fn check_pipelines(config: &Config, out: &mut Vec<Problem>) {
         check_pipeline(&path, pipeline, config, out);
     }
     check_slots(config, out);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn cron_accepts_five_or_six_fields_and_nicknames() {
-        assert!(parse_cron("0 * * * *").is_ok());
-        assert!(parse_cron("*/10 * * * * *").is_ok());
-        assert!(parse_cron("0 9 * * MON-FRI").is_ok());
-        assert!(parse_cron("@hourly").is_ok());
-    }
-
-    #[test]
-    fn cron_errors_name_the_problem() {
-        let e = parse_cron("* * * *").expect_err("four fields");
-        assert!(e.contains("expected 5 fields"), "{e}");
-        assert!(e.contains("found 4"), "{e}");
-        let e = parse_cron("0 0 * * * * 2030").expect_err("seven fields");
-        assert!(e.contains("found 7"), "{e}");
-        let e = parse_cron("61 * * * *").expect_err("bad minute");
-        assert_eq!(
-            e,
-            "invalid cron expression \"61 * * * *\": number out of bounds in the minute field (\"61\")"
-        );
-        let e = parse_cron("0 0 * * * 9").expect_err("bad weekday");
-        assert!(e.contains("day-of-week"), "{e}");
-    }
-
-    #[test]
-    fn a_schedule_spec_follows_the_rules_validation_checks() {
-        let cron = ScheduleConfig {
-            cron: Some("*/10 * * * * *".into()),
-            tz: Some("America/Mexico_City".into()),
-            ..ScheduleConfig::default()
-        };
-        assert!(matches!(cron.spec(), Ok(ScheduleSpec::Cron { .. })));
-        let both = ScheduleConfig {
-            every: Some("1h".parse().expect("duration")),
-            continuous: true,
-            ..ScheduleConfig::default()
-        };
-        let e = both.spec().expect_err("two triggers");
-        assert!(e.starts_with("schedule: set only one of"), "{e}");
-        let bad = ScheduleConfig {
-            cron: Some("61 * * * *".into()),
-            ..ScheduleConfig::default()
-        };
-        let e = bad.spec().expect_err("bad minute");
-        assert!(
-            e.starts_with("schedule.cron: invalid cron expression"),
-            "{e}"
-        );
-        let poll = ScheduleConfig {
-            continuous: true,
-            ..ScheduleConfig::default()
-        };
-        assert!(matches!(
-            poll.spec(),
-            Ok(ScheduleSpec::Continuous { poll }) if poll == DEFAULT_POLL.as_std()
-        ));
-    }
 }

@@ -4,7 +4,6 @@
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use super::Config;
 use super::load::path::{FieldPath, Problem};
 
 /// What `caudal run` serves over HTTP.
@@ -40,8 +39,8 @@ impl ServerConfig {
 }
 
 /// The listen address must parse.
-pub(super) fn check_server(config: &Config, out: &mut Vec<Problem>) {
-    if let Some(server) = &config.server
+pub(super) fn check_server(server: Option<&ServerConfig>, out: &mut Vec<Problem>) {
+    if let Some(server) = server
         && server.address().is_none()
     {
         out.push(Problem::at(

@@ -40,8 +40,13 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
     for (name, sink) in &config.sinks {
         super::sinks::check_sink(&root.key("sinks").key(name.clone()), sink, &mut problems);
     }
-    super::pipelines::check_pipelines(config, &mut problems);
-    super::server::check_server(config, &mut problems);
+    let defined = super::pipelines::Defined {
+        pipelines: &config.pipelines,
+        sources: &config.sources,
+        sinks: &config.sinks,
+    };
+    super::pipelines::check_pipelines(&defined, &mut problems);
+    super::server::check_server(config.server.as_ref(), &mut problems);
     super::retention::check(&root.key("retention"), &config.retention, &mut problems);
     problems
 }

@@ -89,6 +89,10 @@ pub struct Held {
     /// Whether caudal created the publication (then it may drop it).
     #[serde(default)]
     pub publication_created: bool,
+    /// Publications caudal made for the pipeline besides its own (e.g. one
+    /// of inserts only), dropped with it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub extra_publications: Vec<String>,
 }
 
 impl Held {

@@ -18,7 +18,9 @@ pub struct Table {
     pub name: String,
     /// `"schema"."table"`, for SQL.
     pub quoted: String,
-    /// Primary key columns, in key order, with their kinds.
+    /// The columns that identify a row, in key order, with their kinds:
+    /// the primary key, or the replica identity index of a table without
+    /// one; empty for a table without a key.
     pub key: Vec<(String, ColumnKind)>,
     /// `d` default, `n` nothing, `f` full, `i` index.
     pub replica_identity: char,
@@ -56,15 +58,10 @@ pub async fn table(pool: &PgPool, source: &str, written: &str) -> Result<Table> 
         ));
     }
     let oid = u32::try_from(oid).unwrap_or_default();
-    let key = primary_key(pool, source, oid).await?;
-    if key.is_empty() {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "source {source:?}: table {schema}.{name} has no primary key; CDC needs one to \
-                 identify rows and to read the table in chunks (add a primary key)"
-            ),
-        ));
+    let replica_identity = replident.chars().next().unwrap_or('d');
+    let mut key = primary_key(pool, source, oid).await?;
+    if key.is_empty() && replica_identity == 'i' {
+        key = index_columns(pool, source, oid, "indisreplident").await?;
     }
     if let Some((col, ColumnKind::Other(ty))) =
         key.iter().find(|(_, k)| matches!(k, ColumnKind::Other(_)))
@@ -82,8 +79,25 @@ pub async fn table(pool: &PgPool, source: &str, written: &str) -> Result<Table> 
         quoted: quoted(&schema, &name),
         name: format!("{schema}.{name}"),
         key,
-        replica_identity: replident.chars().next().unwrap_or('d'),
+        replica_identity,
     })
+}
+
+impl Table {
+    /// Whether the table has no key: its rows are read by ctid, its
+    /// changes ordered against the whole table.
+    pub fn keyless(&self) -> bool {
+        self.key.is_empty()
+    }
+
+    /// Whether PostgreSQL can publish its updates and deletes: it has a
+    /// key, or its replica identity is the whole row (FULL). Otherwise it
+    /// goes in a publication of inserts only, so the application's updates
+    /// are not refused (a published table without a replica identity
+    /// refuses them).
+    pub fn updates_expressible(&self) -> bool {
+        !self.key.is_empty() || self.replica_identity == 'f'
+    }
 }
 
 fn quoted(schema: &str, name: &str) -> String {
@@ -100,12 +114,23 @@ pub async fn primary_key(
     source: &str,
     oid: u32,
 ) -> Result<Vec<(String, ColumnKind)>> {
-    let names: Vec<(String,)> = sqlx::query_as(
+    index_columns(pool, source, oid, "indisprimary").await
+}
+
+/// The columns of a table's index marked by `flag` (`indisprimary`,
+/// `indisreplident`), in index order, with kinds.
+async fn index_columns(
+    pool: &PgPool,
+    source: &str,
+    oid: u32,
+    flag: &'static str,
+) -> Result<Vec<(String, ColumnKind)>> {
+    let names: Vec<(String,)> = sqlx::query_as(AssertSqlSafe(format!(
         "SELECT a.attname::text FROM pg_index i \
          CROSS JOIN LATERAL unnest(i.indkey) WITH ORDINALITY AS k(attnum, ord) \
          JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum \
-         WHERE i.indrelid = $1::int8::oid AND i.indisprimary ORDER BY k.ord",
-    )
+         WHERE i.indrelid = $1::int8::oid AND i.{flag} ORDER BY k.ord"
+    )))
     .bind(i64::from(oid))
     .fetch_all(pool)
     .await
@@ -292,6 +317,7 @@ pub async fn ensure_publication(
     source: &str,
     publication: &str,
     tables: &[Table],
+    inserts_only: bool,
 ) -> Result<bool> {
     let exists: Option<(bool,)> =
         sqlx::query_as("SELECT puballtables FROM pg_publication WHERE pubname = $1")
@@ -310,10 +336,19 @@ pub async fn ensure_publication(
     match exists {
         None => {
             let all: Vec<&Table> = tables.iter().collect();
+            let for_tables = if all.is_empty() {
+                String::new()
+            } else {
+                format!(" FOR TABLE {}", list(&all))
+            };
             let sql = format!(
-                "CREATE PUBLICATION {} FOR TABLE {}",
+                "CREATE PUBLICATION {}{for_tables}{}",
                 quote_ident(SqlDialect::Postgres, publication),
-                list(&all)
+                if inserts_only {
+                    " WITH (publish = 'insert, truncate')"
+                } else {
+                    ""
+                }
             );
             pool.execute(AssertSqlSafe(sql)).await.map_err(|e| {
                 query_error(

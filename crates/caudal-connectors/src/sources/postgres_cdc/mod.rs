@@ -33,7 +33,7 @@ pub use reader::{BACKFILL_PREFIX, HEARTBEAT_PREFIX};
 use crate::sources::change::{
     BackfillRequests, CdcReader, ChangeCapture, Held, Released, SharedLag, read_lag, update_lag,
 };
-use catalog::query_error;
+use catalog::{Table, query_error};
 use reader::{SnapshotStart, Task, replication_error};
 
 /// The slot part of a PostgreSQL source's figures.
@@ -116,6 +116,13 @@ impl PgCdcSource {
         &self.publication
     }
 
+    /// The publication of the tables whose inserts only can be captured.
+    fn inserts_publication(&self) -> String {
+        let mut name = format!("{}_inserts", self.publication);
+        name.truncate(63);
+        name
+    }
+
     fn tables(&self) -> Vec<String> {
         match (&self.config.tables, &self.config.table) {
             (Some(t), _) => t.clone(),
@@ -151,7 +158,9 @@ impl PgCdcSource {
             tables.push(catalog::table(&self.pool, &self.name, &t).await?);
         }
         for t in &tables {
-            if t.replica_identity == 'n' {
+            if t.keyless() {
+                keyless_notice(&self.name, t);
+            } else if t.replica_identity == 'n' {
                 return Err(Error::new(
                     ErrorKind::Config,
                     format!(
@@ -162,8 +171,25 @@ impl PgCdcSource {
                 ));
             }
         }
+        // Tables whose updates PostgreSQL cannot publish go in a
+        // publication of inserts only (see `Table::updates_expressible`).
+        let (full, inserts): (Vec<Table>, Vec<Table>) =
+            tables.iter().cloned().partition(Table::updates_expressible);
         let created_publication =
-            catalog::ensure_publication(&self.pool, &self.name, &self.publication, &tables).await?;
+            catalog::ensure_publication(&self.pool, &self.name, &self.publication, &full, false)
+                .await?;
+        let mut publications = vec![self.publication.clone()];
+        if !inserts.is_empty() {
+            catalog::ensure_publication(
+                &self.pool,
+                &self.name,
+                &self.inserts_publication(),
+                &inserts,
+                true,
+            )
+            .await?;
+            publications.push(self.inserts_publication());
+        }
         let slot = self.slot_info().await?;
         let (snapshot, stream_from, resume_from) = match (from, slot) {
             (None, None) => {
@@ -199,7 +225,13 @@ impl PgCdcSource {
                     ),
                 ));
             }
-            (Some(Position::Snapshot { lsn, table, key }), Some(_)) => {
+            (
+                Some(
+                    p @ (Position::Snapshot { lsn, table, .. }
+                    | Position::SnapshotRow { lsn, table, .. }),
+                ),
+                Some(_),
+            ) => {
                 let index = tables.iter().position(|t| t.name == *table).ok_or_else(|| {
                     Error::new(
                         ErrorKind::Config,
@@ -210,9 +242,15 @@ impl PgCdcSource {
                         ),
                     )
                 })?;
+                // A position by primary key (an earlier version's) restarts
+                // its table; one by ctid reads on after it.
+                let after = match p {
+                    Position::SnapshotRow { page, tuple, .. } => Some((*page, *tuple)),
+                    _ => None,
+                };
                 let start = SnapshotStart {
                     exported: None,
-                    resume: Some((index, key.clone())),
+                    resume: Some((index, after)),
                     lsn: *lsn,
                 };
                 (Some(start), *lsn, None)
@@ -241,7 +279,7 @@ impl PgCdcSource {
             pool: self.pool.clone(),
             conninfo: self.conninfo(),
             slot: self.slot.clone(),
-            publication: self.publication.clone(),
+            publications,
             tables,
             decimals: self.config.decimals,
             page_size: self.config.page_size.max(1) as usize,
@@ -328,6 +366,18 @@ impl PgCdcSource {
     /// also checks that the table and the filter are valid.
     pub async fn count_rows(&self, table: &str, filter: Option<&str>) -> Result<u64> {
         let t = catalog::table(&self.pool, &self.name, table).await?;
+        if t.keyless() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "source {:?}: table {} has no primary key (nor a replica identity index): a \
+                     backfill reads a table in key order and leaves out rows changed meanwhile \
+                     by their key, which it cannot do without one; `caudal resync` reads every \
+                     table again",
+                    self.name, t.name
+                ),
+            ));
+        }
         let sql = match filter {
             Some(f) => format!("SELECT count(*)::int8 FROM {} WHERE ({f})", t.quoted),
             None => format!("SELECT count(*)::int8 FROM {}", t.quoted),
@@ -384,27 +434,32 @@ impl PgCdcSource {
             }
             dropped.slot = Some(self.slot.clone());
         }
-        let exists: Option<(i64,)> =
-            sqlx::query_as("SELECT 1::int8 FROM pg_publication WHERE pubname = $1")
-                .bind(&self.publication)
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| query_error(&self.name, "cannot read pg_publication", e))?;
-        if exists.is_some() && drop_publication {
-            let sql = format!(
-                "DROP PUBLICATION {}",
-                crate::sources::sql::quote_ident(
-                    caudal_core::config::SqlDialect::Postgres,
-                    &self.publication
-                )
-            );
-            sqlx::query(sqlx::AssertSqlSafe(sql))
-                .execute(&self.pool)
-                .await
-                .map_err(|e| query_error(&self.name, "cannot drop the publication", e))?;
+        if drop_publication && self.drop_publication(&self.publication).await? {
             dropped.publication = Some(self.publication.clone());
         }
         Ok(dropped)
+    }
+
+    /// Drops publication `name` if it exists; true when it did.
+    async fn drop_publication(&self, name: &str) -> Result<bool> {
+        let exists: Option<(i64,)> =
+            sqlx::query_as("SELECT 1::int8 FROM pg_publication WHERE pubname = $1")
+                .bind(name)
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| query_error(&self.name, "cannot read pg_publication", e))?;
+        if exists.is_none() {
+            return Ok(false);
+        }
+        let sql = format!(
+            "DROP PUBLICATION {}",
+            crate::sources::sql::quote_ident(caudal_core::config::SqlDialect::Postgres, name)
+        );
+        sqlx::query(sqlx::AssertSqlSafe(sql))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| query_error(&self.name, "cannot drop the publication", e))?;
+        Ok(true)
     }
 }
 
@@ -472,6 +527,7 @@ impl ChangeCapture for PgCdcSource {
             slot: Some(self.slot.clone()),
             publication: Some(self.publication.clone()),
             publication_created: created_publication,
+            extra_publications: vec![self.inserts_publication()],
         })
     }
 
@@ -483,6 +539,11 @@ impl ChangeCapture for PgCdcSource {
             .extend(d.slot.map(|s| format!("replication slot {s:?}")));
         out.dropped
             .extend(d.publication.map(|p| format!("publication {p:?}")));
+        // The publication of inserts only is always caudal's.
+        if self.drop_publication(&self.inserts_publication()).await? {
+            out.dropped
+                .push(format!("publication {:?}", self.inserts_publication()));
+        }
         if !ours {
             out.kept.push(format!(
                 "publication {:?} (not created by caudal)",
@@ -520,5 +581,24 @@ impl ChangeCapture for PgCdcSource {
 
     async fn request_backfill(&self, id: &str) -> Result<()> {
         PgCdcSource::request_backfill(self, id).await
+    }
+}
+
+/// Says what is captured of a table without a key, and what to change to
+/// capture more.
+fn keyless_notice(source: &str, t: &Table) {
+    if t.updates_expressible() {
+        tracing::info!(
+            source,
+            table = %t.name,
+            "table has no primary key: every change is captured, with the whole old row as the identity of updates and deletes (REPLICA IDENTITY FULL); its changes keep their order across the whole table"
+        );
+    } else {
+        tracing::warn!(
+            source,
+            table = %t.name,
+            "table has no primary key: its inserts and truncates are captured, its updates and deletes cannot be (PostgreSQL logs nothing that identifies the row); ALTER TABLE {} REPLICA IDENTITY FULL (or add a primary key) to capture them",
+            t.quoted
+        );
     }
 }

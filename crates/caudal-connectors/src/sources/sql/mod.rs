@@ -13,9 +13,11 @@
 //!   parameters; nothing from configuration or data is spliced into SQL
 //!   unquoted (a user `query` is the user's own SQL, wrapped as a subquery).
 
+pub mod first_load;
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
 pub(crate) mod postgres;
+pub mod postgres_copy;
 mod sqlite;
 
 use caudal_core::config::{DEFAULT_LAG, DecimalFormat, SourceConfig, SqlDialect, SqlSourceConfig};
@@ -207,8 +209,22 @@ impl SqlSource {
             },
             _ => plan,
         };
+        // A first load (no checkpoint yet), or one to resume.
+        let mut load: Option<Option<(Vec<CursorValue>, postgres_copy::Ctid)>> = None;
         let after = match from {
-            None => None,
+            None => {
+                load = Some(None);
+                None
+            }
+            Some(Position::FirstLoad { hwm, page, tuple }) => {
+                self.check_cursor_width(hwm, &plan)?;
+                load = Some(Some((hwm.clone(), (*page, *tuple))));
+                None
+            }
+            Some(Position::FirstLoadDone { hwm }) => {
+                self.check_cursor_width(hwm, &plan)?;
+                Some(hwm.clone())
+            }
             Some(Position::Cursor { values }) => {
                 if values.len() != plan.cursor_kinds.len() {
                     return Err(Error::new(
@@ -241,6 +257,29 @@ impl SqlSource {
             Some(lag) => Some(self.lag_bound(&plan.cursor_kinds[0], lag).await?),
             None => None,
         };
+        let first_load = match (load, &self.pool, &self.config.table) {
+            (Some(resume), Pool::Postgres(pool), Some(_)) if copy_ranges(pool).await => {
+                let plan = first_load::Plan {
+                    source: &self.name,
+                    relation: self.relation(),
+                    select: self.select_list(),
+                    cursor: self.config.cursor.iter().map(|c| self.quote(c)).collect(),
+                    cursor_names: &self.config.cursor,
+                    cursor_kinds: &plan.cursor_kinds,
+                    bound: bound.as_ref(),
+                    decode: &plan.decode,
+                    key_field,
+                };
+                first_load::FirstLoad::start(pool, plan, resume).await?
+            }
+            (Some(Some(_)), _, _) => {
+                // A first load this server cannot resume by ctid: the table
+                // is read again by cursor (records repeat, none is lost).
+                tracing::warn!(source = %self.name, "a first load cannot be resumed by ctid here; reading the table again by cursor");
+                None
+            }
+            _ => None,
+        };
         Ok(RunReader {
             source: self.clone(),
             plan,
@@ -248,7 +287,26 @@ impl SqlSource {
             bound,
             done: false,
             key_field: key_field.map(str::to_string),
+            first_load,
         })
+    }
+
+    /// Refuses a checkpoint whose cursor has another number of columns.
+    fn check_cursor_width(&self, values: &[CursorValue], plan: &Plan) -> Result<()> {
+        if values.len() == plan.cursor_kinds.len() {
+            return Ok(());
+        }
+        Err(Error::new(
+            ErrorKind::Config,
+            format!(
+                "source {:?}: the checkpoint has {} cursor values but the cursor has {} \
+                 columns; the cursor changed since the checkpoint was saved \
+                 (see `caudal checkpoint reset`)",
+                self.name,
+                values.len(),
+                plan.cursor_kinds.len()
+            ),
+        ))
     }
 
     /// The columns of the source's result set, with their kinds.
@@ -503,12 +561,17 @@ pub struct RunReader {
     done: bool,
     /// The column records are keyed by.
     key_field: Option<String>,
+    /// The first load, when this run reads one.
+    first_load: Option<first_load::FirstLoad>,
 }
 
 impl RunReader {
     /// The next page of rows, or `None` when the run has read everything up
     /// to its bound. Pages are never empty.
     pub async fn next_page(&mut self) -> Result<Option<Vec<Record>>> {
+        if let Some(load) = &mut self.first_load {
+            return load.next_page().await;
+        }
         if self.done {
             return Ok(None);
         }
@@ -713,6 +776,16 @@ pub(crate) type Row = Map<String, Value>;
 pub(crate) struct EncodedRow {
     pub data: Json,
     pub picked: Vec<Value>,
+}
+
+/// Whether the server reads ctid ranges without scanning the whole table
+/// (TID range scans, PostgreSQL 14 and later): first loads then read in
+/// parallel ranges.
+async fn copy_ranges(pool: &PgPool) -> bool {
+    sqlx::query_scalar::<_, i32>("SELECT current_setting('server_version_num')::int4")
+        .fetch_one(pool)
+        .await
+        .is_ok_and(|v| v >= 140_000)
 }
 
 /// Rows decoded as maps, encoded (sources whose decoder builds values).
