@@ -471,9 +471,10 @@ retry = { max_attempts = 1 }"#,
         let buffer = p.buffer().await.expect("buffer");
         let entries = buffer.read(buffer.acked(), 10).await.expect("read");
         assert!(!entries.is_empty());
-        let entry: Value = serde_json::from_slice(&entries[0].1).expect("json entry");
-        assert_eq!(entry["run"], failed.run_id);
-        first_key = entry["key"].as_str().expect("key").to_string();
+        let entry = caudal_engine::buffered::Entry::decode(entries[0].0, &entries[0].1)
+            .expect("a readable entry");
+        assert_eq!(entry.run, failed.run_id);
+        first_key = entry.key;
     }
     w.receiver.restart().await;
     // A new pipeline (as after a restart of the process) on the same buffer.

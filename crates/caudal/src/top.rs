@@ -37,7 +37,7 @@ struct Figures {
 
 /// Where the figures come from.
 enum Feed {
-    Store(caudal_core::config::Config, caudal_store::Store),
+    Store(Box<caudal_core::config::Config>, caudal_store::Store),
     Api(Remote),
 }
 
@@ -131,7 +131,7 @@ pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
     let feed = match remote {
         Some(r) => Feed::Api(r),
         None => match load_with_store(path).await {
-            Ok((config, store)) => Feed::Store(config, store),
+            Ok((config, store)) => Feed::Store(Box::new(config), store),
             Err(code) => return code,
         },
     };

@@ -90,11 +90,35 @@ pub struct Change {
     /// without one, what identifies it: see each source).
     pub key: Map<String, Value>,
     /// The row before the change (updates, deletes), as the log has it.
-    pub before: Option<Map<String, Value>>,
+    pub before: Option<Row>,
     /// The row after the change (reads, inserts, updates).
-    pub after: Option<Map<String, Value>>,
+    pub after: Option<Row>,
     /// Columns left out of `after` because the log did not carry them.
     pub unchanged: Vec<String>,
+}
+
+/// A row of a change: its values, or already encoded (a decoder that
+/// writes a row straight into JSON text saves building a map of it).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Row {
+    Values(Map<String, Value>),
+    Encoded(Json),
+}
+
+impl From<Map<String, Value>> for Row {
+    fn from(values: Map<String, Value>) -> Self {
+        Self::Values(values)
+    }
+}
+
+impl Row {
+    /// The row's values (parsed, when it is encoded).
+    pub fn values(&self) -> std::borrow::Cow<'_, Map<String, Value>> {
+        match self {
+            Self::Values(m) => std::borrow::Cow::Borrowed(m),
+            Self::Encoded(j) => std::borrow::Cow::Owned(j.to_map()),
+        }
+    }
 }
 
 /// Where a change sits in its source's log, as its record shows it.
@@ -118,13 +142,12 @@ impl Change {
         w.key("op").str(self.op);
         w.key("table").str(&self.table);
         w.key("key").map(&self.key);
-        match &self.before {
-            Some(row) => w.key("before").map(row),
-            None => w.key("before").null(),
-        }
-        match &self.after {
-            Some(row) => w.key("after").map(row),
-            None => w.key("after").null(),
+        for (name, row) in [("before", &self.before), ("after", &self.after)] {
+            match row {
+                Some(Row::Values(values)) => w.key(name).map(values),
+                Some(Row::Encoded(json)) => w.key(name).json(json),
+                None => w.key(name).null(),
+            }
         }
         w.key("unchanged").strs(&self.unchanged);
         for (name, value) in &stamp.fields {

@@ -1333,8 +1333,8 @@ fn change(
         op,
         table: table.to_string(),
         key,
-        before,
-        after,
+        before: before.map(Into::into),
+        after: after.map(Into::into),
         unchanged,
     };
     change.encode(&Stamp {

@@ -23,7 +23,7 @@ use caudal_core::record::{CursorValue, Json, ObjectWriter, Position, Record};
 use caudal_core::sink::key_text;
 use caudal_core::{Error, ErrorKind, Result};
 use serde_json::Value;
-use sqlx::{AssertSqlSafe, Connection as _, Executor as _, PgPool};
+use sqlx::{AssertSqlSafe, Connection as _, PgPool};
 
 use super::postgres_copy::{self, Chunks, CopyTable, Ctid, RowBuilder};
 use super::{ColumnKind, DecodeOptions, FetchError};
@@ -157,13 +157,18 @@ async fn high_water_mark(
         plan.relation,
         order.join(", ")
     );
-    let row = conn.fetch_optional(AssertSqlSafe(sql)).await.map_err(|e| {
-        crate::sources::change::query_error(
-            plan.source,
-            "first load: cannot find the cursor's high-water mark",
-            e,
-        )
-    })?;
+    // A prepared query, so the row comes in the binary format the decoder
+    // reads.
+    let row = sqlx::query(AssertSqlSafe(sql))
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(|e| {
+            crate::sources::change::query_error(
+                plan.source,
+                "first load: cannot find the cursor's high-water mark",
+                e,
+            )
+        })?;
     let Some(row) = row else {
         return Ok(None);
     };

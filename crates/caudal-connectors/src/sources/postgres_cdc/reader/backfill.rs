@@ -222,7 +222,7 @@ impl Task {
                 table: table.clone(),
                 key,
                 before: None,
-                after: Some(data),
+                after: Some(data.into()),
                 unchanged: Vec::new(),
             };
             self.page.push(Record {

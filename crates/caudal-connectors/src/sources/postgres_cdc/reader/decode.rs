@@ -4,6 +4,7 @@
 //! order a table's changes (none for a table without a key).
 
 use super::*;
+use caudal_core::record::{Json, ObjectWriter};
 
 /// A relation (table) as the stream described it last.
 pub(super) struct Relation {
@@ -76,6 +77,60 @@ impl Task {
             }
         }
         Ok((row, unchanged))
+    }
+}
+
+/// A tuple written straight into its JSON text, with its key columns'
+/// values and the columns left out as unchanged TOAST values.
+pub(super) struct Encoded {
+    pub(super) row: Json,
+    pub(super) key: Map<String, Value>,
+    pub(super) unchanged: Vec<String>,
+}
+
+impl Task {
+    /// As [`Task::tuple`], writing the row's JSON as it decodes (no map of
+    /// it is built): how inserts and most updates are read.
+    pub(super) fn encode_tuple(&self, rel: &Relation, tuple: &TupleData) -> Result<Encoded> {
+        let mut row = ObjectWriter::with_capacity(rel.columns.len() * 24);
+        let mut key = Map::with_capacity(rel.key.len());
+        let mut unchanged = Vec::new();
+        for (i, ((name, _), ty)) in rel.columns.iter().zip(&rel.types).enumerate() {
+            let Some(col) = tuple.get_column(i) else {
+                break;
+            };
+            let value = column_value(col, ty, self.decimals).map_err(|e| {
+                Error::new(
+                    ErrorKind::Decode,
+                    format!(
+                        "source {:?}: table {}, column {name:?} of type {}: {e}",
+                        self.source,
+                        rel.table,
+                        sqlx::TypeInfo::name(ty.as_ref())
+                    ),
+                )
+            })?;
+            match value {
+                Some(v) => {
+                    row.key(name).value(&v);
+                    if rel.key.contains(name) {
+                        key.insert(name.clone(), v);
+                    }
+                }
+                None => unchanged.push(name.clone()),
+            }
+        }
+        // Key columns in key order, as `key_of` gives them.
+        let key = rel
+            .key
+            .iter()
+            .map(|k| (k.clone(), key.remove(k).unwrap_or(Value::Null)))
+            .collect();
+        Ok(Encoded {
+            row: row.finish(),
+            key,
+            unchanged,
+        })
     }
 }
 

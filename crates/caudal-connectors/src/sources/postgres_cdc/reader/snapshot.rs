@@ -165,7 +165,7 @@ impl RowBuilder for SnapshotRows {
             table: self.table.clone(),
             key,
             before: None,
-            after: Some(after),
+            after: Some(after.into()),
             unchanged: Vec::new(),
         };
         Ok(Record {

@@ -12,7 +12,7 @@
 //!   invalidated stops the run with `ErrorKind::Resync`.
 
 use super::*;
-use crate::sources::change::Change;
+use crate::sources::change::{Change, Row};
 
 impl Task {
     pub(super) async fn stream(&mut self) -> Result<()> {
@@ -338,8 +338,7 @@ impl Task {
             }
             LogicalReplicationMessage::Insert { relation_id, tuple } => {
                 let rel = self.relation(s, relation_id)?;
-                let (after, unchanged) = self.tuple(rel, &tuple)?;
-                let key = key_of(rel, &after);
+                let row = self.encode_tuple(rel, &tuple)?;
                 let table = rel.table.clone();
                 self.push(
                     s,
@@ -347,11 +346,11 @@ impl Task {
                     conn,
                     Change {
                         op: "insert",
-                        table: table,
-                        key: key,
+                        table,
+                        key: row.key,
                         before: None,
-                        after: Some(after),
-                        unchanged: unchanged,
+                        after: Some(Row::Encoded(row.row)),
+                        unchanged: row.unchanged,
                     },
                 )
                 .await?;
@@ -367,21 +366,26 @@ impl Task {
                     Some(t) => Some(self.old(rel, t, key_type == Some('K'))?),
                     None => None,
                 };
-                let (mut after, mut unchanged) = self.tuple(rel, &new_tuple)?;
+                let mut row = self.encode_tuple(rel, &new_tuple)?;
+                let mut after = Row::Encoded(row.row);
                 // With REPLICA IDENTITY FULL the old row holds the values
                 // PostgreSQL left out of the new one: the new row is whole.
                 if key_type == Some('O')
+                    && !row.unchanged.is_empty()
                     && let Some(old) = &before
                 {
-                    unchanged.retain(|col| match old.get(col) {
+                    let (mut values, _) = self.tuple(rel, &new_tuple)?;
+                    row.unchanged.retain(|col| match old.get(col) {
                         Some(v) => {
-                            after.insert(col.clone(), v.clone());
+                            values.insert(col.clone(), v.clone());
                             false
                         }
                         None => true,
                     });
+                    row.key = key_of(rel, &values);
+                    after = Row::Values(values);
                 }
-                let key = key_of(rel, &after);
+                let (key, unchanged) = (row.key, row.unchanged);
                 let table = rel.table.clone();
                 // A new primary key is a new entity: the change is sent as
                 // a delete of the old key and an insert of the new one, so
@@ -402,7 +406,7 @@ impl Task {
                             op: "delete",
                             table: table.clone(),
                             key: old_key,
-                            before: before,
+                            before: before.map(Row::from),
                             after: None,
                             unchanged: Vec::new(),
                         },
@@ -414,11 +418,11 @@ impl Task {
                         conn,
                         Change {
                             op: "insert",
-                            table: table,
-                            key: key,
+                            table,
+                            key,
                             before: None,
                             after: Some(after),
-                            unchanged: unchanged,
+                            unchanged,
                         },
                     )
                     .await?;
@@ -430,11 +434,11 @@ impl Task {
                     conn,
                     Change {
                         op: "update",
-                        table: table,
-                        key: key,
-                        before: before,
+                        table,
+                        key,
+                        before: before.map(Row::from),
                         after: Some(after),
-                        unchanged: unchanged,
+                        unchanged,
                     },
                 )
                 .await?;
@@ -454,9 +458,9 @@ impl Task {
                     conn,
                     Change {
                         op: "delete",
-                        table: table,
-                        key: key,
-                        before: Some(before),
+                        table,
+                        key,
+                        before: Some(before.into()),
                         after: None,
                         unchanged: Vec::new(),
                     },
@@ -472,7 +476,7 @@ impl Task {
                         conn,
                         Change {
                             op: "truncate",
-                            table: table,
+                            table,
                             key: Map::new(),
                             before: None,
                             after: None,
