@@ -40,6 +40,7 @@ mod check;
 mod config;
 mod error;
 mod segment;
+mod space;
 
 pub use buffer::{Buffer, Recovery, Stats};
 pub use check::{FsckReport, Inspection, Problem, ProblemKind, SegmentInfo, fsck, inspect};
@@ -48,3 +49,4 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use segment::{MAX_ENTRY_BYTES, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
+pub use space::{DiskFull, Space, space};
