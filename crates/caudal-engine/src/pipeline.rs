@@ -759,10 +759,9 @@ impl Pipeline {
                 .dead
                 .fetch_add(invalid.len() as u64, Ordering::Relaxed);
         }
-        let appended = buffer
-            .append(&entries)
-            .await
-            .map_err(|e| buffer_error(&self.name, e))?;
+        let Some(appended) = buffered::append(&self.name, buffer, &entries, cancel).await? else {
+            return Ok(false);
+        };
         let rows_read = counters.read.load(Ordering::Relaxed);
         match self.ack {
             AckMode::Buffered => {
