@@ -13,11 +13,12 @@
 //! are exactly the unacknowledged entries, and [`recover`] can tell where
 //! reading must resume from the last of them.
 //!
-//! A full disk is backpressure, as `buffer.max_bytes` is: [`append`] waits
-//! (logging once why, with the gauge `caudal_buffer_blocked{reason =
-//! "disk_full"}` at 1) until delivery or an operator frees space, then
-//! resumes by itself. [`open`] warns when `buffer.max_bytes` cannot fit on
-//! the buffer's filesystem.
+//! A full disk is backpressure, as `buffer.max_bytes` is: [`wait_for_room`]
+//! and [`append`] wait (logging once why, with the gauge
+//! `caudal_buffer_blocked{reason = "disk_full"}` at 1) until delivery or an
+//! operator frees space, then resume by themselves; while they wait, the
+//! reason is kept where the pipeline's status reads it. [`open`] warns when
+//! `buffer.max_bytes` cannot fit on the buffer's filesystem.
 
 use std::collections::BTreeMap;
 use std::ops::Range;
@@ -278,18 +279,77 @@ fn blocked_gauge(pipeline: &str) -> metrics::Gauge {
     metrics::gauge!("caudal_buffer_blocked", "pipeline" => pipeline.to_string(), "reason" => "disk_full")
 }
 
+/// Why intake waits, for the pipeline's status: set while a wait lasts,
+/// cleared when it ends, also when the wait is given up (dropped).
+struct Blocked<'a>(&'a Mutex<Option<String>>);
+
+impl<'a> Blocked<'a> {
+    fn new(slot: &'a Mutex<Option<String>>, why: String) -> Self {
+        *slot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(why);
+        Self(slot)
+    }
+}
+
+impl Drop for Blocked<'_> {
+    fn drop(&mut self) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = None;
+    }
+}
+
+/// Why appending to `buffer` waits now: its disk is full, or it holds
+/// `buffer.max_bytes` of undelivered batches.
+fn why_blocked(buffer: &Buffer) -> String {
+    let stats = buffer.stats();
+    match stats.disk_full {
+        Some(full) => full.to_string(),
+        None => format!(
+            "the buffer is full (buffer.max_bytes): {} bytes of {} batches wait for delivery",
+            stats.unacked_bytes, stats.unacked_records
+        ),
+    }
+}
+
+/// Waits until appending `entries` to `buffer` is worth trying
+/// ([`Buffer::wait_for_room`]: room under `buffer.max_bytes`, and disk
+/// space after a full disk), keeping why in `blocked` while it waits.
+/// Safe to drop (to give up on a shutdown): nothing is written.
+pub async fn wait_for_room(
+    pipeline: &str,
+    buffer: &Buffer,
+    entries: &[Vec<u8>],
+    blocked: &Mutex<Option<String>>,
+) -> Result<()> {
+    let wait = buffer.wait_for_room(entries);
+    tokio::pin!(wait);
+    // Room at once (the usual case): nothing to say.
+    tokio::select! {
+        biased;
+        room = &mut wait => return room.map_err(|e| buffer_error(pipeline, e)),
+        () = std::future::ready(()) => {}
+    }
+    let _blocked = Blocked::new(blocked, why_blocked(buffer));
+    wait.await.map_err(|e| buffer_error(pipeline, e))
+}
+
 /// Appends a batch's `entries` (the caller has waited for room with
-/// [`Buffer::wait_for_room`]), waiting out a full disk: an append that
-/// finds no space is undone by the buffer, so this waits for room again
-/// (until delivery frees space or space returns from outside) and retries.
-/// Logs a warning when intake starts waiting and an info line when it
-/// resumes, and keeps the gauge `caudal_buffer_blocked` in step. Returns
-/// `None` when `cancel` comes while waiting: nothing was appended then.
+/// [`wait_for_room`]), waiting out a full disk: an append that finds no
+/// space is undone by the buffer, so this waits for room again (until
+/// delivery frees space or space returns from outside) and retries. Logs
+/// a warning when intake starts waiting and an info line when it resumes,
+/// keeps the gauge `caudal_buffer_blocked` in step and why in `blocked`.
+/// Returns `None` when `cancel` comes while waiting: nothing was appended
+/// then.
 pub async fn append(
     pipeline: &str,
     buffer: &Buffer,
     entries: &[Vec<u8>],
     cancel: &CancellationToken,
+    blocked: &Mutex<Option<String>>,
 ) -> Result<Option<Range<u64>>> {
     loop {
         let waiting = buffer.stats().disk_full;
@@ -325,6 +385,7 @@ pub async fn append(
             }
             Err(e) => return Err(buffer_error(pipeline, e)),
         }
+        let _blocked = Blocked::new(blocked, why_blocked(buffer));
         tokio::select! {
             () = cancel.cancelled() => return Ok(None),
             room = buffer.wait_for_room(entries) => room.map_err(|e| buffer_error(pipeline, e))?,
@@ -398,5 +459,60 @@ mod tests {
             warning.starts_with("buffer.max_bytes is 5242880 bytes"),
             "{warning}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_wait_for_room_says_why_while_it_lasts_and_not_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let config = BufferConfig {
+            max_bytes: 1000,
+            ..BufferConfig::default()
+        };
+        let (buffer, _) = Buffer::open(dir.path(), config).unwrap();
+        buffer.append(&[vec![0u8; 992]]).await.unwrap();
+        let blocked = std::sync::Arc::new(Mutex::new(None));
+        let entries = vec![vec![1u8; 10]];
+
+        let waiting = tokio::spawn({
+            let (buffer, blocked, entries) = (buffer.clone(), blocked.clone(), entries.clone());
+            async move { wait_for_room("p", &buffer, &entries, &blocked).await }
+        });
+        let why = loop {
+            if let Some(why) = blocked.lock().unwrap().clone() {
+                break why;
+            }
+            tokio::task::yield_now().await;
+        };
+        assert!(
+            why.starts_with("the buffer is full (buffer.max_bytes)"),
+            "{why}"
+        );
+        buffer.ack(1).await.unwrap();
+        waiting.await.unwrap().unwrap();
+        assert_eq!(*blocked.lock().unwrap(), None);
+
+        // Given up (dropped) while waiting: the reason goes too.
+        buffer.append(&[vec![0u8; 992]]).await.unwrap();
+        let cancel = CancellationToken::new();
+        let waiting = tokio::spawn({
+            let (buffer, blocked, entries, cancel) = (
+                buffer.clone(),
+                blocked.clone(),
+                entries.clone(),
+                cancel.clone(),
+            );
+            async move {
+                tokio::select! {
+                    () = cancel.cancelled() => None,
+                    room = wait_for_room("p", &buffer, &entries, &blocked) => Some(room),
+                }
+            }
+        });
+        while blocked.lock().unwrap().is_none() {
+            tokio::task::yield_now().await;
+        }
+        cancel.cancel();
+        assert!(waiting.await.unwrap().is_none());
+        assert_eq!(*blocked.lock().unwrap(), None);
     }
 }

@@ -7,7 +7,8 @@
 //! manual step.
 //!
 //! The test mounts a tmpfs, so it must run as root; it fails saying so
-//! otherwise. The daemon serves `/metrics`, to show the blocked intake.
+//! otherwise. The daemon serves `/metrics` and the API, to show the
+//! blocked intake.
 
 mod support;
 
@@ -146,6 +147,43 @@ async fn wait_for_blocked_gauge(port: u16, daemon: &Daemon, value: f64) {
     }
 }
 
+/// The daemon's live status of [`PIPELINE`] (`caudal --api ... status
+/// --json`), polled until `done` holds for it.
+async fn wait_for_live_status(
+    w: &World,
+    daemon: &Daemon,
+    port: u16,
+    token: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> Value {
+    let api = format!("http://127.0.0.1:{port}");
+    let deadline = tokio::time::Instant::now() + SYNC_PATIENCE;
+    loop {
+        let out = w
+            .caudal(&["--api", &api, "--token", token, "status", "--json"])
+            .await;
+        let status = (out.code == Some(0))
+            .then(|| serde_json::from_str::<Value>(&out.stdout).ok())
+            .flatten()
+            .and_then(|rows| {
+                rows.as_array()?
+                    .iter()
+                    .find(|r| r["pipeline"] == PIPELINE)
+                    .cloned()
+            });
+        if let Some(status) = status.filter(|s| done(s)) {
+            return status;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what} not shown by the daemon's status after {SYNC_PATIENCE:?}: {out}; log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 async fn inspect(w: &World) -> Value {
     let out = w.caudal(&["buffer", "inspect", PIPELINE, "--json"]).await;
     assert_eq!(out.code, Some(0), "{out}");
@@ -183,6 +221,11 @@ async fn a_full_disk_holds_intake_back_until_delivery_frees_it_and_every_row_arr
     insert_rows(&w).await;
     let disk = Tmpfs::mount(&w.buffer_dir(), "3m");
     w.receiver.stop().await;
+    let token = w
+        .caudal(&["token", "create", "--name", "watch", "--role", "viewer"])
+        .await;
+    assert_eq!(token.code, Some(0), "{token}");
+    let token = token.stdout.trim().to_string();
     let (daemon, port) = start_daemon_with_metrics(&w);
 
     // The disk fills: intake waits, and says why (the buffer's marker,
@@ -212,6 +255,12 @@ async fn a_full_disk_holds_intake_back_until_delivery_frees_it_and_every_row_arr
     assert!(log.contains("buffer disk full; intake waits"), "{log}");
     assert!(!log.contains("run failed"), "{log}");
     wait_for_blocked_gauge(port, &daemon, 1.0).await;
+    let live = wait_for_live_status(&w, &daemon, port, &token, "why intake waits", |s| {
+        s["intake_blocked"].is_string()
+    })
+    .await;
+    let why = live["intake_blocked"].as_str().unwrap_or_default();
+    assert!(why.contains("the buffer's disk is full"), "{live}");
 
     // The partner comes back: everything is delivered, with no step by hand.
     w.receiver.restart().await;
@@ -240,6 +289,10 @@ async fn a_full_disk_holds_intake_back_until_delivery_frees_it_and_every_row_arr
     let status = w.status().await;
     assert_eq!(status["buffered_batches"], 0, "{status}");
     wait_for_blocked_gauge(port, &daemon, 0.0).await;
+    wait_for_live_status(&w, &daemon, port, &token, "intake no longer waiting", |s| {
+        s["intake_blocked"].is_null()
+    })
+    .await;
 
     let (exit, log) = daemon.stop(Signal::SIGTERM).await;
     assert_eq!(exit.code(), Some(0), "{log}");
