@@ -6,21 +6,27 @@
 //! acknowledgements work from a snapshot of the shared state taken under a
 //! short std mutex and do their file I/O on tokio's blocking pool. Waiters
 //! (readers waiting for data, appenders waiting for space) subscribe to a
-//! `watch` counter bumped on every append, acknowledgement and close, so a
-//! wake-up is never lost between their check and their wait.
+//! `watch` counter bumped on every append, acknowledgement, reclaim and
+//! close, so a wake-up is never lost between their check and their wait.
+//!
+//! A full disk is backpressure: an append that runs out of space is undone
+//! (the log ends at its last whole record again) and fails with
+//! [`Error::NoSpace`]; [`Buffer::wait_for_room`] then waits until retrying
+//! is worth it. Acknowledged space goes back to the disk as delivery
+//! drains, the active segment included (see [`Buffer::ack`]).
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Seek, SeekFrom, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
 use tokio::sync::watch;
 
-use crate::acked::{self, Acked};
+use crate::acked::{self, Acked, AckedFile};
 use crate::check::{Problem, ProblemKind, examine};
 use crate::config::{BufferConfig, FsyncPolicy};
 use crate::error::{Error, Result, join_error};
@@ -28,9 +34,25 @@ use crate::segment::{
     INDEX_INTERVAL, MAX_ENTRY_BYTES, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES, SegmentReader,
     encode_header, encode_record, list_segments, segment_file_name,
 };
+use crate::space::{self, DiskFull};
 
 /// Name of the lock file that keeps a second process out of the directory.
 const LOCK_FILE: &str = "LOCK";
+/// A drained active segment holding at least this much is reclaimed at
+/// once by the acknowledgement that drains it; a smaller one once the
+/// buffer has stayed drained for [`IDLE_RECLAIM_AFTER`]. Reclaiming costs
+/// a file creation and two fsyncs, so doing it for every tiny drain of a
+/// busy pipeline would slow it down.
+pub(crate) const RECLAIM_ACTIVE_BYTES: u64 = 1 << 20;
+/// How long the buffer stays drained before its active segment is
+/// reclaimed whatever its size.
+const IDLE_RECLAIM_AFTER: Duration = Duration::from_secs(1);
+/// How often a wait for disk space asks the filesystem for its free space.
+const DISK_PROBE_EVERY: Duration = Duration::from_secs(1);
+/// After this long without space freed, an append is retried even when the
+/// filesystem reports too little free space (its figure ignores quotas and
+/// the space reserved for root).
+const DISK_RETRY_ANYWAY: Duration = Duration::from_secs(30);
 
 /// A durable, append-only log of opaque entries, numbered by consecutive
 /// offsets, kept in one directory (one per pipeline).
@@ -54,6 +76,12 @@ const LOCK_FILE: &str = "LOCK";
 ///   [`BufferConfig::max_bytes`]: an append that would pass it waits until
 ///   acknowledgements free space (a batch larger than the cap goes in once
 ///   the buffer is empty).
+/// - **Full disks.** An append that runs out of disk space is undone (no
+///   partial record stays for later appends to build on) and fails with
+///   [`Error::NoSpace`]; the buffer stays usable, and
+///   [`wait_for_room`](Self::wait_for_room) waits until space returns.
+///   Acknowledged space returns as delivery drains, the active segment
+///   included, and acknowledging needs no new space.
 ///
 /// Cheap to clone: clones share one buffer. One process may open a directory
 /// at a time (a lock file enforces it).
@@ -106,6 +134,9 @@ pub struct Stats {
     pub acked: u64,
     /// Offset the next appended entry gets.
     pub next_offset: u64,
+    /// Set while appends wait because the last one found the disk full
+    /// (cleared by the next append that goes through): why intake waits.
+    pub disk_full: Option<DiskFull>,
 }
 
 #[derive(Debug)]
@@ -116,7 +147,10 @@ struct Inner {
     writer: Arc<tokio::sync::Mutex<Writer>>,
     /// Serialises acknowledgements so the `acked` file never goes backwards.
     ack_lock: tokio::sync::Mutex<()>,
-    /// Bumped on every append, acknowledgement and close.
+    /// The `acked` file, updated in place. `None` only when it could not be
+    /// written at open for lack of space; the next acknowledgement writes it.
+    acked_file: Mutex<Option<AckedFile>>,
+    /// Bumped on every append, acknowledgement, reclaim and close.
     progress: watch::Sender<u64>,
     /// Holds the directory lock for the buffer's lifetime.
     _lock: File,
@@ -137,6 +171,27 @@ struct State {
     closed: bool,
     /// Where the last read stopped, so sequential reads need no scan.
     read_hint: Option<Position>,
+    /// Bytes of segment files deleted so far: a waiting append retries when
+    /// this moves.
+    freed: u64,
+    /// Set by an append that found the disk full, cleared by one that goes
+    /// through.
+    disk_full: Option<DiskFullState>,
+    /// Set when the disk was found full, cleared by the next reclaim: the
+    /// active segment is then reclaimed as soon as it drains, whatever its
+    /// size.
+    short_of_space: bool,
+    /// An idle reclaim is scheduled.
+    idle_reclaim_pending: bool,
+}
+
+/// What the last failed append found, and when.
+#[derive(Clone, Copy, Debug)]
+struct DiskFullState {
+    report: DiskFull,
+    /// [`State::freed`] after that append.
+    freed_at: u64,
+    attempted_at: Instant,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -219,6 +274,7 @@ impl State {
         let mut paths = Vec::new();
         while self.segments.len() > 1 && self.segments[1].base <= self.acked {
             if let Some(segment) = self.segments.pop_front() {
+                self.freed += segment.end;
                 paths.push(segment.path);
             }
         }
@@ -234,7 +290,11 @@ impl State {
 /// The active segment, owned by whoever holds the writer lock.
 #[derive(Debug)]
 struct Writer {
-    file: File,
+    /// `None` after a reclaim deleted the active segment and could not start
+    /// the next one (the disk filled up again in between); the next append
+    /// starts it at `next_offset`. Never a file that was deleted: bytes
+    /// written there would vanish.
+    file: Option<File>,
     path: PathBuf,
     base: u64,
     /// Byte after the last written record.
@@ -258,6 +318,23 @@ struct Touched {
     new_index: Vec<(u64, u64)>,
 }
 
+/// Where the writer stood before a batch, so a failed batch can be undone.
+#[derive(Debug)]
+struct Mark {
+    base: u64,
+    path: PathBuf,
+    pos: u64,
+    records: u64,
+    next_offset: u64,
+    last_indexed: u64,
+}
+
+/// True for a failed fsync of a segment for another reason than a full
+/// disk: after it the page cache's state is unknown, so nothing is undone.
+fn is_failed_fsync(err: &Error) -> bool {
+    matches!(err, Error::Io { op, .. } if op.starts_with("fsync"))
+}
+
 impl Writer {
     fn touched(&self) -> Touched {
         Touched {
@@ -269,24 +346,51 @@ impl Writer {
         }
     }
 
+    fn mark(&self) -> Mark {
+        Mark {
+            base: self.base,
+            path: self.path.clone(),
+            pos: self.pos,
+            records: self.records,
+            next_offset: self.next_offset,
+            last_indexed: self.last_indexed,
+        }
+    }
+
     fn poison(&mut self, err: Error) -> Error {
         self.poisoned = Some(err.to_string());
         err
     }
 
+    fn file(&mut self, op: &'static str) -> Result<&mut File> {
+        match &mut self.file {
+            Some(file) => Ok(file),
+            None => Err(Error::io(
+                op,
+                &self.path,
+                io::Error::other("the active segment was not started"),
+            )),
+        }
+    }
+
     /// Writes one encoded batch (records back to back, `sizes` their payload
     /// lengths), rolling segments as needed, syncs per policy and publishes.
+    /// A batch that fails (a full disk, most often) is undone, see
+    /// [`Writer::undo`].
     fn write_batch(&mut self, inner: &Inner, encoded: &[u8], sizes: &[u32]) -> Result<Range<u64>> {
         if let Some(reason) = &self.poisoned {
             return Err(Error::Poisoned(reason.clone()));
         }
+        if self.file.is_none() {
+            self.start_segment(&inner.dir)?;
+        }
         let first = self.next_offset;
-        let saved = (self.pos, self.records, self.next_offset, self.last_indexed);
-        let start_base = self.base;
+        let mark = self.mark();
+        let mut created = Vec::new();
         let mut touched = vec![self.touched()];
         let mut run_start = 0usize;
         let mut at = 0usize;
-        let result = (|| -> Result<()> {
+        let mut result = (|| -> Result<()> {
             for &size in sizes {
                 let frame = RECORD_HEADER_BYTES + u64::from(size);
                 if self.records > 0 && self.pos + frame > inner.config.segment_bytes {
@@ -296,6 +400,7 @@ impl Writer {
                         t.end = self.pos;
                     }
                     self.roll(&inner.dir)?;
+                    created.push(self.path.clone());
                     touched.push(self.touched());
                     run_start = at;
                 }
@@ -312,27 +417,21 @@ impl Writer {
             }
             self.write_run(&encoded[run_start..])
         })();
-        if let Err(err) = result {
-            // Undo a failed write (e.g. disk full) when it stayed in one
-            // segment; otherwise refuse further appends until reopened.
-            if self.base == start_base
-                && self.file.set_len(saved.0).is_ok()
-                && self.file.seek(SeekFrom::Start(saved.0)).is_ok()
-            {
-                (self.pos, self.records, self.next_offset, self.last_indexed) = saved;
-                return Err(err);
-            }
-            return Err(self.poison(err));
+        if result.is_ok() && inner.config.fsync == FsyncPolicy::Batch {
+            result = self.sync_file();
         }
-        match inner.config.fsync {
-            FsyncPolicy::Batch => {
-                if let Err(e) = self.file.sync_data() {
-                    // After a failed fsync the page cache's state is unknown.
-                    let err = Error::io("fsync segment", &self.path, e);
-                    return Err(self.poison(err));
-                }
+        if let Err(err) = result {
+            if is_failed_fsync(&err) {
+                return Err(self.poison(err));
             }
-            FsyncPolicy::Interval(_) => self.unsynced = true,
+            if let Err(undo) = self.undo(&inner.dir, mark, &created) {
+                tracing::error!(dir = %inner.dir.display(), error = %err, undo_error = %undo, "buffer: could not undo a failed append; appends stop until the buffer is reopened");
+                return Err(self.poison(err));
+            }
+            return Err(err);
+        }
+        if matches!(inner.config.fsync, FsyncPolicy::Interval(_)) {
+            self.unsynced = true;
         }
         if let Some(t) = touched.last_mut() {
             t.records = self.records;
@@ -342,21 +441,73 @@ impl Writer {
         Ok(first..self.next_offset)
     }
 
+    /// Takes a failed batch back: deletes the segments it started, cuts the
+    /// segment it began in back to where it began, and syncs. The log then
+    /// ends at its last whole record again, so no torn bytes stay for a
+    /// later append to build on, and the space the batch took is free.
+    fn undo(&mut self, dir: &Path, mark: Mark, created: &[PathBuf]) -> Result<()> {
+        for path in created.iter().rev() {
+            match fs::remove_file(path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(Error::io("delete segment of a failed append", path, e)),
+            }
+        }
+        if !created.is_empty() {
+            // Gone for good before the segment before them is cut: a sealed
+            // segment that ends early while its successor exists would read
+            // as lost records after a crash.
+            acked::sync_dir(dir)?;
+        }
+        if self.base != mark.base {
+            let file = OpenOptions::new()
+                .write(true)
+                .open(&mark.path)
+                .map_err(|e| Error::io("open segment", &mark.path, e))?;
+            self.file = Some(file);
+            self.base = mark.base;
+            self.path = mark.path;
+        }
+        let path = self.path.clone();
+        let file = self.file("truncate segment")?;
+        file.set_len(mark.pos)
+            .and_then(|()| file.sync_data())
+            .and_then(|()| file.seek(SeekFrom::Start(mark.pos)))
+            .map_err(|e| Error::io("truncate segment after a failed append", path, e))?;
+        self.pos = mark.pos;
+        self.records = mark.records;
+        self.next_offset = mark.next_offset;
+        self.last_indexed = mark.last_indexed;
+        self.unsynced = false;
+        Ok(())
+    }
+
     fn write_run(&mut self, bytes: &[u8]) -> Result<()> {
-        self.file
+        let path = self.path.clone();
+        self.file("write segment")?
             .write_all(bytes)
-            .map_err(|e| Error::io("write segment", &self.path, e))
+            .map_err(|e| Error::io("write segment", path, e))
+    }
+
+    fn sync_file(&mut self) -> Result<()> {
+        let path = self.path.clone();
+        self.file("fsync segment")?
+            .sync_data()
+            .map_err(|e| Error::io("fsync segment", path, e))
     }
 
     /// Seals the active segment (synced before its successor exists, so a
     /// sealed segment is never torn) and starts a new one at `next_offset`.
     fn roll(&mut self, dir: &Path) -> Result<()> {
-        self.file
-            .sync_data()
-            .map_err(|e| Error::io("fsync segment", &self.path, e))?;
+        self.sync_file()?;
         self.unsynced = false;
+        self.start_segment(dir)
+    }
+
+    /// Starts the segment at `next_offset` and makes it the active one.
+    fn start_segment(&mut self, dir: &Path) -> Result<()> {
         let (file, path) = create_segment(dir, self.next_offset)?;
-        self.file = file;
+        self.file = Some(file);
         self.path = path;
         self.base = self.next_offset;
         self.pos = SEGMENT_HEADER_BYTES;
@@ -369,8 +520,10 @@ impl Writer {
         if let Some(reason) = &self.poisoned {
             return Err(Error::Poisoned(reason.clone()));
         }
-        if self.unsynced {
-            if let Err(e) = self.file.sync_data() {
+        if self.unsynced
+            && let Some(file) = &self.file
+        {
+            if let Err(e) = file.sync_data() {
                 let err = Error::io("fsync segment", &self.path, e);
                 return Err(self.poison(err));
             }
@@ -378,21 +531,98 @@ impl Writer {
         }
         Ok(())
     }
+
+    /// Gives the active segment's space back once every entry in it is
+    /// acknowledged: deletes it and starts an empty one at the next offset
+    /// (sealed segments go as acknowledgements pass them; the active one
+    /// would otherwise stay until it fills). Only when it is worth it:
+    /// `force`, the disk was found full, or it holds at least
+    /// [`RECLAIM_ACTIVE_BYTES`]. Returns whether it did.
+    ///
+    /// Deleted first, then started again, so that it works on a full disk.
+    /// A crash in between leaves no segment; open then starts one at the
+    /// acknowledged offset, which is durable and equal to `next_offset`, so
+    /// offsets keep growing.
+    fn reclaim(&mut self, inner: &Inner, force: bool) -> bool {
+        if self.poisoned.is_some() || self.file.is_none() || self.records == 0 {
+            return false;
+        }
+        {
+            let st = inner.state();
+            let worth_it = force
+                || st.short_of_space
+                || self.pos - SEGMENT_HEADER_BYTES >= RECLAIM_ACTIVE_BYTES;
+            // Holding the writer, nothing is appended meanwhile.
+            if st.acked < self.next_offset || !worth_it {
+                return false;
+            }
+        }
+        if let Err(e) = fs::remove_file(&self.path) {
+            tracing::warn!(segment = %self.path.display(), error = %e, "buffer: could not delete the acknowledged active segment");
+            return false;
+        }
+        self.file = None;
+        self.unsynced = false;
+        {
+            let mut st = inner.state();
+            if st.segments.back().is_some_and(|s| s.base == self.base) {
+                st.segments.pop_back();
+            }
+            st.read_hint = None;
+            st.freed += self.pos;
+            st.short_of_space = false;
+        }
+        tracing::debug!(segment = %self.path.display(), bytes = self.pos, "buffer: reclaimed the acknowledged active segment");
+        match self.start_segment(&inner.dir) {
+            Ok(()) => {
+                let mut st = inner.state();
+                let logical_start = st.end_logical;
+                st.segments.push_back(Segment {
+                    base: self.base,
+                    path: self.path.clone(),
+                    records: 0,
+                    end: SEGMENT_HEADER_BYTES,
+                    logical_start,
+                    index: Vec::new(),
+                    lost: None,
+                });
+            }
+            Err(e) => {
+                tracing::warn!(dir = %inner.dir.display(), error = %e, "buffer: could not start a segment after reclaiming one; the next append starts it");
+                self.base = self.next_offset;
+                self.path = inner.dir.join(segment_file_name(self.next_offset));
+                self.pos = SEGMENT_HEADER_BYTES;
+                self.records = 0;
+                self.last_indexed = 0;
+            }
+        }
+        true
+    }
 }
 
 /// Creates the segment starting at `base`: header written and synced, then
-/// the directory synced so the file survives a crash.
+/// the directory synced so the file survives a crash. A file of that name
+/// can only be left over from an append that failed (its offsets were never
+/// published), so it is replaced. A segment that cannot be completed is
+/// removed again, so that it neither holds space nor blocks the next try.
 fn create_segment(dir: &Path, base: u64) -> Result<(File, PathBuf)> {
     let path = dir.join(segment_file_name(base));
     let mut file = OpenOptions::new()
         .write(true)
-        .create_new(true)
+        .create(true)
+        .truncate(true)
         .open(&path)
         .map_err(|e| Error::io("create segment", &path, e))?;
-    file.write_all(&encode_header(base))
+    let written = file
+        .write_all(&encode_header(base))
         .and_then(|()| file.sync_all())
-        .map_err(|e| Error::io("write segment header", &path, e))?;
-    acked::sync_dir(dir)?;
+        .map_err(|e| Error::io("write segment header", &path, e))
+        .and_then(|()| acked::sync_dir(dir));
+    if let Err(err) = written {
+        drop(file);
+        let _ = fs::remove_file(&path);
+        return Err(err);
+    }
     Ok((file, path))
 }
 
@@ -439,6 +669,106 @@ impl Inner {
         delete_segments(deletable);
         self.wake();
     }
+
+    /// Reclaims the active segment if it is drained (see
+    /// [`Writer::reclaim`]) and wakes waiters if it did. Skipped while an
+    /// append holds the writer: the segment is not drained then.
+    fn reclaim_if_drained(&self, force: bool) -> bool {
+        let reclaimed = match self.writer.try_lock() {
+            Ok(mut writer) => writer.reclaim(self, force),
+            Err(_) => false,
+        };
+        if reclaimed {
+            self.wake();
+        }
+        reclaimed
+    }
+
+    /// Notes an append of `needed` bytes that found the disk full (for
+    /// [`Stats::disk_full`], the marker file and the wait for space), and
+    /// frees the active segment if only acknowledged entries fill it.
+    /// `freed_before` is [`State::freed`] before the append was tried, so
+    /// space freed while it was tried counts as new.
+    fn ran_out_of_space(&self, needed: u64, freed_before: u64) {
+        let free = space::space(&self.dir).ok().map(|s| s.free_bytes);
+        let first_time = {
+            let mut st = self.state();
+            st.short_of_space = true;
+            let since = st.disk_full.map(|d| d.report.since_unix_ms);
+            st.disk_full = Some(DiskFullState {
+                report: DiskFull {
+                    needed_bytes: needed,
+                    free_bytes: free,
+                    since_unix_ms: since.unwrap_or_else(|| space::unix_ms(SystemTime::now())),
+                },
+                freed_at: freed_before,
+                attempted_at: Instant::now(),
+            });
+            since.is_none()
+        };
+        if first_time {
+            space::mark_disk_full(&self.dir);
+        }
+        self.reclaim_if_drained(false);
+    }
+
+    /// An append went through: appends no longer wait for disk space.
+    fn space_returned(&self) {
+        let was_full = self.state().disk_full.take().is_some();
+        if was_full {
+            space::clear_disk_full(&self.dir);
+        }
+    }
+}
+
+/// Reclaims the active segment once the buffer has stayed drained, with
+/// nothing appended, for [`IDLE_RECLAIM_AFTER`], whatever its size. Holds
+/// only a weak reference while it sleeps.
+fn spawn_idle_reclaim(inner: &Arc<Inner>) {
+    let mut seen = inner.state().next_offset;
+    let weak = Arc::downgrade(inner);
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(IDLE_RECLAIM_AFTER).await;
+            let Some(inner) = weak.upgrade() else {
+                return;
+            };
+            let idle = {
+                let mut st = inner.state();
+                let drained = st.acked == st.next_offset;
+                if drained && st.next_offset != seen {
+                    // Appended and drained again meanwhile: not idle yet.
+                    seen = st.next_offset;
+                    false
+                } else {
+                    // Not drained any more: the acknowledgement that drains
+                    // it again schedules the next try.
+                    st.idle_reclaim_pending = false;
+                    if !drained {
+                        return;
+                    }
+                    true
+                }
+            };
+            if idle {
+                let _ = tokio::task::spawn_blocking(move || {
+                    let Ok(mut writer) = inner.writer.clone().try_lock_owned() else {
+                        return;
+                    };
+                    if writer.reclaim(&inner, true) {
+                        inner.wake();
+                    }
+                    // Let go of the buffer before the writer: whoever gets
+                    // the writer next may drop the buffer and open its
+                    // directory again, which needs this reference gone.
+                    drop(inner);
+                    drop(writer);
+                })
+                .await;
+                return;
+            }
+        }
+    });
 }
 
 impl Drop for Inner {
@@ -634,66 +964,112 @@ impl Buffer {
             });
         }
         // Start a segment when there is none, or when numbering must jump
-        // ahead to the acknowledged offset.
+        // ahead to the acknowledged offset. On a full disk the first append
+        // starts it instead, so that delivery can go on meanwhile.
         if next_on_disk.is_none_or(|next| acked > next) {
-            let (_, path) = create_segment(dir, acked)?;
-            segments.push_back(Segment {
-                base: acked,
-                path,
-                records: 0,
-                end: SEGMENT_HEADER_BYTES,
-                logical_start: logical,
-                index: Vec::new(),
-                lost: None,
-            });
+            match create_segment(dir, acked) {
+                Ok((_, path)) => segments.push_back(Segment {
+                    base: acked,
+                    path,
+                    records: 0,
+                    end: SEGMENT_HEADER_BYTES,
+                    logical_start: logical,
+                    index: Vec::new(),
+                    lost: None,
+                }),
+                Err(err) if err.is_no_space() => {
+                    tracing::warn!(dir = %dir.display(), error = %err, "buffer: no space to start a segment; the first append starts it");
+                }
+                Err(err) => return Err(err),
+            }
         }
         acked = acked.max(segments.front().map_or(acked, |s| s.base));
+        let acked_file = match AckedFile::open(dir, acked) {
+            Ok(file) => Some(file),
+            Err(err) if err.is_no_space() => {
+                tracing::warn!(dir = %dir.display(), error = %err, "buffer: no space to rewrite the acknowledged offset; the first acknowledgement writes it");
+                None
+            }
+            Err(err) => return Err(err),
+        };
+        // Nobody waits for space in a buffer that was just opened.
+        space::clear_disk_full(dir);
 
         let mut state = State {
-            next_offset: segments.back().map_or(acked, |s| s.base + s.records),
+            next_offset: segments
+                .back()
+                .map_or(acked, |s| s.base + s.records)
+                .max(acked),
             segments,
             acked,
             acked_logical: 0,
             end_logical: logical,
             closed: false,
             read_hint: None,
+            freed: 0,
+            disk_full: None,
+            short_of_space: false,
+            idle_reclaim_pending: false,
         };
         state.acked_logical = logical_position(&state, acked);
         let deletable = state.take_deletable();
         delete_segments(deletable);
 
-        let writer = {
-            let Some(last) = state.segments.back() else {
-                return Err(Error::Format {
-                    path: dir.to_path_buf(),
-                    reason: "no active segment after recovery".into(),
-                });
-            };
-            let mut file = OpenOptions::new()
-                .write(true)
-                .open(&last.path)
-                .map_err(|e| Error::io("open segment", &last.path, e))?;
-            file.seek(SeekFrom::Start(last.end))
-                .map_err(|e| Error::io("open segment", &last.path, e))?;
-            Writer {
-                file,
-                path: last.path.clone(),
-                base: last.base,
-                pos: last.end,
-                records: last.records,
+        let writer = match state.segments.back() {
+            Some(last) if last.base + last.records == state.next_offset => {
+                let mut file = OpenOptions::new()
+                    .write(true)
+                    .open(&last.path)
+                    .map_err(|e| Error::io("open segment", &last.path, e))?;
+                file.seek(SeekFrom::Start(last.end))
+                    .map_err(|e| Error::io("open segment", &last.path, e))?;
+                Writer {
+                    file: Some(file),
+                    path: last.path.clone(),
+                    base: last.base,
+                    pos: last.end,
+                    records: last.records,
+                    next_offset: state.next_offset,
+                    last_indexed: last.index.last().map_or(0, |(_, pos)| *pos),
+                    unsynced: false,
+                    poisoned: None,
+                }
+            }
+            // No segment ends at the next offset: the first append starts it.
+            _ => Writer {
+                file: None,
+                path: dir.join(segment_file_name(state.next_offset)),
+                base: state.next_offset,
+                pos: SEGMENT_HEADER_BYTES,
+                records: 0,
                 next_offset: state.next_offset,
-                last_indexed: last.index.last().map_or(0, |(_, pos)| *pos),
+                last_indexed: 0,
                 unsynced: false,
                 poisoned: None,
-            }
+            },
         };
 
+        let inner = Arc::new(Inner {
+            dir: dir.to_path_buf(),
+            config,
+            state: Mutex::new(state),
+            writer: Arc::new(tokio::sync::Mutex::new(writer)),
+            ack_lock: tokio::sync::Mutex::new(()),
+            acked_file: Mutex::new(acked_file),
+            progress: watch::Sender::new(0),
+            _lock: lock,
+        });
+        // Everything acknowledged: nothing in the active segment is needed.
+        inner.reclaim_if_drained(true);
+
+        let state = inner.state();
         recovery.segments = state.segments.len();
         recovery.first_offset = state.first_offset();
         recovery.next_offset = state.next_offset;
         recovery.acked = state.acked;
         recovery.unacked_records = state.next_offset - state.acked;
         recovery.unacked_bytes = state.unacked_bytes();
+        drop(state);
         if recovery.torn_bytes > 0 {
             tracing::warn!(
                 dir = %dir.display(),
@@ -714,15 +1090,6 @@ impl Buffer {
             "buffer: opened"
         );
 
-        let inner = Arc::new(Inner {
-            dir: dir.to_path_buf(),
-            config,
-            state: Mutex::new(state),
-            writer: Arc::new(tokio::sync::Mutex::new(writer)),
-            ack_lock: tokio::sync::Mutex::new(()),
-            progress: watch::Sender::new(0),
-            _lock: lock,
-        });
         if let FsyncPolicy::Interval(every) = inner.config.fsync {
             spawn_flusher(Arc::downgrade(&inner), every)?;
         }
@@ -743,7 +1110,11 @@ impl Buffer {
     /// Fails with [`Error::Closed`] after [`close`](Self::close),
     /// [`Error::EntryTooLarge`], or an I/O error; after a failed fsync every
     /// later append fails with [`Error::Poisoned`] until the buffer is
-    /// reopened.
+    /// reopened. On a full disk it fails with [`Error::NoSpace`] and appends
+    /// nothing: what it had written is taken back, so the log ends at its
+    /// last whole record and the buffer stays usable. It does not wait for
+    /// disk space itself (so that it never hangs where a caller cannot give
+    /// up); [`wait_for_room`](Self::wait_for_room) does, then append again.
     pub async fn append<E: AsRef<[u8]>>(&self, entries: &[E]) -> Result<Range<u64>> {
         let mut sizes = Vec::with_capacity(entries.len());
         let mut bytes = 0u64;
@@ -762,7 +1133,7 @@ impl Buffer {
             // Wait for space without holding the writer, so the interval
             // flusher keeps syncing meanwhile; only appends use up space, so
             // the check holds once the writer is ours.
-            self.wait_for_space(bytes).await?;
+            self.wait_for_space(bytes, false).await?;
             let writer = self.inner.writer.clone().lock_owned().await;
             if self
                 .inner
@@ -782,42 +1153,102 @@ impl Buffer {
         }
         let inner = self.inner.clone();
         let path = writer.path.clone();
+        let freed_before = self.inner.state().freed;
         tokio::task::spawn_blocking(move || {
             let mut writer = writer;
-            writer.write_batch(&inner, &encoded, &sizes)
+            let result = writer.write_batch(&inner, &encoded, &sizes);
+            // Released first: a full disk may be reclaimed right away.
+            drop(writer);
+            match &result {
+                Ok(_) => inner.space_returned(),
+                Err(err) if err.is_no_space() => inner.ran_out_of_space(bytes, freed_before),
+                Err(_) => {}
+            }
+            result
         })
         .await
         .map_err(|e| join_error("append", path, e))?
     }
 
-    /// Waits until appending `entries` would not have to wait for room (or
-    /// fails with [`Error::Closed`]). Writes nothing, so it is safe to drop
-    /// at any point: a caller that must be able to give up while the buffer
-    /// is full waits here, then appends. With a single appender the room
-    /// found here is still there for its append.
+    /// Waits until appending `entries` is worth trying (or fails with
+    /// [`Error::Closed`]): while the buffer is full (`max_bytes`), until
+    /// acknowledgements free room; and after an append found the disk full
+    /// ([`Error::NoSpace`], [`Stats::disk_full`]), until the buffer frees
+    /// disk space (segments deleted as delivery drains) or the filesystem
+    /// reports enough free space (it is asked every second; space may come
+    /// back from outside), or in any case every 30 seconds (the
+    /// filesystem's figure ignores quotas). Writes nothing, so it is safe to
+    /// drop at any point: a caller that must be able to give up while the
+    /// buffer is full waits here, then appends. With a single appender the
+    /// room found here is still there for its append; disk space is not
+    /// promised, so an append may still fail with [`Error::NoSpace`]: wait
+    /// here again.
     pub async fn wait_for_room<E: AsRef<[u8]>>(&self, entries: &[E]) -> Result<()> {
         let bytes = entries
             .iter()
             .map(|e| RECORD_HEADER_BYTES + e.as_ref().len() as u64)
             .sum();
-        self.wait_for_space(bytes).await
+        self.wait_for_space(bytes, true).await
     }
 
-    async fn wait_for_space(&self, bytes: u64) -> Result<()> {
+    /// Waits until `bytes` fit under `max_bytes` and, with `disk`, until
+    /// retrying after a full disk is worth it.
+    async fn wait_for_space(&self, bytes: u64, disk: bool) -> Result<()> {
+        let mut next_probe = None;
         loop {
             let mut changed = self.inner.progress.subscribe();
-            {
+            let disk_full = {
                 let st = self.inner.state();
                 if st.closed {
                     return Err(Error::Closed);
                 }
-                if st.has_space(bytes, self.inner.config.max_bytes) {
-                    return Ok(());
+                if !st.has_space(bytes, self.inner.config.max_bytes) {
+                    None
+                } else {
+                    match st.disk_full {
+                        Some(full) if disk && st.freed == full.freed_at => Some(full),
+                        _ => return Ok(()),
+                    }
+                }
+            };
+            let Some(full) = disk_full else {
+                // The sender lives as long as `self`, so this never errors.
+                let _ = changed.changed().await;
+                continue;
+            };
+            // A deadline kept across wake-ups, so that frequent
+            // acknowledgements do not keep postponing the probe.
+            let at =
+                *next_probe.get_or_insert_with(|| tokio::time::Instant::now() + DISK_PROBE_EVERY);
+            tokio::select! {
+                _ = changed.changed() => {}
+                () = tokio::time::sleep_until(at) => {
+                    next_probe = None;
+                    if self.disk_retry_worth_it(&full, bytes).await {
+                        return Ok(());
+                    }
                 }
             }
-            // The sender lives as long as `self`, so this never errors.
-            let _ = changed.changed().await;
         }
+    }
+
+    /// After a full disk and no space freed by the buffer: whether the
+    /// filesystem now has room for `bytes` (more free space than when the
+    /// append failed, or a smaller append), or it is time to try anyway.
+    async fn disk_retry_worth_it(&self, full: &DiskFullState, bytes: u64) -> bool {
+        if full.attempted_at.elapsed() >= DISK_RETRY_ANYWAY {
+            return true;
+        }
+        let dir = self.inner.dir.clone();
+        let free = tokio::task::spawn_blocking(move || space::space(&dir))
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .map(|s| s.free_bytes);
+        free.is_some_and(|free| {
+            free >= bytes
+                && (free > full.report.free_bytes.unwrap_or(0) || bytes < full.report.needed_bytes)
+        })
     }
 
     /// Returns up to `max_entries` entries from offset `from` on, in order,
@@ -871,9 +1302,15 @@ impl Buffer {
     }
 
     /// Acknowledges every entry below `upto_exclusive`: persists the offset
-    /// durably (temporary file, fsync, rename, fsync of the directory),
-    /// then deletes segments whose entries are all acknowledged and wakes
-    /// appenders waiting for space. Acknowledging at or below the current
+    /// durably (overwriting a slot of the `acked` file in place and syncing
+    /// it, which needs no new disk space), then deletes segments whose
+    /// entries are all acknowledged and wakes appenders waiting for space.
+    ///
+    /// When every entry is acknowledged, the active segment is reclaimed
+    /// too (deleted, and an empty one started): at once if it holds 1 MiB
+    /// or more or the disk was found full, otherwise once the buffer has
+    /// stayed drained for a second. So a drained buffer gives its space
+    /// back to the disk. Acknowledging at or below the current
     /// acknowledged offset does nothing; past [`next_offset`](Self::next_offset)
     /// fails with [`Error::AckBeyondEnd`]. Still allowed after close, so
     /// in-flight deliveries can finish.
@@ -895,7 +1332,16 @@ impl Buffer {
         let inner = self.inner.clone();
         tokio::task::spawn_blocking(move || {
             let logical = target.resolve();
-            acked::store(&inner.dir, upto_exclusive)?;
+            {
+                let mut file = inner
+                    .acked_file
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                match file.as_mut() {
+                    Some(file) => file.store(upto_exclusive)?,
+                    None => *file = Some(AckedFile::open(&inner.dir, upto_exclusive)?),
+                }
+            }
             let deletable = {
                 let mut st = inner.state();
                 st.acked = upto_exclusive;
@@ -903,13 +1349,28 @@ impl Buffer {
                 st.take_deletable()
             };
             delete_segments(deletable);
+            inner.reclaim_if_drained(false);
             // Woken from here so that a dropped `ack` future still wakes
             // appenders once the acknowledgement is done.
             inner.wake();
             Ok::<_, Error>(())
         })
         .await
-        .map_err(|e| join_error("acknowledge", self.inner.dir.clone(), e))?
+        .map_err(|e| join_error("acknowledge", self.inner.dir.clone(), e))??;
+        let idle = {
+            let mut st = self.inner.state();
+            let drained =
+                st.acked == st.next_offset && st.segments.back().is_some_and(|s| s.records > 0);
+            let schedule = drained && !st.idle_reclaim_pending;
+            if schedule {
+                st.idle_reclaim_pending = true;
+            }
+            schedule
+        };
+        if idle {
+            spawn_idle_reclaim(&self.inner);
+        }
+        Ok(())
     }
 
     /// Forces appended entries to disk now. Needed only under
@@ -950,6 +1411,7 @@ impl Buffer {
             first_offset: st.first_offset(),
             acked: st.acked,
             next_offset: st.next_offset,
+            disk_full: st.disk_full.map(|d| d.report),
         }
     }
 

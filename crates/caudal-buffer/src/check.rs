@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::acked::{self, Acked};
 use crate::error::{Error, Result};
 use crate::segment::{Header, SEGMENT_HEADER_BYTES, list_segments, scan_segment};
+use crate::space::{self, Space};
 
 /// One damaged or suspicious place in a buffer directory.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -171,6 +172,15 @@ pub struct Inspection {
     pub disk_bytes: u64,
     /// Bytes after the last complete record (truncated at next open).
     pub torn_bytes: u64,
+    /// Size and free space of the filesystem holding the directory (`None`
+    /// when the filesystem cannot be asked).
+    pub space: Option<Space>,
+    /// Set while the pipeline's appends wait for disk space: when an append
+    /// first found the disk full, in milliseconds since the Unix epoch. Read
+    /// from the marker file `DISK_FULL`, which the writer creates when its
+    /// disk fills and removes once an append goes through again (and which
+    /// opening the buffer clears).
+    pub disk_full_since_unix_ms: Option<u64>,
 }
 
 impl Inspection {
@@ -199,6 +209,20 @@ impl fmt::Display for Inspection {
                 f,
                 "torn tail: {} bytes (truncated when the pipeline next opens the buffer)",
                 self.torn_bytes
+            )?;
+        }
+        if let Some(space) = self.space {
+            writeln!(
+                f,
+                "filesystem: {} bytes free of {}",
+                space.free_bytes, space.total_bytes
+            )?;
+        }
+        if let Some(since) = self.disk_full_since_unix_ms {
+            writeln!(
+                f,
+                "disk full: appends have been waiting for space for {} s (intake resumes by itself once delivery or an operator frees space)",
+                space::ago(since).as_secs()
             )?;
         }
         writeln!(
@@ -264,7 +288,8 @@ impl fmt::Display for FsckReport {
 }
 
 /// Lists the segments of the buffer in `dir` with their offset ranges, sizes
-/// and record counts, and the acknowledged offset. Reads only the last
+/// and record counts, the acknowledged offset, the free space of its
+/// filesystem and whether appends wait for disk space. Reads only the last
 /// segment (to count its records); changes nothing.
 pub fn inspect(dir: &Path) -> Result<Inspection> {
     let acked = match acked::load(dir)? {
@@ -312,6 +337,8 @@ pub fn inspect(dir: &Path) -> Result<Inspection> {
         disk_bytes: segments.iter().map(|s| s.bytes).sum(),
         segments,
         torn_bytes,
+        space: space::space(dir).ok(),
+        disk_full_since_unix_ms: space::disk_full_since(dir),
     })
 }
 

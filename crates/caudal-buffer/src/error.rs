@@ -12,10 +12,25 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum Error {
-    /// A file operation failed (disk full, permissions, a vanished directory).
+    /// A file operation failed (permissions, a vanished directory, a disk
+    /// error). A full disk is [`Error::NoSpace`] instead.
     #[error("buffer I/O failed: {op} {}", path.display())]
     Io {
         /// What was being done, e.g. "fsync segment".
+        op: &'static str,
+        /// The file or directory involved.
+        path: PathBuf,
+        /// The operating system's error.
+        #[source]
+        source: io::Error,
+    },
+    /// The buffer's filesystem has no space left (or a quota is reached).
+    /// An append that fails so is undone, leaving no partial record, and
+    /// may be retried once space returns: it is backpressure, not damage
+    /// (see [`Buffer::wait_for_room`](crate::Buffer::wait_for_room)).
+    #[error("no space left on the buffer's disk: {op} {}", path.display())]
+    NoSpace {
+        /// What was being done, e.g. "write segment".
         op: &'static str,
         /// The file or directory involved.
         path: PathBuf,
@@ -99,12 +114,19 @@ pub enum Error {
 }
 
 impl Error {
+    /// A failed file operation; [`Error::NoSpace`] when the disk is full.
     pub(crate) fn io(op: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
-        Self::Io {
-            op,
-            path: path.into(),
-            source,
+        let path = path.into();
+        if crate::space::is_no_space(&source) {
+            return Self::NoSpace { op, path, source };
         }
+        Self::Io { op, path, source }
+    }
+
+    /// True when the disk is full ([`Error::NoSpace`]): waiting for space
+    /// and retrying is the remedy.
+    pub fn is_no_space(&self) -> bool {
+        matches!(self, Self::NoSpace { .. })
     }
 
     /// True when the data on disk is damaged ([`Error::Corrupt`],

@@ -10,11 +10,16 @@
 //!   kept, a torn tail is reported and truncated.
 //! - [`Buffer::append`] is durable when it returns ([`FsyncPolicy`]) and waits
 //!   while the buffer is full ([`BufferConfig::max_bytes`]): backpressure.
+//!   On a full disk it appends nothing, leaves no torn bytes and fails with
+//!   [`Error::NoSpace`]; [`Buffer::wait_for_room`] waits until space returns
+//!   ([`Stats::disk_full`] says why meanwhile).
 //! - [`Buffer::read`] waits for entries and verifies each one's CRC.
-//! - [`Buffer::ack`] persists the acknowledged offset and deletes segments
-//!   that are fully acknowledged.
+//! - [`Buffer::ack`] persists the acknowledged offset (in place: it needs no
+//!   new disk space) and deletes segments that are fully acknowledged, the
+//!   active one too once the buffer is drained.
 //! - [`inspect`] and [`fsck`] are read-only views for the CLI
-//!   (`caudal buffer inspect|fsck PIPELINE`).
+//!   (`caudal buffer inspect|fsck PIPELINE`); [`space`] is the free space of
+//!   a buffer's filesystem.
 //!
 //! The storage was chosen by measurement against redb and SQLite; the
 //! figures are in `bench/buffer.md` (`cargo run --release -p caudal-buffer
@@ -40,6 +45,7 @@ mod check;
 mod config;
 mod error;
 mod segment;
+mod space;
 
 pub use buffer::{Buffer, Recovery, Stats};
 pub use check::{FsckReport, Inspection, Problem, ProblemKind, SegmentInfo, fsck, inspect};
@@ -48,3 +54,4 @@ pub use config::{
 };
 pub use error::{Error, Result};
 pub use segment::{MAX_ENTRY_BYTES, RECORD_HEADER_BYTES, SEGMENT_HEADER_BYTES};
+pub use space::{DiskFull, Space, space};

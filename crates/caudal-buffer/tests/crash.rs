@@ -3,6 +3,11 @@
 //! continuously and is killed with SIGKILL at random points. After each kill
 //! the buffer must open, and every entry the child reported durable (it
 //! prints the offsets after `append` returns) must be there and intact.
+//!
+//! Two workloads: small segments with acknowledgements now and then
+//! (rollover and deletion of sealed segments under the kill), and large
+//! segments with everything acknowledged after each append (the active
+//! segment reclaimed, deleted and started again, under the kill).
 
 // clippy.toml's allow-unwrap-in-tests covers #[test] bodies only; the
 // helpers of this test crate fail loudly the same way.
@@ -17,6 +22,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use caudal_buffer::{Buffer, BufferConfig};
 
 const CHILD_DIR_ENV: &str = "CAUDAL_BUFFER_CRASH_CHILD_DIR";
+/// Set to `drain` for the second workload.
+const CHILD_WORKLOAD_ENV: &str = "CAUDAL_BUFFER_CRASH_CHILD_WORKLOAD";
 const KILLS: usize = 8;
 
 fn payload(offset: u64) -> Vec<u8> {
@@ -26,12 +33,34 @@ fn payload(offset: u64) -> Vec<u8> {
         .collect()
 }
 
-fn config() -> BufferConfig {
-    BufferConfig {
-        // Small segments so rollover and deletion happen under the kill too.
-        segment_bytes: 256 * 1024,
-        max_bytes: 4 << 20,
-        ..BufferConfig::default()
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Workload {
+    /// Small segments, acknowledgements now and then.
+    Roll,
+    /// Large segments, everything acknowledged after each append: the
+    /// active segment is reclaimed whenever it holds 1 MiB or more.
+    Drain,
+}
+
+impl Workload {
+    fn from_env() -> Self {
+        match std::env::var(CHILD_WORKLOAD_ENV).as_deref() {
+            Ok("drain") => Self::Drain,
+            _ => Self::Roll,
+        }
+    }
+
+    fn config(self) -> BufferConfig {
+        match self {
+            Self::Roll => BufferConfig {
+                // Small segments so rollover and deletion happen under the
+                // kill too.
+                segment_bytes: 256 * 1024,
+                max_bytes: 4 << 20,
+                ..BufferConfig::default()
+            },
+            Self::Drain => BufferConfig::default(),
+        }
     }
 }
 
@@ -61,8 +90,10 @@ fn crash_child_writer() {
         return;
     };
     let runtime = tokio::runtime::Runtime::new().unwrap();
+    let workload = Workload::from_env();
+    let config = workload.config();
     runtime.block_on(async move {
-        let (buffer, recovery) = Buffer::open(Path::new(&dir), config()).unwrap();
+        let (buffer, recovery) = Buffer::open(Path::new(&dir), config.clone()).unwrap();
         let mut out = std::io::stdout();
         writeln!(out, "opened {}", recovery.next_offset).unwrap();
         let mut rng = Rng::seeded();
@@ -79,7 +110,9 @@ fn crash_child_writer() {
             // consumer: keep the backlog well under the cap, or the next
             // append would wait for an acknowledgement forever.
             let acked = buffer.acked();
-            let upto = if buffer.stats().unacked_bytes > config().max_bytes / 2 {
+            let upto = if workload == Workload::Drain {
+                range.end
+            } else if buffer.stats().unacked_bytes > config.max_bytes / 2 {
                 range.end - rng.below(n)
             } else if rng.below(4) == 0 {
                 acked + rng.below(range.end - acked + 1)
@@ -102,7 +135,7 @@ struct Reported {
     lines: usize,
 }
 
-fn run_child_and_kill(dir: &Path, rng: &mut Rng) -> Reported {
+fn run_child_and_kill(dir: &Path, workload: Workload, rng: &mut Rng) -> Reported {
     let mut child = Command::new(std::env::current_exe().unwrap())
         .args([
             "--exact",
@@ -111,6 +144,14 @@ fn run_child_and_kill(dir: &Path, rng: &mut Rng) -> Reported {
             "--test-threads=1",
         ])
         .env(CHILD_DIR_ENV, dir)
+        .env(
+            CHILD_WORKLOAD_ENV,
+            if workload == Workload::Drain {
+                "drain"
+            } else {
+                "roll"
+            },
+        )
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
@@ -147,6 +188,16 @@ fn run_child_and_kill(dir: &Path, rng: &mut Rng) -> Reported {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill_9_at_random_points_loses_no_durable_entry() {
+    kill_9_at_random_points(Workload::Roll).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_while_the_active_segment_is_reclaimed_loses_no_entry() {
+    kill_9_at_random_points(Workload::Drain).await;
+}
+
+async fn kill_9_at_random_points(workload: Workload) {
+    let config = workload.config();
     let dir = tempfile::tempdir().unwrap();
     let mut rng = Rng::seeded();
     let started = Instant::now();
@@ -154,13 +205,14 @@ async fn kill_9_at_random_points_loses_no_durable_entry() {
     for round in 0..KILLS {
         let path = dir.path().to_path_buf();
         let seed = rng.below(u64::MAX);
-        let reported =
-            tokio::task::spawn_blocking(move || run_child_and_kill(&path, &mut Rng(seed | 1)))
-                .await
-                .unwrap();
+        let reported = tokio::task::spawn_blocking(move || {
+            run_child_and_kill(&path, workload, &mut Rng(seed | 1))
+        })
+        .await
+        .unwrap();
         assert!(reported.lines > 0);
 
-        let (buffer, recovery) = Buffer::open(dir.path(), config()).unwrap();
+        let (buffer, recovery) = Buffer::open(dir.path(), config.clone()).unwrap();
         total_torn += recovery.torn_bytes;
         assert!(recovery.corrupt.is_empty(), "round {round}: {recovery:?}");
         assert!(

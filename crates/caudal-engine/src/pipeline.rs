@@ -41,7 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::batch::Batcher;
-use crate::buffered::{self, Entry, Recent, buffer_error};
+use crate::buffered::{self, Entry, Recent};
 use crate::deliverer::{Deliverer, DeliveryStats};
 use crate::lease::{Lease, pipeline_lease};
 use crate::maintenance;
@@ -745,9 +745,10 @@ impl Pipeline {
         let entries = [entry.encode()?];
         // Give up only while waiting for room: an append once started is
         // finished, so its checkpoint commit is not skipped.
+        let blocked = &self.shared.blocked;
         tokio::select! {
             () = cancel.cancelled() => return Ok(false),
-            room = buffer.wait_for_room(&entries) => room.map_err(|e| buffer_error(&self.name, e))?,
+            room = buffered::wait_for_room(&self.name, buffer, &entries, blocked) => room?,
         }
         // Kept before the checkpoint can move past them.
         if !invalid.is_empty() {
@@ -759,10 +760,11 @@ impl Pipeline {
                 .dead
                 .fetch_add(invalid.len() as u64, Ordering::Relaxed);
         }
-        let appended = buffer
-            .append(&entries)
-            .await
-            .map_err(|e| buffer_error(&self.name, e))?;
+        let Some(appended) =
+            buffered::append(&self.name, buffer, &entries, cancel, blocked).await?
+        else {
+            return Ok(false);
+        };
         let rows_read = counters.read.load(Ordering::Relaxed);
         match self.ack {
             AckMode::Buffered => {

@@ -57,8 +57,9 @@ pub enum Kind {
 /// on all; `sink` on the sink's; `outcome` (`caudal_batches_total`:
 /// delivered, rejected; `caudal_sink_requests_total`: delivered, retry,
 /// rejected, split; `caudal_runs_total`: succeeded, failed, cancelled);
-/// `reason` on `caudal_records_rejected_total` (sink, schema).
-pub const METRICS: [(&str, Kind, &str); 16] = [
+/// `reason` on `caudal_records_rejected_total` (sink, schema) and
+/// `caudal_buffer_blocked` (disk_full).
+pub const METRICS: [(&str, Kind, &str); 17] = [
     (
         "caudal_records_read_total",
         Kind::Counter,
@@ -113,6 +114,11 @@ pub const METRICS: [(&str, Kind, &str); 16] = [
         "caudal_buffer_bytes",
         Kind::Gauge,
         "Bytes of the pipeline's buffer not yet delivered.",
+    ),
+    (
+        "caudal_buffer_blocked",
+        Kind::Gauge,
+        "1 while the pipeline's intake waits because the buffer's disk is full, else 0.",
     ),
     (
         "caudal_checkpoint_age_seconds",
