@@ -46,11 +46,11 @@ pub async fn pipeline_status(
     let checkpoint = crate::load_checkpoint(store, name).await;
     let next = store.next_run(name).await.ok().flatten();
     let circuit = store.circuit_state(name).await?;
-    let (buffered_batches, buffer_disk_bytes) = match buffer_figures(config, name) {
-        Ok((n, bytes)) => (Some(n), Some(bytes)),
+    let (buffered_batches, buffer_disk_bytes, disk_full) = match buffer_figures(config, name) {
+        Ok((n, bytes, full)) => (Some(n), Some(bytes), full),
         Err(e) => {
             tracing::warn!(pipeline = name, error = %e.report(), "cannot inspect the buffer");
-            (None, None)
+            (None, None, None)
         }
     };
     let replication = match (cdc, source) {
@@ -100,7 +100,11 @@ pub async fn pipeline_status(
         next_run: next.map(|t| t.to_string()),
         buffered_batches,
         buffer_disk_bytes,
-        intake_blocked: running.and_then(crate::Pipeline::intake_blocked),
+        // The running pipeline knows why it waits; another process sees a
+        // full disk by the marker the buffer leaves.
+        intake_blocked: running
+            .and_then(crate::Pipeline::intake_blocked)
+            .or(disk_full),
         circuit: circuit.as_ref().map(|c| c.circuit.clone()),
         circuit_updated_at: circuit.map(|c| c.updated_at.to_string()),
         replication,
@@ -108,12 +112,22 @@ pub async fn pipeline_status(
     })
 }
 
-/// Batches waiting in a pipeline's buffer and the bytes of its files.
-fn buffer_figures(config: &Config, name: &str) -> Result<(u64, u64)> {
+/// Batches waiting in a pipeline's buffer, the bytes of its files, and
+/// why its intake waits when its disk is full.
+fn buffer_figures(config: &Config, name: &str) -> Result<(u64, u64, Option<String>)> {
     let dir = config.buffer_dir(name);
     if !dir.exists() {
-        return Ok((0, 0));
+        return Ok((0, 0, None));
     }
     let i = caudal_buffer::inspect(&dir).map_err(|e| crate::buffered::buffer_error(name, e))?;
-    Ok((i.unacked_records(), i.disk_bytes))
+    let full = i.disk_full_since_unix_ms.map(|ms| {
+        let since = jiff::Timestamp::from_millisecond(i64::try_from(ms).unwrap_or(i64::MAX))
+            .map_or_else(|_| format!("{ms} ms after the epoch"), |t| t.to_string());
+        format!(
+            "the disk of the buffer ({}) is full since {since}; reading waits for delivery \
+             (or an operator) to free space",
+            dir.display()
+        )
+    });
+    Ok((i.unacked_records(), i.disk_bytes, full))
 }

@@ -132,6 +132,18 @@ pub fn default_server_id(pipeline: &str) -> u32 {
 /// Default interval of CDC heartbeats.
 pub const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(10);
 
+/// How an incremental source's first run reads its table.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum FirstLoadMode {
+    /// Binary COPY in ctid ranges, in parallel, in physical order, up to
+    /// the cursor's high-water mark (PostgreSQL tables).
+    #[default]
+    Copy,
+    /// Page by cursor, in cursor order.
+    Cursor,
+}
+
 /// How exact decimals (`numeric`, `DECIMAL`) appear in records.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
@@ -212,6 +224,13 @@ pub struct SqlSourceConfig {
     /// How exact decimals appear in records (default `string`).
     #[serde(default)]
     pub decimals: DecimalFormat,
+    /// How a PostgreSQL `table` source's first run (no checkpoint yet)
+    /// reads the table: `copy` (the default there) with parallel binary
+    /// COPY in physical order up to the cursor's high-water mark, then by
+    /// cursor; `cursor` in cursor order, like every later run. Other sources
+    /// read by cursor.
+    #[serde(default)]
+    pub first_load: Option<FirstLoadMode>,
 }
 
 fn default_page_size() -> u32 {
@@ -230,7 +249,10 @@ pub(super) fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Ve
         out.push(Problem::at(path.key("page_size"), "must be greater than 0"));
     }
     match sql.mode {
-        SqlMode::Incremental => check_incremental(path, sql, out),
+        SqlMode::Incremental => {
+            check_incremental(path, sql, out);
+            check_first_load(path, source.dialect(), sql, out);
+        }
         SqlMode::Cdc => check_cdc(path, source.dialect(), sql, out),
     }
 }
@@ -252,6 +274,24 @@ fn missing_feature(source: &SourceConfig) -> Option<(&'static str, String)> {
                 .into(),
         )),
         _ => None,
+    }
+}
+
+/// `first_load = "copy"` reads a PostgreSQL table by ctid.
+fn check_first_load(
+    path: &FieldPath,
+    dialect: SqlDialect,
+    sql: &SqlSourceConfig,
+    out: &mut Vec<Problem>,
+) {
+    if sql.first_load == Some(FirstLoadMode::Copy)
+        && (dialect != SqlDialect::Postgres || sql.table.is_none())
+    {
+        out.push(Problem::at(
+            path.key("first_load"),
+            "\"copy\" reads a PostgreSQL table by its physical pages; this source is not one \
+             (remove `first_load`, or set it to \"cursor\")",
+        ));
     }
 }
 

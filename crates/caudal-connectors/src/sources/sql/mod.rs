@@ -20,7 +20,9 @@ pub(crate) mod postgres;
 pub mod postgres_copy;
 mod sqlite;
 
-use caudal_core::config::{DEFAULT_LAG, DecimalFormat, SourceConfig, SqlDialect, SqlSourceConfig};
+use caudal_core::config::{
+    DEFAULT_LAG, DecimalFormat, FirstLoadMode, SourceConfig, SqlDialect, SqlSourceConfig,
+};
 use caudal_core::record::{CursorValue, Json, Position, Record};
 use caudal_core::{Error, ErrorKind, Result};
 use serde_json::{Map, Value};
@@ -258,7 +260,10 @@ impl SqlSource {
             None => None,
         };
         let first_load = match (load, &self.pool, &self.config.table) {
-            (Some(resume), Pool::Postgres(pool), Some(_)) if copy_ranges(pool).await => {
+            (Some(resume), Pool::Postgres(pool), Some(_))
+                if self.config.first_load != Some(FirstLoadMode::Cursor)
+                    && copy_ranges(pool).await =>
+            {
                 let plan = first_load::Plan {
                     source: &self.name,
                     relation: self.relation(),

@@ -350,7 +350,12 @@ fn row<B: RowBuilder>(
             Some(bytes) => binary_value(ty, &bytes, t.decimals).map_err(|e| {
                 decode_error(
                     t,
-                    &format!("column {name:?} of type {}: {e}", sqlx::TypeInfo::name(ty)),
+                    &format!(
+                        "column {name:?} of type {}: {e}; read the table through a `query` \
+                         that casts it to a supported type (e.g. `{}::text`)",
+                        sqlx::TypeInfo::name(ty),
+                        super::quote_ident(caudal_core::config::SqlDialect::Postgres, name)
+                    ),
                 )
             })?,
         });
