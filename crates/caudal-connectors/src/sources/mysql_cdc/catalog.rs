@@ -17,9 +17,22 @@ pub struct Table {
     pub name: String,
     /// The quoted name for SQL.
     pub quoted: String,
-    /// Primary key columns in key order, with the kind their values
-    /// decode to.
+    /// The columns that identify a row, in key order, with the kind their
+    /// values decode to: the primary key, else the first unique index of
+    /// NOT NULL columns (by index name); empty for a table with neither.
     pub key: Vec<(String, ColumnKind)>,
+    /// The unique index `key` comes from, when the table has no primary key.
+    pub unique_index: Option<String>,
+}
+
+impl Table {
+    /// Whether the table has nothing that identifies a row: its changes
+    /// are keyed by the table alone (ordered across the whole table), the
+    /// whole old row identifies an update or delete, and its snapshot is
+    /// read in one pass.
+    pub fn keyless(&self) -> bool {
+        self.key.is_empty()
+    }
 }
 
 /// What the current catalog says of a table's columns beyond what the
@@ -315,24 +328,14 @@ pub async fn table(pool: &MySqlPool, source: &str, table: &str) -> Result<Table>
             ),
         ));
     }
-    let key: Vec<String> = sqlx::query_scalar(
-        "SELECT COLUMN_NAME FROM information_schema.STATISTICS \
-         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? AND INDEX_NAME = 'PRIMARY' \
-         ORDER BY SEQ_IN_INDEX",
-    )
-    .bind(&schema)
-    .bind(&name)
-    .fetch_all(pool)
-    .await
-    .map_err(|e| query_error(source, &format!("cannot read the primary key of {full}"), e))?;
+    let (key, unique_index) = identity(pool, source, &schema, &name, &full).await?;
     if key.is_empty() {
-        return Err(config_error(
-            source,
-            format!(
-                "table {full} has no primary key; CDC needs one to key and order its changes: \
-                 ALTER TABLE {quoted} ADD PRIMARY KEY (...)"
-            ),
-        ));
+        return Ok(Table {
+            name: full,
+            quoted,
+            key: Vec::new(),
+            unique_index: None,
+        });
     }
     let list: Vec<String> = key
         .iter()
@@ -351,8 +354,11 @@ pub async fn table(pool: &MySqlPool, source: &str, table: &str) -> Result<Table>
             return Err(config_error(
                 source,
                 format!(
-                    "primary key column {k:?} of table {full} has type {t}, which caudal cannot \
-                     order a snapshot by (integers, decimals, text, dates and timestamps can)"
+                    "{} column {k:?} of table {full} has type {t}, which caudal cannot order a \
+                     snapshot by (integers, decimals, text, dates and timestamps can)",
+                    unique_index
+                        .as_ref()
+                        .map_or("primary key".to_string(), |i| format!("unique index {i:?}"))
                 ),
             ));
         }
@@ -362,7 +368,51 @@ pub async fn table(pool: &MySqlPool, source: &str, table: &str) -> Result<Table>
         name: full,
         quoted,
         key: typed,
+        unique_index,
     })
+}
+
+/// The columns that identify a row of `schema.name`: its primary key, else
+/// the first unique index whose columns are all NOT NULL (with the index's
+/// name), else none.
+async fn identity(
+    pool: &MySqlPool,
+    source: &str,
+    schema: &str,
+    name: &str,
+    full: &str,
+) -> Result<(Vec<String>, Option<String>)> {
+    let rows: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT s.INDEX_NAME, s.COLUMN_NAME, c.IS_NULLABLE \
+         FROM information_schema.STATISTICS s JOIN information_schema.COLUMNS c \
+           ON c.TABLE_SCHEMA = s.TABLE_SCHEMA AND c.TABLE_NAME = s.TABLE_NAME \
+          AND c.COLUMN_NAME = s.COLUMN_NAME \
+         WHERE s.TABLE_SCHEMA = ? AND s.TABLE_NAME = ? AND s.NON_UNIQUE = 0 \
+         ORDER BY s.INDEX_NAME = 'PRIMARY' DESC, s.INDEX_NAME, s.SEQ_IN_INDEX",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(pool)
+    .await
+    .map_err(|e| query_error(source, &format!("cannot read the keys of {full}"), e))?;
+    let mut indexes: Vec<(String, Vec<String>, bool)> = Vec::new();
+    for (index, column, nullable) in rows {
+        let not_null = nullable.eq_ignore_ascii_case("NO");
+        match indexes.last_mut() {
+            Some((name, columns, all)) if *name == index => {
+                columns.push(column);
+                *all &= not_null;
+            }
+            _ => indexes.push((index, vec![column], not_null)),
+        }
+    }
+    Ok(
+        match indexes.into_iter().find(|(_, _, not_null)| *not_null) {
+            Some((index, columns, _)) if index == "PRIMARY" => (columns, None),
+            Some((index, columns, _)) => (columns, Some(index)),
+            None => (Vec::new(), None),
+        },
+    )
 }
 
 /// The current catalog's JSON and boolean columns of `schema.table`.

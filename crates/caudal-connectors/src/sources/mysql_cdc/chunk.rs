@@ -1,4 +1,4 @@
-//! Reading a table in primary-key chunks: the snapshot and backfills.
+//! Reading a table in key chunks: the snapshot and backfills.
 
 use caudal_core::config::{DecimalFormat, SqlDialect};
 use caudal_core::record::CursorValue;
@@ -43,47 +43,12 @@ pub async fn read(
     } else {
         format!(" WHERE {}", conditions.join(" AND "))
     };
-    // Every column by name: `*` leaves INVISIBLE ones out, the log has
-    // them.
-    let (schema, name) = table.name.split_once('.').unwrap_or(("", &table.name));
-    let columns: Vec<String> = sqlx::query_scalar(
-        "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
-         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
-    )
-    .bind(schema)
-    .bind(name)
-    .fetch_all(&mut *conn)
-    .await
-    .map_err(|e| {
-        query_error(
-            source,
-            &format!("cannot read the columns of {}", table.name),
-            e,
-        )
-    })?;
-    let list: Vec<String> = columns
-        .iter()
-        .map(|c| quote_ident(SqlDialect::Mysql, c))
-        .collect();
+    let (list, opts) = columns(&mut *conn, source, table, decimals).await?;
     let sql = format!(
-        "SELECT {} FROM {}{filter} ORDER BY {} LIMIT {limit}",
-        if list.is_empty() {
-            "*".to_string()
-        } else {
-            list.join(", ")
-        },
+        "SELECT {list} FROM {}{filter} ORDER BY {} LIMIT {limit}",
         table.quoted,
         keys.join(", ")
     );
-    let json_columns = crate::sources::sql::mysql::json_columns_with(&mut *conn, &table.name)
-        .await
-        .map_err(|e| {
-            query_error(
-                source,
-                &format!("cannot read the columns of {}", table.name),
-                e,
-            )
-        })?;
     let mut q = sqlx::query(sqlx::AssertSqlSafe(sql));
     if let Some(after) = after {
         for i in binds {
@@ -101,16 +66,59 @@ pub async fn read(
         .await
         .map_err(|e| query_error(source, &format!("reading {} failed", table.name), e))?;
     let full = rows.len() >= limit;
-    let opts = DecodeOptions {
-        decimals,
-        json_columns,
-    };
     let mut out = Vec::with_capacity(rows.len());
     for row in &rows {
         let data = decode_row(row, &opts).map_err(|e| fetch_error(source, e))?;
         out.push(Row::new(&table.name, &table.key, data)?);
     }
     Ok((out, full))
+}
+
+/// The select list of every column of `table` by name (`*` leaves
+/// INVISIBLE ones out, the log has them), and how to decode its rows: JSON
+/// columns (MariaDB's checked LONGTEXT) come out as JSON.
+pub async fn columns(
+    conn: &mut sqlx::MySqlConnection,
+    source: &str,
+    table: &Table,
+    decimals: DecimalFormat,
+) -> Result<(String, DecodeOptions)> {
+    let failed = |e| {
+        query_error(
+            source,
+            &format!("cannot read the columns of {}", table.name),
+            e,
+        )
+    };
+    let (schema, name) = table.name.split_once('.').unwrap_or(("", &table.name));
+    let columns: Vec<String> = sqlx::query_scalar(
+        "SELECT COLUMN_NAME FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+    )
+    .bind(schema)
+    .bind(name)
+    .fetch_all(&mut *conn)
+    .await
+    .map_err(failed)?;
+    let list = if columns.is_empty() {
+        "*".to_string()
+    } else {
+        columns
+            .iter()
+            .map(|c| quote_ident(SqlDialect::Mysql, c))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let json_columns = crate::sources::sql::mysql::json_columns_with(&mut *conn, &table.name)
+        .await
+        .map_err(failed)?;
+    Ok((
+        list,
+        DecodeOptions {
+            decimals,
+            json_columns,
+        },
+    ))
 }
 
 pub(super) fn fetch_error(source: &str, e: FetchError) -> Error {

@@ -18,7 +18,9 @@ use mysql_async::consts::{ColumnFlags, ColumnType};
 use serde_json::{Map, Value};
 
 use super::catalog::Facts;
+use crate::sources::sql::ColumnKind;
 use crate::sources::sql::{base64, decimal_value, format_naive, format_utc, postgres};
+use caudal_core::record::{ObjectWriter, ValueWriter};
 
 /// The character set number of binary strings and blobs.
 const BINARY: u16 = 63;
@@ -117,36 +119,119 @@ impl Shape {
     }
 }
 
-/// One row image as JSON (columns in table order) and the columns the
-/// image left out (`binlog_row_image` MINIMAL or NOBLOB).
-pub fn row(
+/// One row image, written straight into its JSON text (columns in the
+/// log's order), with the values of the key columns it holds and the
+/// columns it left out (`binlog_row_image` MINIMAL or NOBLOB).
+pub struct Image {
+    pub row: ObjectWriter,
+    /// The values of the image's key columns, as values.
+    pub key: Map<String, Value>,
+    pub missing: Vec<String>,
+}
+
+/// Decodes one row image of `shape`; the columns named in `key` are also
+/// kept as values.
+pub fn image(
     shape: &Shape,
     row: &BinlogRow,
     decimals: DecimalFormat,
-) -> Result<(Map<String, Value>, Vec<String>), String> {
-    let mut out = Map::new();
-    let present: Vec<String> = row
-        .columns_ref()
-        .iter()
-        .map(|c| c.name_str().into_owned())
-        .collect();
-    for (i, column) in row.columns_ref().iter().enumerate() {
-        let name = &present[i];
+    key: &[(String, ColumnKind)],
+) -> Result<Image, String> {
+    let columns = row.columns_ref();
+    let mut out = ObjectWriter::with_capacity(32 + columns.len() * 16);
+    let mut key_values = Map::with_capacity(key.len());
+    let whole = columns.len() == shape.columns.len();
+    for (i, column) in columns.iter().enumerate() {
+        let name = column.name_str();
         let Some(value) = row.as_ref(i) else {
             continue;
         };
-        let at = shape.index(name);
-        let v = value_of(shape, at, name, column, value, decimals)
-            .map_err(|e| format!("column {name:?} of {}: {e}", shape.table))?;
-        out.insert(name.clone(), v);
+        // A whole image has every column in table order.
+        let at = if whole && shape.columns[i] == *name {
+            Some(i)
+        } else {
+            shape.index(&name)
+        };
+        let fail = |e: String| format!("column {name:?} of {}: {e}", shape.table);
+        if key.iter().any(|(k, _)| *k == *name) {
+            let v = value_of(shape, at, &name, column, value, decimals).map_err(fail)?;
+            out.key(&name).value(&v);
+            key_values.insert(name.into_owned(), v);
+        } else {
+            write_value(out.key(&name), shape, at, &name, column, value, decimals).map_err(fail)?;
+        }
     }
-    let missing = shape
-        .columns
-        .iter()
-        .filter(|c| !out.contains_key(c.as_str()))
-        .cloned()
-        .collect();
-    Ok((out, missing))
+    let missing = if whole {
+        Vec::new()
+    } else {
+        let present: Vec<_> = columns.iter().map(|c| c.name_str()).collect();
+        shape
+            .columns
+            .iter()
+            .filter(|c| !present.iter().any(|p| p == c.as_str()))
+            .cloned()
+            .collect()
+    };
+    Ok(Image {
+        row: out,
+        key: key_values,
+        missing,
+    })
+}
+
+/// Writes one value: text and integers straight from the log's bytes,
+/// anything else through its JSON value.
+fn write_value(
+    w: ValueWriter<'_>,
+    shape: &Shape,
+    at: Option<usize>,
+    name: &str,
+    column: &mysql_async::Column,
+    value: &BinlogValue<'_>,
+    decimals: DecimalFormat,
+) -> Result<(), String> {
+    use ColumnType::*;
+    if let BinlogValue::Value(v) = value
+        && !shape.facts.unsupported.contains_key(name)
+    {
+        match (column.column_type(), v) {
+            (_, MyValue::NULL) => {
+                w.null();
+                return Ok(());
+            }
+            (MYSQL_TYPE_LONG | MYSQL_TYPE_LONGLONG, MyValue::Int(i))
+                if !column.flags().contains(ColumnFlags::UNSIGNED_FLAG) =>
+            {
+                w.i64(*i);
+                return Ok(());
+            }
+            (
+                MYSQL_TYPE_STRING
+                | MYSQL_TYPE_VAR_STRING
+                | MYSQL_TYPE_VARCHAR
+                | MYSQL_TYPE_BLOB
+                | MYSQL_TYPE_TINY_BLOB
+                | MYSQL_TYPE_MEDIUM_BLOB
+                | MYSQL_TYPE_LONG_BLOB,
+                MyValue::Bytes(b),
+            ) if column.character_set() != BINARY
+                && !shape.facts.json.contains(name)
+                && matches!(
+                    shape.facts.charsets.get(name).map(String::as_str),
+                    None | Some("utf8mb4" | "utf8mb3" | "utf8" | "ascii")
+                ) =>
+            {
+                let text = std::str::from_utf8(b)
+                    .map_err(|_| "text that is not valid UTF-8".to_string())?;
+                w.str(text);
+                return Ok(());
+            }
+            _ => {}
+        }
+    }
+    let v = value_of(shape, at, name, column, value, decimals)?;
+    w.value(&v);
+    Ok(())
 }
 
 fn value_of(

@@ -1,11 +1,11 @@
 //! MariaDB change data capture: the binary log, read as a replica.
 //!
 //! A run checks what reading the log needs (ROW format, full row metadata,
-//! the replication privileges, a server id of its own, InnoDB tables with
-//! primary keys), reads the tables in primary-key chunks inside one
-//! consistent snapshot whose binary log position the server reports, then
-//! streams the log from exactly there. See [`reader`] for the position
-//! rules.
+//! the replication privileges, a server id of its own, InnoDB tables), reads
+//! the tables in key chunks (a table without a primary key: by a unique
+//! index, else in one pass) inside one consistent snapshot whose binary log
+//! position the server reports, then streams the log from exactly there.
+//! See [`reader`] for the position rules.
 //!
 //! Records have the shape of PostgreSQL CDC's:
 //! `{op, table, key, before, after, unchanged, binlog, gtid, commit_time,
@@ -157,7 +157,9 @@ impl MyCdcSource {
         tracing::debug!(source = %self.name, version = %server.version, server_id = server.server_id, row_image = %server.row_image, "binary log checks passed");
         let mut tables = Vec::new();
         for t in self.tables() {
-            tables.push(catalog::table(&self.pool, &self.name, &t).await?);
+            let table = catalog::table(&self.pool, &self.name, &t).await?;
+            keyless_notice(&self.name, &table);
+            tables.push(table);
         }
         let logs = self.binary_logs().await?;
         let purged = |file: &str, p: &Position| -> Result<()> {
@@ -281,6 +283,18 @@ impl MyCdcSource {
     /// also checks that the table and the filter are valid.
     pub async fn count_rows(&self, table: &str, filter: Option<&str>) -> Result<u64> {
         let t = catalog::table(&self.pool, &self.name, table).await?;
+        if t.keyless() {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "source {:?}: table {} has no primary key (nor a unique index of NOT NULL \
+                     columns): a backfill reads a table in key order and leaves out rows changed \
+                     meanwhile by their key, which it cannot do without one; `caudal resync` \
+                     reads every table again",
+                    self.name, t.name
+                ),
+            ));
+        }
         let sql = match filter {
             Some(f) => format!(
                 "SELECT CAST(COUNT(*) AS SIGNED) FROM {} WHERE ({f})",
@@ -423,5 +437,24 @@ impl ChangeCapture for MyCdcSource {
     async fn request_backfill(&self, _id: &str) -> Result<()> {
         // The running reader polls the store for requests.
         Ok(())
+    }
+}
+
+/// Says how a table without a primary key is captured, and what to change
+/// for per-row order.
+fn keyless_notice(source: &str, t: &catalog::Table) {
+    if let Some(index) = &t.unique_index {
+        tracing::info!(
+            source,
+            table = %t.name,
+            index = %index,
+            "table has no primary key: its unique index of NOT NULL columns keys its changes and orders its snapshot"
+        );
+    } else if t.keyless() {
+        tracing::info!(
+            source,
+            table = %t.name,
+            "table has no primary key: every change is captured (the binary log carries the whole old row of updates and deletes, which identifies them); its changes keep their order across the whole table, its snapshot is read in one pass and read again from its start if interrupted, and it cannot be backfilled; add a primary key for per-row order"
+        );
     }
 }

@@ -17,11 +17,11 @@
 
 use std::sync::Arc;
 
-use caudal_core::record::{Json, Position, Record};
+use caudal_core::record::{Json, ObjectWriter, Position, Record};
 use serde_json::{Map, Value};
 
 use super::*;
-use crate::sources::change::Change;
+use crate::sources::change::{Change, Row};
 use crate::sources::sql::postgres_copy::{self, CopyTable, Ctid, RowBuilder};
 
 /// What the snapshot phase of a run starts from.
@@ -151,21 +151,27 @@ impl RowBuilder for SnapshotRows {
     type Row = Record;
 
     fn build(&self, (page, tuple): Ctid, names: &[String], values: Vec<Value>) -> Result<Record> {
-        let mut after = Map::with_capacity(names.len());
+        // The row is written straight into its JSON text; only the key
+        // columns' values are kept as values.
+        let mut row = ObjectWriter::with_capacity(names.len() * 24);
+        let mut key = Map::with_capacity(self.key.len());
         for (name, value) in names.iter().zip(values) {
-            after.insert(name.clone(), value);
+            row.key(name).value(&value);
+            if self.key.contains(name) {
+                key.insert(name.clone(), value);
+            }
         }
         let key: Map<String, Value> = self
             .key
             .iter()
-            .map(|k| (k.clone(), after.get(k).cloned().unwrap_or(Value::Null)))
+            .map(|k| (k.clone(), key.remove(k).unwrap_or(Value::Null)))
             .collect();
         let change = Change {
             op: "read",
             table: self.table.clone(),
             key,
             before: None,
-            after: Some(after.into()),
+            after: Some(Row::Encoded(row.finish())),
             unchanged: Vec::new(),
         };
         Ok(Record {
