@@ -205,21 +205,14 @@ fn write_value(
                 w.i64(*i);
                 return Ok(());
             }
-            (
-                MYSQL_TYPE_STRING
-                | MYSQL_TYPE_VAR_STRING
-                | MYSQL_TYPE_VARCHAR
-                | MYSQL_TYPE_BLOB
-                | MYSQL_TYPE_TINY_BLOB
-                | MYSQL_TYPE_MEDIUM_BLOB
-                | MYSQL_TYPE_LONG_BLOB,
-                MyValue::Bytes(b),
-            ) if column.character_set() != BINARY
-                && !shape.facts.json.contains(name)
-                && matches!(
-                    shape.facts.charsets.get(name).map(String::as_str),
-                    None | Some("utf8mb4" | "utf8mb3" | "utf8" | "ascii")
-                ) =>
+            (ty, MyValue::Bytes(b))
+                if is_text(ty)
+                    && column.character_set() != BINARY
+                    && !shape.facts.json.contains(name)
+                    && matches!(
+                        shape.facts.charsets.get(name).map(String::as_str),
+                        None | Some("utf8mb4" | "utf8mb3" | "utf8" | "ascii")
+                    ) =>
             {
                 let text = std::str::from_utf8(b)
                     .map_err(|_| "text that is not valid UTF-8".to_string())?;
@@ -338,16 +331,7 @@ fn value_of(
             Value::String(chosen.join(","))
         }
         (MYSQL_TYPE_GEOMETRY, MyValue::Bytes(b)) => base64(b),
-        (
-            MYSQL_TYPE_STRING
-            | MYSQL_TYPE_VAR_STRING
-            | MYSQL_TYPE_VARCHAR
-            | MYSQL_TYPE_BLOB
-            | MYSQL_TYPE_TINY_BLOB
-            | MYSQL_TYPE_MEDIUM_BLOB
-            | MYSQL_TYPE_LONG_BLOB,
-            MyValue::Bytes(b),
-        ) => {
+        (ty, MyValue::Bytes(b)) if is_text(ty) => {
             if column.character_set() == BINARY {
                 base64(b)
             } else {
@@ -366,6 +350,21 @@ fn value_of(
             ));
         }
     })
+}
+
+/// The column types that hold text or bytes (by their character set).
+fn is_text(ty: ColumnType) -> bool {
+    use ColumnType::*;
+    matches!(
+        ty,
+        MYSQL_TYPE_STRING
+            | MYSQL_TYPE_VAR_STRING
+            | MYSQL_TYPE_VARCHAR
+            | MYSQL_TYPE_BLOB
+            | MYSQL_TYPE_TINY_BLOB
+            | MYSQL_TYPE_MEDIUM_BLOB
+            | MYSQL_TYPE_LONG_BLOB
+    )
 }
 
 fn integer(v: &MyValue) -> Result<i128, String> {

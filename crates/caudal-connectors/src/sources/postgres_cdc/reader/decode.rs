@@ -53,73 +53,23 @@ impl Task {
         tuple: &TupleData,
     ) -> Result<(Map<String, Value>, Vec<String>)> {
         let mut row = Map::with_capacity(rel.columns.len());
-        let mut unchanged = Vec::new();
-        for (i, ((name, _), ty)) in rel.columns.iter().zip(&rel.types).enumerate() {
-            let Some(col) = tuple.get_column(i) else {
-                break;
-            };
-            let value = column_value(col, ty, self.decimals).map_err(|e| {
-                Error::new(
-                    ErrorKind::Decode,
-                    format!(
-                        "source {:?}: table {}, column {name:?} of type {}: {e}",
-                        self.source,
-                        rel.table,
-                        sqlx::TypeInfo::name(ty.as_ref())
-                    ),
-                )
-            })?;
-            match value {
-                Some(v) => {
-                    row.insert(name.clone(), v);
-                }
-                None => unchanged.push(name.clone()),
-            }
-        }
+        let unchanged = self.columns(rel, tuple, |name, v| {
+            row.insert(name.to_string(), v);
+        })?;
         Ok((row, unchanged))
     }
-}
 
-/// A tuple written straight into its JSON text, with its key columns'
-/// values and the columns left out as unchanged TOAST values.
-pub(super) struct Encoded {
-    pub(super) row: Json,
-    pub(super) key: Map<String, Value>,
-    pub(super) unchanged: Vec<String>,
-}
-
-impl Task {
     /// As [`Task::tuple`], writing the row's JSON as it decodes (no map of
     /// it is built): how inserts and most updates are read.
     pub(super) fn encode_tuple(&self, rel: &Relation, tuple: &TupleData) -> Result<Encoded> {
         let mut row = ObjectWriter::with_capacity(rel.columns.len() * 24);
         let mut key = Map::with_capacity(rel.key.len());
-        let mut unchanged = Vec::new();
-        for (i, ((name, _), ty)) in rel.columns.iter().zip(&rel.types).enumerate() {
-            let Some(col) = tuple.get_column(i) else {
-                break;
-            };
-            let value = column_value(col, ty, self.decimals).map_err(|e| {
-                Error::new(
-                    ErrorKind::Decode,
-                    format!(
-                        "source {:?}: table {}, column {name:?} of type {}: {e}",
-                        self.source,
-                        rel.table,
-                        sqlx::TypeInfo::name(ty.as_ref())
-                    ),
-                )
-            })?;
-            match value {
-                Some(v) => {
-                    row.key(name).value(&v);
-                    if rel.key.contains(name) {
-                        key.insert(name.clone(), v);
-                    }
-                }
-                None => unchanged.push(name.clone()),
+        let unchanged = self.columns(rel, tuple, |name, v| {
+            row.key(name).value(&v);
+            if rel.key.iter().any(|k| k == name) {
+                key.insert(name.to_string(), v);
             }
-        }
+        })?;
         // Key columns in key order, as `key_of` gives them.
         let key = rel
             .key
@@ -132,6 +82,46 @@ impl Task {
             unchanged,
         })
     }
+
+    /// Decodes a tuple's columns in order, handing each present one to
+    /// `each`; returns the columns left out as unchanged TOAST values.
+    fn columns(
+        &self,
+        rel: &Relation,
+        tuple: &TupleData,
+        mut each: impl FnMut(&str, Value),
+    ) -> Result<Vec<String>> {
+        let mut unchanged = Vec::new();
+        for (i, ((name, _), ty)) in rel.columns.iter().zip(&rel.types).enumerate() {
+            let Some(col) = tuple.get_column(i) else {
+                break;
+            };
+            let value = column_value(col, ty, self.decimals).map_err(|e| {
+                Error::new(
+                    ErrorKind::Decode,
+                    format!(
+                        "source {:?}: table {}, column {name:?} of type {}: {e}",
+                        self.source,
+                        rel.table,
+                        sqlx::TypeInfo::name(ty.as_ref())
+                    ),
+                )
+            })?;
+            match value {
+                Some(v) => each(name, v),
+                None => unchanged.push(name.clone()),
+            }
+        }
+        Ok(unchanged)
+    }
+}
+
+/// A tuple written straight into its JSON text, with its key columns'
+/// values and the columns left out as unchanged TOAST values.
+pub(super) struct Encoded {
+    pub(super) row: Json,
+    pub(super) key: Map<String, Value>,
+    pub(super) unchanged: Vec<String>,
 }
 
 pub(super) fn key_of(rel: &Relation, row: &Map<String, Value>) -> Map<String, Value> {
