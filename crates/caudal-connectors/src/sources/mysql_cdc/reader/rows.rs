@@ -3,18 +3,10 @@
 use super::*;
 
 impl Task {
-    pub(super) fn rows(
-        &self,
-        st: &mut Stream,
-        binlog: &BinlogStream,
-        rows: &RowsEventData<'_>,
-    ) -> Result<()> {
+    pub(super) fn rows(&self, st: &mut Stream, rows: &RowsEventData<'_>) -> Result<()> {
         let id = rows.table_id();
         let Some(Some(shape)) = st.shapes.get(&id).cloned() else {
             return Ok(());
-        };
-        let Some(tme) = binlog.get_tme(id) else {
-            return Err(self.unsupported(st, "a row event without its table map"));
         };
         let Some(table) = self.tables.iter().find(|t| t.name == shape.table) else {
             return Ok(());
@@ -38,24 +30,17 @@ impl Task {
                 ),
             ));
         };
-        for row in rows.rows(tme) {
-            let (before, after) = row.map_err(|e| self.decode(st, &e))?;
-            let fail = |e: String| {
-                Error::new(
-                    ErrorKind::Decode,
-                    format!(
-                        "source {:?}: cannot decode a change at {}:{}: {e}",
-                        self.source, txn.file, txn.pos
-                    ),
-                )
-            };
-            let image = |r: Option<&mysql_async::binlog::row::BinlogRow>| {
-                r.map(|r| decode::image(&shape, r, self.decimals, &table.key))
-                    .transpose()
-                    .map_err(fail)
-            };
-            let before = image(before.as_ref())?;
-            let mut after = image(after.as_ref())?;
+        let fail = |e: String| {
+            Error::new(
+                ErrorKind::Decode,
+                format!(
+                    "source {:?}: cannot decode a change at {}:{}: {e}",
+                    self.source, txn.file, txn.pos
+                ),
+            )
+        };
+        let images = decode::images(&shape, rows, self.decimals, &table.key).map_err(fail)?;
+        for (before, mut after) in images {
             // A minimal after image leaves out the key when it did not
             // change: it is the before image's.
             if let (Some(old), Some(new)) = (&before, &mut after) {

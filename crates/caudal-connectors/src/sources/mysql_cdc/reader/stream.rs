@@ -183,7 +183,7 @@ impl Task {
                 started = true;
                 tracing::debug!(source = %self.source, position = %format!("{}:{}", st.file, st.next), "reading the binary log");
             }
-            self.event(st, &binlog, &event).await?;
+            self.event(st, &event).await?;
             if st.txn.is_none() {
                 self.place_chunk(st, backfills);
                 if let Some((file, pos)) = &st.stop_at
@@ -197,12 +197,7 @@ impl Task {
     }
 
     /// Handles one event.
-    pub(super) async fn event(
-        &mut self,
-        st: &mut Stream,
-        binlog: &BinlogStream,
-        event: &Event,
-    ) -> Result<()> {
+    pub(super) async fn event(&mut self, st: &mut Stream, event: &Event) -> Result<()> {
         let header = event.header();
         let ty = header.event_type_raw();
         let end = u64::from(header.log_pos());
@@ -369,7 +364,7 @@ impl Task {
             if let Some(EventData::RowsEvent(rows)) =
                 event.read_data().map_err(|e| self.decode(st, &e))?
             {
-                self.rows(st, binlog, &rows)?;
+                self.rows(st, &rows)?;
             }
         } else if ty == EventType::XID_EVENT as u8 || ty == EventType::XA_PREPARE_LOG_EVENT as u8 {
             st.txn = None;
