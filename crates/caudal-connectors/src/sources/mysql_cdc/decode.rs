@@ -165,6 +165,9 @@ pub struct Image {
     pub missing: Vec<String>,
 }
 
+/// A row's before and after images, as a rows event holds them.
+pub type Images = (Option<Image>, Option<Image>);
+
 /// Decodes every row of a rows event of `shape` straight from the event's
 /// bytes, as (before, after) images; the columns named in `key` are also
 /// kept as values. (The client library's own row reader builds a column
@@ -175,7 +178,7 @@ pub fn images(
     event: &RowsEventData<'_>,
     decimals: DecimalFormat,
     key: &[(String, ColumnKind)],
-) -> Result<Vec<(Option<Image>, Option<Image>)>, String> {
+) -> Result<Vec<Images>, String> {
     if matches!(event, RowsEventData::PartialUpdateRowsEvent(_)) {
         return Err("partial JSON updates (MySQL's PARTIAL_UPDATE_ROWS_EVENT) are not read".into());
     }
