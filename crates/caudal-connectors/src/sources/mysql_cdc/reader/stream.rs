@@ -127,6 +127,16 @@ impl Task {
         *connected = true;
         let mut last_event = Instant::now();
         let silence = SILENCE_LIMIT.max(self.heartbeat.unwrap_or_default() * 3);
+        let source = self.source.clone();
+        let silent = move || {
+            Error::new(
+                ErrorKind::Connect,
+                format!(
+                    "source {source:?}: nothing came from the server for {}s",
+                    silence.as_secs()
+                ),
+            )
+        };
         let mut poll = tokio::time::interval(BACKFILL_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut started = false;
@@ -143,14 +153,7 @@ impl Task {
                 () = self.stop.cancelled() => return Ok(Ended::Stopped),
                 _ = poll.tick(), if self.follow => {
                     if last_event.elapsed() >= silence {
-                        return Err(Error::new(
-                            ErrorKind::Connect,
-                            format!(
-                                "source {:?}: nothing came from the server for {}s",
-                                self.source,
-                                silence.as_secs()
-                            ),
-                        ));
+                        return Err(silent());
                     }
                     self.idle(st, backfills).await?;
                     continue;
@@ -159,16 +162,7 @@ impl Task {
             };
             last_event = Instant::now();
             let event = match next {
-                Err(_) => {
-                    return Err(Error::new(
-                        ErrorKind::Connect,
-                        format!(
-                            "source {:?}: nothing came from the server for {}s",
-                            self.source,
-                            silence.as_secs()
-                        ),
-                    ));
-                }
+                Err(_) => return Err(silent()),
                 Ok(None) => return Ok(Ended::Done),
                 Ok(Some(Err(e))) => {
                     return Err(binlog_error(
