@@ -30,8 +30,8 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::postgres::binary_value;
 
-/// Pages read by one `COPY` (a chunk): about 2 MB of table.
-pub const CHUNK_PAGES: u32 = 256;
+/// Pages read by one `COPY` (a chunk): about 1 MB of table.
+pub const CHUNK_PAGES: u32 = 128;
 
 /// The binary `COPY` signature, flags and header extension length.
 const SIGNATURE: &[u8] = b"PGCOPY\n\xff\r\n\0";
