@@ -2,6 +2,10 @@
 
 use super::*;
 
+/// Marks the position of a row of a table without a key: its number in
+/// the snapshot's read of the table, not a key value.
+const ROW_NUMBER: &str = "#row";
+
 impl Task {
     /// Reads every table in one consistent snapshot; returns the binary log
     /// position it is consistent with (where streaming starts).
@@ -33,8 +37,8 @@ impl Task {
                 after = None;
             }
             if table.keyless() {
-                let from = after.as_ref().and_then(|k| match k.first() {
-                    Some(CursorValue::Int(n)) => Some(*n),
+                let from = after.as_ref().and_then(|k| match k.as_slice() {
+                    [CursorValue::Text(t), CursorValue::Int(n)] if t == ROW_NUMBER => Some(*n),
                     _ => None,
                 });
                 if !self
@@ -44,6 +48,12 @@ impl Task {
                     return Ok((file, pos));
                 }
                 continue;
+            }
+            if after.as_ref().is_some_and(|k| k.len() != table.key.len()) {
+                // The table's key changed since the position was saved (a
+                // primary key added, say): read the table from its start.
+                tracing::warn!(source = %source, table = %table.name, "the snapshot stopped inside this table when it had another key: it is read again from its start");
+                after = None;
             }
             loop {
                 let (rows, full) = chunk::read(
@@ -89,11 +99,11 @@ impl Task {
     }
 
     /// Reads a table without a key in one pass. Its rows are numbered in the
-    /// order read (the position's key); a snapshot that stopped after row
-    /// `from` reads the table again from its start, numbering on from
-    /// there: the rows read before arrive again rather than some being
-    /// skipped in a table that changed meanwhile. Returns `false` when the
-    /// pipeline stopped taking pages.
+    /// order read (the position's key is [`ROW_NUMBER`] and the number); a
+    /// snapshot that stopped after row `from` reads the table again from
+    /// its start, numbering on from there: the rows read before arrive
+    /// again rather than some being skipped in a table that changed
+    /// meanwhile. Returns `false` when the pipeline stopped taking pages.
     pub(super) async fn read_keyless(
         &mut self,
         conn: &mut sqlx::MySqlConnection,
@@ -128,7 +138,10 @@ impl Task {
                     file: file.to_string(),
                     pos,
                     table: table.name.clone(),
-                    key: vec![CursorValue::Int(ordinal)],
+                    key: vec![
+                        CursorValue::Text(ROW_NUMBER.into()),
+                        CursorValue::Int(ordinal),
+                    ],
                 };
                 let row = chunk::Row::new(&table.name, &table.key, data)?;
                 page.push(read_record(table, row, position, file, pos));
