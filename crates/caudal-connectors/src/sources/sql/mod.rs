@@ -223,24 +223,9 @@ impl SqlSource {
                 load = Some(Some((hwm.clone(), (*page, *tuple))));
                 None
             }
-            Some(Position::FirstLoadDone { hwm }) => {
-                self.check_cursor_width(hwm, &plan)?;
-                Some(hwm.clone())
-            }
-            Some(Position::Cursor { values }) => {
-                if values.len() != plan.cursor_kinds.len() {
-                    return Err(Error::new(
-                        ErrorKind::Config,
-                        format!(
-                            "source {:?}: the checkpoint has {} cursor values but the cursor has {} \
-                             columns; the cursor changed since the checkpoint was saved \
-                             (see `caudal checkpoint reset`)",
-                            self.name,
-                            values.len(),
-                            plan.cursor_kinds.len()
-                        ),
-                    ));
-                }
+            // After a first load, paging goes on from its high-water mark.
+            Some(Position::FirstLoadDone { hwm: values } | Position::Cursor { values }) => {
+                self.check_cursor_width(values, &plan)?;
                 Some(values.clone())
             }
             Some(other) => {
