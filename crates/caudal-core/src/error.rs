@@ -36,6 +36,11 @@ pub enum ErrorKind {
     Resync,
     /// The operation was stopped by a shutdown request.
     Cancelled,
+    /// What the request names does not exist (a workflow run, a task).
+    NotFound,
+    /// The request does not fit the current state (retrying a run that
+    /// still runs, cancelling one that ended).
+    Conflict,
     /// A bug or an impossible state.
     Internal,
 }
@@ -74,6 +79,8 @@ impl ErrorKind {
             | Self::Decode
             | Self::Buffer
             | Self::Cancelled
+            | Self::NotFound
+            | Self::Conflict
             | Self::Internal => Decision::Fail,
         }
     }
@@ -109,6 +116,8 @@ impl ErrorKind {
             Self::Buffer => "buffer",
             Self::Resync => "resync",
             Self::Cancelled => "cancelled",
+            Self::NotFound => "not_found",
+            Self::Conflict => "conflict",
             Self::Internal => "internal",
         }
     }

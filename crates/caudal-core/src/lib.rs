@@ -12,5 +12,6 @@ pub mod record;
 pub mod sink;
 pub mod status;
 pub mod units;
+pub mod workflow;
 
 pub use error::{Error, ErrorKind, Result};

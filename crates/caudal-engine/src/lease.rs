@@ -38,7 +38,7 @@ fn hostname() -> String {
 }
 
 /// Whether `holder` names a process on this machine that no longer exists.
-fn holder_is_dead_local(holder: &str) -> bool {
+pub(crate) fn holder_is_dead_local(holder: &str) -> bool {
     let mut parts = holder.split(':');
     let (Some(host), Some(pid)) = (parts.next(), parts.next()) else {
         return false;

@@ -18,6 +18,7 @@ pub mod retention;
 pub mod schedule;
 pub mod send;
 pub mod status;
+pub mod workflow;
 
 pub use pipeline::{Pipeline, Progress, RunSummary, Source, Trigger, load_checkpoint};
 pub use schedule::Schedule;

@@ -60,6 +60,7 @@ mod runs;
 mod schedules;
 mod sink_states;
 mod source_states;
+mod workflows;
 
 pub use api::{AuditRecord, TokenRecord};
 pub use checkpoints::Checkpoint;
@@ -69,6 +70,7 @@ pub use retention::PRUNE_BATCH;
 pub use runs::{RunOutcome, RunRecord};
 pub use sink_states::SinkState;
 pub use source_states::SourceState;
+pub use workflows::{AttemptRow, NewWorkflowRun, RunChange, RunFilter, TaskRow, WorkflowRunRow};
 
 use caudal_core::{Error, ErrorKind};
 

@@ -122,6 +122,10 @@ pub enum Command {
         /// The pipeline to resync.
         pipeline: String,
     },
+    /// Workflows: list them, start a run, follow its tasks and logs,
+    /// cancel, retry the failed tasks, backfill a date range.
+    #[command(subcommand)]
+    Workflow(WorkflowCommand),
     /// CDC: read a table again (or the rows matching `--where`) while the
     /// pipeline keeps streaming, as `read` records ordered with the changes
     /// around them. Needs the pipeline running under `caudal run`; shows
@@ -136,6 +140,92 @@ pub enum Command {
         #[arg(long = "where")]
         filter: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum WorkflowCommand {
+    /// Every workflow: schedule, tasks, last run.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Start a run now. Without --wait it is queued for `caudal run`;
+    /// with --wait this command runs it (or, when `caudal run` is the
+    /// executor, follows it) and exits 0 only if it succeeded.
+    Run {
+        workflow: String,
+        /// A parameter, `key=value` (a JSON value, or text). Repeatable.
+        #[arg(long = "param", value_parser = parse_param)]
+        params: Vec<(String, String)>,
+        #[arg(long)]
+        wait: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The latest runs, or one run with its tasks by state.
+    Status {
+        run: Option<i64>,
+        /// Only this workflow's runs.
+        #[arg(long)]
+        workflow: Option<String>,
+        /// How many runs to list.
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+        #[arg(long)]
+        json: bool,
+    },
+    /// The task instances of a run (with --attempts, every attempt).
+    Tasks {
+        run: i64,
+        #[arg(long)]
+        attempts: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// An attempt's standard output (or --stderr).
+    Logs {
+        run: i64,
+        task: String,
+        /// The fan-out instance.
+        #[arg(long)]
+        index: Option<i64>,
+        /// The attempt (default: the latest).
+        #[arg(long)]
+        attempt: Option<u32>,
+        #[arg(long)]
+        stderr: bool,
+        /// Keep printing what the attempt writes until it ends.
+        #[arg(long, short)]
+        follow: bool,
+    },
+    /// Cancel a run: running tasks are killed, the rest never start.
+    Cancel { run: i64 },
+    /// Run an ended run again: with --failed only its failed (and
+    /// upstream_failed, cancelled) tasks; succeeded tasks keep their
+    /// results.
+    Retry {
+        run: i64,
+        #[arg(long)]
+        failed: bool,
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Queue one run per schedule time from --from to --to (RFC 3339 or
+    /// YYYY-MM-DD, UTC), oldest first; `caudal run` executes them.
+    Backfill {
+        workflow: String,
+        #[arg(long)]
+        from: String,
+        #[arg(long)]
+        to: String,
+    },
+}
+
+fn parse_param(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_string(), v.to_string())),
+        _ => Err(format!("{text:?} is not key=value")),
+    }
 }
 
 #[derive(Debug, Subcommand)]

@@ -128,8 +128,11 @@ pub async fn run(path: &Path) -> ExitCode {
             Err(e) => return fail(&e),
         }
     }
-    if pipelines.is_empty() {
-        eprintln!("error: {} defines no pipelines", path.display());
+    if pipelines.is_empty() && config.workflows.is_empty() {
+        eprintln!(
+            "error: {} defines no pipelines and no workflows",
+            path.display()
+        );
         return ExitCode::from(EXIT_CONFIG);
     }
     if let Err(e) = caudal_engine::maintenance::release_removed(&config, &store).await {
@@ -137,6 +140,7 @@ pub async fn run(path: &Path) -> ExitCode {
     }
     tracing::info!(
         pipelines = pipelines.len(),
+        workflows = config.workflows.len(),
         state = store.backend(),
         "caudal running"
     );
@@ -154,7 +158,20 @@ pub async fn run(path: &Path) -> ExitCode {
     if let Some((state, _)) = &server {
         state.set_started();
     }
-    caudal_engine::daemon::run_with(pipelines, shutdown, control).await;
+    let workflows = async {
+        if !config.workflows.is_empty() {
+            caudal_engine::workflow::serve(
+                std::sync::Arc::new(config.clone()),
+                store.clone(),
+                shutdown.clone(),
+            )
+            .await;
+        }
+    };
+    tokio::join!(
+        caudal_engine::daemon::run_with(pipelines, shutdown.clone(), control),
+        workflows
+    );
     if let Some((_, task)) = server {
         let _ = task.await;
     }
@@ -409,7 +426,7 @@ pub(crate) fn print_letters(rows: &[Letter], json: bool) {
     );
 }
 
-fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
+pub(crate) fn print_table<const N: usize>(headers: &[&str; N], rows: &[[String; N]]) {
     let mut widths = headers.map(str::len);
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {

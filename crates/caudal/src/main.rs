@@ -6,6 +6,7 @@ mod commands;
 mod demo;
 mod remote;
 mod top;
+mod workflow;
 
 use std::process::ExitCode;
 
@@ -57,6 +58,7 @@ fn main() -> ExitCode {
             Command::Schema => commands::schema(),
             Command::Cdc(c) => commands::cdc(&cli.config, c).await,
             Command::Token(c) => commands::token(&cli.config, c).await,
+            Command::Workflow(c) => workflow::command(&cli.config, c).await,
             Command::Top => top::top(&cli.config, remote::Remote::from_args(&cli)).await,
             Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
             Command::Backfill {

@@ -14,6 +14,7 @@ pub mod server;
 pub mod sinks;
 pub mod sources;
 pub mod validate;
+pub mod workflows;
 
 use std::collections::BTreeMap;
 
@@ -28,6 +29,7 @@ pub use pipelines::*;
 pub use server::*;
 pub use sinks::*;
 pub use sources::*;
+pub use workflows::*;
 
 /// Default state store: a SQLite file next to where caudal runs.
 pub const DEFAULT_STATE_URL: &str = "sqlite://caudal.db";
@@ -35,6 +37,9 @@ pub const DEFAULT_STATE_URL: &str = "sqlite://caudal.db";
 /// Default directory of the pipelines' buffers, relative to the
 /// configuration file.
 pub const DEFAULT_BUFFER_DIR: &str = "caudal-buffer";
+
+/// Default directory of workflow runs (their files and task logs).
+pub const DEFAULT_RUNS_DIR: &str = "caudal-runs";
 
 /// A whole caudal configuration file.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
@@ -61,6 +66,13 @@ pub struct Config {
     /// and API audit entries.
     #[serde(default)]
     pub retention: retention::RetentionConfig,
+    /// Named workflows: tasks (commands, pipeline runs, HTTP requests) with
+    /// dependencies, run on a schedule or on demand.
+    #[serde(default)]
+    pub workflows: BTreeMap<String, WorkflowConfig>,
+    /// Named pools of slots that workflow tasks share (e.g. one per site).
+    #[serde(default)]
+    pub pools: BTreeMap<String, PoolConfig>,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]
@@ -78,18 +90,32 @@ impl Config {
     /// against the configuration file's directory) joined with the
     /// pipeline's name.
     pub fn buffer_dir(&self, pipeline: &str) -> std::path::PathBuf {
-        use std::path::{Path, PathBuf};
-        let base = self.base_dir.clone().unwrap_or_else(|| PathBuf::from("."));
-        let root = match &self.state.buffer_dir {
+        self.state_dir(self.state.buffer_dir.as_deref(), DEFAULT_BUFFER_DIR)
+            .join(pipeline)
+    }
+
+    /// The directory of workflow runs: `state.runs_dir`, or `caudal-runs`
+    /// beside the SQLite state file (or the configuration file).
+    pub fn runs_dir(&self) -> std::path::PathBuf {
+        self.state_dir(self.state.runs_dir.as_deref(), DEFAULT_RUNS_DIR)
+    }
+
+    /// The configuration file's directory (`.` when unknown).
+    pub fn config_dir(&self) -> std::path::PathBuf {
+        self.base_dir
+            .clone()
+            .unwrap_or_else(|| std::path::PathBuf::from("."))
+    }
+
+    fn state_dir(&self, set: Option<&str>, default: &str) -> std::path::PathBuf {
+        use std::path::Path;
+        let base = self.config_dir();
+        match set {
             Some(dir) => base.join(dir),
             None => sqlite_state_file(self.state.url.expose())
                 .and_then(|file| Path::new(file).parent().map(Path::to_path_buf))
-                .map_or_else(
-                    || base.join(DEFAULT_BUFFER_DIR),
-                    |d| d.join(DEFAULT_BUFFER_DIR),
-                ),
-        };
-        root.join(pipeline)
+                .map_or_else(|| base.join(default), |d| d.join(default)),
+        }
     }
 }
 
@@ -120,6 +146,11 @@ pub struct StateConfig {
     /// Keep it on a local disk.
     #[serde(default)]
     pub buffer_dir: Option<String>,
+    /// Directory of workflow runs: one subdirectory per run (its `run.dir`,
+    /// with every attempt's stdout and stderr). Default: `caudal-runs`
+    /// beside the buffers' default place.
+    #[serde(default)]
+    pub runs_dir: Option<String>,
 }
 
 impl Default for StateConfig {
@@ -127,6 +158,7 @@ impl Default for StateConfig {
         Self {
             url: default_state_url(),
             buffer_dir: None,
+            runs_dir: None,
         }
     }
 }

@@ -340,15 +340,21 @@ const MAX_PIPELINE_NAME: usize = 128;
 /// not starting with `.` (no path can be smuggled into the buffer
 /// directory).
 fn pipeline_name(name: &str) -> Result<(), String> {
+    checked_name("pipeline", name)
+}
+
+/// A name that may become a directory or a lease name (pipelines,
+/// workflows, tasks): letters, digits, `_`, `-` and `.`, not first.
+pub(super) fn checked_name(what: &str, name: &str) -> Result<(), String> {
     let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.');
     if name.is_empty() || name.len() > MAX_PIPELINE_NAME {
         return Err(format!(
-            "a pipeline name has 1 to {MAX_PIPELINE_NAME} characters"
+            "a {what} name has 1 to {MAX_PIPELINE_NAME} characters"
         ));
     }
     if name.starts_with('.') || !name.chars().all(allowed) {
         return Err(format!(
-            "pipeline name {name:?} may hold only letters, digits, `_`, `-` and `.` (not first)"
+            "{what} name {name:?} may hold only letters, digits, `_`, `-` and `.` (not first)"
         ));
     }
     Ok(())
@@ -407,7 +413,11 @@ fn check_pipeline(
     check_buffer(&path.key("buffer"), &pipeline.buffer, out);
 }
 
-fn unknown_reference<V>(what: &str, name: &str, defined: &BTreeMap<String, V>) -> String {
+pub(super) fn unknown_reference<V>(
+    what: &str,
+    name: &str,
+    defined: &BTreeMap<String, V>,
+) -> String {
     if defined.is_empty() {
         return format!("unknown {what} {name:?}; no {what}s are defined");
     }
@@ -449,7 +459,7 @@ impl ScheduleConfig {
 
 /// Checks a schedule; returns it when it is valid. One set of rules, for
 /// validation and for the engine.
-fn check_schedule(
+pub(super) fn check_schedule(
     path: &FieldPath,
     schedule: &ScheduleConfig,
     out: &mut Vec<Problem>,

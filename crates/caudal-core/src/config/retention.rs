@@ -23,6 +23,10 @@ pub const DEFAULT_DEAD_LETTERS_MAX_AGE: Duration = Duration::from_secs(30 * 86_4
 /// Default age after which an audit entry is deleted: 90 days.
 pub const DEFAULT_AUDIT_MAX_AGE: Duration = Duration::from_secs(90 * 86_400);
 
+/// Default age after which a finished workflow run (its rows and its
+/// directory) is deleted: 30 days.
+pub const DEFAULT_WORKFLOW_RUNS_MAX_AGE: Duration = Duration::from_secs(30 * 86_400);
+
 /// How long the state store keeps history.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
@@ -48,6 +52,12 @@ pub struct RetentionConfig {
     #[serde(default = "default_audit_max_age")]
     #[schemars(extend("default" = DEFAULT_AUDIT_MAX_AGE))]
     pub audit_max_age: Duration,
+    /// Finished workflow runs that ended longer ago than this are deleted,
+    /// with their run directories and task logs (default `"30d"`). A run
+    /// that has not ended is never deleted.
+    #[serde(default = "default_workflow_runs_max_age")]
+    #[schemars(extend("default" = DEFAULT_WORKFLOW_RUNS_MAX_AGE))]
+    pub workflow_runs_max_age: Duration,
 }
 
 impl Default for RetentionConfig {
@@ -57,6 +67,7 @@ impl Default for RetentionConfig {
             runs_max_count: DEFAULT_RUNS_MAX_COUNT,
             dead_letters_max_age: DEFAULT_DEAD_LETTERS_MAX_AGE,
             audit_max_age: DEFAULT_AUDIT_MAX_AGE,
+            workflow_runs_max_age: DEFAULT_WORKFLOW_RUNS_MAX_AGE,
         }
     }
 }
@@ -73,6 +84,9 @@ fn default_dead_letters_max_age() -> Duration {
 fn default_audit_max_age() -> Duration {
     DEFAULT_AUDIT_MAX_AGE
 }
+fn default_workflow_runs_max_age() -> Duration {
+    DEFAULT_WORKFLOW_RUNS_MAX_AGE
+}
 
 /// Checks `[retention]` at `path`. Zero is refused everywhere: a history
 /// deleted as soon as it is written would leave `caudal status` and the API
@@ -82,6 +96,7 @@ pub(crate) fn check(path: &FieldPath, retention: &RetentionConfig, out: &mut Vec
         ("runs_max_age", retention.runs_max_age),
         ("dead_letters_max_age", retention.dead_letters_max_age),
         ("audit_max_age", retention.audit_max_age),
+        ("workflow_runs_max_age", retention.workflow_runs_max_age),
     ];
     for (field, age) in ages {
         if age.as_std().is_zero() {
@@ -126,14 +141,16 @@ mod tests {
             runs_max_count: 0,
             dead_letters_max_age: Duration::from_secs(0),
             audit_max_age: Duration::from_millis(0),
+            workflow_runs_max_age: Duration::from_secs(0),
         };
         let found = problems(&zero);
-        assert_eq!(found.len(), 4, "{found:?}");
+        assert_eq!(found.len(), 5, "{found:?}");
         for field in [
             "runs_max_age",
             "runs_max_count",
             "dead_letters_max_age",
             "audit_max_age",
+            "workflow_runs_max_age",
         ] {
             assert!(
                 found

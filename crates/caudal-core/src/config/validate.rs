@@ -48,5 +48,11 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
     super::pipelines::check_pipelines(&defined, &mut problems);
     super::server::check_server(config.server.as_ref(), &mut problems);
     super::retention::check(&root.key("retention"), &config.retention, &mut problems);
+    super::workflows::check(
+        &config.workflows,
+        &config.pools,
+        &config.pipelines,
+        &mut problems,
+    );
     problems
 }

@@ -13,7 +13,7 @@ mod retry;
 mod split;
 mod status;
 
-pub use retry::{RETRY_AFTER_CAP, RetryPolicy};
+pub use retry::{Growth, RETRY_AFTER_CAP, RetryPolicy};
 pub use split::split_batch;
 pub use status::{StatusClass, StatusClasses};
 

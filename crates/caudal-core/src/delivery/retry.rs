@@ -1,5 +1,6 @@
-//! Backoff between attempts: exponential with full jitter, bounded, and
-//! respectful of `Retry-After`.
+//! Backoff between attempts: exponential, linear or fixed, with jitter,
+//! bounded, and respectful of `Retry-After`. One policy for a sink's
+//! batches and a workflow's tasks.
 
 use std::num::NonZeroU32;
 use std::time::Duration;
@@ -13,17 +14,31 @@ use crate::config::RetryConfig;
 /// again.
 pub const RETRY_AFTER_CAP: Duration = Duration::from_secs(3600);
 
-/// A sink's retry rules, resolved from its `retry` configuration.
+/// How the longest wait grows from one retry to the next.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Growth {
+    /// `initial × multiplier^n`.
+    Exponential { multiplier: f64 },
+    /// `initial × (n + 1)`.
+    Linear,
+    /// `initial` every time.
+    Fixed,
+}
+
+/// Retry rules: a sink's, resolved from its `retry` configuration, or a
+/// workflow task's.
 ///
-/// Attempts are counted from 1 (the first send). The wait before retry
-/// `n` (`n` = 0 before the second attempt) is uniform in
-/// `[0, min(max_delay, initial × multiplier^n)]`: "full jitter", which
-/// spreads retries of many batches and many senders so they do not hit a
-/// recovering receiver in step.
+/// Attempts are counted from 1 (the first send). The longest wait before
+/// retry `n` (`n` = 0 before the second attempt) is the growth's value,
+/// capped at `max_delay`; the wait itself is uniform in
+/// `[ceiling × (1 − jitter), ceiling]`. A sink uses jitter 1 ("full
+/// jitter"), which spreads retries of many batches and many senders so they
+/// do not hit a recovering receiver in step.
 #[derive(Clone, Debug, PartialEq)]
 pub struct RetryPolicy {
     initial: Duration,
-    multiplier: f64,
+    growth: Growth,
+    jitter: f64,
     max_delay: Duration,
     max_attempts: Option<NonZeroU32>,
     give_up_after: Option<Duration>,
@@ -40,30 +55,69 @@ impl RetryPolicy {
     /// safe rather than trusted: a multiplier below 1 (or not a number)
     /// becomes 1, and `max_delay` is never below `initial`.
     pub fn from_config(config: &RetryConfig) -> Self {
-        let initial = config.initial.as_std();
-        let multiplier = if config.multiplier.is_finite() && config.multiplier >= 1.0 {
-            config.multiplier
-        } else {
-            1.0
+        Self::new(
+            config.initial.as_std(),
+            Growth::Exponential {
+                multiplier: config.multiplier,
+            },
+            1.0,
+            config.max_delay.as_std(),
+            config.max_attempts,
+            config.give_up_after.as_std(),
+        )
+    }
+
+    /// A policy from its parts: `jitter` is the fraction of each wait
+    /// left to chance (0 to 1), `max_attempts` 0 means no limit and
+    /// `give_up_after` zero means never. Values that validation refuses are
+    /// made safe rather than trusted: a multiplier below 1 (or not a
+    /// number) becomes 1, jitter is clamped to `[0, 1]`, and `max_delay` is
+    /// never below `initial`.
+    pub fn new(
+        initial: Duration,
+        growth: Growth,
+        jitter: f64,
+        max_delay: Duration,
+        max_attempts: u32,
+        give_up_after: Duration,
+    ) -> Self {
+        let growth = match growth {
+            Growth::Exponential { multiplier }
+                if !(multiplier.is_finite() && multiplier >= 1.0) =>
+            {
+                Growth::Exponential { multiplier: 1.0 }
+            }
+            other => other,
         };
-        let give_up_after = config.give_up_after.as_std();
         Self {
             initial,
-            multiplier,
-            max_delay: config.max_delay.as_std().max(initial),
-            max_attempts: NonZeroU32::new(config.max_attempts),
+            growth,
+            jitter: if jitter.is_finite() {
+                jitter.clamp(0.0, 1.0)
+            } else {
+                1.0
+            },
+            max_delay: max_delay.max(initial),
+            max_attempts: NonZeroU32::new(max_attempts),
             give_up_after: (!give_up_after.is_zero()).then_some(give_up_after),
         }
     }
 
     /// The longest wait before retry `retry` (0 before the second
-    /// attempt): `min(max_delay, initial × multiplier^retry)`. Never
+    /// attempt): the growth's value at `retry`, at most `max_delay`. Never
     /// decreases as `retry` grows.
     pub fn ceiling(&self, retry: u32) -> Duration {
         let max = self.max_delay.as_secs_f64();
-        // exp(n·ln m) rather than powi: it stays monotone in n even for a
-        // multiplier a hair above 1.
-        let grown = self.initial.as_secs_f64() * (f64::from(retry) * self.multiplier.ln()).exp();
+        let initial = self.initial.as_secs_f64();
+        let grown = match self.growth {
+            // exp(n·ln m) rather than powi: it stays monotone in n even for
+            // a multiplier a hair above 1.
+            Growth::Exponential { multiplier } => {
+                initial * (f64::from(retry) * multiplier.ln()).exp()
+            }
+            Growth::Linear => initial * (f64::from(retry) + 1.0),
+            Growth::Fixed => initial,
+        };
         if grown.is_finite() && grown < max {
             Duration::try_from_secs_f64(grown).unwrap_or(self.max_delay)
         } else {
@@ -77,12 +131,20 @@ impl RetryPolicy {
     }
 
     /// How long to wait before retry `retry` (0 before the second
-    /// attempt): a uniform draw from `[0, ceiling(retry)]`, but at least
-    /// `retry_after` (what the receiver asked for, capped by
+    /// attempt): a uniform draw from `[ceiling × (1 − jitter), ceiling]`,
+    /// but at least `retry_after` (what the receiver asked for, capped by
     /// [`Self::retry_after_cap`]).
     pub fn delay(&self, retry: u32, retry_after: Option<Duration>, rng: &mut impl Rng) -> Duration {
         let ceiling = u64::try_from(self.ceiling(retry).as_nanos()).unwrap_or(u64::MAX);
-        let jittered = Duration::from_nanos(rng.random_range(0..=ceiling));
+        // The floor is computed in f64 and may round; it never exceeds the
+        // ceiling.
+        #[allow(
+            clippy::cast_possible_truncation,
+            clippy::cast_sign_loss,
+            clippy::cast_precision_loss
+        )]
+        let floor = ((ceiling as f64) * (1.0 - self.jitter)).min(ceiling as f64) as u64;
+        let jittered = Duration::from_nanos(rng.random_range(floor.min(ceiling)..=ceiling));
         match retry_after {
             Some(after) => jittered.max(after.min(self.retry_after_cap())),
             None => jittered,
@@ -97,6 +159,11 @@ impl RetryPolicy {
             || self
                 .give_up_after
                 .is_some_and(|limit| since_first_attempt >= limit)
+    }
+
+    /// The shortest wait before retry `retry`: `ceiling × (1 − jitter)`.
+    pub fn floor(&self, retry: u32) -> Duration {
+        self.ceiling(retry).mul_f64(1.0 - self.jitter)
     }
 
     /// The most attempts of one batch, or `None` for no limit.
@@ -203,6 +270,23 @@ mod tests {
         assert_eq!(p.give_up_after(), Some(Duration::from_secs(3600)));
     }
 
+    #[test]
+    fn linear_and_fixed_growth_with_partial_jitter() {
+        let linear = RetryPolicy::new(ms(100), Growth::Linear, 0.0, ms(350), 0, Duration::ZERO);
+        let ceilings: Vec<Duration> = (0..5).map(|n| linear.ceiling(n)).collect();
+        assert_eq!(ceilings, [ms(100), ms(200), ms(300), ms(350), ms(350)]);
+        let mut rng = StdRng::seed_from_u64(3);
+        assert_eq!(linear.delay(1, None, &mut rng), ms(200), "no jitter: exact");
+        let fixed = RetryPolicy::new(ms(1000), Growth::Fixed, 0.25, ms(1), 2, Duration::ZERO);
+        assert_eq!(fixed.ceiling(9), ms(1000), "max_delay raised to initial");
+        assert_eq!(fixed.floor(9), ms(750));
+        for _ in 0..200 {
+            let d = fixed.delay(4, None, &mut rng);
+            assert!(d >= ms(750) && d <= ms(1000), "{d:?}");
+        }
+        assert!(fixed.should_give_up(2, Duration::ZERO));
+    }
+
     fn any_policy() -> impl Strategy<Value = RetryPolicy> {
         (1u64..10_000, 1.0f64..10.0, 1u64..600_000)
             .prop_map(|(initial, multiplier, max)| policy(initial, multiplier, max))
@@ -214,6 +298,7 @@ mod tests {
             let mut rng = StdRng::seed_from_u64(seed);
             let delay = p.delay(retry, None, &mut rng);
             prop_assert!(delay <= p.ceiling(retry));
+            prop_assert!(delay >= p.floor(retry));
             prop_assert!(p.ceiling(retry) <= p.max_delay);
         }
 

@@ -1,0 +1,1708 @@
+//! The executor: one process at a time (the holder of the
+//! `workflows/executor` lease) runs every workflow run.
+//!
+//! Each turn of its loop takes what happened (attempts that ended, runs
+//! queued or cancelled in the store, timers), moves task states by the
+//! rules of caudal-core's workflow model, starts what is ready, writes
+//! every change of the turn in one fenced transaction, and only then starts
+//! the processes: a task is recorded `running` before its process exists,
+//! so after a crash it is found and its attempt counted as lost, never as a
+//! success.
+//!
+//! Ready tasks wait in one queue per pool, ordered by priority (1 before
+//! 2, none last), then by run, then by when they became ready; a fan-out's
+//! instances beyond its `max_parallel` stay `scheduled` until one ends.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use caudal_core::config::{
+    Catchup, Config, NotifyOn, Overlap, TaskConfig, TaskType, WorkflowConfig,
+};
+use caudal_core::delivery::RetryPolicy;
+use caudal_core::workflow::{AttemptState, Readiness, RunState, TaskState, decide};
+use caudal_core::{Error, ErrorKind, Result};
+use caudal_store::{AttemptRow, RunChange, RunFilter, Store, TaskRow, WorkflowRunRow};
+use jiff::Timestamp;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::attempt::{self, AttemptId, Done, Ending, Event, Files, Shared, Spec, Work};
+use super::render::{self, Context, Prepared};
+use super::{EXECUTOR_LEASE, parse_json_object};
+use crate::lease::{Lease, holder_id};
+use crate::schedule::Schedule;
+
+/// How often the store is asked for new runs and cancel requests.
+const POLL: Duration = Duration::from_millis(200);
+/// How often schedules are checked.
+const SCHEDULE_CHECK: Duration = Duration::from_secs(1);
+/// Slots of the implicit pool of tasks that name none.
+pub const DEFAULT_POOL_SLOTS: u32 = 128;
+/// Most missed runs one schedule creates at once (`catchup = "all"`).
+const MAX_CATCHUP: usize = 1000;
+
+/// What the executor runs.
+#[derive(Clone, Debug, Default)]
+pub struct ExecOptions {
+    /// Create runs on the workflows' schedules (the daemon does).
+    pub schedules: bool,
+    /// Run only this run, and return when it has ended.
+    pub only_run: Option<i64>,
+}
+
+type Key = (String, i64);
+
+#[derive(Debug)]
+struct Instance {
+    state: TaskState,
+    attempts: u32,
+    failures: u32,
+    item: Option<Value>,
+    outputs: Map<String, Value>,
+    items: Vec<Value>,
+    not_before: Option<Timestamp>,
+    queued_at: Option<Timestamp>,
+    started_at: Option<Timestamp>,
+    ended_at: Option<Timestamp>,
+    error: Option<String>,
+    /// The running attempt's stop switch.
+    stop: Option<CancellationToken>,
+}
+
+impl Instance {
+    fn new(state: TaskState) -> Self {
+        Self {
+            state,
+            attempts: 0,
+            failures: 0,
+            item: None,
+            outputs: Map::new(),
+            items: Vec::new(),
+            not_before: None,
+            queued_at: None,
+            started_at: None,
+            ended_at: None,
+            error: None,
+            stop: None,
+        }
+    }
+
+    fn from_row(row: &TaskRow) -> Result<Self> {
+        let parse = |text: &Option<String>| -> Option<Value> {
+            text.as_deref().and_then(|t| serde_json::from_str(t).ok())
+        };
+        Ok(Self {
+            state: TaskState::parse(&row.state)?,
+            attempts: row.attempts,
+            failures: row.failures,
+            item: parse(&row.item),
+            outputs: match parse(&row.outputs) {
+                Some(Value::Object(m)) => m,
+                _ => Map::new(),
+            },
+            items: match parse(&row.items) {
+                Some(Value::Array(a)) => a,
+                _ => Vec::new(),
+            },
+            not_before: row.not_before,
+            queued_at: row.queued_at,
+            started_at: row.started_at,
+            ended_at: row.ended_at,
+            error: row.error.clone(),
+            stop: None,
+        })
+    }
+
+    fn row(&self, run_id: i64, key: &Key) -> TaskRow {
+        let json = |v: &Value| Some(v.to_string());
+        TaskRow {
+            run_id,
+            task: key.0.clone(),
+            map_index: key.1,
+            state: self.state.as_str().to_string(),
+            attempts: self.attempts,
+            failures: self.failures,
+            item: self.item.as_ref().and_then(json),
+            outputs: (!self.outputs.is_empty())
+                .then(|| Value::Object(self.outputs.clone()).to_string()),
+            items: (!self.items.is_empty()).then(|| Value::Array(self.items.clone()).to_string()),
+            not_before: self.not_before,
+            queued_at: self.queued_at,
+            started_at: self.started_at,
+            ended_at: self.ended_at,
+            error: self.error.clone(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct RunModel {
+    row: WorkflowRunRow,
+    state: RunState,
+    workflow: Arc<WorkflowConfig>,
+    params: Map<String, Value>,
+    instances: BTreeMap<Key, Instance>,
+    /// Fan-out instances of each task.
+    children: HashMap<String, Vec<i64>>,
+    unfinished: usize,
+    cancel: bool,
+}
+
+impl RunModel {
+    fn dir(&self) -> PathBuf {
+        PathBuf::from(&self.row.dir)
+    }
+
+    fn task(&self, name: &str) -> Option<&TaskConfig> {
+        self.workflow.tasks.get(name)
+    }
+}
+
+/// An entry of a pool's ready queue.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+struct Ready {
+    priority: i64,
+    run_id: i64,
+    seq: u64,
+    task: String,
+    map_index: i64,
+}
+
+#[derive(Debug)]
+struct Pool {
+    slots: u32,
+    used: u32,
+    rate: Option<caudal_core::config::PoolRate>,
+    starts: VecDeque<Instant>,
+    ready: BTreeSet<Ready>,
+}
+
+impl Pool {
+    /// When the pool's rate allows the next start (`None`: now).
+    fn rate_wait(&mut self, now: Instant) -> Option<Instant> {
+        let rate = self.rate?;
+        while self
+            .starts
+            .front()
+            .is_some_and(|t| now.duration_since(*t) >= rate.per)
+        {
+            self.starts.pop_front();
+        }
+        if self.starts.len() < rate.starts as usize {
+            None
+        } else {
+            self.starts.front().map(|t| *t + rate.per)
+        }
+    }
+}
+
+/// Changes of one turn, written together.
+#[derive(Debug, Default)]
+struct Pending {
+    tasks: HashSet<(i64, Key)>,
+    attempts: HashMap<AttemptId, AttemptRow>,
+    runs: HashSet<i64>,
+    spawn: Vec<(Spec, CancellationToken)>,
+}
+
+struct Executor {
+    config: Arc<Config>,
+    store: Store,
+    holder: String,
+    options: ExecOptions,
+    env: minijinja::Environment<'static>,
+    shared: Shared,
+    runs: BTreeMap<i64, RunModel>,
+    pools: HashMap<String, Pool>,
+    timers: BTreeSet<(Timestamp, i64, String, i64)>,
+    pending: Pending,
+    seq: u64,
+    events_tx: mpsc::UnboundedSender<Event>,
+    /// The row of every running attempt.
+    running: HashMap<AttemptId, AttemptRow>,
+    interrupt: CancellationToken,
+    /// Per scheduled workflow: the last slot considered.
+    cursors: HashMap<String, Timestamp>,
+    last_schedule_check: Option<Instant>,
+    only_run_done: bool,
+    queued_in_store: HashMap<String, usize>,
+}
+
+impl std::fmt::Debug for Executor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Executor")
+            .field("holder", &self.holder)
+            .field("runs", &self.runs.len())
+            .finish_non_exhaustive()
+    }
+}
+
+fn pool_name(task: &TaskConfig) -> String {
+    task.pool.clone().unwrap_or_default()
+}
+
+fn priority_key(task: &TaskConfig) -> i64 {
+    task.priority.map_or(i64::MAX, i64::from)
+}
+
+/// Runs workflow runs until `shutdown` (or, with `only_run`, until that
+/// run has ended). Fails with [`ErrorKind::Busy`] when another process is
+/// the executor.
+pub async fn execute(
+    config: Arc<Config>,
+    store: Store,
+    options: ExecOptions,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let lease = Lease::acquire(&store, EXECUTOR_LEASE).await?;
+    let holder = holder_id();
+    let killed = attempt::kill_orphans(&holder);
+    if killed > 0 {
+        tracing::warn!(
+            processes = killed,
+            "killed processes left by an executor that died"
+        );
+    }
+    let (events_tx, mut events) = mpsc::unbounded_channel();
+    let http = reqwest::Client::builder()
+        .build()
+        .map_err(|e| Error::with_source(ErrorKind::Internal, "building the HTTP client", e))?;
+    let mut pools = HashMap::new();
+    for (name, pool) in &config.pools {
+        pools.insert(
+            name.clone(),
+            Pool {
+                slots: pool.slots.max(1),
+                used: 0,
+                rate: pool.parsed_rate().ok().flatten(),
+                starts: VecDeque::new(),
+                ready: BTreeSet::new(),
+            },
+        );
+    }
+    pools.insert(
+        String::new(),
+        Pool {
+            slots: DEFAULT_POOL_SLOTS,
+            used: 0,
+            rate: None,
+            starts: VecDeque::new(),
+            ready: BTreeSet::new(),
+        },
+    );
+    let mut ex = Executor {
+        shared: Shared {
+            config: config.clone(),
+            store: store.clone(),
+            http,
+            holder: holder.clone(),
+        },
+        config,
+        store,
+        holder,
+        options,
+        env: render::environment(),
+        runs: BTreeMap::new(),
+        pools,
+        timers: BTreeSet::new(),
+        pending: Pending::default(),
+        seq: 0,
+        events_tx,
+        running: HashMap::new(),
+        interrupt: CancellationToken::new(),
+        cursors: HashMap::new(),
+        last_schedule_check: None,
+        only_run_done: false,
+        queued_in_store: HashMap::new(),
+    };
+    let lost = lease.lost();
+    let result = ex.main_loop(&mut events, &shutdown, &lost).await;
+    // Stop what runs: each attempt ends as interrupted and is queued again.
+    ex.interrupt.cancel();
+    while !ex.running.is_empty() {
+        match tokio::time::timeout(attempt::KILL_GRACE * 3, events.recv()).await {
+            Ok(Some(event)) => ex.on_event(event),
+            _ => break,
+        }
+    }
+    if result.is_ok() && !lost.is_cancelled() {
+        if let Err(e) = ex.flush().await {
+            tracing::warn!(error = %e.report(), "cannot save the tasks interrupted by shutdown; they are recovered at the next start");
+        }
+    }
+    lease.release().await;
+    result
+}
+
+impl Executor {
+    async fn main_loop(
+        &mut self,
+        events: &mut mpsc::UnboundedReceiver<Event>,
+        shutdown: &CancellationToken,
+        lost: &CancellationToken,
+    ) -> Result<()> {
+        self.poll_store(true).await?;
+        let mut tick = tokio::time::interval(POLL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            self.step();
+            self.flush().await?;
+            self.spawn();
+            if self.options.only_run.is_some() && self.only_run_done {
+                return Ok(());
+            }
+            let wake = self.next_wake();
+            tokio::select! {
+                biased;
+                () = shutdown.cancelled() => return Ok(()),
+                () = lost.cancelled() => {
+                    return Err(Error::new(ErrorKind::Busy, "the workflow executor lease was lost to another process; stopping"));
+                }
+                event = events.recv() => {
+                    if let Some(event) = event {
+                        self.on_event(event);
+                        while let Ok(event) = events.try_recv() {
+                            self.on_event(event);
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    self.poll_store(false).await?;
+                }
+                () = sleep_until(wake) => {}
+            }
+        }
+    }
+
+    /// The earliest timer (retry wait, pool rate), if any.
+    fn next_wake(&mut self) -> Option<Instant> {
+        let now_ts = Timestamp::now();
+        let now = Instant::now();
+        let timer = self.timers.first().map(|(at, ..)| {
+            let left = at.duration_since(now_ts);
+            now + Duration::try_from(left).unwrap_or(Duration::ZERO)
+        });
+        let rate = self
+            .pools
+            .values_mut()
+            .filter(|p| !p.ready.is_empty() && p.used < p.slots)
+            .filter_map(|p| p.rate_wait(now))
+            .min();
+        match (timer, rate) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// New runs, cancel requests, and (for the daemon) schedules.
+    async fn poll_store(&mut self, first: bool) -> Result<()> {
+        let unfinished = self
+            .store
+            .workflow_runs(&RunFilter {
+                workflow: None,
+                unfinished: true,
+                limit: 0,
+            })
+            .await?;
+        let mut queued: Vec<WorkflowRunRow> = Vec::new();
+        self.queued_in_store.clear();
+        for row in unfinished.into_iter().rev() {
+            if let Some(only) = self.options.only_run
+                && row.id != only
+            {
+                continue;
+            }
+            if let Some(run) = self.runs.get(&row.id) {
+                if row.cancel_requested && !run.cancel {
+                    self.cancel_run(row.id);
+                }
+                continue;
+            }
+            match RunState::parse(&row.state) {
+                Ok(RunState::Running) => self.load_run(row).await?,
+                Ok(RunState::Queued) => {
+                    *self
+                        .queued_in_store
+                        .entry(row.workflow.clone())
+                        .or_default() += 1;
+                    queued.push(row);
+                }
+                _ => {}
+            }
+        }
+        for row in queued {
+            self.adopt(row).await?;
+        }
+        if let Some(only) = self.options.only_run
+            && !first
+            && !self.runs.contains_key(&only)
+        {
+            self.only_run_done = true;
+        }
+        if self.options.schedules
+            && self
+                .last_schedule_check
+                .is_none_or(|t| t.elapsed() >= SCHEDULE_CHECK)
+        {
+            self.last_schedule_check = Some(Instant::now());
+            self.schedule_runs().await;
+        }
+        Ok(())
+    }
+
+    /// Takes a queued run: it starts unless its workflow allows no overlap
+    /// and another of its runs is running.
+    async fn adopt(&mut self, row: WorkflowRunRow) -> Result<()> {
+        let overlap = match self.config.workflows.get(&row.workflow) {
+            Some(w) => w.overlap,
+            None => {
+                self.fail_unknown(row);
+                return Ok(());
+            }
+        };
+        let busy = self
+            .runs
+            .values()
+            .any(|r| r.row.workflow == row.workflow && r.state == RunState::Running);
+        if busy && overlap != Overlap::Allow {
+            return Ok(());
+        }
+        self.load_run(row).await
+    }
+
+    fn fail_unknown(&mut self, row: WorkflowRunRow) {
+        let id = row.id;
+        let model = RunModel {
+            state: RunState::Failed,
+            workflow: Arc::new(WorkflowConfig::default()),
+            params: Map::new(),
+            instances: BTreeMap::new(),
+            children: HashMap::new(),
+            unfinished: 0,
+            cancel: false,
+            row: WorkflowRunRow {
+                error: Some(format!(
+                    "workflow `{}` is not in the configuration any more",
+                    row.workflow
+                )),
+                ended_at: Some(Timestamp::now()),
+                ..row
+            },
+        };
+        self.runs.insert(id, model);
+        self.pending.runs.insert(id);
+    }
+
+    /// Runs a run from what the store holds of it: a new run (no tasks
+    /// yet), a retried one, or one that was running when its executor
+    /// stopped (its running attempts are lost: counted as failed).
+    async fn load_run(&mut self, row: WorkflowRunRow) -> Result<()> {
+        let Some(workflow) = self.config.workflows.get(&row.workflow).cloned() else {
+            self.fail_unknown(row);
+            return Ok(());
+        };
+        let id = row.id;
+        let was_running = row.state == RunState::Running.as_str();
+        let tasks = self.store.workflow_tasks(id).await?;
+        let attempts = if was_running {
+            self.store.workflow_attempts(id).await?
+        } else {
+            Vec::new()
+        };
+        let params = parse_json_object(&row.params);
+        let now = Timestamp::now();
+        let mut model = RunModel {
+            state: RunState::Running,
+            workflow: Arc::new(workflow),
+            params,
+            instances: BTreeMap::new(),
+            children: HashMap::new(),
+            unfinished: 0,
+            cancel: row.cancel_requested,
+            row,
+        };
+        model.row.started_at.get_or_insert(now);
+        if let Err(e) = std::fs::create_dir_all(model.dir()) {
+            tracing::warn!(run = id, dir = %model.row.dir, error = %e, "cannot create the run directory");
+        }
+        self.runs.insert(id, model);
+        let mut rows: BTreeMap<Key, TaskRow> = BTreeMap::new();
+        for t in tasks {
+            rows.insert((t.task.clone(), t.map_index), t);
+        }
+        // Tasks without a row (a new run, or a task added to the
+        // configuration since) start pending.
+        let names: Vec<String> = self.runs[&id].workflow.tasks.keys().cloned().collect();
+        for name in &names {
+            rows.entry((name.clone(), -1))
+                .or_insert_with(|| Instance::new(TaskState::Pending).row(id, &(name.clone(), -1)));
+        }
+        for (key, row) in rows {
+            let instance = Instance::from_row(&row)?;
+            self.put(id, key, instance);
+        }
+        for mut a in attempts {
+            if a.state != AttemptState::Running.as_str() {
+                continue;
+            }
+            let key = (a.task.clone(), a.map_index);
+            a.state = AttemptState::Lost.as_str().to_string();
+            a.ended_at = Some(now);
+            a.error = Some(format!(
+                "its executor ({}) stopped while it ran; counted as a failed attempt",
+                a.holder
+            ));
+            self.pending.attempts.insert(
+                AttemptId {
+                    run_id: id,
+                    task: a.task.clone(),
+                    map_index: a.map_index,
+                    attempt: a.attempt,
+                },
+                a,
+            );
+            if self.state_of(id, &key) == Some(TaskState::Running) {
+                self.attempt_failed(
+                    id,
+                    &key,
+                    "its process was lost when caudal stopped".into(),
+                    now,
+                );
+            }
+        }
+        // Queue again what was ready or waiting.
+        let keys: Vec<(Key, TaskState)> = self.runs[&id]
+            .instances
+            .iter()
+            .map(|(k, i)| (k.clone(), i.state))
+            .collect();
+        for (key, state) in keys {
+            match state {
+                TaskState::Queued => self.enqueue(id, &key),
+                TaskState::Retrying => self.arm_timer(id, &key),
+                _ => {}
+            }
+        }
+        let fan_out: Vec<String> = self.runs[&id].children.keys().cloned().collect();
+        for task in fan_out {
+            self.promote_scheduled(id, &task);
+        }
+        if was_running {
+            tracing::info!(run = id, "workflow run recovered after a restart");
+        } else {
+            tracing::info!(run = id, workflow = %self.runs[&id].row.workflow, "workflow run started");
+        }
+        self.pending.runs.insert(id);
+        self.check_tasks(id, names);
+        Ok(())
+    }
+
+    /// Puts an instance into its run's model, keeping the counts.
+    fn put(&mut self, run_id: i64, key: Key, instance: Instance) {
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        if !instance.state.is_finished() {
+            run.unfinished += 1;
+        }
+        if key.1 >= 0 {
+            run.children.entry(key.0.clone()).or_default().push(key.1);
+        }
+        if let Some(old) = run.instances.insert(key.clone(), instance)
+            && !old.state.is_finished()
+        {
+            run.unfinished -= 1;
+        }
+        self.pending.tasks.insert((run_id, key));
+    }
+
+    fn state_of(&self, run_id: i64, key: &Key) -> Option<TaskState> {
+        self.runs.get(&run_id)?.instances.get(key).map(|i| i.state)
+    }
+
+    /// Moves an instance to `next`, by the model's rules.
+    fn set_state(&mut self, run_id: i64, key: &Key, next: TaskState) -> bool {
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return false;
+        };
+        let Some(instance) = run.instances.get_mut(key) else {
+            return false;
+        };
+        let from = instance.state;
+        match from.to(next, &key.0) {
+            Ok(next) => {
+                instance.state = next;
+                if !from.is_finished() && next.is_finished() {
+                    run.unfinished -= 1;
+                    instance.ended_at = Some(Timestamp::now());
+                }
+                metrics::counter!("caudal_workflow_task_transitions_total", "workflow" => run.row.workflow.clone(), "state" => next.as_str()).increment(1);
+                self.pending.tasks.insert((run_id, key.clone()));
+                true
+            }
+            Err(e) => {
+                tracing::error!(run = run_id, error = %e.report(), "refused a task state change");
+                false
+            }
+        }
+    }
+
+    /// Re-evaluates tasks (not instances) whose upstream may have changed.
+    fn check_tasks(&mut self, run_id: i64, mut names: Vec<String>) {
+        while let Some(name) = names.pop() {
+            let Some(run) = self.runs.get(&run_id) else {
+                return;
+            };
+            let key = (name.clone(), -1);
+            let Some(state) = run.instances.get(&key).map(|i| i.state) else {
+                continue;
+            };
+            let Some(task) = run.task(&name).cloned() else {
+                continue;
+            };
+            if run.cancel {
+                continue;
+            }
+            match state {
+                TaskState::Pending => {}
+                TaskState::Running if task.for_each.is_some() => {
+                    self.finish_parent_if_done(run_id, &name, &mut names);
+                    continue;
+                }
+                _ => continue,
+            }
+            let upstream: Vec<TaskState> = task
+                .depends_on
+                .iter()
+                .filter_map(|d| run.instances.get(&(d.clone(), -1)).map(|i| i.state))
+                .collect();
+            match decide(task.trigger_rule, &upstream) {
+                Readiness::Wait => {}
+                Readiness::Skip => {
+                    self.set_state(run_id, &key, TaskState::Skipped);
+                    names.extend(self.downstream(run_id, &name));
+                }
+                Readiness::UpstreamFailed => {
+                    self.set_state(run_id, &key, TaskState::UpstreamFailed);
+                    names.extend(self.downstream(run_id, &name));
+                }
+                Readiness::Run => {
+                    if task.for_each.is_some() {
+                        self.expand(run_id, &name, &task, &mut names);
+                    } else {
+                        self.make_ready(run_id, &key);
+                    }
+                }
+            }
+        }
+    }
+
+    fn downstream(&self, run_id: i64, name: &str) -> Vec<String> {
+        let Some(run) = self.runs.get(&run_id) else {
+            return Vec::new();
+        };
+        run.workflow
+            .tasks
+            .iter()
+            .filter(|(_, t)| t.depends_on.iter().any(|d| d == name))
+            .map(|(n, _)| n.clone())
+            .collect()
+    }
+
+    /// Pending or retrying → queued, into its pool's queue.
+    fn make_ready(&mut self, run_id: i64, key: &Key) {
+        if self.set_state(run_id, key, TaskState::Queued) {
+            if let Some(i) = self
+                .runs
+                .get_mut(&run_id)
+                .and_then(|r| r.instances.get_mut(key))
+            {
+                i.queued_at = Some(Timestamp::now());
+            }
+            self.enqueue(run_id, key);
+        }
+    }
+
+    fn enqueue(&mut self, run_id: i64, key: &Key) {
+        let Some(task) = self.runs.get(&run_id).and_then(|r| r.task(&key.0)) else {
+            return;
+        };
+        let pool = pool_name(task);
+        let priority = priority_key(task);
+        self.seq += 1;
+        if let Some(pool) = self.pools.get_mut(&pool) {
+            pool.ready.insert(Ready {
+                priority,
+                run_id,
+                seq: self.seq,
+                task: key.0.clone(),
+                map_index: key.1,
+            });
+        }
+    }
+
+    fn arm_timer(&mut self, run_id: i64, key: &Key) {
+        let at = self
+            .runs
+            .get(&run_id)
+            .and_then(|r| r.instances.get(key))
+            .and_then(|i| i.not_before)
+            .unwrap_or_else(Timestamp::now);
+        self.timers.insert((at, run_id, key.0.clone(), key.1));
+    }
+
+    /// A fan-out task whose upstream is done: one instance per item (or
+    /// chunk), or instances kept from before a retry.
+    fn expand(&mut self, run_id: i64, name: &str, task: &TaskConfig, names: &mut Vec<String>) {
+        let key = (name.to_string(), -1);
+        let existing = self
+            .runs
+            .get(&run_id)
+            .and_then(|r| r.children.get(name))
+            .is_some_and(|c| !c.is_empty());
+        if existing {
+            self.set_state(run_id, &key, TaskState::Running);
+            let pending: Vec<Key> = self.runs[&run_id]
+                .instances
+                .iter()
+                .filter(|(k, i)| k.0 == name && k.1 >= 0 && i.state == TaskState::Pending)
+                .map(|(k, _)| k.clone())
+                .collect();
+            for k in pending {
+                self.set_state(run_id, &k, TaskState::Scheduled);
+            }
+            self.promote_scheduled(run_id, name);
+            self.finish_parent_if_done(run_id, name, names);
+            return;
+        }
+        let template = task.for_each.clone().unwrap_or_default();
+        let prepared = Prepared::new(&self.context(run_id, name, None));
+        let items = match render::evaluate(&self.env, "for_each", &template, &prepared) {
+            Ok(Value::Array(items)) => items,
+            Ok(other) => {
+                self.fail_without_attempt(
+                    run_id,
+                    &key,
+                    format!("for_each: must give a list; it gave {other}"),
+                );
+                names.extend(self.downstream(run_id, name));
+                return;
+            }
+            Err(why) => {
+                self.fail_without_attempt(run_id, &key, why);
+                names.extend(self.downstream(run_id, name));
+                return;
+            }
+        };
+        if items.is_empty() {
+            self.set_state(run_id, &key, TaskState::Succeeded);
+            names.extend(self.downstream(run_id, name));
+            return;
+        }
+        self.set_state(run_id, &key, TaskState::Running);
+        if let Some(i) = self
+            .runs
+            .get_mut(&run_id)
+            .and_then(|r| r.instances.get_mut(&key))
+        {
+            i.started_at = Some(Timestamp::now());
+        }
+        let chunk = task.chunk.map(|c| c.max(1) as usize);
+        let groups: Vec<Value> = match chunk {
+            None => items,
+            Some(n) => items.chunks(n).map(|c| Value::Array(c.to_vec())).collect(),
+        };
+        for (index, item) in groups.into_iter().enumerate() {
+            let mut instance = Instance::new(TaskState::Scheduled);
+            instance.item = Some(item);
+            let index = i64::try_from(index).unwrap_or(i64::MAX);
+            self.put(run_id, (name.to_string(), index), instance);
+        }
+        self.promote_scheduled(run_id, name);
+    }
+
+    /// Scheduled instances of a fan-out → queued, up to `max_parallel`
+    /// running or queued.
+    fn promote_scheduled(&mut self, run_id: i64, name: &str) {
+        let Some(run) = self.runs.get(&run_id) else {
+            return;
+        };
+        let limit = run
+            .task(name)
+            .and_then(|t| t.max_parallel)
+            .map_or(usize::MAX, |m| m as usize);
+        let mut active = 0usize;
+        let mut waiting = Vec::new();
+        for index in run.children.get(name).map(Vec::as_slice).unwrap_or(&[]) {
+            let key = (name.to_string(), *index);
+            match run.instances.get(&key).map(|i| i.state) {
+                Some(TaskState::Queued | TaskState::Running | TaskState::Retrying) => active += 1,
+                Some(TaskState::Scheduled) => waiting.push(key),
+                _ => {}
+            }
+        }
+        let room = limit.saturating_sub(active);
+        for key in waiting.into_iter().take(room) {
+            self.make_ready(run_id, &key);
+        }
+    }
+
+    /// A fan-out task whose instances have all ended ends with them.
+    fn finish_parent_if_done(&mut self, run_id: i64, name: &str, names: &mut Vec<String>) {
+        let Some(run) = self.runs.get(&run_id) else {
+            return;
+        };
+        let key = (name.to_string(), -1);
+        if run.instances.get(&key).map(|i| i.state) != Some(TaskState::Running) {
+            return;
+        }
+        let children = run.children.get(name).cloned().unwrap_or_default();
+        let mut results = Vec::new();
+        let mut items = Vec::new();
+        let mut failed = 0;
+        let mut cancelled = 0;
+        for index in &children {
+            let Some(i) = run.instances.get(&(name.to_string(), *index)) else {
+                continue;
+            };
+            if !i.state.is_finished() {
+                return;
+            }
+            match i.state {
+                TaskState::Succeeded | TaskState::Skipped => {}
+                TaskState::Cancelled => cancelled += 1,
+                _ => failed += 1,
+            }
+            results.push(Value::Object(i.outputs.clone()));
+            items.extend(i.items.iter().cloned());
+        }
+        let total = children.len();
+        let next = if failed > 0 {
+            TaskState::Failed
+        } else if cancelled > 0 {
+            TaskState::Cancelled
+        } else {
+            TaskState::Succeeded
+        };
+        if let Some(i) = self
+            .runs
+            .get_mut(&run_id)
+            .and_then(|r| r.instances.get_mut(&key))
+        {
+            i.outputs = Map::from_iter([("results".to_string(), Value::Array(results))]);
+            i.items = items;
+            if failed > 0 {
+                i.error = Some(format!("{failed} of {total} instances failed"));
+            }
+        }
+        self.set_state(run_id, &key, next);
+        names.extend(self.downstream(run_id, name));
+    }
+
+    /// Ends a task that cannot start (a template names what does not
+    /// exist, its deadline passed).
+    fn fail_without_attempt(&mut self, run_id: i64, key: &Key, why: String) {
+        tracing::warn!(run = run_id, task = %key.0, index = key.1, error = %why, "task failed");
+        if let Some(i) = self
+            .runs
+            .get_mut(&run_id)
+            .and_then(|r| r.instances.get_mut(key))
+        {
+            i.error = Some(why);
+        }
+        self.set_state(run_id, key, TaskState::Failed);
+    }
+
+    /// What a task's templates see.
+    fn context(&self, run_id: i64, name: &str, key: Option<&Key>) -> Context {
+        let Some(run) = self.runs.get(&run_id) else {
+            return Context::default();
+        };
+        let mut tasks = Map::new();
+        let mut stack: Vec<&str> = run
+            .task(name)
+            .map(|t| t.depends_on.iter().map(String::as_str).collect())
+            .unwrap_or_default();
+        let mut seen = HashSet::new();
+        while let Some(up) = stack.pop() {
+            if !seen.insert(up) {
+                continue;
+            }
+            if let Some(i) = run.instances.get(&(up.to_string(), -1)) {
+                let mut result = Map::new();
+                result.insert("state".into(), Value::from(i.state.as_str()));
+                result.insert("outputs".into(), Value::Object(i.outputs.clone()));
+                result.insert("items".into(), Value::Array(i.items.clone()));
+                if let Some(r) = i.outputs.get("results") {
+                    result.insert("results".into(), r.clone());
+                }
+                tasks.insert(up.to_string(), Value::Object(result));
+            }
+            if let Some(t) = run.task(up) {
+                stack.extend(t.depends_on.iter().map(String::as_str));
+            }
+        }
+        let mut params = Map::new();
+        for (k, v) in &run.workflow.params {
+            params.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &run.params {
+            params.insert(k.clone(), v.clone());
+        }
+        let mut r = Map::new();
+        r.insert("id".into(), Value::from(run.row.id));
+        r.insert("batch_id".into(), Value::from(run.row.batch_id.clone()));
+        r.insert("dir".into(), Value::from(run.row.dir.clone()));
+        r.insert(
+            "triggered_by".into(),
+            Value::from(run.row.triggered_by.clone()),
+        );
+        let logical = run.row.logical_date.unwrap_or(run.row.created_at);
+        r.insert("logical_date".into(), Value::from(logical.to_string()));
+        r.insert(
+            "date".into(),
+            Value::from(logical.strftime("%Y-%m-%d").to_string()),
+        );
+        let (item, items, index) = match key.and_then(|k| run.instances.get(k).map(|i| (k, i))) {
+            Some((k, i)) if k.1 >= 0 => {
+                let item = i.item.clone().unwrap_or(Value::Null);
+                match (&item, run.task(name).and_then(|t| t.chunk)) {
+                    (Value::Array(list), Some(_)) => (
+                        Some(list.first().cloned().unwrap_or(Value::Null)),
+                        Some(item.clone()),
+                        Some(k.1),
+                    ),
+                    _ => (
+                        Some(item.clone()),
+                        Some(Value::Array(vec![item])),
+                        Some(k.1),
+                    ),
+                }
+            }
+            _ => (None, None, None),
+        };
+        Context {
+            params,
+            run: r,
+            workflow: run.row.workflow.clone(),
+            tasks,
+            item,
+            items,
+            index,
+        }
+    }
+
+    /// Moves time-driven states and starts what the pools allow.
+    fn step(&mut self) {
+        let now = Timestamp::now();
+        while let Some(first) = self.timers.first().cloned() {
+            if first.0 > now {
+                break;
+            }
+            self.timers.pop_first();
+            let (_, run_id, task, index) = first;
+            let key = (task, index);
+            if self.state_of(run_id, &key) == Some(TaskState::Retrying) {
+                self.make_ready(run_id, &key);
+            }
+        }
+        let instant = Instant::now();
+        let pool_names: Vec<String> = self.pools.keys().cloned().collect();
+        for name in pool_names {
+            loop {
+                let Some(pool) = self.pools.get_mut(&name) else {
+                    break;
+                };
+                if pool.used >= pool.slots || pool.ready.is_empty() {
+                    break;
+                }
+                if pool.rate_wait(instant).is_some() {
+                    break;
+                }
+                let Some(entry) = pool.ready.pop_first() else {
+                    break;
+                };
+                let key = (entry.task.clone(), entry.map_index);
+                if self.state_of(entry.run_id, &key) != Some(TaskState::Queued) {
+                    continue;
+                }
+                self.start(entry.run_id, &key, &name);
+            }
+        }
+        // Runs that have ended.
+        let ended: Vec<i64> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| r.state == RunState::Running && r.unfinished == 0)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            self.end_run(id);
+        }
+    }
+
+    /// Starts one attempt of a queued instance.
+    fn start(&mut self, run_id: i64, key: &Key, pool: &str) {
+        let now = Timestamp::now();
+        match self.prepare(run_id, key, now) {
+            Ok(Some(prepared)) => self.launch(run_id, key, pool, now, prepared),
+            Ok(None) => {}
+            Err(why) => {
+                self.fail_without_attempt(run_id, key, why);
+                let names = self.after_end(run_id, key);
+                self.check_tasks(run_id, names);
+            }
+        }
+    }
+
+    /// Renders what an attempt runs, and its time limit.
+    #[allow(clippy::type_complexity)]
+    fn prepare(
+        &self,
+        run_id: i64,
+        key: &Key,
+        now: Timestamp,
+    ) -> std::result::Result<
+        Option<(
+            Work,
+            Option<Duration>,
+            &'static str,
+            Option<(PathBuf, Option<String>)>,
+        )>,
+        String,
+    > {
+        let Some(run) = self.runs.get(&run_id) else {
+            return Ok(None);
+        };
+        let Some(task) = run.task(&key.0) else {
+            return Ok(None);
+        };
+        let first_start = run
+            .instances
+            .get(key)
+            .and_then(|i| i.started_at)
+            .unwrap_or(now);
+        // The deadline counts from the first attempt's start.
+        let mut timeout = task.timeout.map(|t| t.as_std());
+        let mut cause = "timeout";
+        if let Some(deadline) = task.deadline {
+            let used = Duration::try_from(now.duration_since(first_start)).unwrap_or_default();
+            let Some(left) = deadline.as_std().checked_sub(used).filter(|l| !l.is_zero()) else {
+                return Err(format!(
+                    "its deadline ({deadline}) passed before another attempt could start"
+                ));
+            };
+            if timeout.is_none_or(|t| left < t) {
+                timeout = Some(left);
+                cause = "deadline";
+            }
+        }
+        let prepared = Prepared::new(&self.context(run_id, &key.0, Some(key)));
+        let work = self.render_work(run, task, &prepared)?;
+        let items_from = match &task.items_from {
+            None => None,
+            Some(t) => {
+                let path = render::render(&self.env, "items_from", t, &prepared)?;
+                let base = match &work {
+                    Work::Command { cwd, .. } => cwd.clone(),
+                    _ => self.config.config_dir(),
+                };
+                Some((base.join(path), task.items_column.clone()))
+            }
+        };
+        Ok(Some((work, timeout, cause, items_from)))
+    }
+
+    #[allow(clippy::type_complexity)]
+    fn launch(
+        &mut self,
+        run_id: i64,
+        key: &Key,
+        pool: &str,
+        now: Timestamp,
+        (work, timeout, cause, items_from): (
+            Work,
+            Option<Duration>,
+            &'static str,
+            Option<(PathBuf, Option<String>)>,
+        ),
+    ) {
+        let Some(run) = self.runs.get(&run_id) else {
+            return;
+        };
+        let dir = run.dir();
+        let workflow = run.row.workflow.clone();
+        let queued_at = run.instances.get(key).and_then(|i| i.queued_at);
+        if !self.set_state(run_id, key, TaskState::Running) {
+            return;
+        }
+        let stop = CancellationToken::new();
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let Some(instance) = run.instances.get_mut(key) else {
+            return;
+        };
+        instance.attempts += 1;
+        instance.started_at.get_or_insert(now);
+        instance.stop = Some(stop.clone());
+        let attempt = instance.attempts;
+        if let Some(q) = queued_at {
+            let waited = now.duration_since(q).as_secs_f64().max(0.0);
+            metrics::histogram!("caudal_workflow_task_queued_seconds", "workflow" => workflow.clone(), "pool" => pool.to_string()).record(waited);
+        }
+        if let Some(p) = self.pools.get_mut(pool) {
+            p.used += 1;
+            if p.rate.is_some() {
+                p.starts.push_back(Instant::now());
+            }
+            metrics::gauge!("caudal_workflow_pool_slots_used", "pool" => display_pool(pool))
+                .set(f64::from(p.used));
+        }
+        let id = AttemptId {
+            run_id,
+            task: key.0.clone(),
+            map_index: key.1,
+            attempt,
+        };
+        let row = AttemptRow {
+            run_id,
+            task: key.0.clone(),
+            map_index: key.1,
+            attempt,
+            holder: self.holder.clone(),
+            pid: None,
+            pid_start: None,
+            state: AttemptState::Running.as_str().to_string(),
+            exit_code: None,
+            error: None,
+            stderr_tail: None,
+            started_at: now,
+            ended_at: None,
+        };
+        self.pending.attempts.insert(id.clone(), row.clone());
+        self.running.insert(id.clone(), row);
+        let spec = Spec {
+            files: Files::new(&dir, &key.0, key.1, attempt),
+            id,
+            work,
+            timeout,
+            timeout_cause: cause,
+            items_from,
+        };
+        let _ = now;
+        self.pending.spawn.push((spec, stop));
+    }
+
+    fn render_work(
+        &self,
+        run: &RunModel,
+        task: &TaskConfig,
+        ctx: &Prepared,
+    ) -> std::result::Result<Work, String> {
+        let r = |field: &str, t: &str| render::render(&self.env, field, t, ctx);
+        Ok(match task.kind {
+            TaskType::Command => {
+                let mut args = Vec::with_capacity(task.run.len());
+                for (i, arg) in task.run.iter().enumerate() {
+                    args.extend(render::arguments(
+                        &self.env,
+                        &format!("run[{i}]"),
+                        arg,
+                        ctx,
+                    )?);
+                }
+                if args.is_empty() {
+                    return Err("run: no program".into());
+                }
+                let program = args.remove(0);
+                let base = self.config.config_dir();
+                let cwd = match &task.cwd {
+                    Some(c) => base.join(r("cwd", c)?),
+                    None => base,
+                };
+                let mut env = Vec::new();
+                for (k, v) in &task.env {
+                    env.push((k.clone(), r(&format!("env.{k}"), v)?));
+                }
+                env.push(("CAUDAL_RUN_DIR".into(), run.row.dir.clone()));
+                env.push(("CAUDAL_BATCH_ID".into(), run.row.batch_id.clone()));
+                env.push(("CAUDAL_WORKFLOW".into(), run.row.workflow.clone()));
+                Work::Command {
+                    program,
+                    args,
+                    cwd,
+                    env,
+                    skip_exit_code: task.skip_exit_code,
+                }
+            }
+            TaskType::Http => {
+                let url = r("url", task.url.as_deref().unwrap_or_default())?;
+                let mut headers = Vec::new();
+                for (k, v) in &task.headers {
+                    headers.push((k.clone(), r(&format!("headers.{k}"), v)?));
+                }
+                let body = match &task.body {
+                    Some(b) => Some(r("body", b)?),
+                    None => None,
+                };
+                let method = task
+                    .method
+                    .clone()
+                    .unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_string());
+                Work::Http {
+                    method,
+                    url,
+                    headers,
+                    body,
+                }
+            }
+            TaskType::Pipeline => Work::Pipeline {
+                name: task.pipeline.clone().unwrap_or_default(),
+            },
+        })
+    }
+
+    /// What to check after an instance ended: its parent (fan-out) or its
+    /// downstream tasks.
+    fn after_end(&mut self, run_id: i64, key: &Key) -> Vec<String> {
+        if key.1 >= 0 {
+            self.promote_scheduled(run_id, &key.0);
+            vec![key.0.clone()]
+        } else {
+            self.downstream(run_id, &key.0)
+        }
+    }
+
+    fn on_event(&mut self, event: Event) {
+        match event {
+            Event::Started { id, pid, pid_start } => {
+                if let Some(row) = self.running.get_mut(&id) {
+                    row.pid = Some(i64::from(pid));
+                    row.pid_start = pid_start;
+                    self.pending.attempts.insert(id, row.clone());
+                }
+            }
+            Event::Done(done) => self.on_done(done),
+        }
+    }
+
+    fn on_done(&mut self, done: Done) {
+        let now = Timestamp::now();
+        let id = done.id.clone();
+        let key = (id.task.clone(), id.map_index);
+        let run_id = id.run_id;
+        let Some(mut row) = self.running.remove(&id) else {
+            return;
+        };
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let workflow = run.row.workflow.clone();
+        let pool = run.task(&key.0).map(pool_name).unwrap_or_default();
+        if let Some(p) = self.pools.get_mut(&pool) {
+            p.used = p.used.saturating_sub(1);
+            metrics::gauge!("caudal_workflow_pool_slots_used", "pool" => display_pool(&pool))
+                .set(f64::from(p.used));
+        }
+        let state = match done.ending {
+            Ending::Succeeded => AttemptState::Succeeded,
+            Ending::Skipped => AttemptState::Skipped,
+            Ending::Failed => AttemptState::Failed,
+            Ending::TimedOut => AttemptState::TimedOut,
+            Ending::Cancelled | Ending::Interrupted => AttemptState::Cancelled,
+        };
+        metrics::counter!("caudal_workflow_attempts_total", "workflow" => workflow.clone(), "task" => key.0.clone(), "outcome" => state.as_str()).increment(1);
+        metrics::histogram!("caudal_workflow_attempt_duration_seconds", "workflow" => workflow, "task" => key.0.clone()).record(done.elapsed.as_secs_f64());
+        row.state = state.as_str().to_string();
+        row.exit_code = done.exit_code;
+        row.error = done.error.clone();
+        row.stderr_tail = done.stderr_tail.clone();
+        row.ended_at = Some(now);
+        self.pending.attempts.insert(id.clone(), row);
+        if let Some(i) = self
+            .runs
+            .get_mut(&run_id)
+            .and_then(|r| r.instances.get_mut(&key))
+        {
+            i.stop = None;
+        }
+        if self.state_of(run_id, &key) != Some(TaskState::Running) {
+            return;
+        }
+        match done.ending {
+            Ending::Succeeded => {
+                if let Some(i) = self
+                    .runs
+                    .get_mut(&run_id)
+                    .and_then(|r| r.instances.get_mut(&key))
+                {
+                    i.outputs = done.outputs;
+                    i.items = done.items;
+                    i.error = None;
+                }
+                self.set_state(run_id, &key, TaskState::Succeeded);
+            }
+            Ending::Skipped => {
+                if let Some(i) = self
+                    .runs
+                    .get_mut(&run_id)
+                    .and_then(|r| r.instances.get_mut(&key))
+                {
+                    i.error = done.error;
+                }
+                self.set_state(run_id, &key, TaskState::Skipped);
+            }
+            Ending::Cancelled => {
+                if let Some(i) = self
+                    .runs
+                    .get_mut(&run_id)
+                    .and_then(|r| r.instances.get_mut(&key))
+                {
+                    i.error = done.error;
+                }
+                self.set_state(run_id, &key, TaskState::Cancelled);
+            }
+            Ending::Interrupted => {
+                self.set_state(run_id, &key, TaskState::Queued);
+                return;
+            }
+            Ending::Failed | Ending::TimedOut => {
+                let why = done.error.unwrap_or_else(|| "failed".into());
+                if self.attempt_failed(run_id, &key, why, now) {
+                    return;
+                }
+            }
+        }
+        let names = self.after_end(run_id, &key);
+        self.check_tasks(run_id, names);
+    }
+
+    /// Counts a failed attempt: retrying (true) or failed for good.
+    fn attempt_failed(&mut self, run_id: i64, key: &Key, why: String, now: Timestamp) -> bool {
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return false;
+        };
+        let Some(policy) = run.task(&key.0).map(TaskConfig::retry_policy) else {
+            return false;
+        };
+        let cancel = run.cancel;
+        let Some(i) = run.instances.get_mut(key) else {
+            return false;
+        };
+        i.failures += 1;
+        i.error = Some(why);
+        let since =
+            Duration::try_from(now.duration_since(i.started_at.unwrap_or(now))).unwrap_or_default();
+        if cancel || policy.should_give_up(i.failures, since) {
+            self.set_state(run_id, key, TaskState::Failed);
+            if key.1 < 0 {
+                // Downstream is checked by the caller.
+            }
+            return false;
+        }
+        let wait = retry_wait(&policy, i.failures);
+        i.not_before = Some(
+            now.checked_add(jiff::SignedDuration::try_from(wait).unwrap_or_default())
+                .unwrap_or(now),
+        );
+        self.set_state(run_id, key, TaskState::Retrying);
+        self.arm_timer(run_id, key);
+        true
+    }
+
+    /// Cancels a run: running attempts are stopped, the rest cancelled.
+    fn cancel_run(&mut self, run_id: i64) {
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        run.cancel = true;
+        let keys: Vec<(Key, TaskState)> = run
+            .instances
+            .iter()
+            .map(|(k, i)| (k.clone(), i.state))
+            .collect();
+        for (key, state) in keys {
+            match state {
+                TaskState::Running => {
+                    if let Some(stop) = self
+                        .runs
+                        .get(&run_id)
+                        .and_then(|r| r.instances.get(&key))
+                        .and_then(|i| i.stop.clone())
+                    {
+                        stop.cancel();
+                    } else if key.1 < 0 {
+                        // A fan-out parent: it ends when its instances do.
+                        self.set_state(run_id, &key, TaskState::Cancelled);
+                    }
+                }
+                s if !s.is_finished() => {
+                    self.set_state(run_id, &key, TaskState::Cancelled);
+                }
+                _ => {}
+            }
+        }
+        tracing::info!(run = run_id, "workflow run cancelled");
+    }
+
+    fn end_run(&mut self, run_id: i64) {
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let mut counts: BTreeMap<&'static str, u64> = BTreeMap::new();
+        let mut failed = Vec::new();
+        let mut any_cancelled = false;
+        for (key, i) in &run.instances {
+            *counts.entry(i.state.as_str()).or_default() += 1;
+            match i.state {
+                TaskState::Failed | TaskState::UpstreamFailed => {
+                    if key.1 < 0 || i.state == TaskState::Failed {
+                        failed.push((key.clone(), i.error.clone()));
+                    }
+                }
+                TaskState::Cancelled => any_cancelled = true,
+                _ => {}
+            }
+        }
+        let state = if run.cancel || (any_cancelled && failed.is_empty()) {
+            RunState::Cancelled
+        } else if failed.is_empty() {
+            RunState::Succeeded
+        } else {
+            RunState::Failed
+        };
+        run.state = state;
+        run.row.ended_at = Some(Timestamp::now());
+        if state == RunState::Failed {
+            let names: Vec<String> = failed
+                .iter()
+                .filter(|(k, _)| k.1 < 0)
+                .map(|(k, _)| k.0.clone())
+                .collect();
+            run.row.error = Some(format!("failed tasks: {}", names.join(", ")));
+        }
+        self.pending.runs.insert(run_id);
+        metrics::counter!("caudal_workflow_runs_total", "workflow" => run.row.workflow.clone(), "state" => state.as_str()).increment(1);
+        tracing::info!(run = run_id, workflow = %run.row.workflow, state = %state, "workflow run ended");
+        if let Some(notify) = run.workflow.notify.clone() {
+            let wanted = match notify.on {
+                NotifyOn::Always => true,
+                NotifyOn::Failure => state != RunState::Succeeded,
+                NotifyOn::Success => state == RunState::Succeeded,
+            };
+            if wanted {
+                let summary = serde_json::json!({
+                    "workflow": run.row.workflow,
+                    "run_id": run.row.id,
+                    "batch_id": run.row.batch_id,
+                    "state": state.as_str(),
+                    "triggered_by": run.row.triggered_by,
+                    "started_at": run.row.started_at.map(|t| t.to_string()),
+                    "ended_at": run.row.ended_at.map(|t| t.to_string()),
+                    "tasks": counts,
+                    "failed": failed.iter().map(|(k, e)| serde_json::json!({
+                        "task": k.0, "map_index": k.1, "error": e,
+                    })).collect::<Vec<_>>(),
+                    "dir": run.row.dir,
+                });
+                let http = self.shared.http.clone();
+                tokio::spawn(super::notify(http, notify, summary));
+            }
+        }
+    }
+
+    /// Writes the turn's changes (fenced), then forgets ended runs.
+    async fn flush(&mut self) -> Result<()> {
+        if self.pending.tasks.is_empty()
+            && self.pending.attempts.is_empty()
+            && self.pending.runs.is_empty()
+        {
+            return Ok(());
+        }
+        let tasks: Vec<TaskRow> = self
+            .pending
+            .tasks
+            .iter()
+            .filter_map(|(run_id, key)| {
+                self.runs
+                    .get(run_id)
+                    .and_then(|r| r.instances.get(key))
+                    .map(|i| i.row(*run_id, key))
+            })
+            .collect();
+        let attempts: Vec<AttemptRow> = self.pending.attempts.values().cloned().collect();
+        let runs: Vec<RunChange> = self
+            .pending
+            .runs
+            .iter()
+            .filter_map(|id| self.runs.get(id))
+            .map(|r| RunChange {
+                id: r.row.id,
+                state: r.state.as_str().to_string(),
+                started_at: r.row.started_at,
+                ended_at: r.row.ended_at,
+                error: r.row.error.clone(),
+            })
+            .collect();
+        let saved = self
+            .store
+            .save_workflow_changes(EXECUTOR_LEASE, &self.holder, &tasks, &attempts, &runs)
+            .await?;
+        if !saved {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                "another process holds the workflow executor lease; this executor stops without writing",
+            ));
+        }
+        self.pending.attempts.clear();
+        self.pending.tasks.clear();
+        self.pending.runs.clear();
+        let ended: Vec<i64> = self
+            .runs
+            .iter()
+            .filter(|(_, r)| r.state.is_finished())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ended {
+            self.runs.remove(&id);
+            self.timers.retain(|t| t.1 != id);
+            if self.options.only_run == Some(id) {
+                self.only_run_done = true;
+            }
+        }
+        Ok(())
+    }
+
+    /// Starts the processes of the attempts just written.
+    fn spawn(&mut self) {
+        for (spec, stop) in std::mem::take(&mut self.pending.spawn) {
+            tokio::spawn(attempt::run(
+                spec,
+                self.shared.clone(),
+                stop,
+                self.interrupt.clone(),
+                self.events_tx.clone(),
+            ));
+        }
+    }
+
+    /// Creates the runs the schedules call for.
+    async fn schedule_runs(&mut self) {
+        let now = Timestamp::now();
+        let scheduled: Vec<(String, WorkflowConfig)> = self
+            .config
+            .workflows
+            .iter()
+            .filter(|(_, w)| w.schedule.is_some())
+            .map(|(n, w)| (n.clone(), w.clone()))
+            .collect();
+        for (name, workflow) in scheduled {
+            if let Err(e) = self.schedule_one(&name, &workflow, now).await {
+                tracing::warn!(workflow = %name, error = %e.report(), "cannot schedule the workflow");
+            }
+        }
+    }
+
+    async fn schedule_one(
+        &mut self,
+        name: &str,
+        workflow: &WorkflowConfig,
+        now: Timestamp,
+    ) -> Result<()> {
+        let Some(config) = &workflow.schedule else {
+            return Ok(());
+        };
+        let schedule = Schedule::from_config(&config.as_pipeline_schedule())?;
+        let cursor = match self.cursors.get(name) {
+            Some(c) => Some(*c),
+            None => self.store.last_scheduled_workflow_run(name).await?,
+        };
+        // Slots due since the last one considered.
+        let mut due = Vec::new();
+        let mut next = match cursor {
+            Some(c) => schedule.next_fire_after(c)?,
+            None => match schedule {
+                // A new interval schedule runs at once; cron waits for its
+                // first time.
+                Schedule::Every(_) => now,
+                _ => schedule.next_fire_after(now)?,
+            },
+        };
+        while next <= now && due.len() < MAX_CATCHUP {
+            due.push(next);
+            next = schedule.next_fire_after(next)?;
+        }
+        let Some(latest) = due.last().copied() else {
+            return Ok(());
+        };
+        self.cursors.insert(name.to_string(), latest);
+        let missed =
+            due.len() > 1 || now.duration_since(latest) > jiff::SignedDuration::from_secs(60);
+        let slots: Vec<Timestamp> = match (workflow.catchup, missed) {
+            (_, false) | (Catchup::Last, true) => vec![latest],
+            (Catchup::All, true) => due,
+            (Catchup::None, true) => {
+                tracing::info!(
+                    workflow = name,
+                    missed = due.len(),
+                    "missed scheduled runs skipped (catchup = \"none\")"
+                );
+                return Ok(());
+            }
+        };
+        for slot in slots {
+            let running = self
+                .runs
+                .values()
+                .any(|r| r.row.workflow == name && !r.state.is_finished());
+            let queued = self.queued_in_store.get(name).copied().unwrap_or(0);
+            let create = match workflow.overlap {
+                Overlap::Allow => true,
+                Overlap::Skip => !running && queued == 0,
+                Overlap::QueueOne => queued == 0,
+            };
+            if !create {
+                tracing::info!(workflow = name, slot = %slot, overlap = ?workflow.overlap, "scheduled run skipped: the previous run has not ended");
+                metrics::counter!("caudal_workflow_runs_skipped_total", "workflow" => name.to_string()).increment(1);
+                continue;
+            }
+            let row = super::create_run(
+                &self.store,
+                &self.config,
+                name,
+                "schedule",
+                Some(slot),
+                Map::new(),
+            )
+            .await?;
+            *self.queued_in_store.entry(name.to_string()).or_default() += 1;
+            tracing::info!(workflow = name, run = row.id, slot = %slot, "scheduled run queued");
+        }
+        Ok(())
+    }
+}
+
+fn display_pool(pool: &str) -> String {
+    if pool.is_empty() {
+        "default".into()
+    } else {
+        pool.to_string()
+    }
+}
+
+/// The wait before the retry after `failures` failed attempts.
+fn retry_wait(policy: &RetryPolicy, failures: u32) -> Duration {
+    policy.delay(failures.saturating_sub(1), None, &mut rand::rng())
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,61 @@
+-- Workflows: runs, their task instances and every attempt of each.
+--
+-- States are plain text validated by caudal-core's workflow model (see
+-- docs/workflows.md for the diagram). Task and attempt times are written by
+-- the executor that owns the run (one process at a time, fenced by the
+-- `workflows/executor` lease), in microseconds since the Unix epoch.
+
+CREATE TABLE workflow_runs (
+    id               INTEGER NOT NULL PRIMARY KEY AUTOINCREMENT,
+    workflow         TEXT    NOT NULL,
+    batch_id         TEXT    NOT NULL DEFAULT '',
+    triggered_by     TEXT    NOT NULL,
+    logical_date     INTEGER,
+    params           TEXT    NOT NULL, -- JSON object
+    state            TEXT    NOT NULL,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    created_at       INTEGER NOT NULL,
+    started_at       INTEGER,
+    ended_at         INTEGER,
+    dir              TEXT    NOT NULL DEFAULT '',
+    error            TEXT
+) STRICT;
+
+CREATE INDEX workflow_runs_by_workflow ON workflow_runs (workflow, id DESC);
+CREATE INDEX workflow_runs_unfinished ON workflow_runs (state)
+    WHERE state IN ('queued', 'running');
+
+CREATE TABLE workflow_tasks (
+    run_id     INTEGER NOT NULL REFERENCES workflow_runs (id) ON DELETE CASCADE,
+    task       TEXT    NOT NULL,
+    map_index  INTEGER NOT NULL, -- -1: the task itself; 0..: a fan-out instance
+    state      TEXT    NOT NULL,
+    attempts   INTEGER NOT NULL DEFAULT 0, -- attempts started (numbers them)
+    failures   INTEGER NOT NULL DEFAULT 0, -- attempts counted against max_attempts
+    item       TEXT,             -- JSON: a fan-out instance's item(s)
+    outputs    TEXT,             -- JSON object
+    items      TEXT,             -- JSON array
+    not_before INTEGER,          -- the next attempt's earliest start
+    queued_at  INTEGER,
+    started_at INTEGER,
+    ended_at   INTEGER,
+    error      TEXT,
+    PRIMARY KEY (run_id, task, map_index)
+) STRICT;
+
+CREATE TABLE workflow_attempts (
+    run_id      INTEGER NOT NULL REFERENCES workflow_runs (id) ON DELETE CASCADE,
+    task        TEXT    NOT NULL,
+    map_index   INTEGER NOT NULL,
+    attempt     INTEGER NOT NULL,
+    holder      TEXT    NOT NULL, -- the executor that ran it
+    pid         INTEGER,          -- its process (group leader), if a command
+    pid_start   INTEGER,          -- that process's start time (kernel ticks)
+    state       TEXT    NOT NULL,
+    exit_code   INTEGER,
+    error       TEXT,
+    stderr_tail TEXT,
+    started_at  INTEGER NOT NULL,
+    ended_at    INTEGER,
+    PRIMARY KEY (run_id, task, map_index, attempt)
+) STRICT;
