@@ -163,6 +163,9 @@ impl TaskState {
             // attempt interrupted by shutdown is queued again.
             (Running, Succeeded | Failed | Retrying | Skipped | Queued) => true,
             (Retrying, Queued | Failed) => true,
+            // A task that cannot start: a template names what does not
+            // exist, the deadline passed.
+            (Pending | Queued, Failed) => true,
             // Cancel reaches every unfinished state.
             (from, Cancelled) => !from.is_finished(),
             _ => false,

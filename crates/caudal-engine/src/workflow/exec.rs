@@ -42,6 +42,8 @@ const POLL: Duration = Duration::from_millis(200);
 const SCHEDULE_CHECK: Duration = Duration::from_secs(1);
 /// Slots of the implicit pool of tasks that name none.
 pub const DEFAULT_POOL_SLOTS: u32 = 128;
+/// How long a stopping executor waits for notifications being sent.
+const NOTIFY_WAIT: Duration = Duration::from_secs(60);
 /// Most missed runs one schedule creates at once (`catchup = "all"`).
 const MAX_CATCHUP: usize = 1000;
 
@@ -230,6 +232,8 @@ struct Executor {
     last_schedule_check: Option<Instant>,
     only_run_done: bool,
     queued_in_store: HashMap<String, usize>,
+    /// Notifications being sent (awaited before the executor returns).
+    notifications: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -318,6 +322,7 @@ pub async fn execute(
         last_schedule_check: None,
         only_run_done: false,
         queued_in_store: HashMap::new(),
+        notifications: Vec::new(),
     };
     let lost = lease.lost();
     let result = ex.main_loop(&mut events, &shutdown, &lost).await;
@@ -335,6 +340,9 @@ pub async fn execute(
         }
     }
     lease.release().await;
+    for sending in ex.notifications.drain(..) {
+        let _ = tokio::time::timeout(NOTIFY_WAIT, sending).await;
+    }
     result
 }
 
@@ -1511,7 +1519,9 @@ impl Executor {
                     "dir": run.row.dir,
                 });
                 let http = self.shared.http.clone();
-                tokio::spawn(super::notify(http, notify, summary));
+                self.notifications.retain(|n| !n.is_finished());
+                self.notifications
+                    .push(tokio::spawn(super::notify(http, notify, summary)));
             }
         }
     }

@@ -107,6 +107,11 @@ pub(crate) fn evaluate(
             let value = compiled
                 .eval(&context.value)
                 .map_err(|e| template_error(env, field, template, &e, context))?;
+            if value.is_undefined() {
+                let e =
+                    minijinja::Error::new(minijinja::ErrorKind::UndefinedError, "undefined value");
+                return Err(template_error(env, field, template, &e, context));
+            }
             serde_json::to_value(&value).map_err(|e| format!("{field}: {e}"))
         }
         _ => {
