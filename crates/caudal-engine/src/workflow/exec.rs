@@ -152,6 +152,54 @@ struct RunModel {
     children: HashMap<String, Vec<i64>>,
     unfinished: usize,
     cancel: bool,
+    /// Per fan-out task: instances not ended, instances queued, running or
+    /// retrying (for `max_parallel`), and instances waiting `scheduled`.
+    children_unfinished: HashMap<String, usize>,
+    children_active: HashMap<String, usize>,
+    children_scheduled: HashMap<String, VecDeque<i64>>,
+}
+
+impl RunModel {
+    /// Keeps the fan-out counts as an instance moves `from` → `to` (`from`
+    /// `None`: it is new).
+    fn count_child(&mut self, key: &Key, from: Option<TaskState>, to: TaskState) {
+        if key.1 < 0 {
+            return;
+        }
+        let active = |s: TaskState| {
+            matches!(
+                s,
+                TaskState::Queued | TaskState::Running | TaskState::Retrying
+            )
+        };
+        let name = &key.0;
+        match from {
+            None if !to.is_finished() => {
+                *self.children_unfinished.entry(name.clone()).or_default() += 1;
+            }
+            Some(f) if !f.is_finished() && to.is_finished() => {
+                if let Some(n) = self.children_unfinished.get_mut(name) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+        match (from.is_some_and(active), active(to)) {
+            (false, true) => *self.children_active.entry(name.clone()).or_default() += 1,
+            (true, false) => {
+                if let Some(n) = self.children_active.get_mut(name) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            _ => {}
+        }
+        if to == TaskState::Scheduled && from != Some(TaskState::Scheduled) {
+            self.children_scheduled
+                .entry(name.clone())
+                .or_default()
+                .push_back(key.1);
+        }
+    }
 }
 
 impl RunModel {
@@ -232,6 +280,8 @@ struct Executor {
     last_schedule_check: Option<Instant>,
     only_run_done: bool,
     queued_in_store: HashMap<String, usize>,
+    /// Each task's template context, per run (see `base_context`).
+    contexts: HashMap<(i64, String), minijinja::Value>,
     /// Notifications being sent (awaited before the executor returns).
     notifications: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -323,6 +373,7 @@ pub async fn execute(
         only_run_done: false,
         queued_in_store: HashMap::new(),
         notifications: Vec::new(),
+        contexts: HashMap::new(),
     };
     let lost = lease.lost();
     let result = ex.main_loop(&mut events, &shutdown, &lost).await;
@@ -492,6 +543,9 @@ impl Executor {
             children: HashMap::new(),
             unfinished: 0,
             cancel: false,
+            children_unfinished: HashMap::new(),
+            children_active: HashMap::new(),
+            children_scheduled: HashMap::new(),
             row: WorkflowRunRow {
                 error: Some(format!(
                     "workflow `{}` is not in the configuration any more",
@@ -514,6 +568,7 @@ impl Executor {
             return Ok(());
         };
         let id = row.id;
+        self.contexts.retain(|k, _| k.0 != id);
         let was_running = row.state == RunState::Running.as_str();
         let tasks = self.store.workflow_tasks(id).await?;
         let attempts = if was_running {
@@ -531,6 +586,9 @@ impl Executor {
             children: HashMap::new(),
             unfinished: 0,
             cancel: row.cancel_requested,
+            children_unfinished: HashMap::new(),
+            children_active: HashMap::new(),
+            children_scheduled: HashMap::new(),
             row,
         };
         model.row.started_at.get_or_insert(now);
@@ -620,6 +678,7 @@ impl Executor {
         if key.1 >= 0 {
             run.children.entry(key.0.clone()).or_default().push(key.1);
         }
+        run.count_child(&key, None, instance.state);
         if let Some(old) = run.instances.insert(key.clone(), instance)
             && !old.state.is_finished()
         {
@@ -648,6 +707,7 @@ impl Executor {
                     run.unfinished -= 1;
                     instance.ended_at = Some(Timestamp::now());
                 }
+                run.count_child(key, Some(from), next);
                 metrics::counter!("caudal_workflow_task_transitions_total", "workflow" => run.row.workflow.clone(), "state" => next.as_str()).increment(1);
                 self.pending.tasks.insert((run_id, key.clone()));
                 true
@@ -788,7 +848,8 @@ impl Executor {
             return;
         }
         let template = task.for_each.clone().unwrap_or_default();
-        let prepared = Prepared::new(&self.context(run_id, name, None));
+        let base = self.base_context(run_id, name);
+        let prepared = Prepared::new(&base, None);
         let items = match render::evaluate(&self.env, "for_each", &template, &prepared) {
             Ok(Value::Array(items)) => items,
             Ok(other) => {
@@ -834,28 +895,31 @@ impl Executor {
     }
 
     /// Scheduled instances of a fan-out → queued, up to `max_parallel`
-    /// running or queued.
+    /// queued, running or retrying.
     fn promote_scheduled(&mut self, run_id: i64, name: &str) {
-        let Some(run) = self.runs.get(&run_id) else {
-            return;
-        };
-        let limit = run
-            .task(name)
-            .and_then(|t| t.max_parallel)
-            .map_or(usize::MAX, |m| m as usize);
-        let mut active = 0usize;
-        let mut waiting = Vec::new();
-        for index in run.children.get(name).map(Vec::as_slice).unwrap_or(&[]) {
-            let key = (name.to_string(), *index);
-            match run.instances.get(&key).map(|i| i.state) {
-                Some(TaskState::Queued | TaskState::Running | TaskState::Retrying) => active += 1,
-                Some(TaskState::Scheduled) => waiting.push(key),
-                _ => {}
+        loop {
+            let Some(run) = self.runs.get_mut(&run_id) else {
+                return;
+            };
+            let limit = run
+                .task(name)
+                .and_then(|t| t.max_parallel)
+                .map_or(usize::MAX, |m| m as usize);
+            let active = run.children_active.get(name).copied().unwrap_or(0);
+            if active >= limit {
+                return;
             }
-        }
-        let room = limit.saturating_sub(active);
-        for key in waiting.into_iter().take(room) {
-            self.make_ready(run_id, &key);
+            let Some(index) = run
+                .children_scheduled
+                .get_mut(name)
+                .and_then(VecDeque::pop_front)
+            else {
+                return;
+            };
+            let key = (name.to_string(), index);
+            if self.state_of(run_id, &key) == Some(TaskState::Scheduled) {
+                self.make_ready(run_id, &key);
+            }
         }
     }
 
@@ -865,7 +929,9 @@ impl Executor {
             return;
         };
         let key = (name.to_string(), -1);
-        if run.instances.get(&key).map(|i| i.state) != Some(TaskState::Running) {
+        if run.instances.get(&key).map(|i| i.state) != Some(TaskState::Running)
+            || run.children_unfinished.get(name).copied().unwrap_or(0) > 0
+        {
             return;
         }
         let children = run.children.get(name).cloned().unwrap_or_default();
@@ -925,8 +991,19 @@ impl Executor {
         self.set_state(run_id, key, TaskState::Failed);
     }
 
-    /// What a task's templates see.
-    fn context(&self, run_id: i64, name: &str, key: Option<&Key>) -> Context {
+    /// What every instance of a task sees, built once per run and task
+    /// (its upstream tasks have ended, so it does not change).
+    fn base_context(&mut self, run_id: i64, name: &str) -> minijinja::Value {
+        let key = (run_id, name.to_string());
+        if let Some(v) = self.contexts.get(&key) {
+            return v.clone();
+        }
+        let value = Prepared::base(&self.context(run_id, name));
+        self.contexts.insert(key, value.clone());
+        value
+    }
+
+    fn context(&self, run_id: i64, name: &str) -> Context {
         let Some(run) = self.runs.get(&run_id) else {
             return Context::default();
         };
@@ -965,43 +1042,42 @@ impl Executor {
         r.insert("id".into(), Value::from(run.row.id));
         r.insert("batch_id".into(), Value::from(run.row.batch_id.clone()));
         r.insert("dir".into(), Value::from(run.row.dir.clone()));
-        r.insert(
-            "triggered_by".into(),
-            Value::from(run.row.triggered_by.clone()),
-        );
+        r.insert("triggered_by".into(), Value::from(run.row.triggered_by.clone()));
         let logical = run.row.logical_date.unwrap_or(run.row.created_at);
         r.insert("logical_date".into(), Value::from(logical.to_string()));
         r.insert(
             "date".into(),
             Value::from(logical.strftime("%Y-%m-%d").to_string()),
         );
-        let (item, items, index) = match key.and_then(|k| run.instances.get(k).map(|i| (k, i))) {
-            Some((k, i)) if k.1 >= 0 => {
-                let item = i.item.clone().unwrap_or(Value::Null);
-                match (&item, run.task(name).and_then(|t| t.chunk)) {
-                    (Value::Array(list), Some(_)) => (
-                        Some(list.first().cloned().unwrap_or(Value::Null)),
-                        Some(item.clone()),
-                        Some(k.1),
-                    ),
-                    _ => (
-                        Some(item.clone()),
-                        Some(Value::Array(vec![item])),
-                        Some(k.1),
-                    ),
-                }
-            }
-            _ => (None, None, None),
-        };
         Context {
             params,
             run: r,
             workflow: run.row.workflow.clone(),
             tasks,
-            item,
-            items,
-            index,
         }
+    }
+
+    /// What a fan-out instance adds to its task's context.
+    fn instance_context(&self, run_id: i64, key: &Key) -> Option<render::Instance> {
+        if key.1 < 0 {
+            return None;
+        }
+        let run = self.runs.get(&run_id)?;
+        let i = run.instances.get(key)?;
+        let item = i.item.clone().unwrap_or(Value::Null);
+        let chunked = run.task(&key.0).and_then(|t| t.chunk).is_some();
+        Some(match (&item, chunked) {
+            (Value::Array(list), true) => render::Instance {
+                item: list.first().cloned().unwrap_or(Value::Null),
+                items: item.clone(),
+                index: key.1,
+            },
+            _ => render::Instance {
+                items: Value::Array(vec![item.clone()]),
+                item,
+                index: key.1,
+            },
+        })
     }
 
     /// Moves time-driven states and starts what the pools allow.
@@ -1056,7 +1132,8 @@ impl Executor {
     /// Starts one attempt of a queued instance.
     fn start(&mut self, run_id: i64, key: &Key, pool: &str) {
         let now = Timestamp::now();
-        match self.prepare(run_id, key, now) {
+        let base = self.base_context(run_id, &key.0);
+        match self.prepare(run_id, key, now, &base) {
             Ok(Some(prepared)) => self.launch(run_id, key, pool, now, prepared),
             Ok(None) => {}
             Err(why) => {
@@ -1074,6 +1151,7 @@ impl Executor {
         run_id: i64,
         key: &Key,
         now: Timestamp,
+        base: &minijinja::Value,
     ) -> std::result::Result<
         Option<(
             Work,
@@ -1109,7 +1187,8 @@ impl Executor {
                 cause = "deadline";
             }
         }
-        let prepared = Prepared::new(&self.context(run_id, &key.0, Some(key)));
+        let instance = self.instance_context(run_id, key);
+        let prepared = Prepared::new(base, instance.as_ref());
         let work = self.render_work(run, task, &prepared)?;
         let items_from = match &task.items_from {
             None => None,
@@ -1581,6 +1660,7 @@ impl Executor {
         for id in ended {
             self.runs.remove(&id);
             self.timers.retain(|t| t.1 != id);
+            self.contexts.retain(|k, _| k.0 != id);
             if self.options.only_run == Some(id) {
                 self.only_run_done = true;
             }

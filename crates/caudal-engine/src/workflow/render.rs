@@ -4,19 +4,21 @@
 
 use serde_json::{Map, Value};
 
-/// What a task's templates see.
+/// What every instance of a task sees: params, the run, upstream results.
 #[derive(Debug, Default, serde::Serialize)]
 pub(crate) struct Context {
     pub params: Map<String, Value>,
     pub run: Map<String, Value>,
     pub workflow: String,
     pub tasks: Map<String, Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub item: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub items: Option<Value>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub index: Option<i64>,
+}
+
+/// What one fan-out instance adds.
+#[derive(Debug, Default, serde::Serialize)]
+pub(crate) struct Instance {
+    pub item: Value,
+    pub items: Value,
+    pub index: i64,
 }
 
 /// The template environment of the executor.
@@ -26,19 +28,35 @@ pub(crate) fn environment() -> minijinja::Environment<'static> {
     env
 }
 
-/// A context ready for rendering: its JSON form (to name what is missing)
-/// and minijinja's.
-#[derive(Debug)]
+/// A context ready for rendering. The task's part is built once and
+/// shared by all its instances (a fan-out of 10,000 does not copy its
+/// upstream's items 10,000 times); an instance's `item` is merged in
+/// lazily.
+#[derive(Debug, Clone)]
 pub(crate) struct Prepared {
-    json: Value,
     value: minijinja::Value,
 }
 
 impl Prepared {
-    pub(crate) fn new(context: &Context) -> Self {
-        let json = serde_json::to_value(context).unwrap_or(Value::Null);
-        let value = minijinja::Value::from(minijinja::value::Serde(&json));
-        Self { json, value }
+    /// The shared part.
+    pub(crate) fn base(context: &Context) -> minijinja::Value {
+        minijinja::Value::from(minijinja::value::Serde(context))
+    }
+
+    pub(crate) fn new(base: &minijinja::Value, instance: Option<&Instance>) -> Self {
+        let value = match instance {
+            None => base.clone(),
+            Some(i) => minijinja::value::merge_maps([
+                minijinja::Value::from(minijinja::value::Serde(i)),
+                base.clone(),
+            ]),
+        };
+        Self { value }
+    }
+
+    /// Its JSON form, to name what is missing (only on errors).
+    fn json(&self) -> Value {
+        serde_json::to_value(&self.value).unwrap_or(Value::Null)
     }
 }
 
@@ -134,7 +152,7 @@ fn template_error(
     if e.kind() != minijinja::ErrorKind::UndefinedError {
         return format!("{field}: {detail}");
     }
-    match missing_path(env, template, &context.json) {
+    match missing_path(env, template, &context.json()) {
         Some(path) => format!(
             "{field}: the template names `{path}`, which does not exist{}",
             if path.starts_with("tasks.") {
