@@ -32,6 +32,10 @@
 //!   the receiver's own request rate. See [`sink`].
 //! - `footprint`: idle RSS, startup-to-ready, binary size, against the
 //!   seed's Python scheduler. See [`footprint`].
+//! - `workflow-dispatch`: no-op tasks started per second, against spawning
+//!   the same processes with no bookkeeping; `workflow-chain`: latency from
+//!   one task's end to the next one's start, against graphile-worker. See
+//!   [`workflows`].
 
 mod buffer;
 mod cdc;
@@ -42,6 +46,7 @@ mod report;
 mod sink;
 mod subject;
 mod sync;
+mod workflows;
 
 use std::io::Write as _;
 
@@ -66,6 +71,8 @@ const SCENARIOS: &[&str] = &[
     "buffer",
     "http-sink",
     "footprint",
+    "workflow-dispatch",
+    "workflow-chain",
 ];
 
 /// The scenarios that run caudal's binary (and so can run a baseline
@@ -86,6 +93,8 @@ const PG_SCENARIOS: &[&str] = &[
     "steady-state",
     "cdc-throughput",
     "cdc-latency",
+    "workflow-dispatch",
+    "workflow-chain",
 ];
 
 /// The advisory lock a harness run holds on the PostgreSQL server.
@@ -116,13 +125,15 @@ async fn pg_lock(url: &str) -> anyhow::Result<sqlx::PgConnection> {
 struct Args {
     /// Scenarios to run, comma-separated: initial-sync, steady-state,
     /// cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency,
-    /// buffer, http-sink, footprint (or all).
+    /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain (or
+    /// all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000;
     /// steady-state, default 10,000,000), changes written (cdc-throughput,
-    /// mysql-cdc-throughput, default 500,000), or records (buffer, default
-    /// 1,000,000; http-sink, default 2,000,000).
+    /// mysql-cdc-throughput, default 500,000), records (buffer, default
+    /// 1,000,000; http-sink, default 2,000,000), or tasks
+    /// (workflow-dispatch, default 10,000).
     #[arg(long)]
     rows: Option<u64>,
     /// steady-state: rows changed since the last run.
@@ -323,6 +334,8 @@ async fn run(args: &Args, name: &str) -> anyhow::Result<Vec<Value>> {
         "buffer" => vec![buffer::run(args).await?],
         "http-sink" => sink::run(args).await?,
         "footprint" => vec![footprint::run(args).await?],
+        "workflow-dispatch" => workflows::dispatch(args).await?,
+        "workflow-chain" => workflows::chain(args).await?,
         other => bail!("unknown scenario {other:?}"),
     })
 }

@@ -444,6 +444,46 @@ fn rows(r: &Runs<'_>) -> Vec<Row> {
             ratio("caudal_over_ceiling"),
             none(),
         )),
+        "workflow_dispatch" => {
+            let store = r.text("store");
+            out.push(row(
+                "workflow-dispatch",
+                format!(
+                    "no-op tasks/s, {} tasks in a pool of {}, {store} store",
+                    n("tasks"),
+                    n("slots")
+                ),
+                r.show("caudal_tasks_per_s", thousands, ""),
+                format!(
+                    "ceiling, spawn and wait `true` with no bookkeeping: {}",
+                    r.show("ceiling_tasks_per_s", thousands, "")
+                ),
+                ratio("caudal_over_ceiling"),
+                rss("caudal_peak_rss_mib"),
+            ));
+        }
+        "workflow_chain" => {
+            let store = r.text("store");
+            out.push(row(
+                "workflow-chain",
+                format!("p50 end → next start, chain of 200, {store} store"),
+                ms("caudal_p50_ms"),
+                format!(
+                    "graphile-worker on the same PostgreSQL: {}",
+                    ms("graphile_p50_ms")
+                ),
+                ratio("graphile_over_caudal_p50"),
+                rss("caudal_peak_rss_mib"),
+            ));
+            out.push(row(
+                "workflow-chain",
+                format!("p99, {store} store"),
+                ms("caudal_p99_ms"),
+                format!("graphile-worker: {}", ms("graphile_p99_ms")),
+                ratio("graphile_over_caudal_p99"),
+                none(),
+            ));
+        }
         "footprint" => {
             let idle = format!(
                 "idle daemon RSS, {} s after a run of 1,000 rows",

@@ -3,9 +3,13 @@
 //! error shape: `{"error": {"code": "...", "message": "..."}}`.
 //!
 //! Roles: `viewer` reads; `operator` also pauses, resumes and triggers
-//! pipelines and discards dead letters; `admin` also lists tokens and reads
-//! the audit log. A missing, unknown or revoked token is 401; a token whose
-//! role is too low is 403; too many requests is 429 with `Retry-After`.
+//! pipelines, discards dead letters, and starts, cancels and retries
+//! workflow runs; `admin` also lists tokens and reads the audit log. A
+//! missing, unknown or revoked token is 401; a token whose role is too low
+//! is 403; too many requests is 429 with `Retry-After`.
+//!
+//! An error of the engine becomes an answer in one place
+//! ([`ApiError::from_error`]): its kind decides the status.
 
 use std::num::NonZeroU32;
 use std::sync::Arc;
@@ -20,11 +24,13 @@ use caudal_core::config::Config;
 use caudal_core::status::PipelineStatus;
 use caudal_engine::daemon::{Control, Refused};
 use caudal_engine::maintenance::{BackfillTicket, Maintenance};
+use caudal_engine::workflow::Workflows;
 
 use crate::openapi::{
-    AuditEntry, AuditLog, BackfillStarted, Checkpoint, CheckpointReset, DeadLetter,
+    AttemptList, AuditEntry, AuditLog, BackfillStarted, Checkpoint, CheckpointReset, DeadLetter,
     DeadLetterDetail, DeadLetterPage, Discarded, ErrorBody, ErrorDetail, PipelineDetail,
-    PipelineList, Replayed, Run, RunPage, Steered, Token, TokenList,
+    PipelineList, Replayed, Run, RunPage, Steered, TaskList, Token, TokenList, WorkflowList,
+    WorkflowRunList,
 };
 use caudal_store::{DeadLetterState, Store};
 use governor::{Quota, RateLimiter};
@@ -92,6 +98,7 @@ pub struct Api {
     control: Control,
     limiter: Arc<Limiter>,
     pipelines: Arc<std::collections::BTreeMap<String, caudal_engine::Pipeline>>,
+    workflows: Workflows,
 }
 
 impl std::fmt::Debug for Api {
@@ -107,6 +114,7 @@ impl Api {
         store: Store,
         control: Control,
         pipelines: Vec<caudal_engine::Pipeline>,
+        workflows: Workflows,
         requests_per_second: u32,
     ) -> Self {
         let rate = NonZeroU32::new(requests_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
@@ -124,6 +132,7 @@ impl Api {
                     .map(|p| (p.name().to_string(), p))
                     .collect(),
             ),
+            workflows,
         }
     }
 }
@@ -150,8 +159,16 @@ impl ApiError {
         Self::new(StatusCode::NOT_FOUND, "not_found", what)
     }
 
-    fn internal(e: &caudal_core::Error) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.report())
+    /// The one mapping of an engine or store error to an answer: what the
+    /// request names does not exist (404), the request does not fit the
+    /// current state (409), anything else is ours (500).
+    fn from_error(e: &caudal_core::Error) -> Self {
+        use caudal_core::ErrorKind;
+        match e.kind() {
+            ErrorKind::NotFound => Self::not_found(e.report()),
+            ErrorKind::Conflict => Self::new(StatusCode::CONFLICT, "conflict", e.report()),
+            _ => Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.report()),
+        }
     }
 }
 
@@ -212,6 +229,12 @@ pub fn routes(api: Api) -> Router {
         .route("/runs/{id}", get(run))
         .route("/dead-letters", get(dead_letters))
         .route("/dead-letters/{id}", get(dead_letter))
+        .route("/workflows", get(workflows))
+        .route("/workflow-runs", get(workflow_runs))
+        .route("/workflow-runs/{id}", get(workflow_run))
+        .route("/workflow-runs/{id}/tasks", get(workflow_tasks))
+        .route("/workflow-runs/{id}/attempts", get(workflow_attempts))
+        .route("/workflow-runs/{id}/tasks/{task}/log", get(workflow_log))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Viewer),
             authorize,
@@ -228,6 +251,9 @@ pub fn routes(api: Api) -> Router {
             axum::routing::delete(reset_checkpoint),
         )
         .route("/pipelines/{name}/resync", post(resync))
+        .route("/workflows/{name}/runs", post(start_workflow))
+        .route("/workflow-runs/{id}/cancel", post(cancel_workflow_run))
+        .route("/workflow-runs/{id}/retry", post(retry_workflow_run))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Operator),
             authorize,
@@ -273,7 +299,7 @@ async fn authorize(
     };
     let record = match api.store.token_by_hash(&token_hash(token)).await {
         Ok(r) => r,
-        Err(e) => return ApiError::internal(&e).into_response(),
+        Err(e) => return ApiError::from_error(&e).into_response(),
     };
     let Some(record) = record.filter(|r| r.revoked_at.is_none()) else {
         return ApiError::new(
@@ -341,7 +367,7 @@ async fn status_of(api: &Api, name: &str) -> Result<PipelineStatus, ApiError> {
         api.pipelines.get(name),
     )
     .await
-    .map_err(|e| ApiError::internal(&e))?;
+    .map_err(|e| ApiError::from_error(&e))?;
     status.paused = api.control.is_paused(name).unwrap_or(false);
     Ok(status)
 }
@@ -363,7 +389,7 @@ pub(crate) async fn pipeline(State(api): State<Api>, Path(name): Path<String>) -
         .store
         .runs(Some(&name), 10)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::from_error(&e))?;
     ok(&PipelineDetail {
         status,
         runs: recent.iter().map(Run::from).collect(),
@@ -377,7 +403,7 @@ pub(crate) async fn checkpoint(State(api): State<Api>, Path(name): Path<String>)
         .store
         .checkpoint(&name)
         .await
-        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::from_error(&e))?
     {
         None => Err(ApiError::not_found(format!(
             "pipeline {name:?} has no checkpoint"
@@ -452,7 +478,7 @@ pub(crate) async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> 
         .store
         .runs_page(q.pipeline.as_deref(), q.outcome.as_deref(), q.cursor, limit)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::from_error(&e))?;
     let next = (page.len() == limit as usize)
         .then(|| page.last().map(|r| r.id))
         .flatten();
@@ -468,7 +494,7 @@ pub(crate) async fn run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResul
         .store
         .run(id)
         .await
-        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::from_error(&e))?
     {
         Some(r) => ok(&Run::from(&r)),
         None => Err(ApiError::not_found(format!("no run {id}"))),
@@ -495,7 +521,7 @@ pub(crate) async fn dead_letters(State(api): State<Api>, Query(q): Query<ListQue
         .store
         .dead_letters(q.pipeline.as_deref(), state, q.cursor.unwrap_or(0), limit)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::from_error(&e))?;
     let next = (page.len() == limit as usize)
         .then(|| page.last().map(|l| l.id))
         .flatten();
@@ -511,7 +537,7 @@ pub(crate) async fn dead_letter(State(api): State<Api>, Path(id): Path<i64>) -> 
         .store
         .dead_letter(id)
         .await
-        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::from_error(&e))?
     {
         Some(l) => ok(&DeadLetterDetail::from(&l)),
         None => Err(ApiError::not_found(format!("no dead letter {id}"))),
@@ -524,7 +550,7 @@ pub(crate) async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiR
         .store
         .dead_letter(id)
         .await
-        .map_err(|e| ApiError::internal(&e))?
+        .map_err(|e| ApiError::from_error(&e))?
         .ok_or_else(|| ApiError::not_found(format!("no dead letter {id}")))?;
     if letter.state != DeadLetterState::Pending {
         return Err(ApiError::new(
@@ -536,7 +562,7 @@ pub(crate) async fn discard(State(api): State<Api>, Path(id): Path<i64>) -> ApiR
     api.store
         .resolve_dead_letters(&[id], DeadLetterState::Discarded)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::from_error(&e))?;
     ok(&Discarded {
         id,
         state: DeadLetterState::Discarded.as_str().to_string(),
@@ -593,7 +619,7 @@ pub(crate) async fn backfill(
                 rows,
             },
         ),
-        Err(e) if e.kind() == caudal_core::ErrorKind::Connect => Err(ApiError::internal(&e)),
+        Err(e) if e.kind() == caudal_core::ErrorKind::Connect => Err(ApiError::from_error(&e)),
         Err(e) => Err(bad_request(e.report())),
     }
 }
@@ -620,7 +646,7 @@ pub(crate) async fn replay(
     let done = pipeline
         .replay_dead_letters(ids.as_deref(), &stop)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::from_error(&e))?;
     ok(&Replayed {
         pipeline: name,
         delivered: done.delivered,
@@ -652,7 +678,7 @@ fn busy_or_internal(e: &caudal_core::Error) -> ApiError {
         caudal_core::ErrorKind::Config => {
             ApiError::new(StatusCode::CONFLICT, "not_cdc", e.report())
         }
-        _ => ApiError::internal(e),
+        _ => ApiError::from_error(e),
     }
 }
 
@@ -693,7 +719,7 @@ pub(crate) async fn tokens(State(api): State<Api>) -> ApiResult {
         .store
         .tokens()
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::from_error(&e))?;
     ok(&TokenList {
         tokens: list.iter().map(Token::from).collect(),
     })
@@ -705,14 +731,223 @@ pub(crate) async fn audit(State(api): State<Api>) -> ApiResult {
         .store
         .audit(200)
         .await
-        .map_err(|e| ApiError::internal(&e))?;
+        .map_err(|e| ApiError::from_error(&e))?;
     ok(&AuditLog {
         audit: list.iter().map(AuditEntry::from).collect(),
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/workflows", tag = "workflows", responses((status = 200, description = "ok", body = crate::openapi::WorkflowList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn workflows(State(api): State<Api>) -> ApiResult {
+    let workflows = api
+        .workflows
+        .list()
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    ok(&WorkflowList { workflows })
+}
+
+/// What a workflow run starts with.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct StartBody {
+    /// Values of the workflow's declared parameters, e.g. `{"pages": 5}`;
+    /// the others keep their defaults.
+    #[serde(default)]
+    #[schema(value_type = Object)]
+    params: serde_json::Map<String, serde_json::Value>,
+}
+
+#[utoipa::path(post, path = "/api/v1/workflows/{name}/runs", tag = "workflows", params(("name" = String, Path, description = "the workflow")), request_body(content = Option<StartBody>, description = "optional: parameter values"), responses((status = 201, description = "queued", body = crate::openapi::WorkflowRunInfo), (status = 400, description = "a parameter the workflow does not declare, or a body that is not JSON", body = crate::openapi::ErrorBody), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn start_workflow(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    body: axum::body::Bytes,
+) -> ApiResult {
+    let body: StartBody = if body.trim_ascii().is_empty() {
+        StartBody::default()
+    } else {
+        serde_json::from_slice::<Option<StartBody>>(&body)
+            .map_err(|e| {
+                bad_request(format!(
+                    "send {{\"params\": {{\"NAME\": value}}}} as JSON (or nothing): {e}"
+                ))
+            })?
+            .unwrap_or_default()
+    };
+    let params: serde_json::Map<String, serde_json::Value> = body.params.into_iter().collect();
+    match api.workflows.trigger(&name, params, "api").await {
+        Ok(run) => answer(StatusCode::CREATED, &run),
+        // An undeclared parameter: the request is wrong, not the server.
+        Err(e) if e.kind() == caudal_core::ErrorKind::Config => Err(bad_request(e.report())),
+        Err(e) => Err(ApiError::from_error(&e)),
+    }
+}
+
+/// Which workflow runs to list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct WorkflowRunsQuery {
+    /// Only this workflow's runs.
+    workflow: Option<String>,
+    /// At most this many (default 50, at most 500).
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/v1/workflow-runs", tag = "workflows", params(WorkflowRunsQuery), responses((status = 200, description = "newest first", body = crate::openapi::WorkflowRunList), (status = 404, description = "no such workflow", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn workflow_runs(
+    State(api): State<Api>,
+    Query(q): Query<WorkflowRunsQuery>,
+) -> ApiResult {
+    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let runs = api
+        .workflows
+        .runs(q.workflow.as_deref(), limit)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    ok(&WorkflowRunList { runs })
+}
+
+#[utoipa::path(get, path = "/api/v1/workflow-runs/{id}", tag = "workflows", params(("id" = i64, Path, description = "the workflow run")), responses((status = 200, description = "ok", body = crate::openapi::WorkflowRunInfo), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn workflow_run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+    let run = api
+        .workflows
+        .run(id)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    ok(&run)
+}
+
+#[utoipa::path(get, path = "/api/v1/workflow-runs/{id}/tasks", tag = "workflows", params(("id" = i64, Path, description = "the workflow run")), responses((status = 200, description = "ok", body = crate::openapi::TaskList), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn workflow_tasks(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+    let tasks = api
+        .workflows
+        .tasks(id)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    ok(&TaskList { tasks })
+}
+
+#[utoipa::path(get, path = "/api/v1/workflow-runs/{id}/attempts", tag = "workflows", params(("id" = i64, Path, description = "the workflow run")), responses((status = 200, description = "ok", body = crate::openapi::AttemptList), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn workflow_attempts(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+    let attempts = api
+        .workflows
+        .attempts(id)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    ok(&AttemptList { attempts })
+}
+
+/// Which log of a task.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct LogQuery {
+    /// The fan-out instance; without it, the task itself.
+    index: Option<i64>,
+    /// The attempt's number; without it, the latest.
+    attempt: Option<u32>,
+    /// `stdout` (default) or `stderr`.
+    stream: Option<String>,
+}
+
+/// The answer header that says whether the attempt still runs (its log
+/// may still grow).
+pub const RUNNING_HEADER: &str = "caudal-running";
+
+#[utoipa::path(get, path = "/api/v1/workflow-runs/{id}/tasks/{task}/log", tag = "workflows", params(("id" = i64, Path, description = "the workflow run"), ("task" = String, Path, description = "the task"), LogQuery), responses((status = 200, description = "the log file as it is now", body = String, content_type = "text/plain", headers(("caudal-running" = bool, description = "whether the attempt still runs"))), (status = 400, description = "bad stream", body = crate::openapi::ErrorBody), (status = 404, description = "no such run or attempt, or its directory was pruned", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn workflow_log(
+    State(api): State<Api>,
+    Path((id, task)): Path<(i64, String)>,
+    Query(q): Query<LogQuery>,
+) -> ApiResult {
+    let stderr = match q.stream.as_deref() {
+        None | Some("stdout") => false,
+        Some("stderr") => true,
+        Some(other) => {
+            return Err(bad_request(format!(
+                "stream {other:?} is not one of stdout, stderr"
+            )));
+        }
+    };
+    let (path, running) = api
+        .workflows
+        .log(id, &task, q.index.unwrap_or(-1), q.attempt, stderr)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    let body = match tokio::fs::File::open(&path).await {
+        // Streamed: a log may be larger than what is worth holding.
+        Ok(file) => axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
+        // An attempt that has just started may not have written it yet.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && running => axum::body::Body::empty(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(ApiError::not_found(format!(
+                "the log of task `{task}` of run {id} is gone (the run's directory may have been pruned)"
+            )));
+        }
+        Err(e) => {
+            return Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "internal",
+                format!("cannot read the log of task `{task}` of run {id}: {e}"),
+            ));
+        }
+    };
+    let mut response = (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body,
+    )
+        .into_response();
+    response.headers_mut().insert(
+        RUNNING_HEADER,
+        HeaderValue::from_static(if running { "true" } else { "false" }),
+    );
+    Ok(response)
+}
+
+#[utoipa::path(post, path = "/api/v1/workflow-runs/{id}/cancel", tag = "workflows", params(("id" = i64, Path, description = "the workflow run")), responses((status = 202, description = "asked: the executor stops its running tasks; the run ends cancelled", body = crate::openapi::WorkflowRunInfo), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "the run has ended", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn cancel_workflow_run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResult {
+    api.workflows
+        .cancel(id)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    let run = api
+        .workflows
+        .run(id)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    answer(StatusCode::ACCEPTED, &run)
+}
+
+/// Which tasks of a run start over.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct RetryQuery {
+    /// `true`: only failed, upstream_failed and cancelled tasks start over
+    /// (succeeded ones keep their results); default: every task.
+    failed: Option<bool>,
+}
+
+#[utoipa::path(post, path = "/api/v1/workflow-runs/{id}/retry", tag = "workflows", params(("id" = i64, Path, description = "the workflow run"), RetryQuery), responses((status = 202, description = "queued again", body = crate::openapi::WorkflowRunInfo), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 409, description = "the run has not ended", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn retry_workflow_run(
+    State(api): State<Api>,
+    Path(id): Path<i64>,
+    Query(q): Query<RetryQuery>,
+) -> ApiResult {
+    api.workflows
+        .retry(id, q.failed.unwrap_or(false))
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    let run = api
+        .workflows
+        .run(id)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    answer(StatusCode::ACCEPTED, &run)
+}
+
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 17] = [
+pub const ROUTES: [(&str, &str, Role); 26] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
@@ -738,4 +973,17 @@ pub const ROUTES: [(&str, &str, Role); 17] = [
     ("POST", "/api/v1/pipelines/{name}/resync", Role::Operator),
     ("GET", "/api/v1/tokens", Role::Admin),
     ("GET", "/api/v1/audit", Role::Admin),
+    ("GET", "/api/v1/workflows", Role::Viewer),
+    ("GET", "/api/v1/workflow-runs", Role::Viewer),
+    ("GET", "/api/v1/workflow-runs/{id}", Role::Viewer),
+    ("GET", "/api/v1/workflow-runs/{id}/tasks", Role::Viewer),
+    ("GET", "/api/v1/workflow-runs/{id}/attempts", Role::Viewer),
+    (
+        "GET",
+        "/api/v1/workflow-runs/{id}/tasks/{task}/log",
+        Role::Viewer,
+    ),
+    ("POST", "/api/v1/workflows/{name}/runs", Role::Operator),
+    ("POST", "/api/v1/workflow-runs/{id}/cancel", Role::Operator),
+    ("POST", "/api/v1/workflow-runs/{id}/retry", Role::Operator),
 ];

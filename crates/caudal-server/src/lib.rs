@@ -1,6 +1,7 @@
 //! What `caudal run` serves over HTTP when `[server]` is configured:
 //! `/healthz` (the process answers), `/readyz` (the state store answers and
-//! every pipeline has started) and `/metrics` (Prometheus text format).
+//! every pipeline has started), `/metrics` (Prometheus text format) and the
+//! REST API ([`api`]).
 //!
 //! Metrics are recorded through the `metrics` facade by the engine and the
 //! connectors; [`install_metrics`] installs the Prometheus recorder once per
@@ -54,12 +55,15 @@ pub enum Kind {
 }
 
 /// Every metric caudal exports: name, kind, help text. Labels: `pipeline`
-/// on all; `sink` on the sink's; `outcome` (`caudal_batches_total`:
-/// delivered, rejected; `caudal_sink_requests_total`: delivered, retry,
-/// rejected, split; `caudal_runs_total`: succeeded, failed, cancelled);
-/// `reason` on `caudal_records_rejected_total` (sink, schema) and
-/// `caudal_buffer_blocked` (disk_full).
-pub const METRICS: [(&str, Kind, &str); 17] = [
+/// on all pipeline metrics; `sink` on the sink's; `outcome`
+/// (`caudal_batches_total`: delivered, rejected;
+/// `caudal_sink_requests_total`: delivered, retry, rejected, split;
+/// `caudal_runs_total`: succeeded, failed, cancelled); `reason` on
+/// `caudal_records_rejected_total` (sink, schema) and
+/// `caudal_buffer_blocked` (disk_full). Workflow metrics
+/// (`caudal_workflow_*`, recorded by the workflow executor) have
+/// `workflow`, and `task`, `state`, `outcome` or `pool` as their help says.
+pub const METRICS: [(&str, Kind, &str); 24] = [
     (
         "caudal_records_read_total",
         Kind::Counter,
@@ -144,6 +148,41 @@ pub const METRICS: [(&str, Kind, &str); 17] = [
         "caudal_run_duration_seconds",
         Kind::Histogram,
         "How long runs took.",
+    ),
+    (
+        "caudal_workflow_runs_total",
+        Kind::Counter,
+        "Workflow runs ended, by workflow and state (succeeded, failed, cancelled).",
+    ),
+    (
+        "caudal_workflow_runs_skipped_total",
+        Kind::Counter,
+        "Scheduled workflow runs not started because the previous run had not ended, by workflow.",
+    ),
+    (
+        "caudal_workflow_task_transitions_total",
+        Kind::Counter,
+        "Task instances entering a state, by workflow and state.",
+    ),
+    (
+        "caudal_workflow_attempts_total",
+        Kind::Counter,
+        "Task attempts ended, by workflow, task and outcome (succeeded, skipped, failed, timed_out, cancelled, lost).",
+    ),
+    (
+        "caudal_workflow_attempt_duration_seconds",
+        Kind::Histogram,
+        "How long task attempts took, by workflow and task.",
+    ),
+    (
+        "caudal_workflow_task_queued_seconds",
+        Kind::Histogram,
+        "How long ready tasks waited for a pool slot, by workflow and pool.",
+    ),
+    (
+        "caudal_workflow_pool_slots_used",
+        Kind::Gauge,
+        "Slots of the pool taken by running attempts (pool `default`: tasks without one).",
     ),
 ];
 

@@ -18,13 +18,17 @@ pub struct ErrorBody {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct ErrorDetail {
     /// `unauthorized`, `forbidden`, `rate_limited`, `not_found`,
-    /// `bad_request`, `paused`, `not_paused`, `not_pending`, `not_cdc`,
-    /// `buffer_not_empty` or `internal`.
+    /// `bad_request`, `conflict`, `paused`, `not_paused`, `not_pending`,
+    /// `not_cdc`, `buffer_not_empty` or `internal`.
     pub code: String,
     pub message: String,
 }
 
 pub use caudal_core::status::PipelineStatus;
+pub use caudal_core::workflow::{
+    AttemptInfo, AttemptState, RunState, TaskInstanceInfo, TaskState, WorkflowRunInfo,
+};
+pub use caudal_engine::workflow::WorkflowSummary;
 use caudal_store::{AuditRecord, DeadLetter as StoredLetter, RunRecord, TokenRecord};
 
 /// A pipeline and its latest runs.
@@ -177,6 +181,30 @@ pub struct AuditLog {
     pub audit: Vec<AuditEntry>,
 }
 
+/// Every workflow with its last run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WorkflowList {
+    pub workflows: Vec<WorkflowSummary>,
+}
+
+/// Workflow runs, newest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct WorkflowRunList {
+    pub runs: Vec<WorkflowRunInfo>,
+}
+
+/// The task instances of a workflow run.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct TaskList {
+    pub tasks: Vec<TaskInstanceInfo>,
+}
+
+/// Every attempt of a workflow run's tasks.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct AttemptList {
+    pub attempts: Vec<AttemptInfo>,
+}
+
 impl From<&RunRecord> for Run {
     fn from(r: &RunRecord) -> Self {
         Self {
@@ -281,12 +309,23 @@ impl Modify for Bearer {
         crate::api::resync,
         crate::api::tokens,
         crate::api::audit,
+        crate::api::workflows,
+        crate::api::start_workflow,
+        crate::api::workflow_runs,
+        crate::api::workflow_run,
+        crate::api::workflow_tasks,
+        crate::api::workflow_attempts,
+        crate::api::workflow_log,
+        crate::api::cancel_workflow_run,
+        crate::api::retry_workflow_run,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
         Steered, Run, RunPage, DeadLetter, DeadLetterDetail, DeadLetterPage, Discarded, Token,
         TokenList, AuditEntry, AuditLog, BackfillStarted, Replayed, CheckpointReset, crate::api::BackfillBody,
-        crate::api::ReplayBody
+        crate::api::ReplayBody, WorkflowSummary, WorkflowRunInfo, TaskInstanceInfo, AttemptInfo,
+        RunState, TaskState, AttemptState, WorkflowList, WorkflowRunList, TaskList, AttemptList,
+        crate::api::StartBody
     )),
     modifiers(&Bearer)
 )]

@@ -179,8 +179,9 @@ pub async fn run(path: &Path) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Serves `/healthz`, `/readyz` and `/metrics` until shutdown, and samples
-/// the pipelines' gauges for `/metrics`.
+/// Serves `/healthz`, `/readyz`, `/metrics` and the API (pipelines and
+/// workflows) until shutdown, and samples the pipelines' gauges for
+/// `/metrics`.
 async fn start_server(
     config: &Config,
     server: &caudal_core::config::ServerConfig,
@@ -197,11 +198,13 @@ async fn start_server(
     })?;
     let listener = caudal_server::bind(listen).await?;
     let handle = caudal_server::install_metrics()?;
+    let config = std::sync::Arc::new(config.clone());
     let api = caudal_server::api::Api::new(
-        std::sync::Arc::new(config.clone()),
+        config.clone(),
         store.clone(),
         control.clone(),
         pipelines.to_vec(),
+        caudal_engine::workflow::Workflows::new(config, store.clone()),
         server.requests_per_second,
     );
     let state = caudal_server::AppState::new(handle, store.clone()).with_api(api);

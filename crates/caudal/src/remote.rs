@@ -1,12 +1,15 @@
-//! `caudal status` and `caudal dlq list|show|discard` against a running
-//! `caudal run` through its REST API (`--api URL --token T`), printed as
-//! the commands print what they read from the store.
+//! `caudal status`, `caudal dlq list|show|discard` and `caudal top`
+//! against a running `caudal run` through its REST API (`--api URL --token
+//! T`), printed as the commands print what they read from the store.
 
 use std::process::ExitCode;
 
 use serde_json::Value;
 
-use caudal_server::openapi::{DeadLetterDetail, DeadLetterPage, ErrorBody, PipelineList, Replayed};
+use caudal_server::openapi::{
+    DeadLetterDetail, DeadLetterPage, ErrorBody, PipelineList, Replayed, WorkflowRunInfo,
+    WorkflowRunList,
+};
 
 use crate::cli::{Cli, DlqCommand};
 use crate::commands::{EXIT_FAILED, print_letters, print_status};
@@ -70,6 +73,14 @@ impl Remote {
         let answer = self.send(reqwest::Method::GET, path, None).await?;
         serde_json::from_value(answer)
             .map_err(|e| format!("the caudal API answered {path} with an unexpected shape: {e}"))
+    }
+
+    /// The latest `limit` workflow runs, newest first.
+    pub async fn workflow_runs(&self, limit: u32) -> Result<Vec<WorkflowRunInfo>, String> {
+        let list: WorkflowRunList = self
+            .get(&format!("/api/v1/workflow-runs?limit={limit}"))
+            .await?;
+        Ok(list.runs)
     }
 
     /// As [`Self::get`], reporting an error and giving the exit code.

@@ -1,14 +1,17 @@
 //! `caudal top`: a live terminal view of every pipeline (state, rows in and
-//! out per second, lag, buffer, dead letters, circuit), refreshed every
-//! second, from the state store or (with `--api`) a running daemon. `q`,
-//! Esc or Ctrl-C quits.
+//! out per second, lag, buffer, dead letters, circuit) and of the latest
+//! workflow runs (state, tasks by state), refreshed every second, from the
+//! state store or (with `--api`) a running daemon. `q`, Esc or Ctrl-C quits.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use caudal_core::status::Replication;
+use caudal_core::workflow::WorkflowRunInfo;
+use caudal_engine::workflow::Workflows;
 use caudal_server::openapi::PipelineList;
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
@@ -20,6 +23,8 @@ use crate::commands::{EXIT_FAILED, load_with_store};
 use crate::remote::Remote;
 
 const REFRESH: Duration = Duration::from_secs(1);
+/// How many of the latest workflow runs are shown.
+const WORKFLOW_RUNS: u32 = 10;
 
 /// One pipeline's figures at one refresh.
 #[derive(Clone, Debug, Default)]
@@ -35,16 +40,38 @@ struct Figures {
     at: Option<Instant>,
 }
 
+/// What one refresh read: every pipeline's figures, and the latest
+/// workflow runs, newest first.
+#[derive(Clone, Debug, Default)]
+struct Sample {
+    pipelines: BTreeMap<String, Figures>,
+    runs: Vec<WorkflowRunInfo>,
+}
+
 /// Where the figures come from.
 enum Feed {
-    Store(Box<caudal_core::config::Config>, caudal_store::Store),
+    Store(
+        Arc<caudal_core::config::Config>,
+        caudal_store::Store,
+        Workflows,
+    ),
     Api(Remote),
 }
 
 impl Feed {
-    async fn sample(&self) -> Result<BTreeMap<String, Figures>, String> {
+    async fn sample(&self) -> Result<Sample, String> {
+        let runs = match self {
+            Feed::Store(_, _, workflows) => workflows
+                .runs(None, WORKFLOW_RUNS)
+                .await
+                .map_err(|e| e.report())?,
+            Feed::Api(remote) => remote
+                .workflow_runs(WORKFLOW_RUNS)
+                .await
+                .map_err(|e| format!("the API: {e}"))?,
+        };
         let (rows, dead) = match self {
-            Feed::Store(config, store) => {
+            Feed::Store(config, store, _) => {
                 let mut rows = Vec::new();
                 let mut dead = BTreeMap::new();
                 for name in config.pipelines.keys() {
@@ -94,7 +121,10 @@ impl Feed {
                 .with_run(r.last_run.as_deref()),
             );
         }
-        Ok(out)
+        Ok(Sample {
+            pipelines: out,
+            runs,
+        })
     }
 }
 
@@ -127,11 +157,52 @@ fn rate(now: &Figures, before: Option<&Figures>, pick: fn(&Figures) -> u64) -> S
     format!("{per:.0}/s")
 }
 
+/// The latest workflow runs: id, workflow, state, and their tasks by state.
+fn runs_table(runs: &[WorkflowRunInfo]) -> Table<'static> {
+    let rows: Vec<Row> = runs
+        .iter()
+        .map(|r| {
+            let tasks: Vec<String> = r
+                .tasks
+                .iter()
+                .map(|(state, n)| format!("{n} {state}"))
+                .collect();
+            let state = if r.cancel_requested && !r.state.is_finished() {
+                format!("{} (cancelling)", r.state)
+            } else {
+                r.state.to_string()
+            };
+            Row::new(vec![
+                r.id.to_string(),
+                r.workflow.clone(),
+                state,
+                tasks.join(", "),
+            ])
+        })
+        .collect();
+    let widths = [
+        Constraint::Length(8),
+        Constraint::Min(20),
+        Constraint::Length(22),
+        Constraint::Min(30),
+    ];
+    Table::new(rows, widths)
+        .header(
+            Row::new(vec!["RUN", "WORKFLOW", "STATE", "TASKS"])
+                .style(Style::default().add_modifier(Modifier::BOLD)),
+        )
+        .block(Block::default().title("workflow runs"))
+}
+
 pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
     let feed = match remote {
         Some(r) => Feed::Api(r),
         None => match load_with_store(path).await {
-            Ok((config, store)) => Feed::Store(Box::new(config), store),
+            Ok((config, store)) => {
+                let config = Arc::new(config);
+                let workflows = Workflows::new(config.clone(), store.clone());
+                Feed::Store(config, store, workflows)
+            }
             Err(code) => return code,
         },
     };
@@ -155,17 +226,32 @@ pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
     let mut next = Instant::now() + REFRESH;
     let outcome = loop {
         let draw = terminal.draw(|frame| {
-            let [head, body] =
-                Layout::vertical([Constraint::Length(1), Constraint::Min(1)]).areas(frame.area());
+            // The workflow runs below the pipelines (after a blank line),
+            // when there are any.
+            let height = |n: usize| u16::try_from(n).unwrap_or(u16::MAX).saturating_add(1);
+            let (gap, runs_height) = if current.runs.is_empty() {
+                (0, 0)
+            } else {
+                (1, height(current.runs.len()).saturating_add(1))
+            };
+            let [head, body, _, runs_area, _] = Layout::vertical([
+                Constraint::Length(1),
+                Constraint::Length(height(current.pipelines.len())),
+                Constraint::Length(gap),
+                Constraint::Length(runs_height),
+                Constraint::Min(0),
+            ])
+            .areas(frame.area());
             let title = match &problem {
                 None => "caudal top — q quits".to_string(),
                 Some(p) => format!("caudal top — q quits — {p}"),
             };
             frame.render_widget(Paragraph::new(Line::from(title)), head);
             let rows: Vec<Row> = current
+                .pipelines
                 .iter()
                 .map(|(name, f)| {
-                    let before = last.get(name);
+                    let before = last.pipelines.get(name);
                     Row::new(vec![
                         name.clone(),
                         f.state.clone(),
@@ -207,6 +293,9 @@ pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
                 )
                 .block(Block::default());
             frame.render_widget(table, body);
+            if !current.runs.is_empty() {
+                frame.render_widget(runs_table(&current.runs), runs_area);
+            }
         });
         if let Err(e) = draw {
             break Err(format!("cannot draw: {e}"));

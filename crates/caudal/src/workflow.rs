@@ -29,6 +29,7 @@ pub async fn command(path: &Path, command: &WorkflowCommand) -> ExitCode {
             wait,
             json,
         } => {
+            let params = caudal_engine::workflow::params_from_pairs(params);
             let run = match workflows.trigger(workflow, params, "manual").await {
                 Ok(run) => run,
                 Err(e) => return fail(&e),

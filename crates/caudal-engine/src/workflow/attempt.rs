@@ -674,10 +674,11 @@ pub(crate) fn kill_orphans(me: &str) -> usize {
             .find_map(|var| var.strip_prefix(marker.as_bytes()))
             .map(|h| String::from_utf8_lossy(h).into_owned());
         let Some(holder) = holder else { continue };
-        if holder != me && crate::lease::holder_is_dead_local(&holder) {
-            if kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok() {
-                killed += 1;
-            }
+        if holder != me
+            && crate::lease::holder_is_dead_local(&holder)
+            && kill(Pid::from_raw(pid), Signal::SIGKILL).is_ok()
+        {
+            killed += 1;
         }
     }
     killed

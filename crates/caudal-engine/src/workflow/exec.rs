@@ -385,10 +385,11 @@ pub async fn execute(
             _ => break,
         }
     }
-    if result.is_ok() && !lost.is_cancelled() {
-        if let Err(e) = ex.flush().await {
-            tracing::warn!(error = %e.report(), "cannot save the tasks interrupted by shutdown; they are recovered at the next start");
-        }
+    if result.is_ok()
+        && !lost.is_cancelled()
+        && let Err(e) = ex.flush().await
+    {
+        tracing::warn!(error = %e.report(), "cannot save the tasks interrupted by shutdown; they are recovered at the next start");
     }
     lease.release().await;
     for sending in ex.notifications.drain(..) {
@@ -1042,7 +1043,10 @@ impl Executor {
         r.insert("id".into(), Value::from(run.row.id));
         r.insert("batch_id".into(), Value::from(run.row.batch_id.clone()));
         r.insert("dir".into(), Value::from(run.row.dir.clone()));
-        r.insert("triggered_by".into(), Value::from(run.row.triggered_by.clone()));
+        r.insert(
+            "triggered_by".into(),
+            Value::from(run.row.triggered_by.clone()),
+        );
         let logical = run.row.logical_date.unwrap_or(run.row.created_at);
         r.insert("logical_date".into(), Value::from(logical.to_string()));
         r.insert(
@@ -1097,10 +1101,7 @@ impl Executor {
         let instant = Instant::now();
         let pool_names: Vec<String> = self.pools.keys().cloned().collect();
         for name in pool_names {
-            loop {
-                let Some(pool) = self.pools.get_mut(&name) else {
-                    break;
-                };
+            while let Some(pool) = self.pools.get_mut(&name) {
                 if pool.used >= pool.slots || pool.ready.is_empty() {
                     break;
                 }
@@ -1240,7 +1241,7 @@ impl Executor {
         let attempt = instance.attempts;
         if let Some(q) = queued_at {
             let waited = now.duration_since(q).as_secs_f64().max(0.0);
-            metrics::histogram!("caudal_workflow_task_queued_seconds", "workflow" => workflow.clone(), "pool" => pool.to_string()).record(waited);
+            metrics::histogram!("caudal_workflow_task_queued_seconds", "workflow" => workflow.clone(), "pool" => display_pool(pool)).record(waited);
         }
         if let Some(p) = self.pools.get_mut(pool) {
             p.used += 1;
@@ -1547,10 +1548,9 @@ impl Executor {
         for (key, i) in &run.instances {
             *counts.entry(i.state.as_str()).or_default() += 1;
             match i.state {
-                TaskState::Failed | TaskState::UpstreamFailed => {
-                    if key.1 < 0 || i.state == TaskState::Failed {
-                        failed.push((key.clone(), i.error.clone()));
-                    }
+                TaskState::Failed => failed.push((key.clone(), i.error.clone())),
+                TaskState::UpstreamFailed if key.1 < 0 => {
+                    failed.push((key.clone(), i.error.clone()));
                 }
                 TaskState::Cancelled => any_cancelled = true,
                 _ => {}

@@ -108,36 +108,30 @@ impl Workflows {
         Ok(out)
     }
 
-    /// Queues a run of `name` with `params` (`key=value`; a value is read
-    /// as JSON when it parses, else as text).
+    /// Queues a run of `name` with `params` (each must be declared).
     pub async fn trigger(
         &self,
         name: &str,
-        params: &[(String, String)],
+        params: Map<String, Value>,
         triggered_by: &str,
     ) -> Result<WorkflowRunInfo> {
         self.known(name)?;
         let declared = &self.config.workflows[name].params;
-        let mut given = Map::new();
-        for (k, v) in params {
-            if !declared.contains_key(k) {
-                let names: Vec<&str> = declared.keys().map(String::as_str).collect();
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "workflow `{name}` has no parameter `{k}`; its parameters: {}",
-                        if names.is_empty() {
-                            "none".to_string()
-                        } else {
-                            names.join(", ")
-                        }
-                    ),
-                ));
-            }
-            let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
-            given.insert(k.clone(), value);
+        if let Some(k) = params.keys().find(|k| !declared.contains_key(*k)) {
+            let names: Vec<&str> = declared.keys().map(String::as_str).collect();
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!(
+                    "workflow `{name}` has no parameter `{k}`; its parameters: {}",
+                    if names.is_empty() {
+                        "none".to_string()
+                    } else {
+                        names.join(", ")
+                    }
+                ),
+            ));
         }
-        let row = create_run(&self.store, &self.config, name, triggered_by, None, given).await?;
+        let row = create_run(&self.store, &self.config, name, triggered_by, None, params).await?;
         self.info(row).await
     }
 
@@ -373,19 +367,16 @@ impl Workflows {
         let mut rewrite: Vec<TaskRow> = Vec::new();
         let mut deleted = Vec::new();
         // Fan-out tasks that start over completely lose their instances
-        // (the list is computed again).
+        // (the list is computed again); with `only_failed`, instances that
+        // succeeded keep their results and only the others run again.
         let mut regrown = std::collections::HashSet::new();
-        for t in &tasks {
-            if t.map_index < 0 {
-                let state = TaskState::parse(&t.state)?;
-                if state.reset(only_failed) != state
-                    && (!only_failed || state != TaskState::UpstreamFailed || true)
-                {
-                    if !only_failed {
-                        regrown.insert(t.task.clone());
-                    }
-                }
-            }
+        if !only_failed {
+            regrown.extend(
+                tasks
+                    .iter()
+                    .filter(|t| t.map_index < 0)
+                    .map(|t| t.task.clone()),
+            );
         }
         for t in tasks {
             let state = TaskState::parse(&t.state)?;
@@ -442,10 +433,11 @@ impl Workflows {
         let root = self.config.runs_dir();
         for dir in &dirs {
             let path = std::path::Path::new(dir);
-            if path.starts_with(&root) && path.is_dir() {
-                if let Err(e) = tokio::fs::remove_dir_all(path).await {
-                    tracing::warn!(dir = %path.display(), error = %e, "cannot remove an old run directory");
-                }
+            if path.starts_with(&root)
+                && path.is_dir()
+                && let Err(e) = tokio::fs::remove_dir_all(path).await
+            {
+                tracing::warn!(dir = %path.display(), error = %e, "cannot remove an old run directory");
             }
         }
         Ok(dirs.len())
@@ -476,6 +468,18 @@ pub(crate) async fn create_run(
             &root.to_string_lossy(),
         )
         .await
+}
+
+/// `--param key=value` pairs as parameters: a value that parses as JSON is
+/// that value (`pages=5` is the number 5), anything else is text.
+pub fn params_from_pairs(pairs: &[(String, String)]) -> Map<String, Value> {
+    pairs
+        .iter()
+        .map(|(k, v)| {
+            let value = serde_json::from_str(v).unwrap_or_else(|_| Value::String(v.clone()));
+            (k.clone(), value)
+        })
+        .collect()
 }
 
 pub(crate) fn parse_json_object(text: &str) -> Map<String, Value> {
