@@ -141,9 +141,12 @@ impl Flow {
     /// Waits until run `run` has ended; returns its state.
     async fn wait_ended(&self, run: i64) -> String {
         let deadline = tokio::time::Instant::now() + PATIENCE;
+        let id = run.to_string();
         loop {
-            let info = self.run_info(run).await;
-            let state = info["state"].as_str().unwrap_or_default().to_string();
+            // The run may not exist yet (the daemon's schedule creates it).
+            let (_, out, _) = self.caudal(&["workflow", "status", &id, "--json"]).await;
+            let info: Value = serde_json::from_str(out.trim()).unwrap_or(Value::Null);
+            let state = info["state"].as_str().unwrap_or("(not yet)").to_string();
             if matches!(state.as_str(), "succeeded" | "failed" | "cancelled") {
                 return state;
             }
@@ -1132,5 +1135,136 @@ run = ["sleep", "2.5"]
             "scheduled runs overlapped (overlap = \"skip\")"
         );
     }
+    flow.cleanup().await;
+}
+
+#[tokio::test]
+async fn after_downtime_every_missed_time_runs_with_catchup_all() {
+    let flow = Flow::sqlite();
+    flow.write(
+        r#"
+[workflows.tick]
+schedule = { every = "1s" }
+catchup = "all"
+
+[workflows.tick.tasks.t]
+type = "command"
+run = ["true"]
+"#,
+    );
+    let mut daemon = flow.daemon();
+    assert_eq!(flow.wait_ended(1).await, "succeeded");
+    kill(
+        Pid::from_raw(daemon.id().expect("pid") as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    let before: Vec<Value> = flow
+        .json_lines(&[
+            "workflow",
+            "status",
+            "--workflow",
+            "tick",
+            "--limit",
+            "1000",
+            "--json",
+        ])
+        .await;
+    let last = before
+        .iter()
+        .filter_map(|r| r["logical_date"].as_str().map(|t| ts(&Value::from(t))))
+        .max()
+        .expect("a scheduled run");
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let restart = jiff::Timestamp::now();
+    let mut daemon = flow.daemon();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    kill(
+        Pid::from_raw(daemon.id().expect("pid") as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    let after: Vec<Value> = flow
+        .json_lines(&[
+            "workflow",
+            "status",
+            "--workflow",
+            "tick",
+            "--limit",
+            "1000",
+            "--json",
+        ])
+        .await;
+    // Every whole second of the downtime got its run, once, in order.
+    let mut missed: Vec<jiff::Timestamp> = after
+        .iter()
+        .filter(|r| r["state"] == "succeeded")
+        .filter_map(|r| r["logical_date"].as_str().map(|t| ts(&Value::from(t))))
+        .filter(|t| *t > last && *t < restart)
+        .collect();
+    missed.sort();
+    let expected = (restart.duration_since(last).as_secs_f64()).floor() as usize;
+    assert!(
+        missed.len() >= 4,
+        "{} missed runs ran: {missed:?}",
+        missed.len()
+    );
+    assert!(
+        missed.len() <= expected,
+        "more runs than missed times: {missed:?}"
+    );
+    for w in missed.windows(2) {
+        assert_eq!(
+            w[1].duration_since(w[0]),
+            jiff::SignedDuration::from_secs(1)
+        );
+    }
+    flow.cleanup().await;
+}
+
+#[tokio::test]
+async fn old_runs_are_pruned_with_their_directories() {
+    let flow = Flow::sqlite();
+    flow.write(
+        r#"
+[retention]
+workflow_runs_max_age = "1s"
+
+[workflows.once.tasks.t]
+type = "command"
+run = ["sh", "-c", "echo kept > \"$CAUDAL_RUN_DIR/file\""]
+"#,
+    );
+    let (code, _, err) = flow.caudal(&["workflow", "run", "once", "--wait"]).await;
+    assert_eq!(code, 0, "{err}");
+    let dir = flow.path("runs/once/1");
+    assert!(dir.join("file").exists(), "the run wrote its file");
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // `caudal run` prunes at start.
+    let mut daemon = flow.daemon();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (code, _, _) = flow.caudal(&["workflow", "status", "1"]).await;
+        if code != 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run 1 was never pruned"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    kill(
+        Pid::from_raw(daemon.id().expect("pid") as i32),
+        Signal::SIGTERM,
+    )
+    .expect("SIGTERM");
+    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    assert!(!dir.exists(), "its directory was removed");
+    let (code, _, err) = flow.caudal(&["workflow", "status", "1"]).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("no workflow run 1"), "{err}");
     flow.cleanup().await;
 }

@@ -1712,46 +1712,32 @@ impl Executor {
             Some(c) => Some(*c),
             None => self.store.last_scheduled_workflow_run(name).await?,
         };
-        // Slots due since the last one considered.
-        let mut due = Vec::new();
-        let mut next = match cursor {
-            Some(c) => schedule.next_fire_after(c)?,
-            None => match schedule {
-                // A new interval schedule runs at once; cron waits for its
-                // first time.
-                Schedule::Every(_) => now,
-                _ => schedule.next_fire_after(now)?,
-            },
-        };
-        while next <= now && due.len() < MAX_CATCHUP {
-            due.push(next);
-            next = schedule.next_fire_after(next)?;
-        }
+        let due = due_slots(&schedule, cursor, now)?;
         let Some(latest) = due.last().copied() else {
             return Ok(());
         };
         self.cursors.insert(name.to_string(), latest);
-        let missed =
-            due.len() > 1 || now.duration_since(latest) > jiff::SignedDuration::from_secs(60);
-        let slots: Vec<Timestamp> = match (workflow.catchup, missed) {
-            (_, false) | (Catchup::Last, true) => vec![latest],
-            (Catchup::All, true) => due,
-            (Catchup::None, true) => {
-                tracing::info!(
-                    workflow = name,
-                    missed = due.len(),
-                    "missed scheduled runs skipped (catchup = \"none\")"
-                );
-                return Ok(());
-            }
-        };
+        let slots = slots_to_run(&due, now, workflow.catchup);
+        if slots.len() < due.len() {
+            tracing::info!(
+                workflow = name,
+                missed = due.len() - slots.len(),
+                catchup = ?workflow.catchup,
+                "missed scheduled runs not run"
+            );
+        }
+        // What was there before this tick's runs.
+        let running = self
+            .runs
+            .values()
+            .any(|r| r.row.workflow == name && !r.state.is_finished());
+        let queued = self.queued_in_store.get(name).copied().unwrap_or(0);
         for slot in slots {
-            let running = self
-                .runs
-                .values()
-                .any(|r| r.row.workflow == name && !r.state.is_finished());
-            let queued = self.queued_in_store.get(name).copied().unwrap_or(0);
+            // Missed runs caught up with `catchup = "all"` are all queued
+            // (they run one after the other); overlap decides about the
+            // latest one, against a run that is still going.
             let create = match workflow.overlap {
+                _ if slot != latest => true,
                 Overlap::Allow => true,
                 Overlap::Skip => !running && queued == 0,
                 Overlap::QueueOne => queued == 0,
@@ -1777,6 +1763,46 @@ impl Executor {
     }
 }
 
+/// How late a schedule time may be and still count as on time (not
+/// missed): the executor checks schedules every second, and may be busy.
+const ON_TIME: Duration = Duration::from_secs(10);
+
+/// The schedule times due after `cursor` (the last one considered) up to
+/// `now`, oldest first. Without a cursor (a new workflow), an interval
+/// schedule is due at once and a cron schedule at its next time.
+fn due_slots(
+    schedule: &Schedule,
+    cursor: Option<Timestamp>,
+    now: Timestamp,
+) -> Result<Vec<Timestamp>> {
+    let mut due = Vec::new();
+    let mut next = match cursor {
+        Some(c) => schedule.next_fire_after(c)?,
+        None => match schedule {
+            Schedule::Every(_) => now,
+            _ => schedule.next_fire_after(now)?,
+        },
+    };
+    while next <= now && due.len() < MAX_CATCHUP {
+        due.push(next);
+        next = schedule.next_fire_after(next)?;
+    }
+    Ok(due)
+}
+
+/// Which of the due times get a run: `all` of them, the `last`, or
+/// (`none`) the last only if it is on time — after downtime, none.
+fn slots_to_run(due: &[Timestamp], now: Timestamp, catchup: Catchup) -> Vec<Timestamp> {
+    let on_time = |t: &&Timestamp| {
+        Duration::try_from(now.duration_since(**t)).map_or(true, |late| late <= ON_TIME)
+    };
+    match catchup {
+        Catchup::All => due.to_vec(),
+        Catchup::Last => due.last().copied().into_iter().collect(),
+        Catchup::None => due.last().filter(on_time).copied().into_iter().collect(),
+    }
+}
+
 fn display_pool(pool: &str) -> String {
     if pool.is_empty() {
         "default".into()
@@ -1794,5 +1820,38 @@ async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(tokio::time::Instant::from_std(at)).await,
         None => std::future::pending().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(secs: i64) -> Timestamp {
+        Timestamp::from_second(1_800_000_000 + secs).expect("a time")
+    }
+
+    #[test]
+    fn due_times_after_downtime_and_for_new_workflows() {
+        let every = Schedule::Every(Duration::from_secs(60));
+        let due = due_slots(&every, Some(at(0)), at(250)).expect("due");
+        assert_eq!(due, [at(60), at(120), at(180), at(240)]);
+        assert!(
+            due_slots(&every, Some(at(0)), at(59))
+                .expect("due")
+                .is_empty()
+        );
+        assert_eq!(due_slots(&every, None, at(5)).expect("due"), [at(5)]);
+    }
+
+    #[test]
+    fn catchup_policies() {
+        let due = [at(60), at(120), at(180), at(240)];
+        assert_eq!(slots_to_run(&due, at(250), Catchup::All), due);
+        assert_eq!(slots_to_run(&due, at(250), Catchup::Last), [at(240)]);
+        // 10 s late is on time; later is missed.
+        assert_eq!(slots_to_run(&due, at(250), Catchup::None), [at(240)]);
+        assert!(slots_to_run(&due, at(251), Catchup::None).is_empty());
+        assert!(slots_to_run(&[], at(251), Catchup::All).is_empty());
     }
 }
