@@ -869,16 +869,20 @@ pub(crate) async fn workflow_log(
             )));
         }
     };
-    let (path, running) = api
+    let log = api
         .workflows
         .log(id, &task, q.index.unwrap_or(-1), q.attempt, stderr)
         .await
         .map_err(|e| ApiError::from_error(&e))?;
+    let (path, running) = (log.path, log.running);
     let body = match tokio::fs::File::open(&path).await {
         // Streamed: a log may be larger than what is worth holding.
         Ok(file) => axum::body::Body::from_stream(tokio_util::io::ReaderStream::new(file)),
-        // An attempt that has just started may not have written it yet.
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound && running => axum::body::Body::empty(),
+        // The file comes with the first byte: an attempt that wrote
+        // nothing (yet) has none.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !log.pruned => {
+            axum::body::Body::empty()
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
             return Err(ApiError::not_found(format!(
                 "the log of task `{task}` of run {id} is gone (the run's directory may have been pruned)"

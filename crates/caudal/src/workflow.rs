@@ -360,7 +360,8 @@ async fn logs(
 ) -> Result<(), Error> {
     use tokio::io::{AsyncReadExt as _, AsyncSeekExt as _, AsyncWriteExt as _};
     let index = index.unwrap_or(-1);
-    let (path, _) = workflows.log(run, task, index, attempt, stderr).await?;
+    let log = workflows.log(run, task, index, attempt, stderr).await?;
+    let path = log.path;
     let mut offset = 0u64;
     let mut out = tokio::io::stdout();
     loop {
@@ -371,20 +372,22 @@ async fn logs(
             offset += bytes.len() as u64;
             let _ = out.write_all(&bytes).await;
             let _ = out.flush().await;
-        } else if !follow {
+        } else if log.pruned {
             return Err(Error::new(
                 ErrorKind::NotFound,
                 format!(
-                    "{} does not exist (the run's directory may have been pruned)",
-                    path.display()
+                    "the output of run {run} is gone: its directory was pruned ([retention] workflow_runs_max_age)"
                 ),
             ));
         }
         if !follow {
             return Ok(());
         }
-        let (_, running) = workflows.log(run, task, index, attempt, stderr).await?;
-        if !running {
+        if !workflows
+            .log(run, task, index, attempt, stderr)
+            .await?
+            .running
+        {
             // One last read after the attempt ended.
             if let Ok(mut file) = tokio::fs::File::open(&path).await {
                 let _ = file.seek(std::io::SeekFrom::Start(offset)).await;

@@ -798,10 +798,21 @@ run = ["sh", "-c", "echo c >> {ledger}"]
             .contains("first time"),
         "{b}"
     );
+    let (code, out, err) = flow
+        .caudal(&["workflow", "logs", "1", "b", "--stderr"])
+        .await;
+    assert_eq!((code, out.as_str()), (0, "first time\n"), "{err}");
+    // A silent attempt has no output file, and no output.
+    let (code, out, err) = flow.caudal(&["workflow", "logs", "1", "a"]).await;
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
     let (code, _, err) = flow
         .caudal(&["workflow", "retry", "1", "--failed", "--wait"])
         .await;
     assert_eq!(code, 0, "{err}");
+    let (code, out, err) = flow
+        .caudal(&["workflow", "logs", "1", "b", "--stderr", "--attempt", "1"])
+        .await;
+    assert_eq!((code, out.as_str()), (0, "first time\n"), "{err}");
     let ran = std::fs::read_to_string(&ledger).expect("ledger");
     assert_eq!(ran, "a\nb\nb\nc\n", "only the failed tasks ran again");
     let tasks = flow.tasks(1).await;

@@ -4,7 +4,8 @@
 //!
 //! Promises:
 //! - A command runs in a process group of its own, with its standard output
-//!   and error in files of the run directory. At its timeout, at cancel and
+//!   and error in files of the run directory (each created with its first
+//!   byte: a silent command leaves none). At its timeout, at cancel and
 //!   at shutdown the whole group gets SIGTERM, then SIGKILL after
 //!   [`KILL_GRACE`]; when the command exits, what is left of its group is
 //!   killed. No process of an attempt outlives it.
@@ -236,32 +237,18 @@ async fn run_command(
     else {
         return done(spec, Ending::Failed, Some("not a command".into()));
     };
-    let prepared = async {
-        if let Some(dir) = spec.files.stdout.parent() {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        let stdout = std::fs::File::create(&spec.files.stdout)?;
-        let stderr = std::fs::File::create(&spec.files.stderr)?;
-        Ok::<_, std::io::Error>((stdout, stderr))
+    if let Some(dir) = spec.files.stdout.parent()
+        && let Err(e) = tokio::fs::create_dir_all(dir).await
+    {
+        return done(
+            spec,
+            Ending::Failed,
+            Some(format!(
+                "cannot create the log directory {}: {e}",
+                dir.display()
+            )),
+        );
     }
-    .await;
-    let (stdout, stderr) = match prepared {
-        Ok(files) => files,
-        Err(e) => {
-            return done(
-                spec,
-                Ending::Failed,
-                Some(format!(
-                    "cannot create the log files in {}: {e}",
-                    spec.files
-                        .stdout
-                        .parent()
-                        .unwrap_or(Path::new("."))
-                        .display()
-                )),
-            );
-        }
-    };
     // A program given with a directory is found from the task's cwd.
     let program_path = if program.contains('/') && Path::new(program).is_relative() {
         cwd.join(program)
@@ -281,8 +268,8 @@ async fn run_command(
         .env("CAUDAL_MAP_INDEX", spec.id.map_index.to_string())
         .env("CAUDAL_RUN_ID", spec.id.run_id.to_string())
         .stdin(std::process::Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .process_group(0)
         .kill_on_drop(true);
     let mut child = match command.spawn() {
@@ -306,6 +293,18 @@ async fn run_command(
             return done(spec, Ending::Failed, Some(why));
         }
     };
+    // Output goes to files created when the first byte comes: a silent
+    // command (most no-op or marker tasks) costs no files.
+    let capture = [
+        child
+            .stdout
+            .take()
+            .map(|out| tokio::spawn(capture(out, spec.files.stdout.clone()))),
+        child
+            .stderr
+            .take()
+            .map(|err| tokio::spawn(capture(err, spec.files.stderr.clone()))),
+    ];
     let pid = child.id().unwrap_or(0);
     let _ = events.send(Event::Started {
         id: spec.id.clone(),
@@ -357,6 +356,19 @@ async fn run_command(
             (ending, code, Some(stopped_message(spec, ending)))
         }
     };
+    // The group is gone, so the pipes close; a process that left the
+    // group (setsid) and kept them open is not waited for.
+    for task in capture.into_iter().flatten() {
+        match tokio::time::timeout(KILL_GRACE, task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => {
+                tracing::warn!(task = %spec.id.task, error = %e, "part of an attempt's output was not written")
+            }
+            Ok(Err(_)) | Err(_) => {
+                tracing::warn!(task = %spec.id.task, "an attempt's output was still open after it ended; the rest is not kept")
+            }
+        }
+    }
     Done {
         exit_code,
         error,
@@ -365,6 +377,31 @@ async fn run_command(
             .flatten(),
         ..done(spec, ending, None)
     }
+}
+
+/// Copies a command's output into `path`, created on the first byte.
+async fn capture(
+    mut from: impl tokio::io::AsyncRead + Unpin,
+    path: PathBuf,
+) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut file: Option<tokio::fs::File> = None;
+    loop {
+        let n = from.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        let out = match &mut file {
+            Some(f) => f,
+            None => file.insert(tokio::fs::File::create(&path).await?),
+        };
+        out.write_all(&buf[..n]).await?;
+    }
+    if let Some(mut f) = file {
+        f.flush().await?;
+    }
+    Ok(())
 }
 
 /// SIGTERM to the group, SIGKILL after [`KILL_GRACE`].

@@ -250,6 +250,87 @@ impl Pool {
     }
 }
 
+/// What the loop hands the writer: one turn's rows, the attempts to start
+/// once they are written, and (for `sync`) an acknowledgement.
+#[derive(Debug, Default)]
+struct Batch {
+    tasks: Vec<TaskRow>,
+    attempts: Vec<AttemptRow>,
+    runs: Vec<RunChange>,
+    spawn: Vec<(Spec, CancellationToken)>,
+    ack: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+/// The writer: commits batches in order (all batches waiting are merged
+/// into one transaction), and starts each batch's processes only after its
+/// rows are committed. The loop goes on deciding while a commit is in
+/// flight. On a failed or fenced commit it stops everything that follows
+/// and cancels `failed`, with the error in `error`.
+#[allow(clippy::too_many_arguments)]
+fn start_writer(
+    store: Store,
+    holder: String,
+    shared: Shared,
+    interrupt: CancellationToken,
+    events: mpsc::UnboundedSender<Event>,
+    failed: CancellationToken,
+    error: Arc<std::sync::Mutex<Option<Error>>>,
+) -> mpsc::UnboundedSender<Batch> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<Batch>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batches = vec![first];
+            while let Ok(more) = rx.try_recv() {
+                batches.push(more);
+            }
+            if failed.is_cancelled() {
+                continue;
+            }
+            let (mut tasks, mut attempts, mut runs) = (Vec::new(), Vec::new(), Vec::new());
+            for b in &mut batches {
+                tasks.append(&mut b.tasks);
+                attempts.append(&mut b.attempts);
+                runs.append(&mut b.runs);
+            }
+            if !(tasks.is_empty() && attempts.is_empty() && runs.is_empty()) {
+                let saved = store
+                    .save_workflow_changes(EXECUTOR_LEASE, &holder, &tasks, &attempts, &runs)
+                    .await;
+                let problem = match saved {
+                    Ok(true) => None,
+                    Ok(false) => Some(Error::new(
+                        ErrorKind::Busy,
+                        "another process holds the workflow executor lease; this executor stops without writing",
+                    )),
+                    Err(e) => Some(e),
+                };
+                if let Some(e) = problem {
+                    *error
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(e);
+                    failed.cancel();
+                    continue;
+                }
+            }
+            for b in batches {
+                for (spec, stop) in b.spawn {
+                    tokio::spawn(attempt::run(
+                        spec,
+                        shared.clone(),
+                        stop,
+                        interrupt.clone(),
+                        events.clone(),
+                    ));
+                }
+                if let Some(ack) = b.ack {
+                    let _ = ack.send(());
+                }
+            }
+        }
+    });
+    tx
+}
+
 /// Changes of one turn, written together.
 #[derive(Debug, Default)]
 struct Pending {
@@ -271,7 +352,6 @@ struct Executor {
     timers: BTreeSet<(Timestamp, i64, String, i64)>,
     pending: Pending,
     seq: u64,
-    events_tx: mpsc::UnboundedSender<Event>,
     /// The row of every running attempt.
     running: HashMap<AttemptId, AttemptRow>,
     interrupt: CancellationToken,
@@ -280,6 +360,10 @@ struct Executor {
     last_schedule_check: Option<Instant>,
     only_run_done: bool,
     queued_in_store: HashMap<String, usize>,
+    /// The writer's queue, and what it reports when a commit failed.
+    writer: mpsc::UnboundedSender<Batch>,
+    writer_failed: CancellationToken,
+    writer_error: Arc<std::sync::Mutex<Option<Error>>>,
     /// Each task's template context, per run (see `base_context`).
     contexts: HashMap<(i64, String), minijinja::Value>,
     /// Notifications being sent (awaited before the executor returns).
@@ -348,13 +432,29 @@ pub async fn execute(
             ready: BTreeSet::new(),
         },
     );
+    let shared = Shared {
+        config: config.clone(),
+        store: store.clone(),
+        http,
+        holder: holder.clone(),
+    };
+    let interrupt = CancellationToken::new();
+    let writer_failed = CancellationToken::new();
+    let writer_error = Arc::new(std::sync::Mutex::new(None));
+    let writer = start_writer(
+        store.clone(),
+        holder.clone(),
+        shared.clone(),
+        interrupt.clone(),
+        events_tx.clone(),
+        writer_failed.clone(),
+        writer_error.clone(),
+    );
     let mut ex = Executor {
-        shared: Shared {
-            config: config.clone(),
-            store: store.clone(),
-            http,
-            holder: holder.clone(),
-        },
+        shared,
+        writer,
+        writer_failed,
+        writer_error,
         config,
         store,
         holder,
@@ -365,9 +465,8 @@ pub async fn execute(
         timers: BTreeSet::new(),
         pending: Pending::default(),
         seq: 0,
-        events_tx,
         running: HashMap::new(),
-        interrupt: CancellationToken::new(),
+        interrupt,
         cursors: HashMap::new(),
         last_schedule_check: None,
         only_run_done: false,
@@ -377,6 +476,10 @@ pub async fn execute(
     };
     let lost = lease.lost();
     let result = ex.main_loop(&mut events, &shutdown, &lost).await;
+    let result = match ex.sync().await {
+        Err(e) if result.is_ok() => Err(e),
+        _ => result,
+    };
     // Stop what runs: each attempt ends as interrupted and is queued again.
     ex.interrupt.cancel();
     while !ex.running.is_empty() {
@@ -385,9 +488,10 @@ pub async fn execute(
             _ => break,
         }
     }
+    ex.flush();
     if result.is_ok()
         && !lost.is_cancelled()
-        && let Err(e) = ex.flush().await
+        && let Err(e) = ex.sync().await
     {
         tracing::warn!(error = %e.report(), "cannot save the tasks interrupted by shutdown; they are recovered at the next start");
     }
@@ -410,8 +514,7 @@ impl Executor {
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             self.step();
-            self.flush().await?;
-            self.spawn();
+            self.flush();
             if self.options.only_run.is_some() && self.only_run_done {
                 return Ok(());
             }
@@ -419,6 +522,7 @@ impl Executor {
             tokio::select! {
                 biased;
                 () = shutdown.cancelled() => return Ok(()),
+                () = self.writer_failed.cancelled() => return Err(self.writer_error()),
                 () = lost.cancelled() => {
                     return Err(Error::new(ErrorKind::Busy, "the workflow executor lease was lost to another process; stopping"));
                 }
@@ -460,6 +564,8 @@ impl Executor {
 
     /// New runs, cancel requests, and (for the daemon) schedules.
     async fn poll_store(&mut self, first: bool) -> Result<()> {
+        // What the store says must include what this executor decided.
+        self.sync().await?;
         let unfinished = self
             .store
             .workflow_runs(&RunFilter {
@@ -1605,31 +1711,32 @@ impl Executor {
         }
     }
 
-    /// Writes the turn's changes (fenced), then forgets ended runs.
-    async fn flush(&mut self) -> Result<()> {
+    /// Hands the turn's changes (and the attempts to start after them) to
+    /// the writer, then forgets ended runs.
+    fn flush(&mut self) {
         if self.pending.tasks.is_empty()
             && self.pending.attempts.is_empty()
             && self.pending.runs.is_empty()
         {
-            return Ok(());
+            return;
         }
         let tasks: Vec<TaskRow> = self
             .pending
             .tasks
-            .iter()
+            .drain()
             .filter_map(|(run_id, key)| {
                 self.runs
-                    .get(run_id)
-                    .and_then(|r| r.instances.get(key))
-                    .map(|i| i.row(*run_id, key))
+                    .get(&run_id)
+                    .and_then(|r| r.instances.get(&key))
+                    .map(|i| i.row(run_id, &key))
             })
             .collect();
-        let attempts: Vec<AttemptRow> = self.pending.attempts.values().cloned().collect();
+        let attempts: Vec<AttemptRow> = self.pending.attempts.drain().map(|(_, a)| a).collect();
         let runs: Vec<RunChange> = self
             .pending
             .runs
-            .iter()
-            .filter_map(|id| self.runs.get(id))
+            .drain()
+            .filter_map(|id| self.runs.get(&id))
             .map(|r| RunChange {
                 id: r.row.id,
                 state: r.state.as_str().to_string(),
@@ -1638,19 +1745,15 @@ impl Executor {
                 error: r.row.error.clone(),
             })
             .collect();
-        let saved = self
-            .store
-            .save_workflow_changes(EXECUTOR_LEASE, &self.holder, &tasks, &attempts, &runs)
-            .await?;
-        if !saved {
-            return Err(Error::new(
-                ErrorKind::Busy,
-                "another process holds the workflow executor lease; this executor stops without writing",
-            ));
-        }
-        self.pending.attempts.clear();
-        self.pending.tasks.clear();
-        self.pending.runs.clear();
+        let batch = Batch {
+            tasks,
+            attempts,
+            runs,
+            spawn: std::mem::take(&mut self.pending.spawn),
+            ack: None,
+        };
+        // A closed writer has failed: the loop stops on `writer_failed`.
+        let _ = self.writer.send(batch);
         let ended: Vec<i64> = self
             .runs
             .iter()
@@ -1665,20 +1768,30 @@ impl Executor {
                 self.only_run_done = true;
             }
         }
-        Ok(())
     }
 
-    /// Starts the processes of the attempts just written.
-    fn spawn(&mut self) {
-        for (spec, stop) in std::mem::take(&mut self.pending.spawn) {
-            tokio::spawn(attempt::run(
-                spec,
-                self.shared.clone(),
-                stop,
-                self.interrupt.clone(),
-                self.events_tx.clone(),
-            ));
+    /// Waits until everything handed to the writer is committed.
+    async fn sync(&mut self) -> Result<()> {
+        let (ack, done) = tokio::sync::oneshot::channel();
+        let batch = Batch {
+            ack: Some(ack),
+            ..Batch::default()
+        };
+        if self.writer.send(batch).is_err() {
+            return Err(self.writer_error());
         }
+        tokio::select! {
+            r = done => r.map_err(|_| self.writer_error()),
+            () = self.writer_failed.cancelled() => Err(self.writer_error()),
+        }
+    }
+
+    fn writer_error(&self) -> Error {
+        self.writer_error
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take()
+            .unwrap_or_else(|| Error::new(ErrorKind::Store, "the workflow state writer stopped"))
     }
 
     /// Creates the runs the schedules call for.

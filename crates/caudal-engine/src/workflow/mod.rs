@@ -46,6 +46,17 @@ pub struct WorkflowSummary {
     pub last_run: Option<WorkflowRunInfo>,
 }
 
+/// Where an attempt's output is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogFile {
+    /// The file; missing while the attempt has written nothing.
+    pub path: std::path::PathBuf,
+    /// The attempt still runs (more may come).
+    pub running: bool,
+    /// The run's directory is gone (pruned): the output is lost.
+    pub pruned: bool,
+}
+
 /// Operations on workflows, for the CLI and the API alike.
 #[derive(Clone, Debug)]
 pub struct Workflows {
@@ -294,8 +305,9 @@ impl Workflows {
             .collect()
     }
 
-    /// The log file of an attempt's standard output or error (`stderr`),
-    /// and whether the attempt still runs. `attempt` `None`: the latest.
+    /// The log file of an attempt's standard output or error (`stderr`).
+    /// `attempt` `None`: the latest. A file is created with the first byte
+    /// written: an attempt that wrote nothing has none.
     pub async fn log(
         &self,
         id: i64,
@@ -303,7 +315,7 @@ impl Workflows {
         map_index: i64,
         attempt: Option<u32>,
         stderr: bool,
-    ) -> Result<(std::path::PathBuf, bool)> {
+    ) -> Result<LogFile> {
         let run = self.row(id).await?;
         let attempts = self.store.workflow_attempts(id).await?;
         let found = attempts
@@ -334,7 +346,12 @@ impl Workflows {
             found.attempt,
         );
         let running = found.state == AttemptState::Running.as_str();
-        Ok((if stderr { files.stderr } else { files.stdout }, running))
+        let pruned = !std::path::Path::new(&run.dir).is_dir();
+        Ok(LogFile {
+            path: if stderr { files.stderr } else { files.stdout },
+            running,
+            pruned,
+        })
     }
 
     /// Asks the executor to cancel a run.
