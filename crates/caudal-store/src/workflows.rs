@@ -96,8 +96,8 @@ pub struct AttemptRow {
     pub map_index: i64,
     pub attempt: u32,
     pub holder: String,
+    /// The process (group leader) of a command, written when it ends.
     pub pid: Option<i64>,
-    pub pid_start: Option<i64>,
     pub state: String,
     pub exit_code: Option<i32>,
     pub error: Option<String>,
@@ -160,7 +160,6 @@ type AttemptTuple = (
     i64,
     String,
     Option<i64>,
-    Option<i64>,
     String,
     Option<i64>,
     Option<String>,
@@ -168,7 +167,7 @@ type AttemptTuple = (
     i64,
     Option<i64>,
 );
-const ATTEMPT_COLUMNS: &str = "run_id, task, map_index, attempt, holder, pid, pid_start, state, \
+const ATTEMPT_COLUMNS: &str = "run_id, task, map_index, attempt, holder, pid, state, \
      exit_code, error, stderr_tail, started_at, ended_at";
 
 fn opt_ts(v: Option<i64>, column: &str) -> Result<Option<Timestamp>> {
@@ -224,31 +223,107 @@ fn attempt_row(t: AttemptTuple) -> Result<AttemptRow> {
         attempt: u32::try_from(t.3).unwrap_or(u32::MAX),
         holder: t.4,
         pid: t.5,
-        pid_start: t.6,
-        state: t.7,
-        exit_code: t.8.and_then(|c| i32::try_from(c).ok()),
-        error: t.9,
-        stderr_tail: t.10,
-        started_at: clock::from_db(t.11, "workflow_attempts.started_at")?,
-        ended_at: opt_ts(t.12, "workflow_attempts.ended_at")?,
+        state: t.6,
+        exit_code: t.7.and_then(|c| i32::try_from(c).ok()),
+        error: t.8,
+        stderr_tail: t.9,
+        started_at: clock::from_db(t.10, "workflow_attempts.started_at")?,
+        ended_at: opt_ts(t.11, "workflow_attempts.ended_at")?,
     })
 }
 
-const UPSERT_TASK: &str = "INSERT INTO workflow_tasks (run_id, task, map_index, state, attempts, \
-     failures, item, outputs, items, not_before, queued_at, started_at, ended_at, error) \
-     VALUES ($1, $2, $3, $4, $5, $14, $6, $7, $8, $9, $10, $11, $12, $13) \
-     ON CONFLICT (run_id, task, map_index) DO UPDATE SET state = excluded.state, \
-     attempts = excluded.attempts, failures = excluded.failures, item = excluded.item, outputs = excluded.outputs, \
-     items = excluded.items, not_before = excluded.not_before, queued_at = excluded.queued_at, \
+/// Rows per multi-row statement (each task row binds 14 values; SQLite
+/// allows 32,766).
+const ROWS_PER_STATEMENT: usize = 500;
+
+const INSERT_TASKS: &str = "INSERT INTO workflow_tasks (run_id, task, map_index, state, attempts, \
+     failures, item, outputs, items, not_before, queued_at, started_at, ended_at, error) ";
+const ON_TASK_CONFLICT: &str = " ON CONFLICT (run_id, task, map_index) DO UPDATE SET \
+     state = excluded.state, attempts = excluded.attempts, failures = excluded.failures, \
+     item = excluded.item, outputs = excluded.outputs, items = excluded.items, \
+     not_before = excluded.not_before, queued_at = excluded.queued_at, \
      started_at = excluded.started_at, ended_at = excluded.ended_at, error = excluded.error";
 
-const UPSERT_ATTEMPT: &str = "INSERT INTO workflow_attempts (run_id, task, map_index, attempt, \
-     holder, pid, pid_start, state, exit_code, error, stderr_tail, started_at, ended_at) \
-     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) \
-     ON CONFLICT (run_id, task, map_index, attempt) DO UPDATE SET holder = excluded.holder, \
-     pid = excluded.pid, pid_start = excluded.pid_start, state = excluded.state, \
+const INSERT_ATTEMPTS: &str = "INSERT INTO workflow_attempts (run_id, task, map_index, attempt, \
+     holder, pid, state, exit_code, error, stderr_tail, started_at, ended_at) ";
+const ON_ATTEMPT_CONFLICT: &str = " ON CONFLICT (run_id, task, map_index, attempt) DO UPDATE SET \
+     holder = excluded.holder, pid = excluded.pid, state = excluded.state, \
      exit_code = excluded.exit_code, error = excluded.error, \
      stderr_tail = excluded.stderr_tail, ended_at = excluded.ended_at";
+
+/// The last row of each key, in the order of their last appearance: one
+/// statement may not touch a row twice (PostgreSQL refuses it), and the
+/// last write of a batch is the one that counts.
+fn last_per_key<'a, T, K: Eq + std::hash::Hash>(
+    rows: &'a [T],
+    key: impl Fn(&T) -> K,
+) -> Vec<&'a T> {
+    let mut last = std::collections::HashMap::new();
+    for (i, row) in rows.iter().enumerate() {
+        last.insert(key(row), i);
+    }
+    rows.iter()
+        .enumerate()
+        .filter(|(i, row)| last.get(&key(row)) == Some(i))
+        .map(|(_, row)| row)
+        .collect()
+}
+
+/// Upserts task rows in as few statements as the bind limit allows.
+macro_rules! upsert_tasks {
+    ($tx:expr, $rows:expr) => {
+        let rows = last_per_key($rows, |t: &TaskRow| (t.run_id, t.task.clone(), t.map_index));
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::new(INSERT_TASKS);
+            q.push_values(chunk, |mut b, t| {
+                b.push_bind(t.run_id)
+                    .push_bind(&t.task)
+                    .push_bind(t.map_index)
+                    .push_bind(&t.state)
+                    .push_bind(i64::from(t.attempts))
+                    .push_bind(i64::from(t.failures))
+                    .push_bind(&t.item)
+                    .push_bind(&t.outputs)
+                    .push_bind(&t.items)
+                    .push_bind(opt_db(t.not_before))
+                    .push_bind(opt_db(t.queued_at))
+                    .push_bind(opt_db(t.started_at))
+                    .push_bind(opt_db(t.ended_at))
+                    .push_bind(&t.error);
+            });
+            q.push(ON_TASK_CONFLICT);
+            q.build().execute(&mut *$tx).await?;
+        }
+    };
+}
+
+/// Upserts attempt rows likewise.
+macro_rules! upsert_attempts {
+    ($tx:expr, $rows:expr) => {
+        let rows = last_per_key($rows, |a: &AttemptRow| {
+            (a.run_id, a.task.clone(), a.map_index, a.attempt)
+        });
+        for chunk in rows.chunks(ROWS_PER_STATEMENT) {
+            let mut q = sqlx::QueryBuilder::new(INSERT_ATTEMPTS);
+            q.push_values(chunk, |mut b, a| {
+                b.push_bind(a.run_id)
+                    .push_bind(&a.task)
+                    .push_bind(a.map_index)
+                    .push_bind(i64::from(a.attempt))
+                    .push_bind(&a.holder)
+                    .push_bind(a.pid)
+                    .push_bind(&a.state)
+                    .push_bind(a.exit_code.map(i64::from))
+                    .push_bind(&a.error)
+                    .push_bind(&a.stderr_tail)
+                    .push_bind(clock::to_db(a.started_at))
+                    .push_bind(opt_db(a.ended_at));
+            });
+            q.push(ON_ATTEMPT_CONFLICT);
+            q.build().execute(&mut *$tx).await?;
+        }
+    };
+}
 
 const UPDATE_RUN: &str = "UPDATE workflow_runs SET state = $2, started_at = $3, ended_at = $4, \
      error = $5 WHERE id = $1";
@@ -390,65 +465,29 @@ impl Store {
         attempts: &[AttemptRow],
         runs: &[RunChange],
     ) -> Result<bool> {
-        let fence = match self.backend() {
-            "postgres" => "SELECT holder FROM leases WHERE name = $1 FOR UPDATE",
-            _ => "SELECT holder FROM leases WHERE name = $1",
-        };
+        // One statement checks the fence and locks it until the commit: the
+        // lease row is written (to itself) only if `holder` holds it, which
+        // takes SQLite's write lock, or PostgreSQL's row lock that a
+        // takeover would have to wait for.
+        const FENCE: &str = "UPDATE leases SET holder = holder WHERE name = $1 AND holder = $2";
         with_pool!(self, |pool| {
             async {
-                // SQLite: take the write lock first, so the fence check and
-                // the writes see one state.
                 let mut tx = pool.begin().await?;
-                if self.backend() == "sqlite" {
-                    sqlx::query("UPDATE leases SET holder = holder WHERE name = $1")
-                        .bind(lease)
-                        .execute(&mut *tx)
-                        .await?;
-                }
-                let current: Option<String> = sqlx::query_scalar(fence)
+                let fenced = sqlx::query(FENCE)
                     .bind(lease)
-                    .fetch_optional(&mut *tx)
-                    .await?;
-                if current.as_deref() != Some(holder) {
+                    .bind(holder)
+                    .execute(&mut *tx)
+                    .await?
+                    .rows_affected();
+                if fenced == 0 {
                     tx.rollback().await?;
                     return Ok(false);
                 }
-                for t in tasks {
-                    sqlx::query(UPSERT_TASK)
-                        .bind(t.run_id)
-                        .bind(&t.task)
-                        .bind(t.map_index)
-                        .bind(&t.state)
-                        .bind(i64::from(t.attempts))
-                        .bind(&t.item)
-                        .bind(&t.outputs)
-                        .bind(&t.items)
-                        .bind(opt_db(t.not_before))
-                        .bind(opt_db(t.queued_at))
-                        .bind(opt_db(t.started_at))
-                        .bind(opt_db(t.ended_at))
-                        .bind(&t.error)
-                        .bind(i64::from(t.failures))
-                        .execute(&mut *tx)
-                        .await?;
+                if !tasks.is_empty() {
+                    upsert_tasks!(tx, tasks);
                 }
-                for a in attempts {
-                    sqlx::query(UPSERT_ATTEMPT)
-                        .bind(a.run_id)
-                        .bind(&a.task)
-                        .bind(a.map_index)
-                        .bind(i64::from(a.attempt))
-                        .bind(&a.holder)
-                        .bind(a.pid)
-                        .bind(a.pid_start)
-                        .bind(&a.state)
-                        .bind(a.exit_code.map(i64::from))
-                        .bind(&a.error)
-                        .bind(&a.stderr_tail)
-                        .bind(clock::to_db(a.started_at))
-                        .bind(opt_db(a.ended_at))
-                        .execute(&mut *tx)
-                        .await?;
+                if !attempts.is_empty() {
+                    upsert_attempts!(tx, attempts);
                 }
                 for r in runs {
                     sqlx::query(UPDATE_RUN)
@@ -513,24 +552,8 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 }
-                for t in tasks {
-                    sqlx::query(UPSERT_TASK)
-                        .bind(t.run_id)
-                        .bind(&t.task)
-                        .bind(t.map_index)
-                        .bind(&t.state)
-                        .bind(i64::from(t.attempts))
-                        .bind(&t.item)
-                        .bind(&t.outputs)
-                        .bind(&t.items)
-                        .bind(opt_db(t.not_before))
-                        .bind(opt_db(t.queued_at))
-                        .bind(opt_db(t.started_at))
-                        .bind(opt_db(t.ended_at))
-                        .bind(&t.error)
-                        .bind(i64::from(t.failures))
-                        .execute(&mut *tx)
-                        .await?;
+                if !tasks.is_empty() {
+                    upsert_tasks!(tx, tasks);
                 }
                 tx.commit().await?;
                 Ok::<_, sqlx::Error>(true)

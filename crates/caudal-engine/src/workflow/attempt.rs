@@ -122,11 +122,7 @@ pub(crate) enum Ending {
 /// What the executor learns from an attempt.
 #[derive(Debug)]
 pub(crate) enum Event {
-    Started {
-        id: AttemptId,
-        pid: u32,
-        pid_start: Option<i64>,
-    },
+    Started { id: AttemptId, pid: u32 },
     Done(Done),
 }
 
@@ -309,7 +305,6 @@ async fn run_command(
     let _ = events.send(Event::Started {
         id: spec.id.clone(),
         pid,
-        pid_start: process_start(pid),
     });
     let group = Pid::from_raw(i32::try_from(pid).unwrap_or(0));
     let status = tokio::select! {
@@ -676,14 +671,6 @@ fn tail(path: &Path) -> Option<String> {
     let mut bytes = Vec::new();
     file.read_to_end(&mut bytes).ok()?;
     Some(String::from_utf8_lossy(&bytes).into_owned())
-}
-
-/// A process's start time in clock ticks since boot (`/proc/PID/stat`
-/// field 22), which tells a process from a later one with the same pid.
-pub(crate) fn process_start(pid: u32) -> Option<i64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after_name = stat.rsplit_once(')')?.1;
-    after_name.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// Kills every process on this machine whose `CAUDAL_EXECUTOR` names an

@@ -1370,7 +1370,6 @@ impl Executor {
             attempt,
             holder: self.holder.clone(),
             pid: None,
-            pid_start: None,
             state: AttemptState::Running.as_str().to_string(),
             exit_code: None,
             error: None,
@@ -1474,11 +1473,11 @@ impl Executor {
 
     fn on_event(&mut self, event: Event) {
         match event {
-            Event::Started { id, pid, pid_start } => {
+            // Kept with the attempt's final row (one write less per
+            // attempt); processes are found by their environment anyway.
+            Event::Started { id, pid } => {
                 if let Some(row) = self.running.get_mut(&id) {
                     row.pid = Some(i64::from(pid));
-                    row.pid_start = pid_start;
-                    self.pending.attempts.insert(id, row.clone());
                 }
             }
             Event::Done(done) => self.on_done(done),

@@ -49,8 +49,7 @@ CREATE TABLE workflow_attempts (
     map_index   BIGINT NOT NULL,
     attempt     BIGINT NOT NULL,
     holder      TEXT    NOT NULL, -- the executor that ran it
-    pid         BIGINT,          -- its process (group leader), if a command
-    pid_start   BIGINT,          -- that process's start time (kernel ticks)
+    pid         BIGINT,          -- its process (group leader), once it ended
     state       TEXT    NOT NULL,
     exit_code   BIGINT,
     error       TEXT,

@@ -49,8 +49,7 @@ CREATE TABLE workflow_attempts (
     map_index   INTEGER NOT NULL,
     attempt     INTEGER NOT NULL,
     holder      TEXT    NOT NULL, -- the executor that ran it
-    pid         INTEGER,          -- its process (group leader), if a command
-    pid_start   INTEGER,          -- that process's start time (kernel ticks)
+    pid         INTEGER,          -- its process (group leader), once it ended
     state       TEXT    NOT NULL,
     exit_code   INTEGER,
     error       TEXT,
