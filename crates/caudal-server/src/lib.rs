@@ -63,7 +63,7 @@ pub enum Kind {
 /// `caudal_buffer_blocked` (disk_full). Workflow metrics
 /// (`caudal_workflow_*`, recorded by the workflow executor) have
 /// `workflow`, and `task`, `state`, `outcome` or `pool` as their help says.
-pub const METRICS: [(&str, Kind, &str); 24] = [
+pub const METRICS: [(&str, Kind, &str); 25] = [
     (
         "caudal_records_read_total",
         Kind::Counter,
@@ -178,6 +178,11 @@ pub const METRICS: [(&str, Kind, &str); 24] = [
         "caudal_workflow_task_queued_seconds",
         Kind::Histogram,
         "How long ready tasks waited for a pool slot, by workflow and pool.",
+    ),
+    (
+        "caudal_workflow_tasks",
+        Kind::Gauge,
+        "Task instances of the runs the executor holds, by workflow and state.",
     ),
     (
         "caudal_workflow_pool_slots_used",

@@ -342,6 +342,7 @@ async fn workflow_runs_through_the_api() {
         .text()
         .await
         .unwrap_or_default();
+    assert!(metrics.contains("caudal_workflow_tasks{"), "no tasks gauge");
     assert!(metrics.contains("caudal_workflow_runs_total{"), "{metrics}");
     assert!(
         metrics.contains("# HELP caudal_workflow_runs_total"),

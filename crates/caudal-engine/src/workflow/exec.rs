@@ -786,10 +786,12 @@ impl Executor {
             run.children.entry(key.0.clone()).or_default().push(key.1);
         }
         run.count_child(&key, None, instance.state);
-        if let Some(old) = run.instances.insert(key.clone(), instance)
-            && !old.state.is_finished()
-        {
-            run.unfinished -= 1;
+        tasks_gauge(&run.row.workflow, instance.state, 1.0);
+        if let Some(old) = run.instances.insert(key.clone(), instance) {
+            tasks_gauge(&run.row.workflow, old.state, -1.0);
+            if !old.state.is_finished() {
+                run.unfinished -= 1;
+            }
         }
         self.pending.tasks.insert((run_id, key));
     }
@@ -815,6 +817,8 @@ impl Executor {
                     instance.ended_at = Some(Timestamp::now());
                 }
                 run.count_child(key, Some(from), next);
+                tasks_gauge(&run.row.workflow, from, -1.0);
+                tasks_gauge(&run.row.workflow, next, 1.0);
                 metrics::counter!("caudal_workflow_task_transitions_total", "workflow" => run.row.workflow.clone(), "state" => next.as_str()).increment(1);
                 self.pending.tasks.insert((run_id, key.clone()));
                 true
@@ -1760,6 +1764,11 @@ impl Executor {
             .map(|(id, _)| *id)
             .collect();
         for id in ended {
+            if let Some(run) = self.runs.get(&id) {
+                for i in run.instances.values() {
+                    tasks_gauge(&run.row.workflow, i.state, -1.0);
+                }
+            }
             self.runs.remove(&id);
             self.timers.retain(|t| t.1 != id);
             self.contexts.retain(|k, _| k.0 != id);
@@ -1913,6 +1922,12 @@ fn slots_to_run(due: &[Timestamp], now: Timestamp, catchup: Catchup) -> Vec<Time
         Catchup::Last => due.last().copied().into_iter().collect(),
         Catchup::None => due.last().filter(on_time).copied().into_iter().collect(),
     }
+}
+
+/// Moves the `caudal_workflow_tasks` gauge of `state` by `delta`.
+fn tasks_gauge(workflow: &str, state: TaskState, delta: f64) {
+    metrics::gauge!("caudal_workflow_tasks", "workflow" => workflow.to_string(), "state" => state.as_str())
+        .increment(delta);
 }
 
 fn display_pool(pool: &str) -> String {
