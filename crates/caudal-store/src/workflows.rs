@@ -254,10 +254,7 @@ const ON_ATTEMPT_CONFLICT: &str = " ON CONFLICT (run_id, task, map_index, attemp
 /// The last row of each key, in the order of their last appearance: one
 /// statement may not touch a row twice (PostgreSQL refuses it), and the
 /// last write of a batch is the one that counts.
-fn last_per_key<'a, T, K: Eq + std::hash::Hash>(
-    rows: &'a [T],
-    key: impl Fn(&T) -> K,
-) -> Vec<&'a T> {
+fn last_per_key<T, K: Eq + std::hash::Hash>(rows: &[T], key: impl Fn(&T) -> K) -> Vec<&T> {
     let mut last = std::collections::HashMap::new();
     for (i, row) in rows.iter().enumerate() {
         last.insert(key(row), i);

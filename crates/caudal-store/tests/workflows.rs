@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use caudal_store::{AttemptRow, NewWorkflowRun, RunChange, RunFilter, Store, TaskRow};
 use jiff::Timestamp;
-use support::Ctx;
+use support::{Backend, Ctx};
 
 backend_tests!(
     a_run_gets_a_batch_id_and_a_directory,
@@ -89,6 +89,11 @@ fn ended(id: i64, state: &str, at: Timestamp) -> RunChange {
 
 async fn a_run_gets_a_batch_id_and_a_directory(ctx: Ctx) {
     let store = ctx.open().await;
+    let backend = match ctx.backend {
+        Backend::Sqlite => "sqlite",
+        Backend::Postgres => "postgres",
+    };
+    assert_eq!(store.backend(), backend, "the workflow tables live in {backend}");
     let logical: Timestamp = "2026-01-02T12:00:00Z".parse().expect("a time");
     let id = new_run(&store, "seed004", Some(logical)).await;
     let run = store

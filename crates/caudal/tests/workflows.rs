@@ -8,6 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
+mod support;
+
 use caudal_testkit::{Receiver, TestDb, pg_database};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -158,6 +160,13 @@ impl Flow {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }
+}
+
+/// SIGTERM to a `caudal run`, and waits for it to exit.
+async fn stop(daemon: &mut tokio::process::Child) {
+    let pid = Pid::from_raw(daemon.id().expect("a running daemon") as i32);
+    kill(pid, Signal::SIGTERM).expect("SIGTERM");
+    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
 }
 
 fn instance_name(t: &Value) -> String {
@@ -493,9 +502,7 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
     }
     let mut daemon = flow.daemon();
     let state = flow.wait_ended(1).await;
-    let pid = Pid::from_raw(daemon.id().expect("pid") as i32);
-    kill(pid, Signal::SIGTERM).expect("SIGTERM");
-    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    stop(&mut daemon).await;
     assert_eq!(
         state,
         "succeeded",
@@ -1113,12 +1120,7 @@ run = ["sleep", "2.5"]
     }
     // Let `often` be due while its run is still going.
     tokio::time::sleep(Duration::from_secs(6)).await;
-    kill(
-        Pid::from_raw(daemon.id().expect("pid") as i32),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    stop(&mut daemon).await;
     let ran = std::fs::read_to_string(&ledger).expect("ledger");
     assert_eq!(
         ran, "2026-01-01 backfill\n2026-01-02 backfill\n2026-01-03 backfill\n",
@@ -1165,12 +1167,7 @@ run = ["true"]
     );
     let mut daemon = flow.daemon();
     assert_eq!(flow.wait_ended(1).await, "succeeded");
-    kill(
-        Pid::from_raw(daemon.id().expect("pid") as i32),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    stop(&mut daemon).await;
     let before: Vec<Value> = flow
         .json_lines(&[
             "workflow",
@@ -1191,12 +1188,7 @@ run = ["true"]
     let restart = jiff::Timestamp::now();
     let mut daemon = flow.daemon();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    kill(
-        Pid::from_raw(daemon.id().expect("pid") as i32),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    stop(&mut daemon).await;
     let after: Vec<Value> = flow
         .json_lines(&[
             "workflow",
@@ -1267,15 +1259,96 @@ run = ["sh", "-c", "echo kept > \"$CAUDAL_RUN_DIR/file\""]
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    kill(
-        Pid::from_raw(daemon.id().expect("pid") as i32),
-        Signal::SIGTERM,
-    )
-    .expect("SIGTERM");
-    let _ = tokio::time::timeout(PATIENCE, daemon.wait()).await;
+    stop(&mut daemon).await;
     assert!(!dir.exists(), "its directory was removed");
     let (code, _, err) = flow.caudal(&["workflow", "status", "1"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("no workflow run 1"), "{err}");
     flow.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_pool_rate_spaces_starts_and_a_deadline_bounds_all_attempts() {
+    let flow = Flow::sqlite();
+    flow.write(
+        r#"
+[pools.site]
+slots = 10
+rate = "2/sec"
+
+[workflows.polite.tasks.list]
+type = "command"
+run = ["sh", "-c", "seq 1 6 > \"$CAUDAL_ITEMS\""]
+
+[workflows.polite.tasks.fetch]
+type = "command"
+depends_on = ["list"]
+for_each = "{{ tasks.list.items }}"
+pool = "site"
+run = ["true"]
+
+[workflows.polite.tasks.stubborn]
+type = "command"
+run = ["sh", "-c", "sleep 1; exit 1"]
+deadline = "1500ms"
+retry = { strategy = "fixed", initial = "100ms", jitter = 0, max_attempts = 10 }
+"#,
+    );
+    let (code, _, err) = flow.caudal(&["workflow", "run", "polite", "--wait"]).await;
+    assert_eq!(code, 1, "stubborn fails: {err}");
+    let attempts = flow.attempts(1).await;
+    let mut starts: Vec<jiff::Timestamp> = attempts
+        .iter()
+        .filter(|a| a["task"] == "fetch")
+        .map(|a| ts(&a["started_at"]))
+        .collect();
+    starts.sort();
+    assert_eq!(starts.len(), 6);
+    // At most 2 starts in any second: the third after the first is a
+    // second later or more.
+    for w in starts.windows(3) {
+        let gap = w[2].duration_since(w[0]);
+        assert!(
+            gap >= jiff::SignedDuration::from_millis(990),
+            "3 starts within {gap}"
+        );
+    }
+    let stubborn: Vec<&Value> = attempts
+        .iter()
+        .filter(|a| a["task"] == "stubborn")
+        .collect();
+    assert_eq!(
+        stubborn.len(),
+        2,
+        "a second attempt, cut at the deadline: {stubborn:?}"
+    );
+    assert_eq!(stubborn[1]["state"], "timed_out");
+    let why = stubborn[1]["error"].as_str().unwrap_or_default();
+    assert!(why.contains("deadline"), "{why}");
+    let tasks = flow.tasks(1).await;
+    assert_eq!(state(&tasks, "stubborn"), "failed");
+    assert_eq!(state(&tasks, "fetch"), "succeeded");
+    flow.cleanup().await;
+}
+
+#[tokio::test]
+async fn a_pipeline_task_runs_the_pipeline_once_and_returns_its_counts() {
+    let world = support::World::sqlite().await;
+    world.insert(1..=25, 1).await;
+    let config = format!(
+        "{}\n[workflows.sync.tasks.load]\ntype = \"pipeline\"\npipeline = \"{}\"\n\n\
+         [workflows.sync.tasks.after]\ntype = \"command\"\ndepends_on = [\"load\"]\n\
+         run = [\"sh\", \"-c\", \"test $1 = 25\", \"sh\", \"{{{{ tasks.load.outputs.rows_read }}}}\"]\n",
+        world.config_toml(),
+        support::PIPELINE
+    );
+    let path = world.dir.path().join("with-workflow.toml");
+    std::fs::write(&path, config).expect("write the configuration");
+    let out = world
+        .caudal_with(&path, &["workflow", "run", "sync", "--wait"])
+        .await;
+    assert_eq!(out.code, Some(0), "{}", out.stderr);
+    world.wait_for_delivered(25).await;
+    assert_eq!(world.delivery_counts().len(), 25, "every row delivered");
+    world.cleanup().await;
 }

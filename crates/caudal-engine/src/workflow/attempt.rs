@@ -119,18 +119,14 @@ pub(crate) enum Ending {
     Interrupted,
 }
 
-/// What the executor learns from an attempt.
-#[derive(Debug)]
-pub(crate) enum Event {
-    Started { id: AttemptId, pid: u32 },
-    Done(Done),
-}
-
+/// What the executor learns from an attempt when it ends.
 #[derive(Debug)]
 pub(crate) struct Done {
     pub id: AttemptId,
     pub ending: Ending,
     pub exit_code: Option<i32>,
+    /// The command's process (group leader).
+    pub pid: Option<u32>,
     pub error: Option<String>,
     pub stderr_tail: Option<String>,
     pub outputs: Map<String, Value>,
@@ -154,11 +150,11 @@ pub(crate) async fn run(
     shared: Shared,
     stop: CancellationToken,
     shutdown: CancellationToken,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Done>,
 ) {
     let started = Instant::now();
     let mut done = match &spec.work {
-        Work::Command { .. } => run_command(&spec, &shared, &stop, &shutdown, &events).await,
+        Work::Command { .. } => run_command(&spec, &shared, &stop, &shutdown).await,
         Work::Http { .. } => run_http(&spec, &shared, &stop, &shutdown).await,
         Work::Pipeline { name } => run_pipeline(&spec, name, &shared, &stop, &shutdown).await,
     };
@@ -169,7 +165,7 @@ pub(crate) async fn run(
         done.error = Some(why);
     }
     done.elapsed = started.elapsed();
-    let _ = events.send(Event::Done(done));
+    let _ = events.send(done);
 }
 
 fn done(spec: &Spec, ending: Ending, error: Option<String>) -> Done {
@@ -177,6 +173,7 @@ fn done(spec: &Spec, ending: Ending, error: Option<String>) -> Done {
         id: spec.id.clone(),
         ending,
         exit_code: None,
+        pid: None,
         error,
         stderr_tail: None,
         outputs: Map::new(),
@@ -221,7 +218,6 @@ async fn run_command(
     shared: &Shared,
     stop: &CancellationToken,
     shutdown: &CancellationToken,
-    events: &mpsc::UnboundedSender<Event>,
 ) -> Done {
     let Work::Command {
         program,
@@ -233,18 +229,6 @@ async fn run_command(
     else {
         return done(spec, Ending::Failed, Some("not a command".into()));
     };
-    if let Some(dir) = spec.files.stdout.parent()
-        && let Err(e) = tokio::fs::create_dir_all(dir).await
-    {
-        return done(
-            spec,
-            Ending::Failed,
-            Some(format!(
-                "cannot create the log directory {}: {e}",
-                dir.display()
-            )),
-        );
-    }
     // A program given with a directory is found from the task's cwd.
     let program_path = if program.contains('/') && Path::new(program).is_relative() {
         cwd.join(program)
@@ -302,10 +286,6 @@ async fn run_command(
             .map(|err| tokio::spawn(capture(err, spec.files.stderr.clone()))),
     ];
     let pid = child.id().unwrap_or(0);
-    let _ = events.send(Event::Started {
-        id: spec.id.clone(),
-        pid,
-    });
     let group = Pid::from_raw(i32::try_from(pid).unwrap_or(0));
     let status = tokio::select! {
         status = child.wait() => Ok(status),
@@ -366,6 +346,7 @@ async fn run_command(
     }
     Done {
         exit_code,
+        pid: Some(pid),
         error,
         stderr_tail: (ending != Ending::Succeeded)
             .then(|| tail(&spec.files.stderr))
@@ -389,7 +370,14 @@ async fn capture(
         }
         let out = match &mut file {
             Some(f) => f,
-            None => file.insert(tokio::fs::File::create(&path).await?),
+            None => {
+                // The run's `logs` directory exists from its start; one
+                // removed since is made again.
+                if let Some(dir) = path.parent() {
+                    tokio::fs::create_dir_all(dir).await?;
+                }
+                file.insert(tokio::fs::File::create(&path).await?)
+            }
         };
         out.write_all(&buf[..n]).await?;
     }
@@ -582,6 +570,11 @@ async fn collect(spec: &Spec, done: &mut Done) -> Result<(), String> {
 }
 
 async fn read_optional(path: &Path) -> Result<Option<String>, String> {
+    // Most attempts write no such file: one stat, without a trip to the
+    // blocking pool.
+    if std::fs::symlink_metadata(path).is_err_and(|e| e.kind() == std::io::ErrorKind::NotFound) {
+        return Ok(None);
+    }
     match tokio::fs::read(path).await {
         Ok(bytes) => String::from_utf8(bytes)
             .map(Some)

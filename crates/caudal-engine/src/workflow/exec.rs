@@ -30,7 +30,7 @@ use serde_json::{Map, Value};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use super::attempt::{self, AttemptId, Done, Ending, Event, Files, Shared, Spec, Work};
+use super::attempt::{self, AttemptId, Done, Ending, Files, Shared, Spec, Work};
 use super::render::{self, Context, Prepared};
 use super::{EXECUTOR_LEASE, parse_json_object};
 use crate::lease::{Lease, holder_id};
@@ -272,7 +272,7 @@ fn start_writer(
     holder: String,
     shared: Shared,
     interrupt: CancellationToken,
-    events: mpsc::UnboundedSender<Event>,
+    events: mpsc::UnboundedSender<Done>,
     failed: CancellationToken,
     error: Arc<std::sync::Mutex<Option<Error>>>,
 ) -> mpsc::UnboundedSender<Batch> {
@@ -484,7 +484,7 @@ pub async fn execute(
     ex.interrupt.cancel();
     while !ex.running.is_empty() {
         match tokio::time::timeout(attempt::KILL_GRACE * 3, events.recv()).await {
-            Ok(Some(event)) => ex.on_event(event),
+            Ok(Some(done)) => ex.on_done(done),
             _ => break,
         }
     }
@@ -505,7 +505,7 @@ pub async fn execute(
 impl Executor {
     async fn main_loop(
         &mut self,
-        events: &mut mpsc::UnboundedReceiver<Event>,
+        events: &mut mpsc::UnboundedReceiver<Done>,
         shutdown: &CancellationToken,
         lost: &CancellationToken,
     ) -> Result<()> {
@@ -528,9 +528,9 @@ impl Executor {
                 }
                 event = events.recv() => {
                     if let Some(event) = event {
-                        self.on_event(event);
+                        self.on_done(event);
                         while let Ok(event) = events.try_recv() {
-                            self.on_event(event);
+                            self.on_done(event);
                         }
                     }
                 }
@@ -699,7 +699,9 @@ impl Executor {
             row,
         };
         model.row.started_at.get_or_insert(now);
-        if let Err(e) = std::fs::create_dir_all(model.dir()) {
+        // The run's directory, and its `logs` where every attempt's files
+        // go (`$CAUDAL_OUTPUT` among them).
+        if let Err(e) = std::fs::create_dir_all(model.dir().join("logs")) {
             tracing::warn!(run = id, dir = %model.row.dir, error = %e, "cannot create the run directory");
         }
         self.runs.insert(id, model);
@@ -1475,19 +1477,6 @@ impl Executor {
         }
     }
 
-    fn on_event(&mut self, event: Event) {
-        match event {
-            // Kept with the attempt's final row (one write less per
-            // attempt); processes are found by their environment anyway.
-            Event::Started { id, pid } => {
-                if let Some(row) = self.running.get_mut(&id) {
-                    row.pid = Some(i64::from(pid));
-                }
-            }
-            Event::Done(done) => self.on_done(done),
-        }
-    }
-
     fn on_done(&mut self, done: Done) {
         let now = Timestamp::now();
         let id = done.id.clone();
@@ -1516,6 +1505,7 @@ impl Executor {
         metrics::counter!("caudal_workflow_attempts_total", "workflow" => workflow.clone(), "task" => key.0.clone(), "outcome" => state.as_str()).increment(1);
         metrics::histogram!("caudal_workflow_attempt_duration_seconds", "workflow" => workflow, "task" => key.0.clone()).record(done.elapsed.as_secs_f64());
         row.state = state.as_str().to_string();
+        row.pid = done.pid.map(i64::from);
         row.exit_code = done.exit_code;
         row.error = done.error.clone();
         row.stderr_tail = done.stderr_tail.clone();
@@ -1544,7 +1534,7 @@ impl Executor {
                 }
                 self.set_state(run_id, &key, TaskState::Succeeded);
             }
-            Ending::Skipped => {
+            Ending::Skipped | Ending::Cancelled => {
                 if let Some(i) = self
                     .runs
                     .get_mut(&run_id)
@@ -1552,17 +1542,12 @@ impl Executor {
                 {
                     i.error = done.error;
                 }
-                self.set_state(run_id, &key, TaskState::Skipped);
-            }
-            Ending::Cancelled => {
-                if let Some(i) = self
-                    .runs
-                    .get_mut(&run_id)
-                    .and_then(|r| r.instances.get_mut(&key))
-                {
-                    i.error = done.error;
-                }
-                self.set_state(run_id, &key, TaskState::Cancelled);
+                let next = if done.ending == Ending::Skipped {
+                    TaskState::Skipped
+                } else {
+                    TaskState::Cancelled
+                };
+                self.set_state(run_id, &key, next);
             }
             Ending::Interrupted => {
                 self.set_state(run_id, &key, TaskState::Queued);
