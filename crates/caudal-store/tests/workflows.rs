@@ -93,7 +93,11 @@ async fn a_run_gets_a_batch_id_and_a_directory(ctx: Ctx) {
         Backend::Sqlite => "sqlite",
         Backend::Postgres => "postgres",
     };
-    assert_eq!(store.backend(), backend, "the workflow tables live in {backend}");
+    assert_eq!(
+        store.backend(),
+        backend,
+        "the workflow tables live in {backend}"
+    );
     let logical: Timestamp = "2026-01-02T12:00:00Z".parse().expect("a time");
     let id = new_run(&store, "seed004", Some(logical)).await;
     let run = store

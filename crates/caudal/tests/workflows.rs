@@ -1352,3 +1352,41 @@ async fn a_pipeline_task_runs_the_pipeline_once_and_returns_its_counts() {
     assert_eq!(world.delivery_counts().len(), 25, "every row delivered");
     world.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_queued_run_cancelled_while_it_waits_ends_at_once() {
+    let flow = Flow::sqlite();
+    flow.write(
+        r#"
+[workflows.one_at_a_time.tasks.sleeper]
+type = "command"
+run = ["sleep", "300"]
+"#,
+    );
+    for _ in 0..2 {
+        let (code, _, err) = flow.caudal(&["workflow", "run", "one_at_a_time"]).await;
+        assert_eq!(code, 0, "{err}");
+    }
+    let mut daemon = flow.daemon();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while flow.run_info(1).await["state"] != "running" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run 1 never started"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Run 2 waits for run 1 (overlap = "skip" runs them one at a time).
+    assert_eq!(flow.run_info(2).await["state"], "queued");
+    let (code, _, err) = flow.caudal(&["workflow", "cancel", "2"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flow.wait_ended(2).await, "cancelled");
+    assert_eq!(flow.run_info(1).await["state"], "running", "run 1 goes on");
+    let tasks = flow.tasks(2).await;
+    assert_eq!(state(&tasks, "sleeper"), "cancelled");
+    let (code, _, err) = flow.caudal(&["workflow", "cancel", "1"]).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(flow.wait_ended(1).await, "cancelled");
+    stop(&mut daemon).await;
+    flow.cleanup().await;
+}

@@ -634,7 +634,8 @@ impl Executor {
             .runs
             .values()
             .any(|r| r.row.workflow == row.workflow && r.state == RunState::Running);
-        if busy && overlap != Overlap::Allow {
+        // A run cancelled while it waited ends at once, whatever runs.
+        if busy && overlap != Overlap::Allow && !row.cancel_requested {
             return Ok(());
         }
         self.load_run(row).await
@@ -692,7 +693,7 @@ impl Executor {
             instances: BTreeMap::new(),
             children: HashMap::new(),
             unfinished: 0,
-            cancel: row.cancel_requested,
+            cancel: false,
             children_unfinished: HashMap::new(),
             children_active: HashMap::new(),
             children_scheduled: HashMap::new(),
@@ -772,7 +773,12 @@ impl Executor {
             tracing::info!(run = id, workflow = %self.runs[&id].row.workflow, "workflow run started");
         }
         self.pending.runs.insert(id);
-        self.check_tasks(id, names);
+        if self.runs[&id].row.cancel_requested {
+            // Cancelled before it started, or while its executor was down.
+            self.cancel_run(id);
+        } else {
+            self.check_tasks(id, names);
+        }
         Ok(())
     }
 
