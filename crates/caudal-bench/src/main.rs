@@ -261,9 +261,12 @@ fn main() -> anyhow::Result<()> {
             bail!("--baseline-caudal {}: no such file", baseline.display());
         }
         for name in names.iter().filter(|n| !BINARY_SCENARIOS.contains(n)) {
-            eprintln!(
-                "{name}: runs caudal's library in this process, so it measures no baseline build"
-            );
+            let why = if name.starts_with("workflow-") {
+                "measures workflows, which a baseline build may not have"
+            } else {
+                "runs caudal's library in this process"
+            };
+            eprintln!("{name}: {why}, so it measures no baseline build");
         }
     }
     // The PostgreSQL scenarios use fixed names (database `caudal_bench`, its

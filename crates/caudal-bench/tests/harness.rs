@@ -203,7 +203,11 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
             "buffer",
             "http_sink",
             "http_sink",
-            "footprint"
+            "footprint",
+            "workflow_dispatch",
+            "workflow_dispatch",
+            "workflow_chain",
+            "workflow_chain"
         ],
         "{stdout}"
     );
@@ -238,6 +242,11 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         ("footprint", "seed001_rss_over_caudal"),
         ("footprint", "seed001_anon_rss_over_caudal"),
         ("footprint", "seed001_ready_over_caudal"),
+        ("workflow_dispatch", "caudal_over_ceiling"),
+        ("workflow_dispatch", "ceiling_tasks_per_s"),
+        ("workflow_chain", "caudal_p50_ms"),
+        ("workflow_chain", "graphile_p50_ms"),
+        ("workflow_chain", "graphile_over_caudal_p50"),
     ] {
         get(scenario, figure);
     }
@@ -266,10 +275,14 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
     // transaction of 1,000.
     assert!(get("cdc_throughput", "server_decode_messages") >= 3000.0 + 2.0 * 3.0);
     // The baseline in every scenario that runs the binary, none in the
-    // others (they link caudal's library).
+    // others (they link caudal's library, or measure workflows, which a
+    // baseline build may lack).
     for r in &results {
         let scenario = r["scenario"].as_str().unwrap_or_default();
-        if matches!(scenario, "buffer" | "http_sink") {
+        if matches!(
+            scenario,
+            "buffer" | "http_sink" | "workflow_dispatch" | "workflow_chain"
+        ) {
             assert!(r.get("caudal_over_baseline").is_none(), "{r}");
             assert!(r.get("baseline_binary").is_none(), "{r}");
         } else {

@@ -1390,3 +1390,72 @@ run = ["sleep", "300"]
     stop(&mut daemon).await;
     flow.cleanup().await;
 }
+
+#[tokio::test]
+async fn overlap_queue_one_waits_in_line_and_allow_runs_side_by_side() {
+    let flow = Flow::sqlite();
+    flow.write(
+        r#"
+[workflows.in_line]
+schedule = { every = "1s" }
+overlap = "queue_one"
+
+[workflows.in_line.tasks.slow]
+type = "command"
+run = ["sleep", "2.5"]
+
+[workflows.side_by_side]
+schedule = { every = "1s" }
+overlap = "allow"
+
+[workflows.side_by_side.tasks.slow]
+type = "command"
+run = ["sleep", "2.5"]
+"#,
+    );
+    let mut daemon = flow.daemon();
+    tokio::time::sleep(Duration::from_secs(7)).await;
+    stop(&mut daemon).await;
+    let flow_ref = &flow;
+    let runs = |name: &'static str| async move {
+        let mut rows = flow_ref
+            .json_lines(&["workflow", "status", "--workflow", name, "--json"])
+            .await;
+        rows.sort_by_key(|r| r["id"].as_i64());
+        rows
+    };
+    let spans = |rows: &[Value]| -> Vec<(jiff::Timestamp, Option<jiff::Timestamp>)> {
+        rows.iter()
+            .filter(|r| r["started_at"].is_string())
+            .map(|r| {
+                (
+                    ts(&r["started_at"]),
+                    r["ended_at"].as_str().and_then(|t| t.parse().ok()),
+                )
+            })
+            .collect()
+    };
+    // queue_one: never side by side, but the next run was already queued
+    // while the one before ran (created before it ended).
+    let in_line = runs("in_line").await;
+    let s = spans(&in_line);
+    assert!(s.len() >= 2, "{in_line:?}");
+    for w in s.windows(2) {
+        assert!(
+            w[0].1.is_some_and(|end| end <= w[1].0),
+            "in_line runs overlapped"
+        );
+    }
+    let first_end = s[0].1.expect("run 1 ended");
+    assert!(
+        ts(&in_line[1]["created_at"]) < first_end,
+        "run 2 was not queued while run 1 ran"
+    );
+    // allow: some run started while the one before still ran.
+    let side = spans(&runs("side_by_side").await);
+    let overlapped = side
+        .windows(2)
+        .any(|w| w[0].1.is_none_or(|end| w[1].0 < end));
+    assert!(overlapped, "no side_by_side runs overlapped: {side:?}");
+    flow.cleanup().await;
+}

@@ -441,7 +441,7 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention",
+                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools",
                 "sources.a.cursor[1]: invalid type: integer `5`, expected a string",
                 "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite",
                 "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite",
