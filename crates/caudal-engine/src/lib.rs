@@ -3,7 +3,8 @@
 //! A [`Pipeline`] owns a source, a sink and a schedule; [`Pipeline::run_once`]
 //! is one run. [`daemon::run`] keeps every pipeline on its schedule until
 //! shutdown. Leases ([`lease`]) make sure a pipeline never runs twice at
-//! once, even across processes.
+//! once, even across processes. [`workflow`] runs workflows: dependent
+//! tasks, durable in the state store, executed by one process at a time.
 
 pub mod batch;
 pub mod buffered;

@@ -540,14 +540,18 @@ impl Store {
                     return Ok(false);
                 }
                 for (task, map_index) in deleted {
-                    sqlx::query(
-                        "DELETE FROM workflow_tasks WHERE run_id = $1 AND task = $2 AND map_index = $3",
-                    )
-                    .bind(id)
-                    .bind(task)
-                    .bind(map_index)
-                    .execute(&mut *tx)
-                    .await?;
+                    // Its attempts go with it: the instance made again
+                    // numbers its attempts from 1.
+                    for table in ["workflow_attempts", "workflow_tasks"] {
+                        sqlx::query(sqlx::AssertSqlSafe(format!(
+                            "DELETE FROM {table} WHERE run_id = $1 AND task = $2 AND map_index = $3"
+                        )))
+                        .bind(id)
+                        .bind(task)
+                        .bind(map_index)
+                        .execute(&mut *tx)
+                        .await?;
+                    }
                 }
                 if !tasks.is_empty() {
                     upsert_tasks!(tx, tasks);

@@ -168,6 +168,15 @@ pub(crate) async fn run(
     let _ = events.send(done);
 }
 
+/// An attempt that caudal stopped before it started.
+pub(crate) fn interrupted(spec: &Spec) -> Done {
+    done(
+        spec,
+        Ending::Interrupted,
+        Some(stopped_message(spec, Ending::Interrupted)),
+    )
+}
+
 fn done(spec: &Spec, ending: Ending, error: Option<String>) -> Done {
     Done {
         id: spec.id.clone(),

@@ -314,6 +314,10 @@ fn start_writer(
             }
             for b in batches {
                 for (spec, stop) in b.spawn {
+                    if interrupt.is_cancelled() {
+                        let _ = events.send(attempt::interrupted(&spec));
+                        continue;
+                    }
                     tokio::spawn(attempt::run(
                         spec,
                         shared.clone(),
@@ -352,8 +356,8 @@ struct Executor {
     timers: BTreeSet<(Timestamp, i64, String, i64)>,
     pending: Pending,
     seq: u64,
-    /// The row of every running attempt.
-    running: HashMap<AttemptId, AttemptRow>,
+    /// The row of every running attempt, with the pool whose slot it holds.
+    running: HashMap<AttemptId, (AttemptRow, String)>,
     interrupt: CancellationToken,
     /// Per scheduled workflow: the last slot considered.
     cursors: HashMap<String, Timestamp>,
@@ -364,6 +368,8 @@ struct Executor {
     writer: mpsc::UnboundedSender<Batch>,
     writer_failed: CancellationToken,
     writer_error: Arc<std::sync::Mutex<Option<Error>>>,
+    /// Runs that could not be loaded (see `unloadable`).
+    unloadable: HashSet<i64>,
     /// Each task's template context, per run (see `base_context`).
     contexts: HashMap<(i64, String), minijinja::Value>,
     /// Notifications being sent (awaited before the executor returns).
@@ -473,15 +479,17 @@ pub async fn execute(
         queued_in_store: HashMap::new(),
         notifications: Vec::new(),
         contexts: HashMap::new(),
+        unloadable: HashSet::new(),
     };
     let lost = lease.lost();
     let result = ex.main_loop(&mut events, &shutdown, &lost).await;
+    // Stop what runs: each attempt ends as interrupted and is queued again
+    // (attempts the writer has not started yet are not started).
+    ex.interrupt.cancel();
     let result = match ex.sync().await {
         Err(e) if result.is_ok() => Err(e),
         _ => result,
     };
-    // Stop what runs: each attempt ends as interrupted and is queued again.
-    ex.interrupt.cancel();
     while !ex.running.is_empty() {
         match tokio::time::timeout(attempt::KILL_GRACE * 3, events.recv()).await {
             Ok(Some(done)) => ex.on_done(done),
@@ -582,6 +590,9 @@ impl Executor {
             {
                 continue;
             }
+            if self.unloadable.contains(&row.id) {
+                continue;
+            }
             if let Some(run) = self.runs.get(&row.id) {
                 if row.cancel_requested && !run.cancel {
                     self.cancel_run(row.id);
@@ -589,7 +600,11 @@ impl Executor {
                 continue;
             }
             match RunState::parse(&row.state) {
-                Ok(RunState::Running) => self.load_run(row).await?,
+                Ok(RunState::Running) => {
+                    let id = row.id;
+                    let loaded = self.load_run(row).await;
+                    self.unloadable(id, loaded);
+                }
                 Ok(RunState::Queued) => {
                     *self
                         .queued_in_store
@@ -601,7 +616,9 @@ impl Executor {
             }
         }
         for row in queued {
-            self.adopt(row).await?;
+            let id = row.id;
+            let adopted = self.adopt(row).await;
+            self.unloadable(id, adopted);
         }
         if let Some(only) = self.options.only_run
             && !first
@@ -618,6 +635,19 @@ impl Executor {
             self.schedule_runs().await;
         }
         Ok(())
+    }
+
+    /// A run that could not be loaded (a row the store cannot give back, a
+    /// read that failed) is set aside and logged once: the other runs go on,
+    /// and the next start tries it again.
+    fn unloadable(&mut self, id: i64, loaded: Result<()>) {
+        if let Err(e) = loaded {
+            self.runs.remove(&id);
+            self.contexts.retain(|k, _| k.0 != id);
+            if self.unloadable.insert(id) {
+                tracing::error!(run = id, error = %e.report(), "cannot load the workflow run; it is left as it is until the next start");
+            }
+        }
     }
 
     /// Takes a queued run: it starts unless its workflow allows no overlap
@@ -639,6 +669,32 @@ impl Executor {
             return Ok(());
         }
         self.load_run(row).await
+    }
+
+    /// Writes a removed workflow's running run's unfinished tasks as
+    /// cancelled and its running attempts as lost (kill_orphans stopped
+    /// their processes).
+    async fn end_rows_of_unknown(&mut self, row: &WorkflowRunRow) -> Result<()> {
+        let now = Timestamp::now();
+        let mut tasks = self.store.workflow_tasks(row.id).await?;
+        tasks.retain(|t| TaskState::parse(&t.state).is_ok_and(|s| !s.is_finished()));
+        for t in &mut tasks {
+            t.state = TaskState::Cancelled.as_str().to_string();
+            t.ended_at = Some(now);
+            t.error = Some("its workflow is not in the configuration any more".into());
+        }
+        let mut attempts = self.store.workflow_attempts(row.id).await?;
+        attempts.retain(|a| a.state == AttemptState::Running.as_str());
+        for a in &mut attempts {
+            a.state = AttemptState::Lost.as_str().to_string();
+            a.ended_at = Some(now);
+        }
+        let _ = self.writer.send(Batch {
+            tasks,
+            attempts,
+            ..Batch::default()
+        });
+        Ok(())
     }
 
     fn fail_unknown(&mut self, row: WorkflowRunRow) {
@@ -672,6 +728,11 @@ impl Executor {
     /// stopped (its running attempts are lost: counted as failed).
     async fn load_run(&mut self, row: WorkflowRunRow) -> Result<()> {
         let Some(workflow) = self.config.workflows.get(&row.workflow).cloned() else {
+            if row.state == RunState::Running.as_str() {
+                // What it left running ends with it: tasks cancelled,
+                // attempts lost.
+                self.end_rows_of_unknown(&row).await?;
+            }
             self.fail_unknown(row);
             return Ok(());
         };
@@ -718,7 +779,18 @@ impl Executor {
                 .or_insert_with(|| Instance::new(TaskState::Pending).row(id, &(name.clone(), -1)));
         }
         for (key, row) in rows {
-            let instance = Instance::from_row(&row)?;
+            let mut instance = Instance::from_row(&row)?;
+            // A task removed from the configuration (or no longer a
+            // fan-out) since the row was written cannot run: it ends
+            // cancelled instead of holding the run open.
+            let configured = self.runs[&id]
+                .task(&key.0)
+                .is_some_and(|t| key.1 < 0 || t.for_each.is_some());
+            if !configured && !instance.state.is_finished() {
+                instance.state = TaskState::Cancelled;
+                instance.error = Some("the task is not in the configuration any more".into());
+                instance.ended_at = Some(now);
+            }
             self.put(id, key, instance);
         }
         for mut a in attempts {
@@ -871,10 +943,12 @@ impl Executor {
                 Readiness::Wait => {}
                 Readiness::Skip => {
                     self.set_state(run_id, &key, TaskState::Skipped);
+                    self.end_children(run_id, &name, TaskState::Skipped);
                     names.extend(self.downstream(run_id, &name));
                 }
                 Readiness::UpstreamFailed => {
                     self.set_state(run_id, &key, TaskState::UpstreamFailed);
+                    self.end_children(run_id, &name, TaskState::UpstreamFailed);
                     names.extend(self.downstream(run_id, &name));
                 }
                 Readiness::Run => {
@@ -898,6 +972,29 @@ impl Executor {
             .filter(|(_, t)| t.depends_on.iter().any(|d| d == name))
             .map(|(n, _)| n.clone())
             .collect()
+    }
+
+    /// Instances kept from before a retry of a fan-out that now does not
+    /// run (skipped, upstream failed) end with it.
+    fn end_children(&mut self, run_id: i64, name: &str, state: TaskState) {
+        let Some(run) = self.runs.get(&run_id) else {
+            return;
+        };
+        let waiting: Vec<Key> = run
+            .children
+            .get(name)
+            .into_iter()
+            .flatten()
+            .map(|i| (name.to_string(), *i))
+            .filter(|k| {
+                run.instances
+                    .get(k)
+                    .is_some_and(|i| i.state == TaskState::Pending)
+            })
+            .collect();
+        for key in waiting {
+            self.set_state(run_id, &key, state);
+        }
     }
 
     /// Pending or retrying → queued, into its pool's queue.
@@ -1284,7 +1381,7 @@ impl Executor {
             return Ok(None);
         };
         let Some(task) = run.task(&key.0) else {
-            return Ok(None);
+            return Err("the task is not in the configuration any more".into());
         };
         let first_start = run
             .instances
@@ -1390,7 +1487,7 @@ impl Executor {
             ended_at: None,
         };
         self.pending.attempts.insert(id.clone(), row.clone());
-        self.running.insert(id.clone(), row);
+        self.running.insert(id.clone(), (row, pool.to_string()));
         let spec = Spec {
             files: Files::new(&dir, &key.0, key.1, attempt),
             id,
@@ -1488,19 +1585,19 @@ impl Executor {
         let id = done.id.clone();
         let key = (id.task.clone(), id.map_index);
         let run_id = id.run_id;
-        let Some(mut row) = self.running.remove(&id) else {
+        let Some((mut row, pool)) = self.running.remove(&id) else {
             return;
         };
-        let Some(run) = self.runs.get_mut(&run_id) else {
-            return;
-        };
-        let workflow = run.row.workflow.clone();
-        let pool = run.task(&key.0).map(pool_name).unwrap_or_default();
+        // The slot is given back first, whatever else is found.
         if let Some(p) = self.pools.get_mut(&pool) {
             p.used = p.used.saturating_sub(1);
             metrics::gauge!("caudal_workflow_pool_slots_used", "pool" => display_pool(&pool))
                 .set(f64::from(p.used));
         }
+        let Some(run) = self.runs.get_mut(&run_id) else {
+            return;
+        };
+        let workflow = run.row.workflow.clone();
         let state = match done.ending {
             Ending::Succeeded => AttemptState::Succeeded,
             Ending::Skipped => AttemptState::Skipped,
@@ -1556,7 +1653,9 @@ impl Executor {
                 self.set_state(run_id, &key, next);
             }
             Ending::Interrupted => {
-                self.set_state(run_id, &key, TaskState::Queued);
+                if self.set_state(run_id, &key, TaskState::Queued) {
+                    self.enqueue(run_id, &key);
+                }
                 return;
             }
             Ending::Failed | Ending::TimedOut => {
@@ -1828,7 +1927,6 @@ impl Executor {
         let Some(latest) = due.last().copied() else {
             return Ok(());
         };
-        self.cursors.insert(name.to_string(), latest);
         let slots = slots_to_run(&due, now, workflow.catchup);
         if slots.len() < due.len() {
             tracing::info!(
@@ -1857,6 +1955,7 @@ impl Executor {
             if !create {
                 tracing::info!(workflow = name, slot = %slot, overlap = ?workflow.overlap, "scheduled run skipped: the previous run has not ended");
                 metrics::counter!("caudal_workflow_runs_skipped_total", "workflow" => name.to_string()).increment(1);
+                self.cursors.insert(name.to_string(), slot);
                 continue;
             }
             let row = super::create_run(
@@ -1869,8 +1968,12 @@ impl Executor {
             )
             .await?;
             *self.queued_in_store.entry(name.to_string()).or_default() += 1;
+            // The cursor moves with each run created, so a store error
+            // halfway neither loses nor repeats a time.
+            self.cursors.insert(name.to_string(), slot);
             tracing::info!(workflow = name, run = row.id, slot = %slot, "scheduled run queued");
         }
+        self.cursors.insert(name.to_string(), latest);
         Ok(())
     }
 }
