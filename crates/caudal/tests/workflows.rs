@@ -1459,3 +1459,59 @@ run = ["sleep", "2.5"]
     assert!(overlapped, "no side_by_side runs overlapped: {side:?}");
     flow.cleanup().await;
 }
+
+#[tokio::test]
+async fn a_retried_run_whose_failed_task_left_the_configuration_still_ends() {
+    let flow = Flow::sqlite();
+    flow.write(
+        r#"
+[workflows.changing.tasks.ok]
+type = "command"
+run = ["true"]
+
+[workflows.changing.tasks.broken]
+type = "command"
+run = ["false"]
+
+[workflows.changing.tasks.each]
+type = "command"
+depends_on = ["ok"]
+for_each = "{{ params.list }}"
+run = ["false"]
+
+[workflows.changing]
+params = { list = ["a", "b"] }
+"#,
+    );
+    let (code, _, err) = flow
+        .caudal(&["workflow", "run", "changing", "--wait"])
+        .await;
+    assert_eq!(code, 1, "{err}");
+    // `broken` is removed and `each` is no longer a fan-out: the retry
+    // must not wait for them forever.
+    flow.write(
+        r#"
+[workflows.changing.tasks.ok]
+type = "command"
+run = ["true"]
+
+[workflows.changing.tasks.each]
+type = "command"
+depends_on = ["ok"]
+run = ["true"]
+"#,
+    );
+    let (code, _, err) = flow
+        .caudal(&["workflow", "retry", "1", "--failed", "--wait"])
+        .await;
+    assert_ne!(code, 0, "{err}");
+    let info = flow.run_info(1).await;
+    assert!(
+        matches!(info["state"].as_str(), Some("cancelled" | "failed")),
+        "{info}"
+    );
+    let tasks = flow.tasks(1).await;
+    assert_eq!(state(&tasks, "broken"), "cancelled");
+    assert_eq!(state(&tasks, "each[0]"), "cancelled");
+    flow.cleanup().await;
+}
