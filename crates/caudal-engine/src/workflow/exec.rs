@@ -160,6 +160,28 @@ struct RunModel {
 }
 
 impl RunModel {
+    /// A run with no task instances yet.
+    fn new(
+        row: WorkflowRunRow,
+        state: RunState,
+        workflow: WorkflowConfig,
+        params: Map<String, Value>,
+    ) -> Self {
+        Self {
+            row,
+            state,
+            workflow: Arc::new(workflow),
+            params,
+            instances: BTreeMap::new(),
+            children: HashMap::new(),
+            unfinished: 0,
+            cancel: false,
+            children_unfinished: HashMap::new(),
+            children_active: HashMap::new(),
+            children_scheduled: HashMap::new(),
+        }
+    }
+
     /// Keeps the fan-out counts as an instance moves `from` → `to` (`from`
     /// `None`: it is new).
     fn count_child(&mut self, key: &Key, from: Option<TaskState>, to: TaskState) {
@@ -699,26 +721,15 @@ impl Executor {
 
     fn fail_unknown(&mut self, row: WorkflowRunRow) {
         let id = row.id;
-        let model = RunModel {
-            state: RunState::Failed,
-            workflow: Arc::new(WorkflowConfig::default()),
-            params: Map::new(),
-            instances: BTreeMap::new(),
-            children: HashMap::new(),
-            unfinished: 0,
-            cancel: false,
-            children_unfinished: HashMap::new(),
-            children_active: HashMap::new(),
-            children_scheduled: HashMap::new(),
-            row: WorkflowRunRow {
-                error: Some(format!(
-                    "workflow `{}` is not in the configuration any more",
-                    row.workflow
-                )),
-                ended_at: Some(Timestamp::now()),
-                ..row
-            },
+        let row = WorkflowRunRow {
+            error: Some(format!(
+                "workflow `{}` is not in the configuration any more",
+                row.workflow
+            )),
+            ended_at: Some(Timestamp::now()),
+            ..row
         };
+        let model = RunModel::new(row, RunState::Failed, WorkflowConfig::default(), Map::new());
         self.runs.insert(id, model);
         self.pending.runs.insert(id);
     }
@@ -747,19 +758,7 @@ impl Executor {
         };
         let params = parse_json_object(&row.params);
         let now = Timestamp::now();
-        let mut model = RunModel {
-            state: RunState::Running,
-            workflow: Arc::new(workflow),
-            params,
-            instances: BTreeMap::new(),
-            children: HashMap::new(),
-            unfinished: 0,
-            cancel: false,
-            children_unfinished: HashMap::new(),
-            children_active: HashMap::new(),
-            children_scheduled: HashMap::new(),
-            row,
-        };
+        let mut model = RunModel::new(row, RunState::Running, workflow, params);
         model.row.started_at.get_or_insert(now);
         // The run's directory, and its `logs` where every attempt's files
         // go (`$CAUDAL_OUTPUT` among them).
