@@ -337,7 +337,7 @@ impl Store {
         let insert = "INSERT INTO workflow_runs (workflow, triggered_by, logical_date, params, \
              state, created_at) SELECT $1, $2, $3, $4, $5, now_us FROM clock RETURNING id, created_at";
         let failed = |e| store_error(format!("creating a run of workflow `{}`", new.workflow), e);
-        let (id, created_at): (i64, i64) = with_pool!(self, |pool| {
+        let id: i64 = with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
                 let (id, created_at): (i64, i64) = sqlx::query_as(insert)
@@ -360,12 +360,11 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
                 tx.commit().await?;
-                Ok::<_, sqlx::Error>((id, created_at))
+                Ok::<_, sqlx::Error>(id)
             }
             .await
         })
         .map_err(failed)?;
-        let _ = created_at;
         self.workflow_run(id).await?.ok_or_else(|| {
             Error::new(
                 ErrorKind::Store,
@@ -418,6 +417,37 @@ impl Store {
         })
         .map_err(|e| store_error(format!("reading the last scheduled run of `{workflow}`"), e))?;
         opt_ts(max, "workflow_runs.logical_date")
+    }
+
+    /// How many task instances of each run are in each state (one grouped
+    /// query, however many instances: what listings of runs show).
+    pub async fn workflow_task_counts(
+        &self,
+        run_ids: &[i64],
+    ) -> Result<std::collections::HashMap<i64, std::collections::BTreeMap<String, u64>>> {
+        let mut out: std::collections::HashMap<i64, std::collections::BTreeMap<String, u64>> =
+            run_ids.iter().map(|id| (*id, Default::default())).collect();
+        if run_ids.is_empty() {
+            return Ok(out);
+        }
+        let rows: Vec<(i64, String, i64)> = with_pool!(self, |pool| {
+            let mut q = sqlx::QueryBuilder::new(
+                "SELECT run_id, state, COUNT(*) FROM workflow_tasks WHERE run_id IN (",
+            );
+            let mut ids = q.separated(", ");
+            for id in run_ids {
+                ids.push_bind(*id);
+            }
+            q.push(") GROUP BY run_id, state");
+            q.build_query_as().fetch_all(pool).await
+        })
+        .map_err(|e| store_error("counting the tasks of workflow runs".into(), e))?;
+        for (id, state, n) in rows {
+            out.entry(id)
+                .or_default()
+                .insert(state, u64::try_from(n).unwrap_or(0));
+        }
+        Ok(out)
     }
 
     /// Every task instance of a run.

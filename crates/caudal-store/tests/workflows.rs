@@ -200,6 +200,16 @@ async fn the_last_write_of_a_key_in_a_batch_wins(ctx: Ctx) {
     );
     let tasks = store.workflow_tasks(id).await.expect("tasks");
     assert_eq!(tasks.len(), 1200);
+    let counts = store
+        .workflow_task_counts(&[id, id + 1000])
+        .await
+        .expect("counts");
+    let of_run: Vec<(&str, u64)> = counts[&id].iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    assert_eq!(of_run, [("queued", 1199), ("succeeded", 1)]);
+    assert!(
+        counts[&(id + 1000)].is_empty(),
+        "a run without tasks counts none"
+    );
     let seventh = tasks.iter().find(|t| t.map_index == 7).expect("instance 7");
     assert_eq!(seventh.state, "succeeded");
     assert_eq!(seventh.item.as_deref(), Some("\"u7\""));

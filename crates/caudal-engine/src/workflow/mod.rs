@@ -208,11 +208,15 @@ impl Workflows {
                 limit,
             })
             .await?;
-        let mut out = Vec::with_capacity(rows.len());
-        for row in rows {
-            out.push(self.info(row).await?);
-        }
-        Ok(out)
+        // One grouped count for all the runs, not every task row of each.
+        let ids: Vec<i64> = rows.iter().map(|r| r.id).collect();
+        let mut counts = self.store.workflow_task_counts(&ids).await?;
+        rows.into_iter()
+            .map(|row| {
+                let tasks = counts.remove(&row.id).unwrap_or_default();
+                run_info(row, tasks)
+            })
+            .collect()
     }
 
     async fn row(&self, id: i64) -> Result<WorkflowRunRow> {
@@ -229,27 +233,9 @@ impl Workflows {
     }
 
     async fn info(&self, row: WorkflowRunRow) -> Result<WorkflowRunInfo> {
-        let tasks = self.store.workflow_tasks(row.id).await?;
-        let mut counts = std::collections::BTreeMap::new();
-        for t in &tasks {
-            *counts.entry(t.state.clone()).or_insert(0u64) += 1;
-        }
-        Ok(WorkflowRunInfo {
-            id: row.id,
-            workflow: row.workflow,
-            batch_id: row.batch_id,
-            triggered_by: row.triggered_by,
-            logical_date: row.logical_date.map(|t| t.to_string()),
-            state: RunState::parse(&row.state)?,
-            params: parse_json_object(&row.params),
-            created_at: row.created_at.to_string(),
-            started_at: row.started_at.map(|t| t.to_string()),
-            ended_at: row.ended_at.map(|t| t.to_string()),
-            dir: row.dir,
-            error: row.error,
-            tasks: counts,
-            cancel_requested: row.cancel_requested,
-        })
+        let mut counts = self.store.workflow_task_counts(&[row.id]).await?;
+        let tasks = counts.remove(&row.id).unwrap_or_default();
+        run_info(row, tasks)
     }
 
     /// The task instances of a run.
@@ -459,6 +445,29 @@ impl Workflows {
         }
         Ok(dirs.len())
     }
+}
+
+/// A run as shown, with its tasks counted by state.
+fn run_info(
+    row: WorkflowRunRow,
+    counts: std::collections::BTreeMap<String, u64>,
+) -> Result<WorkflowRunInfo> {
+    Ok(WorkflowRunInfo {
+        id: row.id,
+        workflow: row.workflow,
+        batch_id: row.batch_id,
+        triggered_by: row.triggered_by,
+        logical_date: row.logical_date.map(|t| t.to_string()),
+        state: RunState::parse(&row.state)?,
+        params: parse_json_object(&row.params),
+        created_at: row.created_at.to_string(),
+        started_at: row.started_at.map(|t| t.to_string()),
+        ended_at: row.ended_at.map(|t| t.to_string()),
+        dir: row.dir,
+        error: row.error,
+        tasks: counts,
+        cancel_requested: row.cancel_requested,
+    })
 }
 
 /// Creates a queued run with its parameters (defaults merged at render
