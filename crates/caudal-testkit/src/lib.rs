@@ -6,6 +6,9 @@
 //! - [`pg_database`], [`mysql_database`], [`sqlite_database`]: a fresh
 //!   database per test, dropped again with its [`TestDb`], so tests run in
 //!   parallel against real servers.
+//! - [`Site`]: a generated real-estate website on loopback, with an access
+//!   log, for the crawler's tests and benchmark (also the `caudal-site`
+//!   binary).
 //!
 //! Everything here panics on setup failure with a message saying what to do:
 //! a test whose server is missing fails, it never skips.
@@ -27,8 +30,10 @@
 
 pub mod database;
 pub mod receiver;
+pub mod site;
 
 pub use database::{
     DbKind, TestDb, mysql_database, mysql_database_at, pg_database, pg_database_at, sqlite_database,
 };
 pub use receiver::{Behaviour, ReceivedRequest, Receiver, Reply};
+pub use site::{Access, Detail, Site, SiteOptions, SiteSummary, detail};
