@@ -5,5 +5,7 @@
 //! `tests/`. Connectors never retry on their own: they report what happened
 //! and the engine decides (see `caudal_core::error::Decision`).
 
+#[cfg(feature = "crawl")]
+pub mod crawl;
 pub mod sinks;
 pub mod sources;

@@ -121,6 +121,11 @@ pub enum Position {
         page: u32,
         tuple: u16,
     },
+    /// A page of a crawl: its URL, in the crawl's `generation` (each
+    /// re-crawl is one more), so the same page fetched again after a
+    /// crash is the same record, and a changed page in a later re-crawl a
+    /// new one.
+    Page { url: String, generation: u64 },
 }
 
 /// An LSN in PostgreSQL's text form (`16/B374D848`).
@@ -163,6 +168,7 @@ impl Position {
                 tuple,
             } => format!("snapshot@{} {table} at ({page},{tuple})", format_lsn(*lsn)),
             Self::SnapshotDone { lsn } => format!("snapshot done@{}", format_lsn(*lsn)),
+            Self::Page { url, generation } => format!("{url} (crawl {generation})"),
             Self::Snapshot { lsn, table, key } => {
                 let parts: Vec<String> = key.iter().map(CursorValue::display).collect();
                 format!(
@@ -539,6 +545,11 @@ impl Position {
                 put_u32(out, *page);
                 out.extend_from_slice(&tuple.to_le_bytes());
             }
+            Self::Page { url, generation } => {
+                out.push(12);
+                put_str(out, url);
+                put_u64(out, *generation);
+            }
         }
     }
 
@@ -601,6 +612,10 @@ impl Position {
                 table: take_str(input)?,
                 page: take_u32(input)?,
                 tuple: u16::from_le_bytes(take_array(input)?),
+            },
+            12 => Self::Page {
+                url: take_str(input)?,
+                generation: take_u64(input)?,
             },
             _ => return None,
         })

@@ -121,7 +121,7 @@ fn seed_001_loads_the_same_from_toml_and_yaml() {
     // Secrets serialize as "***", so compare them directly too.
     for config in [&from_toml, &from_yaml] {
         assert_eq!(config.state.url.expose(), "sqlite://caudal.db");
-        let source = config.sources["servicedesk"].sql();
+        let source = config.sources["servicedesk"].sql().expect("a SQL source");
         assert_eq!(
             source.url.expose(),
             "postgres://app:s3cret@db.internal/servicedesk"

@@ -8,6 +8,7 @@
 
 pub mod batch;
 pub mod buffered;
+pub mod crawl;
 pub mod daemon;
 pub mod deliverer;
 pub mod delivery;

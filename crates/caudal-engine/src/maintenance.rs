@@ -26,7 +26,7 @@ use caudal_buffer::Buffer;
 use caudal_connectors::sources::cdc::{
     BackfillProgress, BackfillRequest, BackfillRequests, CdcSource,
 };
-use caudal_core::config::{Config, SqlMode};
+use caudal_core::config::Config;
 use caudal_core::status::Replication;
 use caudal_core::{Error, ErrorKind, Result};
 use caudal_store::Store;
@@ -117,7 +117,7 @@ impl<'a> Maintenance<'a> {
     pub async fn resync(&self, running: Option<&Pipeline>) -> Result<Resynced> {
         let source = match running.map(Pipeline::source) {
             Some(Source::Cdc(s)) => s.clone(),
-            Some(Source::Sql(_)) => return Err(self.not_cdc()),
+            Some(Source::Sql(_) | Source::Crawl(_)) => return Err(self.not_cdc()),
             None => self.cdc_source().await?,
         };
         let held = self.hold_buffer(running).await?;
@@ -229,7 +229,7 @@ impl<'a> Maintenance<'a> {
     async fn cdc_source(&self) -> Result<CdcSource> {
         let p = &self.config.pipelines[self.name];
         match self.config.sources.get(&p.source) {
-            Some(s) if s.sql().mode == SqlMode::Cdc => {
+            Some(s) if s.is_cdc() => {
                 CdcSource::connect(self.name, &p.source, s).await
             }
             _ => Err(self.not_cdc()),
@@ -335,10 +335,11 @@ pub async fn release_removed(config: &Config, store: &Store) -> Result<()> {
             );
             continue;
         };
-        let Some(cfg) = config
+        let Some((cfg, sql)) = config
             .sources
             .get(&held.source)
-            .filter(|c| c.sql().mode == SqlMode::Cdc)
+            .filter(|c| c.is_cdc())
+            .and_then(|c| Some((c, c.sql()?)))
         else {
             tracing::warn!(
                 pipeline,
@@ -348,7 +349,7 @@ pub async fn release_removed(config: &Config, store: &Store) -> Result<()> {
             );
             continue;
         };
-        let mut sql = cfg.sql().clone();
+        let mut sql = sql.clone();
         sql.slot.clone_from(&held.slot);
         sql.publication.clone_from(&held.publication);
         let source_cfg = cfg.with_sql(sql);

@@ -29,7 +29,7 @@ use caudal_connectors::sinks::http::HttpSink;
 use caudal_connectors::sources::cdc::{CdcReader, CdcSource, Durable};
 use caudal_connectors::sources::sql::{self, SqlSource};
 use caudal_core::config::retention::RetentionConfig;
-use caudal_core::config::{AckMode, BatchConfig, Config, PipelineConfig, SinkConfig, SqlMode};
+use caudal_core::config::{AckMode, BatchConfig, Config, PipelineConfig, SinkConfig};
 use caudal_core::record::batch_key;
 use caudal_core::record::{Json, Position, Record};
 use caudal_core::sink::{Event, Sink};
@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::batch::Batcher;
+use crate::crawl::{Crawl, CrawlReader};
 use crate::buffered::{self, Entry, Recent};
 use crate::deliverer::{Deliverer, DeliveryStats};
 use crate::lease::{Lease, pipeline_lease};
@@ -98,12 +99,15 @@ pub enum Source {
     Sql(Box<SqlSource>),
     /// Changes streamed from a database's log (PostgreSQL, MariaDB).
     Cdc(CdcSource),
+    /// Web pages crawled from a frontier in the state store.
+    Crawl(Box<Crawl>),
 }
 
 /// The reader of one run.
 enum Reader {
     Sql(Box<sql::RunReader>),
     Cdc(CdcReader),
+    Crawl(CrawlReader),
 }
 
 impl Reader {
@@ -111,6 +115,7 @@ impl Reader {
         match self {
             Self::Sql(r) => r.next_page().await,
             Self::Cdc(r) => r.next_page().await,
+            Self::Crawl(r) => r.next_page().await,
         }
     }
 }
@@ -200,10 +205,19 @@ impl Pipeline {
                 format!("pipeline {name:?}: unknown sink {:?}", p.sink),
             )
         })?;
-        let cdc = source_cfg.sql().mode == SqlMode::Cdc;
-        let source = match (cdc, source_cfg.dialect()) {
-            (true, _) => Source::Cdc(CdcSource::connect(name, &p.source, source_cfg).await?),
-            (false, _) => Source::Sql(Box::new(SqlSource::connect(&p.source, source_cfg).await?)),
+        let cdc = source_cfg.is_cdc();
+        let source = if source_cfg.crawl().is_some() {
+            Source::Crawl(Box::new(Crawl::new(
+                &crawl_frontier(name),
+                &p.source,
+                config,
+                Vec::new(),
+                store.clone(),
+            )?))
+        } else if cdc {
+            Source::Cdc(CdcSource::connect(name, &p.source, source_cfg).await?)
+        } else {
+            Source::Sql(Box::new(SqlSource::connect(&p.source, source_cfg).await?))
         };
         // A CDC run streams until it fails or is stopped; the schedule
         // only says how soon it starts again.
@@ -365,7 +379,7 @@ impl Pipeline {
                 r.live = true;
                 Some(r)
             }
-            Source::Sql(_) => None,
+            Source::Sql(_) | Source::Crawl(_) => None,
         }
     }
 
@@ -595,6 +609,11 @@ impl Pipeline {
                 let durable = r.durable();
                 (Reader::Cdc(r), Some(durable))
             }
+            Source::Crawl(c) => {
+                let r = CrawlReader::start((**c).clone());
+                let durable = r.durable();
+                (Reader::Crawl(r), Some(durable))
+            }
         };
         let durable = durable.as_ref();
         // A CDC source's lag is saved every few seconds for `caudal status`.
@@ -611,7 +630,7 @@ impl Pipeline {
                     }
                 })))
             }
-            Source::Sql(_) => None,
+            Source::Sql(_) | Source::Crawl(_) => None,
         };
         // The reader runs ahead of buffering by at most two pages.
         let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<Record>>>(2);
@@ -722,7 +741,7 @@ impl Pipeline {
         // field is named, which is then read from it.
         let key_field = match &self.source {
             Source::Cdc(_) => self.key.as_deref(),
-            Source::Sql(_) => None,
+            Source::Sql(_) | Source::Crawl(_) => None,
         };
         let mut events: Vec<Event> = records
             .into_iter()
@@ -881,6 +900,11 @@ fn load_schema(
     let validator = jsonschema::validator_for(&value)
         .map_err(|e| err(format!("not a valid JSON Schema: {e}")))?;
     Ok(Some(Arc::new(validator)))
+}
+
+/// The crawl frontier of pipeline `name`.
+pub fn crawl_frontier(name: &str) -> String {
+    format!("pipeline:{name}")
 }
 
 /// Reads and decodes a pipeline's checkpoint.

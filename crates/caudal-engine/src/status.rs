@@ -10,7 +10,7 @@
 //!   now; an unreachable server is said, not an error.
 
 use caudal_connectors::sources::cdc::CdcSource;
-use caudal_core::config::{Config, SqlMode};
+use caudal_core::config::{Config, SourceConfig};
 use caudal_core::status::PipelineStatus;
 use caudal_core::{Error, ErrorKind, Result};
 use caudal_store::Store;
@@ -34,7 +34,7 @@ pub async fn pipeline_status(
         )
     })?;
     let source = config.sources.get(&p.source);
-    let cdc = source.is_some_and(|s| s.sql().mode == SqlMode::Cdc);
+    let cdc = source.is_some_and(SourceConfig::is_cdc);
     let schedule = if cdc {
         "continuous (cdc)".to_string()
     } else {

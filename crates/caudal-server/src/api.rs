@@ -591,7 +591,7 @@ pub(crate) async fn backfill(
         .pipelines
         .get(&name)
         .and_then(|p| api.config.sources.get(&p.source))
-        .is_some_and(|s| s.sql().mode == caudal_core::config::SqlMode::Cdc);
+        .is_some_and(caudal_core::config::SourceConfig::is_cdc);
     if !cdc {
         return Err(ApiError::new(
             StatusCode::CONFLICT,

@@ -52,6 +52,7 @@ macro_rules! with_pool {
 mod api;
 mod checkpoints;
 mod clock;
+mod crawl;
 mod dead_letters;
 mod leases;
 mod open;
@@ -64,6 +65,9 @@ mod workflows;
 
 pub use api::{AuditRecord, TokenRecord};
 pub use checkpoints::Checkpoint;
+pub use crawl::{
+    ClaimedPage, FinishedPage, FrontierSummary, NewPage, OpenedFrontier, PageRow,
+};
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;
 pub use retention::PRUNE_BATCH;

@@ -34,20 +34,26 @@ impl CdcSource {
     /// Prepares the CDC source `name` of `pipeline` (nothing is queried
     /// until a run opens).
     pub async fn connect(pipeline: &str, name: &str, config: &SourceConfig) -> Result<Self> {
-        let _ = (pipeline, config.sql());
+        let Some(sql) = config.sql() else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("source {name:?} is not a database: it has no log to capture"),
+            ));
+        };
+        let _ = (pipeline, sql);
         match config.dialect() {
             #[cfg(feature = "postgres-cdc")]
-            SqlDialect::Postgres => Ok(Self(Arc::new(
-                crate::sources::postgres_cdc::PgCdcSource::connect(pipeline, name, config.sql())
+            Some(SqlDialect::Postgres) => Ok(Self(Arc::new(
+                crate::sources::postgres_cdc::PgCdcSource::connect(pipeline, name, sql)
                     .await?,
             ))),
             #[cfg(feature = "mysql")]
-            SqlDialect::Mysql => Ok(Self(Arc::new(
-                crate::sources::mysql_cdc::MyCdcSource::connect(pipeline, name, config.sql())
+            Some(SqlDialect::Mysql) => Ok(Self(Arc::new(
+                crate::sources::mysql_cdc::MyCdcSource::connect(pipeline, name, sql)
                     .await?,
             ))),
             #[allow(unreachable_patterns)]
-            other => Err(unsupported(name, other)),
+            other => Err(unsupported(name, other.unwrap_or(SqlDialect::Sqlite))),
         }
     }
 }

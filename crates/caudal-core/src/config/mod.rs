@@ -6,6 +6,7 @@
 //! Loading (parsing, `${VAR}` interpolation, locations for errors) lives in
 //! [`load`]; cross-field checks live in [`validate`].
 
+pub mod crawl;
 pub mod delivery;
 pub mod load;
 pub mod pipelines;
@@ -23,6 +24,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::Secret;
 
+pub use crawl::{
+    CrawlSettings, CrawlSourceConfig, FieldConfig, FieldSpec, PageKindConfig, SiteLimits,
+    SitePolicy,
+};
 pub use delivery::*;
 pub use load::{ConfigError, ConfigErrors, Format, Located, load_file, load_str};
 pub use pipelines::*;
@@ -73,6 +78,11 @@ pub struct Config {
     /// Named pools of slots that workflow tasks share (e.g. one per site).
     #[serde(default)]
     pub pools: BTreeMap<String, PoolConfig>,
+    /// The crawler's manners: its User-Agent, robots.txt, and per-site
+    /// concurrency and delays, shared by every crawl and command task that
+    /// names a site.
+    #[serde(default)]
+    pub crawl: CrawlSettings,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]

@@ -10,7 +10,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::load::path::{FieldPath, Problem};
-use super::{SinkConfig, SourceConfig, SqlDialect, SqlMode};
+use super::{SinkConfig, SourceConfig, SqlDialect};
 use crate::units::{ByteSize, Duration};
 
 /// Default poll interval of a continuous schedule.
@@ -282,16 +282,16 @@ fn check_slots(config: &Defined<'_>, out: &mut Vec<Problem>) {
     let mut slots: BTreeMap<String, &str> = BTreeMap::new();
     let mut server_ids: BTreeMap<(String, u32), &str> = BTreeMap::new();
     for (name, pipeline) in config.pipelines {
-        let Some(source) = config
+        let Some((source, sql)) = config
             .sources
             .get(&pipeline.source)
-            .filter(|s| s.sql().mode == SqlMode::Cdc)
+            .filter(|s| s.is_cdc())
+            .and_then(|s| Some((s, s.sql()?)))
         else {
             continue;
         };
         let path = FieldPath::root().key("pipelines").key(name.clone());
-        let sql = source.sql();
-        if source.dialect() == SqlDialect::Mysql {
+        if source.dialect() == Some(SqlDialect::Mysql) {
             let id = sql
                 .server_id
                 .unwrap_or_else(|| super::default_server_id(name));
@@ -387,7 +387,7 @@ fn check_pipeline(
     let cdc = config
         .sources
         .get(&pipeline.source)
-        .is_some_and(|s| s.sql().mode == SqlMode::Cdc);
+        .is_some_and(SourceConfig::is_cdc);
     let s = &pipeline.schedule;
     if !cdc {
         check_schedule(&path.key("schedule"), s, out);

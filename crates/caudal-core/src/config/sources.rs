@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::crawl::CrawlSourceConfig;
 use super::load::path::{FieldPath, Problem};
 use crate::units::{Duration, Secret};
 
@@ -27,6 +28,8 @@ pub enum SourceConfig {
     Mysql(SqlSourceConfig),
     /// A SQLite database file.
     Sqlite(SqlSourceConfig),
+    /// Web pages, crawled politely (see `[crawl]`).
+    Crawl(CrawlSourceConfig),
 }
 
 /// Which database a SQL source reads.
@@ -50,29 +53,50 @@ impl SqlDialect {
 impl SourceConfig {
     /// The source type as written in the file.
     pub fn type_name(&self) -> &'static str {
-        self.dialect().as_str()
-    }
-
-    pub fn dialect(&self) -> SqlDialect {
-        match self {
-            Self::Postgres(_) => SqlDialect::Postgres,
-            Self::Mysql(_) => SqlDialect::Mysql,
-            Self::Sqlite(_) => SqlDialect::Sqlite,
+        match self.dialect() {
+            Some(d) => d.as_str(),
+            None => "crawl",
         }
     }
 
-    pub fn sql(&self) -> &SqlSourceConfig {
+    /// The database of a SQL source (`None` for a crawl).
+    pub fn dialect(&self) -> Option<SqlDialect> {
         match self {
-            Self::Postgres(c) | Self::Mysql(c) | Self::Sqlite(c) => c,
+            Self::Postgres(_) => Some(SqlDialect::Postgres),
+            Self::Mysql(_) => Some(SqlDialect::Mysql),
+            Self::Sqlite(_) => Some(SqlDialect::Sqlite),
+            Self::Crawl(_) => None,
         }
     }
 
-    /// The same kind of source with other settings.
+    /// The settings of a SQL source (`None` for a crawl).
+    pub fn sql(&self) -> Option<&SqlSourceConfig> {
+        match self {
+            Self::Postgres(c) | Self::Mysql(c) | Self::Sqlite(c) => Some(c),
+            Self::Crawl(_) => None,
+        }
+    }
+
+    /// The settings of a crawl source.
+    pub fn crawl(&self) -> Option<&CrawlSourceConfig> {
+        match self {
+            Self::Crawl(c) => Some(c),
+            _ => None,
+        }
+    }
+
+    /// Whether the source streams changes from a database's log.
+    pub fn is_cdc(&self) -> bool {
+        self.sql().is_some_and(|s| s.mode == SqlMode::Cdc)
+    }
+
+    /// The same kind of source with other settings (a crawl stays as it is).
     pub fn with_sql(&self, sql: SqlSourceConfig) -> Self {
         match self {
             Self::Postgres(_) => Self::Postgres(sql),
             Self::Mysql(_) => Self::Mysql(sql),
             Self::Sqlite(_) => Self::Sqlite(sql),
+            Self::Crawl(c) => Self::Crawl(c.clone()),
         }
     }
 }
@@ -238,11 +262,16 @@ fn default_page_size() -> u32 {
 }
 
 pub(super) fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Vec<Problem>) {
-    let sql = source.sql();
-    if let Some(message) = missing_feature(source) {
+    let (Some(sql), Some(dialect)) = (source.sql(), source.dialect()) else {
+        if let Some(crawl) = source.crawl() {
+            super::crawl::check_source(path, crawl, out);
+        }
+        return;
+    };
+    if let Some(message) = missing_feature(dialect, sql) {
         out.push(Problem::at(path.key(message.0), message.1));
     }
-    if let Some(message) = sql_url_problem(source.dialect(), sql.url.expose()) {
+    if let Some(message) = sql_url_problem(dialect, sql.url.expose()) {
         out.push(Problem::at(path.key("url"), message));
     }
     if sql.page_size == 0 {
@@ -251,16 +280,16 @@ pub(super) fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Ve
     match sql.mode {
         SqlMode::Incremental => {
             check_incremental(path, sql, out);
-            check_first_load(path, source.dialect(), sql, out);
+            check_first_load(path, dialect, sql, out);
         }
-        SqlMode::Cdc => check_cdc(path, source.dialect(), sql, out),
+        SqlMode::Cdc => check_cdc(path, dialect, sql, out),
     }
 }
 
 /// The field and the reason, when this build lacks the connector a
 /// source needs (cargo features `mysql`, `postgres-cdc`).
-fn missing_feature(source: &SourceConfig) -> Option<(&'static str, String)> {
-    match (source.dialect(), source.sql().mode) {
+fn missing_feature(dialect: SqlDialect, sql: &SqlSourceConfig) -> Option<(&'static str, String)> {
+    match (dialect, sql.mode) {
         (SqlDialect::Mysql, _) if !cfg!(feature = "mysql") => Some((
             "type",
             "this caudal was built without MySQL/MariaDB support (cargo feature `mysql`); \

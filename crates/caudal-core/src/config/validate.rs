@@ -47,12 +47,13 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
     };
     super::pipelines::check_pipelines(&defined, &mut problems);
     super::server::check_server(config.server.as_ref(), &mut problems);
+    super::crawl::check_settings(&root.key("crawl"), &config.crawl, &mut problems);
     super::retention::check(&root.key("retention"), &config.retention, &mut problems);
-    super::workflows::check(
-        &config.workflows,
-        &config.pools,
-        &config.pipelines,
-        &mut problems,
-    );
+    let names = super::workflows::Names {
+        pools: &config.pools,
+        pipelines: &config.pipelines,
+        sources: &config.sources,
+    };
+    super::workflows::check(&config.workflows, &names, &mut problems);
     problems
 }

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use super::load::path::{FieldPath, Problem};
 use super::pipelines::{ScheduleSpec, check_schedule, checked_name, unknown_reference};
-use super::{PipelineConfig, ScheduleConfig};
+use super::{PipelineConfig, ScheduleConfig, SourceConfig};
 use crate::delivery::{Growth, RetryPolicy};
 use crate::units::Duration;
 
@@ -153,6 +153,9 @@ pub enum TaskType {
     Pipeline,
     /// Sends an HTTP request; a 2xx answer ends the task.
     Http,
+    /// Crawls web pages as a `type = "crawl"` source describes; the
+    /// extracted records are the task's items.
+    Crawl,
 }
 
 impl TaskType {
@@ -161,6 +164,7 @@ impl TaskType {
             Self::Command => "command",
             Self::Pipeline => "pipeline",
             Self::Http => "http",
+            Self::Crawl => "crawl",
         }
     }
 }
@@ -183,7 +187,7 @@ pub enum TriggerRule {
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
-    /// `"command"`, `"pipeline"` or `"http"`.
+    /// `"command"`, `"pipeline"`, `"http"` or `"crawl"`.
     #[serde(rename = "type")]
     pub kind: TaskType,
     /// command: the program and its arguments, each a template, e.g.
@@ -204,6 +208,23 @@ pub struct TaskConfig {
     #[serde(default = "default_skip_exit_code")]
     #[schemars(extend("default" = DEFAULT_SKIP_EXIT_CODE))]
     pub skip_exit_code: i32,
+    /// command: the site the program scrapes (`"lamudi.com.mx"`): each
+    /// attempt waits for the site's delay and holds one of its
+    /// `[crawl]` concurrency slots while it runs, shared with every crawl
+    /// of the process.
+    #[serde(default)]
+    pub site: Option<String>,
+    /// crawl: the `type = "crawl"` source in `[sources]` that says what to
+    /// fetch, follow and extract.
+    #[serde(default)]
+    pub source: Option<String>,
+    /// crawl: start URLs (templates) instead of the source's.
+    #[serde(default)]
+    pub start_urls: Vec<String>,
+    /// crawl: a list of start URLs (or of objects with a `url` field), e.g.
+    /// `"{{ tasks.listings.items }}"`; added to `start_urls`.
+    #[serde(default)]
+    pub urls_from: Option<String>,
     /// pipeline: the pipeline to run once.
     #[serde(default)]
     pub pipeline: Option<String>,
@@ -305,6 +326,26 @@ impl Default for TaskRetryConfig {
     }
 }
 
+impl TaskRetryConfig {
+    /// These retries as the shared retry policy, giving up
+    /// `give_up_after` after the first attempt (zero: never).
+    pub fn policy(&self, give_up_after: std::time::Duration) -> RetryPolicy {
+        let growth = match self.strategy {
+            RetryStrategy::Exponential => Growth::Exponential { multiplier: 2.0 },
+            RetryStrategy::Linear => Growth::Linear,
+            RetryStrategy::Fixed => Growth::Fixed,
+        };
+        RetryPolicy::new(
+            self.initial.as_std(),
+            growth,
+            self.jitter,
+            self.max.as_std(),
+            self.max_attempts.max(1),
+            give_up_after,
+        )
+    }
+}
+
 fn default_skip_exit_code() -> i32 {
     DEFAULT_SKIP_EXIT_CODE
 }
@@ -335,17 +376,7 @@ impl TaskConfig {
     /// The task's retry policy (the same type a sink's retries use), with
     /// its `deadline` as the time after which it gives up.
     pub fn retry_policy(&self) -> RetryPolicy {
-        let growth = match self.retry.strategy {
-            RetryStrategy::Exponential => Growth::Exponential { multiplier: 2.0 },
-            RetryStrategy::Linear => Growth::Linear,
-            RetryStrategy::Fixed => Growth::Fixed,
-        };
-        RetryPolicy::new(
-            self.retry.initial.as_std(),
-            growth,
-            self.retry.jitter,
-            self.retry.max.as_std(),
-            self.retry.max_attempts.max(1),
+        self.retry.policy(
             self.deadline
                 .map_or(std::time::Duration::ZERO, Duration::as_std),
         )
@@ -377,6 +408,12 @@ impl TaskConfig {
         }
         if let Some(each) = &self.for_each {
             out.push((FieldPathText::Field("for_each"), each));
+        }
+        for (i, url) in self.start_urls.iter().enumerate() {
+            out.push((FieldPathText::Index("start_urls", i), url));
+        }
+        if let Some(from) = &self.urls_from {
+            out.push((FieldPathText::Field("urls_from"), from));
         }
         out
     }
@@ -456,13 +493,20 @@ const TEMPLATE_GLOBALS: &[&str] = &["range", "dict", "namespace", "debug", "cycl
 /// What `tasks.NAME` holds.
 pub const TASK_RESULT_FIELDS: &[&str] = &["outputs", "items", "state", "results"];
 
+/// What the tasks of workflows may name.
+pub(super) struct Names<'a> {
+    pub pools: &'a BTreeMap<String, PoolConfig>,
+    pub pipelines: &'a BTreeMap<String, PipelineConfig>,
+    pub sources: &'a BTreeMap<String, SourceConfig>,
+}
+
 /// Checks every workflow and pool.
 pub(super) fn check(
     workflows: &BTreeMap<String, WorkflowConfig>,
-    pools: &BTreeMap<String, PoolConfig>,
-    pipelines: &BTreeMap<String, PipelineConfig>,
+    names: &Names<'_>,
     out: &mut Vec<Problem>,
 ) {
+    let pools = names.pools;
     let root = FieldPath::root();
     for (name, pool) in pools {
         let path = root.key("pools").key(name.clone());
@@ -478,15 +522,14 @@ pub(super) fn check(
         if let Err(why) = checked_name("workflow", name) {
             out.push(Problem::at_key(path.clone(), why));
         }
-        check_workflow(&path, workflow, pools, pipelines, out);
+        check_workflow(&path, workflow, names, out);
     }
 }
 
 fn check_workflow(
     path: &FieldPath,
     workflow: &WorkflowConfig,
-    pools: &BTreeMap<String, PoolConfig>,
-    pipelines: &BTreeMap<String, PipelineConfig>,
+    names: &Names<'_>,
     out: &mut Vec<Problem>,
 ) {
     if let Some(schedule) = &workflow.schedule {
@@ -513,7 +556,7 @@ fn check_workflow(
         if let Err(why) = checked_name("task", name) {
             out.push(Problem::at_key(path.clone(), why));
         }
-        check_task(&path, name, task, workflow, pools, pipelines, out);
+        check_task(&path, name, task, workflow, names, out);
     }
     if let Some(cycle) = find_cycle(&workflow.tasks) {
         let first = cycle.first().cloned().unwrap_or_default();
@@ -532,10 +575,10 @@ fn check_task(
     name: &str,
     task: &TaskConfig,
     workflow: &WorkflowConfig,
-    pools: &BTreeMap<String, PoolConfig>,
-    pipelines: &BTreeMap<String, PipelineConfig>,
+    names: &Names<'_>,
     out: &mut Vec<Problem>,
 ) {
+    let (pools, pipelines) = (names.pools, names.pipelines);
     let kind = task.kind.as_str();
     let only = |field: &str, set: bool, owner: TaskType, out: &mut Vec<Problem>| {
         if set && task.kind != owner {
@@ -556,6 +599,18 @@ fn check_task(
     only("method", task.method.is_some(), TaskType::Http, out);
     only("headers", !task.headers.is_empty(), TaskType::Http, out);
     only("body", task.body.is_some(), TaskType::Http, out);
+    only("site", task.site.is_some(), TaskType::Command, out);
+    only("source", task.source.is_some(), TaskType::Crawl, out);
+    only("start_urls", !task.start_urls.is_empty(), TaskType::Crawl, out);
+    only("urls_from", task.urls_from.is_some(), TaskType::Crawl, out);
+    if let Some(site) = &task.site
+        && (site.is_empty() || site.contains(['/', ' ']) || site.to_lowercase() != *site)
+    {
+        out.push(Problem::at(
+            path.key("site"),
+            format!("{site:?} is not a host; write it lowercase, as \"lamudi.com.mx\""),
+        ));
+    }
     match task.kind {
         TaskType::Command => {
             if task.run.is_empty() || task.run[0].trim().is_empty() {
@@ -575,6 +630,26 @@ fn check_task(
                 unknown_reference("pipeline", p, pipelines),
             )),
             Some(_) => {}
+        },
+        TaskType::Crawl => match &task.source {
+            None => out.push(Problem::at_key(
+                path.clone(),
+                "a crawl task needs `source`: the name of a [sources.NAME] with type = \"crawl\"",
+            )),
+            Some(s) => match names.sources.get(s) {
+                None => out.push(Problem::at(
+                    path.key("source"),
+                    unknown_reference("source", s, names.sources),
+                )),
+                Some(c) if c.crawl().is_none() => out.push(Problem::at(
+                    path.key("source"),
+                    format!(
+                        "source {s:?} is a {} source; a crawl task needs a type = \"crawl\" one",
+                        c.type_name()
+                    ),
+                )),
+                Some(_) => {}
+            },
         },
         TaskType::Http => {
             if task.url.is_none() {

@@ -54,6 +54,8 @@ pub(crate) enum Work {
         cwd: PathBuf,
         env: Vec<(String, String)>,
         skip_exit_code: i32,
+        /// The site whose limits the command's starts count against.
+        site: Option<String>,
     },
     Http {
         method: String,
@@ -63,6 +65,14 @@ pub(crate) enum Work {
     },
     Pipeline {
         name: String,
+    },
+    Crawl {
+        /// The `type = "crawl"` source.
+        source: String,
+        /// Start URLs besides the source's.
+        start: Vec<String>,
+        /// The run's directory (the records go to `<task>.jsonl` there).
+        file: PathBuf,
     },
 }
 
@@ -157,6 +167,7 @@ pub(crate) async fn run(
         Work::Command { .. } => run_command(&spec, &shared, &stop, &shutdown).await,
         Work::Http { .. } => run_http(&spec, &shared, &stop, &shutdown).await,
         Work::Pipeline { name } => run_pipeline(&spec, name, &shared, &stop, &shutdown).await,
+        Work::Crawl { .. } => run_crawl(&spec, &shared, &stop, &shutdown).await,
     };
     if done.ending == Ending::Succeeded
         && let Err(why) = collect(&spec, &mut done).await
@@ -234,9 +245,24 @@ async fn run_command(
         cwd,
         env,
         skip_exit_code,
+        site,
     } = &spec.work
     else {
         return done(spec, Ending::Failed, Some("not a command".into()));
+    };
+    // A command that scrapes a site waits for the site's turn and holds one
+    // of its slots while it runs, like the crawler's own requests.
+    let _site_permit = match site {
+        Some(host) => {
+            let site = crate::crawl::sites(&shared.config).site(host);
+            tokio::select! {
+                permit = site.acquire() => Some(permit),
+                ending = limit(spec.timeout, stop, shutdown) => {
+                    return done(spec, ending, Some(stopped_message(spec, ending)));
+                }
+            }
+        }
+        None => None,
     };
     // A program given with a directory is found from the task's cwd.
     let program_path = if program.contains('/') && Path::new(program).is_relative() {
@@ -526,6 +552,108 @@ async fn run_pipeline(
             d
         }
     }
+}
+
+async fn run_crawl(
+    spec: &Spec,
+    shared: &Shared,
+    stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Done {
+    let Work::Crawl {
+        source,
+        start,
+        file,
+    } = &spec.work
+    else {
+        return done(spec, Ending::Failed, Some("not a crawl".into()));
+    };
+    let id = &spec.id;
+    let frontier = if id.map_index < 0 {
+        format!("workflow:{}:{}", id.run_id, id.task)
+    } else {
+        format!("workflow:{}:{}:{}", id.run_id, id.task, id.map_index)
+    };
+    let records = if id.map_index < 0 {
+        file.join(format!("{}.jsonl", id.task))
+    } else {
+        file.join(format!("{}.{}.jsonl", id.task, id.map_index))
+    };
+    let crawl = match crate::crawl::Crawl::new(
+        &frontier,
+        source,
+        &shared.config,
+        start.clone(),
+        shared.store.clone(),
+    ) {
+        Ok(c) => c,
+        Err(e) => return done(spec, Ending::Failed, Some(e.report().to_string())),
+    };
+    let cancel = CancellationToken::new();
+    let run = crawl.run(crate::crawl::Output::File(records.clone()), &cancel);
+    tokio::pin!(run);
+    let result = tokio::select! {
+        r = &mut run => Ok(r),
+        ending = limit(spec.timeout, stop, shutdown) => Err(ending),
+    };
+    let summary = match result {
+        Ok(Ok(summary)) => summary,
+        Ok(Err(e)) => return done(spec, Ending::Failed, Some(e.report().to_string())),
+        Err(ending) => {
+            cancel.cancel();
+            let _ = run.await;
+            return done(spec, ending, Some(stopped_message(spec, ending)));
+        }
+    };
+    let mut d = done(spec, Ending::Succeeded, None);
+    // The records are the task's items (read back: a resumed crawl's
+    // earlier records are in the file too).
+    match tokio::fs::read_to_string(&records).await {
+        Ok(text) => {
+            let mut seen = std::collections::HashSet::new();
+            for line in text.lines().filter(|l| !l.trim().is_empty()) {
+                match serde_json::from_str::<Value>(line) {
+                    Ok(v) => {
+                        let key = v.get("url").map(Value::to_string).unwrap_or_default();
+                        if seen.insert(key) {
+                            d.items.push(v);
+                        }
+                    }
+                    Err(e) => {
+                        return done(
+                            spec,
+                            Ending::Failed,
+                            Some(format!("{}: a line is not JSON: {e}", records.display())),
+                        );
+                    }
+                }
+            }
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => {
+            return done(
+                spec,
+                Ending::Failed,
+                Some(format!("cannot read {}: {e}", records.display())),
+            );
+        }
+    }
+    for (k, v) in [
+        ("pages", summary.fetched),
+        ("records", summary.records),
+        ("unchanged", summary.unchanged),
+        ("skipped", summary.skipped),
+        ("failed", summary.failed),
+    ] {
+        d.outputs.insert(k.into(), Value::from(v));
+    }
+    d.outputs.insert(
+        "file".into(),
+        Value::String(records.display().to_string()),
+    );
+    d.outputs
+        .insert("frontier".into(), Value::String(frontier));
+    d
 }
 
 /// Reads what a successful attempt left: `$CAUDAL_OUTPUT` (JSON lines,

@@ -1539,6 +1539,48 @@ impl Executor {
                     cwd,
                     env,
                     skip_exit_code: task.skip_exit_code,
+                    site: task.site.clone(),
+                }
+            }
+            TaskType::Crawl => {
+                let mut start = Vec::new();
+                for (i, u) in task.start_urls.iter().enumerate() {
+                    start.push(r(&format!("start_urls[{i}]"), u)?);
+                }
+                if let Some(from) = &task.urls_from {
+                    match render::evaluate(&self.env, "urls_from", from, ctx)? {
+                        Value::Array(list) => {
+                            for v in list {
+                                match v {
+                                    Value::String(s) => start.push(s),
+                                    Value::Object(o) => match o.get("url") {
+                                        Some(Value::String(s)) => start.push(s.clone()),
+                                        _ => {
+                                            return Err(
+                                                "urls_from: an item is an object without a \"url\" string"
+                                                    .into(),
+                                            );
+                                        }
+                                    },
+                                    other => {
+                                        return Err(format!(
+                                            "urls_from: an item is {other}, not a URL"
+                                        ));
+                                    }
+                                }
+                            }
+                        }
+                        other => {
+                            return Err(format!(
+                                "urls_from: expected a list of URLs, got {other}"
+                            ));
+                        }
+                    }
+                }
+                Work::Crawl {
+                    source: task.source.clone().unwrap_or_default(),
+                    start,
+                    file: PathBuf::from(&run.row.dir),
                 }
             }
             TaskType::Http => {

@@ -69,6 +69,13 @@ impl Drop for CdcReader {
 pub struct Durable(Arc<watch::Sender<Option<Position>>>);
 
 impl Durable {
+    /// A new handle and the receiver of what it reports (for sources other
+    /// than CDC readers that need to know what is durable: the crawler).
+    pub fn channel() -> (Self, watch::Receiver<Option<Position>>) {
+        let (tx, rx) = watch::channel(None);
+        (Self(Arc::new(tx)), rx)
+    }
+
     pub fn mark(&self, position: &Position) {
         self.0.send_replace(Some(position.clone()));
     }

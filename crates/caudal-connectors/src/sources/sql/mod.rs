@@ -142,8 +142,12 @@ impl SqlSource {
     /// Connects to the database of a configured source. Nothing is queried
     /// until [`SqlSource::open_run`].
     pub async fn connect(name: &str, config: &SourceConfig) -> Result<Self> {
-        let dialect = config.dialect();
-        let sql = config.sql().clone();
+        let (Some(dialect), Some(sql)) = (config.dialect(), config.sql().cloned()) else {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("source {name:?} is not a SQL source"),
+            ));
+        };
         let url = sql.url.expose();
         let connect_err = |e: sqlx::Error| {
             Error::with_source(

@@ -21,7 +21,7 @@ use super::path::{FieldPath, Problem, Segment};
 use crate::config::{Config, PipelineConfig, SinkConfig, SourceConfig};
 
 /// Source `type` values, in the order they are suggested.
-const SOURCE_TYPES: &[&str] = &["postgres", "mysql", "sqlite"];
+const SOURCE_TYPES: &[&str] = &["postgres", "mysql", "sqlite", "crawl"];
 /// Sink `type` values, in the order they are suggested.
 const SINK_TYPES: &[&str] = &["http"];
 
@@ -118,6 +118,7 @@ fn source(entry: Value, path: &FieldPath, problems: &mut Vec<Problem>) -> Option
         "postgres" => deserialize_all(&fields, path, problems).map(SourceConfig::Postgres),
         "mysql" => deserialize_all(&fields, path, problems).map(SourceConfig::Mysql),
         "sqlite" => deserialize_all(&fields, path, problems).map(SourceConfig::Sqlite),
+        "crawl" => deserialize_all(&fields, path, problems).map(SourceConfig::Crawl),
         other => {
             problems.push(unknown_type(path, "source", other, SOURCE_TYPES));
             None
@@ -443,8 +444,8 @@ mod tests {
             [
                 "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools",
                 "sources.a.cursor[1]: invalid type: integer `5`, expected a string",
-                "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite",
-                "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite",
+                "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite, crawl",
+                "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite, crawl",
                 "sources.d: expected a table with a \"type\" field, found a string",
                 "pipelines.p.extra: unknown field \"extra\"; expected one of: source, sink, schedule, key, ack, schema, buffer",
             ]
