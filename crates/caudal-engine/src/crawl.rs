@@ -102,12 +102,13 @@ pub struct CrawlSummary {
 
 impl Crawl {
     /// The crawl of source `source` of `config` into frontier `frontier`,
-    /// starting (also) from `extra_start`. Reads `start_urls_file`.
+    /// starting from `start` instead of the source's start URLs (and
+    /// `start_urls_file`) when given. Sitemaps are read either way.
     pub fn new(
         frontier: &str,
         source: &str,
         config: &Config,
-        extra_start: Vec<String>,
+        start: Option<Vec<String>>,
         store: Store,
     ) -> Result<Self> {
         let cfg = config
@@ -121,13 +122,21 @@ impl Crawl {
                 )
             })?
             .clone();
-        let mut start = cfg.start_urls.clone();
-        if let Some(file) = &cfg.start_urls_file {
-            start.extend(read_url_file(&config.config_dir().join(file))?);
-        }
-        start.extend(extra_start);
+        let start = match start {
+            Some(start) => start,
+            None => {
+                let mut start = cfg.start_urls.clone();
+                if let Some(file) = &cfg.start_urls_file {
+                    start.extend(read_url_file(&config.config_dir().join(file))?);
+                }
+                start
+            }
+        };
         let extractor = Arc::new(Extractor::new(&cfg).map_err(|e| {
-            Error::new(ErrorKind::Config, format!("source {source:?}: {}", e.report()))
+            Error::new(
+                ErrorKind::Config,
+                format!("source {source:?}: {}", e.report()),
+            )
         })?);
         let sites = sites(config);
         Ok(Self {
@@ -137,7 +146,7 @@ impl Crawl {
             extractor,
             store,
             sites,
-            retry: config.crawl.retry.policy(Duration::ZERO),
+            retry: config.crawl.retry.policy(),
         })
     }
 
@@ -153,18 +162,20 @@ impl Crawl {
         let mut run = Run {
             crawl: self,
             generation: opened.generation,
-            known: self
-                .store
-                .frontier_urls(&self.frontier)
-                .await?
-                .into_iter()
-                .collect(),
+            known: Arc::new(std::sync::Mutex::new(
+                self.store
+                    .frontier_urls(&self.frontier)
+                    .await?
+                    .into_iter()
+                    .collect(),
+            )),
             sites: HashSet::new(),
             found: Vec::new(),
             finished: Vec::new(),
             awaiting: VecDeque::new(),
             outbox: Vec::new(),
             fetched_total: opened.fetched,
+            exhausted: false,
             summary: CrawlSummary {
                 frontier: self.frontier.clone(),
                 generation: opened.generation,
@@ -191,7 +202,11 @@ enum Sink {
 async fn open_append(path: &Path) -> Result<tokio::io::BufWriter<tokio::fs::File>> {
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await.map_err(|e| {
-            Error::with_source(ErrorKind::Internal, format!("cannot create {}", dir.display()), e)
+            Error::with_source(
+                ErrorKind::Internal,
+                format!("cannot create {}", dir.display()),
+                e,
+            )
         })?;
     }
     let file = tokio::fs::OpenOptions::new()
@@ -200,7 +215,11 @@ async fn open_append(path: &Path) -> Result<tokio::io::BufWriter<tokio::fs::File
         .open(path)
         .await
         .map_err(|e| {
-            Error::with_source(ErrorKind::Internal, format!("cannot open {}", path.display()), e)
+            Error::with_source(
+                ErrorKind::Internal,
+                format!("cannot open {}", path.display()),
+                e,
+            )
         })?;
     Ok(tokio::io::BufWriter::new(file))
 }
@@ -219,6 +238,15 @@ fn read_url_file(path: &Path) -> Result<Vec<String>> {
         .filter(|l| !l.is_empty() && !l.starts_with('#'))
         .map(str::to_string)
         .collect())
+}
+
+/// The URLs a crawl knows.
+type Known = Arc<std::sync::Mutex<HashSet<String>>>;
+
+fn lock(known: &Known) -> std::sync::MutexGuard<'_, HashSet<String>> {
+    known
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// One page's fetch, done by a task.
@@ -242,8 +270,9 @@ struct Retry {
 struct Run<'a> {
     crawl: &'a Crawl,
     generation: i64,
-    /// Every URL of the frontier.
-    known: HashSet<String>,
+    /// Every URL of the frontier (and every redirect target followed),
+    /// shared with the fetches.
+    known: Known,
     /// The hosts of the start URLs (`same_site`).
     sites: HashSet<String>,
     /// Links found, not saved yet.
@@ -256,13 +285,17 @@ struct Run<'a> {
     outbox: Vec<Record>,
     /// Pages of the generation fetched (for `max_pages`).
     fetched_total: u64,
+    /// The last claim found nothing queued, and no link was found since.
+    exhausted: bool,
     summary: CrawlSummary,
 }
 
 impl Run<'_> {
     fn add(&mut self, url: String, depth: u32) {
-        if self.known.insert(url.clone()) {
+        if lock(&self.known).insert(url.clone()) {
             self.found.push(NewPage { url, depth });
+            // The frontier has something new to claim.
+            self.exhausted = false;
         }
     }
 
@@ -307,7 +340,7 @@ impl Run<'_> {
                 tracing::warn!(crawl = %crawl.frontier, sitemap = %raw, "not a URL; skipped");
                 continue;
             };
-            let body = match fetch(crawl.sites, &url, &Validators::default()).await {
+            let body = match fetch(crawl.sites, &url, &Validators::default(), &|_| false).await {
                 FetchOutcome::Page(page) => page.body,
                 other => {
                     tracing::warn!(crawl = %crawl.frontier, sitemap = %url, outcome = ?describe(&other), "sitemap not read");
@@ -366,17 +399,21 @@ impl Run<'_> {
         let mut tasks: JoinSet<PageDone> = JoinSet::new();
         let mut queue: VecDeque<ClaimedPage> = VecDeque::new();
         let mut retries: Vec<Retry> = Vec::new();
-        let mut exhausted = false;
         let mut last_save = Instant::now();
         let limit = crawl.config.max_pages.unwrap_or(u64::MAX);
         loop {
             // Start what may start.
             while tasks.len() < MAX_IN_FLIGHT && self.fetched_total < limit {
-                if queue.is_empty() && !exhausted {
+                if queue.is_empty() && !self.exhausted {
                     // Links found must be in the frontier before it is asked.
                     self.save().await?;
-                    let claimed = crawl.store.claim_pages(&crawl.frontier, CLAIM).await?;
-                    exhausted = claimed.is_empty();
+                    // Never more than `max_pages` leaves to fetch.
+                    let room = u32::try_from(limit - self.fetched_total).unwrap_or(CLAIM);
+                    let claimed = crawl
+                        .store
+                        .claim_pages(&crawl.frontier, CLAIM.min(room))
+                        .await?;
+                    self.exhausted = claimed.is_empty();
                     queue.extend(claimed);
                 }
                 let Some(page) = queue.pop_front() else { break };
@@ -384,18 +421,14 @@ impl Run<'_> {
                 tasks.spawn(fetch_page(
                     crawl.sites,
                     crawl.extractor.clone(),
+                    self.known.clone(),
                     page,
                     1,
                 ));
             }
             self.flush_outbox(&mut sink).await?;
             let idle = tasks.is_empty() && queue.is_empty() && retries.is_empty();
-            if idle && (exhausted || self.fetched_total >= limit) {
-                // More links may have been found since the last claim.
-                if !self.found.is_empty() && self.fetched_total < limit {
-                    exhausted = false;
-                    continue;
-                }
+            if idle && (self.exhausted || self.fetched_total >= limit) {
                 if self.awaiting.is_empty() {
                     break;
                 }
@@ -439,7 +472,7 @@ impl Run<'_> {
                     let (due, wait): (Vec<Retry>, Vec<Retry>) = retries.drain(..).partition(|r| r.at <= now);
                     retries = wait;
                     for r in due {
-                        tasks.spawn(fetch_page(crawl.sites, crawl.extractor.clone(), r.page, r.attempt));
+                        tasks.spawn(fetch_page(crawl.sites, crawl.extractor.clone(), self.known.clone(), r.page, r.attempt));
                     }
                 }
                 () = tokio::time::sleep(SAVE_EVERY) => {}
@@ -609,6 +642,14 @@ impl Run<'_> {
                 self.summary.unchanged += 1;
                 self.finished.push(finished);
             }
+            FetchOutcome::Duplicate(to) => {
+                finished.state = "skipped";
+                finished.error = Some(format!(
+                    "redirects to {to}, which the crawl fetches on its own"
+                ));
+                self.summary.skipped += 1;
+                self.finished.push(finished);
+            }
             FetchOutcome::Disallowed(why) => {
                 finished.state = "skipped";
                 finished.error = Some(why);
@@ -623,10 +664,9 @@ impl Run<'_> {
                 retry_after,
             } => {
                 if retryable && !crawl.retry.should_give_up(done.attempt, Duration::ZERO) {
-                    let wait =
-                        crawl
-                            .retry
-                            .delay(done.attempt - 1, retry_after, &mut rand::rng());
+                    let wait = crawl
+                        .retry
+                        .delay(done.attempt - 1, retry_after, &mut rand::rng());
                     self.summary.fetched -= 1;
                     tracing::debug!(crawl = %crawl.frontier, url = %url, attempt = done.attempt, wait_ms = wait.as_millis(), error = %error, "page will be tried again");
                     retries.push(Retry {
@@ -658,6 +698,7 @@ fn describe(outcome: &FetchOutcome) -> String {
         FetchOutcome::Page(p) => format!("{}", p.status),
         FetchOutcome::NotModified { .. } => "304".into(),
         FetchOutcome::Disallowed(why) => why.clone(),
+        FetchOutcome::Duplicate(to) => format!("redirects to {to}"),
         FetchOutcome::Failed { error, .. } => error.clone(),
     }
 }
@@ -667,6 +708,7 @@ fn describe(outcome: &FetchOutcome) -> String {
 async fn fetch_page(
     sites: &'static Sites,
     extractor: Arc<Extractor>,
+    known: Known,
     page: ClaimedPage,
     attempt: u32,
 ) -> PageDone {
@@ -674,9 +716,11 @@ async fn fetch_page(
         etag: page.etag.clone(),
         last_modified: page.last_modified.clone(),
     };
-    let fetched_at = Timestamp::now();
     let outcome = match url::Url::parse(&page.url) {
-        Ok(url) => fetch(sites, &url, &validators).await,
+        Ok(url) => {
+            let seen = |target: &str| !lock(&known).insert(target.to_string());
+            fetch(sites, &url, &validators, &seen).await
+        }
         Err(e) => FetchOutcome::Failed {
             status: None,
             error: format!("not a URL: {e}"),
@@ -684,6 +728,8 @@ async fn fetch_page(
             retry_after: None,
         },
     };
+    // When the answer came (not when the page began waiting for its site).
+    let fetched_at = Timestamp::now();
     let mut html = false;
     let mut extracted = None;
     if let FetchOutcome::Page(p) = &outcome {

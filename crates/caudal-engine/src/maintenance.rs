@@ -229,9 +229,7 @@ impl<'a> Maintenance<'a> {
     async fn cdc_source(&self) -> Result<CdcSource> {
         let p = &self.config.pipelines[self.name];
         match self.config.sources.get(&p.source) {
-            Some(s) if s.is_cdc() => {
-                CdcSource::connect(self.name, &p.source, s).await
-            }
+            Some(s) if s.is_cdc() => CdcSource::connect(self.name, &p.source, s).await,
             _ => Err(self.not_cdc()),
         }
     }

@@ -41,8 +41,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument as _;
 
 use crate::batch::Batcher;
-use crate::crawl::{Crawl, CrawlReader};
 use crate::buffered::{self, Entry, Recent};
+use crate::crawl::{Crawl, CrawlReader};
 use crate::deliverer::{Deliverer, DeliveryStats};
 use crate::lease::{Lease, pipeline_lease};
 use crate::maintenance;
@@ -211,7 +211,7 @@ impl Pipeline {
                 &crawl_frontier(name),
                 &p.source,
                 config,
-                Vec::new(),
+                None,
                 store.clone(),
             )?))
         } else if cdc {

@@ -19,6 +19,16 @@ use jiff::Timestamp;
 
 use crate::{Store, clock, store_error};
 
+/// Every state a page can be in.
+pub const PAGE_STATES: &[&str] = &[
+    "queued",
+    "fetching",
+    "done",
+    "unchanged",
+    "failed",
+    "skipped",
+];
+
 /// Rows per multi-row statement (well below both databases' bind limits).
 const ROWS_PER_STATEMENT: usize = 500;
 
@@ -99,6 +109,12 @@ impl Store {
         with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
+                // Written first, so SQLite takes its write lock at once
+                // rather than failing to upgrade a read lock later.
+                sqlx::query("UPDATE crawl_frontiers SET name = name WHERE name = $1")
+                    .bind(name)
+                    .execute(&mut *tx)
+                    .await?;
                 let current: Option<(i64, String)> =
                     sqlx::query_as("SELECT generation, state FROM crawl_frontiers WHERE name = $1")
                         .bind(name)
@@ -183,7 +199,8 @@ impl Store {
                    SELECT id FROM crawl_pages WHERE frontier = $1 AND state = 'queued' \
                    ORDER BY depth, id LIMIT $2) \
                    RETURNING id, url, depth, etag, last_modified";
-        let rows: Vec<(i64, String, i64, Option<String>, Option<String>)> = with_pool!(self, |pool| {
+        type Row = (i64, String, i64, Option<String>, Option<String>);
+        let rows: Vec<Row> = with_pool!(self, |pool| {
             sqlx::query_as(sql)
                 .bind(name)
                 .bind(i64::from(limit))
@@ -295,26 +312,29 @@ impl Store {
         Ok(())
     }
 
-    /// Every frontier (or those whose name starts with `prefix`) with its
-    /// pages counted by state.
+    /// Every frontier (or those whose name starts with `prefix`, exactly:
+    /// no pattern characters) with its pages counted by state.
     pub async fn frontiers(&self, prefix: Option<&str>) -> Result<Vec<FrontierSummary>> {
-        let like = format!("{}%", prefix.unwrap_or("").replace(['%', '_'], ""));
+        let prefix = prefix.unwrap_or("");
         let heads: Vec<(String, i64, String, i64, Option<i64>)> = with_pool!(self, |pool| {
             sqlx::query_as(
                 "SELECT name, generation, state, started_at, ended_at FROM crawl_frontiers \
-                 WHERE name LIKE $1 ORDER BY name",
+                 WHERE substr(name, 1, length($1)) = $1 ORDER BY name",
             )
-            .bind(&like)
+            .bind(prefix)
             .fetch_all(pool)
             .await
         })
         .map_err(|e| store_error("listing crawl frontiers".into(), e))?;
+        // Counted per frontier, each through the (frontier, state) index.
         let counts: Vec<(String, String, i64)> = with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT frontier, state, COUNT(*) FROM crawl_pages WHERE frontier LIKE $1 \
-                 GROUP BY frontier, state ORDER BY frontier, state",
+                "SELECT p.frontier, p.state, COUNT(*) FROM crawl_frontiers f \
+                 JOIN crawl_pages p ON p.frontier = f.name \
+                 WHERE substr(f.name, 1, length($1)) = $1 \
+                 GROUP BY p.frontier, p.state ORDER BY p.frontier, p.state",
             )
-            .bind(&like)
+            .bind(prefix)
             .fetch_all(pool)
             .await
         })

@@ -66,7 +66,7 @@ mod workflows;
 pub use api::{AuditRecord, TokenRecord};
 pub use checkpoints::Checkpoint;
 pub use crawl::{
-    ClaimedPage, FinishedPage, FrontierSummary, NewPage, OpenedFrontier, PageRow,
+    ClaimedPage, FinishedPage, FrontierSummary, NewPage, OpenedFrontier, PAGE_STATES, PageRow,
 };
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;

@@ -621,6 +621,16 @@ impl Store {
                             .execute(&mut *tx)
                             .await?;
                         }
+                        // The run's crawl frontiers (`workflow:<run>:<task>…`).
+                        let frontiers = format!("workflow:{id}:%");
+                        sqlx::query("DELETE FROM crawl_pages WHERE frontier LIKE $1")
+                            .bind(&frontiers)
+                            .execute(&mut *tx)
+                            .await?;
+                        sqlx::query("DELETE FROM crawl_frontiers WHERE name LIKE $1")
+                            .bind(&frontiers)
+                            .execute(&mut *tx)
+                            .await?;
                         sqlx::query("DELETE FROM workflow_runs WHERE id = $1")
                             .bind(id)
                             .execute(&mut *tx)

@@ -62,7 +62,8 @@ fn config_error(what: String) -> Error {
 }
 
 fn selector(css: &str) -> Result<Selector> {
-    Selector::parse(css).map_err(|e| config_error(format!("{css:?} is not a valid CSS selector: {e}")))
+    Selector::parse(css)
+        .map_err(|e| config_error(format!("{css:?} is not a valid CSS selector: {e}")))
 }
 
 fn regex_set(patterns: &[String]) -> Result<Option<RegexSet>> {
@@ -142,9 +143,7 @@ impl Extractor {
     /// Extracts fields and links from the HTML `text` of the page at `url`.
     pub fn extract(&self, url: &Url, text: &str) -> Extracted {
         let kind = self.kind(url.as_str());
-        let follow = kind
-            .and_then(|k| k.follow.as_ref())
-            .unwrap_or(&self.follow);
+        let follow = kind.and_then(|k| k.follow.as_ref()).unwrap_or(&self.follow);
         let needs_fields = kind.is_some_and(|k| !k.fields.is_empty());
         if follow.is_empty() && !needs_fields {
             return Extracted {
@@ -297,7 +296,12 @@ fn meta_charset(head: &[u8]) -> Option<String> {
 pub fn is_html(content_type: Option<&str>, body: &[u8]) -> bool {
     match content_type {
         Some(ct) => {
-            let mime = ct.split(';').next().unwrap_or("").trim().to_ascii_lowercase();
+            let mime = ct
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_ascii_lowercase();
             mime == "text/html" || mime == "application/xhtml+xml"
         }
         None => !body[..body.len().min(512)].contains(&0),

@@ -49,6 +49,9 @@ pub enum FetchOutcome {
     NotModified { status: u16 },
     /// robots.txt forbids the page (or a redirect target).
     Disallowed(String),
+    /// The page redirects to a URL the crawl already knows (it is fetched
+    /// as itself, once).
+    Duplicate(String),
     /// A failure. `retryable` for timeouts, network errors, 5xx and 429.
     Failed {
         status: Option<u16>,
@@ -58,8 +61,15 @@ pub enum FetchOutcome {
     },
 }
 
-/// Fetches `url`.
-pub async fn fetch(sites: &Sites, url: &Url, validators: &Validators) -> FetchOutcome {
+/// Fetches `url`. `known` is asked about each redirect target: `true`
+/// when the crawl already has that URL (the redirect is then not
+/// followed); it should remember the targets it is asked about.
+pub async fn fetch(
+    sites: &Sites,
+    url: &Url,
+    validators: &Validators,
+    known: &(dyn Fn(&str) -> bool + Send + Sync),
+) -> FetchOutcome {
     let settings = sites.settings();
     let max_body = usize::try_from(settings.max_body.0).unwrap_or(usize::MAX);
     let mut current = url.clone();
@@ -96,7 +106,11 @@ pub async fn fetch(sites: &Sites, url: &Url, validators: &Validators) -> FetchOu
             Ok(r) => r,
             Err(e) => {
                 permit.finish(Outcome::Failed);
-                let what = if e.is_timeout() { "timed out" } else { "failed" };
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else {
+                    "failed"
+                };
                 return failed(None, format!("request {what}: {}", error_chain(&e)), true);
             }
         };
@@ -110,10 +124,7 @@ pub async fn fetch(sites: &Sites, url: &Url, validators: &Validators) -> FetchOu
                 .map(str::to_string)
         };
         if status.is_redirection() && status.as_u16() != 304 {
-            permit.finish(Outcome::Answered {
-                latency,
-                bytes: 0,
-            });
+            permit.finish(Outcome::Answered { latency, bytes: 0 });
             let Some(location) = header(reqwest::header::LOCATION) else {
                 return failed(
                     Some(status.as_u16()),
@@ -141,16 +152,16 @@ pub async fn fetch(sites: &Sites, url: &Url, validators: &Validators) -> FetchOu
                     false,
                 );
             }
+            if known(next.as_str()) {
+                return FetchOutcome::Duplicate(next.to_string());
+            }
             chain.push(next.to_string());
             current = next;
             continue;
         }
         match status.as_u16() {
             304 => {
-                permit.finish(Outcome::Answered {
-                    latency,
-                    bytes: 0,
-                });
+                permit.finish(Outcome::Answered { latency, bytes: 0 });
                 return FetchOutcome::NotModified { status: 304 };
             }
             429 | 503 => {
@@ -170,10 +181,7 @@ pub async fn fetch(sites: &Sites, url: &Url, validators: &Validators) -> FetchOu
                 return failed(Some(s), format!("the site answered {status}"), true);
             }
             s if !status.is_success() => {
-                permit.finish(Outcome::Answered {
-                    latency,
-                    bytes: 0,
-                });
+                permit.finish(Outcome::Answered { latency, bytes: 0 });
                 return failed(Some(s), format!("the site answered {status}"), false);
             }
             _ => {}
@@ -184,13 +192,13 @@ pub async fn fetch(sites: &Sites, url: &Url, validators: &Validators) -> FetchOu
         if let Some(len) = response.content_length()
             && len > max_body as u64
         {
-            permit.finish(Outcome::Answered {
-                latency,
-                bytes: 0,
-            });
+            permit.finish(Outcome::Answered { latency, bytes: 0 });
             return failed(
                 Some(status.as_u16()),
-                format!("body of {len} bytes is larger than max_body ({})", settings.max_body),
+                format!(
+                    "body of {len} bytes is larger than max_body ({})",
+                    settings.max_body
+                ),
                 false,
             );
         }

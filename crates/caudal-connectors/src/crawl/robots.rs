@@ -93,7 +93,10 @@ async fn fetch(sites: &Sites, site: &Arc<Site>, origin: &str) -> (Rules, Duratio
                 Ok(b) => b,
                 Err(e) => {
                     permit.finish(Outcome::Failed);
-                    return (Rules::DisallowAll(format!("robots.txt unreadable: {e}")), RETRY);
+                    return (
+                        Rules::DisallowAll(format!("robots.txt unreadable: {e}")),
+                        RETRY,
+                    );
                 }
             };
             permit.finish(Outcome::Answered {

@@ -32,7 +32,9 @@ pub fn parse(body: &[u8]) -> Result<Sitemap, String> {
             .read_to_end(&mut out)
             .map_err(|e| format!("not a valid gzip file: {e}"))?;
         if out.len() as u64 > MAX_SITEMAP_BYTES {
-            return Err(format!("larger than {MAX_SITEMAP_BYTES} bytes once inflated"));
+            return Err(format!(
+                "larger than {MAX_SITEMAP_BYTES} bytes once inflated"
+            ));
         }
         inflated = out;
         &inflated

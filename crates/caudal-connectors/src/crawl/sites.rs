@@ -275,6 +275,10 @@ impl Site {
             if st.blocked_until.is_some_and(|b| b > now) {
                 continue;
             }
+            // A permit that woke late (a busy machine) moves the next start
+            // on, so no two starts are ever closer than the delay.
+            let earliest = now + st.delay;
+            st.next_start = st.next_start.max(earliest);
             st.in_flight += 1;
             st.requests += 1;
             break;
@@ -497,7 +501,11 @@ mod tests {
         });
         let t0 = Instant::now();
         site.acquire().await.finish(Outcome::Released);
-        assert!(t0.elapsed() >= Duration::from_millis(290), "{:?}", t0.elapsed());
+        assert!(
+            t0.elapsed() >= Duration::from_millis(290),
+            "{:?}",
+            t0.elapsed()
+        );
         let mut l = limits(4, 0);
         l.max_delay = Duration::from_millis(200);
         site.set_limits(l);
@@ -509,10 +517,13 @@ mod tests {
 
     #[test]
     fn adaptive_delay_follows_latency_and_never_drops_below_the_floor() {
-        let site = Site::new("c.example", SiteLimits {
-            adaptive: true,
-            ..limits(2, 100)
-        });
+        let site = Site::new(
+            "c.example",
+            SiteLimits {
+                adaptive: true,
+                ..limits(2, 100)
+            },
+        );
         for _ in 0..20 {
             lock(&site.state).in_flight += 1;
             site.finish(Outcome::Answered {

@@ -44,13 +44,11 @@ impl CdcSource {
         match config.dialect() {
             #[cfg(feature = "postgres-cdc")]
             Some(SqlDialect::Postgres) => Ok(Self(Arc::new(
-                crate::sources::postgres_cdc::PgCdcSource::connect(pipeline, name, sql)
-                    .await?,
+                crate::sources::postgres_cdc::PgCdcSource::connect(pipeline, name, sql).await?,
             ))),
             #[cfg(feature = "mysql")]
             Some(SqlDialect::Mysql) => Ok(Self(Arc::new(
-                crate::sources::mysql_cdc::MyCdcSource::connect(pipeline, name, sql)
-                    .await?,
+                crate::sources::mysql_cdc::MyCdcSource::connect(pipeline, name, sql).await?,
             ))),
             #[allow(unreachable_patterns)]
             other => Err(unsupported(name, other.unwrap_or(SqlDialect::Sqlite))),

@@ -12,7 +12,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::load::path::{FieldPath, Problem};
-use super::workflows::TaskRetryConfig;
+use super::workflows::{RetryStrategy, TaskRetryConfig};
 use crate::units::{ByteSize, Duration};
 
 /// Default `User-Agent` of the crawler's requests.
@@ -67,8 +67,8 @@ pub struct CrawlSettings {
     pub max_redirects: u32,
     /// Retries of a page that failed (a network error, a timeout, a 5xx or
     /// 429 answer). Default: 3 attempts, from `"1s"` to `"1m"` apart.
-    #[serde(default = "default_page_retry")]
-    pub retry: TaskRetryConfig,
+    #[serde(default)]
+    pub retry: PageRetryConfig,
     /// Requests in flight to one site at once (default 2).
     #[serde(default)]
     pub concurrency: Option<u32>,
@@ -100,7 +100,7 @@ impl Default for CrawlSettings {
             timeout: default_timeout(),
             max_body: default_max_body(),
             max_redirects: default_max_redirects(),
-            retry: default_page_retry(),
+            retry: PageRetryConfig::default(),
             concurrency: None,
             delay: None,
             robots: None,
@@ -132,8 +132,9 @@ pub struct SitePolicy {
     /// answers, and shrinks back as it recovers (default true).
     #[serde(default)]
     pub adaptive: Option<bool>,
-    /// Longest delay the throttle, a `Retry-After` or a back-off sets
-    /// (default `"1m"`).
+    /// Longest delay the adaptive throttle sets, and how long a site that
+    /// keeps failing is backed off (default `"1m"`). A `Retry-After` is
+    /// honoured up to an hour.
     #[serde(default)]
     pub max_delay: Option<Duration>,
     /// Failed requests in a row after which the site is backed off (no
@@ -213,13 +214,68 @@ fn default_max_body() -> ByteSize {
 fn default_max_redirects() -> u32 {
     DEFAULT_MAX_REDIRECTS
 }
-fn default_page_retry() -> TaskRetryConfig {
-    TaskRetryConfig {
-        initial: DEFAULT_PAGE_RETRY_INITIAL,
-        max: DEFAULT_PAGE_RETRY_MAX,
-        max_attempts: DEFAULT_PAGE_ATTEMPTS,
-        ..TaskRetryConfig::default()
+/// Retries of a page: the shared retry policy with the crawler's
+/// defaults.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct PageRetryConfig {
+    /// `"exponential"` (default; doubles), `"linear"` or `"fixed"`.
+    #[serde(default)]
+    pub strategy: RetryStrategy,
+    /// Wait before the first retry (default `"1s"`).
+    #[serde(default = "default_page_retry_initial")]
+    #[schemars(extend("default" = DEFAULT_PAGE_RETRY_INITIAL))]
+    pub initial: Duration,
+    /// Longest wait between two attempts (default `"1m"`).
+    #[serde(default = "default_page_retry_max")]
+    #[schemars(extend("default" = DEFAULT_PAGE_RETRY_MAX))]
+    pub max: Duration,
+    /// Fraction of each wait left to chance, 0 to 1 (default 0.1).
+    #[serde(default = "default_page_retry_jitter")]
+    pub jitter: f64,
+    /// Attempts in all, the first included (default 3).
+    #[serde(default = "default_page_attempts")]
+    #[schemars(extend("default" = DEFAULT_PAGE_ATTEMPTS))]
+    pub max_attempts: u32,
+}
+
+impl Default for PageRetryConfig {
+    fn default() -> Self {
+        Self {
+            strategy: RetryStrategy::default(),
+            initial: DEFAULT_PAGE_RETRY_INITIAL,
+            max: DEFAULT_PAGE_RETRY_MAX,
+            jitter: default_page_retry_jitter(),
+            max_attempts: DEFAULT_PAGE_ATTEMPTS,
+        }
     }
+}
+
+impl PageRetryConfig {
+    /// These retries as the shared retry policy (no time limit).
+    pub fn policy(&self) -> crate::delivery::RetryPolicy {
+        TaskRetryConfig {
+            strategy: self.strategy,
+            initial: self.initial,
+            max: self.max,
+            jitter: self.jitter,
+            max_attempts: self.max_attempts,
+        }
+        .policy(std::time::Duration::ZERO)
+    }
+}
+
+fn default_page_retry_initial() -> Duration {
+    DEFAULT_PAGE_RETRY_INITIAL
+}
+fn default_page_retry_max() -> Duration {
+    DEFAULT_PAGE_RETRY_MAX
+}
+fn default_page_retry_jitter() -> f64 {
+    super::workflows::DEFAULT_TASK_RETRY_JITTER
+}
+fn default_page_attempts() -> u32 {
+    DEFAULT_PAGE_ATTEMPTS
 }
 
 /// A crawl: pages fetched from start URLs (and sitemaps), links followed by
@@ -402,8 +458,7 @@ pub(super) fn check_source(path: &FieldPath, crawl: &CrawlSourceConfig, out: &mu
             out.push(Problem::at(path.key("sitemaps").index(i), why));
         }
     }
-    if crawl.start_urls.is_empty() && crawl.start_urls_file.is_none() && crawl.sitemaps.is_empty()
-    {
+    if crawl.start_urls.is_empty() && crawl.start_urls_file.is_none() && crawl.sitemaps.is_empty() {
         out.push(Problem::at_key(
             path.clone(),
             "a crawl needs somewhere to start: `start_urls`, `start_urls_file` or `sitemaps`",
@@ -497,15 +552,13 @@ pub fn check_selector(css: &str) -> Result<(), String> {
 
 /// Whether `pattern` is a regular expression URLs can be matched with.
 pub fn check_pattern(pattern: &str) -> Result<(), String> {
-    regex::Regex::new(pattern)
-        .map(|_| ())
-        .map_err(|e| match e {
-            regex::Error::Syntax(text) => format!(
-                "{pattern:?} is not a valid regular expression: {}",
-                text.lines().last().unwrap_or_default().trim()
-            ),
-            other => format!("{pattern:?} is not a usable regular expression: {other}"),
-        })
+    regex::Regex::new(pattern).map(|_| ()).map_err(|e| match e {
+        regex::Error::Syntax(text) => format!(
+            "{pattern:?} is not a valid regular expression: {}",
+            text.lines().last().unwrap_or_default().trim()
+        ),
+        other => format!("{pattern:?} is not a usable regular expression: {other}"),
+    })
 }
 
 /// Whether `url` is an absolute http(s) URL (a template left unrendered

@@ -222,7 +222,8 @@ pub struct TaskConfig {
     #[serde(default)]
     pub start_urls: Vec<String>,
     /// crawl: a list of start URLs (or of objects with a `url` field), e.g.
-    /// `"{{ tasks.listings.items }}"`; added to `start_urls`.
+    /// `"{{ tasks.listings.items }}"`; with `start_urls`, they replace the
+    /// source's start URLs.
     #[serde(default)]
     pub urls_from: Option<String>,
     /// pipeline: the pipeline to run once.
@@ -601,7 +602,12 @@ fn check_task(
     only("body", task.body.is_some(), TaskType::Http, out);
     only("site", task.site.is_some(), TaskType::Command, out);
     only("source", task.source.is_some(), TaskType::Crawl, out);
-    only("start_urls", !task.start_urls.is_empty(), TaskType::Crawl, out);
+    only(
+        "start_urls",
+        !task.start_urls.is_empty(),
+        TaskType::Crawl,
+        out,
+    );
     only("urls_from", task.urls_from.is_some(), TaskType::Crawl, out);
     if let Some(site) = &task.site
         && (site.is_empty() || site.contains(['/', ' ']) || site.to_lowercase() != *site)

@@ -69,8 +69,8 @@ pub(crate) enum Work {
     Crawl {
         /// The `type = "crawl"` source.
         source: String,
-        /// Start URLs besides the source's.
-        start: Vec<String>,
+        /// Start URLs instead of the source's, when the task gives any.
+        start: Option<Vec<String>>,
         /// The run's directory (the records go to `<task>.jsonl` there).
         file: PathBuf,
     },
@@ -647,12 +647,9 @@ async fn run_crawl(
     ] {
         d.outputs.insert(k.into(), Value::from(v));
     }
-    d.outputs.insert(
-        "file".into(),
-        Value::String(records.display().to_string()),
-    );
     d.outputs
-        .insert("frontier".into(), Value::String(frontier));
+        .insert("file".into(), Value::String(records.display().to_string()));
+    d.outputs.insert("frontier".into(), Value::String(frontier));
     d
 }
 

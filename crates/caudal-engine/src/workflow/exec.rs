@@ -1571,15 +1571,14 @@ impl Executor {
                             }
                         }
                         other => {
-                            return Err(format!(
-                                "urls_from: expected a list of URLs, got {other}"
-                            ));
+                            return Err(format!("urls_from: expected a list of URLs, got {other}"));
                         }
                     }
                 }
+                let own = !task.start_urls.is_empty() || task.urls_from.is_some();
                 Work::Crawl {
                     source: task.source.clone().unwrap_or_default(),
-                    start,
+                    start: own.then_some(start),
                     file: PathBuf::from(&run.row.dir),
                 }
             }
