@@ -2,7 +2,8 @@
 //! a rate limit per token, an audit record of every mutating call, and one
 //! error shape: `{"error": {"code": "...", "message": "..."}}`.
 //!
-//! Roles: `viewer` reads; `operator` also pauses, resumes and triggers
+//! Roles: `viewer` reads (also the crawler's sites and frontiers);
+//! `operator` also pauses, resumes and triggers
 //! pipelines, discards dead letters, and starts, cancels and retries
 //! workflow runs; `admin` also lists tokens and reads the audit log. A
 //! missing, unknown or revoked token is 401; a token whose role is too low
@@ -27,10 +28,10 @@ use caudal_engine::maintenance::{BackfillTicket, Maintenance};
 use caudal_engine::workflow::Workflows;
 
 use crate::openapi::{
-    AttemptList, AuditEntry, AuditLog, BackfillStarted, Checkpoint, CheckpointReset, DeadLetter,
-    DeadLetterDetail, DeadLetterPage, Discarded, ErrorBody, ErrorDetail, PipelineDetail,
-    PipelineList, Replayed, Run, RunPage, Steered, TaskList, Token, TokenList, WorkflowList,
-    WorkflowRunList,
+    AttemptList, AuditEntry, AuditLog, BackfillStarted, Checkpoint, CheckpointReset, CrawlPage,
+    CrawlPageList, CrawlSite, CrawlSiteList, DeadLetter, DeadLetterDetail, DeadLetterPage,
+    Discarded, ErrorBody, ErrorDetail, Frontier, FrontierList, PipelineDetail, PipelineList,
+    Replayed, Run, RunPage, Steered, TaskList, Token, TokenList, WorkflowList, WorkflowRunList,
 };
 use caudal_store::{DeadLetterState, Store};
 use governor::{Quota, RateLimiter};
@@ -235,6 +236,9 @@ pub fn routes(api: Api) -> Router {
         .route("/workflow-runs/{id}/tasks", get(workflow_tasks))
         .route("/workflow-runs/{id}/attempts", get(workflow_attempts))
         .route("/workflow-runs/{id}/tasks/{task}/log", get(workflow_log))
+        .route("/crawl/sites", get(crawl_sites))
+        .route("/crawl/frontiers", get(crawl_frontiers))
+        .route("/crawl/frontiers/{name}/pages", get(crawl_pages))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Viewer),
             authorize,
@@ -950,8 +954,109 @@ pub(crate) async fn retry_workflow_run(
     answer(StatusCode::ACCEPTED, &run)
 }
 
+#[utoipa::path(get, path = "/api/v1/crawl/sites", tag = "crawl", responses((status = 200, description = "the sites this process has crawled (or that command tasks named) since it started, by host", body = crate::openapi::CrawlSiteList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn crawl_sites(State(api): State<Api>) -> ApiResult {
+    // The figures live in this process's memory, not in the store: every
+    // crawl and command task of the process shares one registry.
+    let sites = caudal_engine::crawl::sites(&api.config).snapshot();
+    ok(&CrawlSiteList {
+        sites: sites.iter().map(CrawlSite::from).collect(),
+    })
+}
+
+/// Which frontiers to list.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct FrontiersQuery {
+    /// Only frontiers whose name starts with this, e.g. `workflow:42:`
+    /// (the crawl tasks of run 42) or `pipeline:`.
+    prefix: Option<String>,
+}
+
+/// Frontiers whose name starts with `prefix` (exactly: case and `_`
+/// included).
+async fn frontiers_named(api: &Api, prefix: &str) -> Result<Vec<Frontier>, ApiError> {
+    // The store matches the prefix with LIKE, where `%` and `_` are
+    // wildcards it drops: ask for the part before the first of them, keep
+    // the exact matches.
+    let plain = prefix.split(['%', '_']).next().unwrap_or_default();
+    let all = api
+        .store
+        .frontiers(Some(plain))
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    Ok(all
+        .iter()
+        .filter(|f| f.name.starts_with(prefix))
+        .map(Frontier::from)
+        .collect())
+}
+
+#[utoipa::path(get, path = "/api/v1/crawl/frontiers", tag = "crawl", params(FrontiersQuery), responses((status = 200, description = "every frontier (or those with the prefix) with its pages by state, by name", body = crate::openapi::FrontierList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn crawl_frontiers(
+    State(api): State<Api>,
+    Query(q): Query<FrontiersQuery>,
+) -> ApiResult {
+    let frontiers = frontiers_named(&api, q.prefix.as_deref().unwrap_or_default()).await?;
+    ok(&FrontierList { frontiers })
+}
+
+/// The states a crawl page can be in.
+const PAGE_STATES: [&str; 6] = [
+    "queued",
+    "fetching",
+    "done",
+    "unchanged",
+    "failed",
+    "skipped",
+];
+
+/// Which pages of a frontier.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct PagesQuery {
+    /// Only pages in this state: `queued`, `fetching`, `done`,
+    /// `unchanged`, `failed` or `skipped`.
+    state: Option<String>,
+    /// At most this many (default 100, at most 500).
+    limit: Option<u32>,
+}
+
+#[utoipa::path(get, path = "/api/v1/crawl/frontiers/{name}/pages", tag = "crawl", params(("name" = String, Path, description = "the frontier, e.g. `pipeline:listings` or `workflow:42:scrape`"), PagesQuery), responses((status = 200, description = "pages in the order they were found", body = crate::openapi::CrawlPageList), (status = 400, description = "unknown state", body = crate::openapi::ErrorBody), (status = 404, description = "no such frontier", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn crawl_pages(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<PagesQuery>,
+) -> ApiResult {
+    if let Some(state) = q.state.as_deref()
+        && !PAGE_STATES.contains(&state)
+    {
+        return Err(bad_request(format!(
+            "state {state:?} is not one of {}",
+            PAGE_STATES.join(", ")
+        )));
+    }
+    let known = frontiers_named(&api, &name)
+        .await?
+        .iter()
+        .any(|f| f.name == name);
+    if !known {
+        return Err(ApiError::not_found(format!("no crawl frontier {name:?}")));
+    }
+    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let pages = api
+        .store
+        .frontier_pages(&name, q.state.as_deref(), limit)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    ok(&CrawlPageList {
+        frontier: name,
+        pages: pages.iter().map(CrawlPage::from).collect(),
+    })
+}
+
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 26] = [
+pub const ROUTES: [(&str, &str, Role); 29] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
@@ -990,4 +1095,7 @@ pub const ROUTES: [(&str, &str, Role); 26] = [
     ("POST", "/api/v1/workflows/{name}/runs", Role::Operator),
     ("POST", "/api/v1/workflow-runs/{id}/cancel", Role::Operator),
     ("POST", "/api/v1/workflow-runs/{id}/retry", Role::Operator),
+    ("GET", "/api/v1/crawl/sites", Role::Viewer),
+    ("GET", "/api/v1/crawl/frontiers", Role::Viewer),
+    ("GET", "/api/v1/crawl/frontiers/{name}/pages", Role::Viewer),
 ];

@@ -63,7 +63,10 @@ pub enum Kind {
 /// `caudal_buffer_blocked` (disk_full). Workflow metrics
 /// (`caudal_workflow_*`, recorded by the workflow executor) have
 /// `workflow`, and `task`, `state`, `outcome` or `pool` as their help says.
-pub const METRICS: [(&str, Kind, &str); 25] = [
+/// Crawler metrics (`caudal_crawl_*`) have `site` (the host, `name` or
+/// `name:port`), and `outcome` or, for pages, `crawl` (the frontier) and
+/// `state`.
+pub const METRICS: [(&str, Kind, &str); 31] = [
     (
         "caudal_records_read_total",
         Kind::Counter,
@@ -188,6 +191,36 @@ pub const METRICS: [(&str, Kind, &str); 25] = [
         "caudal_workflow_pool_slots_used",
         Kind::Gauge,
         "Slots of the pool taken by running attempts (pool `default`: tasks without one).",
+    ),
+    (
+        "caudal_crawl_requests_total",
+        Kind::Counter,
+        "Crawl requests ended, by site and outcome (answered, throttled: 429/503, failed: 5xx, network error or timeout; released: a command task's slot).",
+    ),
+    (
+        "caudal_crawl_bytes_total",
+        Kind::Counter,
+        "Body bytes of answered crawl requests, by site.",
+    ),
+    (
+        "caudal_crawl_latency_seconds",
+        Kind::Histogram,
+        "Time from sending a crawl request to the response head, by site.",
+    ),
+    (
+        "caudal_crawl_delay_seconds",
+        Kind::Gauge,
+        "The delay in force between two request starts to the site (configured, robots.txt Crawl-delay, adaptive throttle), by site.",
+    ),
+    (
+        "caudal_crawl_in_flight",
+        Kind::Gauge,
+        "Crawl requests (and command tasks naming the site) in flight, by site.",
+    ),
+    (
+        "caudal_crawl_pages_total",
+        Kind::Counter,
+        "Crawl pages finished, by crawl (its frontier) and state (done, unchanged, failed, skipped).",
     ),
 ];
 

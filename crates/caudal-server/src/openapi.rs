@@ -24,12 +24,15 @@ pub struct ErrorDetail {
     pub message: String,
 }
 
+use caudal_connectors::crawl::SiteStats;
 pub use caudal_core::status::PipelineStatus;
 pub use caudal_core::workflow::{
     AttemptInfo, AttemptState, RunState, TaskInstanceInfo, TaskState, WorkflowRunInfo,
 };
 pub use caudal_engine::workflow::WorkflowSummary;
-use caudal_store::{AuditRecord, DeadLetter as StoredLetter, RunRecord, TokenRecord};
+use caudal_store::{
+    AuditRecord, DeadLetter as StoredLetter, FrontierSummary, PageRow, RunRecord, TokenRecord,
+};
 
 /// A pipeline and its latest runs.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
@@ -205,6 +208,153 @@ pub struct AttemptList {
     pub attempts: Vec<AttemptInfo>,
 }
 
+/// One site the crawler of this process has asked since it started: its
+/// limits in force and its figures (every crawl and every command task
+/// that names the site counts against the same site).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CrawlSite {
+    /// `name` or `name:port`.
+    pub host: String,
+    /// Requests (or command tasks) that may be in flight at once.
+    pub concurrency: u32,
+    pub in_flight: u32,
+    /// Requests ended (answered, throttled or failed) in the last 60
+    /// seconds: the site's pages per minute (robots.txt and each redirect
+    /// are requests too).
+    pub pages_per_minute: u64,
+    /// Requests started since the process started (command tasks' slots
+    /// included).
+    pub requests: u64,
+    /// Answered (any status but 429, 503 and other 5xx).
+    pub succeeded: u64,
+    /// 5xx, network errors and timeouts.
+    pub failed: u64,
+    /// 429 or 503.
+    pub throttled: u64,
+    /// `succeeded / (succeeded + failed + throttled)`, from 0 to 1; null
+    /// before a request has ended.
+    pub success_rate: Option<f64>,
+    /// Body bytes received.
+    pub bytes: u64,
+    /// Time to the response head, smoothed (the last answers weigh most).
+    pub latency_seconds: f64,
+    /// The delay now in force between two request starts: the configured
+    /// one, raised by robots.txt's `Crawl-delay` and by the adaptive
+    /// throttle.
+    pub delay_seconds: f64,
+    /// Seconds until the site may be asked again (a `Retry-After`, a
+    /// back-off after failures); 0 when it may.
+    pub blocked_seconds: f64,
+}
+
+/// Every site the crawler of this process has asked, by host.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CrawlSiteList {
+    pub sites: Vec<CrawlSite>,
+}
+
+/// A crawl frontier: the URLs one crawl knows and what became of them.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct Frontier {
+    /// `pipeline:<pipeline>` for a crawl source, `workflow:<run>:<task>`
+    /// (or `workflow:<run>:<task>:<map index>`) for a workflow's crawl task.
+    pub name: String,
+    /// The crawl's generation: 1 for the first, one more for each re-crawl.
+    pub generation: i64,
+    /// `crawling` (also a crawl stopped before its end: the next run
+    /// resumes it) or `finished`.
+    pub state: String,
+    pub started_at: Option<String>,
+    pub ended_at: Option<String>,
+    /// Pages by state: `queued`, `fetching`, `done`, `unchanged`, `failed`,
+    /// `skipped` (states without pages are left out).
+    pub pages: std::collections::BTreeMap<String, u64>,
+}
+
+/// Crawl frontiers, by name.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct FrontierList {
+    pub frontiers: Vec<Frontier>,
+}
+
+/// One page of a frontier.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CrawlPage {
+    pub url: String,
+    pub generation: i64,
+    /// `queued`, `fetching`, `done`, `unchanged` (a 304), `failed` or
+    /// `skipped` (robots.txt, not HTML).
+    pub state: String,
+    /// Links followed from a start URL to reach it (0: a start URL).
+    pub depth: u32,
+    pub attempts: u32,
+    /// The HTTP status of the last answer.
+    pub status: Option<u16>,
+    /// The page kind its URL matched.
+    pub kind: Option<String>,
+    /// Why it failed or was skipped.
+    pub error: Option<String>,
+    pub fetched_at: Option<String>,
+}
+
+/// Pages of one frontier, in the order they were found.
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct CrawlPageList {
+    pub frontier: String,
+    pub pages: Vec<CrawlPage>,
+}
+
+impl From<&SiteStats> for CrawlSite {
+    fn from(s: &SiteStats) -> Self {
+        let ended = s.succeeded + s.failed + s.throttled;
+        let success_rate = (ended > 0).then(|| s.succeeded as f64 / ended as f64);
+        Self {
+            host: s.host.clone(),
+            concurrency: s.concurrency,
+            in_flight: s.in_flight,
+            pages_per_minute: s.per_minute,
+            requests: s.requests,
+            succeeded: s.succeeded,
+            failed: s.failed,
+            throttled: s.throttled,
+            success_rate,
+            bytes: s.bytes,
+            latency_seconds: s.latency_seconds,
+            delay_seconds: s.delay_seconds,
+            blocked_seconds: s.blocked_seconds,
+        }
+    }
+}
+
+impl From<&FrontierSummary> for Frontier {
+    fn from(f: &FrontierSummary) -> Self {
+        Self {
+            name: f.name.clone(),
+            generation: f.generation,
+            state: f.state.clone(),
+            started_at: f.started_at.map(|t| t.to_string()),
+            ended_at: f.ended_at.map(|t| t.to_string()),
+            pages: f.pages.iter().cloned().collect(),
+        }
+    }
+}
+
+impl From<&PageRow> for CrawlPage {
+    fn from(p: &PageRow) -> Self {
+        Self {
+            url: p.url.clone(),
+            generation: p.generation,
+            state: p.state.clone(),
+            depth: p.depth,
+            attempts: p.attempts,
+            status: p.status,
+            kind: p.kind.clone(),
+            error: p.error.clone(),
+            fetched_at: p.fetched_at.map(|t| t.to_string()),
+        }
+    }
+}
+
 impl From<&RunRecord> for Run {
     fn from(r: &RunRecord) -> Self {
         Self {
@@ -318,6 +468,9 @@ impl Modify for Bearer {
         crate::api::workflow_log,
         crate::api::cancel_workflow_run,
         crate::api::retry_workflow_run,
+        crate::api::crawl_sites,
+        crate::api::crawl_frontiers,
+        crate::api::crawl_pages,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
@@ -325,7 +478,8 @@ impl Modify for Bearer {
         TokenList, AuditEntry, AuditLog, BackfillStarted, Replayed, CheckpointReset, crate::api::BackfillBody,
         crate::api::ReplayBody, WorkflowSummary, WorkflowRunInfo, TaskInstanceInfo, AttemptInfo,
         RunState, TaskState, AttemptState, WorkflowList, WorkflowRunList, TaskList, AttemptList,
-        crate::api::StartBody
+        crate::api::StartBody, CrawlSite, CrawlSiteList, Frontier, FrontierList, CrawlPage,
+        CrawlPageList
     )),
     modifiers(&Bearer)
 )]

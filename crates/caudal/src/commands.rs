@@ -239,21 +239,27 @@ pub async fn once(path: &Path, name: &str) -> ExitCode {
         Ok(both) => both,
         Err(code) => return code,
     };
+    // A crawl source's pages are on the progress line too.
+    let frontier = config
+        .pipelines
+        .get(name)
+        .and_then(|p| config.sources.get(&p.source))
+        .and_then(|s| s.crawl())
+        .map(|_| (store.clone(), caudal_engine::pipeline::crawl_frontier(name)));
     let pipeline = match Pipeline::build(name, &config, store).await {
         Ok(p) => p,
         Err(e) => return fail(&e),
     };
     let shutdown = shutdown_on_signals();
     let (tx, rx) = tokio::sync::watch::channel(Progress::default());
-    let bar = std::io::stderr()
-        .is_terminal()
-        .then(|| progress_bar(name, rx));
+    let bar = crate::progress::spinner(name.to_string())
+        .map(|bar| (bar.clone(), follow_progress(bar, rx, frontier)));
     let result = pipeline
         .run_once(Trigger::Manual, &shutdown, Some(tx))
         .await;
     if let Some((bar, task)) = bar {
         task.abort();
-        bar.finish_and_clear();
+        crate::progress::clear(&bar);
     }
     match result {
         Err(e) => fail(&e),
@@ -273,32 +279,43 @@ pub async fn once(path: &Path, name: &str) -> ExitCode {
     }
 }
 
-fn progress_bar(
-    name: &str,
+/// Keeps the progress line of `caudal once` current: rows read and
+/// delivered and, for a crawl source (its `frontier` in the store), the
+/// pages done and queued.
+fn follow_progress(
+    bar: indicatif::ProgressBar,
     mut rx: tokio::sync::watch::Receiver<Progress>,
-) -> (indicatif::ProgressBar, tokio::task::JoinHandle<()>) {
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} {prefix}: {msg} [{elapsed_precise}]")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    bar.set_prefix(name.to_string());
-    bar.enable_steady_tick(Duration::from_millis(120));
-    let b = bar.clone();
-    let task = tokio::spawn(async move {
+    frontier: Option<(caudal_store::Store, String)>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
         let start = std::time::Instant::now();
-        while rx.changed().await.is_ok() {
+        let mut pages: Option<String> = None;
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                changed = rx.changed() => if changed.is_err() { return },
+                _ = tick.tick(), if frontier.is_some() => {
+                    if let Some((store, name)) = &frontier {
+                        pages = crate::progress::frontier(store, name)
+                            .await
+                            .map(|f| crate::progress::pages_text(&f));
+                    }
+                }
+            }
             let p = *rx.borrow();
             let secs = start.elapsed().as_secs_f64().max(0.001);
-            b.set_message(format!(
+            let mut message = format!(
                 "{} read, {} delivered, {:.0} rows/s",
                 p.rows_read,
                 p.rows_delivered,
                 p.rows_delivered as f64 / secs
-            ));
+            );
+            if let Some(pages) = &pages {
+                message.push_str(&format!("; {pages}"));
+            }
+            bar.set_message(message);
         }
-    });
-    (bar, task)
+    })
 }
 
 fn summary_line(name: &str, s: &RunSummary) -> String {

@@ -4,6 +4,7 @@
 mod cli;
 mod commands;
 mod demo;
+mod progress;
 mod remote;
 mod top;
 mod workflow;
@@ -78,7 +79,8 @@ fn main() -> ExitCode {
     code
 }
 
-/// Logs to standard error, readable or JSON; with an OTLP endpoint in the
+/// Logs to standard error (above a progress line, if one is drawn),
+/// readable or JSON; with an OTLP endpoint in the
 /// environment (`OTEL_EXPORTER_OTLP_ENDPOINT` or
 /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`), spans (runs, batch deliveries) go
 /// there too over OTLP/HTTP. Returns the tracer provider to flush at exit.
@@ -99,7 +101,7 @@ fn init_logging(
         LogFormat::Text => (
             Some(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(progress::log_writer)
                     .with_ansi(ansi)
                     .with_target(false),
             ),
@@ -109,7 +111,7 @@ fn init_logging(
             None,
             Some(
                 tracing_subscriber::fmt::layer()
-                    .with_writer(std::io::stderr)
+                    .with_writer(progress::log_writer)
                     .with_target(false)
                     .json()
                     .flatten_event(true),

@@ -7,8 +7,8 @@ use std::process::ExitCode;
 use serde_json::Value;
 
 use caudal_server::openapi::{
-    DeadLetterDetail, DeadLetterPage, ErrorBody, PipelineList, Replayed, WorkflowRunInfo,
-    WorkflowRunList,
+    CrawlSite, CrawlSiteList, DeadLetterDetail, DeadLetterPage, ErrorBody, PipelineList, Replayed,
+    WorkflowRunInfo, WorkflowRunList,
 };
 
 use crate::cli::{Cli, DlqCommand};
@@ -81,6 +81,12 @@ impl Remote {
             .get(&format!("/api/v1/workflow-runs?limit={limit}"))
             .await?;
         Ok(list.runs)
+    }
+
+    /// The sites the daemon's crawler has asked, by host.
+    pub async fn crawl_sites(&self) -> Result<Vec<CrawlSite>, String> {
+        let list: CrawlSiteList = self.get("/api/v1/crawl/sites").await?;
+        Ok(list.sites)
     }
 
     /// As [`Self::get`], reporting an error and giving the exit code.

@@ -1,7 +1,12 @@
 //! `caudal top`: a live terminal view of every pipeline (state, rows in and
-//! out per second, lag, buffer, dead letters, circuit) and of the latest
-//! workflow runs (state, tasks by state), refreshed every second, from the
-//! state store or (with `--api`) a running daemon. `q`, Esc or Ctrl-C quits.
+//! out per second, lag, buffer, dead letters, circuit), of the sites the
+//! crawler asks (in flight, pages per minute, success, latency, delay) and
+//! of the latest workflow runs (state, tasks by state), refreshed every
+//! second, from the state store or (with `--api`) a running daemon. `q`,
+//! Esc or Ctrl-C quits.
+//!
+//! The sites' figures live in the memory of the process that crawls, not in
+//! the store: only a daemon's API has them.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -12,7 +17,7 @@ use std::time::{Duration, Instant};
 use caudal_core::status::Replication;
 use caudal_core::workflow::WorkflowRunInfo;
 use caudal_engine::workflow::Workflows;
-use caudal_server::openapi::PipelineList;
+use caudal_server::openapi::{CrawlSite, PipelineList};
 use ratatui::crossterm::event::{self, Event, KeyCode, KeyEventKind, KeyModifiers};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Modifier, Style};
@@ -40,11 +45,12 @@ struct Figures {
     at: Option<Instant>,
 }
 
-/// What one refresh read: every pipeline's figures, and the latest
-/// workflow runs, newest first.
+/// What one refresh read: every pipeline's figures, the crawler's sites
+/// by host, and the latest workflow runs, newest first.
 #[derive(Clone, Debug, Default)]
 struct Sample {
     pipelines: BTreeMap<String, Figures>,
+    sites: Vec<CrawlSite>,
     runs: Vec<WorkflowRunInfo>,
 }
 
@@ -67,6 +73,15 @@ impl Feed {
                 .map_err(|e| e.report())?,
             Feed::Api(remote) => remote
                 .workflow_runs(WORKFLOW_RUNS)
+                .await
+                .map_err(|e| format!("the API: {e}"))?,
+        };
+        let sites = match self {
+            // This process crawls nothing: the daemon's sites are in its
+            // memory, which only its API shows.
+            Feed::Store(..) => Vec::new(),
+            Feed::Api(remote) => remote
+                .crawl_sites()
                 .await
                 .map_err(|e| format!("the API: {e}"))?,
         };
@@ -123,6 +138,7 @@ impl Feed {
         }
         Ok(Sample {
             pipelines: out,
+            sites,
             runs,
         })
     }
@@ -155,6 +171,72 @@ fn rate(now: &Figures, before: Option<&Figures>, pick: fn(&Figures) -> u64) -> S
     #[allow(clippy::cast_precision_loss)]
     let per = n as f64 / secs;
     format!("{per:.0}/s")
+}
+
+/// A duration in seconds as people read it: `0`, `350 ms`, `2.5 s`.
+fn seconds_text(secs: f64) -> String {
+    if secs <= 0.0 {
+        "0".into()
+    } else if secs < 1.0 {
+        format!("{:.0} ms", secs * 1000.0)
+    } else {
+        format!("{secs:.1} s")
+    }
+}
+
+/// The crawler's sites: in flight of the allowed concurrency, pages per
+/// minute, share of requests answered, latency, delay between starts, and
+/// how long the site is blocked for (a `Retry-After`, a back-off).
+fn sites_table(sites: &[CrawlSite]) -> Table<'static> {
+    let rows: Vec<Row> = sites
+        .iter()
+        .map(|s| {
+            Row::new(vec![
+                s.host.clone(),
+                format!("{} / {}", s.in_flight, s.concurrency),
+                s.pages_per_minute.to_string(),
+                s.success_rate
+                    .map_or_else(|| "-".into(), |r| format!("{:.1}%", r * 100.0)),
+                if s.succeeded == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.0} ms", s.latency_seconds * 1000.0)
+                },
+                seconds_text(s.delay_seconds),
+                if s.blocked_seconds > 0.0 {
+                    seconds_text(s.blocked_seconds)
+                } else {
+                    "-".into()
+                },
+                s.requests.to_string(),
+            ])
+        })
+        .collect();
+    let widths = [
+        Constraint::Min(24),
+        Constraint::Length(10),
+        Constraint::Length(10),
+        Constraint::Length(8),
+        Constraint::Length(10),
+        Constraint::Length(9),
+        Constraint::Length(9),
+        Constraint::Min(9),
+    ];
+    Table::new(rows, widths)
+        .header(
+            Row::new(vec![
+                "SITE",
+                "IN FLIGHT",
+                "PAGES/MIN",
+                "SUCCESS",
+                "LATENCY",
+                "DELAY",
+                "BLOCKED",
+                "REQUESTS",
+            ])
+            .style(Style::default().add_modifier(Modifier::BOLD)),
+        )
+        .block(Block::default().title("crawl sites"))
 }
 
 /// The latest workflow runs: id, workflow, state, and their tasks by state.
@@ -226,18 +308,24 @@ pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
     let mut next = Instant::now() + REFRESH;
     let outcome = loop {
         let draw = terminal.draw(|frame| {
-            // The workflow runs below the pipelines (after a blank line),
-            // when there are any.
+            // The crawler's sites, then the workflow runs, below the
+            // pipelines (each after a blank line), when there are any.
             let height = |n: usize| u16::try_from(n).unwrap_or(u16::MAX).saturating_add(1);
-            let (gap, runs_height) = if current.runs.is_empty() {
-                (0, 0)
-            } else {
-                (1, height(current.runs.len()).saturating_add(1))
+            let section = |n: usize| {
+                if n == 0 {
+                    (0, 0)
+                } else {
+                    (1, height(n).saturating_add(1))
+                }
             };
-            let [head, body, _, runs_area, _] = Layout::vertical([
+            let (sites_gap, sites_height) = section(current.sites.len());
+            let (runs_gap, runs_height) = section(current.runs.len());
+            let [head, body, _, sites_area, _, runs_area, _] = Layout::vertical([
                 Constraint::Length(1),
                 Constraint::Length(height(current.pipelines.len())),
-                Constraint::Length(gap),
+                Constraint::Length(sites_gap),
+                Constraint::Length(sites_height),
+                Constraint::Length(runs_gap),
                 Constraint::Length(runs_height),
                 Constraint::Min(0),
             ])
@@ -293,6 +381,9 @@ pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
                 )
                 .block(Block::default());
             frame.render_widget(table, body);
+            if !current.sites.is_empty() {
+                frame.render_widget(sites_table(&current.sites), sites_area);
+            }
             if !current.runs.is_empty() {
                 frame.render_widget(runs_table(&current.runs), runs_area);
             }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
-use caudal_core::workflow::{RunState, WorkflowRunInfo};
+use caudal_core::workflow::{RunState, TaskState, WorkflowRunInfo};
 use caudal_core::{Error, ErrorKind};
 use caudal_engine::workflow::{ExecOptions, Workflows};
 
@@ -137,23 +137,21 @@ async fn wait_for(
         schedules: false,
         only_run: Some(id),
     };
-    match caudal_engine::workflow::execute(config, store, options, shutdown.clone()).await {
-        Ok(()) => {}
-        Err(e) if e.kind() == ErrorKind::Busy => {
-            eprintln!("run {id}: `caudal run` executes it; following it");
-            loop {
-                match workflows.run(id).await {
-                    Ok(run) if run.state.is_finished() => break,
-                    Ok(_) => {}
-                    Err(e) => return fail(&e),
-                }
-                tokio::select! {
-                    () = shutdown.cancelled() => return ExitCode::from(EXIT_INTERRUPTED),
-                    () = tokio::time::sleep(Duration::from_millis(300)) => {}
-                }
-            }
-        }
-        Err(e) => return fail(&e),
+    let progress = crate::progress::spinner(format!("run {id}")).map(|bar| {
+        (
+            bar.clone(),
+            follow_progress(bar, workflows.clone(), store.clone(), id),
+        )
+    });
+    let executed = caudal_engine::workflow::execute(config, store, options, shutdown.clone()).await;
+    let bar = progress.as_ref().map(|(bar, _)| bar);
+    let followed = follow(workflows, id, executed, bar, &shutdown).await;
+    if let Some((bar, task)) = progress {
+        task.abort();
+        crate::progress::clear(&bar);
+    }
+    if let Some(code) = followed {
+        return code;
     }
     let run = match workflows.run(id).await {
         Ok(run) => run,
@@ -182,6 +180,131 @@ async fn wait_for(
         }
     }
     ExitCode::from(EXIT_FAILED)
+}
+
+/// After the executor here returned: when another process (the daemon)
+/// executes the run, waits for it to end. `Some` exit code when waiting
+/// ended otherwise.
+async fn follow(
+    workflows: &Workflows,
+    id: i64,
+    executed: Result<(), Error>,
+    bar: Option<&indicatif::ProgressBar>,
+    shutdown: &tokio_util::sync::CancellationToken,
+) -> Option<ExitCode> {
+    match executed {
+        Ok(()) => None,
+        Err(e) if e.kind() == ErrorKind::Busy => {
+            let note = || eprintln!("run {id}: `caudal run` executes it; following it");
+            match bar {
+                Some(bar) => bar.suspend(note),
+                None => note(),
+            }
+            loop {
+                match workflows.run(id).await {
+                    Ok(run) if run.state.is_finished() => return None,
+                    Ok(_) => {}
+                    Err(e) => return Some(fail(&e)),
+                }
+                tokio::select! {
+                    () = shutdown.cancelled() => return Some(ExitCode::from(EXIT_INTERRUPTED)),
+                    () = tokio::time::sleep(Duration::from_millis(300)) => {}
+                }
+            }
+        }
+        Err(e) => Some(fail(&e)),
+    }
+}
+
+/// How often the progress line reads the store.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// Crawl tasks named on the progress line; more are summed up.
+const PROGRESS_CRAWLS: usize = 3;
+
+/// Keeps the progress line of run `id` current: its state, its tasks by
+/// state and, for each running crawl task, the pages of its frontier
+/// (`workflow:<run>:<task>`) done and queued.
+fn follow_progress(
+    bar: indicatif::ProgressBar,
+    workflows: Workflows,
+    store: caudal_store::Store,
+    id: i64,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            if let Ok(run) = workflows.run(id).await {
+                let mut message = run.state.to_string();
+                if !run.tasks.is_empty() {
+                    message.push_str(&format!(" ({})", counts(&run)));
+                }
+                if let Some(crawls) = crawl_progress(&workflows, &store, id).await {
+                    message.push_str(" — ");
+                    message.push_str(&crawls);
+                }
+                bar.set_message(message);
+            }
+            tokio::time::sleep(PROGRESS_EVERY).await;
+        }
+    })
+}
+
+/// The pages of run `id`'s running crawl tasks, e.g. `scrape: 120 pages
+/// done, 30 queued`; `None` when none runs.
+async fn crawl_progress(
+    workflows: &Workflows,
+    store: &caudal_store::Store,
+    id: i64,
+) -> Option<String> {
+    let prefix = format!("workflow:{id}:");
+    let frontiers = store.frontiers(Some(&prefix)).await.ok()?;
+    let crawling: Vec<_> = frontiers
+        .iter()
+        .filter(|f| f.state == "crawling" && f.name.starts_with(&prefix))
+        .collect();
+    if crawling.is_empty() {
+        return None;
+    }
+    // A frontier stays `crawling` when its task failed: only those of
+    // running tasks are progress.
+    let tasks = workflows.tasks(id).await.ok()?;
+    let running: Vec<String> = tasks
+        .iter()
+        .filter(|t| t.state == TaskState::Running)
+        .map(|t| {
+            if t.map_index >= 0 {
+                format!("{}:{}", t.task, t.map_index)
+            } else {
+                t.task.clone()
+            }
+        })
+        .collect();
+    let mut parts = Vec::new();
+    // Beyond the first few, the other crawls are summed up.
+    let mut rest = caudal_store::FrontierSummary::default();
+    let mut more = 0;
+    for f in crawling {
+        let instance = &f.name[prefix.len()..];
+        if !running.iter().any(|r| r == instance) {
+            continue;
+        }
+        if parts.len() < PROGRESS_CRAWLS {
+            let label = match instance.rsplit_once(':') {
+                Some((task, index)) => format!("{task}[{index}]"),
+                None => instance.to_string(),
+            };
+            parts.push(format!("{label}: {}", crate::progress::pages_text(f)));
+        } else {
+            more += 1;
+            rest.pages.extend(f.pages.iter().cloned());
+        }
+    }
+    if more > 0 {
+        parts.push(format!(
+            "{more} more crawls: {}",
+            crate::progress::pages_text(&rest)
+        ));
+    }
+    (!parts.is_empty()).then(|| parts.join("; "))
 }
 
 fn index_suffix(map_index: i64) -> String {
