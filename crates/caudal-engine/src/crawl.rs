@@ -32,6 +32,7 @@ use caudal_connectors::crawl::extract::{self, host_of, normalize_url};
 use caudal_connectors::crawl::sitemap::{self, Sitemap};
 use caudal_connectors::crawl::{Extractor, FetchOutcome, Sites, Validators, fetch};
 use caudal_connectors::sources::cdc::Durable;
+use caudal_connectors::sources::change::spawn_reader;
 use caudal_core::config::{Config, CrawlSourceConfig};
 use caudal_core::delivery::RetryPolicy;
 use caudal_core::record::{Json, Position, Record};
@@ -184,7 +185,13 @@ impl Crawl {
             },
         };
         tracing::info!(crawl = %self.frontier, generation = opened.generation, resumed = opened.resumed, "crawl starts");
-        run.seed(opened.resumed).await?;
+        // Sitemaps are read by a new generation, and again by a resumed
+        // one that fetched nothing yet (it may have died reading them).
+        let read_sitemaps = !opened.resumed || opened.fetched == 0;
+        tokio::select! {
+            seeded = run.seed(read_sitemaps) => seeded?,
+            () = cancel.cancelled() => return Ok(run.summary.clone()),
+        }
         let (sink, durable) = match output {
             Output::Records { tx, durable } => (Sink::Records(tx), Some(durable)),
             Output::File(path) => (Sink::File(open_append(&path).await?, path), None),
@@ -200,6 +207,31 @@ enum Sink {
 }
 
 async fn open_append(path: &Path) -> Result<tokio::io::BufWriter<tokio::fs::File>> {
+    // A line cut short by a crash is dropped: its page is not `done`, so it
+    // is fetched and written again.
+    if let Ok(bytes) = tokio::fs::read(path).await {
+        let whole = bytes.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if whole < bytes.len() {
+            let file = tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .await
+                .map_err(|e| {
+                    Error::with_source(
+                        ErrorKind::Internal,
+                        format!("cannot open {}", path.display()),
+                        e,
+                    )
+                })?;
+            file.set_len(whole as u64).await.map_err(|e| {
+                Error::with_source(
+                    ErrorKind::Internal,
+                    format!("cannot repair {}", path.display()),
+                    e,
+                )
+            })?;
+        }
+    }
     if let Some(dir) = path.parent() {
         tokio::fs::create_dir_all(dir).await.map_err(|e| {
             Error::with_source(
@@ -254,7 +286,8 @@ struct PageDone {
     page: ClaimedPage,
     attempt: u32,
     outcome: FetchOutcome,
-    extracted: Option<extract::Extracted>,
+    /// What the HTML yielded, or why extraction failed.
+    extracted: Option<std::result::Result<extract::Extracted, String>>,
     html: bool,
     fetched_at: Timestamp,
 }
@@ -301,7 +334,7 @@ impl Run<'_> {
 
     /// Queues the start URLs (and, for a new generation, the sitemaps'
     /// URLs), and saves them.
-    async fn seed(&mut self, resumed: bool) -> Result<()> {
+    async fn seed(&mut self, read_sitemaps: bool) -> Result<()> {
         let crawl = self.crawl;
         let mut starts = Vec::new();
         for raw in crawl.start.iter().chain(&crawl.config.sitemaps) {
@@ -320,13 +353,15 @@ impl Run<'_> {
         for url in starts.into_iter().take(crawl.start.len()) {
             self.add(url, 0);
         }
-        if !resumed {
-            self.read_sitemaps().await;
+        // The start URLs are saved before the sitemaps are read.
+        self.save().await?;
+        if read_sitemaps {
+            self.read_sitemaps().await?;
         }
         self.save().await
     }
 
-    async fn read_sitemaps(&mut self) {
+    async fn read_sitemaps(&mut self) -> Result<()> {
         let crawl = self.crawl;
         let mut queue: VecDeque<String> = crawl.config.sitemaps.iter().cloned().collect();
         let mut read = 0;
@@ -358,12 +393,14 @@ impl Run<'_> {
                             self.add(norm, 0);
                         }
                     }
+                    self.save().await?;
                 }
                 Err(why) => {
                     tracing::warn!(crawl = %crawl.frontier, sitemap = %url, error = %why, "sitemap not read");
                 }
             }
         }
+        Ok(())
     }
 
     /// Saves the links found and the pages ended so far.
@@ -584,6 +621,11 @@ impl Run<'_> {
         self.summary.fetched += 1;
         match done.outcome {
             FetchOutcome::Page(page) => {
+                if page.url.as_str() != url {
+                    // Fetched through a redirect: a link to it is not
+                    // followed again.
+                    lock(&self.known).insert(page.url.to_string());
+                }
                 finished.status = Some(page.status);
                 finished.etag = page.etag;
                 finished.last_modified = page.last_modified;
@@ -597,7 +639,17 @@ impl Run<'_> {
                     self.finished.push(finished);
                     return;
                 }
-                let extracted = done.extracted.unwrap_or_default();
+                let extracted = match done.extracted {
+                    Some(Ok(e)) => e,
+                    Some(Err(why)) => {
+                        finished.state = "failed";
+                        finished.error = Some(why);
+                        self.summary.failed += 1;
+                        self.finished.push(finished);
+                        return;
+                    }
+                    None => extract::Extracted::default(),
+                };
                 finished.kind.clone_from(&extracted.kind);
                 let depth = done.page.depth.saturating_add(1);
                 if crawl.config.max_depth.is_none_or(|max| depth <= max) {
@@ -718,7 +770,9 @@ async fn fetch_page(
     };
     let outcome = match url::Url::parse(&page.url) {
         Ok(url) => {
-            let seen = |target: &str| !lock(&known).insert(target.to_string());
+            // Only asked: a target is known once its page has been fetched
+            // (handle adds it), so a retry of this page follows it again.
+            let seen = |target: &str| lock(&known).contains(target);
             fetch(sites, &url, &validators, &seen).await
         }
         Err(e) => FetchOutcome::Failed {
@@ -736,12 +790,14 @@ async fn fetch_page(
         html = extract::is_html(p.content_type.as_deref(), &p.body);
         if html {
             let (body, ct, url) = (p.body.clone(), p.content_type.clone(), p.url.clone());
-            extracted = tokio::task::spawn_blocking(move || {
-                let text = extract::decode(&body, ct.as_deref());
-                extractor.extract(&url, &text)
-            })
-            .await
-            .ok();
+            extracted = Some(
+                tokio::task::spawn_blocking(move || {
+                    let text = extract::decode(&body, ct.as_deref());
+                    extractor.extract(&url, &text)
+                })
+                .await
+                .map_err(|e| format!("extraction failed: {e}")),
+            );
         }
     }
     PageDone {
@@ -760,7 +816,6 @@ async fn fetch_page(
 pub struct CrawlReader {
     rx: mpsc::Receiver<Result<Vec<Record>>>,
     durable: Durable,
-    task: tokio::task::JoinHandle<()>,
     stop: CancellationToken,
 }
 
@@ -770,28 +825,27 @@ impl CrawlReader {
         let (tx, rx) = mpsc::channel(4);
         let (durable, durable_rx) = Durable::channel();
         let stop = CancellationToken::new();
-        let task = {
+        {
             let stop = stop.clone();
-            tokio::spawn(async move {
-                let output = Output::Records {
-                    tx: tx.clone(),
-                    durable: durable_rx,
-                };
-                match crawl.run(output, &stop).await {
-                    Ok(_) => {}
-                    Err(e) if e.kind() == ErrorKind::Cancelled => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(e)).await;
+            let out = tx.clone();
+            spawn_reader(
+                async move {
+                    let output = Output::Records {
+                        tx: tx.clone(),
+                        durable: durable_rx,
+                    };
+                    match crawl.run(output, &stop).await {
+                        Ok(_) => {}
+                        Err(e) if e.kind() == ErrorKind::Cancelled => {}
+                        Err(e) => {
+                            let _ = tx.send(Err(e)).await;
+                        }
                     }
-                }
-            })
+                },
+                out,
+            );
         };
-        Self {
-            rx,
-            durable,
-            task,
-            stop,
-        }
+        Self { rx, durable, stop }
     }
 
     /// The next records, `None` once the crawl has ended.
@@ -811,8 +865,7 @@ impl CrawlReader {
 
 impl Drop for CrawlReader {
     fn drop(&mut self) {
-        self.stop.cancel();
         // The crawl saves its progress when stopped; it is not aborted.
-        let _ = &self.task;
+        self.stop.cancel();
     }
 }

@@ -641,8 +641,10 @@ depends_on = ["list"]
         }
     }
     assert_eq!(spans.len(), 3, "{text}");
+    // Each command stamps its own start after the shell is up, a few
+    // milliseconds after caudal let it start: allow that jitter.
     for w in spans.windows(2) {
-        assert!(w[1].0 - w[0].0 >= 295_000_000, "{text}");
+        assert!(w[1].0 - w[0].0 >= 270_000_000, "{text}");
     }
     assert!(c.site.max_in_flight() <= 1);
     c.cleanup().await;

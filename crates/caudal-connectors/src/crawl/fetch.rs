@@ -18,7 +18,10 @@ use std::time::{Duration, Instant};
 use bytes::{Bytes, BytesMut};
 use url::Url;
 
+use caudal_core::delivery::{StatusClass, StatusClasses};
+
 use super::extract::{host_of, normalize_url};
+use super::robots::Refusal;
 use super::sites::{Outcome, Sites};
 
 /// Conditional request validators from the page's last fetch.
@@ -82,13 +85,26 @@ pub async fn fetch(
         if site.limits().robots {
             let origin = current.origin().ascii_serialization();
             let rules = site.robots.rules(sites, &site, &origin).await;
-            if let Err(why) = rules.check(current.as_str()) {
-                let why = if hop == 0 {
-                    why
-                } else {
-                    format!("redirected to {current}, which is {why}")
-                };
-                return FetchOutcome::Disallowed(why);
+            match rules.check(current.as_str()) {
+                Ok(()) => {}
+                Err(Refusal::Disallowed) => {
+                    let why = "disallowed by robots.txt";
+                    return FetchOutcome::Disallowed(if hop == 0 {
+                        why.to_string()
+                    } else {
+                        format!("redirected to {current}, which is {why}")
+                    });
+                }
+                // Not the page's fault: it waits for robots.txt and is
+                // tried again.
+                Err(Refusal::Unreachable { why, wait }) => {
+                    return FetchOutcome::Failed {
+                        status: None,
+                        error: why,
+                        retryable: true,
+                        retry_after: Some(wait),
+                    };
+                }
             }
         }
         let permit = site.acquire().await;
@@ -111,7 +127,11 @@ pub async fn fetch(
                 } else {
                     "failed"
                 };
-                return failed(None, format!("request {what}: {}", error_chain(&e)), true);
+                return failed(
+                    None,
+                    format!("request {what}: {}", crate::sinks::http::error_chain(&e)),
+                    true,
+                );
             }
         };
         let latency = started.elapsed();
@@ -176,13 +196,16 @@ pub async fn fetch(
                     retry_after,
                 };
             }
-            s if s >= 500 => {
-                permit.finish(Outcome::Failed);
-                return failed(Some(s), format!("the site answered {status}"), true);
-            }
             s if !status.is_success() => {
-                permit.finish(Outcome::Answered { latency, bytes: 0 });
-                return failed(Some(s), format!("the site answered {status}"), false);
+                // The delivery contract's reading of a status: 408 and 5xx
+                // (not 501) are worth another try, the rest is final.
+                let retryable = StatusClasses::default().classify(s) == StatusClass::Retry;
+                permit.finish(if s >= 500 {
+                    Outcome::Failed
+                } else {
+                    Outcome::Answered { latency, bytes: 0 }
+                });
+                return failed(Some(s), format!("the site answered {status}"), retryable);
             }
             _ => {}
         }
@@ -225,7 +248,10 @@ pub async fn fetch(
                     permit.finish(Outcome::Failed);
                     return failed(
                         Some(status.as_u16()),
-                        format!("reading the body failed: {}", error_chain(&e)),
+                        format!(
+                            "reading the body failed: {}",
+                            crate::sinks::http::error_chain(&e)
+                        ),
                         true,
                     );
                 }
@@ -262,18 +288,4 @@ fn failed(status: Option<u16>, error: String, retryable: bool) -> FetchOutcome {
         retryable,
         retry_after: None,
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text.push_str(": ");
-            text.push_str(&next);
-        }
-        source = s.source();
-    }
-    text
 }

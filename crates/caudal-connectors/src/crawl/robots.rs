@@ -4,9 +4,12 @@
 //! - fetched through the site's permits like any page (it counts against
 //!   the site's concurrency and delay), with the configured User-Agent;
 //! - a 2xx file is obeyed for the configured agent (`Allow`/`Disallow`
-//!   with wildcards, `Crawl-delay`); a 4xx answer means no rules; a 5xx
-//!   answer or an unreachable site means "disallow everything" until it is
-//!   asked again, a minute later;
+//!   with wildcards, `Crawl-delay`); a 4xx answer means no rules; up to
+//!   five redirects are followed; a 5xx or 429 answer or an unreachable
+//!   site means nothing is fetched from it until robots.txt is asked again,
+//!   a minute later (or after its `Retry-After`): pages wait and are tried
+//!   again, they are not skipped;
+//! - at most 512 KiB of it is read;
 //! - a parsed file is kept for a day; one fetch at a time per site (the
 //!   others wait for its answer).
 
@@ -29,23 +32,36 @@ const MAX_ROBOTS_BYTES: usize = 512 << 10;
 pub enum Rules {
     /// No file (4xx), or robots.txt is not obeyed for this site.
     AllowAll,
-    /// The site could not be asked (5xx, network): nothing is fetched.
-    DisallowAll(String),
+    /// The site could not be asked (5xx, 429, network): nothing is fetched
+    /// until `until`, when robots.txt is asked again.
+    Unreachable { why: String, until: Instant },
     /// The file's rules for our agent.
     Parsed(Box<texting_robots::Robot>),
 }
 
+/// Why a URL may not be fetched now.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refusal {
+    /// robots.txt disallows it.
+    Disallowed,
+    /// robots.txt could not be read; ask again after the wait.
+    Unreachable { why: String, wait: Duration },
+}
+
 impl Rules {
-    /// Whether `url` may be fetched; the reason when not.
-    pub fn check(&self, url: &str) -> Result<(), String> {
+    /// Whether `url` may be fetched.
+    pub fn check(&self, url: &str) -> Result<(), Refusal> {
         match self {
             Self::AllowAll => Ok(()),
-            Self::DisallowAll(why) => Err(why.clone()),
+            Self::Unreachable { why, until } => Err(Refusal::Unreachable {
+                why: why.clone(),
+                wait: until.saturating_duration_since(Instant::now()),
+            }),
             Self::Parsed(robot) => {
                 if robot.allowed(url) {
                     Ok(())
                 } else {
-                    Err("disallowed by robots.txt".into())
+                    Err(Refusal::Disallowed)
                 }
             }
         }
@@ -81,61 +97,101 @@ impl RobotsCache {
     }
 }
 
+/// Redirects of robots.txt followed (RFC 9309 asks for at least five).
+const MAX_ROBOTS_REDIRECTS: usize = 5;
+
+fn unreachable(why: String, wait: Duration) -> (Rules, Duration) {
+    (
+        Rules::Unreachable {
+            why,
+            until: Instant::now() + wait,
+        },
+        wait,
+    )
+}
+
 async fn fetch(sites: &Sites, site: &Arc<Site>, origin: &str) -> (Rules, Duration) {
-    let url = format!("{origin}/robots.txt");
-    let permit = site.acquire().await;
-    let started = Instant::now();
-    let response = sites.client().get(&url).send().await;
-    match response {
-        Ok(r) if r.status().is_success() => {
-            let latency = started.elapsed();
-            let body = match r.bytes().await {
-                Ok(b) => b,
-                Err(e) => {
-                    permit.finish(Outcome::Failed);
-                    return (
-                        Rules::DisallowAll(format!("robots.txt unreadable: {e}")),
-                        RETRY,
-                    );
+    let mut url = format!("{origin}/robots.txt");
+    for _ in 0..=MAX_ROBOTS_REDIRECTS {
+        let permit = site.acquire().await;
+        let started = Instant::now();
+        let response = match sites.client().get(&url).send().await {
+            Ok(r) => r,
+            Err(e) => {
+                permit.finish(Outcome::Failed);
+                return unreachable(format!("robots.txt could not be fetched: {e}"), RETRY);
+            }
+        };
+        let status = response.status();
+        let latency = started.elapsed();
+        if status.is_redirection() {
+            permit.finish(Outcome::Answered { latency, bytes: 0 });
+            let next = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .and_then(|l| url::Url::parse(&url).ok()?.join(l).ok());
+            match next {
+                Some(next) => {
+                    url = next.to_string();
+                    continue;
                 }
-            };
-            permit.finish(Outcome::Answered {
-                latency,
-                bytes: body.len() as u64,
-            });
-            let body = &body[..body.len().min(MAX_ROBOTS_BYTES)];
-            let agent = sites.settings().user_agent.clone();
-            // The product token is what robots.txt groups name.
-            let token = agent.split(['/', ' ']).next().unwrap_or(&agent).to_string();
-            match texting_robots::Robot::new(&token, body) {
-                Ok(robot) => (Rules::Parsed(Box::new(robot)), KEEP),
-                // An unparsable file states no rule we can read.
-                Err(_) => (Rules::AllowAll, KEEP),
+                // A redirect to nowhere: no file to obey.
+                None => return (Rules::AllowAll, KEEP),
             }
         }
-        Ok(r) if r.status().is_client_error() => {
-            permit.finish(Outcome::Answered {
-                latency: started.elapsed(),
-                bytes: 0,
-            });
-            (Rules::AllowAll, KEEP)
+        if status.as_u16() == 429 || status.is_server_error() {
+            let retry_after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| crate::sinks::http::parse_retry_after(v, jiff::Timestamp::now()));
+            if status.as_u16() == 429 || status.as_u16() == 503 {
+                permit.finish(Outcome::Throttled { retry_after });
+            } else {
+                permit.finish(Outcome::Failed);
+            }
+            return unreachable(
+                format!("robots.txt answered {status}; the site is not crawled until it answers"),
+                retry_after.unwrap_or(RETRY).max(RETRY),
+            );
         }
-        Ok(r) => {
-            let status = r.status().as_u16();
-            permit.finish(Outcome::Failed);
-            (
-                Rules::DisallowAll(format!(
-                    "robots.txt answered {status}; the site is not crawled until it answers"
-                )),
-                RETRY,
-            )
+        if !status.is_success() {
+            permit.finish(Outcome::Answered { latency, bytes: 0 });
+            return (Rules::AllowAll, KEEP);
         }
-        Err(e) => {
-            permit.finish(Outcome::Failed);
-            (
-                Rules::DisallowAll(format!("robots.txt could not be fetched: {e}")),
-                RETRY,
-            )
+        // Read no more than the limit, whatever the site sends.
+        let mut body = Vec::new();
+        let mut response = response;
+        loop {
+            match response.chunk().await {
+                Ok(Some(chunk)) => {
+                    let room = MAX_ROBOTS_BYTES.saturating_sub(body.len());
+                    body.extend_from_slice(&chunk[..chunk.len().min(room)]);
+                    if body.len() >= MAX_ROBOTS_BYTES {
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    permit.finish(Outcome::Failed);
+                    return unreachable(format!("robots.txt unreadable: {e}"), RETRY);
+                }
+            }
         }
+        permit.finish(Outcome::Answered {
+            latency,
+            bytes: body.len() as u64,
+        });
+        let agent = sites.settings().user_agent.clone();
+        // The product token is what robots.txt groups name.
+        let token = agent.split(['/', ' ']).next().unwrap_or(&agent).to_string();
+        return match texting_robots::Robot::new(&token, &body) {
+            Ok(robot) => (Rules::Parsed(Box::new(robot)), KEEP),
+            // An unparsable file states no rule we can read.
+            Err(_) => (Rules::AllowAll, KEEP),
+        };
     }
+    // Too many redirects: RFC 9309 treats it as no file.
+    (Rules::AllowAll, KEEP)
 }

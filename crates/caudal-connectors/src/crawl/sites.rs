@@ -133,12 +133,16 @@ struct SiteState {
     limits: SiteLimits,
     /// Permits the semaphore was given (to follow a changed concurrency).
     granted: u32,
+    /// Permits to forget when they come back (a lowered concurrency).
+    owed: u32,
     /// robots.txt's `Crawl-delay`, once read.
     crawl_delay: Option<Duration>,
     /// The adaptive delay (never below the floor).
     delay: Duration,
     /// When the next permit may start at the earliest.
     next_start: Instant,
+    /// When the last permit started.
+    last_start: Option<Instant>,
     /// No permit starts before this (a `Retry-After`, a back-off).
     blocked_until: Option<Instant>,
     failures_in_row: u32,
@@ -201,9 +205,11 @@ impl Site {
             state: Mutex::new(SiteState {
                 limits,
                 granted: limits.concurrency,
+                owed: 0,
                 crawl_delay: None,
                 delay: limits.delay,
                 next_start: now,
+                last_start: None,
                 blocked_until: None,
                 failures_in_row: 0,
                 in_flight: 0,
@@ -236,8 +242,11 @@ impl Site {
             self.permits
                 .add_permits((limits.concurrency - st.granted) as usize);
         } else if limits.concurrency < st.granted {
-            self.permits
-                .forget_permits((st.granted - limits.concurrency) as usize);
+            // Permits in use are forgotten as they come back.
+            let fewer = st.granted - limits.concurrency;
+            let forgotten =
+                u32::try_from(self.permits.forget_permits(fewer as usize)).unwrap_or(fewer);
+            st.owed += fewer.saturating_sub(forgotten);
         }
         st.granted = limits.concurrency;
         st.limits = limits;
@@ -275,8 +284,16 @@ impl Site {
             if st.blocked_until.is_some_and(|b| b > now) {
                 continue;
             }
-            // A permit that woke late (a busy machine) moves the next start
-            // on, so no two starts are ever closer than the delay.
+            // A permit that woke late (a busy machine) may find the one
+            // before it started late too: it waits again rather than start
+            // closer than the delay.
+            if let Some(last) = st.last_start
+                && now < last + st.delay
+            {
+                st.next_start = st.next_start.max(last + st.delay);
+                continue;
+            }
+            st.last_start = Some(now);
             let earliest = now + st.delay;
             st.next_start = st.next_start.max(earliest);
             st.in_flight += 1;
@@ -418,6 +435,7 @@ impl SitePermit {
     /// Ends the permit and tells the site's throttle how it went.
     pub fn finish(mut self, outcome: Outcome) {
         self.done = true;
+        self.give_back();
         self.site.finish(outcome);
         if !matches!(outcome, Outcome::Released) {
             lock(&self.site.state).count_one();
@@ -429,9 +447,24 @@ impl SitePermit {
     }
 }
 
+impl SitePermit {
+    /// Returns the slot, or forgets it when the site owes one.
+    fn give_back(&mut self) {
+        let Some(permit) = self._permit.take() else {
+            return;
+        };
+        let mut st = lock(&self.site.state);
+        if st.owed > 0 {
+            st.owed -= 1;
+            permit.forget();
+        }
+    }
+}
+
 impl Drop for SitePermit {
     fn drop(&mut self) {
         if !self.done {
+            self.give_back();
             self.site.finish(Outcome::Released);
         }
     }
@@ -513,6 +546,22 @@ mod tests {
             site.acquire().await.finish(Outcome::Failed);
         }
         assert!(site.stats().blocked_seconds > 0.1);
+    }
+
+    #[tokio::test]
+    async fn a_lowered_concurrency_holds_for_permits_already_out() {
+        let site = Arc::new(Site::new("d.example", limits(3, 0)));
+        let held: Vec<SitePermit> = vec![
+            site.acquire().await,
+            site.acquire().await,
+            site.acquire().await,
+        ];
+        site.set_limits(limits(1, 0));
+        drop(held);
+        let one = site.acquire().await;
+        let second = tokio::time::timeout(Duration::from_millis(100), site.acquire()).await;
+        assert!(second.is_err(), "a second permit with concurrency 1");
+        drop(one);
     }
 
     #[test]
