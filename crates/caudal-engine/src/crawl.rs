@@ -621,11 +621,6 @@ impl Run<'_> {
         self.summary.fetched += 1;
         match done.outcome {
             FetchOutcome::Page(page) => {
-                if page.url.as_str() != url {
-                    // Fetched through a redirect: a link to it is not
-                    // followed again.
-                    lock(&self.known).insert(page.url.to_string());
-                }
                 finished.status = Some(page.status);
                 finished.etag = page.etag;
                 finished.last_modified = page.last_modified;
@@ -770,10 +765,38 @@ async fn fetch_page(
     };
     let outcome = match url::Url::parse(&page.url) {
         Ok(url) => {
-            // Only asked: a target is known once its page has been fetched
-            // (handle adds it), so a retry of this page follows it again.
-            let seen = |target: &str| lock(&known).contains(target);
-            fetch(sites, &url, &validators, &seen).await
+            // A target unknown so far is claimed by this page (a link to it
+            // found meanwhile is not queued); released again if the page is
+            // to be retried, so its retry follows the redirect again.
+            let claimed = std::sync::Mutex::new(Vec::new());
+            let seen = |target: &str| {
+                if lock(&known).insert(target.to_string()) {
+                    claimed
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .push(target.to_string());
+                    false
+                } else {
+                    true
+                }
+            };
+            let outcome = fetch(sites, &url, &validators, &seen).await;
+            if matches!(
+                outcome,
+                FetchOutcome::Failed {
+                    retryable: true,
+                    ..
+                }
+            ) {
+                let claimed = claimed
+                    .into_inner()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut known = lock(&known);
+                for target in claimed {
+                    known.remove(&target);
+                }
+            }
+            outcome
         }
         Err(e) => FetchOutcome::Failed {
             status: None,

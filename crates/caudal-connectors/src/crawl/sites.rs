@@ -253,6 +253,17 @@ impl Site {
         st.delay = st.delay.max(st.floor()).min(st.ceiling());
     }
 
+    /// Reserves the next start time (after any block) and returns it.
+    fn reserve(&self) -> Instant {
+        let mut st = lock(&self.state);
+        let mut start = st.next_start.max(Instant::now());
+        if let Some(b) = st.blocked_until {
+            start = start.max(b);
+        }
+        st.next_start = start + st.delay;
+        start
+    }
+
     /// Records robots.txt's `Crawl-delay` (it raises the delay's floor).
     pub fn set_crawl_delay(&self, delay: Option<Duration>) {
         let mut st = lock(&self.state);
@@ -265,37 +276,29 @@ impl Site {
     pub async fn acquire(self: &Arc<Self>) -> SitePermit {
         // The semaphore is never closed.
         let permit = self.permits.clone().acquire_owned().await.ok();
+        let mut wake = self.reserve();
         loop {
-            let start = {
-                let mut st = lock(&self.state);
-                let now = Instant::now();
-                let mut start = st.next_start.max(now);
-                if let Some(b) = st.blocked_until {
-                    start = start.max(b);
-                }
-                st.next_start = start + st.delay;
-                start
-            };
-            tokio::time::sleep_until(start.into()).await;
-            // A Retry-After or back-off that came while this permit waited
-            // for its reserved time sends it to wait again.
+            tokio::time::sleep_until(wake.into()).await;
             let mut st = lock(&self.state);
             let now = Instant::now();
+            // A Retry-After or back-off that came while this permit waited
+            // for its reserved time sends it to wait again.
             if st.blocked_until.is_some_and(|b| b > now) {
+                drop(st);
+                wake = self.reserve();
                 continue;
             }
-            // A permit that woke late (a busy machine) may find the one
-            // before it started late too: it waits again rather than start
-            // closer than the delay.
+            // The permit before may have started a little late (a busy
+            // machine): this one waits out the rest of the delay after it,
+            // keeping its turn, rather than start closer.
             if let Some(last) = st.last_start
                 && now < last + st.delay
             {
-                st.next_start = st.next_start.max(last + st.delay);
+                wake = last + st.delay;
                 continue;
             }
             st.last_start = Some(now);
-            let earliest = now + st.delay;
-            st.next_start = st.next_start.max(earliest);
+            st.next_start = st.next_start.max(now + st.delay);
             st.in_flight += 1;
             st.requests += 1;
             break;

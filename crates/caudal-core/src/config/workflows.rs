@@ -154,7 +154,7 @@ pub enum TaskType {
     /// Sends an HTTP request; a 2xx answer ends the task.
     Http,
     /// Crawls web pages as a `type = "crawl"` source describes; the
-    /// extracted records are the task's items.
+    /// records go to a file of the run and their URLs are the task's items.
     Crawl,
 }
 

@@ -606,24 +606,46 @@ async fn run_crawl(
         }
     };
     let mut d = done(spec, Ending::Succeeded, None);
-    // The records are the task's items (read back: a resumed crawl's
-    // earlier records are in the file too).
-    match tokio::fs::read_to_string(&records).await {
-        Ok(text) => {
+    // The task's items are the URLs of the pages that made a record (the
+    // records themselves stay in the file, `outputs.file`), read back: a
+    // resumed crawl's earlier records are in the file too.
+    #[derive(serde::Deserialize)]
+    struct Line {
+        url: String,
+    }
+    match std::fs::File::open(&records) {
+        Ok(file) => {
+            use std::io::BufRead as _;
             let mut seen = std::collections::HashSet::new();
-            for line in text.lines().filter(|l| !l.trim().is_empty()) {
-                match serde_json::from_str::<Value>(line) {
-                    Ok(v) => {
-                        let key = v.get("url").map(Value::to_string).unwrap_or_default();
-                        if seen.insert(key) {
-                            d.items.push(v);
+            for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+                let line = match line {
+                    Ok(l) => l,
+                    Err(e) => {
+                        return done(
+                            spec,
+                            Ending::Failed,
+                            Some(format!("cannot read {}: {e}", records.display())),
+                        );
+                    }
+                };
+                if line.trim().is_empty() {
+                    continue;
+                }
+                match serde_json::from_str::<Line>(&line) {
+                    Ok(l) => {
+                        if seen.insert(l.url.clone()) {
+                            d.items.push(Value::String(l.url));
                         }
                     }
                     Err(e) => {
                         return done(
                             spec,
                             Ending::Failed,
-                            Some(format!("{}: a line is not JSON: {e}", records.display())),
+                            Some(format!(
+                                "{} line {}: not a record: {e}",
+                                records.display(),
+                                n + 1
+                            )),
                         );
                     }
                 }
