@@ -36,9 +36,15 @@
 //!   the same processes with no bookkeeping; `workflow-chain`: latency from
 //!   one task's end to the next one's start, against graphile-worker. See
 //!   [`workflows`].
+//! - `crawl`: pages per minute and peak RSS crawling a local fixture site
+//!   of 20,000 pages with no politeness, against Scrapy on the same site
+//!   with the same selectors; `crawl-limit`: the request rate caudal keeps
+//!   to a site it must be polite to, from the site's access log. See
+//!   [`crawl`].
 
 mod buffer;
 mod cdc;
+mod crawl;
 mod footprint;
 mod process;
 mod receiver;
@@ -73,6 +79,8 @@ const SCENARIOS: &[&str] = &[
     "footprint",
     "workflow-dispatch",
     "workflow-chain",
+    "crawl",
+    "crawl-limit",
 ];
 
 /// The scenarios that run caudal's binary (and so can run a baseline
@@ -125,8 +133,8 @@ async fn pg_lock(url: &str) -> anyhow::Result<sqlx::PgConnection> {
 struct Args {
     /// Scenarios to run, comma-separated: initial-sync, steady-state,
     /// cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency,
-    /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain (or
-    /// all).
+    /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain,
+    /// crawl, crawl-limit (or all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000;
@@ -136,6 +144,10 @@ struct Args {
     /// (workflow-dispatch, default 10,000).
     #[arg(long)]
     rows: Option<u64>,
+    /// crawl, crawl-limit: listing pages of the fixture site (crawl,
+    /// default 1,000 of 19 details each; crawl-limit, default 30 of 9).
+    #[arg(long)]
+    listings: Option<u32>,
     /// steady-state: rows changed since the last run.
     #[arg(long, default_value_t = 10_000)]
     changed: u64,
@@ -203,10 +215,14 @@ struct Args {
     /// the machine these figures come from; give the server's cores).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..))]
     copy_workers: u32,
-    /// The Python interpreter that runs the seed re-creations (bench/run
-    /// gives its virtualenv's, with requests, urllib3, psycopg2, schedule).
+    /// The Python interpreter that runs the seed re-creations and crawl's
+    /// Scrapy spider (bench/run gives its virtualenv's, with requests,
+    /// urllib3, psycopg2, schedule, scrapy).
     #[arg(long, default_value = "python3")]
     python: PathBuf,
+    /// The fixture site the crawl scenarios crawl (crates/caudal-testkit).
+    #[arg(long, default_value = "target/release/caudal-site")]
+    site: PathBuf,
     /// Where the seed re-creations are.
     #[arg(long, default_value = "bench/seeds")]
     seeds: PathBuf,
@@ -263,6 +279,8 @@ fn main() -> anyhow::Result<()> {
         for name in names.iter().filter(|n| !BINARY_SCENARIOS.contains(n)) {
             let why = if name.starts_with("workflow-") {
                 "measures workflows, which a baseline build may not have"
+            } else if name.starts_with("crawl") {
+                "measures the crawler, which a baseline build may not have"
             } else {
                 "runs caudal's library in this process"
             };
@@ -339,6 +357,8 @@ async fn run(args: &Args, name: &str) -> anyhow::Result<Vec<Value>> {
         "footprint" => vec![footprint::run(args).await?],
         "workflow-dispatch" => workflows::dispatch(args).await?,
         "workflow-chain" => workflows::chain(args).await?,
+        "crawl" => vec![crawl::throughput(args).await?],
+        "crawl-limit" => vec![crawl::limit(args).await?],
         other => bail!("unknown scenario {other:?}"),
     })
 }

@@ -484,6 +484,80 @@ fn rows(r: &Runs<'_>) -> Vec<Row> {
                 none(),
             ));
         }
+        "crawl" => {
+            let what = format!(
+                "pages/min, {} pages ({} records), {} in flight, no politeness",
+                n("pages"),
+                n("details"),
+                n("concurrency")
+            );
+            let c_rss = || rss("caudal_peak_rss_mib");
+            out.push(row(
+                "crawl",
+                what,
+                n("caudal_pages_per_min"),
+                format!(
+                    "Scrapy, same site, settings and selectors: {}",
+                    n("scrapy_pages_per_min")
+                ),
+                ratio("caudal_over_scrapy"),
+                c_rss(),
+            ));
+            out.push(row(
+                "crawl",
+                "peak RSS".to_string(),
+                mib("caudal_peak_rss_mib"),
+                format!("Scrapy: {}", mib("scrapy_peak_rss_mib")),
+                ratio("scrapy_rss_over_caudal"),
+                none(),
+            ));
+            out.push(row(
+                "crawl",
+                "pages/min between the site's first request and last answer".to_string(),
+                n("caudal_crawl_pages_per_min"),
+                format!("Scrapy: {}", n("scrapy_crawl_pages_per_min")),
+                none(),
+                none(),
+            ));
+            out.push(row(
+                "crawl",
+                "requests the site answered (duplicates)".to_string(),
+                format!("{} ({})", n("caudal_requests"), n("caudal_duplicates")),
+                format!(
+                    "Scrapy: {} ({})",
+                    n("scrapy_requests"),
+                    n("scrapy_duplicates")
+                ),
+                none(),
+                none(),
+            ));
+        }
+        "crawl_limit" => {
+            out.push(row(
+                "crawl-limit",
+                format!(
+                    "requests/s to a site limited to {} in flight and {} ms apart, {} pages",
+                    n("configured_concurrency"),
+                    n("configured_delay_ms"),
+                    n("pages")
+                ),
+                n("achieved_requests_per_s"),
+                format!("configured: {}", n("configured_requests_per_s")),
+                r.show("achieved_over_configured", |v| format!("{v:.3}"), ""),
+                rss("caudal_peak_rss_mib"),
+            ));
+            out.push(row(
+                "crawl-limit",
+                format!(
+                    "smallest gap between request starts (most in flight: {})",
+                    n("max_in_flight")
+                ),
+                ms("min_gap_ms"),
+                format!("delay: {}", ms("configured_delay_ms")),
+                ratio("min_gap_over_delay"),
+                none(),
+            ));
+        }
         "footprint" => {
             let idle = format!(
                 "idle daemon RSS, {} s after a run of 1,000 rows",
@@ -695,6 +769,29 @@ mod tests {
             ],
             "{t}"
         );
+    }
+
+    #[test]
+    fn the_crawl_compares_rate_and_memory_with_scrapy() {
+        let t = table(&[json!({
+            "scenario": "crawl", "pages": 20000, "details": 19000, "concurrency": 16,
+            "caudal_pages_per_min": 60000.0, "scrapy_pages_per_min": 20000.0,
+            "caudal_over_scrapy": 3.0, "caudal_peak_rss_mib": 30.0,
+            "scrapy_peak_rss_mib": 90.0, "scrapy_rss_over_caudal": 3.0,
+            "caudal_crawl_pages_per_min": 61000.0, "scrapy_crawl_pages_per_min": 21000.0,
+            "caudal_requests": 20000, "caudal_duplicates": 0,
+            "scrapy_requests": 20000, "scrapy_duplicates": 0,
+        })]);
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| crawl |")).collect();
+        assert_eq!(
+            rows[..2],
+            [
+                "| crawl | pages/min, 20,000 pages (19,000 records), 16 in flight, no politeness | 60,000 | Scrapy, same site, settings and selectors: 20,000 | 3.00 | 30 MiB |",
+                "| crawl | peak RSS | 30.0 MiB | Scrapy: 90.0 MiB | 3.00 | – |",
+            ],
+            "{t}"
+        );
+        assert!(!t.contains("| ? |"), "{t}");
     }
 
     #[test]

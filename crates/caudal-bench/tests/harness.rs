@@ -35,6 +35,18 @@ fn caudal() -> PathBuf {
     caudal
 }
 
+/// The fixture site beside this test's own build (scripts/test builds the
+/// whole workspace, caudal-testkit's `caudal-site` included).
+fn site() -> PathBuf {
+    let site = caudal().with_file_name("caudal-site");
+    assert!(
+        site.exists(),
+        "{} is missing: build it first (cargo build -p caudal-testkit)",
+        site.display()
+    );
+    site
+}
+
 /// The interpreter with the seeds' packages (bench/venv prints it).
 fn python() -> PathBuf {
     let python = std::env::var_os("CAUDAL_BENCH_PYTHON").map_or_else(
@@ -76,6 +88,8 @@ fn bench(args: &[&str]) -> Output {
         .arg(caudal())
         .arg("--python")
         .arg(python())
+        .arg("--site")
+        .arg(site())
         .arg("--markdown")
         .arg(&table)
         .stdout(std::process::Stdio::piped())
@@ -184,6 +198,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         "2",
         "--idle-secs",
         "1",
+        "--listings",
+        "4",
         "--baseline-caudal",
         baseline,
     ]);
@@ -207,7 +223,9 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
             "workflow_dispatch",
             "workflow_dispatch",
             "workflow_chain",
-            "workflow_chain"
+            "workflow_chain",
+            "crawl",
+            "crawl_limit"
         ],
         "{stdout}"
     );
@@ -247,6 +265,13 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         ("workflow_chain", "caudal_p50_ms"),
         ("workflow_chain", "graphile_p50_ms"),
         ("workflow_chain", "graphile_over_caudal_p50"),
+        ("crawl", "caudal_pages_per_min"),
+        ("crawl", "scrapy_pages_per_min"),
+        ("crawl", "caudal_over_scrapy"),
+        ("crawl", "caudal_peak_rss_mib"),
+        ("crawl", "scrapy_rss_over_caudal"),
+        ("crawl_limit", "achieved_over_configured"),
+        ("crawl_limit", "min_gap_ms"),
     ] {
         get(scenario, figure);
     }
@@ -274,14 +299,30 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
     // The server decoded at least every change and BEGIN and COMMIT of each
     // transaction of 1,000.
     assert!(get("cdc_throughput", "server_decode_messages") >= 3000.0 + 2.0 * 3.0);
+    // Both crawlers produced a record per detail page (the harness fails
+    // otherwise) from the same requests: listings and details, each once.
+    let crawl = results
+        .iter()
+        .find(|r| r["scenario"] == "crawl")
+        .expect("crawl");
+    for crawler in ["caudal", "scrapy"] {
+        assert_eq!(crawl[format!("{crawler}_records")], 4 * 19, "{crawl}");
+        assert_eq!(crawl[format!("{crawler}_requests")], 4 + 4 * 19, "{crawl}");
+        assert_eq!(crawl[format!("{crawler}_duplicates")], 0, "{crawl}");
+    }
     // The baseline in every scenario that runs the binary, none in the
-    // others (they link caudal's library, or measure workflows, which a
-    // baseline build may lack).
+    // others (they link caudal's library, or measure workflows or the
+    // crawler, which a baseline build may lack).
     for r in &results {
         let scenario = r["scenario"].as_str().unwrap_or_default();
         if matches!(
             scenario,
-            "buffer" | "http_sink" | "workflow_dispatch" | "workflow_chain"
+            "buffer"
+                | "http_sink"
+                | "workflow_dispatch"
+                | "workflow_chain"
+                | "crawl"
+                | "crawl_limit"
         ) {
             assert!(r.get("caudal_over_baseline").is_none(), "{r}");
             assert!(r.get("baseline_binary").is_none(), "{r}");
@@ -308,6 +349,10 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
     }
     assert!(
         stderr.contains("buffer: runs caudal's library in this process"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("crawl: measures the crawler, which a baseline build may not have"),
         "{stderr}"
     );
     // Every scenario checked its own deliveries (the harness fails when a
@@ -359,6 +404,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         "buffer",
         "http-sink",
         "footprint",
+        "crawl",
+        "crawl-limit",
     ] {
         assert!(
             markdown
