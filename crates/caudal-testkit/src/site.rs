@@ -148,6 +148,8 @@ struct Shared {
     log: access::AccessLog,
     latency_nanos: AtomicU64,
     fault: Mutex<Fault>,
+    /// The queued failures of [`Site::fail_robots_next`].
+    robots_fault: Mutex<Fault>,
     /// Versions of touched detail pages; absent means 0.
     versions: Mutex<HashMap<u64, u32>>,
 }
@@ -197,6 +199,7 @@ impl Site {
             log: access::AccessLog::new(),
             latency_nanos: AtomicU64::new(nanos(options.latency)),
             fault: Mutex::default(),
+            robots_fault: Mutex::default(),
             versions: Mutex::default(),
         });
         let shutdown = CancellationToken::new();
@@ -301,6 +304,17 @@ impl Site {
         };
     }
 
+    /// Answer the next `count` requests for `/robots.txt` with `status`
+    /// and an empty body (with `Retry-After` when given); other paths are
+    /// not affected.
+    pub fn fail_robots_next(&self, count: usize, status: u16, retry_after: Option<u64>) {
+        *lock(&self.shared.robots_fault) = Fault {
+            remaining: count,
+            status,
+            retry_after,
+        };
+    }
+
     /// A copy of the access log, in the order requests arrived.
     pub fn log(&self) -> Vec<Access> {
         self.shared.log.entries()
@@ -374,7 +388,11 @@ impl Shared {
 
     /// Uses up one queued failure, if any: its status and `Retry-After`.
     fn take_fault(&self) -> Option<(u16, Option<u64>)> {
-        let mut fault = lock(&self.fault);
+        Self::take(&self.fault)
+    }
+
+    fn take(fault: &Mutex<Fault>) -> Option<(u16, Option<u64>)> {
+        let mut fault = lock(fault);
         if fault.remaining == 0 {
             return None;
         }
@@ -509,7 +527,7 @@ async fn handle(
     // Decided on arrival, so that "the next n requests" are the next n to
     // arrive, whatever the latency.
     let fault = if path == "/robots.txt" {
-        None
+        Shared::take(&shared.robots_fault)
     } else {
         shared.take_fault()
     };

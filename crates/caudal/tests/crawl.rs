@@ -735,3 +735,43 @@ async fn sitemaps_and_indexes_feed_the_crawl_and_max_pages_ends_it() {
     let pages = c.pages("pipeline:crawl").await;
     assert!(pages.values().all(|(s, _)| s != "fetching"), "{pages:?}");
 }
+
+/// A robots.txt that answers 503 stops the site's pages until it answers
+/// again (a minute later, or its `Retry-After`): they wait and are fetched
+/// then, none is skipped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unreadable_robots_txt_makes_pages_wait_not_skip() {
+    let c = Crawl::sqlite(SiteOptions {
+        listings: 1,
+        per_listing: 3,
+        robots: Some(ROBOTS.into()),
+        ..SiteOptions::default()
+    })
+    .await;
+    c.write(
+        "concurrency = 2\ndelay = \"0s\"\nadaptive = false",
+        &["/listings/1"],
+        "",
+    );
+    c.site.fail_robots_next(1, 503, Some(2));
+    c.once().await;
+    let log = c.site.log();
+    let failed = log
+        .iter()
+        .find(|a| a.path == "/robots.txt" && a.status == 503)
+        .expect("robots.txt answered 503");
+    assert_eq!(c.site.hits("/robots.txt"), 2, "asked again once");
+    for a in log.iter().filter(|a| a.path != "/robots.txt") {
+        let waited = a.started - failed.started;
+        assert!(
+            waited >= Duration::from_millis(1990),
+            "{} after {waited:?}",
+            a.path
+        );
+    }
+    let (records, _) = c.delivered();
+    assert_eq!(records.len(), 3);
+    let pages = c.pages("pipeline:crawl").await;
+    assert!(pages.values().all(|(s, _)| s == "done"), "{pages:?}");
+    c.cleanup().await;
+}

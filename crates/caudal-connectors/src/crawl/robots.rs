@@ -153,7 +153,7 @@ async fn fetch(sites: &Sites, site: &Arc<Site>, origin: &str) -> (Rules, Duratio
             }
             return unreachable(
                 format!("robots.txt answered {status}; the site is not crawled until it answers"),
-                retry_after.unwrap_or(RETRY).max(RETRY),
+                retry_after.unwrap_or(RETRY),
             );
         }
         if !status.is_success() {
