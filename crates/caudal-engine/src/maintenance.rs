@@ -48,6 +48,9 @@ pub struct Reset {
     /// Batches that waited in the buffer and were dropped (they are read
     /// again from the source).
     pub dropped_batches: u64,
+    /// Whether a crawl pipeline's frontier was forgotten (its next run
+    /// crawls from its start URLs, as a first crawl).
+    pub forgot_frontier: bool,
 }
 
 /// What a resync did.
@@ -103,10 +106,29 @@ impl<'a> Maintenance<'a> {
     pub async fn reset_checkpoint(&self, running: Option<&Pipeline>) -> Result<Reset> {
         let held = self.hold_buffer(running).await?;
         let had_checkpoint = self.store.reset_checkpoint(self.name).await?;
+        // A crawl's position is its frontier: it is forgotten too.
+        let crawl = self
+            .config
+            .pipelines
+            .get(self.name)
+            .and_then(|p| self.config.sources.get(&p.source))
+            .is_some_and(|s| s.crawl().is_some());
+        let mut forgot_frontier = false;
+        if crawl {
+            let frontier = crate::pipeline::crawl_frontier(self.name);
+            forgot_frontier = self
+                .store
+                .frontiers(Some(&frontier))
+                .await?
+                .iter()
+                .any(|f| f.name == frontier);
+            self.store.reset_frontier(&frontier).await?;
+        }
         let dropped_batches = self.drop_waiting(held).await?;
         Ok(Reset {
             had_checkpoint,
             dropped_batches,
+            forgot_frontier,
         })
     }
 
@@ -130,6 +152,7 @@ impl<'a> Maintenance<'a> {
             reset: Reset {
                 had_checkpoint,
                 dropped_batches,
+                forgot_frontier: false,
             },
         })
     }

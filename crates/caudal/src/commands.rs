@@ -534,6 +534,9 @@ fn print_reset(name: &str, reset: Reset) {
             reset.dropped_batches
         );
     }
+    if reset.forgot_frontier {
+        println!("{name}: crawl frontier forgotten; the next run crawls from its start URLs");
+    }
 }
 
 fn print_released(name: &str, released: &caudal_engine::maintenance::Released) {

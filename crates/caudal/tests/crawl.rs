@@ -734,6 +734,16 @@ async fn sitemaps_and_indexes_feed_the_crawl_and_max_pages_ends_it() {
     assert_eq!(f[0].state, "finished");
     let pages = c.pages("pipeline:crawl").await;
     assert!(pages.values().all(|(s, _)| s != "fetching"), "{pages:?}");
+    // Resetting the checkpoint forgets the frontier: the next run crawls
+    // from the start URLs again.
+    let (code, out, err) = c.caudal(&["checkpoint", "reset", "crawl"]).await;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("crawl frontier forgotten"), "{out}");
+    assert!(c.pages("pipeline:crawl").await.is_empty());
+    c.site.reset_log();
+    c.once().await;
+    assert_eq!(c.site.requests(), 5);
+    assert_eq!(c.site.hits("/listings/1"), 1);
 }
 
 /// A robots.txt that answers 503 stops the site's pages until it answers
