@@ -463,7 +463,11 @@ impl Run<'_> {
                     1,
                 ));
             }
-            self.flush_outbox(&mut sink).await?;
+            if let Err(e) = self.flush_outbox(&mut sink).await {
+                // The pipeline stopped reading: what ended is still saved.
+                self.save().await?;
+                return Err(e);
+            }
             let idle = tasks.is_empty() && queue.is_empty() && retries.is_empty();
             if idle && (self.exhausted || self.fetched_total >= limit) {
                 if self.awaiting.is_empty() {
@@ -551,9 +555,11 @@ impl Run<'_> {
             }
             Sink::File(file, path) => {
                 for r in records {
-                    let mut line = r.data.as_str().as_bytes().to_vec();
-                    line.push(b'\n');
-                    file.write_all(&line).await.map_err(|e| {
+                    let written = async {
+                        file.write_all(r.data.as_str().as_bytes()).await?;
+                        file.write_all(b"\n").await
+                    };
+                    written.await.map_err(|e| {
                         Error::with_source(
                             ErrorKind::Internal,
                             format!("cannot write {}", path.display()),
