@@ -6,6 +6,7 @@
 //! network or runtime crate, so every other crate can depend on it cheaply.
 
 pub mod config;
+pub mod dataset;
 pub mod delivery;
 pub mod error;
 pub mod record;

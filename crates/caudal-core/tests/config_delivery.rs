@@ -27,7 +27,9 @@ fn load(text: &str, format: Format) -> Config {
 }
 
 fn sink(config: &Config) -> &HttpSinkConfig {
-    let SinkConfig::Http(sink) = &config.sinks["s"];
+    let SinkConfig::Http(sink) = &config.sinks["s"] else {
+        panic!("an http sink")
+    };
     sink
 }
 

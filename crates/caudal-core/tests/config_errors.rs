@@ -127,7 +127,9 @@ fn seed_001_loads_the_same_from_toml_and_yaml() {
             "postgres://app:s3cret@db.internal/servicedesk"
         );
         assert_eq!(source.cursor, ["last_modified_date", "request_id"]);
-        let caudal_core::config::SinkConfig::Http(sink) = &config.sinks["partner"];
+        let caudal_core::config::SinkConfig::Http(sink) = &config.sinks["partner"] else {
+            panic!("an http sink")
+        };
         assert_eq!(sink.headers["Authorization"].expose(), "Bearer t0k3n");
         assert_eq!(sink.batch.max_records, 500);
         assert_eq!(

@@ -20,7 +20,10 @@ use jiff::Timestamp;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
+use caudal_core::ErrorKind;
+
 use crate::pipeline::{Pipeline, Trigger};
+use crate::report::Report;
 
 /// The longest single sleep; the wall clock is checked again after it, so
 /// clock changes (NTP, suspend) are noticed.
@@ -271,6 +274,110 @@ async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken, steering
         tracing::debug!(pipeline = %name, error = %e.report(), "cannot clear the next run time");
     }
     tracing::info!(pipeline = %name, "stopped");
+}
+
+/// Keeps every report pipeline on its schedule until shutdown: each run
+/// writes the dates due ([`Report::run_due`]); a failed run is tried again
+/// soon, with a growing pause. One more task applies the datasets'
+/// retention at start and every hour.
+pub async fn run_reports(
+    reports: Vec<Report>,
+    config: std::sync::Arc<caudal_core::config::Config>,
+    store: caudal_store::Store,
+    shutdown: CancellationToken,
+) {
+    let mut tasks = tokio::task::JoinSet::new();
+    let datasets: Vec<String> = config
+        .sinks
+        .iter()
+        .filter(|(_, s)| s.files().is_some_and(|f| f.retention.is_some()))
+        .map(|(n, _)| n.clone())
+        .collect();
+    if !datasets.is_empty() {
+        let stop = shutdown.clone();
+        tasks.spawn(async move {
+            loop {
+                for d in &datasets {
+                    match crate::report::apply_retention(&config, &store, d, Timestamp::now()).await {
+                        Ok(dates) if !dates.is_empty() => {
+                            tracing::info!(dataset = %d, dates = dates.len(), "retention: old dates deleted");
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(dataset = %d, error = %e.report(), "retention failed; trying again in an hour"),
+                    }
+                }
+                if !sleep_for(RETENTION_EVERY, &stop).await {
+                    return;
+                }
+            }
+        });
+    }
+    for report in reports {
+        let shutdown = shutdown.clone();
+        tasks.spawn(async move { report_loop(report, shutdown).await });
+    }
+    while tasks.join_next().await.is_some() {}
+}
+
+/// How often the datasets' retention runs.
+const RETENTION_EVERY: Duration = Duration::from_secs(3600);
+
+async fn report_loop(report: Report, shutdown: CancellationToken) {
+    let name = report.name().to_string();
+    let store = report_store(&report);
+    let (mut last_start, mut last_end) = match store.last_run(&name).await {
+        Ok(Some(run)) => (Some(run.started_at), run.ended_at),
+        _ => (None, None),
+    };
+    tracing::info!(pipeline = %name, schedule = %report.schedule().describe(), dataset = %report.dataset(), "report scheduled");
+    let mut failures: u32 = 0;
+    // Days missed while caudal was not running are written at once, not at
+    // the next scheduled time.
+    let mut missed = match report.due_dates(Timestamp::now()).await {
+        Ok(due) => !due.is_empty(),
+        Err(e) => {
+            tracing::warn!(pipeline = %name, error = %e.report(), "cannot tell which dates are due; waiting for the schedule");
+            false
+        }
+    };
+    loop {
+        let now = Timestamp::now();
+        let next = match report.schedule().next_run(last_start, last_end, now) {
+            Ok(t) => t,
+            Err(e) => {
+                tracing::error!(pipeline = %name, error = %e.report(), "no next run; report stopped");
+                return;
+            }
+        };
+        let next = if std::mem::take(&mut missed) {
+            now
+        } else if failures > 0 {
+            add(now, retry_after(failures)).min(next)
+        } else {
+            next
+        };
+        let _ = store.set_next_run(&name, Some(next)).await;
+        if !sleep_until(next, &shutdown).await {
+            break;
+        }
+        let started = Timestamp::now();
+        match report.run_due("schedule", &shutdown).await {
+            Ok(_) => failures = 0,
+            Err(e) if e.kind() == ErrorKind::Cancelled => break,
+            Err(e) => {
+                failures += 1;
+                tracing::warn!(pipeline = %name, error = %e.report(), retry_in_s = retry_after(failures).as_secs(), "report run failed; the dates not written stay due");
+            }
+        }
+        last_start = Some(started);
+        last_end = Some(Timestamp::now());
+    }
+    let _ = store.set_next_run(&name, None).await;
+    tracing::info!(pipeline = %name, "stopped");
+}
+
+fn report_store(report: &Report) -> caudal_store::Store {
+    report.store().clone()
 }
 
 /// Sleeps until the wall-clock time `at`; false if shut down first.

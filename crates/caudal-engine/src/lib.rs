@@ -16,6 +16,7 @@ pub mod lease;
 pub mod maintenance;
 pub mod ordering;
 pub mod pipeline;
+pub mod report;
 pub mod retention;
 pub mod schedule;
 pub mod send;
@@ -23,4 +24,5 @@ pub mod status;
 pub mod workflow;
 
 pub use pipeline::{Pipeline, Progress, RunSummary, Source, Trigger, load_checkpoint};
+pub use report::Report;
 pub use schedule::Schedule;

@@ -230,6 +230,14 @@ impl Pipeline {
         };
         let (sink, batch): (Arc<dyn Sink>, BatchConfig) = match sink_cfg {
             SinkConfig::Http(c) => (Arc::new(HttpSink::new(&p.sink, c)?), c.batch),
+            SinkConfig::Files(_) => {
+                return Err(Error::new(
+                    ErrorKind::Config,
+                    format!(
+                        "pipeline {name:?} writes a dataset: it runs as a report (crate::report)"
+                    ),
+                ));
+            }
         };
         let delivery = sink_cfg.delivery();
         let sender = Sender::new(name, &p.sink, sink, delivery, store.clone());

@@ -100,6 +100,7 @@ pub struct Api {
     limiter: Arc<Limiter>,
     pipelines: Arc<std::collections::BTreeMap<String, caudal_engine::Pipeline>>,
     workflows: Workflows,
+    cache: Arc<crate::datasets::Cache>,
 }
 
 impl std::fmt::Debug for Api {
@@ -118,6 +119,7 @@ impl Api {
         workflows: Workflows,
         requests_per_second: u32,
     ) -> Self {
+        let config_cache = config.cache.clone();
         let rate = NonZeroU32::new(requests_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(requests_per_second.max(1).saturating_mul(2)).unwrap_or(rate);
         Self {
@@ -134,7 +136,26 @@ impl Api {
                     .collect(),
             ),
             workflows,
+            cache: Arc::new(
+                crate::datasets::Cache::new(&config_cache).unwrap_or_else(|e| {
+                    tracing::warn!(error = %e.report(), "cache.url unusable; caching in process");
+                    crate::datasets::Cache::new(&caudal_core::config::CacheConfig::default())
+                        .expect("the default cache needs no connection")
+                }),
+            ),
         }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub(crate) fn cache(&self) -> &crate::datasets::Cache {
+        &self.cache
     }
 }
 
@@ -156,14 +177,22 @@ impl ApiError {
         }
     }
 
-    fn not_found(what: impl Into<String>) -> Self {
+    pub(crate) fn not_found(what: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "not_found", what)
+    }
+
+    pub(crate) fn conflict(what: String) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", what)
+    }
+
+    pub(crate) fn internal(what: String) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", what)
     }
 
     /// The one mapping of an engine or store error to an answer: what the
     /// request names does not exist (404), the request does not fit the
     /// current state (409), anything else is ours (500).
-    fn from_error(e: &caudal_core::Error) -> Self {
+    pub(crate) fn from_error(e: &caudal_core::Error) -> Self {
         use caudal_core::ErrorKind;
         match e.kind() {
             ErrorKind::NotFound => Self::not_found(e.report()),
@@ -216,7 +245,7 @@ fn answer(status: StatusCode, body: &impl serde::Serialize) -> ApiResult {
 }
 
 /// A typed answer as JSON (200).
-fn ok(body: &impl serde::Serialize) -> ApiResult {
+pub(crate) fn ok(body: &impl serde::Serialize) -> ApiResult {
     answer(StatusCode::OK, body)
 }
 
@@ -239,6 +268,12 @@ pub fn routes(api: Api) -> Router {
         .route("/crawl/sites", get(crawl_sites))
         .route("/crawl/frontiers", get(crawl_frontiers))
         .route("/crawl/frontiers/{name}/pages", get(crawl_pages))
+        .route("/datasets", get(crate::datasets::datasets))
+        .route(
+            "/datasets/{name}/partitions",
+            get(crate::datasets::partitions),
+        )
+        .route("/datasets/{name}/rows", get(crate::datasets::rows))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Viewer),
             authorize,
@@ -464,7 +499,7 @@ pub(crate) struct ListQuery {
 
 const MAX_PAGE: u32 = 500;
 
-fn bad_request(message: String) -> ApiError {
+pub(crate) fn bad_request(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
@@ -1056,8 +1091,11 @@ pub(crate) async fn crawl_pages(
 }
 
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 29] = [
+pub const ROUTES: [(&str, &str, Role); 32] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
+    ("GET", "/api/v1/datasets", Role::Viewer),
+    ("GET", "/api/v1/datasets/{name}/partitions", Role::Viewer),
+    ("GET", "/api/v1/datasets/{name}/rows", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
     ("GET", "/api/v1/runs", Role::Viewer),

@@ -8,6 +8,7 @@
 //! process. Without it (every command but `run`), recording is a no-op.
 
 pub mod api;
+pub mod datasets;
 pub mod openapi;
 
 use std::net::SocketAddr;
@@ -24,9 +25,10 @@ use caudal_store::Store;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio_util::sync::CancellationToken;
 
-/// Buckets of the duration histograms, in seconds: 1 ms to 5 min.
-const DURATION_BUCKETS: [f64; 14] = [
-    0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 60.0, 300.0,
+/// Buckets of the duration histograms, in seconds: 0.1 ms to 5 min.
+const DURATION_BUCKETS: [f64; 17] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+    60.0, 300.0,
 ];
 
 /// Installs the process-wide Prometheus recorder and describes caudal's
@@ -66,7 +68,7 @@ pub enum Kind {
 /// Crawler metrics (`caudal_crawl_*`) have `site` (the host, `name` or
 /// `name:port`), and `outcome` or, for pages, `crawl` (the frontier) and
 /// `state`.
-pub const METRICS: [(&str, Kind, &str); 31] = [
+pub const METRICS: [(&str, Kind, &str); 39] = [
     (
         "caudal_records_read_total",
         Kind::Counter,
@@ -216,6 +218,46 @@ pub const METRICS: [(&str, Kind, &str); 31] = [
         "caudal_crawl_in_flight",
         Kind::Gauge,
         "Crawl requests (and command tasks naming the site) in flight, by site.",
+    ),
+    (
+        "caudal_dataset_cache_hits_total",
+        Kind::Counter,
+        "Dataset row queries answered from the cache, by dataset.",
+    ),
+    (
+        "caudal_dataset_cache_misses_total",
+        Kind::Counter,
+        "Dataset row queries read from the files, by dataset.",
+    ),
+    (
+        "caudal_dataset_cache_invalidations_total",
+        Kind::Counter,
+        "Cached dataset results dropped because a partition they read was rewritten, by dataset.",
+    ),
+    (
+        "caudal_dataset_cache_entries",
+        Kind::Gauge,
+        "Results in the in-process dataset cache.",
+    ),
+    (
+        "caudal_dataset_cache_bytes",
+        Kind::Gauge,
+        "Bytes of results in the in-process dataset cache.",
+    ),
+    (
+        "caudal_dataset_query_seconds",
+        Kind::Histogram,
+        "Time to answer a dataset row query, by dataset and cache (hit, miss).",
+    ),
+    (
+        "caudal_dataset_files_read_total",
+        Kind::Counter,
+        "Data files opened by dataset row queries, by dataset.",
+    ),
+    (
+        "caudal_dataset_files_pruned_total",
+        Kind::Counter,
+        "Data files dataset row queries skipped by their min/max, by dataset.",
     ),
     (
         "caudal_crawl_pages_total",

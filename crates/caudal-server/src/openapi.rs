@@ -304,6 +304,17 @@ pub struct CrawlPageList {
     pub pages: Vec<CrawlPage>,
 }
 
+/// A page of a dataset's rows (JSON).
+#[derive(Clone, Debug, Serialize, Deserialize, ToSchema)]
+pub struct RowPage {
+    pub dataset: String,
+    /// Rows: partition columns first, then the files' columns; decimals as
+    /// strings with their scale, timestamps in RFC 3339, NULL as null.
+    pub rows: Vec<serde_json::Map<String, serde_json::Value>>,
+    /// Pass as `cursor` for the next page; null on the last page.
+    pub next_cursor: Option<String>,
+}
+
 impl From<&SiteStats> for CrawlSite {
     fn from(s: &SiteStats) -> Self {
         let ended = s.succeeded + s.failed + s.throttled;
@@ -471,6 +482,9 @@ impl Modify for Bearer {
         crate::api::crawl_sites,
         crate::api::crawl_frontiers,
         crate::api::crawl_pages,
+        crate::datasets::datasets,
+        crate::datasets::partitions,
+        crate::datasets::rows,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
@@ -479,7 +493,8 @@ impl Modify for Bearer {
         crate::api::ReplayBody, WorkflowSummary, WorkflowRunInfo, TaskInstanceInfo, AttemptInfo,
         RunState, TaskState, AttemptState, WorkflowList, WorkflowRunList, TaskList, AttemptList,
         crate::api::StartBody, CrawlSite, CrawlSiteList, Frontier, FrontierList, CrawlPage,
-        CrawlPageList
+        CrawlPageList, RowPage, crate::datasets::DatasetInfo, crate::datasets::DatasetList,
+        crate::datasets::PartitionInfo, crate::datasets::PartitionList
     )),
     modifiers(&Bearer)
 )]

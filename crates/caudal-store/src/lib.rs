@@ -53,6 +53,7 @@ mod api;
 mod checkpoints;
 mod clock;
 mod crawl;
+mod datasets;
 mod dead_letters;
 mod leases;
 mod open;
@@ -68,6 +69,7 @@ pub use checkpoints::Checkpoint;
 pub use crawl::{
     ClaimedPage, FinishedPage, FrontierSummary, NewPage, OpenedFrontier, PAGE_STATES, PageRow,
 };
+pub use datasets::{DatasetDate, DatasetPart, DatasetSummary, PartitionSummary};
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use leases::LeaseOutcome;
 pub use retention::PRUNE_BATCH;

@@ -9,6 +9,11 @@
 //! - [`Site`]: a generated real-estate website on loopback, with an access
 //!   log, for the crawler's tests and benchmark (also the `caudal-site`
 //!   binary).
+//! - [`S3`]: moto's S3 server on loopback, one per test, for the datasets
+//!   sinks (a real S3 API; helpers to create buckets and list and read
+//!   objects).
+//! - [`python()`], [`run_python`]: the benchmarks' Python (`bench/venv`), whose
+//!   pyarrow and DuckDB read caudal's Parquet back as independent readers.
 //!
 //! Everything here panics on setup failure with a message saying what to do:
 //! a test whose server is missing fails, it never skips.
@@ -29,11 +34,15 @@
 #![warn(missing_docs)]
 
 pub mod database;
+pub mod python;
 pub mod receiver;
+pub mod s3;
 pub mod site;
 
 pub use database::{
     DbKind, TestDb, mysql_database, mysql_database_at, pg_database, pg_database_at, sqlite_database,
 };
+pub use python::{python, run_python};
 pub use receiver::{Behaviour, ReceivedRequest, Receiver, Reply};
+pub use s3::S3;
 pub use site::{Access, Detail, Site, SiteOptions, SiteSummary, detail};

@@ -78,10 +78,14 @@ pub enum Command {
     /// the rest in the buffer, and exits 0.
     Run,
     /// Run one pipeline once, now: read from its checkpoint to the source's
-    /// end, and deliver until its buffer is empty.
+    /// end, and deliver until its buffer is empty. A report pipeline
+    /// (`mode = "query"`) writes the dates due, or `--date`.
     Once {
         /// The pipeline to run.
         pipeline: String,
+        /// Report pipelines: write this logical date (YYYY-MM-DD) again.
+        #[arg(long)]
+        date: Option<String>,
     },
     /// Show every pipeline: schedule, last run, rows, checkpoint, next run.
     Status {
@@ -126,16 +130,27 @@ pub enum Command {
     /// cancel, retry the failed tasks, backfill a date range.
     #[command(subcommand)]
     Workflow(WorkflowCommand),
-    /// CDC: read a table again (or the rows matching `--where`) while the
-    /// pipeline keeps streaming, as `read` records ordered with the changes
-    /// around them. Needs the pipeline running under `caudal run`; shows
-    /// progress until the backfill is done.
+    /// Report pipelines: write every day from `--from` to `--to`
+    /// (inclusive), up to `--parallel` at once, each replacing that day's
+    /// partitions. CDC pipelines: read a table again (`--table`, or the rows
+    /// matching `--where`) while the pipeline keeps streaming, as `read`
+    /// records ordered with the changes around them (needs the pipeline
+    /// running under `caudal run`). Shows progress until done.
     Backfill {
-        /// The pipeline (its `caudal run` does the reading).
+        /// The pipeline.
         pipeline: String,
-        /// The table to read, as in `tables`.
+        /// Report pipelines: the first logical date (YYYY-MM-DD).
         #[arg(long)]
-        table: String,
+        from: Option<String>,
+        /// Report pipelines: the last logical date (YYYY-MM-DD), included.
+        #[arg(long)]
+        to: Option<String>,
+        /// Report pipelines: dates written at once (default 2).
+        #[arg(long, default_value_t = 2)]
+        parallel: usize,
+        /// CDC pipelines: the table to read, as in `tables`.
+        #[arg(long)]
+        table: Option<String>,
         /// Only rows matching this SQL condition, e.g. `"status_id = 3"`.
         #[arg(long = "where")]
         filter: Option<String>,

@@ -122,13 +122,21 @@ pub async fn run(path: &Path) -> ExitCode {
         Err(code) => return code,
     };
     let mut pipelines = Vec::new();
+    let mut reports = Vec::new();
     for name in config.pipelines.keys() {
+        if caudal_engine::report::is_report(&config, name) {
+            match caudal_engine::Report::build(name, &config, store.clone()).await {
+                Ok(r) => reports.push(r),
+                Err(e) => return fail(&e),
+            }
+            continue;
+        }
         match Pipeline::build(name, &config, store.clone()).await {
             Ok(p) => pipelines.push(p),
             Err(e) => return fail(&e),
         }
     }
-    if pipelines.is_empty() && config.workflows.is_empty() {
+    if pipelines.is_empty() && reports.is_empty() && config.workflows.is_empty() {
         eprintln!(
             "error: {} defines no pipelines and no workflows",
             path.display()
@@ -168,9 +176,16 @@ pub async fn run(path: &Path) -> ExitCode {
             .await;
         }
     };
+    let reports = caudal_engine::daemon::run_reports(
+        reports,
+        std::sync::Arc::new(config.clone()),
+        store.clone(),
+        shutdown.clone(),
+    );
     tokio::join!(
         caudal_engine::daemon::run_with(pipelines, shutdown.clone(), control),
-        workflows
+        workflows,
+        reports
     );
     if let Some((_, task)) = server {
         let _ = task.await;
@@ -234,11 +249,18 @@ async fn start_server(
     Ok((state, task))
 }
 
-pub async fn once(path: &Path, name: &str) -> ExitCode {
+pub async fn once(path: &Path, name: &str, date: Option<&str>) -> ExitCode {
     let (config, store) = match load_with_store(path).await {
         Ok(both) => both,
         Err(code) => return code,
     };
+    if crate::report::is_report(&config, name) {
+        return crate::report::once(config, store, name, date).await;
+    }
+    if date.is_some() {
+        eprintln!("error: --date applies to report pipelines (a source with mode = \"query\")");
+        return ExitCode::from(EXIT_CONFIG);
+    }
     // A crawl source's pages are on the progress line too.
     let frontier = config
         .pipelines
@@ -482,6 +504,9 @@ pub async fn checkpoint(path: &Path, command: &CheckpointCommand) -> ExitCode {
         Ok(s) => s,
         Err(code) => return code,
     };
+    if caudal_engine::report::is_report(&config, name) {
+        return crate::report::checkpoint(&config, &store, name, command).await;
+    }
     match command {
         CheckpointCommand::Show { .. } => match store.checkpoint(name).await {
             Err(e) => fail(&e),

@@ -6,6 +6,7 @@ mod commands;
 mod demo;
 mod progress;
 mod remote;
+mod report;
 mod top;
 mod workflow;
 
@@ -44,7 +45,9 @@ fn main() -> ExitCode {
         match &cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Run => commands::run(&cli.config).await,
-            Command::Once { pipeline } => commands::once(&cli.config, pipeline).await,
+            Command::Once { pipeline, date } => {
+                commands::once(&cli.config, pipeline, date.as_deref()).await
+            }
             Command::Status { json } => match remote::Remote::from_args(&cli) {
                 Some(r) => r.status(*json).await,
                 None => commands::status(&cli.config, *json).await,
@@ -64,9 +67,26 @@ fn main() -> ExitCode {
             Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
             Command::Backfill {
                 pipeline,
+                from,
+                to,
+                parallel,
                 table,
                 filter,
-            } => commands::backfill(&cli.config, pipeline, table, filter.as_deref()).await,
+            } => match (table, from, to) {
+                (Some(table), None, None) => {
+                    commands::backfill(&cli.config, pipeline, table, filter.as_deref()).await
+                }
+                (None, Some(from), Some(to)) if filter.is_none() => {
+                    crate::report::backfill(&cli.config, pipeline, from, to, *parallel).await
+                }
+                _ => {
+                    eprintln!(
+                        "error: give either --from and --to (a report pipeline) or --table \
+                         [--where] (a CDC pipeline)"
+                    );
+                    std::process::ExitCode::from(commands::EXIT_CONFIG)
+                }
+            },
         }
     });
     // Do not wait for stray blocking tasks (e.g. a stdin reader) at exit.

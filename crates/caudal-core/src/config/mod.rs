@@ -7,6 +7,7 @@
 //! [`load`]; cross-field checks live in [`validate`].
 
 pub mod crawl;
+pub mod datasets;
 pub mod delivery;
 pub mod load;
 pub mod pipelines;
@@ -28,6 +29,7 @@ pub use crawl::{
     CrawlSettings, CrawlSourceConfig, FieldConfig, FieldSpec, PageKindConfig, SiteLimits,
     SitePolicy,
 };
+pub use datasets::{CacheConfig, ColumnType, Compression, FileFormat, FilesSinkConfig, S3Config};
 pub use delivery::*;
 pub use load::{ConfigError, ConfigErrors, Format, Located, load_file, load_str};
 pub use pipelines::*;
@@ -83,6 +85,10 @@ pub struct Config {
     /// names a site.
     #[serde(default)]
     pub crawl: CrawlSettings,
+    /// The query API's result cache (datasets): in process, or in Redis
+    /// with `url`.
+    #[serde(default)]
+    pub cache: CacheConfig,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]

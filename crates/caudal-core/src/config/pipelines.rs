@@ -81,6 +81,16 @@ pub struct ScheduleConfig {
     /// Pause between runs of a continuous schedule (default `"1s"`).
     #[serde(default)]
     pub poll: Option<Duration>,
+    /// Report pipelines (`mode = "query"`): whether a run also writes every
+    /// day missed since the last one written (default `true`); otherwise
+    /// only the last complete day.
+    #[serde(default)]
+    pub catch_up: Option<bool>,
+    /// Report pipelines: the first logical date a run writes when none has
+    /// been written yet, e.g. `"2025-01-01"` (default: the last complete
+    /// day only).
+    #[serde(default)]
+    pub start_date: Option<String>,
 }
 
 /// When a pipeline acknowledges a source position upstream.
@@ -389,6 +399,7 @@ fn check_pipeline(
         .get(&pipeline.source)
         .is_some_and(SourceConfig::is_cdc);
     let s = &pipeline.schedule;
+    check_report(path, pipeline, config, out);
     if !cdc {
         check_schedule(&path.key("schedule"), s, out);
     } else if s.every.is_some() || s.cron.is_some() || s.continuous || s.poll.is_some() {
@@ -411,6 +422,73 @@ fn check_pipeline(
         ));
     }
     check_buffer(&path.key("buffer"), &pipeline.buffer, out);
+}
+
+/// A report pipeline (`mode = "query"` source) writes a `files` sink on a
+/// cron or interval schedule, and a `files` sink is written by one.
+fn check_report(
+    path: &FieldPath,
+    pipeline: &PipelineConfig,
+    config: &Defined<'_>,
+    out: &mut Vec<Problem>,
+) {
+    let query = config
+        .sources
+        .get(&pipeline.source)
+        .and_then(SourceConfig::sql)
+        .is_some_and(|s| s.mode == super::SqlMode::Query);
+    let files = config
+        .sinks
+        .get(&pipeline.sink)
+        .is_some_and(|s| s.files().is_some());
+    let s = &pipeline.schedule;
+    if query && !files && config.sinks.contains_key(&pipeline.sink) {
+        out.push(Problem::at(
+            path.key("sink"),
+            format!(
+                "source {:?} runs a report query per date (mode = \"query\"); its rows go to a \
+                 `type = \"files\"` sink, a dataset",
+                pipeline.source
+            ),
+        ));
+    }
+    if files && !query && config.sources.contains_key(&pipeline.source) {
+        out.push(Problem::at(
+            path.key("source"),
+            format!(
+                "sink {:?} writes partitions per logical date: its source must be a SQL source \
+                 with mode = \"query\"",
+                pipeline.sink
+            ),
+        ));
+    }
+    if query && s.continuous {
+        out.push(Problem::at(
+            path.key("schedule").key("continuous"),
+            "a report runs per day: use `cron` (e.g. \"0 2 * * *\") or `every`",
+        ));
+    }
+    if !query {
+        for (field, set) in [
+            ("catch_up", s.catch_up.is_some()),
+            ("start_date", s.start_date.is_some()),
+        ] {
+            if set {
+                out.push(Problem::at(
+                    path.key("schedule").key(field),
+                    format!("{field:?} applies only to report pipelines (a source with mode = \"query\")"),
+                ));
+            }
+        }
+    }
+    if let Some(start) = &s.start_date
+        && start.parse::<jiff::civil::Date>().is_err()
+    {
+        out.push(Problem::at(
+            path.key("schedule").key("start_date"),
+            format!("expected a date like \"2025-01-01\", found {start:?}"),
+        ));
+    }
 }
 
 pub(super) fn unknown_reference<V>(
@@ -573,4 +651,24 @@ pub(super) fn check_pipelines(config: &Defined<'_>, out: &mut Vec<Problem>) {
         check_pipeline(&path, pipeline, config, out);
     }
     check_slots(config, out);
+    // A dataset has one writer: its dates and partitions are its own.
+    let mut writers: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, pipeline) in config.pipelines {
+        let files = config
+            .sinks
+            .get(&pipeline.sink)
+            .is_some_and(|s| s.files().is_some());
+        if !files {
+            continue;
+        }
+        if let Some(first) = writers.insert(pipeline.sink.as_str(), name.as_str()) {
+            out.push(Problem::at(
+                root.key("pipelines").key(name.clone()).key("sink"),
+                format!(
+                    "dataset {:?} is written by pipeline {first:?} already; a files sink has one pipeline",
+                    pipeline.sink
+                ),
+            ));
+        }
+    }
 }

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::datasets::FilesSinkConfig;
 use super::delivery::{
     CircuitBreakerConfig, ConcurrencyConfig, DeliveryConfig, Legacy, RateLimitConfig, RetryConfig,
     StatusConfig, check_delivery,
@@ -33,15 +34,29 @@ pub const DEFAULT_IDEMPOTENCY_HEADER: &str = "Idempotency-Key";
 /// A destination of records. The `type` field selects the kind.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
 #[serde(tag = "type", rename_all = "snake_case")]
+// Parsed once per configuration: the size of a sink does not matter.
+#[allow(clippy::large_enum_variant)]
 pub enum SinkConfig {
     /// An HTTP endpoint that receives batches.
     Http(HttpSinkConfig),
+    /// Partitioned Parquet or JSON Lines files, on a local disk or S3: a
+    /// dataset the query API serves (`[sinks.NAME]` is dataset `NAME`).
+    Files(FilesSinkConfig),
 }
 
 impl SinkConfig {
     pub fn type_name(&self) -> &'static str {
         match self {
             Self::Http(_) => "http",
+            Self::Files(_) => "files",
+        }
+    }
+
+    /// The settings of a `files` sink.
+    pub fn files(&self) -> Option<&FilesSinkConfig> {
+        match self {
+            Self::Files(c) => Some(c),
+            Self::Http(_) => None,
         }
     }
 }
@@ -321,14 +336,18 @@ pub fn check_body_template(body: &str) -> Result<(), String> {
 pub(super) fn check_sink(path: &FieldPath, sink: &SinkConfig, out: &mut Vec<Problem>) {
     match sink {
         SinkConfig::Http(http) => check_http_sink(path, http, out),
+        SinkConfig::Files(files) => super::datasets::check_files_sink(path, files, out),
     }
 }
 
 impl SinkConfig {
     /// The sink's delivery policy.
     pub fn delivery(&self) -> &DeliveryConfig {
+        static RUN_RETRIES: std::sync::OnceLock<DeliveryConfig> = std::sync::OnceLock::new();
         match self {
             Self::Http(c) => &c.delivery,
+            // A files sink writes within a run; the run is retried whole.
+            Self::Files(_) => RUN_RETRIES.get_or_init(DeliveryConfig::default),
         }
     }
 
@@ -345,6 +364,7 @@ impl SinkConfig {
                 concurrency: c.concurrency.take(),
             }
             .move_into(&mut c.delivery, path),
+            Self::Files(_) => (Vec::new(), Vec::new()),
         }
     }
 }

@@ -111,6 +111,10 @@ pub enum SqlMode {
     /// Change data capture: snapshot the tables, then stream every change
     /// from the database's log (PostgreSQL logical replication).
     Cdc,
+    /// A report: run `query` once per logical date (a day), rendered with
+    /// that date (`{{ date }}`, `{{ next_date }}`, `{{ day(-7) }}`), and
+    /// write its rows to a `files` sink as that date's partitions.
+    Query,
 }
 
 /// Whether a CDC source first reads the rows its tables already hold.
@@ -283,6 +287,46 @@ pub(super) fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Ve
             check_first_load(path, dialect, sql, out);
         }
         SqlMode::Cdc => check_cdc(path, dialect, sql, out),
+        SqlMode::Query => check_query(path, sql, out),
+    }
+}
+
+fn check_query(path: &FieldPath, sql: &SqlSourceConfig, out: &mut Vec<Problem>) {
+    match &sql.query {
+        None => out.push(Problem::at_key(
+            path.clone(),
+            "mode = \"query\" runs \"query\" for each date: set it, e.g. \
+             \"select … where sold_at >= {{ date }} and sold_at < {{ next_date }}\"",
+        )),
+        Some(query) if query.trim().is_empty() => {
+            out.push(Problem::at(path.key("query"), "must not be empty"));
+        }
+        Some(query) => {
+            if let Err(why) =
+                super::datasets::render_report_query(query, jiff::civil::date(2000, 1, 1))
+            {
+                out.push(Problem::at(path.key("query"), why));
+            }
+        }
+    }
+    for (field, set) in [
+        ("table", sql.table.is_some()),
+        ("tables", sql.tables.is_some()),
+        ("slot", sql.slot.is_some()),
+        ("publication", sql.publication.is_some()),
+        ("heartbeat", sql.heartbeat.is_some()),
+        ("server_id", sql.server_id.is_some()),
+        ("cursor", !sql.cursor.is_empty()),
+        ("lag", sql.lag.is_some()),
+        ("columns", sql.columns.is_some()),
+        ("first_load", sql.first_load.is_some()),
+    ] {
+        if set {
+            out.push(Problem::at(
+                path.key(field),
+                format!("{field:?} does not apply to mode = \"query\", which reads the rows of `query` for one date"),
+            ));
+        }
     }
 }
 

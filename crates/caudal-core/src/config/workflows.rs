@@ -84,6 +84,8 @@ impl WorkflowScheduleConfig {
             tz: self.tz.clone(),
             continuous: false,
             poll: None,
+            catch_up: None,
+            start_date: None,
         }
     }
 

@@ -512,6 +512,9 @@ async fn run_pipeline(
     stop: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Done {
+    if crate::report::is_report(&shared.config, name) {
+        return run_report(spec, name, shared, stop, shutdown).await;
+    }
     let pipeline = match crate::Pipeline::build(name, &shared.config, shared.store.clone()).await {
         Ok(p) => p,
         Err(e) => return done(spec, Ending::Failed, Some(e.report().to_string())),
@@ -549,6 +552,52 @@ async fn run_pipeline(
                 .insert("rows_read".into(), Value::from(summary.rows_read));
             d.outputs
                 .insert("rows_delivered".into(), Value::from(summary.rows_delivered));
+            d
+        }
+    }
+}
+
+/// A report pipeline as a task: a dataset refresh, the days due (as
+/// `caudal once`). Outputs: `dates` written, `rows`, `files`.
+async fn run_report(
+    spec: &Spec,
+    name: &str,
+    shared: &Shared,
+    stop: &CancellationToken,
+    shutdown: &CancellationToken,
+) -> Done {
+    let report = match crate::Report::build(name, &shared.config, shared.store.clone()).await {
+        Ok(r) => r,
+        Err(e) => return done(spec, Ending::Failed, Some(e.report().to_string())),
+    };
+    let cancel = CancellationToken::new();
+    let run = report.run_due("workflow", &cancel);
+    tokio::pin!(run);
+    let result = tokio::select! {
+        r = &mut run => Ok(r),
+        ending = limit(spec.timeout, stop, shutdown) => Err(ending),
+    };
+    match result {
+        Err(ending) => {
+            cancel.cancel();
+            let _ = run.await;
+            done(spec, ending, Some(stopped_message(spec, ending)))
+        }
+        Ok(Err(e)) => done(spec, Ending::Failed, Some(e.report().to_string())),
+        Ok(Ok(dates)) => {
+            let mut d = done(spec, Ending::Succeeded, None);
+            d.outputs.insert(
+                "dates".into(),
+                Value::from(dates.iter().map(|s| s.date.to_string()).collect::<Vec<_>>()),
+            );
+            d.outputs.insert(
+                "rows".into(),
+                Value::from(dates.iter().map(|s| s.rows).sum::<u64>()),
+            );
+            d.outputs.insert(
+                "files".into(),
+                Value::from(dates.iter().map(|s| s.files as u64).sum::<u64>()),
+            );
             d
         }
     }

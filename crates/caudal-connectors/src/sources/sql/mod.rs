@@ -18,6 +18,8 @@ pub mod first_load;
 pub(crate) mod mysql;
 pub(crate) mod postgres;
 pub mod postgres_copy;
+#[cfg(feature = "files")]
+pub mod report;
 mod sqlite;
 
 use caudal_core::config::{

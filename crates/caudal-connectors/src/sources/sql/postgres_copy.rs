@@ -368,15 +368,20 @@ fn row<B: RowBuilder>(
 
 /// Parses PostgreSQL's binary `COPY` format from a growing buffer.
 #[derive(Debug, Default)]
-struct Parser {
+pub(crate) struct Parser {
     header: bool,
     ended: bool,
 }
 
 impl Parser {
+    /// Whether the trailer was read (the data is complete).
+    pub(crate) fn ended(&self) -> bool {
+        self.ended
+    }
+
     /// The next whole tuple's fields from the front of `buf` (consumed), or
     /// `None` when more data is needed or the trailer was read.
-    fn next(
+    pub(crate) fn next(
         &mut self,
         buf: &mut BytesMut,
     ) -> std::result::Result<Option<Vec<Option<bytes::Bytes>>>, String> {

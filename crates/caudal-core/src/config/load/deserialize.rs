@@ -23,7 +23,7 @@ use crate::config::{Config, PipelineConfig, SinkConfig, SourceConfig};
 /// Source `type` values, in the order they are suggested.
 const SOURCE_TYPES: &[&str] = &["postgres", "mysql", "sqlite", "crawl"];
 /// Sink `type` values, in the order they are suggested.
-const SINK_TYPES: &[&str] = &["http"];
+const SINK_TYPES: &[&str] = &["http", "files"];
 
 /// How many failing fields of one entry are reported before giving up (a
 /// guard only: each round removes a field, so rounds always end).
@@ -130,6 +130,7 @@ fn sink(entry: Value, path: &FieldPath, problems: &mut Vec<Problem>) -> Option<S
     let (type_name, fields) = split_type(entry, path, SINK_TYPES, problems)?;
     match type_name.as_str() {
         "http" => deserialize_all(&fields, path, problems).map(SinkConfig::Http),
+        "files" => deserialize_all(&fields, path, problems).map(SinkConfig::Files),
         other => {
             problems.push(unknown_type(path, "sink", other, SINK_TYPES));
             None
@@ -442,7 +443,7 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools, crawl",
+                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools, crawl, cache",
                 "sources.a.cursor[1]: invalid type: integer `5`, expected a string",
                 "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite, crawl",
                 "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite, crawl",
