@@ -279,3 +279,74 @@ async fn the_reader_prunes_by_statistics_and_pages_by_cursor() {
         .expect_err("a bad value");
     assert!(e.to_string().contains("amount"), "{e}");
 }
+
+/// The one data file of partition `path` (panics unless exactly one).
+fn files_in(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .expect("a partition")
+        .map(|e| e.expect("an entry").path())
+        .filter(|p| {
+            p.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("part-"))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+#[tokio::test]
+async fn codecs_and_file_sizes_are_as_configured() {
+    use parquet::file::reader::FileReader as _;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let rows: Vec<Value> = (0..2000)
+        .map(|i| json!({"provider_id": i, "amount": format!("{i}.25"), "note": format!("note {i} {}", "x".repeat(40))}))
+        .collect();
+    // Parquet with snappy; small files: a new file past 1 KiB.
+    let mut config = sink(&tmp.path().join("snappy"), &["date"]);
+    config.compression = Some(caudal_core::config::Compression::Snappy);
+    config.file_max_rows = 1_000_000;
+    config.row_group_rows = 500;
+    config.file_max_bytes = caudal_core::units::ByteSize(1024);
+    let location = Location::open(&config, tmp.path()).expect("location");
+    write(&location, &config, "2025-05-14", &rows, &[]).await;
+    let parts = files_in(&tmp.path().join("snappy/date=2025-05-14"));
+    assert_eq!(
+        parts.len(),
+        4,
+        "one file per 500-row group past 1 KiB: {parts:?}"
+    );
+    let mut total = 0;
+    for p in &parts {
+        let reader = parquet::file::reader::SerializedFileReader::new(
+            std::fs::File::open(p).expect("a file"),
+        )
+        .expect("a Parquet file");
+        let meta = reader.metadata();
+        total += meta.file_metadata().num_rows();
+        assert_eq!(
+            meta.row_group(0).column(0).compression(),
+            parquet::basic::Compression::SNAPPY
+        );
+    }
+    assert_eq!(total, 2000);
+    // JSON Lines with zstd: one object per line, partition columns left out.
+    let mut config = sink(&tmp.path().join("jsonl"), &["date"]);
+    config.format = caudal_core::config::FileFormat::Jsonl;
+    config.file_max_rows = 1_000_000;
+    let location = Location::open(&config, tmp.path()).expect("location");
+    write(&location, &config, "2025-05-14", &rows[..10], &[]).await;
+    let parts = files_in(&tmp.path().join("jsonl/date=2025-05-14"));
+    assert_eq!(parts.len(), 1);
+    assert!(parts[0].to_string_lossy().ends_with(".jsonl.zst"));
+    let text = zstd::decode_all(std::fs::File::open(&parts[0]).expect("a file")).expect("zstd");
+    let lines: Vec<Value> = String::from_utf8(text)
+        .expect("UTF-8")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("a JSON line"))
+        .collect();
+    assert_eq!(lines.len(), 10);
+    assert_eq!(
+        lines[3],
+        json!({"provider_id": 3, "amount": "3.25", "note": rows[3]["note"]})
+    );
+}
