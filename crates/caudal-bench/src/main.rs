@@ -41,10 +41,19 @@
 //!   with the same selectors; `crawl-limit`: the request rate caudal keeps
 //!   to a site it must be polite to, from the site's access log. See
 //!   [`crawl`].
+//! - `dataset-write`: a report pipeline writing N sales rows (default
+//!   10,000,000, over `--days`, default 100) from PostgreSQL into daily
+//!   Parquet partitions by `caudal backfill`, rows/s and peak RSS, against
+//!   pyarrow writing the same shape of rows from memory (the encoding
+//!   ceiling) and COPY of each day's query into /dev/null (the read
+//!   ceiling); `dataset-query`: the query API on what was written, one
+//!   provider over one month, cold and cached p50/p99 and requests/s,
+//!   against DuckDB reading the same Parquet files. See [`datasets`].
 
 mod buffer;
 mod cdc;
 mod crawl;
+mod datasets;
 mod footprint;
 mod process;
 mod receiver;
@@ -81,6 +90,8 @@ const SCENARIOS: &[&str] = &[
     "workflow-chain",
     "crawl",
     "crawl-limit",
+    "dataset-write",
+    "dataset-query",
 ];
 
 /// The scenarios that run caudal's binary (and so can run a baseline
@@ -103,6 +114,8 @@ const PG_SCENARIOS: &[&str] = &[
     "cdc-latency",
     "workflow-dispatch",
     "workflow-chain",
+    "dataset-write",
+    "dataset-query",
 ];
 
 /// The advisory lock a harness run holds on the PostgreSQL server.
@@ -134,16 +147,25 @@ struct Args {
     /// Scenarios to run, comma-separated: initial-sync, steady-state,
     /// cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency,
     /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain,
-    /// crawl, crawl-limit (or all).
+    /// crawl, crawl-limit, dataset-write, dataset-query (or all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000;
     /// steady-state, default 10,000,000), changes written (cdc-throughput,
     /// mysql-cdc-throughput, default 500,000), records (buffer, default
-    /// 1,000,000; http-sink, default 2,000,000), or tasks
-    /// (workflow-dispatch, default 10,000).
+    /// 1,000,000; http-sink, default 2,000,000), tasks
+    /// (workflow-dispatch, default 10,000), or sales (dataset-write,
+    /// dataset-query, default 10,000,000).
     #[arg(long)]
     rows: Option<u64>,
+    /// dataset-write, dataset-query: days the sales spread over, one
+    /// partition of the raw dataset each (default 100).
+    #[arg(long)]
+    days: Option<u32>,
+    /// dataset-query: cached requests timed per dataset (DuckDB runs at
+    /// most 100).
+    #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
+    queries: u32,
     /// crawl, crawl-limit: listing pages of the fixture site (crawl,
     /// default 1,000 of 19 details each; crawl-limit, default 30 of 9).
     #[arg(long)]
@@ -281,6 +303,8 @@ fn main() -> anyhow::Result<()> {
                 "measures workflows, which a baseline build may not have"
             } else if name.starts_with("crawl") {
                 "measures the crawler, which a baseline build may not have"
+            } else if name.starts_with("dataset-") {
+                "measures datasets, which a baseline build may not have"
             } else {
                 "runs caudal's library in this process"
             };
@@ -295,6 +319,9 @@ fn main() -> anyhow::Result<()> {
     } else {
         None
     };
+    // What the dataset scenarios keep between runs (their database, the
+    // datasets written) goes when this does, also after a failure.
+    let _datasets = datasets::Cleanup::new(&args.pg_url);
     let mut results = Vec::new();
     for name in names {
         for k in 1..=args.repeat {
@@ -359,6 +386,8 @@ async fn run(args: &Args, name: &str) -> anyhow::Result<Vec<Value>> {
         "workflow-chain" => workflows::chain(args).await?,
         "crawl" => vec![crawl::throughput(args).await?],
         "crawl-limit" => vec![crawl::limit(args).await?],
+        "dataset-write" => vec![datasets::write(args).await?],
+        "dataset-query" => datasets::query(args).await?,
         other => bail!("unknown scenario {other:?}"),
     })
 }

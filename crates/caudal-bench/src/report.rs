@@ -558,6 +558,121 @@ fn rows(r: &Runs<'_>) -> Vec<Row> {
                 none(),
             ));
         }
+        "dataset_write" => {
+            let what = format!(
+                "rows/s, {} rows over {} days PostgreSQL → daily Parquet ({}), `caudal backfill --parallel {}`",
+                n("rows"),
+                n("days"),
+                r.text("compression"),
+                n("parallel")
+            );
+            let c = || n("caudal_rows_per_s");
+            let c_rss = || rss("caudal_peak_rss_mib");
+            out.push(row(
+                "dataset-write",
+                what.clone(),
+                c(),
+                format!(
+                    "encoding ceiling, pyarrow writing the same shape from memory, a file at a time (goal: {} of it): {}",
+                    ratio("goal_over_pyarrow"),
+                    n("pyarrow_rows_per_s")
+                ),
+                ratio("caudal_over_pyarrow"),
+                c_rss(),
+            ));
+            out.push(row(
+                "dataset-write",
+                what.clone(),
+                c(),
+                format!(
+                    "pyarrow, {} files at once: {}",
+                    n("parallel"),
+                    n("pyarrow_parallel_rows_per_s")
+                ),
+                ratio("caudal_over_pyarrow_parallel"),
+                c_rss(),
+            ));
+            out.push(row(
+                "dataset-write",
+                what,
+                c(),
+                format!(
+                    "read ceiling, COPY of each day's query to /dev/null on {} connections: csv {} (binary {})",
+                    n("parallel"),
+                    n("copy_csv_rows_per_s"),
+                    n("copy_binary_rows_per_s")
+                ),
+                ratio("caudal_over_copy"),
+                c_rss(),
+            ));
+            out.push(row(
+                "dataset-write",
+                format!(
+                    "Parquet written ({} files; a date took {} median, {} at most)",
+                    n("caudal_files"),
+                    ms("caudal_date_ms_p50"),
+                    ms("caudal_date_ms_max")
+                ),
+                r.show("caudal_bytes", |v| format!("{:.1}", v / 1048576.0), " MiB"),
+                format!(
+                    "pyarrow: {}",
+                    r.show("pyarrow_bytes", |v| format!("{:.1}", v / 1048576.0), " MiB")
+                ),
+                ratio("pyarrow_bytes_over_caudal"),
+                none(),
+            ));
+        }
+        "dataset_query" => {
+            let dataset = r.text("dataset");
+            let question = format!(
+                "`{dataset}`, provider {}, {} days ({} rows, {} KiB)",
+                n("provider_id"),
+                n("window_days"),
+                n("page_rows"),
+                r.show("page_bytes", |v| thousands(v / 1024.0), "")
+            );
+            let duck = format!(
+                "DuckDB on the manifests' {} files: {} / {}",
+                n("files"),
+                ms("duckdb_p50_ms"),
+                ms("duckdb_p99_ms")
+            );
+            out.push(row(
+                "dataset-query",
+                format!(
+                    "{question}, cold ({} distinct queries): p50 / p99, requests/s; ratio of the p50s",
+                    n("cold_queries")
+                ),
+                format!(
+                    "{} / {}, {}/s (handler {})",
+                    ms("cold_p50_ms"),
+                    ms("cold_p99_ms"),
+                    n("cold_requests_per_s"),
+                    ms("server_miss_mean_ms")
+                ),
+                duck.clone(),
+                ratio("duckdb_over_caudal_cold_p50"),
+                rss("caudal_peak_rss_mib"),
+            ));
+            out.push(row(
+                "dataset-query",
+                format!(
+                    "{question}, cached ({} requests on one connection; goal p99 ≤ {}): p50 / p99, requests/s; ratio of the p50s",
+                    n("cached_queries"),
+                    ms("goal_cached_p99_ms")
+                ),
+                format!(
+                    "{} / {}, {}/s (handler {})",
+                    ms("cached_p50_ms"),
+                    ms("cached_p99_ms"),
+                    n("cached_requests_per_s"),
+                    ms("server_hit_mean_ms")
+                ),
+                duck,
+                ratio("duckdb_over_caudal_cached_p50"),
+                none(),
+            ));
+        }
         "footprint" => {
             let idle = format!(
                 "idle daemon RSS, {} s after a run of 1,000 rows",
@@ -792,6 +907,45 @@ mod tests {
             "{t}"
         );
         assert!(!t.contains("| ? |"), "{t}");
+    }
+
+    #[test]
+    fn datasets_compare_with_pyarrow_copy_and_duckdb() {
+        let t = table(&[
+            json!({
+                "scenario": "dataset_write", "rows": 10000000, "days": 100, "parallel": 2,
+                "compression": "zstd", "caudal_rows_per_s": 1000000.0,
+                "caudal_peak_rss_mib": 120.0, "pyarrow_rows_per_s": 4000000.0,
+                "caudal_over_pyarrow": 0.25, "goal_over_pyarrow": 0.5,
+                "pyarrow_parallel_rows_per_s": 6000000.0, "caudal_over_pyarrow_parallel": 0.17,
+                "copy_csv_rows_per_s": 2000000.0, "copy_binary_rows_per_s": 3000000.0,
+                "caudal_over_copy": 0.5, "caudal_files": 100, "caudal_date_ms_p50": 180.0,
+                "caudal_date_ms_max": 300.0, "caudal_bytes": 262144000.0,
+                "pyarrow_bytes": 251658240.0, "pyarrow_bytes_over_caudal": 0.96,
+            }),
+            json!({
+                "scenario": "dataset_query", "dataset": "sales_raw", "provider_id": 7,
+                "window_days": 31, "page_rows": 50000, "page_bytes": 12288000.0, "files": 100,
+                "cold_queries": 60, "cold_p50_ms": 80.0, "cold_p99_ms": 95.0,
+                "cold_requests_per_s": 12.0, "cached_queries": 1000, "cached_p50_ms": 4.0,
+                "cached_p99_ms": 6.0, "cached_requests_per_s": 240.0, "goal_cached_p99_ms": 5.0,
+                "server_hit_mean_ms": 1.5, "server_miss_mean_ms": 75.0,
+                "duckdb_p50_ms": 40.0, "duckdb_p99_ms": 50.0,
+                "duckdb_over_caudal_cold_p50": 0.5, "duckdb_over_caudal_cached_p50": 10.0,
+                "caudal_peak_rss_mib": 90.0,
+            }),
+        ]);
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| dataset-")).collect();
+        assert_eq!(rows.len(), 6, "{t}");
+        assert_eq!(
+            rows[0],
+            "| dataset-write | rows/s, 10,000,000 rows over 100 days PostgreSQL → daily Parquet (zstd), `caudal backfill --parallel 2` | 1,000,000 | encoding ceiling, pyarrow writing the same shape from memory, a file at a time (goal: 0.50 of it): 4,000,000 | 0.25 | 120 MiB |"
+        );
+        assert_eq!(
+            rows[5],
+            "| dataset-query | `sales_raw`, provider 7, 31 days (50,000 rows, 12,000 KiB), cached (1,000 requests on one connection; goal p99 ≤ 5.0 ms): p50 / p99, requests/s; ratio of the p50s | 4.0 ms / 6.0 ms, 240/s (handler 1.5 ms) | DuckDB on the manifests' 100 files: 40.0 ms / 50.0 ms | 10.00 | – |"
+        );
+        assert!(!t.contains("| ? |") && !t.contains("?"), "{t}");
     }
 
     #[test]

@@ -37,7 +37,7 @@ use crate::receiver::{self, Receiver};
 use crate::subject::{self, Subject};
 use crate::{Args, database_url, round};
 
-const DATABASE: &str = "caudal_bench";
+pub(crate) const DATABASE: &str = "caudal_bench";
 /// The cursor query both caudal and the COPY reference read in order.
 const ORDER: &str = "ORDER BY last_modified_date, request_id";
 /// How long a sender may go without delivering anything, or a seed
@@ -462,7 +462,7 @@ async fn run_caudal(
 
 /// `psql` running `commands` in turn on one connection, its output (the
 /// COPY's rows) into /dev/null.
-fn psql(url: &str, commands: &[&str]) -> Command {
+pub(crate) fn psql(url: &str, commands: &[&str]) -> Command {
     let mut cmd = Command::new("psql");
     cmd.arg(url).args(["-X", "-q", "-v", "ON_ERROR_STOP=1"]);
     for c in commands {
@@ -474,7 +474,7 @@ fn psql(url: &str, commands: &[&str]) -> Command {
 
 /// Runs the `psql` processes `each` all at once; the seconds from the
 /// first start to the last exit. Every one must succeed.
-fn timed(each: Vec<Command>) -> anyhow::Result<f64> {
+pub(crate) fn timed(each: Vec<Command>) -> anyhow::Result<f64> {
     let started = Instant::now();
     let mut children = Vec::with_capacity(each.len());
     for mut cmd in each {

@@ -200,6 +200,10 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         "1",
         "--listings",
         "4",
+        "--days",
+        "5",
+        "--queries",
+        "20",
         "--baseline-caudal",
         baseline,
     ]);
@@ -225,7 +229,10 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
             "workflow_chain",
             "workflow_chain",
             "crawl",
-            "crawl_limit"
+            "crawl_limit",
+            "dataset_write",
+            "dataset_query",
+            "dataset_query"
         ],
         "{stdout}"
     );
@@ -272,6 +279,20 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         ("crawl", "scrapy_rss_over_caudal"),
         ("crawl_limit", "achieved_over_configured"),
         ("crawl_limit", "min_gap_ms"),
+        ("dataset_write", "caudal_rows_per_s"),
+        ("dataset_write", "caudal_peak_rss_mib"),
+        ("dataset_write", "caudal_over_pyarrow"),
+        ("dataset_write", "caudal_over_pyarrow_parallel"),
+        ("dataset_write", "caudal_over_copy"),
+        ("dataset_write", "caudal_over_copy_binary"),
+        ("dataset_query", "cold_p99_ms"),
+        ("dataset_query", "cached_p99_ms"),
+        ("dataset_query", "cached_requests_per_s"),
+        ("dataset_query", "server_hit_mean_ms"),
+        ("dataset_query", "server_miss_mean_ms"),
+        ("dataset_query", "duckdb_p50_ms"),
+        ("dataset_query", "duckdb_over_caudal_cold_p50"),
+        ("dataset_query", "duckdb_over_caudal_cached_p50"),
     ] {
         get(scenario, figure);
     }
@@ -310,9 +331,32 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         assert_eq!(crawl[format!("{crawler}_requests")], 4 + 4 * 19, "{crawl}");
         assert_eq!(crawl[format!("{crawler}_duplicates")], 0, "{crawl}");
     }
+    // The write counted every row of the table in the manifests (the
+    // harness fails otherwise), one partition a day; the query answered
+    // both datasets, cold and cached, with as many rows as PostgreSQL
+    // counts (checked by the harness).
+    let write = results
+        .iter()
+        .find(|r| r["scenario"] == "dataset_write")
+        .expect("dataset_write");
+    assert_eq!(write["rows"], 3000, "{write}");
+    assert_eq!(write["caudal_days_written"], 5, "{write}");
+    assert_eq!(write["caudal_partitions"], 5, "{write}");
+    let queried: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["scenario"] == "dataset_query")
+        .collect();
+    let datasets: Vec<&Value> = queried.iter().map(|r| &r["dataset"]).collect();
+    assert_eq!(datasets, ["sales_raw", "sales_daily"], "{stdout}");
+    for r in &queried {
+        assert_eq!(r["cold_queries"], 60, "{r}");
+        assert_eq!(r["cached_queries"], 20, "{r}");
+        assert_eq!(r["written_by"], "dataset-write", "{r}");
+        positive(r, "page_rows");
+    }
     // The baseline in every scenario that runs the binary, none in the
-    // others (they link caudal's library, or measure workflows or the
-    // crawler, which a baseline build may lack).
+    // others (they link caudal's library, or measure workflows, the
+    // crawler or datasets, which a baseline build may lack).
     for r in &results {
         let scenario = r["scenario"].as_str().unwrap_or_default();
         if matches!(
@@ -323,6 +367,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
                 | "workflow_chain"
                 | "crawl"
                 | "crawl_limit"
+                | "dataset_write"
+                | "dataset_query"
         ) {
             assert!(r.get("caudal_over_baseline").is_none(), "{r}");
             assert!(r.get("baseline_binary").is_none(), "{r}");
@@ -353,6 +399,10 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
     );
     assert!(
         stderr.contains("crawl: measures the crawler, which a baseline build may not have"),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("dataset-write: measures datasets, which a baseline build may not have"),
         "{stderr}"
     );
     // Every scenario checked its own deliveries (the harness fails when a
@@ -406,6 +456,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         "footprint",
         "crawl",
         "crawl-limit",
+        "dataset-write",
+        "dataset-query",
     ] {
         assert!(
             markdown

@@ -43,22 +43,24 @@ struct Entry {
     parts: Vec<(String, i64)>,
     content_type: String,
     next_cursor: Option<String>,
+    /// Shared, not copied, by every hit.
     #[serde(with = "serde_bytes_b64")]
-    body: Vec<u8>,
+    body: bytes::Bytes,
 }
 
 mod serde_bytes_b64 {
     use base64::Engine as _;
     use serde::{Deserialize, Deserializer, Serializer};
 
-    pub fn serialize<S: Serializer>(v: &[u8], s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: Serializer>(v: &bytes::Bytes, s: S) -> Result<S::Ok, S::Error> {
         s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(v))
     }
 
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<bytes::Bytes, D::Error> {
         let text = String::deserialize(d)?;
         base64::engine::general_purpose::STANDARD
             .decode(text)
+            .map(bytes::Bytes::from)
             .map_err(serde::de::Error::custom)
     }
 }
@@ -694,7 +696,7 @@ pub(crate) async fn rows(
         parts,
         content_type: content_type.into(),
         next_cursor,
-        body,
+        body: body.into(),
     };
     cache.put(key, entry.clone()).await;
     metrics::histogram!("caudal_dataset_query_seconds", "dataset" => name.clone(), "cache" => "miss")

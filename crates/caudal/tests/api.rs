@@ -240,6 +240,9 @@ async fn every_route_needs_its_role_and_mutations_are_audited() {
                 // No crawl in this config: no frontier by that name
                 // (tests/api_crawl.rs crawls).
                 Some(_) if route.starts_with("/api/v1/crawl/frontiers/") => 404,
+                // No dataset in this config (tests/api_datasets.rs serves
+                // one).
+                Some(_) if route.starts_with("/api/v1/datasets/") => 404,
                 Some(_) => 200,
             };
             assert_eq!(status, want, "{method} {path} as {role:?}: {body}");

@@ -365,6 +365,25 @@ struct Stats {
 const MAX_TEXT_STAT: usize = 256;
 
 impl Stats {
+    /// Sees a text value, copying it only when it is a new least or
+    /// greatest.
+    fn see_text(&mut self, v: &str) {
+        let below = match &self.min {
+            Some(Scalar::Text(m)) => v < m.as_str(),
+            _ => true,
+        };
+        if below {
+            self.min = Some(Scalar::Text(v.to_string()));
+        }
+        let above = match &self.max {
+            Some(Scalar::Text(m)) => v > m.as_str(),
+            _ => true,
+        };
+        if above {
+            self.max = Some(Scalar::Text(v.to_string()));
+        }
+    }
+
     fn see(&mut self, v: Scalar) {
         if self
             .min
@@ -619,22 +638,22 @@ impl Column {
             }
             Values::Bin(x) => x.append_value(b),
             Values::Text(x) => {
-                let upper = pg_type.to_ascii_uppercase();
-                let text: std::borrow::Cow<'_, str> = match upper.as_str() {
-                    "UUID" => uuid::Uuid::from_slice(b)
+                let text: std::borrow::Cow<'_, str> = if pg_type.eq_ignore_ascii_case("UUID") {
+                    uuid::Uuid::from_slice(b)
                         .map_err(|_| short())?
                         .to_string()
-                        .into(),
-                    "JSONB" => std::str::from_utf8(b.get(1..).unwrap_or_default())
+                        .into()
+                } else if pg_type.eq_ignore_ascii_case("JSONB") {
+                    std::str::from_utf8(b.get(1..).unwrap_or_default())
                         .map_err(|e| e.to_string())?
-                        .into(),
-                    _ => std::str::from_utf8(b).map_err(|e| e.to_string())?.into(),
+                        .into()
+                } else {
+                    std::str::from_utf8(b).map_err(|e| e.to_string())?.into()
                 };
                 x.append_value(&text);
                 if self.keep_stats {
                     if text.len() <= MAX_TEXT_STAT {
-                        let t = text.into_owned();
-                        self.stats.see(Scalar::Text(t));
+                        self.stats.see_text(&text);
                     } else {
                         self.keep_stats = false;
                     }

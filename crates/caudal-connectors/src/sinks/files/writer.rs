@@ -99,6 +99,10 @@ pub struct RunWriter {
     /// sets unknown ones, so every partition of a run agrees).
     scales: Vec<Option<u32>>,
     partitions: HashMap<String, PartitionWriter>,
+    /// The last row's partition: its columns' raw values and its path.
+    last: Option<(Vec<Option<Vec<u8>>>, String)>,
+    /// The logical date as partition value text.
+    date_text: String,
     staging: PathBuf,
     /// Removed when the writer is dropped (S3 staging).
     _tempdir: Option<tempfile::TempDir>,
@@ -210,6 +214,7 @@ impl RunWriter {
                 (t.path().to_path_buf(), Some(t))
             }
         };
+        let date_text = spec.date.to_string();
         Ok(Self {
             spec,
             config,
@@ -219,6 +224,8 @@ impl RunWriter {
             stats,
             scales,
             partitions: HashMap::new(),
+            last: None,
+            date_text,
             staging,
             _tempdir: tempdir,
             rows: 0,
@@ -241,10 +248,8 @@ impl RunWriter {
         self.rows
     }
 
-    fn partition_for(
-        &mut self,
-        values: Vec<(String, Option<String>)>,
-    ) -> Result<&mut PartitionWriter> {
+    /// The path of the partition of `values`, created when new.
+    fn partition_for(&mut self, values: Vec<(String, Option<String>)>) -> Result<String> {
         let path = partition_path(&values);
         if !self.partitions.contains_key(&path) {
             let columns = self
@@ -280,14 +285,12 @@ impl RunWriter {
                 },
             );
         }
-        self.partitions
-            .get_mut(&path)
-            .ok_or_else(|| Error::new(ErrorKind::Internal, "partition vanished"))
+        Ok(path)
     }
 
     /// Takes a row decoded to JSON (the columns by name).
     pub fn push_json(&mut self, row: &Map<String, Value>) -> Result<()> {
-        let date = self.spec.date.to_string();
+        let date = &self.date_text;
         let values: Vec<(String, Option<String>)> = self
             .parts
             .iter()
@@ -303,30 +306,31 @@ impl RunWriter {
                 (name.clone(), v)
             })
             .collect();
-        let dataset = self.spec.dataset.clone();
         let jsonl = self.config.format == FileFormat::Jsonl;
-        let data: Vec<String> = self
-            .data
-            .iter()
-            .map(|i| self.source[*i].0.clone())
-            .collect();
-        let p = self.partition_for(values)?;
-        for (column, name) in p.columns.iter_mut().zip(&data) {
+        let path = self.partition_for(values)?;
+        let (dataset, source, data) = (&self.spec.dataset, &self.source, &self.data);
+        let p = self
+            .partitions
+            .get_mut(&path)
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "partition vanished"))?;
+        for (column, i) in p.columns.iter_mut().zip(data) {
+            let name = &source[*i].0;
             column
                 .push_json(row.get(name).unwrap_or(&Value::Null))
-                .map_err(|m| value_error(&dataset, format!("column {name:?}: {m}")))?;
+                .map_err(|m| value_error(dataset, format!("column {name:?}: {m}")))?;
         }
         if jsonl {
             let mut line = Map::with_capacity(data.len());
-            for name in &data {
+            for i in data {
+                let name = &source[*i].0;
                 line.insert(name.clone(), row.get(name).cloned().unwrap_or(Value::Null));
             }
             serde_json::to_writer(&mut p.lines, &line)
-                .map_err(|e| value_error(&dataset, e.to_string()))?;
+                .map_err(|e| value_error(dataset, e.to_string()))?;
             p.lines.push(b'\n');
         }
         self.rows += 1;
-        self.maybe_flush_partition(None)
+        self.maybe_flush(&path)
     }
 
     /// Takes a row of PostgreSQL binary values (`None` for NULL), in the
@@ -339,53 +343,77 @@ impl RunWriter {
         pg_types: &[String],
         partition_text: &PartitionText<'_>,
     ) -> Result<()> {
-        let date = self.spec.date.to_string();
-        let dataset = self.spec.dataset.clone();
-        let mut part_values = Vec::with_capacity(self.parts.len());
-        for (name, src) in &self.parts {
-            let v = match src {
-                PartSource::Date => Some(date.clone()),
-                PartSource::Row(i) => match values.get(*i).copied().flatten() {
-                    None => None,
-                    Some(raw) => Some(
-                        partition_text(*i, raw)
-                            .map_err(|m| value_error(&dataset, format!("column {name:?}: {m}")))?,
-                    ),
-                },
-            };
-            part_values.push((name.clone(), v));
+        // Rows come in runs of the same partition: the partition columns'
+        // raw values decide whether this row's is the last one's.
+        let same = self.last.as_ref().is_some_and(|(raw, _)| {
+            self.parts
+                .iter()
+                .filter_map(|(_, src)| match src {
+                    PartSource::Row(i) => Some(*i),
+                    PartSource::Date => None,
+                })
+                .zip(raw)
+                .all(|(i, r)| values.get(i).copied().flatten() == r.as_deref())
+        });
+        if !same {
+            let mut part_values = Vec::with_capacity(self.parts.len());
+            let mut raw = Vec::new();
+            for (name, src) in &self.parts {
+                let v = match src {
+                    PartSource::Date => Some(self.date_text.clone()),
+                    PartSource::Row(i) => {
+                        let value = values.get(*i).copied().flatten();
+                        raw.push(value.map(<[u8]>::to_vec));
+                        match value {
+                            None => None,
+                            Some(bytes) => Some(partition_text(*i, bytes).map_err(|m| {
+                                value_error(&self.spec.dataset, format!("column {name:?}: {m}"))
+                            })?),
+                        }
+                    }
+                };
+                part_values.push((name.clone(), v));
+            }
+            let path = self.partition_for(part_values)?;
+            self.last = Some((raw, path));
         }
-        let data = self.data.clone();
-        let names: Vec<String> = data.iter().map(|i| self.source[*i].0.clone()).collect();
-        let p = self.partition_for(part_values)?;
-        for ((column, i), name) in p.columns.iter_mut().zip(&data).zip(&names) {
+        let Some((_, path)) = &self.last else {
+            return Err(Error::new(ErrorKind::Internal, "no partition"));
+        };
+        let (dataset, source, data) = (&self.spec.dataset, &self.source, &self.data);
+        let p = self
+            .partitions
+            .get_mut(path)
+            .ok_or_else(|| Error::new(ErrorKind::Internal, "partition vanished"))?;
+        for (column, i) in p.columns.iter_mut().zip(data) {
             column
                 .push_pg(&pg_types[*i], values.get(*i).copied().flatten())
-                .map_err(|m| value_error(&dataset, format!("column {name:?}: {m}")))?;
+                .map_err(|m| value_error(dataset, format!("column {:?}: {m}", source[*i].0)))?;
         }
         self.rows += 1;
-        self.maybe_flush_partition(None)
+        if self.full(path) {
+            let path = path.clone();
+            self.flush(&path)?;
+        }
+        Ok(())
     }
 
-    /// Flushes the partitions whose row group is full (all of them with
-    /// `Some(true)`-like `force`).
-    fn maybe_flush_partition(&mut self, _force: Option<bool>) -> Result<()> {
-        let group = self.config.row_group_rows as u64;
-        let file_max = self.config.file_max_rows;
-        let full: Vec<String> = self
-            .partitions
-            .values()
-            .filter(|p| {
-                // A row group never makes its file pass `file_max_rows`.
-                let in_file = p.file.as_ref().map_or(0, |f| f.rows);
-                let limit = group.min(file_max.saturating_sub(in_file)).max(1);
-                p.columns.first().is_some_and(|c| c.len() as u64 >= limit)
-                    || p.lines.len() >= 64 << 20
-            })
-            .map(|p| p.path.clone())
-            .collect();
-        for path in full {
-            self.flush(&path)?;
+    /// Whether partition `path`'s row group is due: a full row group, or as
+    /// many rows as its file may still take (a row group never makes its
+    /// file pass `file_max_rows`).
+    fn full(&self, path: &str) -> bool {
+        self.partitions.get(path).is_some_and(|p| {
+            let in_file = p.file.as_ref().map_or(0, |f| f.rows);
+            let limit = (self.config.row_group_rows as u64)
+                .min(self.config.file_max_rows.saturating_sub(in_file))
+                .max(1);
+            p.columns.first().is_some_and(|c| c.len() as u64 >= limit) || p.lines.len() >= 64 << 20
+        })
+    }
+
+    fn maybe_flush(&mut self, path: &str) -> Result<()> {
+        if self.full(path) {
+            self.flush(path)?;
         }
         Ok(())
     }
