@@ -255,9 +255,14 @@ impl Report {
             run: run_name(),
             query_sha256: sha256(&sql),
         };
-        let columns = self.source.report_columns(&sql).await?;
-        let writer = RunWriter::new(&self.location, self.files.clone(), spec.clone(), &columns)?;
-        let output = self.source.run_report(&sql, writer).await?;
+        let described = self.source.report_columns(&sql).await?;
+        let writer = RunWriter::new(
+            &self.location,
+            self.files.clone(),
+            spec.clone(),
+            &described.columns,
+        )?;
+        let output = self.source.run_report(&sql, &described, writer).await?;
         let date_text = date.to_string();
         let previous = self
             .store

@@ -100,3 +100,56 @@ async fn days_older_than_the_retention_are_deleted_and_audited() {
     assert!(log.contains("retention: partition deleted"), "{log}");
     w.cleanup().await;
 }
+
+/// `caudal run` writes the days missed while it was down as soon as it
+/// starts, not at the schedule's next time (02:00).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_writes_the_days_it_missed_at_start() {
+    let mut w = Reports::new().await;
+    let today = jiff::Timestamp::now()
+        .to_zoned(jiff::tz::TimeZone::UTC)
+        .date();
+    let day = |n: i64| {
+        today
+            .checked_sub(jiff::Span::new().days(n))
+            .expect("a date")
+            .to_string()
+    };
+    w.start_date = day(3);
+    // Sales on the first missed day, so it has partitions.
+    w.generate(400, &day(3), 1, 4).await;
+    let store = w.store().await;
+    let daemon = spawn_daemon(&w.write_config(), w.dir.path(), 1);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let dates = loop {
+        let dates: Vec<String> = store
+            .dataset_dates(&w.dataset)
+            .await
+            .expect("dates")
+            .into_iter()
+            .map(|d| d.logical_date)
+            .collect();
+        if dates.len() >= 3 {
+            break dates;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the missed days were not written: {dates:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let (_, log) = daemon.stop(Signal::SIGTERM).await;
+    assert_eq!(dates, [day(3), day(2), day(1)], "{log}");
+    let parts = store
+        .dataset_date_parts(&w.dataset, &day(3))
+        .await
+        .expect("partitions");
+    assert_eq!(parts.len(), 4, "{parts:?}");
+    for part in &parts {
+        assert!(
+            w.root().join(part).join("_manifest.json").exists(),
+            "{part}"
+        );
+    }
+    w.cleanup().await;
+}

@@ -42,35 +42,55 @@ pub struct ReportOutput {
     pub staging: Option<tempfile::TempDir>,
 }
 
+/// The columns of a report query's result, as described by the database.
+#[derive(Clone, Debug)]
+pub struct ReportColumns {
+    /// Names and dataset types, in order.
+    pub columns: Vec<(String, ColumnType)>,
+    /// PostgreSQL: the columns' types, for decoding binary COPY data.
+    pg_types: Option<Vec<PgTypeInfo>>,
+}
+
 enum Chunk {
     Copy(bytes::Bytes),
     Rows(Vec<super::Row>),
 }
 
 impl SqlSource {
-    /// The columns of `sql`'s result, with their dataset types.
-    pub async fn report_columns(&self, sql: &str) -> Result<Vec<(String, ColumnType)>> {
+    /// The columns of `sql`'s result, with their dataset types: the query
+    /// is prepared once here, and [`Self::run_report`] reuses what it said.
+    pub async fn report_columns(&self, sql: &str) -> Result<ReportColumns> {
         let err = |e: sqlx::Error| self.query_error("cannot prepare the report query", e);
         Ok(match &self.pool {
-            Pool::Postgres(pool) => pg_describe(pool, sql)
-                .await
-                .map_err(err)?
-                .into_iter()
-                .map(|(name, ty)| (name, type_of_pg(ty.name())))
-                .collect(),
+            Pool::Postgres(pool) => {
+                let described = pg_describe(pool, sql).await.map_err(err)?;
+                ReportColumns {
+                    columns: described
+                        .iter()
+                        .map(|(name, ty)| (name.clone(), type_of_pg(ty.name())))
+                        .collect(),
+                    pg_types: Some(described.into_iter().map(|(_, t)| t).collect()),
+                }
+            }
             #[cfg(feature = "mysql")]
-            Pool::Mysql(pool) => super::mysql::describe(pool, sql.to_string())
-                .await
-                .map_err(err)?
-                .into_iter()
-                .map(|c| (c.name, type_of_kind(&c.kind)))
-                .collect(),
-            Pool::Sqlite(pool) => super::sqlite::describe(pool, sql.to_string())
-                .await
-                .map_err(err)?
-                .into_iter()
-                .map(|c| (c.name, type_of_kind(&c.kind)))
-                .collect(),
+            Pool::Mysql(pool) => ReportColumns {
+                columns: super::mysql::describe(pool, sql.to_string())
+                    .await
+                    .map_err(err)?
+                    .into_iter()
+                    .map(|c| (c.name, type_of_kind(&c.kind)))
+                    .collect(),
+                pg_types: None,
+            },
+            Pool::Sqlite(pool) => ReportColumns {
+                columns: super::sqlite::describe(pool, sql.to_string())
+                    .await
+                    .map_err(err)?
+                    .into_iter()
+                    .map(|c| (c.name, type_of_kind(&c.kind)))
+                    .collect(),
+                pg_types: None,
+            },
         })
     }
 
@@ -79,21 +99,18 @@ impl SqlSource {
     }
 
     /// Runs report query `sql` and writes its rows with `writer` (made for
-    /// [`Self::report_columns`]); returns the staged partitions.
-    pub async fn run_report(&self, sql: &str, mut writer: RunWriter) -> Result<ReportOutput> {
+    /// `described`, what [`Self::report_columns`] said); returns the staged
+    /// partitions.
+    pub async fn run_report(
+        &self,
+        sql: &str,
+        described: &ReportColumns,
+        mut writer: RunWriter,
+    ) -> Result<ReportOutput> {
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Chunk>(AHEAD);
         let json = writer.wants_json();
-        let pg_types: Option<Vec<PgTypeInfo>> = match &self.pool {
-            Pool::Postgres(pool) if !json => Some(
-                pg_describe(pool, sql)
-                    .await
-                    .map_err(|e| self.query_error("cannot prepare the report query", e))?
-                    .into_iter()
-                    .map(|(_, t)| t)
-                    .collect(),
-            ),
-            _ => None,
-        };
+        // JSON Lines are written from decoded rows, not from COPY.
+        let pg_types = described.pg_types.clone().filter(|_| !json);
         let name = self.name.clone();
         let encoder = tokio::task::spawn_blocking(move || -> Result<RunWriter> {
             let names: Vec<String> = pg_types
