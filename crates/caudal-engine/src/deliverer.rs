@@ -75,6 +75,9 @@ pub struct Deliverer {
     pub(crate) ack: AckMode,
     /// Entries below this offset may be delivered.
     pub(crate) released: watch::Receiver<u64>,
+    /// With live aggregates: the buffer is acknowledged only below what
+    /// they counted too.
+    pub(crate) gate: Option<Arc<crate::aggregate::AckGate>>,
     /// Batches dispatched at once (the sink's concurrency, or its adaptive
     /// maximum; the sender's limit decides how many are really sent).
     pub(crate) max_in_flight: usize,
@@ -128,7 +131,10 @@ impl Deliverer {
         mut drain_to: watch::Receiver<Option<u64>>,
     ) -> Result<()> {
         let mut released = self.released.clone();
-        let start = self.buffer.acked();
+        let start = match &self.gate {
+            Some(gate) => gate.resume_at(self.buffer.acked()),
+            None => self.buffer.acked(),
+        };
         let mut next_read = start;
         let mut watermark = Watermark::new(start);
         let mut gate = KeyGate::new();
@@ -260,8 +266,9 @@ impl Deliverer {
             })?;
             self.store.save_checkpoint(&self.pipeline, &value).await?;
         }
+        let ackable = self.gate.as_ref().map_or(upto, |g| g.delivered(upto));
         self.buffer
-            .ack(upto)
+            .ack(ackable)
             .await
             .map_err(|e| buffer_error(&self.pipeline, e))?;
         done.positions = done.positions.split_off(&upto);

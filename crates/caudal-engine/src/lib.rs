@@ -6,6 +6,7 @@
 //! once, even across processes. [`workflow`] runs workflows: dependent
 //! tasks, durable in the state store, executed by one process at a time.
 
+pub mod aggregate;
 pub mod batch;
 pub mod buffered;
 pub mod crawl;

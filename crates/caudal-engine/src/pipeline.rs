@@ -140,6 +140,8 @@ pub struct Pipeline {
     max_in_flight: usize,
     /// How much run history to keep ([`crate::retention`]).
     retention: RetentionConfig,
+    /// The live aggregates counting this pipeline's records, if any.
+    aggregates: Option<Arc<crate::aggregate::Aggregates>>,
     shared: Arc<Shared>,
 }
 
@@ -242,6 +244,7 @@ impl Pipeline {
         let delivery = sink_cfg.delivery();
         let sender = Sender::new(name, &p.sink, sink, delivery, store.clone());
         let max_in_flight = delivery.max_in_flight();
+        let store_for_aggregates = store.clone();
         Ok(Self {
             name: name.to_string(),
             source,
@@ -256,6 +259,7 @@ impl Pipeline {
             buffer_config: buffered::buffer_config(&p.buffer),
             max_in_flight: usize::try_from(max_in_flight.max(1)).unwrap_or(1),
             retention: config.retention,
+            aggregates: crate::aggregate::Aggregates::build(name, config, &store_for_aggregates)?,
             shared: Arc::default(),
         })
     }
@@ -364,6 +368,9 @@ impl Pipeline {
                 let (_, releasable) =
                     buffered::recover(&self.name, &buffer, &self.store, self.ack, checkpoint)
                         .await?;
+                if let Some(aggregates) = &self.aggregates {
+                    aggregates.start(&buffer).await?;
+                }
                 self.release(releasable);
                 Ok(buffer)
             })
@@ -407,7 +414,13 @@ impl Pipeline {
             max_in_flight: self.max_in_flight,
             stats: self.shared.stats.clone(),
             recent: self.shared.recent.clone(),
+            gate: self.aggregates.as_ref().map(|a| a.gate()),
         }
+    }
+
+    /// The live aggregates of this pipeline.
+    pub fn aggregates(&self) -> &[Arc<crate::aggregate::Live>] {
+        self.aggregates.as_ref().map_or(&[], |a| a.list())
     }
 
     /// Lets delivery read entries below `upto`.
@@ -521,6 +534,9 @@ impl Pipeline {
         );
         let result = work.instrument(span.clone()).await;
         watcher.abort();
+        if let Some(aggregates) = &self.aggregates {
+            aggregates.flush().await;
+        }
         let (outcome, error) = match result {
             Ok(Ended::Completed) => (RunOutcome::Succeeded, None),
             Ok(Ended::Stopped) => (RunOutcome::Cancelled, None),
@@ -804,6 +820,10 @@ impl Pipeline {
                     .update_run_counts(run_id, rows_read, None)
                     .await?;
             }
+        }
+        if let Some(aggregates) = &self.aggregates {
+            let [bytes] = entries;
+            aggregates.feed(appended.start, bytes).await?;
         }
         if let Some(d) = durable {
             d.mark(&entry.position);

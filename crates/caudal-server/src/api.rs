@@ -154,6 +154,11 @@ impl Api {
         &self.store
     }
 
+    /// Pipeline `name` as this process runs it, if it does.
+    pub(crate) fn pipeline(&self, name: &str) -> Option<&caudal_engine::Pipeline> {
+        self.pipelines.get(name)
+    }
+
     pub(crate) fn cache(&self) -> &crate::datasets::Cache {
         &self.cache
     }
@@ -274,6 +279,9 @@ pub fn routes(api: Api) -> Router {
             get(crate::datasets::partitions),
         )
         .route("/datasets/{name}/rows", get(crate::datasets::rows))
+        .route("/live", get(crate::live::aggregates))
+        .route("/live/{name}", get(crate::live::windows))
+        .route("/live/{name}/stream", get(crate::live::stream))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Viewer),
             authorize,
@@ -1091,11 +1099,14 @@ pub(crate) async fn crawl_pages(
 }
 
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 32] = [
+pub const ROUTES: [(&str, &str, Role); 35] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/datasets", Role::Viewer),
     ("GET", "/api/v1/datasets/{name}/partitions", Role::Viewer),
     ("GET", "/api/v1/datasets/{name}/rows", Role::Viewer),
+    ("GET", "/api/v1/live", Role::Viewer),
+    ("GET", "/api/v1/live/{name}", Role::Viewer),
+    ("GET", "/api/v1/live/{name}/stream", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
     ("GET", "/api/v1/runs", Role::Viewer),

@@ -9,6 +9,7 @@
 
 pub mod api;
 pub mod datasets;
+pub mod live;
 pub mod openapi;
 
 use std::net::SocketAddr;

@@ -485,6 +485,9 @@ impl Modify for Bearer {
         crate::datasets::datasets,
         crate::datasets::partitions,
         crate::datasets::rows,
+        crate::live::aggregates,
+        crate::live::windows,
+        crate::live::stream,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
@@ -494,7 +497,9 @@ impl Modify for Bearer {
         RunState, TaskState, AttemptState, WorkflowList, WorkflowRunList, TaskList, AttemptList,
         crate::api::StartBody, CrawlSite, CrawlSiteList, Frontier, FrontierList, CrawlPage,
         CrawlPageList, RowPage, crate::datasets::DatasetInfo, crate::datasets::DatasetList,
-        crate::datasets::PartitionInfo, crate::datasets::PartitionList
+        crate::datasets::PartitionInfo, crate::datasets::PartitionList,
+        crate::live::AggregateInfo, crate::live::AggregateList, crate::live::LiveWindows,
+        caudal_engine::aggregate::WindowView
     )),
     modifiers(&Bearer)
 )]

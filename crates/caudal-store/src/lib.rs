@@ -49,6 +49,7 @@ macro_rules! with_pool {
     };
 }
 
+mod aggregates;
 mod api;
 mod checkpoints;
 mod clock;
@@ -64,6 +65,7 @@ mod sink_states;
 mod source_states;
 mod workflows;
 
+pub use aggregates::{AggregateCommit, AggregateHead, WindowRow};
 pub use api::{AuditRecord, TokenRecord};
 pub use checkpoints::Checkpoint;
 pub use crawl::{

@@ -6,6 +6,7 @@
 //! Loading (parsing, `${VAR}` interpolation, locations for errors) lives in
 //! [`load`]; cross-field checks live in [`validate`].
 
+pub mod aggregates;
 pub mod crawl;
 pub mod datasets;
 pub mod delivery;
@@ -25,6 +26,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::units::Secret;
 
+pub use aggregates::{AggregateConfig, Metric, MetricKind};
 pub use crawl::{
     CrawlSettings, CrawlSourceConfig, FieldConfig, FieldSpec, PageKindConfig, SiteLimits,
     SitePolicy,
@@ -89,6 +91,10 @@ pub struct Config {
     /// with `url`.
     #[serde(default)]
     pub cache: CacheConfig,
+    /// Named live aggregates: windowed figures per group over a
+    /// pipeline's records, served by `/api/v1/live/NAME`.
+    #[serde(default)]
+    pub aggregates: BTreeMap<String, AggregateConfig>,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]

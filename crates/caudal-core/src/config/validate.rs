@@ -56,5 +56,11 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         sources: &config.sources,
     };
     super::workflows::check(&config.workflows, &names, &mut problems);
+    super::aggregates::check(
+        &config.aggregates,
+        &config.pipelines,
+        &config.sources,
+        &mut problems,
+    );
     problems
 }
