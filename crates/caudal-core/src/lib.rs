@@ -5,6 +5,7 @@
 //! small traits that sources and sinks implement. It depends on no database,
 //! network or runtime crate, so every other crate can depend on it cheaply.
 
+pub mod alert;
 pub mod config;
 pub mod dataset;
 pub mod delivery;

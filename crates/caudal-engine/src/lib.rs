@@ -7,6 +7,7 @@
 //! tasks, durable in the state store, executed by one process at a time.
 
 pub mod aggregate;
+pub mod alert;
 pub mod batch;
 pub mod buffered;
 pub mod crawl;

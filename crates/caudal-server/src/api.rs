@@ -282,6 +282,9 @@ pub fn routes(api: Api) -> Router {
         .route("/live", get(crate::live::aggregates))
         .route("/live/{name}", get(crate::live::windows))
         .route("/live/{name}/stream", get(crate::live::stream))
+        .route("/alerts", get(crate::alerts::alerts))
+        .route("/alerts/history", get(crate::alerts::history))
+        .route("/alerts/notifications", get(crate::alerts::notifications))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Viewer),
             authorize,
@@ -301,6 +304,11 @@ pub fn routes(api: Api) -> Router {
         .route("/workflows/{name}/runs", post(start_workflow))
         .route("/workflow-runs/{id}/cancel", post(cancel_workflow_run))
         .route("/workflow-runs/{id}/retry", post(retry_workflow_run))
+        .route("/alerts/{name}/silence", post(crate::alerts::silence))
+        .route(
+            "/alerts/silences/{id}",
+            axum::routing::delete(crate::alerts::unsilence),
+        )
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Operator),
             authorize,
@@ -322,9 +330,13 @@ pub fn routes(api: Api) -> Router {
 
 /// Checks the bearer token and its role, applies the rate limit, and
 /// audits mutating calls.
+/// The name of the token a request came with.
+#[derive(Clone, Debug)]
+pub(crate) struct Caller(pub(crate) String);
+
 async fn authorize(
     State((api, needed)): State<(Api, Role)>,
-    request: Request,
+    mut request: Request,
     next: Next,
 ) -> Response {
     let header = request
@@ -382,6 +394,7 @@ async fn authorize(
         e.retry_after = Some(wait.as_secs_f64().ceil().max(1.0) as u64);
         return e.into_response();
     }
+    request.extensions_mut().insert(Caller(record.name.clone()));
     let method = request.method().clone();
     let path = request.uri().path().to_string();
     let response = next.run(request).await;
@@ -1099,7 +1112,7 @@ pub(crate) async fn crawl_pages(
 }
 
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 35] = [
+pub const ROUTES: [(&str, &str, Role); 40] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/datasets", Role::Viewer),
     ("GET", "/api/v1/datasets/{name}/partitions", Role::Viewer),
@@ -1107,6 +1120,11 @@ pub const ROUTES: [(&str, &str, Role); 35] = [
     ("GET", "/api/v1/live", Role::Viewer),
     ("GET", "/api/v1/live/{name}", Role::Viewer),
     ("GET", "/api/v1/live/{name}/stream", Role::Viewer),
+    ("GET", "/api/v1/alerts", Role::Viewer),
+    ("GET", "/api/v1/alerts/history", Role::Viewer),
+    ("GET", "/api/v1/alerts/notifications", Role::Viewer),
+    ("POST", "/api/v1/alerts/{name}/silence", Role::Operator),
+    ("DELETE", "/api/v1/alerts/silences/{id}", Role::Operator),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
     ("GET", "/api/v1/runs", Role::Viewer),

@@ -7,6 +7,7 @@
 //! connectors; [`install_metrics`] installs the Prometheus recorder once per
 //! process. Without it (every command but `run`), recording is a no-op.
 
+pub mod alerts;
 pub mod api;
 pub mod datasets;
 pub mod live;
@@ -69,7 +70,7 @@ pub enum Kind {
 /// Crawler metrics (`caudal_crawl_*`) have `site` (the host, `name` or
 /// `name:port`), and `outcome` or, for pages, `crawl` (the frontier) and
 /// `state`.
-pub const METRICS: [(&str, Kind, &str); 39] = [
+pub const METRICS: [(&str, Kind, &str); 44] = [
     (
         "caudal_records_read_total",
         Kind::Counter,
@@ -259,6 +260,31 @@ pub const METRICS: [(&str, Kind, &str); 39] = [
         "caudal_dataset_files_pruned_total",
         Kind::Counter,
         "Data files dataset row queries skipped by their min/max, by dataset.",
+    ),
+    (
+        "caudal_aggregate_records_total",
+        Kind::Counter,
+        "Records live aggregates counted, by aggregate.",
+    ),
+    (
+        "caudal_aggregate_late_total",
+        Kind::Counter,
+        "Changes live aggregates did not count because their window had closed (past lateness), by aggregate.",
+    ),
+    (
+        "caudal_aggregate_skipped_total",
+        Kind::Counter,
+        "Records live aggregates could not place (a group field missing, no event time), by aggregate.",
+    ),
+    (
+        "caudal_alerts_firing",
+        Kind::Gauge,
+        "Firing instances of an alert rule, by alert and severity.",
+    ),
+    (
+        "caudal_alert_notifications_total",
+        Kind::Counter,
+        "Alert notifications sent or failed (each failure is retried), by alert and outcome.",
     ),
     (
         "caudal_crawl_pages_total",

@@ -488,6 +488,11 @@ impl Modify for Bearer {
         crate::live::aggregates,
         crate::live::windows,
         crate::live::stream,
+        crate::alerts::alerts,
+        crate::alerts::history,
+        crate::alerts::notifications,
+        crate::alerts::silence,
+        crate::alerts::unsilence,
     ),
     components(schemas(
         ErrorBody, ErrorDetail, PipelineStatus, PipelineDetail, PipelineList, Checkpoint,
@@ -499,7 +504,10 @@ impl Modify for Bearer {
         CrawlPageList, RowPage, crate::datasets::DatasetInfo, crate::datasets::DatasetList,
         crate::datasets::PartitionInfo, crate::datasets::PartitionList,
         crate::live::AggregateInfo, crate::live::AggregateList, crate::live::LiveWindows,
-        caudal_engine::aggregate::WindowView
+        caudal_engine::aggregate::WindowView, crate::alerts::AlertList, crate::alerts::AlertInfo,
+        crate::alerts::InstanceInfo, crate::alerts::SilenceInfo, crate::alerts::HistoryPage,
+        crate::alerts::EventInfo, crate::alerts::NotificationPage, crate::alerts::NotificationInfo,
+        crate::alerts::SilenceBody, crate::alerts::SilenceEnded, caudal_core::alert::AlertState
     )),
     modifiers(&Bearer)
 )]

@@ -50,6 +50,7 @@ macro_rules! with_pool {
 }
 
 mod aggregates;
+mod alerts;
 mod api;
 mod checkpoints;
 mod clock;
@@ -66,6 +67,10 @@ mod source_states;
 mod workflows;
 
 pub use aggregates::{AggregateCommit, AggregateHead, WindowRow};
+pub use alerts::{
+    AlertChange, AlertEvent, AlertInstanceRow, InstanceState, NewNotification, Notification,
+    Silence,
+};
 pub use api::{AuditRecord, TokenRecord};
 pub use checkpoints::Checkpoint;
 pub use crawl::{

@@ -182,10 +182,17 @@ pub async fn run(path: &Path) -> ExitCode {
         store.clone(),
         shutdown.clone(),
     );
+    let alerting = caudal_engine::alert::serve(
+        std::sync::Arc::new(config.clone()),
+        store.clone(),
+        pipelines.clone(),
+        shutdown.clone(),
+    );
     tokio::join!(
         caudal_engine::daemon::run_with(pipelines, shutdown.clone(), control),
         workflows,
-        reports
+        reports,
+        alerting
     );
     if let Some((_, task)) = server {
         let _ = task.await;
@@ -381,7 +388,46 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
         }
     }
     print_status(&rows, json);
+    if !json && !config.alerts.is_empty() {
+        match store.alert_instances(None).await {
+            Ok(instances) => print_alerts(&config, &instances),
+            Err(e) => return fail(&e),
+        }
+    }
     ExitCode::SUCCESS
+}
+
+/// Prints the pending and firing alerts (none: a line saying so).
+fn print_alerts(config: &Config, instances: &[caudal_store::AlertInstanceRow]) {
+    println!();
+    if instances.is_empty() {
+        println!(
+            "alerts: none pending or firing ({} rules)",
+            config.alerts.len()
+        );
+        return;
+    }
+    let table: Vec<[String; 6]> = instances
+        .iter()
+        .map(|i| {
+            let severity = config
+                .alerts
+                .get(&i.alert)
+                .map_or("-", |a| a.severity.as_str());
+            [
+                i.alert.clone(),
+                i.state.clone(),
+                severity.to_string(),
+                i.labels.clone(),
+                i.value.map_or_else(|| "-".into(), |v| v.to_string()),
+                i.since.to_string(),
+            ]
+        })
+        .collect();
+    print_table(
+        &["ALERT", "STATE", "SEVERITY", "LABELS", "VALUE", "SINCE"],
+        &table,
+    );
 }
 
 /// Prints pipeline status rows (from the store or the API).

@@ -7,6 +7,7 @@
 //! [`load`]; cross-field checks live in [`validate`].
 
 pub mod aggregates;
+pub mod alerts;
 pub mod crawl;
 pub mod datasets;
 pub mod delivery;
@@ -27,6 +28,7 @@ use serde::{Deserialize, Serialize};
 use crate::units::Secret;
 
 pub use aggregates::{AggregateConfig, Metric, MetricKind};
+pub use alerts::{AlertConfig, AlertWindow, Check, NotifierConfig, NotifyFormat, Severity};
 pub use crawl::{
     CrawlSettings, CrawlSourceConfig, FieldConfig, FieldSpec, PageKindConfig, SiteLimits,
     SitePolicy,
@@ -95,6 +97,13 @@ pub struct Config {
     /// pipeline's records, served by `/api/v1/live/NAME`.
     #[serde(default)]
     pub aggregates: BTreeMap<String, AggregateConfig>,
+    /// Named alert rules: a threshold on an aggregate's metric or on
+    /// caudal's own figures, held for a while, notified once.
+    #[serde(default)]
+    pub alerts: BTreeMap<String, AlertConfig>,
+    /// Named webhooks alerts notify.
+    #[serde(default)]
+    pub notifiers: BTreeMap<String, NotifierConfig>,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]

@@ -62,5 +62,6 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         &config.sources,
         &mut problems,
     );
+    super::alerts::check(config, &mut problems);
     problems
 }

@@ -75,6 +75,16 @@ pub struct Spec {
 }
 
 impl Spec {
+    /// The window size, in microseconds.
+    pub fn window_size(&self) -> i64 {
+        self.windows.size_us()
+    }
+
+    /// The hop between window starts, in microseconds.
+    pub fn hop(&self) -> i64 {
+        self.windows.hop_us()
+    }
+
     pub fn build(name: &str, config: &Config) -> Result<Self> {
         let agg: &AggregateConfig = config
             .aggregates
@@ -540,6 +550,11 @@ impl Live {
 
     fn offset(&self) -> u64 {
         self.state().offset
+    }
+
+    /// The latest event time counted in this process.
+    pub fn watermark(&self) -> Option<i64> {
+        self.state().watermark
     }
 
     /// Window updates as batches are counted.

@@ -38,6 +38,14 @@ impl Windows {
         }
     }
 
+    pub fn size_us(&self) -> i64 {
+        self.size.saturating_mul(MICROS)
+    }
+
+    pub fn hop_us(&self) -> i64 {
+        self.hop.saturating_mul(MICROS)
+    }
+
     pub fn tz(&self) -> &TimeZone {
         &self.tz
     }

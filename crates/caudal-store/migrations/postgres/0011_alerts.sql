@@ -1,0 +1,54 @@
+-- Alerts: each instance's state (a rule and one group or pipeline), the
+-- history of its changes, silences, and the notifications to send (an
+-- outbox: a notification is written with the evaluation that decided it,
+-- and sent, with retries, until its webhook accepts it). Times are
+-- microseconds since the Unix epoch.
+
+CREATE TABLE alert_instances (
+    alert      TEXT    NOT NULL,
+    labels     TEXT    NOT NULL, -- JSON object: the group or pipeline
+    state      TEXT    NOT NULL, -- pending | firing (inactive rows are deleted)
+    since      BIGINT NOT NULL,
+    fired_at   BIGINT,
+    notified   BIGINT NOT NULL,
+    value      DOUBLE PRECISION,
+    updated_at BIGINT NOT NULL,
+    PRIMARY KEY (alert, labels)
+);
+
+CREATE TABLE alert_events (
+    id     BIGSERIAL PRIMARY KEY,
+    alert  TEXT    NOT NULL,
+    labels TEXT    NOT NULL,
+    event  TEXT    NOT NULL, -- pending | firing | resolved | cleared
+    value  DOUBLE PRECISION,
+    at     BIGINT NOT NULL
+);
+
+CREATE INDEX alert_events_by_alert ON alert_events (alert, id);
+
+CREATE TABLE alert_silences (
+    id         BIGSERIAL PRIMARY KEY,
+    alert      TEXT    NOT NULL,
+    labels     TEXT,             -- JSON object the instance's labels must include; NULL: all
+    until      BIGINT NOT NULL,
+    reason     TEXT    NOT NULL,
+    created_by TEXT    NOT NULL,
+    created_at BIGINT NOT NULL
+);
+
+CREATE TABLE alert_outbox (
+    id         BIGSERIAL PRIMARY KEY,
+    key        TEXT    NOT NULL UNIQUE, -- the episode and kind: sent as Idempotency-Key
+    alert      TEXT    NOT NULL,
+    notifier   TEXT    NOT NULL,
+    kind       TEXT    NOT NULL,        -- firing | resolved
+    payload    TEXT    NOT NULL,        -- JSON: what the notifier formats
+    attempts   BIGINT NOT NULL,
+    next_at    BIGINT NOT NULL,
+    sent_at    BIGINT,
+    last_error TEXT,
+    created_at BIGINT NOT NULL
+);
+
+CREATE INDEX alert_outbox_due ON alert_outbox (sent_at, next_at);
