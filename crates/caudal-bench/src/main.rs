@@ -49,12 +49,20 @@
 //!   ceiling); `dataset-query`: the query API on what was written, one
 //!   provider over one month, cold and cached p50/p99 and requests/s,
 //!   against DuckDB reading the same Parquet files. See [`datasets`].
+//! - `live-throughput`: `cdc-throughput`'s backlog (with `REPLICA IDENTITY
+//!   FULL`) drained by `caudal once` through a live aggregate (per account,
+//!   per minute: count, sum, p95, max), against the same drain without it
+//!   from its own slot; the aggregate's windows must add up to the table.
+//!   `live-latency`: commit to visible on the aggregate's SSE stream at a
+//!   steady 5,000 changes/s, against the same changes' delivery to the
+//!   HTTP receiver by the same process. See [`live`].
 
 mod buffer;
 mod cdc;
 mod crawl;
 mod datasets;
 mod footprint;
+mod live;
 mod process;
 mod receiver;
 mod report;
@@ -92,6 +100,8 @@ const SCENARIOS: &[&str] = &[
     "crawl-limit",
     "dataset-write",
     "dataset-query",
+    "live-throughput",
+    "live-latency",
 ];
 
 /// The scenarios that run caudal's binary (and so can run a baseline
@@ -116,6 +126,8 @@ const PG_SCENARIOS: &[&str] = &[
     "workflow-chain",
     "dataset-write",
     "dataset-query",
+    "live-throughput",
+    "live-latency",
 ];
 
 /// The advisory lock a harness run holds on the PostgreSQL server.
@@ -147,12 +159,13 @@ struct Args {
     /// Scenarios to run, comma-separated: initial-sync, steady-state,
     /// cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency,
     /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain,
-    /// crawl, crawl-limit, dataset-write, dataset-query (or all).
+    /// crawl, crawl-limit, dataset-write, dataset-query, live-throughput,
+    /// live-latency (or all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000;
     /// steady-state, default 10,000,000), changes written (cdc-throughput,
-    /// mysql-cdc-throughput, default 500,000), records (buffer, default
+    /// mysql-cdc-throughput, live-throughput, default 500,000), records (buffer, default
     /// 1,000,000; http-sink, default 2,000,000), tasks
     /// (workflow-dispatch, default 10,000), or sales (dataset-write,
     /// dataset-query, default 10,000,000).
@@ -305,6 +318,8 @@ fn main() -> anyhow::Result<()> {
                 "measures the crawler, which a baseline build may not have"
             } else if name.starts_with("dataset-") {
                 "measures datasets, which a baseline build may not have"
+            } else if name.starts_with("live-") {
+                "measures live aggregates, which a baseline build may not have"
             } else {
                 "runs caudal's library in this process"
             };
@@ -388,6 +403,8 @@ async fn run(args: &Args, name: &str) -> anyhow::Result<Vec<Value>> {
         "crawl-limit" => vec![crawl::limit(args).await?],
         "dataset-write" => vec![datasets::write(args).await?],
         "dataset-query" => datasets::query(args).await?,
+        "live-throughput" => vec![live::throughput(args).await?],
+        "live-latency" => vec![live::latency(args).await?],
         other => bail!("unknown scenario {other:?}"),
     })
 }

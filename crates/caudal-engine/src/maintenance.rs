@@ -139,7 +139,9 @@ impl<'a> Maintenance<'a> {
     pub async fn resync(&self, running: Option<&Pipeline>) -> Result<Resynced> {
         let source = match running.map(Pipeline::source) {
             Some(Source::Cdc(s)) => s.clone(),
-            Some(Source::Sql(_) | Source::Crawl(_)) => return Err(self.not_cdc()),
+            Some(Source::Sql(_) | Source::Crawl(_) | Source::Windows(_)) => {
+                return Err(self.not_cdc());
+            }
             None => self.cdc_source().await?,
         };
         let held = self.hold_buffer(running).await?;

@@ -101,6 +101,8 @@ pub enum Source {
     Cdc(CdcSource),
     /// Web pages crawled from a frontier in the state store.
     Crawl(Box<Crawl>),
+    /// A live aggregate's closed windows.
+    Windows(Box<crate::aggregate::source::WindowsSource>),
 }
 
 /// The reader of one run.
@@ -108,6 +110,7 @@ enum Reader {
     Sql(Box<sql::RunReader>),
     Cdc(CdcReader),
     Crawl(CrawlReader),
+    Windows(crate::aggregate::source::WindowsReader),
 }
 
 impl Reader {
@@ -116,6 +119,7 @@ impl Reader {
             Self::Sql(r) => r.next_page().await,
             Self::Cdc(r) => r.next_page().await,
             Self::Crawl(r) => r.next_page().await,
+            Self::Windows(r) => r.next_page().await,
         }
     }
 }
@@ -208,7 +212,13 @@ impl Pipeline {
             )
         })?;
         let cdc = source_cfg.is_cdc();
-        let source = if source_cfg.crawl().is_some() {
+        let source = if let Some(windows) = source_cfg.aggregate() {
+            Source::Windows(Box::new(crate::aggregate::source::WindowsSource::new(
+                config,
+                windows,
+                store.clone(),
+            )?))
+        } else if source_cfg.crawl().is_some() {
             Source::Crawl(Box::new(Crawl::new(
                 &crawl_frontier(name),
                 &p.source,
@@ -394,7 +404,7 @@ impl Pipeline {
                 r.live = true;
                 Some(r)
             }
-            Source::Sql(_) | Source::Crawl(_) => None,
+            Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) => None,
         }
     }
 
@@ -638,6 +648,7 @@ impl Pipeline {
                 let durable = r.durable();
                 (Reader::Crawl(r), Some(durable))
             }
+            Source::Windows(w) => (Reader::Windows(w.open_run(from.as_ref())?), None),
         };
         let durable = durable.as_ref();
         // A CDC source's lag is saved every few seconds for `caudal status`.
@@ -654,7 +665,7 @@ impl Pipeline {
                     }
                 })))
             }
-            Source::Sql(_) | Source::Crawl(_) => None,
+            Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) => None,
         };
         // The reader runs ahead of buffering by at most two pages.
         let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<Record>>>(2);
@@ -765,7 +776,7 @@ impl Pipeline {
         // field is named, which is then read from it.
         let key_field = match &self.source {
             Source::Cdc(_) => self.key.as_deref(),
-            Source::Sql(_) | Source::Crawl(_) => None,
+            Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) => None,
         };
         let mut events: Vec<Event> = records
             .into_iter()

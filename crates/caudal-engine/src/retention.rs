@@ -53,7 +53,7 @@ fn is_idle_poll(
     totals: &Progress,
 ) -> bool {
     matches!(schedule, Schedule::Continuous { .. })
-        && matches!(source, Source::Sql(_))
+        && matches!(source, Source::Sql(_) | Source::Windows(_))
         && trigger == Trigger::Schedule
         && outcome == RunOutcome::Succeeded
         && totals.rows_read == 0

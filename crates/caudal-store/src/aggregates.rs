@@ -46,6 +46,8 @@ pub struct WindowRow {
     /// The accumulators while the window is open (not read by
     /// [`Store::live_windows`]).
     pub state: Option<String>,
+    /// The commit that last wrote it (set by the store).
+    pub seq: i64,
     pub updated_at: Timestamp,
 }
 
@@ -65,14 +67,25 @@ pub struct AggregateCommit<'a> {
 }
 
 type HeadRow = (String, String, i64, Option<i64>, i64, i64, i64);
-type WindowTuple = (i64, i64, String, i64, i64, i64, String, Option<String>, i64);
+type WindowTuple = (
+    i64,
+    i64,
+    String,
+    i64,
+    i64,
+    i64,
+    String,
+    Option<String>,
+    i64,
+    i64,
+);
 
 fn offset_to_db(offset: u64) -> i64 {
     i64::try_from(offset).unwrap_or(i64::MAX)
 }
 
 fn window(row: WindowTuple) -> Result<WindowRow> {
-    let (start, end, group, rows, late, closed, figures, state, updated) = row;
+    let (start, end, group, rows, late, closed, figures, state, seq, updated) = row;
     Ok(WindowRow {
         start,
         end,
@@ -82,6 +95,7 @@ fn window(row: WindowTuple) -> Result<WindowRow> {
         closed: closed != 0,
         figures,
         state,
+        seq,
         updated_at: clock::from_db(updated, "aggregate_windows.updated_at")?,
     })
 }
@@ -133,8 +147,8 @@ impl Store {
                     .await?;
                 sqlx::query(
                     "INSERT INTO aggregates \
-                     (name, pipeline, definition, buffer_offset, watermark, late, skipped, updated_at) \
-                     VALUES ($1, $2, $3, $4, NULL, 0, 0, (SELECT now_us FROM clock)) \
+                     (name, pipeline, definition, buffer_offset, watermark, late, seq, skipped, updated_at) \
+                     VALUES ($1, $2, $3, $4, NULL, 0, 0, 0, (SELECT now_us FROM clock)) \
                      ON CONFLICT (name) DO UPDATE SET pipeline = excluded.pipeline, \
                      definition = excluded.definition, buffer_offset = excluded.buffer_offset, \
                      watermark = NULL, late = 0, skipped = 0, updated_at = excluded.updated_at",
@@ -159,16 +173,22 @@ impl Store {
         with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
+                let seq: i64 = sqlx::query_scalar(
+                    "UPDATE aggregates SET seq = seq + 1 WHERE name = $1 RETURNING seq",
+                )
+                .bind(name)
+                .fetch_one(&mut *tx)
+                .await?;
                 for w in commit.windows {
                     sqlx::query(
                         "INSERT INTO aggregate_windows (aggregate, window_start, grp, window_end, \
-                         rows, late, closed, figures, state, updated_at) \
-                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, (SELECT now_us FROM clock)) \
+                         rows, late, closed, figures, state, seq, updated_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, (SELECT now_us FROM clock)) \
                          ON CONFLICT (aggregate, window_start, grp) DO UPDATE SET \
                          window_end = excluded.window_end, rows = excluded.rows, \
                          late = excluded.late, closed = excluded.closed, \
                          figures = excluded.figures, state = excluded.state, \
-                         updated_at = excluded.updated_at",
+                         seq = excluded.seq, updated_at = excluded.updated_at",
                     )
                     .bind(name)
                     .bind(w.start)
@@ -179,12 +199,13 @@ impl Store {
                     .bind(i64::from(w.closed))
                     .bind(&w.figures)
                     .bind(w.state.as_deref())
+                    .bind(seq)
                     .execute(&mut *tx)
                     .await?;
                 }
                 for (start, group, n) in commit.late_windows {
                     sqlx::query(
-                        "UPDATE aggregate_windows SET late = late + $4, \
+                        "UPDATE aggregate_windows SET late = late + $4, seq = $5, \
                          updated_at = (SELECT now_us FROM clock) \
                          WHERE aggregate = $1 AND window_start = $2 AND grp = $3",
                     )
@@ -192,6 +213,7 @@ impl Store {
                     .bind(*start)
                     .bind(group)
                     .bind(*n)
+                    .bind(seq)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -220,7 +242,7 @@ impl Store {
     pub async fn open_windows(&self, name: &str) -> Result<Vec<WindowRow>> {
         let rows: Vec<WindowTuple> = with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT window_start, window_end, grp, rows, late, closed, figures, state, updated_at \
+                "SELECT window_start, window_end, grp, rows, late, closed, figures, state, seq, updated_at \
                  FROM aggregate_windows WHERE aggregate = $1 AND closed = 0 \
                  ORDER BY window_start, grp",
             )
@@ -237,7 +259,7 @@ impl Store {
     pub async fn live_windows(&self, name: &str, from: i64, to: i64) -> Result<Vec<WindowRow>> {
         let rows: Vec<WindowTuple> = with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT window_start, window_end, grp, rows, late, closed, figures, NULL, updated_at \
+                "SELECT window_start, window_end, grp, rows, late, closed, figures, NULL, seq, updated_at \
                  FROM aggregate_windows WHERE aggregate = $1 AND window_end > $2 AND window_start < $3 \
                  ORDER BY window_start, grp",
             )
@@ -248,6 +270,35 @@ impl Store {
             .await
         })
         .map_err(|e| store_error(format!("reading the windows of {name}"), e))?;
+        rows.into_iter().map(window).collect()
+    }
+
+    /// Closed windows of `name` written after `after` (a window's `(seq,
+    /// start, group)`), in that order, at most `limit`: each window once
+    /// when it closes, and again when a late change is counted on it.
+    pub async fn closed_windows_after(
+        &self,
+        name: &str,
+        after: Option<(i64, i64, &str)>,
+        limit: i64,
+    ) -> Result<Vec<WindowRow>> {
+        let (seq, start, group) = after.unwrap_or((i64::MIN, i64::MIN, ""));
+        let rows: Vec<WindowTuple> = with_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT window_start, window_end, grp, rows, late, closed, figures, NULL, seq, updated_at \
+                 FROM aggregate_windows WHERE aggregate = $1 AND closed = 1 \
+                 AND (seq > $2 OR (seq = $2 AND (window_start > $3 OR (window_start = $3 AND grp > $4)))) \
+                 ORDER BY seq, window_start, grp LIMIT $5",
+            )
+            .bind(name)
+            .bind(seq)
+            .bind(start)
+            .bind(group)
+            .bind(limit)
+            .fetch_all(pool)
+            .await
+        })
+        .map_err(|e| store_error(format!("reading the closed windows of {name}"), e))?;
         rows.into_iter().map(window).collect()
     }
 

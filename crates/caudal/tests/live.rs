@@ -291,6 +291,21 @@ requests_per_second = 10000
     }
 }
 
+/// Waits until `daemon` streams changes from its slot: changes committed
+/// from now on arrive in commit order (earlier ones may come from the
+/// snapshot, read in table order).
+async fn wait_for_streaming(daemon: &Daemon) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !daemon.log().contains("streaming changes") {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the daemon does not stream changes after {PATIENCE:?}; log:\n{}",
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Seconds since the epoch of an RFC 3339 instant.
 fn epoch(text: &str) -> i64 {
     text.parse::<jiff::Timestamp>()
@@ -592,15 +607,17 @@ fn statement(max_id: i64) -> (String, bool) {
 /// Writes from `writers` connections at once until `stop`: inserts (single
 /// and multi-row), updates of the amount, the customer, the provider (a
 /// row moving to another group) and the time (to another window), deletes,
-/// multi-row updates, and transactions committed or rolled back. Returns
-/// how many statements ran.
+/// multi-row updates, and transactions committed or rolled back, over the
+/// rows it inserts and those up to id `ids`. Returns how many statements
+/// ran.
 fn workload(
     url: String,
     writers: usize,
+    ids: i64,
     stop: tokio_util::sync::CancellationToken,
 ) -> tokio::task::JoinHandle<u64> {
     tokio::spawn(async move {
-        let max_id = Arc::new(AtomicI64::new(1));
+        let max_id = Arc::new(AtomicI64::new(ids.max(1)));
         let statements = Arc::new(AtomicU64::new(0));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..writers {
@@ -668,7 +685,7 @@ async fn figures_under_concurrent_writers_equal_postgresqls_group_by() {
     // The snapshot's rows are counted before the writers start.
     w.wait_for_rows(&daemon, 300).await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let writers = workload(w.db.url().to_string(), 4, stop.clone());
+    let writers = workload(w.db.url().to_string(), 4, 300, stop.clone());
     tokio::time::sleep(Duration::from_secs(10)).await;
     stop.cancel();
     let statements = writers.await.expect("the workload");
@@ -698,7 +715,7 @@ async fn sigkill_during_the_workload_neither_loses_nor_double_counts() {
     let first = w.daemon(0);
     w.wait_for_rows(&first, 200).await;
     let stop = tokio_util::sync::CancellationToken::new();
-    let writers = workload(w.db.url().to_string(), 3, stop.clone());
+    let writers = workload(w.db.url().to_string(), 3, 200, stop.clone());
     let mut daemon = first;
     let mut logs = String::new();
     for cycle in 1..=8 {
@@ -722,6 +739,48 @@ async fn sigkill_during_the_workload_neither_loses_nor_double_counts() {
     let listed = w.listed("per_minute", Some(&daemon)).await;
     assert_eq!(listed["late"], 0, "{listed}\nlast killed log:\n{logs}");
     assert_eq!(listed["skipped"], 0, "{listed}");
+    let (status, log) = daemon.stop(Signal::SIGTERM).await;
+    assert!(status.success(), "{log}");
+    w.cleanup().await;
+}
+
+/// SIGKILL while the first daemon still reads the table's existing rows
+/// (the initial snapshot) and writers change them, then more SIGKILLs: the
+/// figures still end equal to PostgreSQL's, every row counted once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_during_the_initial_snapshot_neither_loses_nor_double_counts() {
+    const SEEDED: usize = 20_000;
+    let w = World::new(PER_MINUTE).await;
+    for _ in 0..SEEDED / 1000 {
+        seed(&w, 1000).await;
+    }
+    let stop = tokio_util::sync::CancellationToken::new();
+    let writers = workload(w.db.url().to_string(), 2, SEEDED as i64, stop.clone());
+    // Killed once the slot exists, before the snapshot is read.
+    let first = w.daemon(1);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !first.log().contains("created the replication slot") {
+        assert!(tokio::time::Instant::now() < deadline, "{}", first.log());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let ms = rand::rng().random_range(0..200);
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let (_, first_log) = first.stop(Signal::SIGKILL).await;
+    assert!(
+        !first_log.contains("snapshot read"),
+        "the first daemon read the whole snapshot before it was killed: this run proves little\n{first_log}"
+    );
+    for cycle in 2..=4 {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let daemon = w.daemon(cycle);
+        let ms = rand::rng().random_range(300..2000);
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        daemon.stop(Signal::SIGKILL).await;
+    }
+    stop.cancel();
+    writers.await.expect("the workload");
+    let daemon = w.daemon(99);
+    w.wait_for_truth(&daemon).await;
     let (status, log) = daemon.stop(Signal::SIGTERM).await;
     assert!(status.success(), "{log}");
     w.cleanup().await;
@@ -761,6 +820,8 @@ sales = "sum(amount)"
     )
     .await;
     let daemon = w.daemon(1);
+    // In commit order: the snapshot would read the rows in table order.
+    wait_for_streaming(&daemon).await;
     // Watermark 12:00:30, then 12:01:30: the 12:00 window is open until
     // the watermark reaches 12:02.
     sale(&w, "2025-05-14T12:00:30Z", "1.00").await; // A
@@ -891,6 +952,7 @@ async fn windows_split_at_local_midnight_of_their_time_zone() {
     .concat();
     let w = World::new(&aggregates).await;
     let daemon = w.daemon(1);
+    wait_for_streaming(&daemon).await;
     w.exec(
         "INSERT INTO sales (provider_id, amount, sold_at) VALUES (2, 5.00, '2025-03-30T12:00:00Z');
          INSERT INTO sales (provider_id, amount, sold_at, local_at) VALUES
@@ -1115,6 +1177,7 @@ impl Stream {
 async fn the_stream_sends_each_changed_window_as_it_is_counted() {
     let w = World::new(PER_MINUTE).await;
     let daemon = w.daemon(1);
+    wait_for_streaming(&daemon).await;
     let listed = w.listed("per_minute", Some(&daemon)).await;
     assert_eq!(listed["counted_here"], true, "{listed}");
     let mut all = Stream::open(&w, "").await;
@@ -1156,8 +1219,55 @@ async fn the_stream_sends_each_changed_window_as_it_is_counted() {
     let open = late_comer.window("the open window", |_| true).await;
     assert_eq!(open["group"], json!({"provider_id": 7}), "{open}");
     assert_eq!(open["metrics"]["sales"], 20.0, "{open}");
-    daemon.stop(Signal::SIGTERM).await;
+    // Clients gone, the daemon stops (with a stream open, see
+    // `sigterm_stops_the_daemon_while_a_stream_is_open`).
+    drop((all, eights, late_comer));
+    let (status, log) = daemon.stop(Signal::SIGTERM).await;
+    assert!(status.success(), "{log}");
     w.cleanup().await;
+}
+
+/// SIGTERM stops `caudal run` (exit 0, within [`PATIENCE`]) while a
+/// dashboard holds a `/stream` open: the stream ends, it does not keep the
+/// server's graceful shutdown waiting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_the_daemon_while_a_stream_is_open() {
+    let w = World::new(PER_MINUTE).await;
+    let daemon = w.daemon(1);
+    wait_for_streaming(&daemon).await;
+    let mut stream = Stream::open(&w, "").await;
+    w.exec(
+        "INSERT INTO sales (provider_id, amount, sold_at, customer_id) \
+         VALUES (7, 12.34, '2025-05-14T12:00:30Z', 3)",
+    )
+    .await;
+    stream
+        .window("the sale", |x| x["group"]["provider_id"] == 7)
+        .await;
+    daemon.signal(Signal::SIGTERM);
+    // The stream ends (or breaks) once the daemon shuts down.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let ended = loop {
+        match tokio::time::timeout_at(deadline, stream.response.chunk()).await {
+            Err(_) => break false,
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None) | Err(_)) => break true,
+        }
+    };
+    let log = daemon.log();
+    let status = if ended {
+        Some(daemon.stop(Signal::SIGTERM).await.0)
+    } else {
+        daemon.stop(Signal::SIGKILL).await;
+        None
+    };
+    w.cleanup().await;
+    assert!(
+        ended,
+        "the stream was still open {PATIENCE:?} after SIGTERM (the daemon had to be killed); \
+         log:\n{log}"
+    );
+    assert!(status.is_some_and(|s| s.success()), "{status:?}\n{log}");
 }
 
 /// The 1-based line and column where `needle` starts in `text`.

@@ -51,10 +51,10 @@ pub const DEFAULT_LATENCY_MAX_WAIT_MS: u64 = 20;
 /// Load generated in the latency scenarios before latencies count:
 /// connections, the first table metadata and the first batches are not
 /// the steady state.
-const LATENCY_WARMUP: Duration = Duration::from_secs(2);
+pub(crate) const LATENCY_WARMUP: Duration = Duration::from_secs(2);
 /// Longest wait for progress (a change delivered, a replica streaming)
 /// before a scenario gives up.
-const STALL_TIMEOUT: Duration = Duration::from_secs(60);
+pub(crate) const STALL_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// A kind of change of the workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -128,7 +128,10 @@ impl Workload {
 /// Writes the throughput scenarios' backlog: `changes` changes in
 /// transactions of [`THROUGHPUT_TXN_ROWS`]. Returns what was written and
 /// the seconds it took.
-async fn write_backlog(db: &impl Target, changes: u64) -> anyhow::Result<(Written, f64)> {
+pub(crate) async fn write_backlog(
+    db: &impl Target,
+    changes: u64,
+) -> anyhow::Result<(Written, f64)> {
     let workload = Workload {
         txn_rows: THROUGHPUT_TXN_ROWS,
     };
@@ -145,16 +148,16 @@ async fn write_backlog(db: &impl Target, changes: u64) -> anyhow::Result<(Writte
 
 /// How the throughput scenarios' `caudal once` went.
 #[derive(Debug)]
-struct Drained {
+pub(crate) struct Drained {
     /// From process start until the receiver had counted every change.
-    caudal_secs: f64,
-    ended: Ended,
+    pub(crate) caudal_secs: f64,
+    pub(crate) ended: Ended,
 }
 
 /// Runs `caudal once bench` (with `subject`'s binary) and waits until the
 /// receiver has counted all `changes`, then for caudal to exit; the
 /// receiver must count exactly `changes`.
-async fn drain_once(
+pub(crate) async fn drain_once(
     subject: Subject<'_>,
     config: &Path,
     dir: &Path,
@@ -303,7 +306,7 @@ async fn finish_latency(
 }
 
 /// The nearest-rank percentile `p` (0 < p ≤ 1) of sorted values.
-fn percentile(sorted: &[i64], p: f64) -> i64 {
+pub(crate) fn percentile(sorted: &[i64], p: f64) -> i64 {
     let rank = (p * sorted.len() as f64).ceil() as usize;
     sorted[rank.clamp(1, sorted.len()) - 1]
 }
@@ -321,7 +324,7 @@ pub(crate) fn scratch_dir(scenario: &str) -> anyhow::Result<PathBuf> {
 /// receiver as an HTTP sink (batches of `--batch`, `max_wait_ms`, default
 /// delivery: `ack = "buffered"`, every batch fsynced into the buffer before
 /// it is sent) and the pipeline `bench` between them.
-fn write_config(
+pub(crate) fn write_config(
     dir: &Path,
     (source, source_fields): (&str, &str),
     addr: SocketAddr,
@@ -435,7 +438,7 @@ fn with_baseline_latency(
 /// Waits until the receiver has counted `target` records; returns the
 /// seconds since caudal started. Fails when caudal exits first or nothing
 /// arrives for [`STALL_TIMEOUT`].
-async fn wait_for_records(
+pub(crate) async fn wait_for_records(
     receiver: &Receiver,
     target: u64,
     caudal: &Measured,

@@ -85,7 +85,7 @@ impl Target for PgPool {
 }
 
 /// caudal's source: the slot and publication made here, no snapshot.
-fn source_fields(url: &str, slot: &str) -> String {
+pub(crate) fn source_fields(url: &str, slot: &str) -> String {
     format!(
         r#"type = "postgres"
 url = "{url}"
@@ -375,7 +375,7 @@ async fn latency_run(args: &Args, admin: &PgPool, subject: Subject<'_>) -> anyho
     Ok(report)
 }
 
-async fn connect_admin(args: &Args) -> anyhow::Result<PgPool> {
+pub(crate) async fn connect_admin(args: &Args) -> anyhow::Result<PgPool> {
     PgPool::connect(&args.pg_url).await.with_context(|| {
         format!(
             "cannot connect to PostgreSQL at {} (run scripts/test --services-only)",
@@ -386,7 +386,7 @@ async fn connect_admin(args: &Args) -> anyhow::Result<PgPool> {
 
 /// Recreates the database with the table and the publication; returns its
 /// URL and a pool on it.
-async fn provision(args: &Args, admin: &PgPool) -> anyhow::Result<(String, PgPool)> {
+pub(crate) async fn provision(args: &Args, admin: &PgPool) -> anyhow::Result<(String, PgPool)> {
     let (wal_level,): (String,) = sqlx::query_as("SHOW wal_level").fetch_one(admin).await?;
     if wal_level != "logical" {
         bail!("wal_level is {wal_level}, CDC needs logical (run scripts/test --services-only)");
@@ -402,7 +402,7 @@ async fn provision(args: &Args, admin: &PgPool) -> anyhow::Result<(String, PgPoo
 }
 
 /// Creates a pgoutput slot; returns its consistent point.
-async fn create_slot(db: &PgPool, slot: &str) -> anyhow::Result<String> {
+pub(crate) async fn create_slot(db: &PgPool, slot: &str) -> anyhow::Result<String> {
     let (lsn,): (String,) =
         sqlx::query_as("SELECT lsn::text FROM pg_create_logical_replication_slot($1, 'pgoutput')")
             .bind(slot)
@@ -414,7 +414,7 @@ async fn create_slot(db: &PgPool, slot: &str) -> anyhow::Result<String> {
 
 /// Drops the database's replication slots (stopping their walsenders
 /// first), then the database: a slot blocks DROP DATABASE.
-async fn teardown(admin: &PgPool) -> anyhow::Result<()> {
+pub(crate) async fn teardown(admin: &PgPool) -> anyhow::Result<()> {
     let mut tries = 0;
     loop {
         sqlx::query(
@@ -448,7 +448,7 @@ async fn teardown(admin: &PgPool) -> anyhow::Result<()> {
 }
 
 /// Waits until caudal's walsender holds its slot.
-async fn wait_streaming(
+pub(crate) async fn wait_streaming(
     admin: &PgPool,
     slot: &str,
     caudal: &Measured,

@@ -251,6 +251,23 @@ pub(super) fn check(
     sources: &BTreeMap<String, super::SourceConfig>,
     out: &mut Vec<Problem>,
 ) {
+    for (name, source) in sources {
+        if let Some(a) = source.aggregate()
+            && !aggregates.contains_key(&a.aggregate)
+        {
+            out.push(Problem::at(
+                FieldPath::root()
+                    .key("sources")
+                    .key(name.clone())
+                    .key("aggregate"),
+                format!(
+                    "no aggregate {:?}; defined: {}",
+                    a.aggregate,
+                    names(aggregates.keys())
+                ),
+            ));
+        }
+    }
     let root = FieldPath::root().key("aggregates");
     for (name, agg) in aggregates {
         let path = root.key(name.clone());

@@ -30,6 +30,28 @@ pub enum SourceConfig {
     Sqlite(SqlSourceConfig),
     /// Web pages, crawled politely (see `[crawl]`).
     Crawl(CrawlSourceConfig),
+    /// The closed windows of a live aggregate (`[aggregates.NAME]`), as
+    /// records, in the order they closed.
+    Aggregate(AggregateSourceConfig),
+}
+
+/// Default closed windows read per page.
+pub const DEFAULT_WINDOWS_PAGE_SIZE: u32 = 1000;
+
+/// A live aggregate's closed windows, read by cursor: every window once
+/// when it closes, and again when a late change is counted against it.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AggregateSourceConfig {
+    /// The aggregate (a name in `[aggregates]`).
+    pub aggregate: String,
+    /// Windows read per page (default 1000).
+    #[serde(default = "default_windows_page_size")]
+    pub page_size: u32,
+}
+
+fn default_windows_page_size() -> u32 {
+    DEFAULT_WINDOWS_PAGE_SIZE
 }
 
 /// Which database a SQL source reads.
@@ -53,9 +75,10 @@ impl SqlDialect {
 impl SourceConfig {
     /// The source type as written in the file.
     pub fn type_name(&self) -> &'static str {
-        match self.dialect() {
-            Some(d) => d.as_str(),
-            None => "crawl",
+        match (self.dialect(), self) {
+            (Some(d), _) => d.as_str(),
+            (None, Self::Aggregate(_)) => "aggregate",
+            (None, _) => "crawl",
         }
     }
 
@@ -65,7 +88,7 @@ impl SourceConfig {
             Self::Postgres(_) => Some(SqlDialect::Postgres),
             Self::Mysql(_) => Some(SqlDialect::Mysql),
             Self::Sqlite(_) => Some(SqlDialect::Sqlite),
-            Self::Crawl(_) => None,
+            Self::Crawl(_) | Self::Aggregate(_) => None,
         }
     }
 
@@ -73,7 +96,15 @@ impl SourceConfig {
     pub fn sql(&self) -> Option<&SqlSourceConfig> {
         match self {
             Self::Postgres(c) | Self::Mysql(c) | Self::Sqlite(c) => Some(c),
-            Self::Crawl(_) => None,
+            Self::Crawl(_) | Self::Aggregate(_) => None,
+        }
+    }
+
+    /// The settings of an aggregate source.
+    pub fn aggregate(&self) -> Option<&AggregateSourceConfig> {
+        match self {
+            Self::Aggregate(c) => Some(c),
+            _ => None,
         }
     }
 
@@ -97,6 +128,7 @@ impl SourceConfig {
             Self::Mysql(_) => Self::Mysql(sql),
             Self::Sqlite(_) => Self::Sqlite(sql),
             Self::Crawl(c) => Self::Crawl(c.clone()),
+            Self::Aggregate(c) => Self::Aggregate(c.clone()),
         }
     }
 }
@@ -269,6 +301,9 @@ pub(super) fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Ve
     let (Some(sql), Some(dialect)) = (source.sql(), source.dialect()) else {
         if let Some(crawl) = source.crawl() {
             super::crawl::check_source(path, crawl, out);
+        }
+        if source.aggregate().is_some_and(|a| a.page_size == 0) {
+            out.push(Problem::at(path.key("page_size"), "must be greater than 0"));
         }
         return;
     };

@@ -27,6 +27,7 @@
 //!   within a commit interval.
 
 pub mod accumulate;
+pub mod source;
 pub mod window;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -885,6 +886,7 @@ impl Live {
             closed,
             figures,
             state: (!closed).then(|| serde_json::to_string(&cell.accs).unwrap_or_default()),
+            seq: 0,
             updated_at: jiff::Timestamp::now(),
         }
     }

@@ -14,6 +14,7 @@ CREATE TABLE aggregates (
     buffer_offset BIGINT NOT NULL, -- entries below it are counted
     watermark    BIGINT,           -- the latest event time counted
     late         BIGINT NOT NULL,  -- changes not counted: their window had closed
+    seq          BIGINT NOT NULL, -- commits so far: every window a commit writes carries it
     skipped      BIGINT NOT NULL,  -- rows not counted: no event time or group field
     updated_at   BIGINT NOT NULL
 );
@@ -28,6 +29,9 @@ CREATE TABLE aggregate_windows (
     closed       BIGINT NOT NULL, -- 1 once the watermark passed end + lateness
     figures      TEXT    NOT NULL, -- JSON object: metric name -> value
     state        TEXT,             -- the accumulators, while open
+    seq          BIGINT NOT NULL, -- the commit that last wrote it: closed windows are read in this order
     updated_at   BIGINT NOT NULL,
     PRIMARY KEY (aggregate, window_start, grp)
 );
+
+CREATE INDEX aggregate_windows_closed ON aggregate_windows (aggregate, closed, seq, window_start, grp);

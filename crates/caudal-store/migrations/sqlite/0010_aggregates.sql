@@ -14,6 +14,7 @@ CREATE TABLE aggregates (
     buffer_offset INTEGER NOT NULL, -- entries below it are counted
     watermark    INTEGER,           -- the latest event time counted
     late         INTEGER NOT NULL,  -- changes not counted: their window had closed
+    seq          INTEGER NOT NULL, -- commits so far: every window a commit writes carries it
     skipped      INTEGER NOT NULL,  -- rows not counted: no event time or group field
     updated_at   INTEGER NOT NULL
 ) STRICT;
@@ -28,6 +29,9 @@ CREATE TABLE aggregate_windows (
     closed       INTEGER NOT NULL, -- 1 once the watermark passed end + lateness
     figures      TEXT    NOT NULL, -- JSON object: metric name -> value
     state        TEXT,             -- the accumulators, while open
+    seq          INTEGER NOT NULL, -- the commit that last wrote it: closed windows are read in this order
     updated_at   INTEGER NOT NULL,
     PRIMARY KEY (aggregate, window_start, grp)
 ) STRICT;
+
+CREATE INDEX aggregate_windows_closed ON aggregate_windows (aggregate, closed, seq, window_start, grp);

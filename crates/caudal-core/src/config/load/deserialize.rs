@@ -21,7 +21,7 @@ use super::path::{FieldPath, Problem, Segment};
 use crate::config::{Config, PipelineConfig, SinkConfig, SourceConfig};
 
 /// Source `type` values, in the order they are suggested.
-const SOURCE_TYPES: &[&str] = &["postgres", "mysql", "sqlite", "crawl"];
+const SOURCE_TYPES: &[&str] = &["postgres", "mysql", "sqlite", "crawl", "aggregate"];
 /// Sink `type` values, in the order they are suggested.
 const SINK_TYPES: &[&str] = &["http", "files"];
 
@@ -119,6 +119,7 @@ fn source(entry: Value, path: &FieldPath, problems: &mut Vec<Problem>) -> Option
         "mysql" => deserialize_all(&fields, path, problems).map(SourceConfig::Mysql),
         "sqlite" => deserialize_all(&fields, path, problems).map(SourceConfig::Sqlite),
         "crawl" => deserialize_all(&fields, path, problems).map(SourceConfig::Crawl),
+        "aggregate" => deserialize_all(&fields, path, problems).map(SourceConfig::Aggregate),
         other => {
             problems.push(unknown_type(path, "source", other, SOURCE_TYPES));
             None
