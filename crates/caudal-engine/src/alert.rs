@@ -56,7 +56,25 @@ pub async fn serve(
         .into_iter()
         .map(|p| (p.name().to_string(), p))
         .collect();
-    let http = reqwest::Client::new();
+    // Sending has its own loop: a slow webhook never delays evaluations.
+    let sender = {
+        let (config, store, stop) = (config.clone(), store.clone(), shutdown.clone());
+        tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            let mut tick = tokio::time::interval(TICK);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                if let Err(e) = send_due(&config, &store, &http).await {
+                    tracing::warn!(error = %e.report(), "cannot send alert notifications; trying again in a second");
+                }
+            }
+        })
+    };
+    let _sender = crate::pipeline::AbortOnDrop(sender);
     let mut last: BTreeMap<String, tokio::time::Instant> = BTreeMap::new();
     let mut tick = tokio::time::interval(TICK);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -76,9 +94,6 @@ pub async fn serve(
             if let Err(e) = evaluate(&config, &store, &pipelines, name, rule).await {
                 tracing::warn!(alert = %name, error = %e.report(), "cannot evaluate the alert; trying again at its next evaluation");
             }
-        }
-        if let Err(e) = send_due(&config, &store, &http).await {
-            tracing::warn!(error = %e.report(), "cannot send alert notifications; trying again in a second");
         }
     }
 }
@@ -163,6 +178,7 @@ pub async fn evaluate(
                     key,
                     alert: name.to_string(),
                     notifier: notifier.clone(),
+                    instance: label.clone(),
                     kind: kind.as_str().to_string(),
                     payload: payload.to_string(),
                 });
@@ -191,7 +207,9 @@ pub async fn evaluate(
             });
         }
     }
-    store.record_alert(name, &changes, &notifications).await?;
+    store
+        .record_alert(name, now, &changes, &notifications)
+        .await?;
     #[allow(clippy::cast_precision_loss)]
     metrics::gauge!("caudal_alerts_firing", "alert" => name.to_string(), "severity" => rule.severity.as_str())
         .set(firing as f64);

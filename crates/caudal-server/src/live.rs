@@ -263,6 +263,14 @@ pub(crate) async fn stream(
     Query(pairs): Query<Vec<(String, String)>>,
 ) -> ApiResult {
     let spec = spec(&api, &name)?;
+    if let Some((k, _)) = pairs
+        .iter()
+        .find(|(k, _)| matches!(k.as_str(), "from" | "to" | "limit"))
+    {
+        return Err(bad_request(format!(
+            "parameter {k}: the stream sends every window as it changes; filter by group fields or closed only"
+        )));
+    }
     let params = parse_params(&spec, &pairs)?;
     let Some(live) = live(&api, &name) else {
         return Err(ApiError::conflict(format!(

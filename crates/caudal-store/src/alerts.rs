@@ -58,6 +58,8 @@ pub struct NewNotification {
     pub key: String,
     pub alert: String,
     pub notifier: String,
+    /// The instance's labels: its notifications are sent in order.
+    pub instance: String,
     pub kind: String,
     pub payload: String,
 }
@@ -204,12 +206,13 @@ impl Store {
             .collect()
     }
 
-    /// Writes one evaluation of `alert`: state changes, history events and
-    /// notifications, in one transaction. A notification whose key is
-    /// queued already is not queued again.
+    /// Writes one evaluation of `alert` made at `at`: state changes,
+    /// history events and notifications, in one transaction. A
+    /// notification whose key is queued already is not queued again.
     pub async fn record_alert(
         &self,
         alert: &str,
+        at: Timestamp,
         changes: &[AlertChange],
         notifications: &[NewNotification],
     ) -> Result<()> {
@@ -255,12 +258,13 @@ impl Store {
                     if let Some((event, value)) = &c.event {
                         sqlx::query(
                             "INSERT INTO alert_events (alert, labels, event, value, at) \
-                             VALUES ($1, $2, $3, $4, (SELECT now_us FROM clock))",
+                             VALUES ($1, $2, $3, $4, $5)",
                         )
                         .bind(alert)
                         .bind(&c.labels)
                         .bind(event)
                         .bind(*value)
+                        .bind(clock::to_db(at))
                         .execute(&mut *tx)
                         .await?;
                     }
@@ -268,13 +272,14 @@ impl Store {
                 for n in notifications {
                     sqlx::query(
                         "INSERT INTO alert_outbox \
-                         (key, alert, notifier, kind, payload, attempts, next_at, created_at) \
-                         VALUES ($1, $2, $3, $4, $5, 0, (SELECT now_us FROM clock), (SELECT now_us FROM clock)) \
+                         (key, alert, notifier, instance, kind, payload, attempts, next_at, created_at) \
+                         VALUES ($1, $2, $3, $4, $5, $6, 0, (SELECT now_us FROM clock), (SELECT now_us FROM clock)) \
                          ON CONFLICT (key) DO NOTHING",
                     )
                     .bind(&n.key)
                     .bind(&n.alert)
                     .bind(&n.notifier)
+                    .bind(&n.instance)
                     .bind(&n.kind)
                     .bind(&n.payload)
                     .execute(&mut *tx)
@@ -372,12 +377,18 @@ impl Store {
         rows.into_iter().map(silence).collect()
     }
 
-    /// Notifications due to be sent now, oldest first.
+    /// Notifications due to be sent now, oldest first: one waits while
+    /// an older one of its instance and notifier is unsent (a resolution
+    /// never overtakes its firing).
     pub async fn due_notifications(&self, limit: i64) -> Result<Vec<Notification>> {
         let rows: Vec<NotificationTuple> = with_pool!(self, |pool| {
             sqlx::query_as(sqlx::AssertSqlSafe(format!(
-                "SELECT {NOTIFICATION_COLUMNS} FROM alert_outbox \
-                 WHERE sent_at IS NULL AND next_at <= (SELECT now_us FROM clock) ORDER BY id LIMIT $1"
+                "SELECT {NOTIFICATION_COLUMNS} FROM alert_outbox n \
+                 WHERE n.sent_at IS NULL AND n.next_at <= (SELECT now_us FROM clock) \
+                 AND NOT EXISTS (SELECT 1 FROM alert_outbox o WHERE o.sent_at IS NULL \
+                 AND o.id < n.id AND o.alert = n.alert AND o.notifier = n.notifier \
+                 AND o.instance = n.instance) \
+                 ORDER BY n.id LIMIT $1"
             )))
             .bind(limit)
             .fetch_all(pool)

@@ -58,6 +58,29 @@ pub fn load(path: &Path) -> Result<Config, ExitCode> {
     loaded
 }
 
+/// Checks the fields aggregates read against their sources' tables
+/// (PostgreSQL), printing each unknown one with where the file names it.
+async fn check_aggregate_fields(path: &Path, config: &Config) -> Result<(), ExitCode> {
+    if config.aggregates.is_empty() {
+        return Ok(());
+    }
+    let problems = caudal_engine::aggregate::unknown_fields(config).await;
+    if problems.is_empty() {
+        return Ok(());
+    }
+    let errors = caudal_core::config::locate_in_file(path, problems);
+    for e in &errors.0 {
+        eprintln!("error: {e}");
+    }
+    let n = errors.0.len();
+    eprintln!(
+        "{n} error{} in {}",
+        if n == 1 { "" } else { "s" },
+        path.display()
+    );
+    Err(ExitCode::from(EXIT_CONFIG))
+}
+
 /// Loads the configuration and opens its state store.
 pub(crate) async fn load_with_store(path: &Path) -> Result<(Config, Store), ExitCode> {
     let config = load(path)?;
@@ -121,6 +144,9 @@ pub async fn run(path: &Path) -> ExitCode {
         Ok(both) => both,
         Err(code) => return code,
     };
+    if let Err(code) = check_aggregate_fields(path, &config).await {
+        return code;
+    }
     let mut pipelines = Vec::new();
     let mut reports = Vec::new();
     for name in config.pipelines.keys() {
@@ -267,6 +293,9 @@ pub async fn once(path: &Path, name: &str, date: Option<&str>) -> ExitCode {
     if date.is_some() {
         eprintln!("error: --date applies to report pipelines (a source with mode = \"query\")");
         return ExitCode::from(EXIT_CONFIG);
+    }
+    if let Err(code) = check_aggregate_fields(path, &config).await {
+        return code;
     }
     // A crawl source's pages are on the progress line too.
     let frontier = config

@@ -11,6 +11,10 @@
 //!
 //! Each test has its own source, state directory, receiver, webhook and
 //! port, so they run in parallel.
+//!
+//! `a_resolution_is_not_delivered_before_its_firing` fails on purpose
+//! until the outbox keeps an episode's notifications in order: a firing
+//! waiting out its retry backoff is delivered after its resolution.
 
 mod support;
 
@@ -446,13 +450,21 @@ async fn an_alert_fires_once_after_its_for_notifies_each_notifier_and_resolves_o
         assert_eq!(e["labels"], labels, "{e}");
         assert_eq!(e["value"].as_f64(), Some(3.0), "3 dead letters: {e}");
     }
-    // It fired only once the condition had held for `for` (the store's
-    // clock: a promise of the rules, not a timing of this machine).
-    let held = time(&fired["at"]).duration_since(time(&pending["at"]));
+    let instances = a.instances(DEAD).await;
+    assert_eq!(instances.len(), 1, "{instances:?}");
+    let i = &instances[0];
+    // It fired only once the condition had held for `for`, by the store's
+    // clock at the evaluations (`since`, `fired_at`): a promise of the
+    // rules, not a timing of this machine. History events are stamped when
+    // the evaluation is written, a little later.
+    let (since, fired_at) = (time(&i["since"]), time(&i["fired_at"]));
+    let held = fired_at.duration_since(since);
     assert!(
         held >= jiff::SignedDuration::from_secs(2),
-        "fired {held:?} after pending, before its for of 2s: {events:?}"
+        "fired {held:?} after it started to hold, before its for of 2s: {i}"
     );
+    assert!(time(&pending["at"]) >= since, "{events:?} {i}");
+    assert!(time(&fired["at"]) >= fired_at, "{events:?} {i}");
 
     // The JSON notification.
     let ops = a.hooks("/ops");
@@ -480,10 +492,10 @@ async fn an_alert_fires_once_after_its_for_notifies_each_notifier_and_resolves_o
     assert_eq!(body["watching"], "dead_letters", "{body}");
     assert_eq!(body["summary"], "records are refused", "{body}");
     assert_eq!(
-        body["fired_at"], fired["at"],
+        body["fired_at"], i["fired_at"],
         "the episode is the firing: {body}"
     );
-    assert_eq!(body["at"], fired["at"], "{body}");
+    assert_eq!(body["at"], i["fired_at"], "sent for the firing: {body}");
     // The Slack one.
     let chat = a.hooks("/chat");
     assert_eq!(chat.len(), 1, "{}", describe(&chat));
@@ -525,13 +537,9 @@ async fn an_alert_fires_once_after_its_for_notifies_each_notifier_and_resolves_o
     assert_eq!(rule["every"], "1s", "{rule}");
     assert_eq!(rule["notify"], json!(["ops", "chat"]), "{rule}");
     assert_eq!(rule["summary"], "records are refused", "{rule}");
-    let instances = rule["instances"].as_array().expect("instances");
-    assert_eq!(instances.len(), 1, "{rule}");
-    let i = &instances[0];
+    assert_eq!(rule["instances"], json!([i]), "{rule}");
     assert_eq!(i["labels"], labels, "{i}");
     assert_eq!(i["state"], "firing", "{i}");
-    assert_eq!(i["fired_at"], fired["at"], "{i}");
-    assert_eq!(i["since"], pending["at"], "{i}");
     assert_eq!(i["value"].as_f64(), Some(3.0), "{i}");
     assert_eq!(i["notified"], true, "{i}");
     assert_eq!(i["silenced"], false, "{i}");
@@ -600,10 +608,14 @@ async fn an_alert_fires_once_after_its_for_notifies_each_notifier_and_resolves_o
     assert_eq!(resolved["labels"], labels, "{resolved}");
     assert_eq!(resolved["value"].as_f64(), Some(0.0), "{resolved}");
     assert_eq!(
-        resolved["fired_at"], fired["at"],
+        resolved["fired_at"], body["fired_at"],
         "the same episode: {resolved}"
     );
-    assert_eq!(resolved["at"], events[0]["at"], "{resolved}");
+    assert!(
+        time(&resolved["at"]) > time(&resolved["fired_at"])
+            && time(&resolved["at"]) <= time(&events[0]["at"]),
+        "resolved at its evaluation: {resolved} {events:?}"
+    );
     assert_eq!(resolved["severity"], "critical", "{resolved}");
     assert_eq!(ops[1].header("idempotency-key"), resolved["id"].as_str());
     assert_ne!(resolved["id"], body["id"], "resolved has its own key");
@@ -792,7 +804,10 @@ async fn a_silence_holds_the_firing_until_it_ends_and_swallows_a_whole_episode()
     assert_eq!(firing["notified"], false, "{firing}");
     assert_eq!(firing["value"].as_f64(), Some(2.0), "{firing}");
     let events = a.wait_for_history(DEAD, &["firing"]).await;
-    assert_eq!(events[0]["at"], firing["fired_at"], "{events:?}");
+    assert!(
+        time(&events[0]["at"]) >= time(&firing["fired_at"]),
+        "{events:?} {firing}"
+    );
     tokio::time::sleep(QUIET).await;
     assert_eq!(
         a.webhook.request_count(),
@@ -854,12 +869,9 @@ async fn a_silence_holds_the_firing_until_it_ends_and_swallows_a_whole_episode()
         .await;
     assert_eq!(again.status, 404, "no longer in force: {}", again.text);
 
-    // Resolved: notified, as its firing was.
-    a.discard_all().await;
-    a.wait_for_hooks("the resolution", |r| accepted(r, "/ops", "resolved") >= 1)
-        .await;
-
-    // A silence of every instance; an episode fires and resolves under it.
+    // A silence of every instance; the episode notified before resolves
+    // under it: its resolution is notified all the same (docs/live.md: "a
+    // resolution is notified whenever its firing was, silenced or not").
     let silence = a
         .call(
             "POST",
@@ -872,6 +884,22 @@ async fn a_silence_holds_the_firing_until_it_ends_and_swallows_a_whole_episode()
     assert_eq!(silence.json["labels"], Value::Null, "{}", silence.text);
     assert_eq!(silence.json["reason"], "", "{}", silence.text);
     let second = silence.json["id"].as_i64().expect("a silence id");
+    let i = &a.instances(DEAD).await[0];
+    assert_eq!(
+        (&i["silenced"], &i["notified"]),
+        (&json!(true), &json!(true)),
+        "{i}"
+    );
+    a.discard_all().await;
+    a.wait_for_hooks("the resolution of the notified episode", |r| {
+        accepted(r, "/ops", "resolved") >= 1
+    })
+    .await;
+    let resolved = payload(&a.hooks("/ops")[1]);
+    assert_eq!(resolved["fired_at"], body["fired_at"], "{resolved}");
+
+    // Under the same silence, a second episode fires and resolves: nothing
+    // is sent, then or when the silence ends.
     world.insert(3..=4, 1).await;
     a.wait_for_history(DEAD, &["firing", "resolved", "firing"])
         .await;
@@ -904,6 +932,41 @@ async fn a_silence_holds_the_firing_until_it_ends_and_swallows_a_whole_episode()
         describe(&ops)
     );
     assert_eq!(a.notifications(DEAD).await.len(), 2);
+    // Both silences and both ends are in the audit log, with their token.
+    let admin = a.token("root", "admin").await;
+    let audit = a.call("GET", "/api/v1/audit", Some(&admin), None).await;
+    assert_eq!(audit.status, 200, "{}", audit.text);
+    let calls: Vec<(String, String, i64)> = audit.json["audit"]
+        .as_array()
+        .expect("audit entries")
+        .iter()
+        .filter(|e| {
+            e["token"] == "oncall" && e["path"].as_str().is_some_and(|p| p.contains("/alerts/"))
+        })
+        .map(|e| {
+            (
+                e["method"].as_str().unwrap_or("?").to_string(),
+                // Recorded as routed under /api/v1 (without the prefix).
+                e["path"]
+                    .as_str()
+                    .map(|p| p.trim_start_matches("/api/v1"))
+                    .unwrap_or("?")
+                    .to_string(),
+                e["status"].as_i64().unwrap_or(0),
+            )
+        })
+        .collect();
+    let post = ("POST".to_string(), format!("/alerts/{DEAD}/silence"), 201);
+    for want in [
+        post.clone(),
+        post,
+        ("DELETE".into(), format!("/alerts/silences/{id}"), 200),
+        ("DELETE".into(), format!("/alerts/silences/{id}"), 404),
+        ("DELETE".into(), format!("/alerts/silences/{second}"), 200),
+    ] {
+        assert!(calls.contains(&want), "{want:?} not in {calls:?}");
+    }
+    assert_eq!(calls.len(), 5, "{calls:?}");
     a.stop().await;
 }
 
@@ -975,7 +1038,11 @@ async fn a_webhook_outage_delays_the_notification_and_retries_keep_its_key() {
         1.0,
     )
     .await;
-    assert_eq!(names(&a.history(DEAD).await), ["firing", "pending"]);
+    assert_eq!(
+        names(&a.history(DEAD).await),
+        ["firing"],
+        "for 0s: fired at the first evaluation"
+    );
     a.stop().await;
 }
 
@@ -1022,7 +1089,64 @@ async fn a_notification_queued_during_an_outage_survives_a_kill_and_is_sent_once
     let sent = a.notifications(DEAD).await;
     assert_eq!(sent.len(), 1, "not queued again: {sent:?}");
     assert!(sent[0]["sent_at"].is_string(), "{sent:?}");
-    assert_eq!(names(&a.history(DEAD).await), ["firing", "pending"]);
+    assert_eq!(
+        names(&a.history(DEAD).await),
+        ["firing"],
+        "for 0s: fired at the first evaluation"
+    );
+    a.stop().await;
+}
+
+/// 4c. An episode's notifications reach the webhook in order: its
+/// resolution is not delivered before its firing. Here the firing meets an
+/// outage and waits out its backoff (16 s after its 4th failure); the
+/// webhook is back and the alert resolves meanwhile. Either the resolution
+/// waits for the firing, or the firing is dropped as stale; a receiver must
+/// never see `resolved` followed by `firing` of one episode (it would show
+/// the alert firing forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resolution_is_not_delivered_before_its_firing() {
+    let mut world = World::sqlite().await;
+    world.every = "1h".into();
+    world.receiver.set_status(422);
+    world.insert(1..=3, 0).await;
+    let webhook = Receiver::start().await;
+    webhook.set_status(503);
+    let mut a = Alerting::start(
+        world.dir.path().to_path_buf(),
+        &format!("{}\n{}", world.config_toml(), dead_rule("0s", &["ops"])),
+        webhook,
+    )
+    .await;
+    a.eventually("four failed attempts of the firing", async || {
+        let sent = a.notifications(DEAD).await;
+        match sent.first() {
+            Some(n) if n["attempts"].as_i64() >= Some(4) => Ok(()),
+            _ => Err(format!("{sent:?}")),
+        }
+    })
+    .await;
+    a.webhook.set_status(200);
+    a.discard_all().await;
+    a.wait_for_history(DEAD, &["resolved", "firing"]).await;
+    a.wait_for_hooks("the resolution accepted", |r| {
+        accepted(r, "/ops", "resolved") >= 1
+    })
+    .await;
+    // Whatever comes of the firing within a while, it does not follow the
+    // resolution.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let delivered: Vec<String> = a
+        .hooks("/ops")
+        .iter()
+        .filter(|r| r.accepted())
+        .map(|r| payload(r)["status"].as_str().unwrap_or("?").to_string())
+        .collect();
+    assert!(
+        delivered == ["firing", "resolved"] || delivered == ["resolved"],
+        "the webhook accepted {delivered:?} for one episode:\n{}",
+        describe(&a.hooks("/ops"))
+    );
     a.stop().await;
 }
 
@@ -1153,6 +1277,16 @@ async fn an_aggregate_alert_fires_for_the_group_below_its_threshold_only() {
         }
     })
     .await;
+    // A silence matches labels by their JSON value: "2" is not 2.
+    let silence = a
+        .call(
+            "POST",
+            "/api/v1/alerts/low_sales/silence",
+            Some(&a.operator),
+            Some(&json!({ "for": "1h", "labels": { "provider_id": "2" } })),
+        )
+        .await;
+    assert_eq!(silence.status, 201, "{}", silence.text);
     // Minute 12:00: provider 1 sells 500, provider 2 50, provider 3 300.
     exec(
         &db,
@@ -1173,9 +1307,7 @@ async fn an_aggregate_alert_fires_for_the_group_below_its_threshold_only() {
         accepted(r, "/ops", "firing") >= 1
     })
     .await;
-    let events = a
-        .wait_for_history("low_sales", &["firing", "pending"])
-        .await;
+    let events = a.wait_for_history("low_sales", &["firing"]).await;
     for e in &events {
         assert_eq!(e["labels"], p2, "{events:?}");
         assert_eq!(e["value"].as_f64(), Some(50.0), "{events:?}");
@@ -1184,6 +1316,9 @@ async fn an_aggregate_alert_fires_for_the_group_below_its_threshold_only() {
     assert_eq!(instances.len(), 1, "provider 2 only: {instances:?}");
     assert_eq!(instances[0]["labels"], p2, "{instances:?}");
     assert_eq!(instances[0]["state"], "firing", "{instances:?}");
+    assert_eq!(instances[0]["value"].as_f64(), Some(50.0), "{instances:?}");
+    assert_eq!(instances[0]["silenced"], false, "{instances:?}");
+    assert_eq!(instances[0]["notified"], true, "{instances:?}");
     let body = payload(&a.hooks("/ops")[0]);
     assert_eq!(body["alert"], "low_sales", "{body}");
     assert_eq!(body["labels"], p2, "{body}");
@@ -1215,7 +1350,7 @@ async fn an_aggregate_alert_fires_for_the_group_below_its_threshold_only() {
     })
     .await;
     let events = a
-        .wait_for_history("low_sales", &["resolved", "firing", "pending"])
+        .wait_for_history("low_sales", &["resolved", "firing"])
         .await;
     assert_eq!(events[0]["labels"], p2, "{events:?}");
     assert_eq!(events[0]["value"].as_f64(), Some(150.0), "{events:?}");
@@ -1228,8 +1363,8 @@ async fn an_aggregate_alert_fires_for_the_group_below_its_threshold_only() {
     assert_eq!(resolved["fired_at"], body["fired_at"], "{resolved}");
     assert_eq!(
         names(&a.history("low_sales").await),
-        ["resolved", "firing", "pending"],
-        "no other group was ever pending"
+        ["resolved", "firing"],
+        "no other group was ever pending or firing"
     );
     assert_eq!(a.instances("low_sales").await, Vec::<Value>::new());
     a.stop().await;
@@ -1248,6 +1383,7 @@ async fn bad_rules_and_bad_requests_are_refused_and_located() {
 [aggregates.per_minute]
 pipeline = "{PIPELINE}"
 group_by = ["service_id"]
+time = "last_modified_date"
 window = "1m"
 [aggregates.per_minute.metrics]
 opened = "count"

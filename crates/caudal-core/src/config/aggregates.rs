@@ -43,7 +43,8 @@ pub struct AggregateConfig {
     pub group_by: Vec<String>,
     /// The row field holding the event time (a timestamp: RFC 3339, or
     /// `YYYY-MM-DD HH:MM:SS` read in `tz`). Without it the event time is
-    /// the change's commit time (or the time caudal read the record).
+    /// the change's commit time (CDC only; snapshot rows, which have none,
+    /// are then not counted). Required for cursor pipelines.
     #[serde(default)]
     pub time: Option<String>,
     /// The window size, e.g. `"1m"`, `"1h"`, `"1d"`: a size below a day
@@ -288,6 +289,19 @@ pub(super) fn check(
                     .get(&p.source)
                     .and_then(|s| s.sql())
                     .is_some_and(|s| s.mode == super::SqlMode::Query);
+                let cdc = sources
+                    .get(&p.source)
+                    .is_some_and(super::SourceConfig::is_cdc);
+                if !cdc && !report && agg.time.is_none() {
+                    out.push(Problem::at(
+                        path.clone(),
+                        format!(
+                            "pipeline {:?} reads by cursor: its records have no commit time; name the \
+                             field holding each record's time, e.g. time = \"updated_at\"",
+                            agg.pipeline
+                        ),
+                    ));
+                }
                 if report {
                     out.push(Problem::at(
                         path.key("pipeline"),

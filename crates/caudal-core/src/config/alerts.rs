@@ -54,8 +54,9 @@ pub enum AlertWindow {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Check {
-    /// Seconds behind: a CDC pipeline's replication lag, otherwise the time
-    /// since its last successful run ended.
+    /// Seconds behind: a CDC pipeline's replication lag (from the running
+    /// process), otherwise the age of its checkpoint (seconds since it
+    /// last moved).
     DeliveryLag,
     /// Dead letters waiting (not replayed or discarded).
     DeadLetters,

@@ -159,6 +159,51 @@ pub fn load_str(
     }
 }
 
+/// One step of a field path, for problems found after loading.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PathPart {
+    Key(String),
+    Index(usize),
+}
+
+/// Problems found after loading (against a database, say), each at a
+/// field path, with their places in `file` as [`load_file`] would give
+/// them; the file is read again (a file that no longer parses gives
+/// problems without places).
+pub fn locate_in_file(file: &Path, problems: Vec<(Vec<PathPart>, String)>) -> ConfigErrors {
+    let name = file.display().to_string();
+    let text = std::fs::read_to_string(file).unwrap_or_default();
+    let tree = match file.extension().and_then(|e| e.to_str()) {
+        Some("yaml" | "yml") => tree::parse_yaml(&text),
+        _ => tree::parse_toml(&text),
+    };
+    let problems: Vec<Problem> = problems
+        .into_iter()
+        .map(|(parts, message)| {
+            let path = parts
+                .into_iter()
+                .fold(FieldPath::root(), |p, part| match part {
+                    PathPart::Key(k) => p.key(k),
+                    PathPart::Index(i) => p.index(i),
+                });
+            Problem::at(path, message)
+        })
+        .collect();
+    match tree {
+        Ok(tree) => located_errors(problems, &tree.positions(), &name),
+        Err(_) => ConfigErrors(
+            problems
+                .into_iter()
+                .map(|p| ConfigError {
+                    location: None,
+                    path: p.path.to_string(),
+                    message: p.message,
+                })
+                .collect(),
+        ),
+    }
+}
+
 fn located(file: &str, pos: Pos) -> Located {
     Located {
         file: file.to_string(),

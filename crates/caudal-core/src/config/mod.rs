@@ -35,7 +35,9 @@ pub use crawl::{
 };
 pub use datasets::{CacheConfig, ColumnType, Compression, FileFormat, FilesSinkConfig, S3Config};
 pub use delivery::*;
-pub use load::{ConfigError, ConfigErrors, Format, Located, load_file, load_str};
+pub use load::{
+    ConfigError, ConfigErrors, Format, Located, PathPart, load_file, load_str, locate_in_file,
+};
 pub use pipelines::*;
 pub use server::*;
 pub use sinks::*;

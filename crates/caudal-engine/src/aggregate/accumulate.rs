@@ -212,6 +212,11 @@ impl Ordered {
 /// A decimal as a JSON number (the nearest double; the digits of a value
 /// of up to 15 significant digits print as they are).
 fn number(d: Dec) -> Value {
+    if d.scale == 0
+        && let Ok(i) = i64::try_from(d.mantissa)
+    {
+        return Value::from(i);
+    }
     serde_json::Number::from_f64(d.to_f64()).map_or(Value::Null, Value::Number)
 }
 

@@ -53,6 +53,8 @@ use crate::buffered::Entry;
 const COMMIT_EVERY: Duration = Duration::from_millis(200);
 /// How often closed windows past `keep` are deleted.
 const EXPIRE_EVERY: Duration = Duration::from_secs(60);
+/// How far past the wall clock the watermark may go.
+const WATERMARK_SKEW: i64 = 60_000_000;
 /// Buffer entries read at once when catching up.
 const CATCH_UP_CHUNK: usize = 64;
 
@@ -688,26 +690,30 @@ impl Live {
 
     fn count_record(&self, st: &mut State, data: &Json, now: i64, key: Option<&str>) {
         let Ok(Value::Object(record)) = serde_json::from_str::<Value>(data.as_str()) else {
-            st.skipped += 1;
+            self.skip(st, "a record that is not a JSON object", key);
             return;
         };
         metrics::counter!("caudal_aggregate_records_total", "aggregate" => self.spec.name.clone())
             .increment(1);
         if !self.spec.cdc {
+            // A cursor record has no commit time: its time field places it
+            // (the configuration requires one).
             let change = Change {
                 row: &record,
                 sign: 1,
-                time: Some(now),
+                time: None,
             };
-            self.apply(st, &change, None, key);
+            self.apply(st, &change, None, key, now);
             return;
         }
         let op = record.get("op").and_then(Value::as_str).unwrap_or("");
         let table = record.get("table").and_then(Value::as_str);
+        // Snapshot rows (`read`) have no commit time: with event times by
+        // commit they are not placed (counted as skipped), so a count
+        // after a crash places every change where it placed it before.
         let commit = record
             .get("commit_time")
-            .and_then(|t| parse_time(t, self.spec.windows.tz()))
-            .unwrap_or(now);
+            .and_then(|t| parse_time(t, self.spec.windows.tz()));
         let row = |side: &str| match record.get(side) {
             Some(Value::Object(m)) => Some(m),
             _ => None,
@@ -727,12 +733,14 @@ impl Live {
                             let change = Change {
                                 row: before,
                                 sign: -1,
-                                time: Some(commit),
+                                time: commit,
                             };
-                            self.apply(st, &change, meta, key);
+                            self.apply(st, &change, meta, key, now);
                         }
                         None => {
                             st.skipped += 1;
+                            metrics::counter!("caudal_aggregate_skipped_total", "aggregate" => self.spec.name.clone())
+                                .increment(1);
                             if !st.warned_before {
                                 st.warned_before = true;
                                 tracing::warn!(aggregate = %self.spec.name, table = table.unwrap_or(""), key = key.unwrap_or(""), "a change lacks its old row (`before`): its old values cannot be taken back; set REPLICA IDENTITY FULL on the table");
@@ -744,12 +752,12 @@ impl Live {
                     let change = Change {
                         row: after,
                         sign: 1,
-                        time: Some(commit),
+                        time: commit,
                     };
-                    self.apply(st, &change, meta, key);
+                    self.apply(st, &change, meta, key, now);
                 }
             }
-            _ => st.skipped += 1,
+            other => self.skip(st, &format!("a change of unknown op {other:?}"), key),
         }
     }
 
@@ -776,6 +784,7 @@ impl Live {
         change: &Change<'_>,
         meta: Option<(&str, Option<&str>)>,
         key: Option<&str>,
+        now: i64,
     ) {
         let spec = &self.spec;
         if let Some(filter) = &spec.filter {
@@ -788,8 +797,7 @@ impl Live {
                 Ok(v) if v.is_true() => {}
                 Ok(_) => return,
                 Err(e) => {
-                    st.skipped += 1;
-                    tracing::debug!(aggregate = %spec.name, key = key.unwrap_or(""), error = %e, "the filter failed on a record");
+                    self.skip(st, &format!("the filter failed: {e}"), key);
                     return;
                 }
             }
@@ -834,22 +842,44 @@ impl Live {
                 });
             cell.rows += change.sign;
             cell.dirty = true;
-            for ((_, metric), acc) in spec.metrics.iter().zip(cell.accs.iter_mut()) {
+            let mut refused = None;
+            for ((name, metric), acc) in spec.metrics.iter().zip(cell.accs.iter_mut()) {
                 let value = metric.field.as_ref().and_then(|f| field(change.row, f));
-                acc.apply(metric, spec.ln_gamma, value, change.sign);
+                if !acc.apply(metric, spec.ln_gamma, value, change.sign) {
+                    refused = Some(name);
+                }
             }
             st.touched.insert((start, group.clone()));
+            if let Some(metric) = refused {
+                self.skip(
+                    st,
+                    &format!("metric {metric:?} cannot count the row's value (not a number, or past 28 decimals)"),
+                    key,
+                );
+            }
         }
-        st.watermark = Some(watermark.max(time));
+        // A clock far ahead in one row must not close every window: the
+        // watermark never passes the wall clock (plus a minute of skew).
+        st.watermark = Some(watermark.max(time.min(now.saturating_add(WATERMARK_SKEW))));
     }
 
     fn skip_missing(&self, st: &mut State, field: &str, key: Option<&str>) {
+        self.skip(
+            st,
+            &format!("it lacks field {field:?}, or its time is not a timestamp"),
+            key,
+        );
+    }
+
+    /// Counts a record (or a value) not counted, warning once per
+    /// aggregate with the first reason and record key.
+    fn skip(&self, st: &mut State, why: &str, key: Option<&str>) {
         st.skipped += 1;
         metrics::counter!("caudal_aggregate_skipped_total", "aggregate" => self.spec.name.clone())
             .increment(1);
         if !st.warned_fields {
             st.warned_fields = true;
-            tracing::warn!(aggregate = %self.spec.name, field, key = key.unwrap_or(""), "a record lacks a field the aggregate reads (or its time is not a timestamp): it is not counted (counted as skipped)");
+            tracing::warn!(aggregate = %self.spec.name, key = key.unwrap_or(""), "a record is not counted (counted as skipped): {why}");
         }
     }
 
@@ -984,4 +1014,106 @@ fn field<'a>(row: &'a Map<String, Value>, name: &str) -> Option<&'a Value> {
         current = current.as_object()?.get(part)?;
     }
     Some(current)
+}
+
+/// Fields aggregates read that are not columns of the tables their
+/// pipeline's PostgreSQL source reads (CDC `tables`, or `table`), each
+/// with its field path: found before anything runs, with where the
+/// configuration says it. Other sources' fields are checked as records
+/// arrive (a record without them is skipped, with a warning). A source
+/// that cannot be reached now is not checked here (its pipeline says
+/// why when it runs).
+pub async fn unknown_fields(config: &Config) -> Vec<(Vec<caudal_core::config::PathPart>, String)> {
+    use caudal_core::config::{PathPart, SqlDialect};
+    let mut problems = Vec::new();
+    for (name, agg) in &config.aggregates {
+        let Some(source) = config
+            .pipelines
+            .get(&agg.pipeline)
+            .and_then(|p| config.sources.get(&p.source))
+        else {
+            continue;
+        };
+        let (Some(sql), Some(SqlDialect::Postgres)) = (source.sql(), source.dialect()) else {
+            continue;
+        };
+        let tables: Vec<String> = match (&sql.tables, &sql.table) {
+            (Some(t), _) if source.is_cdc() => t.clone(),
+            (_, Some(t)) if sql.query.is_none() => vec![t.clone()],
+            _ => continue,
+        };
+        let columns = match caudal_connectors::sources::sql::table_columns(
+            sql.url.expose(),
+            &tables,
+        )
+        .await
+        {
+            Ok(c) if !c.is_empty() => c,
+            Ok(_) => continue,
+            Err(e) => {
+                tracing::debug!(aggregate = %name, error = %e, "cannot read the source's columns to check the aggregate's fields");
+                continue;
+            }
+        };
+        let known = |field: &str| {
+            let root = field.split('.').next().unwrap_or(field);
+            columns.values().any(|cols| cols.iter().any(|c| c == root))
+        };
+        let listing = || {
+            columns
+                .iter()
+                .map(|(t, cols)| format!("{t} has {}", cols.join(", ")))
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        let at = |rest: Vec<PathPart>| {
+            let mut path = vec![
+                PathPart::Key("aggregates".into()),
+                PathPart::Key(name.clone()),
+            ];
+            path.extend(rest);
+            path
+        };
+        for (i, field) in agg.group_by.iter().enumerate() {
+            if !known(field) {
+                problems.push((
+                    at(vec![PathPart::Key("group_by".into()), PathPart::Index(i)]),
+                    format!(
+                        "{field:?} is not a column of the source's tables ({})",
+                        listing()
+                    ),
+                ));
+            }
+        }
+        if let Some(time) = &agg.time
+            && !known(time)
+        {
+            problems.push((
+                at(vec![PathPart::Key("time".into())]),
+                format!(
+                    "{time:?} is not a column of the source's tables ({})",
+                    listing()
+                ),
+            ));
+        }
+        for (metric, spec) in &agg.metrics {
+            if let Ok(Metric {
+                field: Some(field), ..
+            }) = Metric::parse(spec)
+                && !known(&field)
+            {
+                problems.push((
+                    at(vec![
+                        PathPart::Key("metrics".into()),
+                        PathPart::Key(metric.clone()),
+                    ]),
+                    format!(
+                        "{field:?} is not a column of the source's tables ({})",
+                        listing()
+                    ),
+                ));
+            }
+        }
+    }
+    problems
 }

@@ -42,6 +42,7 @@ CREATE TABLE alert_outbox (
     key        TEXT    NOT NULL UNIQUE, -- the episode and kind: sent as Idempotency-Key
     alert      TEXT    NOT NULL,
     notifier   TEXT    NOT NULL,
+    instance   TEXT    NOT NULL,        -- the labels: one instance's notifications go out in order
     kind       TEXT    NOT NULL,        -- firing | resolved
     payload    TEXT    NOT NULL,        -- JSON: what the notifier formats
     attempts   INTEGER NOT NULL,

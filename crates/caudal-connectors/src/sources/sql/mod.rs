@@ -18,6 +18,7 @@ pub mod first_load;
 pub(crate) mod mysql;
 pub(crate) mod postgres;
 pub mod postgres_copy;
+pub use postgres::table_columns;
 #[cfg(feature = "files")]
 pub mod report;
 mod sqlite;

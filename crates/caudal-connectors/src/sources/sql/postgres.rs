@@ -678,6 +678,31 @@ fn iso_interval(iv: &PgInterval) -> String {
     out
 }
 
+/// The columns of each of `tables` (as written in a source: `t`, `s.t`)
+/// in the PostgreSQL database at `url`; a table that does not exist is
+/// left out (the source reports it when it runs).
+pub async fn table_columns(
+    url: &str,
+    tables: &[String],
+) -> Result<std::collections::BTreeMap<String, Vec<String>>, sqlx::Error> {
+    let pool = connect_pool(url, 1).await?;
+    let mut out = std::collections::BTreeMap::new();
+    for table in tables {
+        let columns: Vec<String> = sqlx::query_scalar(
+            "SELECT attname::text FROM pg_attribute \
+             WHERE attrelid = to_regclass($1) AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
+        )
+        .bind(table)
+        .fetch_all(&pool)
+        .await?;
+        if !columns.is_empty() {
+            out.insert(table.clone(), columns);
+        }
+    }
+    pool.close().await;
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
