@@ -524,6 +524,18 @@ pub(crate) fn bad_request(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
 }
 
+/// A `limit` parameter: a number from 1 to `max`, else 400.
+pub(crate) fn parse_limit(v: &str, max: usize) -> Result<usize, ApiError> {
+    v.parse::<usize>()
+        .ok()
+        .filter(|n| (1..=max).contains(n))
+        .ok_or_else(|| {
+            bad_request(format!(
+                "parameter limit: {v:?} is not a number from 1 to {max}"
+            ))
+        })
+}
+
 #[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(ListQuery), responses((status = 200, description = "ok", body = crate::openapi::RunPage), (status = 400, description = "bad filter", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
 pub(crate) async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);

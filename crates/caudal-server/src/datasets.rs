@@ -484,15 +484,7 @@ fn parse_params(
                 columns = Some(list);
             }
             "limit" => {
-                limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        bad_request(format!(
-                            "parameter limit: {v:?} is not a number from 1 to {MAX_LIMIT}"
-                        ))
-                    })?;
+                limit = crate::api::parse_limit(v, MAX_LIMIT)?;
             }
             "cursor" => cursor = Some(decode_cursor(v)?),
             _ => {

@@ -168,15 +168,7 @@ fn parse_params(spec: &Spec, pairs: &[(String, String)]) -> Result<LiveParams, A
                 });
             }
             "limit" => {
-                p.limit = v
-                    .parse::<usize>()
-                    .ok()
-                    .filter(|n| (1..=MAX_LIMIT).contains(n))
-                    .ok_or_else(|| {
-                        bad_request(format!(
-                            "parameter limit: {v:?} is not a number from 1 to {MAX_LIMIT}"
-                        ))
-                    })?;
+                p.limit = crate::api::parse_limit(v, MAX_LIMIT)?;
             }
             field if spec.group_by.iter().any(|g| g == field) => {
                 p.groups.push((k.clone(), v.clone()));

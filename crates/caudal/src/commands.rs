@@ -38,18 +38,7 @@ pub fn fail(e: &Error) -> ExitCode {
 
 /// Loads and validates the configuration, printing every problem.
 pub fn load(path: &Path) -> Result<Config, ExitCode> {
-    let loaded = load_file(path).map_err(|errors| {
-        for e in &errors.0 {
-            eprintln!("error: {e}");
-        }
-        let n = errors.0.len();
-        eprintln!(
-            "{n} error{} in {}",
-            if n == 1 { "" } else { "s" },
-            path.display()
-        );
-        ExitCode::from(EXIT_CONFIG)
-    });
+    let loaded = load_file(path).map_err(|errors| print_config_errors(path, &errors));
     if let Ok(config) = &loaded {
         for w in &config.warnings {
             eprintln!("warning: {w}");
@@ -69,6 +58,11 @@ async fn check_aggregate_fields(path: &Path, config: &Config) -> Result<(), Exit
         return Ok(());
     }
     let errors = caudal_core::config::locate_in_file(path, problems);
+    Err(print_config_errors(path, &errors))
+}
+
+/// Prints every configuration problem and their count; the exit code.
+fn print_config_errors(path: &Path, errors: &caudal_core::config::ConfigErrors) -> ExitCode {
     for e in &errors.0 {
         eprintln!("error: {e}");
     }
@@ -78,7 +72,7 @@ async fn check_aggregate_fields(path: &Path, config: &Config) -> Result<(), Exit
         if n == 1 { "" } else { "s" },
         path.display()
     );
-    Err(ExitCode::from(EXIT_CONFIG))
+    ExitCode::from(EXIT_CONFIG)
 }
 
 /// Loads the configuration and opens its state store.
