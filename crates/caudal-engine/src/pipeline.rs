@@ -227,7 +227,10 @@ impl Pipeline {
                 store.clone(),
             )?))
         } else if cdc {
-            Source::Cdc(CdcSource::connect(name, &p.source, source_cfg).await?)
+            // Live aggregates count rows: an interrupted snapshot must start
+            // over at one consistent point, not read on at the current state.
+            let aggregated = config.aggregates.values().any(|a| a.pipeline == name);
+            Source::Cdc(CdcSource::connect_with(name, &p.source, source_cfg, aggregated).await?)
         } else {
             Source::Sql(Box::new(SqlSource::connect(&p.source, source_cfg).await?))
         };

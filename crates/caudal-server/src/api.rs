@@ -101,6 +101,9 @@ pub struct Api {
     pipelines: Arc<std::collections::BTreeMap<String, caudal_engine::Pipeline>>,
     workflows: Workflows,
     cache: Arc<crate::datasets::Cache>,
+    /// Cancelled when the server shuts down: long-lived answers (event
+    /// streams) end then, so shutdown never waits on a client.
+    shutdown: tokio_util::sync::CancellationToken,
 }
 
 impl std::fmt::Debug for Api {
@@ -143,7 +146,18 @@ impl Api {
                         .expect("the default cache needs no connection")
                 }),
             ),
+            shutdown: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    /// Ends event streams when `shutdown` is cancelled.
+    pub(crate) fn set_shutdown(&mut self, shutdown: tokio_util::sync::CancellationToken) {
+        self.shutdown = shutdown;
+    }
+
+    /// Cancelled when the server shuts down.
+    pub(crate) fn shutdown(&self) -> &tokio_util::sync::CancellationToken {
+        &self.shutdown
     }
 
     pub(crate) fn config(&self) -> &Config {

@@ -422,6 +422,10 @@ pub async fn serve(
     state: AppState,
     shutdown: CancellationToken,
 ) -> Result<()> {
+    let mut state = state;
+    if let Some(api) = &mut state.api {
+        api.set_shutdown(shutdown.clone());
+    }
     let app = router(state.clone());
     // The exporter's histograms and counters are drained regularly.
     let upkeep = {

@@ -315,7 +315,10 @@ pub(crate) async fn stream(
         }
     });
     use futures::StreamExt as _;
-    let stream = futures::stream::iter(first).chain(rest.flatten());
+    // Ends at shutdown: the server's graceful stop waits for open answers.
+    let stream = futures::stream::iter(first)
+        .chain(rest.flatten())
+        .take_until(api.shutdown().clone().cancelled_owned());
     Ok(Sse::new(stream)
         .keep_alive(KeepAlive::default())
         .into_response())

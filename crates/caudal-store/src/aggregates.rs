@@ -27,6 +27,8 @@ pub struct AggregateHead {
     pub late: i64,
     /// Rows not counted: no event time, or a group field missing.
     pub skipped: i64,
+    /// The CDC snapshot the windows count (its consistent position).
+    pub snapshot: Option<String>,
     pub updated_at: Timestamp,
 }
 
@@ -60,13 +62,24 @@ pub struct AggregateCommit<'a> {
     /// Added to the head's counters.
     pub late: i64,
     pub skipped: i64,
+    /// The CDC snapshot counted, when it changed.
+    pub snapshot: Option<&'a str>,
     /// Windows written whole (inserted or replaced).
     pub windows: &'a [WindowRow],
     /// Closed windows that received late changes: `(start, group, n)`.
     pub late_windows: &'a [(i64, String, i64)],
 }
 
-type HeadRow = (String, String, i64, Option<i64>, i64, i64, i64);
+type HeadRow = (
+    String,
+    String,
+    i64,
+    Option<i64>,
+    i64,
+    i64,
+    Option<String>,
+    i64,
+);
 type WindowTuple = (
     i64,
     i64,
@@ -105,7 +118,7 @@ impl Store {
     pub async fn aggregate_head(&self, name: &str) -> Result<Option<AggregateHead>> {
         let row: Option<HeadRow> = with_pool!(self, |pool| {
             sqlx::query_as(
-                "SELECT pipeline, definition, buffer_offset, watermark, late, skipped, updated_at \
+                "SELECT pipeline, definition, buffer_offset, watermark, late, skipped, snapshot, updated_at \
                  FROM aggregates WHERE name = $1",
             )
             .bind(name)
@@ -114,7 +127,7 @@ impl Store {
         })
         .map_err(|e| store_error(format!("reading aggregate {name}"), e))?;
         row.map(
-            |(pipeline, definition, offset, watermark, late, skipped, updated)| {
+            |(pipeline, definition, offset, watermark, late, skipped, snapshot, updated)| {
                 Ok(AggregateHead {
                     pipeline,
                     definition,
@@ -122,6 +135,7 @@ impl Store {
                     watermark,
                     late,
                     skipped,
+                    snapshot,
                     updated_at: clock::from_db(updated, "aggregates.updated_at")?,
                 })
             },
@@ -151,7 +165,8 @@ impl Store {
                      VALUES ($1, $2, $3, $4, NULL, 0, 0, 0, (SELECT now_us FROM clock)) \
                      ON CONFLICT (name) DO UPDATE SET pipeline = excluded.pipeline, \
                      definition = excluded.definition, buffer_offset = excluded.buffer_offset, \
-                     watermark = NULL, late = 0, skipped = 0, updated_at = excluded.updated_at",
+                     watermark = NULL, late = 0, skipped = 0, snapshot = NULL, \
+                     updated_at = excluded.updated_at",
                 )
                 .bind(name)
                 .bind(pipeline)
@@ -220,7 +235,8 @@ impl Store {
                 sqlx::query(
                     "UPDATE aggregates SET buffer_offset = $2, \
                      watermark = COALESCE($3, watermark), late = late + $4, \
-                     skipped = skipped + $5, updated_at = (SELECT now_us FROM clock) \
+                     skipped = skipped + $5, snapshot = COALESCE($6, snapshot), \
+                     updated_at = (SELECT now_us FROM clock) \
                      WHERE name = $1",
                 )
                 .bind(name)
@@ -228,6 +244,7 @@ impl Store {
                 .bind(commit.watermark)
                 .bind(commit.late)
                 .bind(commit.skipped)
+                .bind(commit.snapshot)
                 .execute(&mut *tx)
                 .await?;
                 tx.commit().await

@@ -34,6 +34,19 @@ impl CdcSource {
     /// Prepares the CDC source `name` of `pipeline` (nothing is queried
     /// until a run opens).
     pub async fn connect(pipeline: &str, name: &str, config: &SourceConfig) -> Result<Self> {
+        Self::connect_with(pipeline, name, config, false).await
+    }
+
+    /// As [`connect`](Self::connect); with `exact_snapshot`, an interrupted
+    /// PostgreSQL snapshot starts over from a new slot rather than reading
+    /// on at the current state (for live aggregates, which count rows).
+    pub async fn connect_with(
+        pipeline: &str,
+        name: &str,
+        config: &SourceConfig,
+        exact_snapshot: bool,
+    ) -> Result<Self> {
+        let _ = exact_snapshot;
         let Some(sql) = config.sql() else {
             return Err(Error::new(
                 ErrorKind::Config,
@@ -43,9 +56,15 @@ impl CdcSource {
         let _ = (pipeline, sql);
         match config.dialect() {
             #[cfg(feature = "postgres-cdc")]
-            Some(SqlDialect::Postgres) => Ok(Self(Arc::new(
-                crate::sources::postgres_cdc::PgCdcSource::connect(pipeline, name, sql).await?,
-            ))),
+            Some(SqlDialect::Postgres) => Ok(Self(Arc::new({
+                let source =
+                    crate::sources::postgres_cdc::PgCdcSource::connect(pipeline, name, sql).await?;
+                if exact_snapshot {
+                    source.with_exact_snapshot()
+                } else {
+                    source
+                }
+            }))),
             #[cfg(feature = "mysql")]
             Some(SqlDialect::Mysql) => Ok(Self(Arc::new(
                 crate::sources::mysql_cdc::MyCdcSource::connect(pipeline, name, sql).await?,

@@ -232,6 +232,11 @@ struct State {
     /// A truncate emptied every window: the stored ones go at the next
     /// commit.
     truncated: bool,
+    /// The CDC snapshot counted (its consistent position): rows of another
+    /// one (a resync) start the windows afresh.
+    snapshot: Option<String>,
+    /// The snapshot changed since the last commit.
+    snapshot_moved: bool,
     /// Changed in the current batch (for subscribers).
     touched: HashSet<(i64, String)>,
     /// Warned once: changes without their old row.
@@ -323,6 +328,8 @@ impl Aggregates {
                         late_closed: HashMap::new(),
                         closed: Vec::new(),
                         truncated: false,
+                        snapshot: None,
+                        snapshot_moved: false,
                         touched: HashSet::new(),
                         warned_before: false,
                         warned_fields: false,
@@ -632,7 +639,9 @@ impl Live {
         let rows = store.open_windows(&spec.name).await?;
         let mut st = self.state();
         st.offset = offset;
-        st.watermark = head.filter(|_| !fresh).and_then(|h| h.watermark);
+        let head = head.filter(|_| !fresh);
+        st.watermark = head.as_ref().and_then(|h| h.watermark);
+        st.snapshot = head.and_then(|h| h.snapshot);
         st.cells.clear();
         for row in rows {
             let accs = row
@@ -668,6 +677,22 @@ impl Live {
         }
         let now = jiff::Timestamp::now().as_microsecond();
         for event in &entry.events {
+            if let Some(id) = snapshot_id(&event.position)
+                && st.snapshot.as_deref() != Some(id.as_str())
+            {
+                // A new snapshot (a resync): what was counted before is in
+                // it already; the windows start again from it.
+                if !st.cells.is_empty() || st.offset > 0 {
+                    tracing::info!(aggregate = %self.spec.name, snapshot = %id, "a new snapshot of the source: the windows are counted again from it");
+                }
+                st.cells.clear();
+                st.closed.clear();
+                st.late_closed.clear();
+                st.truncated = true;
+                st.watermark = None;
+                st.snapshot = Some(id);
+                st.snapshot_moved = true;
+            }
             self.count_record(&mut st, &event.data, now, event.key.as_deref());
         }
         st.offset = offset + 1;
@@ -923,7 +948,7 @@ impl Live {
 
     /// Writes what changed since the last commit, with the offset counted.
     async fn commit(&self, store: &Store) -> Result<()> {
-        let (windows, late_windows, offset, watermark, late, skipped, truncated) = {
+        let (windows, late_windows, offset, watermark, late, skipped, truncated, snapshot) = {
             let mut st = self.state();
             let offset = st.offset;
             if offset == self.committed_offset.load(Ordering::Acquire)
@@ -952,6 +977,9 @@ impl Live {
                 std::mem::take(&mut st.late),
                 std::mem::take(&mut st.skipped),
                 std::mem::take(&mut st.truncated),
+                std::mem::take(&mut st.snapshot_moved)
+                    .then(|| st.snapshot.clone())
+                    .flatten(),
             )
         };
         if truncated {
@@ -970,6 +998,7 @@ impl Live {
             watermark,
             late,
             skipped,
+            snapshot: snapshot.as_deref(),
             windows: &windows,
             late_windows: &late_windows,
         };
@@ -991,6 +1020,7 @@ impl Live {
                 st.late += late;
                 st.skipped += skipped;
                 st.truncated |= truncated;
+                st.snapshot_moved |= snapshot.is_some();
                 for w in windows.into_iter().filter(|w| w.closed) {
                     st.closed.push(w);
                 }
@@ -1000,6 +1030,19 @@ impl Live {
                 Err(e)
             }
         }
+    }
+}
+
+/// The snapshot a record belongs to (its consistent position), if it is
+/// a CDC snapshot row.
+fn snapshot_id(position: &caudal_core::record::Position) -> Option<String> {
+    use caudal_core::record::Position;
+    match position {
+        Position::Snapshot { lsn, .. } | Position::SnapshotRow { lsn, .. } => {
+            Some(format!("lsn:{lsn}"))
+        }
+        Position::BinlogSnapshot { file, pos, .. } => Some(format!("binlog:{file}:{pos}")),
+        _ => None,
     }
 }
 

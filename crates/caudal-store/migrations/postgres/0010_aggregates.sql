@@ -11,6 +11,7 @@ CREATE TABLE aggregates (
     name         TEXT    NOT NULL PRIMARY KEY,
     pipeline     TEXT    NOT NULL,
     definition   TEXT    NOT NULL, -- what the windows were computed with
+    snapshot     TEXT,             -- the CDC snapshot counted (a new one starts the windows afresh)
     buffer_offset BIGINT NOT NULL, -- entries below it are counted
     watermark    BIGINT,           -- the latest event time counted
     late         BIGINT NOT NULL,  -- changes not counted: their window had closed

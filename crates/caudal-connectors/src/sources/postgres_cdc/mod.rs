@@ -62,6 +62,10 @@ pub struct PgCdcSource {
     slot: String,
     publication: String,
     lag: SharedLag,
+    /// An interrupted snapshot starts over from a new slot (an exact
+    /// snapshot at one consistent point) instead of reading on at the
+    /// current state: what counts rows (live aggregates) needs it.
+    exact_snapshot: bool,
 }
 
 /// The default name of a pipeline's slot and publication.
@@ -101,7 +105,15 @@ impl PgCdcSource {
                     .clone()
                     .unwrap_or_else(|| default_name(pipeline)),
             ))),
+            exact_snapshot: false,
         })
+    }
+
+    /// An interrupted snapshot starts over from a new slot (see
+    /// `exact_snapshot`).
+    pub fn with_exact_snapshot(mut self) -> Self {
+        self.exact_snapshot = true;
+        self
     }
 
     pub fn name(&self) -> &str {
@@ -190,7 +202,22 @@ impl PgCdcSource {
             .await?;
             publications.push(self.inserts_publication());
         }
-        let slot = self.slot_info().await?;
+        let mut slot = self.slot_info().await?;
+        let mut from = from;
+        let interrupted = matches!(
+            from,
+            None | Some(Position::Snapshot { .. } | Position::SnapshotRow { .. })
+        );
+        if self.exact_snapshot
+            && interrupted
+            && slot.is_some()
+            && self.config.snapshot == CdcSnapshot::Initial
+        {
+            tracing::warn!(source = %self.name, slot = %self.slot, "the snapshot was interrupted: it starts over from a new slot, at one consistent point (live aggregates count it)");
+            self.drop_replication(false).await?;
+            slot = None;
+            from = None;
+        }
         let (snapshot, stream_from, resume_from) = match (from, slot) {
             (None, None) => {
                 let (conn, lsn, snapshot) = self.create_slot().await?;
