@@ -1415,3 +1415,154 @@ async fn the_live_api_names_bad_parameters_and_needs_a_token() {
     daemon.stop(Signal::SIGTERM).await;
     w.cleanup().await;
 }
+
+/// The key of a delivered window: its start and group.
+fn window_key(w: &Value) -> (String, String) {
+    (
+        w["start"].as_str().unwrap_or_default().to_string(),
+        w["group"].to_string(),
+    )
+}
+
+/// A pipeline whose source is `type = "aggregate"` delivers the closed
+/// windows to its sink: each once when it closes, with the figures
+/// PostgreSQL computes, and again, with its `late` count, when a late
+/// change is counted on it; open windows are never sent; a SIGKILL and a
+/// restart send no window with other figures.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_windows_flow_to_a_sink_once_each() {
+    let out = Receiver::start().await;
+    let w = World::new(&format!(
+        r#"[aggregates.per_minute]
+pipeline = "sales"
+group_by = ["provider_id"]
+time = "sold_at"
+window = "1m"
+lateness = "1m"
+[aggregates.per_minute.metrics]
+orders = "count"
+sales = "sum(amount)"
+
+[sources.closed]
+type = "aggregate"
+aggregate = "per_minute"
+
+[sinks.windows_out]
+type = "http"
+url = "{}"
+batch = {{ max_records = 50, max_wait = "50ms" }}
+
+[pipelines.closed_windows]
+source = "closed"
+sink = "windows_out"
+schedule = {{ continuous = true, poll = "200ms" }}
+"#,
+        out.url("/windows")
+    ))
+    .await;
+    let daemon = w.daemon(1);
+    wait_for_streaming(&daemon).await;
+    for (provider, at, amount) in [
+        (1, "2025-05-14T12:00:10Z", "5.00"),
+        (2, "2025-05-14T12:00:20Z", "7.50"),
+        (1, "2025-05-14T12:00:50Z", "2.25"),
+        (1, "2025-05-14T12:01:30Z", "1.25"),
+        // Closes 12:00 and 12:01 (end + 1m <= 12:03); 12:03 stays open.
+        (3, "2025-05-14T12:03:00Z", "9.00"),
+    ] {
+        w.exec(&format!(
+            "INSERT INTO sales (provider_id, amount, sold_at, customer_id) \
+             VALUES ({provider}, {amount}, '{at}', 1)"
+        ))
+        .await;
+    }
+    let want: BTreeMap<(String, String), (i64, f64)> = [
+        (("2025-05-14T12:00:00Z", r#"{"provider_id":1}"#), (2, 7.25)),
+        (("2025-05-14T12:00:00Z", r#"{"provider_id":2}"#), (1, 7.5)),
+        (("2025-05-14T12:01:00Z", r#"{"provider_id":1}"#), (1, 1.25)),
+    ]
+    .into_iter()
+    .map(|((s, g), f)| ((s.to_string(), g.to_string()), f))
+    .collect();
+    let delivered = |r: &Receiver| -> BTreeMap<(String, String), Vec<Value>> {
+        let mut by_key: BTreeMap<(String, String), Vec<Value>> = BTreeMap::new();
+        for rec in r.accepted_records_at("") {
+            by_key.entry(window_key(&rec)).or_default().push(rec);
+        }
+        by_key
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while delivered(&out).len() < want.len() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "closed windows not delivered: {:?}\nlog:\n{}",
+            out.accepted_records_at(""),
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let got = delivered(&out);
+    assert_eq!(
+        got.keys().collect::<Vec<_>>(),
+        want.keys().collect::<Vec<_>>(),
+        "only the closed windows are sent: {got:?}"
+    );
+    for (key, (orders, sales)) in &want {
+        let first = &got[key][0];
+        assert_eq!(first["aggregate"], "per_minute", "{first}");
+        assert_eq!(first["rows"], *orders, "{key:?}: {first}");
+        assert_eq!(first["metrics"]["orders"], *orders, "{key:?}: {first}");
+        assert_eq!(
+            cents(&first["metrics"]["sales"], "sales"),
+            cents(&json!(sales), "want"),
+            "{key:?}: {first}"
+        );
+        assert_eq!(first["late"], 0, "{first}");
+    }
+    // A SIGKILL, a restart and a late sale for the closed 12:00 window of
+    // provider 2: that window is sent again with late 1 and the same
+    // figures; nothing else is sent with other figures.
+    drop(daemon.stop(Signal::SIGKILL).await);
+    let daemon = w.daemon(2);
+    wait_for_streaming(&daemon).await;
+    w.exec(
+        "INSERT INTO sales (provider_id, amount, sold_at, customer_id) \
+         VALUES (2, 100.00, '2025-05-14T12:00:40Z', 1)",
+    )
+    .await;
+    let late_key = (
+        "2025-05-14T12:00:00Z".to_string(),
+        r#"{"provider_id":2}"#.to_string(),
+    );
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let got = delivered(&out);
+        if got[&late_key].iter().any(|r| r["late"] == 1) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the late window was not sent again: {:?}\nlog:\n{}",
+            got[&late_key],
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (key, records) in delivered(&out) {
+        let (orders, sales) = &want[&key];
+        for r in &records {
+            assert_eq!(
+                r["rows"], *orders,
+                "{key:?} sent with other figures: {records:?}"
+            );
+            assert_eq!(
+                cents(&r["metrics"]["sales"], "sales"),
+                cents(&json!(sales), "want"),
+                "{key:?} sent with other figures: {records:?}"
+            );
+        }
+    }
+    let (status, log) = daemon.stop(Signal::SIGTERM).await;
+    assert!(status.success(), "{log}");
+    w.cleanup().await;
+}
