@@ -232,7 +232,9 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
             "crawl_limit",
             "dataset_write",
             "dataset_query",
-            "dataset_query"
+            "dataset_query",
+            "live_throughput",
+            "live_latency"
         ],
         "{stdout}"
     );

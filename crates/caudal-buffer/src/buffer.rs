@@ -1574,9 +1574,14 @@ fn spawn_flusher(inner: Weak<Inner>, every: Duration) -> Result<()> {
                 let Some(inner) = inner.upgrade() else {
                     return;
                 };
-                let result = inner.writer.blocking_lock().sync();
+                // Only the writer is held while it syncs: a buffer dropped
+                // meanwhile lets go of its directory at once, so it can be
+                // opened again right away.
+                let (writer, dir) = (inner.writer.clone(), inner.dir.clone());
+                drop(inner);
+                let result = writer.blocking_lock().sync();
                 if let Err(err) = result {
-                    tracing::error!(dir = %inner.dir.display(), error = %err, "buffer: interval fsync failed; appends stop until the buffer is reopened");
+                    tracing::error!(dir = %dir.display(), error = %err, "buffer: interval fsync failed; appends stop until the buffer is reopened");
                     return;
                 }
             }

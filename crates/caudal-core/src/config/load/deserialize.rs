@@ -444,10 +444,10 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools, crawl, cache",
+                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools, crawl, cache, aggregates, alerts, notifiers",
                 "sources.a.cursor[1]: invalid type: integer `5`, expected a string",
-                "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite, crawl",
-                "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite, crawl",
+                "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite, crawl, aggregate",
+                "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite, crawl, aggregate",
                 "sources.d: expected a table with a \"type\" field, found a string",
                 "pipelines.p.extra: unknown field \"extra\"; expected one of: source, sink, schedule, key, ack, schema, buffer",
             ]
