@@ -21,7 +21,9 @@ mod support;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use caudal_testkit::{ReceivedRequest, Receiver, TestDb, pg_database};
+use caudal_testkit::{ReceivedRequest, Receiver};
+#[cfg(feature = "postgres-cdc")]
+use caudal_testkit::{TestDb, pg_database};
 use nix::sys::signal::Signal;
 use serde_json::{Value, json};
 use support::{Daemon, Output, PATIENCE, PIPELINE, World, command, spawn_daemon};
@@ -1150,6 +1152,7 @@ async fn a_resolution_is_not_delivered_before_its_firing() {
     a.stop().await;
 }
 
+#[cfg(feature = "postgres-cdc")]
 /// The PostgreSQL table of the aggregate alert.
 const SALES: &str = "
     CREATE TABLE sales (
@@ -1159,6 +1162,7 @@ const SALES: &str = "
         sold_at timestamptz NOT NULL);
     ALTER TABLE sales REPLICA IDENTITY FULL;";
 
+#[cfg(feature = "postgres-cdc")]
 /// A PostgreSQL CDC pipeline `sales` with a per-provider, per-minute sum
 /// of `amount` by `sold_at`, and an alert when a provider's sales in the
 /// latest closed minute are below 100.
@@ -1174,6 +1178,7 @@ async fn sales_world() -> (TestDb, String, tempfile::TempDir, Receiver) {
     )
 }
 
+#[cfg(feature = "postgres-cdc")]
 fn sales_config(db: &TestDb, slot: &str, dir: &std::path::Path, receiver: &Receiver) -> String {
     format!(
         r#"[state]
@@ -1221,6 +1226,7 @@ summary = "a provider sells too little"
     )
 }
 
+#[cfg(feature = "postgres-cdc")]
 async fn exec(db: &TestDb, sql: &str) {
     let pool = db.pg_pool().await;
     sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
@@ -1230,6 +1236,7 @@ async fn exec(db: &TestDb, sql: &str) {
     pool.close().await;
 }
 
+#[cfg(feature = "postgres-cdc")]
 /// Drops the slot (which would block dropping the database), then the
 /// database.
 async fn drop_slot_and_database(db: TestDb, slot: &str) {
