@@ -284,16 +284,19 @@ impl Sketch {
         if !x.is_finite() {
             return;
         }
-        let bucket = if x > 0.0 {
-            self.positive.entry(Self::index(ln_gamma, x)).or_default()
+        let (store, index) = if x > 0.0 {
+            (&mut self.positive, Self::index(ln_gamma, x))
         } else if x < 0.0 {
-            self.negative.entry(Self::index(ln_gamma, -x)).or_default()
+            (&mut self.negative, Self::index(ln_gamma, -x))
         } else {
-            &mut self.zero
+            self.zero += sign;
+            return;
         };
-        *bucket += sign;
-        self.positive.retain(|_, c| *c != 0);
-        self.negative.retain(|_, c| *c != 0);
+        let count = store.entry(index).or_default();
+        *count += sign;
+        if *count == 0 {
+            store.remove(&index);
+        }
     }
 
     /// The value of rank `ceil(q × n)` (at least 1), within the relative
