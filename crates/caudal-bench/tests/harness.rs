@@ -295,6 +295,11 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         ("dataset_query", "duckdb_p50_ms"),
         ("dataset_query", "duckdb_over_caudal_cold_p50"),
         ("dataset_query", "duckdb_over_caudal_cached_p50"),
+        ("live_throughput", "plain_changes_per_s"),
+        ("live_throughput", "aggregate_changes_per_s"),
+        ("live_throughput", "aggregate_over_plain"),
+        ("live_latency", "visible_p99_ms"),
+        ("live_latency", "delivery_p99_ms"),
     ] {
         get(scenario, figure);
     }
@@ -358,7 +363,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
     }
     // The baseline in every scenario that runs the binary, none in the
     // others (they link caudal's library, or measure workflows, the
-    // crawler or datasets, which a baseline build may lack).
+    // crawler, datasets or live aggregates, which a baseline build may
+    // lack).
     for r in &results {
         let scenario = r["scenario"].as_str().unwrap_or_default();
         if matches!(
@@ -371,6 +377,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
                 | "crawl_limit"
                 | "dataset_write"
                 | "dataset_query"
+                | "live_throughput"
+                | "live_latency"
         ) {
             assert!(r.get("caudal_over_baseline").is_none(), "{r}");
             assert!(r.get("baseline_binary").is_none(), "{r}");
