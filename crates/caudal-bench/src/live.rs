@@ -25,8 +25,9 @@
 //!   aggregate's drain its windows are read from the state store: their
 //!   `rows` and `changes` must add up to the rows the table holds, their
 //!   `total` to its `sum(amount)`, with nothing late or skipped, so a
-//!   half-counted aggregate fails the scenario. CPU is the process's user +
-//!   system time (this process's reaped children, `/proc/self/stat`).
+//!   half-counted aggregate fails the scenario. CPU is caudal's user +
+//!   system time for the drain (this process's reaped children,
+//!   `/proc/self/stat`).
 //! - `live-latency`: `caudal run` with the aggregate and `[server]` while a
 //!   load generator commits `--rate` changes/s (default 5,000) as
 //!   transactions of `--txn-rows` inserted rows (default 100) all of one
@@ -321,7 +322,7 @@ async fn throughput_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
         "aggregate_peak_rss_mib": round(agg.peak_rss_mib),
         "aggregate_over_plain": round(plain.exit_secs / agg.exit_secs),
         "aggregate_over_plain_delivered": round(plain.secs / agg.secs),
-        "aggregate_cpu_over_plain": round(agg.cpu_secs / plain.cpu_secs),
+        "aggregate_over_plain_cpu": round(plain.cpu_secs / agg.cpu_secs),
         "windows": counted.windows,
         "counted_rows": counted.rows,
         "expected_rows": expected_rows,
@@ -898,4 +899,79 @@ async fn live_rows(addr: SocketAddr, token: &str) -> anyhow::Result<i64> {
     Ok(live["windows"]
         .as_array()
         .map_or(0, |w| w.iter().filter_map(|w| w["rows"].as_i64()).sum()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Load, Seen, Stream, Txn, delivered_txns, visibility};
+    use crate::receiver::Arrival;
+
+    fn txn(account: i64, last_id: i64, before_commit_us: i64) -> Txn {
+        Txn {
+            account,
+            last_id,
+            before_commit_us,
+            commit_rtt_us: 0,
+        }
+    }
+
+    #[test]
+    fn a_transaction_is_visible_at_the_first_event_of_its_account_showing_its_last_id() {
+        let seen = |account, last, arrived_us| Seen {
+            account,
+            last,
+            arrived_us,
+        };
+        let stream = Stream {
+            events: vec![
+                seen(1, 100, 1_010),
+                // Another account's event, then a closed window's older
+                // figure: neither shows account 1's second transaction.
+                seen(2, 200, 1_020),
+                seen(1, 100, 1_030),
+                seen(1, 300, 1_050),
+            ],
+            ..Stream::default()
+        };
+        let txns = [
+            txn(1, 100, 1_000),
+            txn(2, 200, 1_001),
+            txn(1, 300, 1_002),
+            txn(3, 400, 1_003),
+        ];
+        let timed: Vec<&Txn> = txns.iter().collect();
+        let (mut latencies, unseen) = visibility(&stream, &timed);
+        latencies.sort_unstable();
+        assert_eq!(latencies, [10, 19, 48]);
+        assert_eq!(unseen, 1);
+    }
+
+    #[test]
+    fn deliveries_are_matched_to_transactions_by_commit_time() {
+        let load = Load {
+            txns: vec![txn(1, 2, 900), txn(2, 4, 1_000), txn(3, 6, 1_100)],
+            rows: 6,
+            achieved: 0.0,
+            measure_from_us: 1_000,
+        };
+        let arrival = |commit_us, arrived_us| Arrival {
+            commit_us,
+            arrived_us,
+        };
+        // Two records per transaction, the second one's split over two
+        // requests.
+        let arrivals = [
+            arrival(905, 950),
+            arrival(905, 950),
+            arrival(1_003, 1_030),
+            arrival(1_102, 1_140),
+            arrival(1_102, 1_140),
+            arrival(1_003, 1_060),
+        ];
+        let (delivered, lag) = delivered_txns(&arrivals, &load, 2).expect("matched");
+        assert_eq!(delivered, [60, 40]);
+        assert_eq!(lag, [3, 2]);
+        // A missing record: no match rather than a wrong one.
+        assert!(delivered_txns(&arrivals[..5], &load, 2).is_none());
+    }
 }
