@@ -5,6 +5,7 @@
 //! `tests/`. Connectors never retry on their own: they report what happened
 //! and the engine decides (see `caudal_core::error::Decision`).
 
+pub mod broker;
 #[cfg(feature = "crawl")]
 pub mod crawl;
 pub mod sinks;

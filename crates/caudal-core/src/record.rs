@@ -126,6 +126,11 @@ pub enum Position {
     /// crash is the same record, and a changed page in a later re-crawl a
     /// new one.
     Page { url: String, generation: u64 },
+    /// A message consumed from a broker: its stable id (the publisher's
+    /// message id when it set one, as caudal's broker sinks do; else the
+    /// broker's coordinates, or a digest of the message), so the same
+    /// message delivered again is the same record.
+    Message { id: String },
 }
 
 /// An LSN in PostgreSQL's text form (`16/B374D848`).
@@ -169,6 +174,7 @@ impl Position {
             } => format!("snapshot@{} {table} at ({page},{tuple})", format_lsn(*lsn)),
             Self::SnapshotDone { lsn } => format!("snapshot done@{}", format_lsn(*lsn)),
             Self::Page { url, generation } => format!("{url} (crawl {generation})"),
+            Self::Message { id } => format!("message {id}"),
             Self::Snapshot { lsn, table, key } => {
                 let parts: Vec<String> = key.iter().map(CursorValue::display).collect();
                 format!(
@@ -550,6 +556,10 @@ impl Position {
                 put_str(out, url);
                 put_u64(out, *generation);
             }
+            Self::Message { id } => {
+                out.push(13);
+                put_str(out, id);
+            }
         }
     }
 
@@ -616,6 +626,9 @@ impl Position {
             12 => Self::Page {
                 url: take_str(input)?,
                 generation: take_u64(input)?,
+            },
+            13 => Self::Message {
+                id: take_str(input)?,
             },
             _ => return None,
         })

@@ -57,9 +57,61 @@ pub struct PipelineStatus {
     /// Change data capture: where the pipeline reads the log and how far
     /// behind it is.
     pub replication: Option<Replication>,
+    /// A broker source: its consumer's connection and backlog (known to
+    /// the process running the pipeline).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub broker: Option<BrokerStatus>,
     /// Whether a running daemon has the pipeline paused (known only to the
     /// API; `false` from the store).
     pub paused: bool,
+}
+
+impl PipelineStatus {
+    /// How far behind the pipeline's source is, in words, for tables:
+    /// a CDC pipeline's replication lag, a broker consumer's state.
+    pub fn lag_text(&self) -> String {
+        match (&self.replication, &self.broker) {
+            (Some(r), _) => r.lag_text(),
+            (None, Some(b)) => b.lag_text(),
+            (None, None) => "-".into(),
+        }
+    }
+}
+
+impl BrokerStatus {
+    /// The consumer in words: `disconnected`, or what waits in the broker
+    /// and what is held unacknowledged.
+    pub fn lag_text(&self) -> String {
+        if !self.connected {
+            return format!("{} disconnected", self.broker);
+        }
+        match self.lag {
+            Some(lag) => format!("{} {lag} waiting / {} unacked", self.broker, self.unacked),
+            None => format!("{} {} unacked", self.broker, self.unacked),
+        }
+    }
+}
+
+/// The consumer of a broker source (RabbitMQ, NATS JetStream, Kafka).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct BrokerStatus {
+    /// `rabbitmq`, `nats` or `kafka`.
+    pub broker: String,
+    /// Whether the consumer is connected and subscribed now.
+    pub connected: bool,
+    /// Times the connection was opened (more than 1: it reconnected).
+    pub connects: u64,
+    /// The last connection error, if any.
+    #[serde(default)]
+    pub last_error: Option<String>,
+    /// Messages consumed since the process started.
+    pub consumed: u64,
+    /// Messages consumed and not yet acknowledged to the broker.
+    pub unacked: u64,
+    /// Messages waiting in the broker for this consumer, where the broker
+    /// reports it (JetStream: pending on the durable consumer).
+    #[serde(default)]
+    pub lag: Option<u64>,
 }
 
 /// The replication of a CDC pipeline: its reader's figures and where it

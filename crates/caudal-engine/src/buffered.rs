@@ -399,6 +399,28 @@ pub async fn append(
 /// `ack = "buffered"` a checkpoint that lags the buffer (a crash between an
 /// append and its checkpoint commit) is brought up to it first. Returns the
 /// position and the offset up to which entries may be delivered.
+/// Drops what a broker source read with `ack = "delivered"` left in the
+/// buffer: none of it was acknowledged to the broker, which delivers it
+/// again (in order, to whichever consumer reads it next), so sending it
+/// from here too would only repeat it out of order.
+pub async fn forget_undelivered(pipeline: &str, buffer: &Buffer) -> Result<()> {
+    let next = buffer.next_offset();
+    let acked = buffer.acked();
+    if next <= acked {
+        return Ok(());
+    }
+    buffer
+        .ack(next)
+        .await
+        .map_err(|e| buffer_error(pipeline, e))?;
+    tracing::info!(
+        pipeline,
+        entries = next - acked,
+        "dropped the undelivered batches of the last run: the broker delivers their messages again"
+    );
+    Ok(())
+}
+
 pub async fn recover(
     pipeline: &str,
     buffer: &Buffer,

@@ -78,6 +78,10 @@ pub struct Deliverer {
     /// With live aggregates: the buffer is acknowledged only below what
     /// they counted too.
     pub(crate) gate: Option<Arc<crate::aggregate::AckGate>>,
+    /// A broker source read with `ack = "delivered"`: told each position
+    /// delivered, so the broker may forget the messages up to it.
+    pub(crate) delivered_to:
+        Option<Arc<std::sync::Mutex<Option<caudal_connectors::sources::cdc::Durable>>>>,
     /// Batches dispatched at once (the sink's concurrency, or its adaptive
     /// maximum; the sender's limit decides how many are really sent).
     pub(crate) max_in_flight: usize,
@@ -265,6 +269,16 @@ impl Deliverer {
                 Error::with_source(ErrorKind::Internal, "cannot encode a position", e)
             })?;
             self.store.save_checkpoint(&self.pipeline, &value).await?;
+        }
+        if self.ack == AckMode::Delivered
+            && let Some(to) = &self.delivered_to
+            && let Some((_, position)) = done.positions.range(..upto).next_back()
+            && let Some(durable) = to
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+        {
+            durable.mark(position);
         }
         let ackable = self.gate.as_ref().map_or(upto, |g| g.delivered(upto));
         self.buffer

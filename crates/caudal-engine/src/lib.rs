@@ -22,6 +22,7 @@ pub mod report;
 pub mod retention;
 pub mod schedule;
 pub mod send;
+pub mod sinks;
 pub mod status;
 pub mod workflow;
 

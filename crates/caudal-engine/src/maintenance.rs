@@ -139,7 +139,7 @@ impl<'a> Maintenance<'a> {
     pub async fn resync(&self, running: Option<&Pipeline>) -> Result<Resynced> {
         let source = match running.map(Pipeline::source) {
             Some(Source::Cdc(s)) => s.clone(),
-            Some(Source::Sql(_) | Source::Crawl(_) | Source::Windows(_)) => {
+            Some(Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) | Source::Broker(_)) => {
                 return Err(self.not_cdc());
             }
             None => self.cdc_source().await?,

@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use caudal_buffer::Buffer;
 
-use caudal_connectors::sinks::http::HttpSink;
+use caudal_connectors::sources::broker::{BrokerSource, BrokerState};
 use caudal_connectors::sources::cdc::{CdcReader, CdcSource, Durable};
 use caudal_connectors::sources::sql::{self, SqlSource};
 use caudal_core::config::retention::RetentionConfig;
@@ -103,6 +103,8 @@ pub enum Source {
     Crawl(Box<Crawl>),
     /// A live aggregate's closed windows.
     Windows(Box<crate::aggregate::source::WindowsSource>),
+    /// Messages of a broker (RabbitMQ, NATS JetStream, Kafka).
+    Broker(BrokerSource),
 }
 
 /// The reader of one run.
@@ -146,6 +148,8 @@ pub struct Pipeline {
     retention: RetentionConfig,
     /// The live aggregates counting this pipeline's records, if any.
     aggregates: Option<Arc<crate::aggregate::Aggregates>>,
+    /// A broker source's `metadata_field`.
+    metadata_field: Option<String>,
     shared: Arc<Shared>,
 }
 
@@ -159,6 +163,9 @@ struct Shared {
     recent: Arc<Recent>,
     /// Why intake waits now, if it does (for status).
     blocked: std::sync::Mutex<Option<String>>,
+    /// A broker source read with `ack = "delivered"`: where delivery
+    /// reports what the broker may forget.
+    delivered_to: Arc<std::sync::Mutex<Option<Durable>>>,
 }
 
 /// Counters of one run's intake.
@@ -212,7 +219,10 @@ impl Pipeline {
             )
         })?;
         let cdc = source_cfg.is_cdc();
-        let source = if let Some(windows) = source_cfg.aggregate() {
+        let continuous = cdc || source_cfg.is_broker();
+        let source = if source_cfg.is_broker() {
+            Source::Broker(BrokerSource::new(name, &p.source, source_cfg)?)
+        } else if let Some(windows) = source_cfg.aggregate() {
             Source::Windows(Box::new(crate::aggregate::source::WindowsSource::new(
                 config,
                 windows,
@@ -236,24 +246,20 @@ impl Pipeline {
         };
         // A CDC run streams until it fails or is stopped; the schedule
         // only says how soon it starts again.
-        let schedule = if cdc {
+        let schedule = if continuous {
             Schedule::Continuous {
                 poll: DELIVERY_PAUSE,
             }
         } else {
             Schedule::from_config(&p.schedule)?
         };
-        let (sink, batch): (Arc<dyn Sink>, BatchConfig) = match sink_cfg {
-            SinkConfig::Http(c) => (Arc::new(HttpSink::new(&p.sink, c)?), c.batch),
-            SinkConfig::Files(_) => {
-                return Err(Error::new(
-                    ErrorKind::Config,
-                    format!(
-                        "pipeline {name:?} writes a dataset: it runs as a report (crate::report)"
-                    ),
-                ));
-            }
-        };
+        if matches!(sink_cfg, SinkConfig::Files(_)) {
+            return Err(Error::new(
+                ErrorKind::Config,
+                format!("pipeline {name:?} writes a dataset: it runs as a report (crate::report)"),
+            ));
+        }
+        let (sink, batch): (Arc<dyn Sink>, BatchConfig) = crate::sinks::build(&p.sink, sink_cfg)?;
         let delivery = sink_cfg.delivery();
         let sender = Sender::new(name, &p.sink, sink, delivery, store.clone());
         let max_in_flight = delivery.max_in_flight();
@@ -273,6 +279,7 @@ impl Pipeline {
             max_in_flight: usize::try_from(max_in_flight.max(1)).unwrap_or(1),
             retention: config.retention,
             aggregates: crate::aggregate::Aggregates::build(name, config, &store_for_aggregates)?,
+            metadata_field: source_cfg.metadata_field().map(str::to_string),
             shared: Arc::default(),
         })
     }
@@ -377,6 +384,9 @@ impl Pipeline {
                 let buffer =
                     buffered::open(&self.name, &self.buffer_dir, self.buffer_config.clone())
                         .await?;
+                if matches!(self.source, Source::Broker(_)) && self.ack == AckMode::Delivered {
+                    buffered::forget_undelivered(&self.name, &buffer).await?;
+                }
                 let checkpoint = self.checkpoint().await?;
                 let (_, releasable) =
                     buffered::recover(&self.name, &buffer, &self.store, self.ack, checkpoint)
@@ -407,7 +417,15 @@ impl Pipeline {
                 r.live = true;
                 Some(r)
             }
-            Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) => None,
+            Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) | Source::Broker(_) => None,
+        }
+    }
+
+    /// The connection state of a broker source's consumer.
+    pub fn broker_state(&self) -> Option<BrokerState> {
+        match &self.source {
+            Source::Broker(b) => Some(b.state()),
+            _ => None,
         }
     }
 
@@ -428,6 +446,8 @@ impl Pipeline {
             stats: self.shared.stats.clone(),
             recent: self.shared.recent.clone(),
             gate: self.aggregates.as_ref().map(|a| a.gate()),
+            delivered_to: matches!(self.source, Source::Broker(_))
+                .then(|| self.shared.delivered_to.clone()),
         }
     }
 
@@ -652,6 +672,23 @@ impl Pipeline {
                 (Reader::Crawl(r), Some(durable))
             }
             Source::Windows(w) => (Reader::Windows(w.open_run(from.as_ref())?), None),
+            Source::Broker(b) => {
+                let r = b.open_run(self.metadata_field.clone());
+                let durable = r.durable();
+                match self.ack {
+                    // Acknowledged once buffered: by intake.
+                    AckMode::Buffered => (Reader::Cdc(r), Some(durable)),
+                    // Acknowledged once delivered: by delivery.
+                    AckMode::Delivered => {
+                        *self
+                            .shared
+                            .delivered_to
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(durable);
+                        (Reader::Cdc(r), None)
+                    }
+                }
+            }
         };
         let durable = durable.as_ref();
         // A CDC source's lag is saved every few seconds for `caudal status`.
@@ -668,7 +705,7 @@ impl Pipeline {
                     }
                 })))
             }
-            Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) => None,
+            Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) | Source::Broker(_) => None,
         };
         // The reader runs ahead of buffering by at most two pages.
         let (pages_tx, mut pages) = mpsc::channel::<Result<Vec<Record>>>(2);
@@ -778,7 +815,7 @@ impl Pipeline {
         // encodes them; a CDC record is keyed by its entity unless a key
         // field is named, which is then read from it.
         let key_field = match &self.source {
-            Source::Cdc(_) => self.key.as_deref(),
+            Source::Cdc(_) | Source::Broker(_) => self.key.as_deref(),
             Source::Sql(_) | Source::Crawl(_) | Source::Windows(_) => None,
         };
         let mut events: Vec<Event> = records
@@ -902,6 +939,17 @@ impl Pipeline {
             let age = jiff::Timestamp::now().duration_since(cp.updated_at);
             metrics::gauge!("caudal_checkpoint_age_seconds", "pipeline" => name.clone())
                 .set(age.as_secs_f64().max(0.0));
+        }
+        if let Source::Broker(b) = &self.source {
+            let st = b.state();
+            metrics::gauge!("caudal_broker_connected", "pipeline" => name.clone())
+                .set(if st.connected { 1.0 } else { 0.0 });
+            metrics::gauge!("caudal_broker_unacked_messages", "pipeline" => name.clone())
+                .set(st.unacked as f64);
+            if let Some(lag) = st.lag {
+                metrics::gauge!("caudal_broker_lag_messages", "pipeline" => name.clone())
+                    .set(lag as f64);
+            }
         }
         if let Source::Cdc(s) = &self.source {
             let lag = s.live();

@@ -37,6 +37,8 @@ pub async fn pipeline_status(
     let cdc = source.is_some_and(SourceConfig::is_cdc);
     let schedule = if cdc {
         "continuous (cdc)".to_string()
+    } else if let Some(broker) = source.filter(|s| s.is_broker()) {
+        format!("continuous ({})", broker.type_name())
     } else {
         crate::Schedule::from_config(&p.schedule)
             .map(|s| s.describe())
@@ -108,6 +110,7 @@ pub async fn pipeline_status(
         circuit: circuit.as_ref().map(|c| c.circuit.clone()),
         circuit_updated_at: circuit.map(|c| c.updated_at.to_string()),
         replication,
+        broker: running.and_then(crate::Pipeline::broker_state),
         paused: false,
     })
 }

@@ -70,7 +70,7 @@ pub enum Kind {
 /// Crawler metrics (`caudal_crawl_*`) have `site` (the host, `name` or
 /// `name:port`), and `outcome` or, for pages, `crawl` (the frontier) and
 /// `state`.
-pub const METRICS: [(&str, Kind, &str); 44] = [
+pub const METRICS: [(&str, Kind, &str); 48] = [
     (
         "caudal_records_read_total",
         Kind::Counter,
@@ -145,6 +145,26 @@ pub const METRICS: [(&str, Kind, &str); 44] = [
         "caudal_replication_lag_seconds",
         Kind::Gauge,
         "CDC: seconds between the last transaction read and when it was read.",
+    ),
+    (
+        "caudal_broker_connected",
+        Kind::Gauge,
+        "Broker source: 1 while its consumer is connected and subscribed, else 0.",
+    ),
+    (
+        "caudal_broker_unacked_messages",
+        Kind::Gauge,
+        "Broker source: messages consumed and not yet acknowledged to the broker.",
+    ),
+    (
+        "caudal_broker_lag_messages",
+        Kind::Gauge,
+        "Broker source: messages waiting in the broker for this consumer (JetStream).",
+    ),
+    (
+        "caudal_broker_reconnects_total",
+        Kind::Counter,
+        "Broker source: times its consumer lost the connection and reconnects.",
     ),
     (
         "caudal_runs_total",

@@ -12,6 +12,8 @@
 //! - [`S3`]: moto's S3 server on loopback, one per test, for the datasets
 //!   sinks (a real S3 API; helpers to create buckets and list and read
 //!   objects).
+//! - [`Proxy`]: a TCP proxy in front of a real server that a test can cut
+//!   (every connection closed at once) or pause, for broker faults.
 //! - [`python()`], [`run_python`]: the benchmarks' Python (`bench/venv`), whose
 //!   pyarrow and DuckDB read caudal's Parquet back as independent readers.
 //!
@@ -34,6 +36,7 @@
 #![warn(missing_docs)]
 
 pub mod database;
+pub mod proxy;
 pub mod python;
 pub mod receiver;
 pub mod s3;
@@ -42,6 +45,7 @@ pub mod site;
 pub use database::{
     DbKind, TestDb, mysql_database, mysql_database_at, pg_database, pg_database_at, sqlite_database,
 };
+pub use proxy::Proxy;
 pub use python::{python, run_python};
 pub use receiver::{Behaviour, ReceivedRequest, Receiver, Reply};
 pub use s3::S3;

@@ -490,9 +490,7 @@ pub(crate) fn print_status(rows: &[PipelineStatus], json: bool) {
                 r.buffered_batches
                     .map_or_else(|| "-".into(), |n| format!("{n} batches")),
                 text(&r.circuit),
-                r.replication
-                    .as_ref()
-                    .map_or_else(|| "-".into(), caudal_core::status::Replication::lag_text),
+                r.lag_text(),
             ]
         })
         .collect();
@@ -503,6 +501,11 @@ pub(crate) fn print_status(rows: &[PipelineStatus], json: bool) {
         }
         if let Some(why) = &r.intake_blocked {
             println!("{}: reading waits: {why}", r.pipeline);
+        }
+        if let Some(b) = &r.broker
+            && let Some(e) = &b.last_error
+        {
+            println!("{}: broker: {e}", r.pipeline);
         }
     }
 }

@@ -14,7 +14,6 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use caudal_core::status::Replication;
 use caudal_core::workflow::WorkflowRunInfo;
 use caudal_engine::workflow::Workflows;
 use caudal_server::openapi::{CrawlSite, PipelineList};
@@ -122,10 +121,7 @@ impl Feed {
                     run: None,
                     read: r.rows_read.unwrap_or(0),
                     delivered: r.rows_delivered.unwrap_or(0),
-                    lag: r
-                        .replication
-                        .as_ref()
-                        .map_or_else(|| "-".to_string(), Replication::lag_text),
+                    lag: r.lag_text(),
                     buffer: r
                         .buffered_batches
                         .map_or_else(|| "-".into(), |n| format!("{n} batches")),

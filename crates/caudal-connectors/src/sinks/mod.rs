@@ -3,3 +3,9 @@
 #[cfg(feature = "files")]
 pub mod files;
 pub mod http;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+#[cfg(feature = "nats")]
+pub mod nats;
+#[cfg(feature = "rabbitmq")]
+pub mod rabbitmq;

@@ -1,5 +1,6 @@
 //! Sources: where records come from.
 
+pub mod broker;
 pub mod cdc;
 pub mod change;
 #[cfg(feature = "mysql")]

@@ -8,6 +8,7 @@
 
 pub mod aggregates;
 pub mod alerts;
+pub mod brokers;
 pub mod crawl;
 pub mod datasets;
 pub mod delivery;
@@ -28,6 +29,10 @@ use serde::{Deserialize, Serialize};
 use crate::units::Secret;
 
 pub use aggregates::{AggregateConfig, Metric, MetricKind};
+pub use brokers::{
+    KafkaSinkConfig, KafkaSourceConfig, NatsSinkConfig, NatsSourceConfig, NatsStream,
+    RabbitmqDeclare, RabbitmqSinkConfig, RabbitmqSourceConfig,
+};
 pub use alerts::{AlertConfig, AlertWindow, Check, NotifierConfig, NotifyFormat, Severity};
 pub use crawl::{
     CrawlSettings, CrawlSourceConfig, FieldConfig, FieldSpec, PageKindConfig, SiteLimits,

@@ -394,21 +394,23 @@ fn check_pipeline(
             "must not be empty; name a record field or leave it out",
         ));
     }
-    let cdc = config
-        .sources
-        .get(&pipeline.source)
-        .is_some_and(SourceConfig::is_cdc);
+    let source = config.sources.get(&pipeline.source);
+    let cdc = source.is_some_and(SourceConfig::is_cdc);
+    let broker = source.is_some_and(SourceConfig::is_broker);
     let s = &pipeline.schedule;
     check_report(path, pipeline, config, out);
-    if !cdc {
+    let scheduled = s.every.is_some() || s.cron.is_some() || s.continuous || s.poll.is_some();
+    if !cdc && !broker {
         check_schedule(&path.key("schedule"), s, out);
-    } else if s.every.is_some() || s.cron.is_some() || s.continuous || s.poll.is_some() {
+    } else if scheduled {
+        let how = if cdc {
+            "captures changes continuously (mode = \"cdc\")"
+        } else {
+            "consumes its broker continuously"
+        };
         out.push(Problem::at_key(
             path.key("schedule"),
-            format!(
-                "source {:?} captures changes continuously (mode = \"cdc\"); remove the schedule",
-                pipeline.source
-            ),
+            format!("source {:?} {how}; remove the schedule", pipeline.source),
         ));
     }
     if pipeline

@@ -8,6 +8,7 @@ use std::collections::BTreeMap;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::brokers::{KafkaSinkConfig, NatsSinkConfig, RabbitmqSinkConfig};
 use super::datasets::FilesSinkConfig;
 use super::delivery::{
     CircuitBreakerConfig, ConcurrencyConfig, DeliveryConfig, Legacy, RateLimitConfig, RetryConfig,
@@ -42,6 +43,13 @@ pub enum SinkConfig {
     /// Partitioned Parquet or JSON Lines files, on a local disk or S3: a
     /// dataset the query API serves (`[sinks.NAME]` is dataset `NAME`).
     Files(FilesSinkConfig),
+    /// A RabbitMQ exchange: one persistent message per record, publisher
+    /// confirms.
+    Rabbitmq(RabbitmqSinkConfig),
+    /// A NATS JetStream subject: one acknowledged message per record.
+    Nats(NatsSinkConfig),
+    /// A Kafka topic: one message per record from an idempotent producer.
+    Kafka(KafkaSinkConfig),
 }
 
 impl SinkConfig {
@@ -49,6 +57,20 @@ impl SinkConfig {
         match self {
             Self::Http(_) => "http",
             Self::Files(_) => "files",
+            Self::Rabbitmq(_) => "rabbitmq",
+            Self::Nats(_) => "nats",
+            Self::Kafka(_) => "kafka",
+        }
+    }
+
+    /// How batches are cut for a sink that delivers batches (not `files`).
+    pub fn batch(&self) -> Option<BatchConfig> {
+        match self {
+            Self::Http(c) => Some(c.batch),
+            Self::Rabbitmq(c) => Some(c.batch),
+            Self::Nats(c) => Some(c.batch),
+            Self::Kafka(c) => Some(c.batch),
+            Self::Files(_) => None,
         }
     }
 
@@ -56,7 +78,7 @@ impl SinkConfig {
     pub fn files(&self) -> Option<&FilesSinkConfig> {
         match self {
             Self::Files(c) => Some(c),
-            Self::Http(_) => None,
+            _ => None,
         }
     }
 }
@@ -337,6 +359,9 @@ pub(super) fn check_sink(path: &FieldPath, sink: &SinkConfig, out: &mut Vec<Prob
     match sink {
         SinkConfig::Http(http) => check_http_sink(path, http, out),
         SinkConfig::Files(files) => super::datasets::check_files_sink(path, files, out),
+        SinkConfig::Rabbitmq(c) => super::brokers::check_rabbitmq_sink(path, c, out),
+        SinkConfig::Nats(c) => super::brokers::check_nats_sink(path, c, out),
+        SinkConfig::Kafka(c) => super::brokers::check_kafka_sink(path, c, out),
     }
 }
 
@@ -346,6 +371,9 @@ impl SinkConfig {
         static RUN_RETRIES: std::sync::OnceLock<DeliveryConfig> = std::sync::OnceLock::new();
         match self {
             Self::Http(c) => &c.delivery,
+            Self::Rabbitmq(c) => &c.delivery,
+            Self::Nats(c) => &c.delivery,
+            Self::Kafka(c) => &c.delivery,
             // A files sink writes within a run; the run is retried whole.
             Self::Files(_) => RUN_RETRIES.get_or_init(DeliveryConfig::default),
         }
@@ -364,7 +392,9 @@ impl SinkConfig {
                 concurrency: c.concurrency.take(),
             }
             .move_into(&mut c.delivery, path),
-            Self::Files(_) => (Vec::new(), Vec::new()),
+            Self::Files(_) | Self::Rabbitmq(_) | Self::Nats(_) | Self::Kafka(_) => {
+                (Vec::new(), Vec::new())
+            }
         }
     }
 }

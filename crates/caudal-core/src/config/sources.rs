@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
+use super::brokers::{KafkaSourceConfig, NatsSourceConfig, RabbitmqSourceConfig};
 use super::crawl::CrawlSourceConfig;
 use super::load::path::{FieldPath, Problem};
 use crate::units::{Duration, Secret};
@@ -33,6 +34,12 @@ pub enum SourceConfig {
     /// The closed windows of a live aggregate (`[aggregates.NAME]`), as
     /// records, in the order they closed.
     Aggregate(AggregateSourceConfig),
+    /// Messages of a RabbitMQ queue.
+    Rabbitmq(RabbitmqSourceConfig),
+    /// Messages of a NATS JetStream stream, through a durable consumer.
+    Nats(NatsSourceConfig),
+    /// Messages of Kafka topics, in a consumer group.
+    Kafka(KafkaSourceConfig),
 }
 
 /// Default closed windows read per page.
@@ -78,6 +85,9 @@ impl SourceConfig {
         match (self.dialect(), self) {
             (Some(d), _) => d.as_str(),
             (None, Self::Aggregate(_)) => "aggregate",
+            (None, Self::Rabbitmq(_)) => "rabbitmq",
+            (None, Self::Nats(_)) => "nats",
+            (None, Self::Kafka(_)) => "kafka",
             (None, _) => "crawl",
         }
     }
@@ -88,15 +98,31 @@ impl SourceConfig {
             Self::Postgres(_) => Some(SqlDialect::Postgres),
             Self::Mysql(_) => Some(SqlDialect::Mysql),
             Self::Sqlite(_) => Some(SqlDialect::Sqlite),
-            Self::Crawl(_) | Self::Aggregate(_) => None,
+            _ => None,
         }
+    }
+
+    /// A broker source's `metadata_field`, if set.
+    pub fn metadata_field(&self) -> Option<&str> {
+        match self {
+            Self::Rabbitmq(c) => c.metadata_field.as_deref(),
+            Self::Nats(c) => c.metadata_field.as_deref(),
+            Self::Kafka(c) => c.metadata_field.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// Whether the source consumes a message broker (its position is the
+    /// broker's: messages are acknowledged there, not checkpointed).
+    pub fn is_broker(&self) -> bool {
+        matches!(self, Self::Rabbitmq(_) | Self::Nats(_) | Self::Kafka(_))
     }
 
     /// The settings of a SQL source (`None` for a crawl).
     pub fn sql(&self) -> Option<&SqlSourceConfig> {
         match self {
             Self::Postgres(c) | Self::Mysql(c) | Self::Sqlite(c) => Some(c),
-            Self::Crawl(_) | Self::Aggregate(_) => None,
+            _ => None,
         }
     }
 
@@ -127,8 +153,7 @@ impl SourceConfig {
             Self::Postgres(_) => Self::Postgres(sql),
             Self::Mysql(_) => Self::Mysql(sql),
             Self::Sqlite(_) => Self::Sqlite(sql),
-            Self::Crawl(c) => Self::Crawl(c.clone()),
-            Self::Aggregate(c) => Self::Aggregate(c.clone()),
+            other => other.clone(),
         }
     }
 }
@@ -304,6 +329,12 @@ pub(super) fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Ve
         }
         if source.aggregate().is_some_and(|a| a.page_size == 0) {
             out.push(Problem::at(path.key("page_size"), "must be greater than 0"));
+        }
+        match source {
+            SourceConfig::Rabbitmq(c) => super::brokers::check_rabbitmq_source(path, c, out),
+            SourceConfig::Nats(c) => super::brokers::check_nats_source(path, c, out),
+            SourceConfig::Kafka(c) => super::brokers::check_kafka_source(path, c, out),
+            _ => {}
         }
         return;
     };

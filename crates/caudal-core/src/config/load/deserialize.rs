@@ -21,9 +21,18 @@ use super::path::{FieldPath, Problem, Segment};
 use crate::config::{Config, PipelineConfig, SinkConfig, SourceConfig};
 
 /// Source `type` values, in the order they are suggested.
-const SOURCE_TYPES: &[&str] = &["postgres", "mysql", "sqlite", "crawl", "aggregate"];
+const SOURCE_TYPES: &[&str] = &[
+    "postgres",
+    "mysql",
+    "sqlite",
+    "crawl",
+    "aggregate",
+    "rabbitmq",
+    "nats",
+    "kafka",
+];
 /// Sink `type` values, in the order they are suggested.
-const SINK_TYPES: &[&str] = &["http", "files"];
+const SINK_TYPES: &[&str] = &["http", "files", "rabbitmq", "nats", "kafka"];
 
 /// How many failing fields of one entry are reported before giving up (a
 /// guard only: each round removes a field, so rounds always end).
@@ -120,6 +129,9 @@ fn source(entry: Value, path: &FieldPath, problems: &mut Vec<Problem>) -> Option
         "sqlite" => deserialize_all(&fields, path, problems).map(SourceConfig::Sqlite),
         "crawl" => deserialize_all(&fields, path, problems).map(SourceConfig::Crawl),
         "aggregate" => deserialize_all(&fields, path, problems).map(SourceConfig::Aggregate),
+        "rabbitmq" => deserialize_all(&fields, path, problems).map(SourceConfig::Rabbitmq),
+        "nats" => deserialize_all(&fields, path, problems).map(SourceConfig::Nats),
+        "kafka" => deserialize_all(&fields, path, problems).map(SourceConfig::Kafka),
         other => {
             problems.push(unknown_type(path, "source", other, SOURCE_TYPES));
             None
@@ -132,6 +144,9 @@ fn sink(entry: Value, path: &FieldPath, problems: &mut Vec<Problem>) -> Option<S
     match type_name.as_str() {
         "http" => deserialize_all(&fields, path, problems).map(SinkConfig::Http),
         "files" => deserialize_all(&fields, path, problems).map(SinkConfig::Files),
+        "rabbitmq" => deserialize_all(&fields, path, problems).map(SinkConfig::Rabbitmq),
+        "nats" => deserialize_all(&fields, path, problems).map(SinkConfig::Nats),
+        "kafka" => deserialize_all(&fields, path, problems).map(SinkConfig::Kafka),
         other => {
             problems.push(unknown_type(path, "sink", other, SINK_TYPES));
             None
@@ -446,8 +461,8 @@ mod tests {
             [
                 "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools, crawl, cache, aggregates, alerts, notifiers",
                 "sources.a.cursor[1]: invalid type: integer `5`, expected a string",
-                "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite, crawl, aggregate",
-                "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite, crawl, aggregate",
+                "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite, crawl, aggregate, rabbitmq, nats, kafka",
+                "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite, crawl, aggregate, rabbitmq, nats, kafka",
                 "sources.d: expected a table with a \"type\" field, found a string",
                 "pipelines.p.extra: unknown field \"extra\"; expected one of: source, sink, schedule, key, ack, schema, buffer",
             ]

@@ -1,0 +1,205 @@
+//! The Kafka sink: each record of a batch becomes one message produced by
+//! an idempotent producer (`enable.idempotence=true`, `acks=all`).
+//!
+//! Promises:
+//! - A batch is delivered only when every one of its messages is
+//!   acknowledged by all in-sync replicas; any failure of one of them (or
+//!   no answer within `timeout`) makes the batch temporary-failed and it is
+//!   produced again, with the same headers.
+//! - The message key is the record key, so one key's records land in one
+//!   partition; with the idempotent producer they stay in order there,
+//!   also across librdkafka's own retries.
+//! - A message larger than the brokers take splits the batch (one record
+//!   too large goes to dead letters); an unknown topic refuses it with the
+//!   reason.
+
+use std::time::Duration;
+
+use caudal_core::config::KafkaSinkConfig;
+use caudal_core::sink::{Batch, Delivery, Sink};
+use caudal_core::{Error, ErrorKind, Result};
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+
+use crate::broker::{Route, identity_headers};
+
+/// A configured Kafka topic.
+pub struct KafkaSink {
+    name: String,
+    brokers: String,
+    route: Route,
+    timeout: Duration,
+    producer: FutureProducer,
+}
+
+impl std::fmt::Debug for KafkaSink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaSink")
+            .field("name", &self.name)
+            .field("brokers", &self.brokers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KafkaSink {
+    /// Builds the sink and its producer (librdkafka connects in the
+    /// background).
+    pub fn new(name: &str, config: &KafkaSinkConfig) -> Result<Self> {
+        let mut client = ClientConfig::new();
+        for (k, v) in &config.options {
+            client.set(k, v.expose());
+        }
+        let timeout_ms = config.timeout.as_std().as_millis().max(1).to_string();
+        client
+            .set("bootstrap.servers", &config.brokers)
+            .set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("message.timeout.ms", &timeout_ms);
+        let producer: FutureProducer = client.create().map_err(|e| {
+            Error::new(
+                ErrorKind::Config,
+                format!("sink {name:?}: cannot create the Kafka producer: {e}"),
+            )
+        })?;
+        Ok(Self {
+            name: name.to_string(),
+            brokers: config.brokers.clone(),
+            route: Route::new(name, "topic", &config.topic, 1)?,
+            timeout: config.timeout.as_std(),
+            producer,
+        })
+    }
+
+    fn retry(&self, why: String) -> Delivery {
+        Delivery::Retry {
+            reason: format!("Kafka {} (sink {:?}): {why}", self.brokers, self.name),
+            status: None,
+            after: None,
+        }
+    }
+}
+
+/// What a failed message means for its batch.
+fn classify(topic: &str, e: &KafkaError) -> Failure {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge | RDKafkaErrorCode::InvalidMessageSize) => {
+            Failure::Split(format!("a message is larger than the brokers take: {e}"))
+        }
+        Some(
+            RDKafkaErrorCode::UnknownTopicOrPartition
+            | RDKafkaErrorCode::UnknownTopic
+            | RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::InvalidTopic,
+        ) => Failure::Reject(format!("topic {topic:?}: {e}")),
+        _ => Failure::Retry(format!("producing to {topic:?} failed: {e}")),
+    }
+}
+
+enum Failure {
+    Retry(String),
+    Reject(String),
+    Split(String),
+}
+
+#[async_trait::async_trait]
+impl Sink for KafkaSink {
+    async fn deliver(&self, batch: Batch<'_>) -> Delivery {
+        let mut topics = Vec::with_capacity(batch.events.len());
+        for event in batch.events {
+            match self.route.render(batch.pipeline, event) {
+                Ok(t) => topics.push(t),
+                Err(why) => {
+                    return Delivery::Rejected {
+                        reason: format!(
+                            "sink {:?}: record{}: {why}",
+                            self.name,
+                            event
+                                .key
+                                .as_deref()
+                                .map(|k| format!(" with key {k}"))
+                                .unwrap_or_default()
+                        ),
+                        status: None,
+                        body_excerpt: String::new(),
+                    };
+                }
+            }
+        }
+        let mut bytes = 0u64;
+        let produce = async {
+            let mut pending: std::collections::VecDeque<(DeliveryFuture, &str)> =
+                std::collections::VecDeque::with_capacity(batch.events.len());
+            for (event, topic) in batch.events.iter().zip(&topics) {
+                let identity = identity_headers(batch.pipeline, batch.key, event);
+                let mut headers = OwnedHeaders::new_with_capacity(identity.len());
+                for (name, value) in &identity {
+                    headers = headers.insert(Header {
+                        key: name,
+                        value: Some(value.as_bytes()),
+                    });
+                }
+                let payload = event.data.as_str().as_bytes();
+                bytes += payload.len() as u64;
+                let mut record = FutureRecord::to(topic).payload(payload).headers(headers);
+                if let Some(key) = &event.key {
+                    record = record.key(key.as_bytes());
+                }
+                loop {
+                    match self.producer.send_result(record) {
+                        Ok(future) => {
+                            pending.push_back((future, topic));
+                            break;
+                        }
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), back)) => {
+                            // The local queue is full: wait for the oldest
+                            // message in flight, then try again.
+                            record = back;
+                            match pending.pop_front() {
+                                Some((future, t)) => settle(future, t).await?,
+                                None => tokio::time::sleep(Duration::from_millis(5)).await,
+                            }
+                        }
+                        Err((e, _)) => return Err(classify(topic, &e)),
+                    }
+                }
+            }
+            for (future, topic) in pending {
+                settle(future, topic).await?;
+            }
+            Ok::<_, Failure>(())
+        };
+        let outcome = tokio::time::timeout(self.timeout + Duration::from_secs(1), produce).await;
+        metrics::counter!("caudal_sink_sent_bytes_total", "pipeline" => batch.pipeline.to_string(), "sink" => self.name.clone())
+            .increment(bytes);
+        match outcome {
+            Err(_) => self.retry(format!(
+                "the brokers did not acknowledge the batch within {:?}",
+                self.timeout
+            )),
+            Ok(Err(Failure::Retry(why))) => self.retry(why),
+            Ok(Err(Failure::Reject(why))) => Delivery::Rejected {
+                reason: format!("sink {:?}: {why}", self.name),
+                status: None,
+                body_excerpt: String::new(),
+            },
+            Ok(Err(Failure::Split(why))) => Delivery::Split {
+                reason: format!("sink {:?}: {why}", self.name),
+                status: None,
+                body_excerpt: String::new(),
+            },
+            Ok(Ok(())) => Delivery::Delivered { status: None },
+        }
+    }
+}
+
+async fn settle(future: DeliveryFuture, topic: &str) -> std::result::Result<(), Failure> {
+    match future.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((e, _))) => Err(classify(topic, &e)),
+        Err(_) => Err(Failure::Retry(
+            "the producer dropped a message before its delivery report".into(),
+        )),
+    }
+}

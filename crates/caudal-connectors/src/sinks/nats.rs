@@ -1,0 +1,190 @@
+//! The NATS JetStream sink: each record of a batch becomes one message on
+//! a subject, published to JetStream and acknowledged by its stream.
+//!
+//! Promises:
+//! - A batch is delivered only when the stream has acknowledged every one
+//!   of its messages; a failure or a missing acknowledgement within
+//!   `timeout` is temporary and the batch is published again.
+//! - `Nats-Msg-Id` is the record's event id, so a batch published again
+//!   within the stream's duplicate window is stored once.
+//! - Messages are published in order on one connection, so one key's
+//!   records reach a subject in order.
+//! - A subject no stream captures, or a message larger than the server
+//!   takes, refuses the batch with the reason (dead letters; a too large
+//!   batch is split first); the client reconnects by itself after a lost
+//!   connection and unconfirmed batches are published again.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, context::PublishErrorKind};
+use caudal_core::Result;
+use caudal_core::config::{NatsSinkConfig, NatsStream};
+use caudal_core::sink::{Batch, Delivery, Sink};
+use caudal_core::units::redact_url;
+
+use crate::broker::{Route, identity_headers};
+
+/// A configured JetStream subject.
+#[derive(Debug)]
+pub struct NatsSink {
+    name: String,
+    url: String,
+    route: Route,
+    stream: Option<NatsStream>,
+    timeout: Duration,
+    context: tokio::sync::Mutex<Option<jetstream::Context>>,
+}
+
+impl NatsSink {
+    /// Builds the sink (nothing is connected until the first batch).
+    pub fn new(name: &str, config: &NatsSinkConfig) -> Result<Self> {
+        Ok(Self {
+            name: name.to_string(),
+            url: config.url.expose().to_string(),
+            route: Route::new(name, "subject", &config.subject, config.partitions)?,
+            stream: config.stream.clone(),
+            timeout: config.timeout.as_std(),
+            context: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    async fn context(&self) -> std::result::Result<jetstream::Context, String> {
+        let mut context = self.context.lock().await;
+        if let Some(c) = context.as_ref() {
+            return Ok(c.clone());
+        }
+        let connect = async {
+            let client = async_nats::ConnectOptions::new()
+                .connection_timeout(self.timeout.min(Duration::from_secs(10)))
+                .connect(self.url.as_str())
+                .await
+                .map_err(|e| format!("cannot connect: {e}"))?;
+            let js = jetstream::new(client);
+            if let Some(stream) = &self.stream {
+                let mut config = jetstream::stream::Config {
+                    name: stream.name.clone(),
+                    subjects: stream.subjects.clone(),
+                    ..jetstream::stream::Config::default()
+                };
+                if let Some(window) = stream.duplicate_window {
+                    config.duplicate_window = window.as_std();
+                }
+                js.get_or_create_stream(config)
+                    .await
+                    .map_err(|e| format!("cannot create stream {:?}: {e}", stream.name))?;
+            }
+            Ok::<_, String>(js)
+        };
+        let js = tokio::time::timeout(self.timeout, connect)
+            .await
+            .map_err(|_| format!("connecting took longer than {:?}", self.timeout))??;
+        *context = Some(js.clone());
+        Ok(js)
+    }
+
+    fn retry(&self, why: String) -> Delivery {
+        Delivery::Retry {
+            reason: format!(
+                "NATS {} (sink {:?}): {why}",
+                redact_url(&self.url),
+                self.name
+            ),
+            status: None,
+            after: None,
+        }
+    }
+}
+
+/// Why a publish failed, as the engine acts on it.
+enum Failure {
+    Retry(String),
+    Reject(String),
+    Split(String),
+}
+
+fn classify(subject: &str, e: &jetstream::context::PublishError) -> Failure {
+    match e.kind() {
+        PublishErrorKind::StreamNotFound => Failure::Reject(format!(
+            "no stream captures subject {subject:?} (create one, or set `stream` on the sink)"
+        )),
+        PublishErrorKind::MaxPayloadExceeded => {
+            Failure::Split(format!("a message is larger than the server takes: {e}"))
+        }
+        _ => Failure::Retry(format!("publish to {subject:?} failed: {e}")),
+    }
+}
+
+#[async_trait::async_trait]
+impl Sink for NatsSink {
+    async fn deliver(&self, batch: Batch<'_>) -> Delivery {
+        let mut subjects = Vec::with_capacity(batch.events.len());
+        for event in batch.events {
+            match self.route.render(batch.pipeline, event) {
+                Ok(s) => subjects.push(s),
+                Err(why) => {
+                    return Delivery::Rejected {
+                        reason: format!(
+                            "sink {:?}: record{}: {why}",
+                            self.name,
+                            event
+                                .key
+                                .as_deref()
+                                .map(|k| format!(" with key {k}"))
+                                .unwrap_or_default()
+                        ),
+                        status: None,
+                        body_excerpt: String::new(),
+                    };
+                }
+            }
+        }
+        let js = match self.context().await {
+            Ok(js) => js,
+            Err(why) => return self.retry(why),
+        };
+        let mut bytes = 0u64;
+        let publish = async {
+            let mut acks = Vec::with_capacity(batch.events.len());
+            for (event, subject) in batch.events.iter().zip(&subjects) {
+                let mut message = jetstream::message::PublishMessage::build();
+                for (name, value) in identity_headers(batch.pipeline, batch.key, event) {
+                    message = message.header(name, value.as_str());
+                }
+                let message = message.message_id(event.id(batch.pipeline)).payload(
+                    bytes::Bytes::copy_from_slice(event.data.as_str().as_bytes()),
+                );
+                bytes += event.data.len() as u64;
+                let ack = js
+                    .send_publish(subject.clone(), message)
+                    .await
+                    .map_err(|e| classify(subject, &e))?;
+                acks.push((ack, subject));
+            }
+            for (ack, subject) in acks {
+                ack.await.map_err(|e| classify(subject, &e))?;
+            }
+            Ok::<_, Failure>(())
+        };
+        let outcome = tokio::time::timeout(self.timeout, publish).await;
+        metrics::counter!("caudal_sink_sent_bytes_total", "pipeline" => batch.pipeline.to_string(), "sink" => self.name.clone())
+            .increment(bytes);
+        match outcome {
+            Err(_) => self.retry(format!(
+                "the stream did not acknowledge the batch within {:?}",
+                self.timeout
+            )),
+            Ok(Err(Failure::Retry(why))) => self.retry(why),
+            Ok(Err(Failure::Reject(why))) => Delivery::Rejected {
+                reason: format!("sink {:?}: {why}", self.name),
+                status: None,
+                body_excerpt: String::new(),
+            },
+            Ok(Err(Failure::Split(why))) => Delivery::Split {
+                reason: format!("sink {:?}: {why}", self.name),
+                status: None,
+                body_excerpt: String::new(),
+            },
+            Ok(Ok(())) => Delivery::Delivered { status: None },
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Consuming a JetStream stream through a durable pull consumer (created
+//! when missing), with explicit acknowledgements.
+
+use async_nats::jetstream::{self, consumer};
+use caudal_core::config::NatsSourceConfig;
+use futures::StreamExt as _;
+use futures::future::FutureExt as _;
+
+use super::{Ended, PAGE_MAX, Session, shown};
+use crate::broker::{MessageMeta, Unacked, message_record};
+
+/// Messages read and not acknowledged yet.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    unacked: Unacked<jetstream::message::Acker>,
+}
+
+pub(super) async fn session(
+    s: Session<'_>,
+    config: &NatsSourceConfig,
+    ledger: &mut Ledger,
+) -> Ended {
+    let url = config.url.expose();
+    let lost = |what: String| Ended::Lost(format!("NATS {}: {what}", shown(url)));
+    let client = match async_nats::ConnectOptions::new()
+        .retry_on_initial_connect()
+        .connect(url)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return lost(format!("cannot connect: {e}")),
+    };
+    let js = jetstream::new(client);
+    let stream = match js.get_stream(&config.stream).await {
+        Ok(s) => s,
+        Err(e) => return lost(format!("stream {:?}: {e}", config.stream)),
+    };
+    let consumer_config = consumer::pull::Config {
+        durable_name: Some(config.consumer.clone()),
+        ack_policy: consumer::AckPolicy::Explicit,
+        ack_wait: config.ack_wait.as_std(),
+        filter_subject: config.filter_subject.clone().unwrap_or_default(),
+        max_ack_pending: i64::from(config.prefetch) * 16,
+        ..consumer::pull::Config::default()
+    };
+    let consumer: consumer::PullConsumer = match stream
+        .get_or_create_consumer(&config.consumer, consumer_config)
+        .await
+    {
+        Ok(c) => c,
+        Err(e) => return lost(format!("consumer {:?}: {e}", config.consumer)),
+    };
+    let mut messages = match consumer
+        .stream()
+        .max_messages_per_batch(usize::from(config.prefetch))
+        .messages()
+        .await
+    {
+        Ok(m) => m,
+        Err(e) => return lost(format!("cannot pull from {:?}: {e}", config.consumer)),
+    };
+    s.connected();
+    let mut lag_tick = tokio::time::interval(std::time::Duration::from_secs(2));
+    let mut consumer = consumer;
+    loop {
+        tokio::select! {
+            biased;
+            () = s.stop.cancelled() => return Ended::Stopped,
+            changed = s.durable.changed() => {
+                if changed.is_err() {
+                    return Ended::Stopped;
+                }
+                let durable = s.durable.borrow_and_update().clone();
+                if let Some(position) = durable {
+                    for acker in ledger.unacked.take_through(&position) {
+                        if let Err(e) = acker.ack().await {
+                            return lost(format!("acknowledging failed: {e}"));
+                        }
+                    }
+                    let left = ledger.unacked.len() as u64;
+                    s.source.update(|st| st.unacked = left);
+                }
+            }
+            _ = lag_tick.tick() => {
+                if let Ok(info) = consumer.info().await {
+                    let pending = info.num_pending;
+                    s.source.update(|st| st.lag = Some(pending));
+                }
+            }
+            next = messages.next() => {
+                let Some(first) = next else {
+                    return lost("the consumer's message stream ended".into());
+                };
+                let mut page = Vec::new();
+                let mut item = Some(first);
+                while let Some(message) = item.take() {
+                    let message = match message {
+                        Ok(m) => m,
+                        Err(e) => {
+                            if !s.send(std::mem::take(&mut page)).await {
+                                return Ended::Stopped;
+                            }
+                            return lost(format!("pulling failed: {e}"));
+                        }
+                    };
+                    let (coordinates, offset, redelivered) = match message.info() {
+                        Ok(info) => (
+                            Some(format!("{}:{}", info.stream, info.stream_sequence)),
+                            Some(info.stream_sequence),
+                            info.delivered > 1,
+                        ),
+                        Err(_) => (None, None, false),
+                    };
+                    let (message, acker) = message.split();
+                    let headers: Vec<(String, String)> = message
+                        .headers
+                        .as_ref()
+                        .map(|h| {
+                            h.iter()
+                                .flat_map(|(k, values)| {
+                                    values.iter().map(move |v| (k.to_string(), v.to_string()))
+                                })
+                                .collect()
+                        })
+                        .unwrap_or_default();
+                    let message_id = headers
+                        .iter()
+                        .find(|(k, _)| k.eq_ignore_ascii_case("Nats-Msg-Id"))
+                        .map(|(_, v)| v.clone());
+                    let meta = MessageMeta {
+                        message_id,
+                        coordinates,
+                        key: None,
+                        headers,
+                        route: message.subject.to_string(),
+                        partition: None,
+                        offset,
+                        redelivered,
+                    };
+                    let record = message_record(&s.source.name, &message.payload, &meta, s.meta_field);
+                    ledger.unacked.push(record.position.clone(), acker);
+                    page.push(record);
+                    if page.len() < PAGE_MAX {
+                        item = messages.next().now_or_never().flatten();
+                    }
+                }
+                let left = ledger.unacked.len() as u64;
+                s.source.update(|st| st.unacked = left);
+                if !s.send(page).await {
+                    return Ended::Stopped;
+                }
+            }
+        }
+    }
+}

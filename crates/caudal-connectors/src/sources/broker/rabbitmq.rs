@@ -1,0 +1,170 @@
+//! Consuming RabbitMQ queues: one channel with a prefetch window, one
+//! consumer per queue (per partition queue with `partitions`), manual
+//! acknowledgements.
+
+use caudal_core::config::RabbitmqSourceConfig;
+use futures::StreamExt as _;
+use futures::future::FutureExt as _;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{Connection, ConnectionProperties};
+
+use super::{Ended, PAGE_MAX, Session, shown};
+use crate::broker::{MessageMeta, Unacked, message_record};
+use crate::sinks::rabbitmq::{declare_queue, queue_names};
+
+/// Messages read and not acknowledged yet: the connection they came on
+/// and their acknowledger.
+#[derive(Debug, Default)]
+pub(super) struct Ledger {
+    unacked: Unacked<(u64, lapin::Acker)>,
+    generation: u64,
+}
+
+pub(super) async fn session(
+    s: Session<'_>,
+    config: &RabbitmqSourceConfig,
+    ledger: &mut Ledger,
+) -> Ended {
+    ledger.generation += 1;
+    let generation = ledger.generation;
+    let url = config.url.expose();
+    let connection = match Connection::connect(url, ConnectionProperties::default()).await {
+        Ok(c) => c,
+        Err(e) => return Ended::Lost(format!("RabbitMQ {}: cannot connect: {e}", shown(url))),
+    };
+    let opened = async {
+        let channel = connection.create_channel().await?;
+        channel
+            .basic_qos(config.prefetch, BasicQosOptions::default())
+            .await?;
+        Ok::<_, lapin::Error>(channel)
+    };
+    let channel = match opened.await {
+        Ok(c) => c,
+        Err(e) => return Ended::Lost(format!("RabbitMQ {}: {e}", shown(url))),
+    };
+    let queues = queue_names(&config.queue, None, config.partitions);
+    let mut consumers = Vec::with_capacity(queues.len());
+    for (queue, _) in &queues {
+        if config.declare
+            && let Err(why) = declare_queue(&channel, queue, config.single_active_consumer).await
+        {
+            return Ended::Lost(format!("RabbitMQ {}: {why}", shown(url)));
+        }
+        match channel
+            .basic_consume(
+                ShortString::from(queue.as_str()),
+                // A consumer tag is unique per channel: one per queue.
+                ShortString::from(format!(
+                    "caudal-{}-{}-{queue}",
+                    s.source.pipeline,
+                    std::process::id()
+                )),
+                BasicConsumeOptions::default(),
+                FieldTable::default(),
+            )
+            .await
+        {
+            Ok(c) => consumers.push(c),
+            Err(e) => {
+                return Ended::Lost(format!(
+                    "RabbitMQ {}: cannot consume queue {queue:?}: {e}",
+                    shown(url)
+                ));
+            }
+        }
+    }
+    s.connected();
+    let mut deliveries = futures::stream::select_all(consumers);
+    loop {
+        tokio::select! {
+            biased;
+            () = s.stop.cancelled() => return Ended::Stopped,
+            changed = s.durable.changed() => {
+                if changed.is_err() {
+                    return Ended::Stopped;
+                }
+                let durable = s.durable.borrow_and_update().clone();
+                if let Some(position) = durable {
+                    let done = ledger.unacked.take_through(&position);
+                    // Acknowledge the last of this connection's messages
+                    // with `multiple`: the ones before it on the channel
+                    // were read before it. Older connections' messages are
+                    // the broker's again already.
+                    if let Some((_, acker)) = done.iter().rev().find(|(g, _)| *g == generation)
+                        && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
+                    {
+                        return Ended::Lost(format!("RabbitMQ {}: acknowledging failed: {e}", shown(url)));
+                    }
+                    let left = ledger.unacked.len() as u64;
+                    s.source.update(|st| st.unacked = left);
+                }
+            }
+            next = deliveries.next() => {
+                let Some(first) = next else {
+                    return Ended::Lost(format!("RabbitMQ {}: the broker cancelled the consumer (queue deleted?)", shown(url)));
+                };
+                let mut page = Vec::new();
+                let mut item = Some(first);
+                while let Some(delivery) = item.take() {
+                    let delivery = match delivery {
+                        Ok(d) => d,
+                        Err(e) => {
+                            // What was read so far is still passed on.
+                            if !s.send(std::mem::take(&mut page)).await {
+                                return Ended::Stopped;
+                            }
+                            return Ended::Lost(format!("RabbitMQ {}: {e}", shown(url)));
+                        }
+                    };
+                    let meta = meta_of(&delivery);
+                    let record = message_record(&s.source.name, &delivery.data, &meta, s.meta_field);
+                    ledger.unacked.push(record.position.clone(), (generation, delivery.acker));
+                    page.push(record);
+                    if page.len() < PAGE_MAX {
+                        item = deliveries.next().now_or_never().flatten();
+                    }
+                }
+                let left = ledger.unacked.len() as u64;
+                s.source.update(|st| st.unacked = left);
+                if !s.send(page).await {
+                    return Ended::Stopped;
+                }
+            }
+        }
+    }
+}
+
+fn meta_of(delivery: &lapin::message::Delivery) -> MessageMeta {
+    let props = &delivery.properties;
+    let headers = props
+        .headers()
+        .as_ref()
+        .map(|table| {
+            table
+                .inner()
+                .iter()
+                .map(|(k, v)| (k.to_string(), value_text(v)))
+                .collect()
+        })
+        .unwrap_or_default();
+    MessageMeta {
+        message_id: props.message_id().as_ref().map(ToString::to_string),
+        coordinates: None,
+        key: None,
+        headers,
+        route: delivery.routing_key.to_string(),
+        partition: None,
+        offset: None,
+        redelivered: delivery.redelivered,
+    }
+}
+
+fn value_text(v: &AMQPValue) -> String {
+    match v {
+        AMQPValue::LongString(s) => String::from_utf8_lossy(s.as_bytes()).into_owned(),
+        AMQPValue::ShortString(s) => s.to_string(),
+        other => format!("{other:?}"),
+    }
+}
