@@ -30,7 +30,7 @@ pub mod accumulate;
 pub mod source;
 pub mod window;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
@@ -149,10 +149,25 @@ impl Spec {
 fn compile_filter(
     text: &str,
 ) -> std::result::Result<minijinja::Expression<'static, 'static>, String> {
-    // The environment lives as long as the process: one per filter.
-    let env: &'static minijinja::Environment<'static> =
-        Box::leak(Box::new(minijinja::Environment::new()));
-    let source: &'static str = Box::leak(text.to_string().into_boxed_str());
+    // Expressions borrow their environment and text: one environment for
+    // the process, and each distinct filter text kept once, so building a
+    // spec again (per API request, per alert evaluation) costs no memory.
+    static ENV: std::sync::OnceLock<minijinja::Environment<'static>> = std::sync::OnceLock::new();
+    static TEXTS: std::sync::Mutex<BTreeSet<&'static str>> = std::sync::Mutex::new(BTreeSet::new());
+    let env = ENV.get_or_init(minijinja::Environment::new);
+    let source: &'static str = {
+        let mut texts = TEXTS
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match texts.get(text) {
+            Some(kept) => kept,
+            None => {
+                let kept: &'static str = Box::leak(text.to_string().into_boxed_str());
+                texts.insert(kept);
+                kept
+            }
+        }
+    };
     env.compile_expression(source)
         .map_err(|e| format!("filter does not compile: {e}"))
 }
