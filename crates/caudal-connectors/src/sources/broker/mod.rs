@@ -18,6 +18,13 @@
 //! configuration naming one this build lacks is refused with the
 //! feature's name.
 
+// A build without any broker refuses broker sources when they are built;
+// the machinery below is then unused.
+#![cfg_attr(
+    not(any(feature = "rabbitmq", feature = "nats", feature = "kafka")),
+    allow(dead_code, unused_imports)
+)]
+
 #[cfg(feature = "kafka")]
 mod kafka;
 #[cfg(feature = "nats")]
@@ -34,7 +41,9 @@ use caudal_core::{Error, ErrorKind, Result};
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::sources::change::{CdcReader, spawn_reader};
+use crate::sources::change::CdcReader;
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
+use crate::sources::change::spawn_reader;
 
 /// Records per page a broker reader hands to the pipeline at most.
 pub const PAGE_MAX: usize = 1000;
@@ -119,18 +128,25 @@ impl BrokerSource {
         let (tx, rx) = mpsc::channel(2);
         let (durable_tx, durable) = watch::channel(None);
         let stop = CancellationToken::new();
-        let task = consume(
-            self.0.clone(),
-            tx.clone(),
-            durable,
-            stop.clone(),
-            meta_field,
+        #[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
+        spawn_reader(
+            consume(
+                self.0.clone(),
+                tx.clone(),
+                durable,
+                stop.clone(),
+                meta_field,
+            ),
+            tx,
         );
-        spawn_reader(task, tx);
+        // `new` refuses every broker this build lacks: nothing to read.
+        #[cfg(not(any(feature = "rabbitmq", feature = "nats", feature = "kafka")))]
+        drop((tx, durable, meta_field));
         CdcReader::new(rx, durable_tx, stop, false)
     }
 }
 
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
 /// What a broker session needs: where pages go, what is durable, when to
 /// stop, and the field metadata goes in.
 pub(crate) struct Session<'a> {
@@ -141,6 +157,7 @@ pub(crate) struct Session<'a> {
     pub(crate) meta_field: Option<&'a str>,
 }
 
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
 /// How a session ended.
 pub(crate) enum Ended {
     /// Stopped, or the pipeline stopped reading.
@@ -149,6 +166,7 @@ pub(crate) enum Ended {
     Lost(String),
 }
 
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
 async fn consume(
     source: Arc<Inner>,
     out: mpsc::Sender<Result<Vec<Record>>>,
@@ -172,6 +190,7 @@ async fn consume(
             meta_field: meta_field.as_deref(),
         };
         let started = std::time::Instant::now();
+        #[allow(unreachable_code)]
         let ended = match &source.config {
             #[cfg(feature = "rabbitmq")]
             SourceConfig::Rabbitmq(c) => rabbitmq::session(session, c, &mut rabbit).await,
@@ -215,6 +234,7 @@ async fn consume(
     }
 }
 
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
 impl Session<'_> {
     /// Sends a page; false when the pipeline stopped reading.
     pub(crate) async fn send(&self, page: Vec<Record>) -> bool {
@@ -242,6 +262,7 @@ impl Session<'_> {
     }
 }
 
+#[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
 /// A broker URL without its password, for messages.
 pub(crate) fn shown(url: &str) -> String {
     caudal_core::units::redact_url(url)
