@@ -5,7 +5,7 @@
 use caudal_core::config::RabbitmqSourceConfig;
 use futures::StreamExt as _;
 use futures::future::FutureExt as _;
-use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions};
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, QueueDeclareOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
 use lapin::{Connection, ConnectionProperties};
 
@@ -77,10 +77,26 @@ pub(super) async fn session(
     }
     s.connected();
     let mut deliveries = futures::stream::select_all(consumers);
+    let mut lag_tick = tokio::time::interval(std::time::Duration::from_secs(2));
     loop {
         tokio::select! {
             biased;
             () = s.stop.cancelled() => return Ended::Stopped,
+            _ = lag_tick.tick() => {
+                // Messages ready in the queues (not those delivered and
+                // unacknowledged): what waits for a consumer.
+                let mut ready = Some(0u64);
+                for (queue, _) in &queues {
+                    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+                    match channel.queue_declare(ShortString::from(queue.as_str()), passive, FieldTable::default()).await {
+                        Ok(q) => ready = ready.map(|n| n + u64::from(q.message_count())),
+                        Err(_) => ready = None,
+                    }
+                }
+                if ready.is_some() {
+                    s.source.update(|st| st.lag = ready);
+                }
+            }
             changed = s.durable.changed() => {
                 if changed.is_err() {
                     return Ended::Stopped;
@@ -88,14 +104,18 @@ pub(super) async fn session(
                 let durable = s.durable.borrow_and_update().clone();
                 if let Some(position) = durable {
                     let done = ledger.unacked.take_through(&position);
-                    // Acknowledge the last of this connection's messages
-                    // with `multiple`: the ones before it on the channel
-                    // were read before it. Older connections' messages are
+                    // Each of this connection's messages is acknowledged
+                    // by itself: messages of several queues share the
+                    // channel's delivery tags, and the order they are read
+                    // in is not the tags' order, so `multiple` up to the
+                    // last one read would also acknowledge messages not
+                    // read or not durable yet (and a tag acknowledged twice
+                    // closes the channel). Older connections' messages are
                     // the broker's again already.
-                    if let Some((_, acker)) = done.iter().rev().find(|(g, _)| *g == generation)
-                        && let Err(e) = acker.ack(BasicAckOptions { multiple: true }).await
-                    {
-                        return Ended::Lost(format!("RabbitMQ {}: acknowledging failed: {e}", shown(url)));
+                    for (_, acker) in done.iter().filter(|(g, _)| *g == generation) {
+                        if let Err(e) = acker.ack(BasicAckOptions::default()).await {
+                            return Ended::Lost(format!("RabbitMQ {}: acknowledging failed: {e}", shown(url)));
+                        }
                     }
                     let left = ledger.unacked.len() as u64;
                     s.source.update(|st| st.unacked = left);
