@@ -393,12 +393,6 @@ pub async fn append(
     }
 }
 
-/// Where reading the source resumes, given the saved checkpoint and the
-/// buffer: the position of the last unacknowledged entry when there is one
-/// (it is past the checkpoint, or equal to it), else the checkpoint. With
-/// `ack = "buffered"` a checkpoint that lags the buffer (a crash between an
-/// append and its checkpoint commit) is brought up to it first. Returns the
-/// position and the offset up to which entries may be delivered.
 /// Drops what a broker source read with `ack = "delivered"` left in the
 /// buffer: none of it was acknowledged to the broker, which delivers it
 /// again (in order, to whichever consumer reads it next), so sending it
@@ -421,6 +415,12 @@ pub async fn forget_undelivered(pipeline: &str, buffer: &Buffer) -> Result<()> {
     Ok(())
 }
 
+/// Where reading the source resumes, given the saved checkpoint and the
+/// buffer: the position of the last unacknowledged entry when there is one
+/// (it is past the checkpoint, or equal to it), else the checkpoint. With
+/// `ack = "buffered"` a checkpoint that lags the buffer (a crash between an
+/// append and its checkpoint commit) is brought up to it first. Returns the
+/// position and the offset up to which entries may be delivered.
 pub async fn recover(
     pipeline: &str,
     buffer: &Buffer,

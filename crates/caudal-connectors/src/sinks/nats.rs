@@ -54,9 +54,10 @@ impl NatsSink {
             return Ok(c.clone());
         }
         let connect = async {
-            let client = async_nats::ConnectOptions::new()
+            let (options, servers) = connect_options(&self.url);
+            let client = options
                 .connection_timeout(self.timeout.min(Duration::from_secs(10)))
-                .connect(self.url.as_str())
+                .connect(servers.as_str())
                 .await
                 .map_err(|e| format!("cannot connect: {e}"))?;
             let js = jetstream::new(client);
@@ -186,5 +187,70 @@ impl Sink for NatsSink {
             },
             Ok(Ok(())) => Delivery::Delivered { status: None },
         }
+    }
+}
+
+/// Connect options and server list for a NATS URL: credentials written in
+/// it (`nats://user:password@host`, `nats://token@host`, those of the first
+/// server of a list) are taken out and set as the client's, since the
+/// client does not read them from the URL.
+pub fn connect_options(url: &str) -> (async_nats::ConnectOptions, String) {
+    let mut options = async_nats::ConnectOptions::new();
+    let mut servers = Vec::new();
+    for (i, one) in url.split(',').map(str::trim).enumerate() {
+        let (scheme, rest) = one.split_once("://").unwrap_or(("nats", one));
+        let (userinfo, host) = match rest.rsplit_once('@') {
+            Some((u, h)) => (Some(u), h),
+            None => (None, rest),
+        };
+        if i == 0
+            && let Some(userinfo) = userinfo
+        {
+            options = match userinfo.split_once(':') {
+                Some((user, password)) => options.user_and_password(decode(user), decode(password)),
+                None => options.token(decode(userinfo)),
+            };
+        }
+        servers.push(format!("{scheme}://{host}"));
+    }
+    (options, servers.join(","))
+}
+
+/// `%XX` escapes of a URL's user part, decoded.
+fn decode(text: &str) -> String {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'%'
+            && let Some(hex) = text.get(i + 1..i + 3)
+            && let Ok(b) = u8::from_str_radix(hex, 16)
+        {
+            out.push(b);
+            i += 3;
+        } else {
+            out.push(bytes[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn credentials_leave_the_server_list() {
+        assert_eq!(
+            connect_options("nats://127.0.0.1:4222").1,
+            "nats://127.0.0.1:4222"
+        );
+        assert_eq!(
+            connect_options("nats://app:p%40ss@h1:4222, nats://h2:4222").1,
+            "nats://h1:4222,nats://h2:4222"
+        );
+        assert_eq!(connect_options("tls://s3cret@h:4222").1, "tls://h:4222");
+        assert_eq!(decode("p%40ss"), "p@ss");
     }
 }

@@ -54,7 +54,17 @@ struct Link {
 impl RabbitmqSink {
     /// Builds the sink (nothing is connected until the first batch).
     pub fn new(name: &str, config: &RabbitmqSinkConfig) -> Result<Self> {
-        let default_key = match config.declare.as_ref().and_then(|d| d.queue.as_deref()) {
+        // Without a routing key, messages go where the declared queue is
+        // bound: its binding key (or its name), per partition.
+        let declared = config.declare.as_ref().and_then(|d| {
+            d.queue.as_deref().map(|q| {
+                d.binding_key
+                    .as_deref()
+                    .filter(|_| !config.exchange.is_empty())
+                    .unwrap_or(q)
+            })
+        });
+        let default_key = match declared {
             Some(queue) if config.partitions > 1 => format!("{queue}.{{{{ partition }}}}"),
             Some(queue) => queue.to_string(),
             None => String::new(),

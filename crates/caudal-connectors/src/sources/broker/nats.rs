@@ -22,9 +22,10 @@ pub(super) async fn session(
 ) -> Ended {
     let url = config.url.expose();
     let lost = |what: String| Ended::Lost(format!("NATS {}: {what}", shown(url)));
-    let client = match async_nats::ConnectOptions::new()
+    let (options, servers) = crate::sinks::nats::connect_options(url);
+    let client = match options
         .retry_on_initial_connect()
-        .connect(url)
+        .connect(servers.as_str())
         .await
     {
         Ok(c) => c,
