@@ -159,7 +159,7 @@ pub const METRICS: [(&str, Kind, &str); 48] = [
     (
         "caudal_broker_lag_messages",
         Kind::Gauge,
-        "Broker source: messages waiting in the broker for this consumer (JetStream).",
+        "Broker source: messages waiting in the broker for this consumer (JetStream pending, RabbitMQ ready).",
     ),
     (
         "caudal_broker_reconnects_total",
