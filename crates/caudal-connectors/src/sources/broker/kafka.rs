@@ -57,7 +57,11 @@ pub(super) async fn session(
                     for (topic, partition, offset) in ledger.unacked.take_through(&position) {
                         // A partition handed to another member meanwhile
                         // refuses the store: that member reads it again.
-                        let _ = consumer.store_offset(&topic, partition, offset + 1);
+                        // `store_offset` takes the message's own offset
+                        // (librdkafka's rd_kafka_offset_store stores the
+                        // one after it): passing `offset + 1` skipped a
+                        // message at every hand-over.
+                        let _ = consumer.store_offset(&topic, partition, offset);
                     }
                     let left = ledger.unacked.len() as u64;
                     s.source.update(|st| st.unacked = left);
