@@ -9,10 +9,12 @@
 //!   within the stream's duplicate window is stored once.
 //! - Messages are published in order on one connection, so one key's
 //!   records reach a subject in order.
-//! - A subject no stream captures, or a message larger than the server
-//!   takes, refuses the batch with the reason (dead letters; a too large
-//!   batch is split first); the client reconnects by itself after a lost
-//!   connection and unconfirmed batches are published again.
+//! - A subject no stream captures refuses the batch with the reason (dead
+//!   letters), unless the sink creates its stream (`stream`): then the
+//!   stream is created again and the batch retried. A message larger than
+//!   the server takes splits the batch (one record too large: a dead
+//!   letter). The client reconnects by itself after a lost connection and
+//!   unconfirmed batches are published again.
 
 use std::time::Duration;
 
@@ -98,14 +100,15 @@ impl NatsSink {
 
 /// Why a publish failed, as the engine acts on it.
 enum Failure {
+    /// No stream captures the subject.
+    NoStream(String),
     Retry(String),
-    Reject(String),
     Split(String),
 }
 
 fn classify(subject: &str, e: &jetstream::context::PublishError) -> Failure {
     match e.kind() {
-        PublishErrorKind::StreamNotFound => Failure::Reject(format!(
+        PublishErrorKind::StreamNotFound => Failure::NoStream(format!(
             "no stream captures subject {subject:?} (create one, or set `stream` on the sink)"
         )),
         PublishErrorKind::MaxPayloadExceeded => {
@@ -175,7 +178,13 @@ impl Sink for NatsSink {
                 self.timeout
             )),
             Ok(Err(Failure::Retry(why))) => self.retry(why),
-            Ok(Err(Failure::Reject(why))) => Delivery::Rejected {
+            // The sink creates its stream: it is made again at the next
+            // connection (it was deleted, or JetStream lost it).
+            Ok(Err(Failure::NoStream(why))) if self.stream.is_some() => {
+                *self.context.lock().await = None;
+                self.retry(why)
+            }
+            Ok(Err(Failure::NoStream(why))) => Delivery::Rejected {
                 reason: format!("sink {:?}: {why}", self.name),
                 status: None,
                 body_excerpt: String::new(),
