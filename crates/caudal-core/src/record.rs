@@ -764,12 +764,38 @@ pub fn batch_key(pipeline: &str, first: &Position, last: &Position, count: usize
     ])
 }
 
+/// The idempotency key of a batch named by every position it holds: for
+/// sources whose records may be read again in another interleaving (a
+/// broker's queues or partitions), where the first and last positions and
+/// the count do not say which records lie between.
+pub fn batch_key_of<'a>(
+    pipeline: &str,
+    positions: impl IntoIterator<Item = &'a Position>,
+) -> String {
+    let mut bytes = Vec::new();
+    for p in positions {
+        let encoded = position_bytes(p);
+        bytes.extend_from_slice(&(encoded.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&encoded);
+    }
+    digest(&[b"batch-of", pipeline.as_bytes(), &bytes])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn pos(values: Vec<CursorValue>) -> Position {
         Position::Cursor { values }
+    }
+
+    #[test]
+    fn a_batch_named_by_its_positions_differs_when_its_middle_does() {
+        let m = |id: &str| Position::Message { id: id.into() };
+        let a = batch_key_of("p", &[m("1"), m("2"), m("3")]);
+        assert_eq!(a, batch_key_of("p", &[m("1"), m("2"), m("3")]));
+        assert_ne!(a, batch_key_of("p", &[m("1"), m("4"), m("3")]));
+        assert_ne!(a, batch_key_of("q", &[m("1"), m("2"), m("3")]));
     }
 
     #[test]

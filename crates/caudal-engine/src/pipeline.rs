@@ -806,7 +806,14 @@ impl Pipeline {
         let (Some(first), Some(last)) = (records.first(), records.last()) else {
             return Ok(true);
         };
-        let key = batch_key(&self.name, &first.position, &last.position, records.len());
+        // A broker's records may come back in another interleaving of its
+        // queues or partitions: the key then names every record.
+        let key = match &self.source {
+            Source::Broker(_) => {
+                caudal_core::record::batch_key_of(&self.name, records.iter().map(|r| &r.position))
+            }
+            _ => batch_key(&self.name, &first.position, &last.position, records.len()),
+        };
         let position = last.position.clone();
         let position_json = serde_json::to_value(&position)
             .map_err(|e| Error::with_source(ErrorKind::Internal, "cannot encode a position", e))?;
