@@ -18,7 +18,7 @@
 use std::collections::VecDeque;
 
 use caudal_core::record::{Json, ObjectWriter, Position, Record};
-use caudal_core::sink::Event;
+use caudal_core::sink::{Batch, Delivery, Event};
 use caudal_core::{Error, ErrorKind, Result};
 use serde::Serialize;
 use sha2::Digest as _;
@@ -107,6 +107,37 @@ impl Route {
             return Err("the route template rendered an empty name for this record".into());
         }
         Ok(out)
+    }
+}
+
+impl Route {
+    /// The route of every event of `batch`, in order; or, when one has
+    /// none, the refusal of the whole batch (before anything is sent),
+    /// naming the record's key.
+    pub fn render_all(
+        &self,
+        sink: &str,
+        batch: &Batch<'_>,
+    ) -> std::result::Result<Vec<String>, Delivery> {
+        batch
+            .events
+            .iter()
+            .map(|event| {
+                self.render(batch.pipeline, event)
+                    .map_err(|why| Delivery::Rejected {
+                        reason: format!(
+                            "sink {sink:?}: record{}: {why}",
+                            event
+                                .key
+                                .as_deref()
+                                .map(|k| format!(" with key {k}"))
+                                .unwrap_or_default()
+                        ),
+                        status: None,
+                        body_excerpt: String::new(),
+                    })
+            })
+            .collect()
     }
 }
 

@@ -106,27 +106,10 @@ enum Failure {
 #[async_trait::async_trait]
 impl Sink for KafkaSink {
     async fn deliver(&self, batch: Batch<'_>) -> Delivery {
-        let mut topics = Vec::with_capacity(batch.events.len());
-        for event in batch.events {
-            match self.route.render(batch.pipeline, event) {
-                Ok(t) => topics.push(t),
-                Err(why) => {
-                    return Delivery::Rejected {
-                        reason: format!(
-                            "sink {:?}: record{}: {why}",
-                            self.name,
-                            event
-                                .key
-                                .as_deref()
-                                .map(|k| format!(" with key {k}"))
-                                .unwrap_or_default()
-                        ),
-                        status: None,
-                        body_excerpt: String::new(),
-                    };
-                }
-            }
-        }
+        let topics = match self.route.render_all(&self.name, &batch) {
+            Ok(r) => r,
+            Err(refused) => return refused,
+        };
         let mut bytes = 0u64;
         let produce = async {
             let mut pending: std::collections::VecDeque<(DeliveryFuture, &str)> =

@@ -121,27 +121,10 @@ fn classify(subject: &str, e: &jetstream::context::PublishError) -> Failure {
 #[async_trait::async_trait]
 impl Sink for NatsSink {
     async fn deliver(&self, batch: Batch<'_>) -> Delivery {
-        let mut subjects = Vec::with_capacity(batch.events.len());
-        for event in batch.events {
-            match self.route.render(batch.pipeline, event) {
-                Ok(s) => subjects.push(s),
-                Err(why) => {
-                    return Delivery::Rejected {
-                        reason: format!(
-                            "sink {:?}: record{}: {why}",
-                            self.name,
-                            event
-                                .key
-                                .as_deref()
-                                .map(|k| format!(" with key {k}"))
-                                .unwrap_or_default()
-                        ),
-                        status: None,
-                        body_excerpt: String::new(),
-                    };
-                }
-            }
-        }
+        let subjects = match self.route.render_all(&self.name, &batch) {
+            Ok(r) => r,
+            Err(refused) => return refused,
+        };
         let js = match self.context().await {
             Ok(js) => js,
             Err(why) => return self.retry(why),

@@ -236,27 +236,10 @@ impl Sink for RabbitmqSink {
     async fn deliver(&self, batch: Batch<'_>) -> Delivery {
         // Every route first: a record without one refuses the batch before
         // anything of it is published.
-        let mut routes = Vec::with_capacity(batch.events.len());
-        for event in batch.events {
-            match self.route.render(batch.pipeline, event) {
-                Ok(r) => routes.push(r),
-                Err(why) => {
-                    return Delivery::Rejected {
-                        reason: format!(
-                            "sink {:?}: record{}: {why}",
-                            self.name,
-                            event
-                                .key
-                                .as_deref()
-                                .map(|k| format!(" with key {k}"))
-                                .unwrap_or_default()
-                        ),
-                        status: None,
-                        body_excerpt: String::new(),
-                    };
-                }
-            }
-        }
+        let routes = match self.route.render_all(&self.name, &batch) {
+            Ok(r) => r,
+            Err(refused) => return refused,
+        };
         let (channel, generation) = match self.channel().await {
             Ok(c) => c,
             Err(why) => return self.retry(why),
