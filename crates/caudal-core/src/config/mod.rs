@@ -29,11 +29,11 @@ use serde::{Deserialize, Serialize};
 use crate::units::Secret;
 
 pub use aggregates::{AggregateConfig, Metric, MetricKind};
+pub use alerts::{AlertConfig, AlertWindow, Check, NotifierConfig, NotifyFormat, Severity};
 pub use brokers::{
     KafkaSinkConfig, KafkaSourceConfig, NatsSinkConfig, NatsSourceConfig, NatsStream,
     RabbitmqDeclare, RabbitmqSinkConfig, RabbitmqSourceConfig,
 };
-pub use alerts::{AlertConfig, AlertWindow, Check, NotifierConfig, NotifyFormat, Severity};
 pub use crawl::{
     CrawlSettings, CrawlSourceConfig, FieldConfig, FieldSpec, PageKindConfig, SiteLimits,
     SitePolicy,
