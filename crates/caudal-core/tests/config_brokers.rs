@@ -84,6 +84,13 @@ fn every_broker_kind_loads_with_its_defaults() {
         panic!("a nats sink")
     };
     assert_eq!(js.timeout.as_std(), std::time::Duration::from_secs(30));
+    let SourceConfig::Nats(n) = &config.sources["stream"] else {
+        panic!("a nats source")
+    };
+    assert_eq!(
+        (n.partitions, n.lease.as_std()),
+        (1, std::time::Duration::from_secs(10))
+    );
     assert_eq!(
         config.sinks["kafka"].batch().map(|b| b.max_records),
         Some(1000)
@@ -98,6 +105,22 @@ type = "rabbitmq"
 url = "http://127.0.0.1:5672"
 queue = "orders"
 single_active_consumer = true
+
+[sources.partitioned]
+type = "nats"
+url = "nats://127.0.0.1:4222"
+stream = "ORDERS"
+consumer = "deliver"
+partitions = 4
+lease = "0s"
+
+[sources.wildcard]
+type = "nats"
+url = "nats://127.0.0.1:4222"
+stream = "ORDERS"
+consumer = "deliver"
+filter_subject = "orders.>"
+partitions = 2
 
 [sources.topic]
 type = "kafka"
@@ -131,9 +154,12 @@ schedule = { every = "1h" }
         "sources.queue.single_active_consumer: is a property of a queue caudal declares",
         "sources.topic.topics: name at least one topic",
         "sources.topic.start: expected \"earliest\" or \"latest\", found \"newest\"",
-        "c.toml:14:13: sources.topic.options.\"enable.auto.commit\": caudal sets this itself",
+        "c.toml:13:14: sources.partitioned.partitions: needs filter_subject, the partition subjects' prefix",
+        "c.toml:14:9: sources.partitioned.lease: must be at least 1s",
+        "c.toml:21:18: sources.wildcard.filter_subject: with partitions, is the partition subjects' prefix",
+        "c.toml:30:13: sources.topic.options.\"enable.auto.commit\": caudal sets this itself",
         "sinks.js.subject: template uses unknown variable `recrd`",
-        "c.toml:25:13: sinks.kafka.options.acks: caudal sets this itself",
+        "c.toml:41:13: sinks.kafka.options.acks: caudal sets this itself",
         "pipelines.deliver.schedule: source \"queue\" consumes its broker continuously; remove the schedule",
     ] {
         assert!(err.contains(expected), "missing {expected:?} in:\n{err}");

@@ -182,6 +182,9 @@ const DELIVERY_PAUSE: Duration = Duration::from_secs(5);
 const LAG_REPORT_EVERY: Duration = Duration::from_secs(2);
 /// How often a run reports progress (for progress bars).
 const PROGRESS_EVERY: Duration = Duration::from_millis(200);
+/// Longest wait, at the end of intake, for a broker reader to acknowledge
+/// its last durable messages and close its connection.
+const READER_CLOSE_GRACE: Duration = Duration::from_secs(5);
 
 impl std::fmt::Debug for Pipeline {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -642,6 +645,29 @@ impl Pipeline {
         counters: &RunCounters,
         follow: bool,
     ) -> Result<Ended> {
+        let mut closing = None;
+        let ended = self
+            .read_into_buffer(run_id, buffer, cancel, counters, follow, &mut closing)
+            .await;
+        // The reader has been dropped: a broker reader acknowledges what
+        // was made durable last and closes its connection; waiting for it
+        // keeps a clean stop from leaving those messages to be delivered
+        // again.
+        if let Some(closed) = closing {
+            let _ = tokio::time::timeout(READER_CLOSE_GRACE, closed.cancelled()).await;
+        }
+        ended
+    }
+
+    async fn read_into_buffer(
+        &self,
+        run_id: i64,
+        buffer: &Buffer,
+        cancel: &CancellationToken,
+        counters: &RunCounters,
+        follow: bool,
+        closing: &mut Option<CancellationToken>,
+    ) -> Result<Ended> {
         let checkpoint = self.checkpoint().await?;
         let (from, releasable) =
             buffered::recover(&self.name, buffer, &self.store, self.ack, checkpoint).await?;
@@ -675,6 +701,7 @@ impl Pipeline {
             Source::Broker(b) => {
                 let r = b.open_run(self.metadata_field.clone());
                 let durable = r.durable();
+                *closing = r.closed();
                 match self.ack {
                     // Acknowledged once buffered: by intake.
                     AckMode::Buffered => (Reader::Cdc(r), Some(durable)),

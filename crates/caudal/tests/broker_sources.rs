@@ -12,12 +12,14 @@
 //!   same events: duplicates only ever repeat an idempotency key;
 //! - per key, the first arrivals of its messages are in publishing order
 //!   (RabbitMQ single-active-consumer partition queues, Kafka partitions,
-//!   both with `ack = "delivered"`; not NATS JetStream, whose 2.9 server
-//!   has no pinned consumers).
+//!   JetStream partition subjects read under caudal's leases, all with
+//!   `ack = "delivered"`; not one JetStream consumer shared by every
+//!   process).
 //!
 //! Smaller tests: `ack = "buffered"` loses nothing across kill -9 (messages
 //! are acknowledged only once durable in caudal's buffer, which delivers
-//! them after a restart); one JetStream consumer process killed over and
+//! them after a restart); a clean stop right after delivery leaves the
+//! broker nothing to deliver again; one JetStream consumer process killed over and
 //! over loses nothing (its per-key order is counted: it does not hold);
 //! bodies that are not JSON objects become records instead of being
 //! dropped.
@@ -262,6 +264,118 @@ async fn rabbitmq_ack_buffered_loses_nothing_across_kill() {
     cleanup.delete().await;
 }
 
+/// A clean stop (SIGTERM) right after everything read was delivered, with
+/// `ack = "buffered"`: the process acknowledges what it made durable last
+/// and closes its connection cleanly before it exits, so the queue gives
+/// nothing back (acknowledgements still queued in the client when the
+/// process exited were lost, and those messages were delivered again).
+/// Three rounds of publishing, delivering and stopping.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rabbitmq_clean_stops_leave_nothing_to_deliver_again() {
+    let (seed, mut rng) = Rng::seeded();
+    let queue = unique("caudal-src-stop");
+    let mut cleanup = RabbitQueues::new(vec![queue.clone()]);
+    let (_conn, channel) = amqp().await;
+    declare_queue(&channel, &queue, false).await;
+    let messages = Message::generate(30_000, &mut rng);
+    let source = format!("type = \"rabbitmq\"\nurl = \"{AMQP_URL}\"\nqueue = \"{queue}\"\n");
+    let (node, receiver) = clean_stops_after_delivery(
+        &source,
+        None,
+        &messages,
+        async |chunk| publish_amqp(chunk, |_| queue.clone()).await,
+        async || wait_for_no_consumers(&channel, &queue).await,
+    )
+    .await;
+    let verdict = analyse(&receiver.requests(), &messages, Some(&|m| m.id()), true);
+    eprintln!("rabbitmq clean stops (seed {seed}): {}", verdict.summary());
+    verdict.assert_clean(
+        &format!("rabbitmq clean stops, seed {seed}"),
+        std::slice::from_ref(&node),
+    );
+    assert_eq!(verdict.duplicates, 0, "seed {seed}");
+    cleanup.delete().await;
+}
+
+/// The same from a JetStream durable consumer: after each stop the
+/// consumer holds no message delivered and unacknowledged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_clean_stops_leave_nothing_to_deliver_again() {
+    let (seed, mut rng) = Rng::seeded();
+    let stream = unique("caudal_src_stop").replace('-', "_");
+    let mut cleanup = NatsStream::create(&stream).await;
+    let messages = Message::generate(30_000, &mut rng);
+    let source = format!(
+        "type = \"nats\"\nurl = \"{NATS_URL}\"\nstream = \"{stream}\"\nconsumer = \"deliver\"\n"
+    );
+    let js = jetstream().await;
+    let (node, receiver) = clean_stops_after_delivery(
+        &source,
+        Some("account"),
+        &messages,
+        async |chunk| publish_nats(&stream, chunk).await,
+        async || {
+            let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+                .get_consumer_from_stream("deliver", &stream)
+                .await
+                .expect("the durable consumer");
+            let info = consumer.info().await.expect("consumer info");
+            u32::try_from(info.num_ack_pending + info.num_pending as usize).unwrap_or(u32::MAX)
+        },
+    )
+    .await;
+    let verdict = analyse(&receiver.requests(), &messages, Some(&|m| m.id()), true);
+    eprintln!("nats clean stops (seed {seed}): {}", verdict.summary());
+    verdict.assert_clean(
+        &format!("nats clean stops, seed {seed}"),
+        std::slice::from_ref(&node),
+    );
+    assert_eq!(verdict.duplicates, 0, "seed {seed}");
+    cleanup.delete().await;
+}
+
+/// Three rounds: `publish` a third of `messages`, run one `ack =
+/// "buffered"` process on `source` (records keyed by `key`, else by the
+/// `caudal-key` header) until the receiver has them all, stop it with
+/// SIGTERM at once, and ask the broker (`left`) how many messages it would
+/// deliver again: none. Returns the process and the receiver.
+async fn clean_stops_after_delivery(
+    source: &str,
+    key: Option<&str>,
+    messages: &[Message],
+    publish: impl AsyncFn(&[Message]),
+    left: impl AsyncFn() -> u32,
+) -> (Node, Receiver) {
+    let receiver = Receiver::start().await;
+    let mut node = Node::new(0, &receiver, source, "buffered", key, None);
+    let mut progress = Progress::new(messages.len(), 1);
+    let chunk = messages.len().div_ceil(3);
+    for (round, part) in messages.chunks(chunk).enumerate() {
+        publish(part).await;
+        node.start();
+        let want = messages.len() - (round * chunk + part.len());
+        let done = receiver
+            .wait_for(|reqs| progress.scan(reqs) == want, STALL)
+            .await;
+        assert!(
+            done,
+            "round {round}: {} messages missing; log:\n{}",
+            progress.missing - want,
+            node.log()
+        );
+        node.stop().await;
+        let back = left().await;
+        assert_eq!(
+            back,
+            0,
+            "round {round}: the broker holds {back} messages to deliver again after a clean \
+             stop that followed their delivery; log:\n{}",
+            node.log()
+        );
+    }
+    (node, receiver)
+}
+
 /// Bodies that are not JSON objects are records too: other JSON under
 /// `value`, text under `body`, bytes under `body_base64`; two messages
 /// with the same body (no message id) both arrive.
@@ -466,6 +580,61 @@ async fn nats_three_consumers_with_kills_lose_nothing() {
     );
     verdict.assert_clean(&format!("nats, seed {seed}"), &nodes);
     cleanup.delete().await;
+}
+
+/// JetStream partitions read in order: four partition subjects, each with
+/// its own durable consumer held by one process at a time through a lease
+/// in a key-value bucket, three processes with `ack = "delivered"`, two
+/// killed over and over. A process taking a partition over re-creates its
+/// consumer at the ack floor, so per key the first arrivals are in
+/// publishing order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_partitions_with_kills_lose_nothing_and_keep_key_order() {
+    let count = message_count() / 2;
+    let (seed, mut rng) = Rng::seeded();
+    let stream = unique("caudal_src_natp").replace('-', "_");
+    let mut cleanup = NatsStream::create(&stream).await;
+    let messages = Arc::new(Message::generate(count, &mut rng));
+    let receiver = faulty_receiver().await;
+    let consumer = unique("deliver").replace('-', "_");
+    let source = format!(
+        "type = \"nats\"\nurl = \"{NATS_URL}\"\nstream = \"{stream}\"\nconsumer = \"{consumer}\"\n\
+         filter_subject = \"{stream}\"\npartitions = 4\nlease = \"3s\"\nack_wait = \"30s\"\nprefetch = 500\n"
+    );
+    let mut nodes: Vec<Node> = (0..3)
+        .map(|i| Node::new(i, &receiver, &source, "delivered", Some("account"), None))
+        .collect();
+    for node in &mut nodes {
+        node.start();
+    }
+    let started = Instant::now();
+    let publisher = {
+        let messages = messages.clone();
+        let stream = stream.clone();
+        tokio::spawn(async move { publish_nats(&stream, &messages).await })
+    };
+    let fire = Fire {
+        step_ms: (400, 1600),
+        max_kills: 20,
+        cut: None,
+    };
+    let report = under_fire(&mut nodes, &receiver, count, &fire, &mut rng, publisher)
+        .await
+        .unwrap_or_else(|why| panic!("seed {seed}: {why}"));
+    stop_all(&mut nodes).await;
+    let elapsed = started.elapsed();
+    let verdict = analyse(&receiver.requests(), &messages, Some(&|m| m.id()), true);
+    eprintln!(
+        "nats partitions: {count} messages in {elapsed:.1?} (seed {seed}); {report}; {}",
+        verdict.summary()
+    );
+    verdict.assert_clean(&format!("nats partitions, seed {seed}"), &nodes);
+    cleanup.delete().await;
+    delete_buckets(&[
+        format!("caudal_owners_{stream}_{consumer}"),
+        format!("caudal_members_{stream}_{consumer}"),
+    ])
+    .await;
 }
 
 /// One process alone on the durable consumer, killed and restarted over
@@ -1468,6 +1637,16 @@ async fn publish_nats(stream: &str, messages: &[Message]) {
             let ack = ack.await.expect("stored by the stream");
             assert!(!ack.duplicate, "every message id is new");
         }
+    }
+}
+
+/// Deletes the key-value buckets a partitioned source made.
+async fn delete_buckets(names: &[String]) {
+    let js = jetstream().await;
+    for name in names {
+        js.delete_key_value(name)
+            .await
+            .unwrap_or_else(|e| panic!("delete bucket {name}: {e}"));
     }
 }
 

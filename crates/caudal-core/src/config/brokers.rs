@@ -199,9 +199,22 @@ pub struct NatsSourceConfig {
     /// The durable consumer's name (created when missing).
     pub consumer: String,
     /// Only subjects matching this filter (default: every subject of the
-    /// stream).
+    /// stream). With `partitions` above 1, the partition subjects' prefix:
+    /// partition `i` reads the subject `FILTER.i`.
     #[serde(default)]
     pub filter_subject: Option<String>,
+    /// Key-hash partitions to read in order (default 1: one durable
+    /// consumer shared by every process, no per-key order). Above 1, each
+    /// partition subject `FILTER.i` has its own durable consumer
+    /// (`CONSUMER-i`), read by one process at a time: the one holding its
+    /// lease in the key-value bucket `caudal_owners_STREAM_CONSUMER`.
+    #[serde(default = "default_partitions")]
+    pub partitions: u32,
+    /// How long a partition stays with a process that stopped renewing its
+    /// lease (crashed, cut off) before another process takes it over
+    /// (default `"10s"`; renewed every third of it).
+    #[serde(default = "default_lease")]
+    pub lease: Duration,
     /// How long a message delivered and not acknowledged waits before the
     /// stream delivers it again (default `"30s"`).
     #[serde(default = "default_ack_wait")]
@@ -255,6 +268,10 @@ fn default_prefetch() -> u16 {
 
 fn default_ack_wait() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_lease() -> Duration {
+    Duration::from_secs(10)
 }
 
 fn default_offset_reset() -> String {
@@ -489,6 +506,27 @@ pub(super) fn check_nats_source(
     }
     if source.ack_wait.as_std().is_zero() {
         out.push(Problem::at(path.key("ack_wait"), "must be greater than 0s"));
+    }
+    check_partitions(path, source.partitions, out);
+    if source.partitions > 1 {
+        match &source.filter_subject {
+            None => out.push(Problem::at(
+                path.key("partitions"),
+                "needs filter_subject, the partition subjects' prefix: partition i reads \
+                 FILTER.i (a sink with partitions publishes to e.g. \"FILTER.{{ partition }}\")",
+            )),
+            Some(filter) if filter.is_empty() || filter.contains(['*', '>', ' ']) => {
+                out.push(Problem::at(
+                    path.key("filter_subject"),
+                    "with partitions, is the partition subjects' prefix (partition i reads \
+                     FILTER.i): not empty, no '*', '>' or space",
+                ));
+            }
+            Some(_) => {}
+        }
+        if source.lease.as_std() < std::time::Duration::from_secs(1) {
+            out.push(Problem::at(path.key("lease"), "must be at least 1s"));
+        }
     }
 }
 

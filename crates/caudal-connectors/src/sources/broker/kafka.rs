@@ -47,25 +47,12 @@ pub(super) async fn session(
     loop {
         tokio::select! {
             biased;
-            () = s.stop.cancelled() => return Ended::Stopped,
+            () = s.stop.cancelled() => return close(&s, ledger, &consumer),
             changed = s.durable.changed() => {
                 if changed.is_err() {
-                    return Ended::Stopped;
+                    return close(&s, ledger, &consumer);
                 }
-                let durable = s.durable.borrow_and_update().clone();
-                if let Some(position) = durable {
-                    for (topic, partition, offset) in ledger.unacked.take_through(&position) {
-                        // A partition handed to another member meanwhile
-                        // refuses the store: that member reads it again.
-                        // `store_offset` takes the message's own offset
-                        // (librdkafka's rd_kafka_offset_store stores the
-                        // one after it): passing `offset + 1` skipped a
-                        // message at every hand-over.
-                        let _ = consumer.store_offset(&topic, partition, offset);
-                    }
-                    let left = ledger.unacked.len() as u64;
-                    s.source.update(|st| st.unacked = left);
-                }
+                store_durable(&s, ledger, &consumer);
             }
             next = stream.next() => {
                 let Some(first) = next else {
@@ -133,9 +120,37 @@ pub(super) async fn session(
                 let left = ledger.unacked.len() as u64;
                 s.source.update(|st| st.unacked = left);
                 if !s.send(page).await {
-                    return Ended::Stopped;
+                    return close(&s, ledger, &consumer);
                 }
             }
         }
     }
+}
+
+/// Stores the offsets of the messages up to the last durable position
+/// (librdkafka commits stored offsets in the background).
+fn store_durable(s: &Session<'_>, ledger: &mut Ledger, consumer: &StreamConsumer) {
+    let durable = s.durable.borrow().clone();
+    let Some(position) = durable else {
+        return;
+    };
+    for (topic, partition, offset) in ledger.unacked.take_through(&position) {
+        // A partition handed to another member meanwhile refuses the
+        // store: that member reads it again. `store_offset` takes the
+        // message's own offset (librdkafka's rd_kafka_offset_store stores
+        // the one after it): passing `offset + 1` skipped a message at
+        // every hand-over.
+        let _ = consumer.store_offset(&topic, partition, offset);
+    }
+    let left = ledger.unacked.len() as u64;
+    s.source.update(|st| st.unacked = left);
+}
+
+/// Ends a stopped session: stores the offsets of what became durable
+/// last; librdkafka commits them when the consumer closes as it is
+/// dropped, before it leaves its group (else the next member would read
+/// them again).
+fn close(s: &Session<'_>, ledger: &mut Ledger, consumer: &StreamConsumer) -> Ended {
+    store_durable(s, ledger, consumer);
+    Ended::Stopped
 }

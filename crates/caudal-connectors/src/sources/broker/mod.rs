@@ -10,6 +10,10 @@
 //! - Several processes naming the same queue / durable consumer / group
 //!   share the messages (competing consumers); which of them keep one
 //!   key's order is documented per broker in docs/brokers.md.
+//! - A stopped session acknowledges what was reported durable last and
+//!   closes its connection cleanly before the reader reports itself
+//!   closed, so a clean stop leaves no durable message to be delivered
+//!   again.
 //! - A lost connection is reopened with backoff (1 s doubling to 30 s);
 //!   messages read before it and not yet acknowledged are delivered again
 //!   by the broker. The connection state is kept for status and metrics.
@@ -29,6 +33,8 @@
 mod kafka;
 #[cfg(feature = "nats")]
 mod nats;
+#[cfg(feature = "nats")]
+mod nats_partitions;
 #[cfg(feature = "rabbitmq")]
 mod rabbitmq;
 
@@ -51,6 +57,9 @@ pub const PAGE_MAX: usize = 1000;
 const BACKOFF_START: Duration = Duration::from_secs(1);
 /// Longest pause before reconnecting.
 const BACKOFF_MAX: Duration = Duration::from_secs(30);
+/// Longest wait for the broker to take the last acknowledgements when a
+/// session stops.
+pub(crate) const CLOSE_GRACE: Duration = Duration::from_secs(3);
 
 /// The connection state of a broker source, for status and metrics.
 pub use caudal_core::status::BrokerStatus as BrokerState;
@@ -128,21 +137,29 @@ impl BrokerSource {
         let (tx, rx) = mpsc::channel(2);
         let (durable_tx, durable) = watch::channel(None);
         let stop = CancellationToken::new();
+        let closed = CancellationToken::new();
         #[cfg(any(feature = "rabbitmq", feature = "nats", feature = "kafka"))]
-        spawn_reader(
-            consume(
+        {
+            let session = consume(
                 self.0.clone(),
                 tx.clone(),
                 durable,
                 stop.clone(),
                 meta_field,
-            ),
-            tx,
-        );
+            );
+            let ended = closed.clone().drop_guard();
+            spawn_reader(
+                async move {
+                    let _ended = ended;
+                    session.await;
+                },
+                tx,
+            );
+        }
         // `new` refuses every broker this build lacks: nothing to read.
         #[cfg(not(any(feature = "rabbitmq", feature = "nats", feature = "kafka")))]
-        drop((tx, durable, meta_field));
-        CdcReader::new(rx, durable_tx, stop, false)
+        drop((tx, durable, meta_field, closed.clone().drop_guard()));
+        CdcReader::new(rx, durable_tx, stop, false).with_closed(closed)
     }
 }
 

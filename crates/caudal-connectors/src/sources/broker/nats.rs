@@ -13,6 +13,17 @@ use crate::broker::{MessageMeta, Unacked, message_record};
 #[derive(Debug, Default)]
 pub(super) struct Ledger {
     unacked: Unacked<jetstream::message::Acker>,
+    partitions: super::nats_partitions::Ledger,
+}
+
+/// A client of the source's server (credentials in the URL are passed on).
+pub(super) async fn connect(config: &NatsSourceConfig) -> Result<async_nats::Client, String> {
+    let (options, servers) = crate::sinks::nats::connect_options(config.url.expose());
+    options
+        .retry_on_initial_connect()
+        .connect(servers.as_str())
+        .await
+        .map_err(|e| format!("cannot connect: {e}"))
 }
 
 pub(super) async fn session(
@@ -20,18 +31,16 @@ pub(super) async fn session(
     config: &NatsSourceConfig,
     ledger: &mut Ledger,
 ) -> Ended {
+    if config.partitions > 1 {
+        return super::nats_partitions::session(s, config, &mut ledger.partitions).await;
+    }
     let url = config.url.expose();
     let lost = |what: String| Ended::Lost(format!("NATS {}: {what}", shown(url)));
-    let (options, servers) = crate::sinks::nats::connect_options(url);
-    let client = match options
-        .retry_on_initial_connect()
-        .connect(servers.as_str())
-        .await
-    {
+    let client = match connect(config).await {
         Ok(c) => c,
-        Err(e) => return lost(format!("cannot connect: {e}")),
+        Err(e) => return lost(e),
     };
-    let js = jetstream::new(client);
+    let js = jetstream::new(client.clone());
     let stream = match js.get_stream(&config.stream).await {
         Ok(s) => s,
         Err(e) => return lost(format!("stream {:?}: {e}", config.stream)),
@@ -66,20 +75,13 @@ pub(super) async fn session(
     loop {
         tokio::select! {
             biased;
-            () = s.stop.cancelled() => return Ended::Stopped,
+            () = s.stop.cancelled() => return close(&s, ledger, &client).await,
             changed = s.durable.changed() => {
                 if changed.is_err() {
-                    return Ended::Stopped;
+                    return close(&s, ledger, &client).await;
                 }
-                let durable = s.durable.borrow_and_update().clone();
-                if let Some(position) = durable {
-                    for acker in ledger.unacked.take_through(&position) {
-                        if let Err(e) = acker.ack().await {
-                            return lost(format!("acknowledging failed: {e}"));
-                        }
-                    }
-                    let left = ledger.unacked.len() as u64;
-                    s.source.update(|st| st.unacked = left);
+                if let Err(e) = ack_durable(&s, ledger).await {
+                    return lost(format!("acknowledging failed: {e}"));
                 }
             }
             _ = lag_tick.tick() => {
@@ -99,46 +101,12 @@ pub(super) async fn session(
                         Ok(m) => m,
                         Err(e) => {
                             if !s.send(std::mem::take(&mut page)).await {
-                                return Ended::Stopped;
+                                return close(&s, ledger, &client).await;
                             }
                             return lost(format!("pulling failed: {e}"));
                         }
                     };
-                    let (coordinates, offset, redelivered) = match message.info() {
-                        Ok(info) => (
-                            Some(format!("{}:{}", info.stream, info.stream_sequence)),
-                            Some(info.stream_sequence),
-                            info.delivered > 1,
-                        ),
-                        Err(_) => (None, None, false),
-                    };
-                    let (message, acker) = message.split();
-                    let headers: Vec<(String, String)> = message
-                        .headers
-                        .as_ref()
-                        .map(|h| {
-                            h.iter()
-                                .flat_map(|(k, values)| {
-                                    values.iter().map(move |v| (k.to_string(), v.to_string()))
-                                })
-                                .collect()
-                        })
-                        .unwrap_or_default();
-                    let message_id = headers
-                        .iter()
-                        .find(|(k, _)| k.eq_ignore_ascii_case("Nats-Msg-Id"))
-                        .map(|(_, v)| v.clone());
-                    let meta = MessageMeta {
-                        message_id,
-                        coordinates,
-                        key: None,
-                        headers,
-                        route: message.subject.to_string(),
-                        partition: None,
-                        offset,
-                        redelivered,
-                    };
-                    let record = message_record(&s.source.name, &message.payload, &meta, s.meta_field);
+                    let (record, acker) = record_of(&s, message, None);
                     ledger.unacked.push(record.position.clone(), acker);
                     page.push(record);
                     if page.len() < PAGE_MAX {
@@ -148,9 +116,79 @@ pub(super) async fn session(
                 let left = ledger.unacked.len() as u64;
                 s.source.update(|st| st.unacked = left);
                 if !s.send(page).await {
-                    return Ended::Stopped;
+                    return close(&s, ledger, &client).await;
                 }
             }
         }
     }
+}
+
+/// Acknowledges the messages up to the last durable position.
+async fn ack_durable(s: &Session<'_>, ledger: &mut Ledger) -> Result<(), async_nats::Error> {
+    let durable = s.durable.borrow().clone();
+    let Some(position) = durable else {
+        return Ok(());
+    };
+    for acker in ledger.unacked.take_through(&position) {
+        acker.ack().await?;
+    }
+    let left = ledger.unacked.len() as u64;
+    s.source.update(|st| st.unacked = left);
+    Ok(())
+}
+
+/// Ends a stopped session: acknowledges what became durable last and
+/// flushes, so the server has those acknowledgements before the
+/// connection goes (else they would be delivered again after `ack_wait`).
+async fn close(s: &Session<'_>, ledger: &mut Ledger, client: &async_nats::Client) -> Ended {
+    let acked = ack_durable(s, ledger).await;
+    let flushed = tokio::time::timeout(super::CLOSE_GRACE, client.flush()).await;
+    if let Err(e) = acked {
+        tracing::debug!(pipeline = %s.source.pipeline, error = %e, "acknowledging at stop failed; those messages will be delivered again");
+    } else if !matches!(flushed, Ok(Ok(()))) {
+        tracing::debug!(pipeline = %s.source.pipeline, "the acknowledgements were not flushed in time");
+    }
+    Ended::Stopped
+}
+
+/// The record of a JetStream message, and its acknowledger.
+pub(super) fn record_of(
+    s: &Session<'_>,
+    message: jetstream::Message,
+    partition: Option<i32>,
+) -> (caudal_core::record::Record, jetstream::message::Acker) {
+    let (coordinates, offset, redelivered) = match message.info() {
+        Ok(info) => (
+            Some(format!("{}:{}", info.stream, info.stream_sequence)),
+            Some(info.stream_sequence),
+            info.delivered > 1,
+        ),
+        Err(_) => (None, None, false),
+    };
+    let (message, acker) = message.split();
+    let headers: Vec<(String, String)> = message
+        .headers
+        .as_ref()
+        .map(|h| {
+            h.iter()
+                .flat_map(|(k, values)| values.iter().map(move |v| (k.to_string(), v.to_string())))
+                .collect()
+        })
+        .unwrap_or_default();
+    let message_id = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("Nats-Msg-Id"))
+        .map(|(_, v)| v.clone());
+    let meta = MessageMeta {
+        message_id,
+        coordinates,
+        key: None,
+        headers,
+        route: message.subject.to_string(),
+        partition,
+        offset,
+        redelivered,
+    };
+    let record = message_record(&s.source.name, &message.payload, &meta, s.meta_field);
+    (record, acker)
 }

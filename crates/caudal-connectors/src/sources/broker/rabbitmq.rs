@@ -81,7 +81,7 @@ pub(super) async fn session(
     loop {
         tokio::select! {
             biased;
-            () = s.stop.cancelled() => return Ended::Stopped,
+            () = s.stop.cancelled() => return close(&s, ledger, generation, &connection).await,
             _ = lag_tick.tick() => {
                 // Messages ready in the queues (not those delivered and
                 // unacknowledged): what waits for a consumer.
@@ -99,26 +99,10 @@ pub(super) async fn session(
             }
             changed = s.durable.changed() => {
                 if changed.is_err() {
-                    return Ended::Stopped;
+                    return close(&s, ledger, generation, &connection).await;
                 }
-                let durable = s.durable.borrow_and_update().clone();
-                if let Some(position) = durable {
-                    let done = ledger.unacked.take_through(&position);
-                    // Each of this connection's messages is acknowledged
-                    // by itself: messages of several queues share the
-                    // channel's delivery tags, and the order they are read
-                    // in is not the tags' order, so `multiple` up to the
-                    // last one read would also acknowledge messages not
-                    // read or not durable yet (and a tag acknowledged twice
-                    // closes the channel). Older connections' messages are
-                    // the broker's again already.
-                    for (_, acker) in done.iter().filter(|(g, _)| *g == generation) {
-                        if let Err(e) = acker.ack(BasicAckOptions::default()).await {
-                            return Ended::Lost(format!("RabbitMQ {}: acknowledging failed: {e}", shown(url)));
-                        }
-                    }
-                    let left = ledger.unacked.len() as u64;
-                    s.source.update(|st| st.unacked = left);
+                if let Err(e) = ack_durable(&s, ledger, generation).await {
+                    return Ended::Lost(format!("RabbitMQ {}: acknowledging failed: {e}", shown(url)));
                 }
             }
             next = deliveries.next() => {
@@ -133,7 +117,7 @@ pub(super) async fn session(
                         Err(e) => {
                             // What was read so far is still passed on.
                             if !s.send(std::mem::take(&mut page)).await {
-                                return Ended::Stopped;
+                                return close(&s, ledger, generation, &connection).await;
                             }
                             return Ended::Lost(format!("RabbitMQ {}: {e}", shown(url)));
                         }
@@ -149,11 +133,57 @@ pub(super) async fn session(
                 let left = ledger.unacked.len() as u64;
                 s.source.update(|st| st.unacked = left);
                 if !s.send(page).await {
-                    return Ended::Stopped;
+                    return close(&s, ledger, generation, &connection).await;
                 }
             }
         }
     }
+}
+
+/// Acknowledges this connection's messages up to the last durable
+/// position.
+async fn ack_durable(s: &Session<'_>, ledger: &mut Ledger, generation: u64) -> lapin::Result<()> {
+    let durable = s.durable.borrow().clone();
+    let Some(position) = durable else {
+        return Ok(());
+    };
+    let done = ledger.unacked.take_through(&position);
+    // Each of this connection's messages is acknowledged by itself:
+    // messages of several queues share the channel's delivery tags, and
+    // the order they are read in is not the tags' order, so `multiple` up
+    // to the last one read would also acknowledge messages not read or not
+    // durable yet (and a tag acknowledged twice closes the channel). Older
+    // connections' messages are the broker's again already.
+    for (_, acker) in done.iter().filter(|(g, _)| *g == generation) {
+        acker.ack(BasicAckOptions::default()).await?;
+    }
+    let left = ledger.unacked.len() as u64;
+    s.source.update(|st| st.unacked = left);
+    Ok(())
+}
+
+/// Ends a stopped session: acknowledges what became durable last, then
+/// closes the connection cleanly, so the broker has taken those
+/// acknowledgements before it requeues the rest (a dropped socket would
+/// requeue them too, and they would be delivered again).
+async fn close(
+    s: &Session<'_>,
+    ledger: &mut Ledger,
+    generation: u64,
+    connection: &Connection,
+) -> Ended {
+    let acked = ack_durable(s, ledger, generation).await;
+    let closed = tokio::time::timeout(
+        super::CLOSE_GRACE,
+        connection.close(200, ShortString::from("caudal stopping")),
+    )
+    .await;
+    if let Err(e) = acked {
+        tracing::debug!(pipeline = %s.source.pipeline, error = %e, "acknowledging at stop failed; those messages will be delivered again");
+    } else if !matches!(closed, Ok(Ok(()))) {
+        tracing::debug!(pipeline = %s.source.pipeline, "the broker did not confirm the close in time");
+    }
+    Ended::Stopped
 }
 
 fn meta_of(delivery: &lapin::message::Delivery) -> MessageMeta {

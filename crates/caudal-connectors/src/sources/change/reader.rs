@@ -16,6 +16,7 @@ pub struct CdcReader {
     durable: Arc<watch::Sender<Option<Position>>>,
     stop: CancellationToken,
     created_publication: bool,
+    closed: Option<CancellationToken>,
 }
 
 impl CdcReader {
@@ -32,7 +33,22 @@ impl CdcReader {
             durable: Arc::new(durable),
             stop,
             created_publication,
+            closed: None,
         }
+    }
+
+    /// The same reader, whose task cancels `closed` once it has ended
+    /// (after acknowledging what was durable to its source).
+    #[must_use]
+    pub fn with_closed(mut self, closed: CancellationToken) -> Self {
+        self.closed = Some(closed);
+        self
+    }
+
+    /// Cancelled once the reader task has ended, for a reader whose end
+    /// is worth waiting for (it acknowledges its source as it stops).
+    pub fn closed(&self) -> Option<CancellationToken> {
+        self.closed.clone()
     }
 
     /// The next page of records; `None` when a bounded read is done.
