@@ -56,7 +56,19 @@
 //!   `live-latency`: commit to visible on the aggregate's SSE stream at a
 //!   steady 5,000 changes/s, against the same changes' delivery to the
 //!   HTTP receiver by the same process. See [`live`].
+//! - `broker-sink`: N records of about 1 KB (default 100,000) read from
+//!   PostgreSQL and published by `caudal once` to RabbitMQ (persistent,
+//!   publisher confirms), NATS JetStream (acknowledged publishes) and Kafka
+//!   (librdkafka's mock cluster, idempotent, `acks=all`), messages/s
+//!   against a bare client publishing the same messages, encoded
+//!   beforehand, with the same durability, pipelined (the ceiling).
+//!   `broker-consumers`: N small messages (default 200,000) in a RabbitMQ
+//!   queue and a JetStream stream consumed by 1, 2 and 3 competing `caudal
+//!   run` processes to the always-200 receiver; messages/s and the scaling
+//!   of 2 and 3 processes over 1, with the CPU of caudal, the broker and
+//!   the machine. See [`brokers`].
 
+mod brokers;
 mod buffer;
 mod cdc;
 mod crawl;
@@ -102,6 +114,8 @@ const SCENARIOS: &[&str] = &[
     "dataset-query",
     "live-throughput",
     "live-latency",
+    "broker-sink",
+    "broker-consumers",
 ];
 
 /// The scenarios that run caudal's binary (and so can run a baseline
@@ -128,6 +142,7 @@ const PG_SCENARIOS: &[&str] = &[
     "dataset-query",
     "live-throughput",
     "live-latency",
+    "broker-sink",
 ];
 
 /// The advisory lock a harness run holds on the PostgreSQL server.
@@ -160,15 +175,17 @@ struct Args {
     /// cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency,
     /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain,
     /// crawl, crawl-limit, dataset-write, dataset-query, live-throughput,
-    /// live-latency (or all).
+    /// live-latency, broker-sink, broker-consumers (or all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000;
     /// steady-state, default 10,000,000), changes written (cdc-throughput,
     /// mysql-cdc-throughput, live-throughput, default 500,000), records (buffer, default
     /// 1,000,000; http-sink, default 2,000,000), tasks
-    /// (workflow-dispatch, default 10,000), or sales (dataset-write,
-    /// dataset-query, default 10,000,000).
+    /// (workflow-dispatch, default 10,000), sales (dataset-write,
+    /// dataset-query, default 10,000,000), records published to each broker
+    /// (broker-sink, default 100,000) or messages consumed from each
+    /// (broker-consumers, default 200,000).
     #[arg(long)]
     rows: Option<u64>,
     /// dataset-write, dataset-query: days the sales spread over, one
@@ -232,6 +249,22 @@ struct Args {
         default_value = "mysql://root@127.0.0.1:3306"
     )]
     mysql_url: String,
+    /// RabbitMQ server the broker scenarios use (each run declares and
+    /// deletes queues `caudal_bench_…`).
+    #[arg(
+        long,
+        env = "CAUDAL_BENCH_AMQP_URL",
+        default_value = "amqp://guest:guest@127.0.0.1:5672/%2f"
+    )]
+    amqp_url: String,
+    /// NATS server with JetStream the broker scenarios use (each run
+    /// creates and deletes streams `CAUDAL_BENCH_…`).
+    #[arg(
+        long,
+        env = "CAUDAL_BENCH_NATS_URL",
+        default_value = "nats://127.0.0.1:4222"
+    )]
+    nats_url: String,
     /// The caudal binary to measure.
     #[arg(long, default_value = "target/release/caudal")]
     caudal: PathBuf,
@@ -320,6 +353,8 @@ fn main() -> anyhow::Result<()> {
                 "measures datasets, which a baseline build may not have"
             } else if name.starts_with("live-") {
                 "measures live aggregates, which a baseline build may not have"
+            } else if name.starts_with("broker-") {
+                "measures the broker connectors, which a baseline build may not have"
             } else {
                 "runs caudal's library in this process"
             };
@@ -405,6 +440,8 @@ async fn run(args: &Args, name: &str) -> anyhow::Result<Vec<Value>> {
         "dataset-query" => datasets::query(args).await?,
         "live-throughput" => vec![live::throughput(args).await?],
         "live-latency" => vec![live::latency(args).await?],
+        "broker-sink" => brokers::sink(args).await?,
+        "broker-consumers" => brokers::consumers(args).await?,
         other => bail!("unknown scenario {other:?}"),
     })
 }

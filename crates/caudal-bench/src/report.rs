@@ -673,6 +673,202 @@ fn rows(r: &Runs<'_>) -> Vec<Row> {
                 none(),
             ));
         }
+        "live_throughput" => {
+            out.push(row(
+                "live-throughput",
+                format!(
+                    "changes/s, {} changes PostgreSQL → HTTP through the aggregate (per account, per minute: count, sum, p95, max), start to exit",
+                    n("changes")
+                ),
+                n("aggregate_changes_per_s"),
+                format!(
+                    "plain CDC → HTTP, the same backlog from its own slot (goal: 0.80 of it): {} ({})",
+                    n("plain_changes_per_s"),
+                    rss("plain_peak_rss_mib")
+                ),
+                ratio("aggregate_over_plain"),
+                rss("aggregate_peak_rss_mib"),
+            ));
+            out.push(row(
+                "live-throughput",
+                "the same, start until the receiver had every change".to_string(),
+                n("aggregate_delivered_changes_per_s"),
+                format!("plain: {}", n("plain_delivered_changes_per_s")),
+                ratio("aggregate_over_plain_delivered"),
+                none(),
+            ));
+            out.push(row(
+                "live-throughput",
+                "caudal's CPU for the drain (user + system)".to_string(),
+                secs("aggregate_cpu_secs"),
+                format!("plain: {}", secs("plain_cpu_secs")),
+                ratio("aggregate_over_plain_cpu"),
+                none(),
+            ));
+        }
+        "live_latency" => {
+            let three = |a: &str, b: &str, c: &str| format!("{} / {} / {}", ms(a), ms(b), ms(c));
+            out.push(row(
+                "live-latency",
+                format!(
+                    "commit → visible on the SSE stream p50 / p95 / p99 at {} changes/s (goal: p99 ≤ 50 ms)",
+                    n("achieved_changes_per_s")
+                ),
+                three("visible_p50_ms", "visible_p95_ms", "visible_p99_ms"),
+                format!(
+                    "HTTP delivery of the same transactions by the same process, from the same instant: {}; ratio of the p50s",
+                    three(
+                        "delivered_txn_p50_ms",
+                        "delivered_txn_p95_ms",
+                        "delivered_txn_p99_ms"
+                    )
+                ),
+                ratio("visible_over_delivered"),
+                rss("caudal_peak_rss_mib"),
+            ));
+            out.push(row(
+                "live-latency",
+                "the same at p99".to_string(),
+                ms("visible_p99_ms"),
+                format!("HTTP delivery: {}", ms("delivered_txn_p99_ms")),
+                ratio("visible_over_delivered_p99"),
+                none(),
+            ));
+            out.push(row(
+                "live-latency",
+                "per record, `commit_time` → HTTP delivery (`cdc-latency`'s figure), p50 / p95 / p99"
+                    .to_string(),
+                three("delivery_p50_ms", "delivery_p95_ms", "delivery_p99_ms"),
+                format!(
+                    "batch `max_wait`: {} ms; commit round trip p50 {}, p99 {}",
+                    n("max_wait_ms"),
+                    ms("commit_rtt_p50_ms"),
+                    ms("commit_rtt_p99_ms")
+                ),
+                none(),
+                none(),
+            ));
+        }
+        "broker_sink" => {
+            let broker = r.text("broker");
+            let (into, client) = match broker.as_str() {
+                "rabbitmq" => (
+                    "RabbitMQ (durable queue, persistent, publisher confirms)",
+                    "lapin",
+                ),
+                "nats" => (
+                    "NATS JetStream (file storage, acknowledged publishes)",
+                    "async-nats",
+                ),
+                "kafka" => (
+                    "Kafka, librdkafka's mock cluster (idempotent producer, acks=all)",
+                    "rdkafka FutureProducer",
+                ),
+                _ => ("?", "?"),
+            };
+            let window = if r.has("bare_window") {
+                format!("{} unconfirmed at once", n("bare_window"))
+            } else {
+                "all queued, then every report awaited".to_string()
+            };
+            out.push(row(
+                "broker-sink",
+                format!(
+                    "messages/s, {} records of {} B PostgreSQL → {into}, batches of {}, {} in flight",
+                    n("messages"),
+                    r.show("message_bytes", |v| thousands(v.round()), ""),
+                    n("batch"),
+                    n("concurrency")
+                ),
+                n("caudal_messages_per_s"),
+                format!(
+                    "ceiling, a bare {client} client publishing the same messages encoded beforehand, same durability, {window} (goal: {} of it): {}",
+                    ratio("goal_over_bare"),
+                    n("bare_messages_per_s")
+                ),
+                ratio("caudal_over_bare"),
+                rss("caudal_peak_rss_mib"),
+            ));
+            let broker_cores = |side: &str| {
+                if r.has(&format!("{side}_broker_cores")) {
+                    format!(", broker {}", n(&format!("{side}_broker_cores")))
+                } else {
+                    String::new()
+                }
+            };
+            out.push(row(
+                "broker-sink",
+                format!("{broker}: cores busy over the run (of the machine's), by whom"),
+                format!(
+                    "{} (caudal {}{}, harness {})",
+                    n("caudal_busy_cores"),
+                    n("caudal_caudal_cores"),
+                    broker_cores("caudal"),
+                    n("caudal_harness_cores")
+                ),
+                format!(
+                    "bare client: {} (client process {}{})",
+                    n("bare_busy_cores"),
+                    n("bare_harness_cores"),
+                    broker_cores("bare")
+                ),
+                none(),
+                none(),
+            ));
+        }
+        "broker_consumers" => {
+            let broker = r.text("broker");
+            let from = match broker.as_str() {
+                "rabbitmq" => "a RabbitMQ queue (competing consumers)",
+                "nats" => "a JetStream stream (one shared durable consumer)",
+                _ => "?",
+            };
+            let what = |k: usize| {
+                format!(
+                    "messages/s, {} messages of {} B from {from} → HTTP, ack buffered, {k} `caudal run` process{}",
+                    n("messages"),
+                    r.show("message_bytes", |v| thousands(v.round()), ""),
+                    if k == 1 { "" } else { "es" }
+                )
+            };
+            let busy = |k: usize| {
+                let p = format!("p{k}");
+                let broker_cores = if r.has(&format!("{p}_broker_cores")) {
+                    format!(", broker {}", n(&format!("{p}_broker_cores")))
+                } else {
+                    String::new()
+                };
+                format!(
+                    "cores busy {} (caudal {}{broker_cores}, receivers {})",
+                    n(&format!("{p}_busy_cores")),
+                    n(&format!("{p}_caudal_cores")),
+                    n(&format!("{p}_receiver_cores"))
+                )
+            };
+            out.push(row(
+                "broker-consumers",
+                what(1),
+                n("p1_messages_per_s"),
+                busy(1),
+                none(),
+                rss("p1_peak_rss_mib"),
+            ));
+            for k in [2, 3] {
+                let goal = if k == 2 {
+                    format!(" (goal: {}×)", ratio("goal_p2_over_p1"))
+                } else {
+                    String::new()
+                };
+                out.push(row(
+                    "broker-consumers",
+                    what(k),
+                    n(&format!("p{k}_messages_per_s")),
+                    format!("1 process{goal}: {}; {}", n("p1_messages_per_s"), busy(k)),
+                    ratio(&format!("p{k}_over_p1")),
+                    rss(&format!("p{k}_peak_rss_mib")),
+                ));
+            }
+        }
         "footprint" => {
             let idle = format!(
                 "idle daemon RSS, {} s after a run of 1,000 rows",
@@ -946,6 +1142,47 @@ mod tests {
             "| dataset-query | `sales_raw`, provider 7, 31 days (50,000 rows, 12,000 KiB), cached (1,000 requests on one connection; goal p99 ≤ 5.0 ms): p50 / p99, requests/s; ratio of the p50s | 4.0 ms / 6.0 ms, 240/s (handler 1.5 ms) | DuckDB on the manifests' 100 files: 40.0 ms / 50.0 ms | 10.00 | – |"
         );
         assert!(!t.contains("| ? |") && !t.contains("?"), "{t}");
+    }
+
+    #[test]
+    fn brokers_show_the_bare_client_and_the_scaling_of_consumers() {
+        let t = table(&[
+            json!({
+                "scenario": "broker_sink", "broker": "rabbitmq", "messages": 100000,
+                "message_bytes": 1010.0, "batch": 1000, "concurrency": 1, "bare_window": 5000,
+                "caudal_messages_per_s": 14000.0, "bare_messages_per_s": 20000.0,
+                "caudal_over_bare": 0.7, "goal_over_bare": 0.7, "caudal_peak_rss_mib": 40.0,
+                "caudal_busy_cores": 1.9, "caudal_caudal_cores": 0.6, "caudal_broker_cores": 1.1,
+                "caudal_harness_cores": 0.0, "bare_busy_cores": 1.8, "bare_harness_cores": 0.4,
+                "bare_broker_cores": 1.3,
+            }),
+            json!({
+                "scenario": "broker_consumers", "broker": "nats", "messages": 200000,
+                "message_bytes": 62.0, "goal_p2_over_p1": 1.6,
+                "p1_messages_per_s": 50000.0, "p2_messages_per_s": 80000.0,
+                "p3_messages_per_s": 85000.0, "p2_over_p1": 1.6, "p3_over_p1": 1.7,
+                "p1_busy_cores": 1.5, "p1_caudal_cores": 0.9, "p1_broker_cores": 0.4,
+                "p1_receiver_cores": 0.2, "p2_busy_cores": 2.0, "p2_caudal_cores": 1.2,
+                "p2_broker_cores": 0.5, "p2_receiver_cores": 0.3, "p3_busy_cores": 2.0,
+                "p3_caudal_cores": 1.3, "p3_broker_cores": 0.5, "p3_receiver_cores": 0.2,
+                "p1_peak_rss_mib": 30.0, "p2_peak_rss_mib": 29.0, "p3_peak_rss_mib": 28.0,
+            }),
+        ]);
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| broker-")).collect();
+        assert_eq!(rows.len(), 5, "{t}");
+        assert_eq!(
+            rows[0],
+            "| broker-sink | messages/s, 100,000 records of 1,010 B PostgreSQL → RabbitMQ (durable queue, persistent, publisher confirms), batches of 1,000, 1 in flight | 14,000 | ceiling, a bare lapin client publishing the same messages encoded beforehand, same durability, 5,000 unconfirmed at once (goal: 0.70 of it): 20,000 | 0.70 | 40 MiB |"
+        );
+        assert_eq!(
+            rows[1],
+            "| broker-sink | rabbitmq: cores busy over the run (of the machine's), by whom | 1.9 (caudal 0.6, broker 1.1, harness 0) | bare client: 1.8 (client process 0.4, broker 1.3) | – | – |"
+        );
+        assert_eq!(
+            rows[3],
+            "| broker-consumers | messages/s, 200,000 messages of 62 B from a JetStream stream (one shared durable consumer) → HTTP, ack buffered, 2 `caudal run` processes | 80,000 | 1 process (goal: 1.60×): 50,000; cores busy 2 (caudal 1.2, broker 0.5, receivers 0.3) | 1.60 | 29 MiB |"
+        );
+        assert!(!t.contains('?'), "{t}");
     }
 
     #[test]

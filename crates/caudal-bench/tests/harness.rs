@@ -172,6 +172,52 @@ async fn assert_pg_clean(pg_url: &str) {
     );
 }
 
+/// Nothing of the broker scenarios of run `pid` is left: every RabbitMQ
+/// queue it named on stderr is gone, and NATS holds no stream of it (their
+/// names carry the run's process id in hex).
+async fn assert_brokers_clean(stderr: &str, pid: u32) {
+    let amqp = std::env::var("CAUDAL_BENCH_AMQP_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".to_string());
+    let nats =
+        std::env::var("CAUDAL_BENCH_NATS_URL").unwrap_or_else(|_| "nats://127.0.0.1:4222".into());
+    let queues: Vec<&str> = stderr
+        .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+        .filter(|w| w.starts_with("caudal_bench_sink_") || w.starts_with("caudal_bench_consume_"))
+        .collect();
+    assert!(
+        !queues.is_empty(),
+        "the broker scenarios name their queues on stderr:\n{stderr}"
+    );
+    let connection = lapin::Connection::connect(&amqp, lapin::ConnectionProperties::default())
+        .await
+        .expect("RabbitMQ");
+    for queue in queues {
+        // A passive declaration of a queue that is gone closes the channel.
+        let channel = connection.create_channel().await.expect("a channel");
+        let declared = channel
+            .queue_declare(
+                queue.into(),
+                lapin::options::QueueDeclareOptions {
+                    passive: true,
+                    ..Default::default()
+                },
+                lapin::types::FieldTable::default(),
+            )
+            .await;
+        assert!(declared.is_err(), "the broker scenarios left queue {queue}");
+    }
+    let js = async_nats::jetstream::new(async_nats::connect(&nats).await.expect("NATS"));
+    let mark = format!("_{pid:X}_");
+    let mut names = std::pin::pin!(js.stream_names());
+    while let Some(name) = futures::StreamExt::next(&mut names).await {
+        let name = name.expect("a stream name");
+        assert!(
+            !(name.starts_with("CAUDAL_BENCH_") && name.contains(&mark)),
+            "the broker scenarios left stream {name}"
+        );
+    }
+}
+
 #[test]
 fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
     let baseline = caudal();
@@ -234,7 +280,12 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
             "dataset_query",
             "dataset_query",
             "live_throughput",
-            "live_latency"
+            "live_latency",
+            "broker_sink",
+            "broker_sink",
+            "broker_sink",
+            "broker_consumers",
+            "broker_consumers"
         ],
         "{stdout}"
     );
@@ -300,6 +351,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         ("live_throughput", "aggregate_over_plain"),
         ("live_latency", "visible_p99_ms"),
         ("live_latency", "delivery_p99_ms"),
+        ("broker_sink", "caudal_over_bare"),
+        ("broker_consumers", "p2_over_p1"),
     ] {
         get(scenario, figure);
     }
@@ -361,6 +414,56 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         assert_eq!(r["written_by"], "dataset-write", "{r}");
         positive(r, "page_rows");
     }
+    // Every broker was measured against its bare client, and consumed by
+    // 1, 2 and 3 processes, each count delivering every message (the
+    // harness fails otherwise).
+    let brokers = |scenario: &str| -> Vec<&Value> {
+        results
+            .iter()
+            .filter(|r| r["scenario"] == scenario)
+            .collect()
+    };
+    let sinks = brokers("broker_sink");
+    let names: Vec<&Value> = sinks.iter().map(|r| &r["broker"]).collect();
+    assert_eq!(names, ["rabbitmq", "nats", "kafka"], "{stdout}");
+    for r in &sinks {
+        assert_eq!(r["messages"], 3000, "{r}");
+        assert_eq!(r["bare_stored"], 3000, "{r}");
+        assert!(r["caudal_stored"].as_u64() >= Some(3000), "{r}");
+        for figure in [
+            "message_bytes",
+            "caudal_messages_per_s",
+            "bare_messages_per_s",
+            "caudal_over_bare",
+            "caudal_peak_rss_mib",
+        ] {
+            positive(r, figure);
+        }
+    }
+    // The bare clients published rows of about 1 KB, as caudal did.
+    assert!(positive(sinks[0], "message_bytes") > 900.0, "{}", sinks[0]);
+    assert!(
+        positive(sinks[0], "caudal_body_bytes") > 900.0,
+        "{}",
+        sinks[0]
+    );
+    let consumers = brokers("broker_consumers");
+    let names: Vec<&Value> = consumers.iter().map(|r| &r["broker"]).collect();
+    assert_eq!(names, ["rabbitmq", "nats"], "{stdout}");
+    for r in &consumers {
+        for k in 1..=3_usize {
+            positive(r, &format!("p{k}_messages_per_s"));
+            let shares = r[format!("p{k}_shares")]
+                .as_array()
+                .unwrap_or_else(|| panic!("p{k}_shares: {r}"));
+            assert_eq!(shares.len(), k, "{r}");
+            // Reported here (0 since a clean stop acknowledges before it
+            // closes the session; tests/broker_sources.rs asserts that).
+            assert!(r[format!("p{k}_left")].is_u64(), "{r}");
+        }
+        positive(r, "p2_over_p1");
+        positive(r, "p3_over_p1");
+    }
     // The baseline in every scenario that runs the binary, none in the
     // others (they link caudal's library, or measure workflows, the
     // crawler, datasets or live aggregates, which a baseline build may
@@ -379,6 +482,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
                 | "dataset_query"
                 | "live_throughput"
                 | "live_latency"
+                | "broker_sink"
+                | "broker_consumers"
         ) {
             assert!(r.get("caudal_over_baseline").is_none(), "{r}");
             assert!(r.get("baseline_binary").is_none(), "{r}");
@@ -415,6 +520,12 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         stderr.contains("dataset-write: measures datasets, which a baseline build may not have"),
         "{stderr}"
     );
+    assert!(
+        stderr.contains(
+            "broker-sink: measures the broker connectors, which a baseline build may not have"
+        ),
+        "{stderr}"
+    );
     // Every scenario checked its own deliveries (the harness fails when a
     // receiver counts more or fewer records than were sent); what it leaves
     // behind is checked here: nothing.
@@ -437,6 +548,7 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
     let rt = tokio::runtime::Runtime::new().expect("a runtime");
     rt.block_on(async {
         assert_pg_clean(&pg_url()).await;
+        assert_brokers_clean(&stderr, pid).await;
         let my = sqlx::MySqlPool::connect(&mysql_url())
             .await
             .expect("MariaDB");
@@ -468,6 +580,10 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         "crawl-limit",
         "dataset-write",
         "dataset-query",
+        "live-throughput",
+        "live-latency",
+        "broker-sink",
+        "broker-consumers",
     ] {
         assert!(
             markdown
