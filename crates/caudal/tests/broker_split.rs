@@ -12,12 +12,11 @@
 //! - **Duplicates are recognisable.** A change may arrive more than once,
 //!   but always under the same event id (the body template sends the ids),
 //!   and an id always carries the same change.
-//! - **Per-key order (RabbitMQ).** With single-active-consumer partition
-//!   queues and `ack = "delivered"`, the first arrivals of one row's
+//! - **Per-key order.** With single-active-consumer partition queues
+//!   (RabbitMQ) or partition subjects read under caudal's leases
+//!   (JetStream), and `ack = "delivered"`, the first arrivals of one row's
 //!   changes are in commit order, so applying them as they arrived
-//!   reproduces the table too. JetStream has no such guarantee with
-//!   competing processes (documented), so its test checks completeness
-//!   and ids only.
+//!   reproduces the table too.
 //!
 //! Each test names its own slot, queues, exchange and stream, and removes
 //! them at the end (also when it fails).
@@ -380,9 +379,9 @@ sink = "broker"
 }
 
 /// A process B: the broker to the partner API, the body carrying each
-/// record's event id and key. RabbitMQ: the partition queues, declared
-/// single-active-consumer, acknowledged once delivered. JetStream: one
-/// durable consumer shared by every B, acknowledged once buffered.
+/// record's event id and key, acknowledged once delivered. RabbitMQ: the
+/// partition queues, declared single-active-consumer. JetStream: the
+/// partition subjects, each read by one B at a time under a lease.
 fn deliver_config(broker: Broker, name: &str, receiver: &Receiver, dir: &Path) -> String {
     let (source, ack) = match broker {
         Broker::Rabbitmq => (
@@ -403,11 +402,13 @@ prefetch = 500"#
 url = "{NATS_URL}"
 stream = "{name}"
 consumer = "deliver"
-filter_subject = "{name}.>"
+filter_subject = "{name}"
+partitions = {PARTITIONS}
+lease = "3s"
 ack_wait = "10s"
 prefetch = 500"#
             ),
-            "buffered",
+            "delivered",
         ),
     };
     format!(
@@ -474,7 +475,7 @@ async fn check_logical(db: &TestDb) {
 }
 
 /// Messages waiting in the broker for the Bs: ready in the partition
-/// queues, or pending for the durable consumer.
+/// queues, or pending for the partition consumers.
 async fn backlog(broker: Broker, name: &str) -> u64 {
     match broker {
         Broker::Rabbitmq => {
@@ -507,11 +508,15 @@ async fn backlog(broker: Broker, name: &str) -> u64 {
                 .expect("connect to NATS");
             let js = async_nats::jetstream::new(client);
             let stream = js.get_stream(name).await.expect("the stream exists");
-            stream
-                .consumer_info("deliver")
-                .await
-                .expect("the durable consumer exists")
-                .num_pending
+            let mut pending = 0;
+            for i in 0..PARTITIONS {
+                // A partition not taken yet has no consumer: its
+                // messages are not counted (the count is a lower bound).
+                if let Ok(info) = stream.consumer_info(format!("deliver-{i}")).await {
+                    pending += info.num_pending;
+                }
+            }
+            pending
         }
     }
 }
@@ -587,14 +592,21 @@ async fn delete_rabbitmq(name: &str) {
     let _ = conn.close(200, "done".into()).await;
 }
 
+/// Deletes the stream and the lease buckets the Bs made next to it.
 async fn delete_stream(name: &str) {
     let Ok(client) = async_nats::connect(NATS_URL).await else {
         eprintln!("cannot connect to NATS to delete stream {name}");
         return;
     };
     let js = async_nats::jetstream::new(client);
-    if let Err(e) = js.delete_stream(name).await {
-        eprintln!("cannot delete stream {name}: {e}");
+    for stream in [
+        name.to_string(),
+        format!("KV_caudal_owners_{name}_deliver"),
+        format!("KV_caudal_members_{name}_deliver"),
+    ] {
+        if let Err(e) = js.delete_stream(&stream).await {
+            eprintln!("cannot delete stream {stream}: {e}");
+        }
     }
 }
 
@@ -915,6 +927,14 @@ async fn cdc_through_jetstream_to_http_survives_sigkill_of_every_process() {
         delivered.first.len(),
         expected,
         "distinct changes: the snapshot's {INITIAL_ROWS} rows and {changed} rows changed"
+    );
+    delivered.assert_per_key_order();
+    let want = split.source_rows().await;
+    let replay = apply(&delivered.in_arrival_order());
+    assert!(
+        replay == want,
+        "applied as they arrived, the changes differ from the table: {}",
+        difference(&want, &replay)
     );
     eprintln!(
         "jetstream split: {} changes, {} arrivals ({} duplicates) in {:?}",
