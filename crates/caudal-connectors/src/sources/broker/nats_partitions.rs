@@ -120,6 +120,10 @@ pub(super) async fn session(
             }
             _ = tick.tick() => {
                 if renewed.is_none_or(|at| at.elapsed() >= renew_every) {
+                    // A lease runs from its write, which comes after this:
+                    // counting from here errs on the safe side, also when
+                    // the server answers slowly.
+                    let round = Instant::now();
                     if let Err(e) = members.put(me.as_str(), me.clone().into()).await {
                         return lost(format!("announcing this process: {e}"));
                     }
@@ -134,7 +138,7 @@ pub(super) async fn session(
                         }
                     }
                     held.retain(|_, h| !h.stop.is_cancelled());
-                    renewed = Some(Instant::now());
+                    renewed = Some(round);
                     share = match members.stream.get_info().await {
                         // One entry per process announced within `lease`.
                         Ok(info) => {
