@@ -17,25 +17,8 @@ use tokio_util::sync::CancellationToken;
 pub const LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// This process's identity as a lease holder: `host:pid:nonce`.
-pub fn holder_id() -> String {
-    static ID: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    ID.get_or_init(|| {
-        let nonce = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        format!("{}:{}:{nonce:08x}", hostname(), std::process::id())
-    })
-    .clone()
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|s| s.trim().to_string())
-        .ok()
-        .filter(|s| !s.is_empty())
-        .unwrap_or_else(|| "localhost".into())
-}
+pub use caudal_core::process::holder_id;
+use caudal_core::process::hostname;
 
 /// Whether `holder` names a process on this machine that no longer exists.
 pub(crate) fn holder_is_dead_local(holder: &str) -> bool {

@@ -40,9 +40,6 @@ use crate::broker::Unacked;
 pub(crate) struct Ledger {
     unacked: Unacked<(u32, u64, jetstream::message::Acker)>,
     tenures: u64,
-    /// This process's name in the buckets, kept across reconnections so
-    /// that a new session takes its own leases back at once.
-    me: Option<String>,
 }
 
 /// A partition this process holds.
@@ -94,7 +91,9 @@ pub(super) async fn session(
         (Ok(o), Ok(m)) => (o, m),
         (Err(e), _) | (_, Err(e)) => return lost(e),
     };
-    let me = ledger.me.get_or_insert_with(member_name).clone();
+    // The same in every session of this process's pipeline, so that a
+    // new session takes its own leases back at once.
+    let me = member_name(&s.source.pipeline);
     let prefix = config.filter_subject.as_deref().unwrap_or_default();
     s.connected();
     let mut held: BTreeMap<u32, Held> = BTreeMap::new();
@@ -104,7 +103,10 @@ pub(super) async fn session(
     let mut tick = tokio::time::interval(TICK.min(renew_every));
     // Processes started together begin their search at different
     // partitions.
-    let mut next_try = unique() % config.partitions;
+    let mut next_try = me
+        .bytes()
+        .fold(0u32, |h, b| h.wrapping_mul(31).wrapping_add(u32::from(b)))
+        % config.partitions;
     let mut share = config.partitions;
     loop {
         tokio::select! {
@@ -399,10 +401,18 @@ async fn bucket(js: &jetstream::Context, name: &str, lease: Duration) -> Result<
 /// `caudal_<what>_<stream>_<consumer>`, with what a bucket name cannot
 /// hold replaced by `_`.
 fn bucket_name(what: &str, config: &NatsSourceConfig) -> String {
-    format!("caudal_{what}_{}_{}", config.stream, config.consumer)
-        .chars()
+    name_safe(&format!(
+        "caudal_{what}_{}_{}",
+        config.stream, config.consumer
+    ))
+}
+
+/// `text` with every character but ASCII letters, digits, `-` and `_`
+/// replaced by `_`: a valid bucket name and key.
+fn name_safe(text: &str) -> String {
+    text.chars()
         .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
                 c
             } else {
                 '_'
@@ -419,34 +429,11 @@ fn lease_key(p: u32) -> String {
     format!("p.{p}")
 }
 
-/// This process's name in the buckets: host, process id and a random
-/// part (a restarted process is a new member).
-fn member_name() -> String {
-    let host = hostname();
-    let name = format!("{host}-{}-{:08x}", std::process::id(), unique());
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || matches!(c, '-' | '_') {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
-/// A number that differs between processes and sessions.
-fn unique() -> u32 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    nanos ^ std::process::id().rotate_left(16)
-}
-
-fn hostname() -> String {
-    std::fs::read_to_string("/proc/sys/kernel/hostname")
-        .map(|h| h.trim().to_string())
-        .unwrap_or_else(|_| "caudal".to_string())
+/// This pipeline's name in the buckets: the process's lease-holder id
+/// (host, pid, a nonce) and the pipeline, with what a key cannot hold
+/// replaced by `_`.
+fn member_name(pipeline: &str) -> String {
+    name_safe(&format!("{}-{pipeline}", caudal_core::process::holder_id()))
 }
 
 #[cfg(test)]
@@ -466,7 +453,7 @@ mod tests {
         assert_eq!(lease_key(3), "p.3");
         assert_eq!(consumer_name(&config, 3), "deliver@a-3");
         assert!(
-            member_name()
+            member_name("orders.v2")
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_'))
         );
