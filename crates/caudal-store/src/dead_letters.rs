@@ -169,7 +169,12 @@ const SELECT: &str = "SELECT id, pipeline, batch_key, event_id, record_key, posi
      FROM dead_letters ";
 
 impl Store {
-    /// Stores dead letters of `pipeline` in one transaction; returns their ids.
+    /// Stores dead letters of `pipeline` in one transaction; returns their
+    /// ids. A letter whose record is already pending from the same batch
+    /// (the batch was sent again after a crash, before its outcome was
+    /// recorded, and refused again) is kept once: its existing id is
+    /// returned. A letter replayed or discarded earlier does not count; a
+    /// record refused again after a replay gets a new letter.
     pub async fn add_dead_letters(
         &self,
         pipeline: &str,
@@ -178,11 +183,23 @@ impl Store {
         const SQL: &str = "INSERT INTO dead_letters (pipeline, batch_key, event_id, record_key, position, \
              record, reason, status, response_excerpt, attempts, first_attempt_at, last_attempt_at, created_at) \
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, (SELECT now_us FROM clock)) RETURNING id";
+        const PENDING: &str = "SELECT id FROM dead_letters WHERE pipeline = $1 AND event_id = $2 \
+             AND batch_key = $3 AND state = 'pending' ORDER BY id LIMIT 1";
         let mut ids = Vec::with_capacity(letters.len());
         with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
                 for l in letters {
+                    let pending: Option<i64> = sqlx::query_scalar(PENDING)
+                        .bind(pipeline)
+                        .bind(&l.event_id)
+                        .bind(&l.batch_key)
+                        .fetch_optional(&mut *tx)
+                        .await?;
+                    if let Some(id) = pending {
+                        ids.push(id);
+                        continue;
+                    }
                     let id: i64 = sqlx::query_scalar(SQL)
                         .bind(pipeline)
                         .bind(&l.batch_key)

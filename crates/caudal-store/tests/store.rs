@@ -43,6 +43,7 @@ backend_tests!(
     odd_names_and_positions_round_trip,
     counters_beyond_i64_are_refused_not_truncated,
     dead_letters_are_kept_listed_and_resolved_once,
+    a_batch_refused_again_keeps_one_pending_letter_per_record,
     save_checkpoint_and_late_delivered_counts,
     counts_left_out_keep_what_delivery_added,
     circuit_state_round_trips,
@@ -1087,6 +1088,43 @@ async fn dead_letters_are_kept_listed_and_resolved_once(ctx: Ctx) {
         .await
         .expect_err("pending is not a resolution");
     assert_eq!(err.kind(), ErrorKind::Internal);
+}
+
+/// A batch sent again after a crash and refused again leaves one pending
+/// letter per record; once that letter is replayed, a new refusal is a new
+/// letter.
+async fn a_batch_refused_again_keeps_one_pending_letter_per_record(ctx: Ctx) {
+    let store = ctx.open().await;
+    let first = store
+        .add_dead_letters(P, &[letter(1), letter(2)])
+        .await
+        .expect("add");
+    let mut other_batch = letter(2);
+    other_batch.batch_key = "orders-batch-7".into();
+    let again = store
+        .add_dead_letters(P, &[letter(2), letter(1), other_batch, letter(3)])
+        .await
+        .expect("add again");
+    assert_eq!(again[..2], [first[1], first[0]]);
+    assert!(!first.contains(&again[2]) && !first.contains(&again[3]));
+    assert_eq!(store.pending_dead_letters(P).await.expect("count"), 4);
+    // Another pipeline's letter for the same batch and record is its own.
+    let elsewhere = store
+        .add_dead_letters("other", &[letter(1)])
+        .await
+        .expect("add other");
+    assert!(!first.contains(&elsewhere[0]));
+
+    store
+        .resolve_dead_letters(&first[..1], DeadLetterState::Replayed)
+        .await
+        .expect("replay");
+    let refused = store
+        .add_dead_letters(P, &[letter(1)])
+        .await
+        .expect("refused after replay");
+    assert!(!first.contains(&refused[0]));
+    assert_eq!(store.pending_dead_letters(P).await.expect("count"), 4);
 }
 
 async fn save_checkpoint_and_late_delivered_counts(ctx: Ctx) {
