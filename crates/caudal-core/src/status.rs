@@ -64,6 +64,9 @@ pub struct PipelineStatus {
     /// Whether a running daemon has the pipeline paused (known only to the
     /// API; `false` from the store).
     pub paused: bool,
+    /// In a cluster: the node that owns the pipeline now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
 }
 
 impl PipelineStatus {

@@ -393,11 +393,13 @@ pub async fn append(
     }
 }
 
-/// Drops what a broker source read with `ack = "delivered"` left in the
-/// buffer: none of it was acknowledged to the broker, which delivers it
-/// again (in order, to whichever consumer reads it next), so sending it
-/// from here too would only repeat it out of order.
-pub async fn forget_undelivered(pipeline: &str, buffer: &Buffer) -> Result<()> {
+/// Drops what a run with `ack = "delivered"` left undelivered in the
+/// buffer, when its source gives it again: a broker (none of it was
+/// acknowledged; the broker delivers it again, in order, to whichever
+/// consumer reads it next), or the shared checkpoint of a pipeline a
+/// cluster node takes over. Sending it from here too would only repeat it
+/// out of order. `why` says which, for the log.
+pub async fn forget_undelivered(pipeline: &str, buffer: &Buffer, why: &str) -> Result<()> {
     let next = buffer.next_offset();
     let acked = buffer.acked();
     if next <= acked {
@@ -410,7 +412,7 @@ pub async fn forget_undelivered(pipeline: &str, buffer: &Buffer) -> Result<()> {
     tracing::info!(
         pipeline,
         entries = next - acked,
-        "dropped the undelivered batches of the last run: the broker delivers their messages again"
+        "dropped the undelivered batches of the last run: {why}"
     );
     Ok(())
 }

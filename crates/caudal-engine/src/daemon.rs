@@ -22,6 +22,7 @@ use tokio_util::sync::CancellationToken;
 
 use caudal_core::ErrorKind;
 
+use crate::cluster::Member;
 use crate::pipeline::{Pipeline, Trigger};
 use crate::report::Report;
 
@@ -144,18 +145,40 @@ pub async fn run(pipelines: Vec<Pipeline>, shutdown: CancellationToken) {
 
 /// As [`run`], steered by `control`.
 pub async fn run_with(pipelines: Vec<Pipeline>, shutdown: CancellationToken, control: Control) {
+    run_node(pipelines, shutdown, control, None).await;
+}
+
+/// As [`run_with`], as a node of a cluster when `member` is given: each
+/// pipeline runs here only while this node owns it ([`crate::cluster`]).
+/// Without it the node still registers, and runs every pipeline.
+pub async fn run_node(
+    pipelines: Vec<Pipeline>,
+    shutdown: CancellationToken,
+    control: Control,
+    member: Option<Member>,
+) {
     let mut tasks = tokio::task::JoinSet::new();
     // Every pipeline was built from the one configuration and store.
     if let Some(first) = pipelines.first() {
         let (store, retention) = (first.store().clone(), *first.retention());
         tasks.spawn(crate::retention::prune_periodically(
-            store,
+            store.clone(),
             retention,
             shutdown.clone(),
         ));
+        if member.is_none() {
+            tasks.spawn(crate::cluster::serve_solo(store, shutdown.clone()));
+        }
+    }
+    if let Some(m) = &member {
+        tasks.spawn(m.clone().serve(shutdown.clone()));
     }
     for pipeline in pipelines {
         let steering = control.register(pipeline.name());
+        if let Some(m) = &member {
+            tasks.spawn(owned_loop(pipeline, shutdown.clone(), steering, m.clone()));
+            continue;
+        }
         let delivery = pipeline.clone();
         let stop = shutdown.clone();
         tasks.spawn(async move { delivery.deliver_until_stopped(&stop).await });
@@ -163,6 +186,55 @@ pub async fn run_with(pipelines: Vec<Pipeline>, shutdown: CancellationToken, con
         tasks.spawn(async move { schedule_loop(pipeline, shutdown, steering).await });
     }
     while tasks.join_next().await.is_some() {}
+}
+
+/// A pipeline in a cluster: waits until this node owns it, runs its
+/// delivery and its schedule until the ownership ends (lease lost, handed
+/// over, drained, shutdown), gives it back, and waits to own it again.
+async fn owned_loop(
+    pipeline: Pipeline,
+    shutdown: CancellationToken,
+    steering: Arc<Steering>,
+    member: Member,
+) {
+    let name = pipeline.name().to_string();
+    while let Some(owned) = member.claim(&name, &shutdown).await {
+        let stop = owned.stopped();
+        let ending = {
+            let (stop, shutdown) = (stop.clone(), shutdown.clone());
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                stop.cancel();
+            })
+        };
+        match pipeline
+            .own(Some((owned.fence().clone(), member.lease())))
+            .await
+        {
+            Ok(()) => {
+                tokio::join!(
+                    pipeline.deliver_until_stopped(&stop),
+                    schedule_loop(pipeline.clone(), stop.clone(), steering.clone())
+                );
+            }
+            Err(e) => {
+                tracing::error!(pipeline = %name, error = %e.report(), "cannot start the pipeline on this node; giving it back");
+            }
+        }
+        ending.abort();
+        if let Err(e) = pipeline.own(None).await {
+            tracing::warn!(pipeline = %name, error = %e.report(), "cannot end the ownership cleanly");
+        }
+        owned.release().await;
+        if shutdown.is_cancelled() {
+            break;
+        }
+        // Give the other nodes a moment to take what was handed over.
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(member.lease() / 3) => {}
+        }
+    }
 }
 
 async fn schedule_loop(pipeline: Pipeline, shutdown: CancellationToken, steering: Arc<Steering>) {

@@ -88,6 +88,9 @@ pub struct Deliverer {
     pub(crate) stats: Arc<DeliveryStats>,
     /// Batches the intake just appended, to skip reading them back.
     pub(crate) recent: Arc<Recent>,
+    /// In a cluster: the fence checkpoint writes carry while this node
+    /// owns the pipeline.
+    pub(crate) ownership: crate::pipeline::Ownership,
 }
 
 /// A batch dispatched and not yet finished.
@@ -268,7 +271,15 @@ impl Deliverer {
             let value = serde_json::to_value(position).map_err(|e| {
                 Error::with_source(ErrorKind::Internal, "cannot encode a position", e)
             })?;
-            self.store.save_checkpoint(&self.pipeline, &value).await?;
+            let fence = self
+                .ownership
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(|(fence, _)| fence.clone());
+            self.store
+                .save_checkpoint_fenced(&self.pipeline, &value, fence.as_ref())
+                .await?;
         }
         if self.ack == AckMode::Delivered
             && let Some(to) = &self.delivered_to

@@ -48,10 +48,29 @@ impl Lease {
     /// Takes the lease `name` or fails with [`ErrorKind::Busy`] naming the
     /// holder.
     pub async fn acquire(store: &Store, name: &str) -> Result<Self> {
+        Self::acquire_in_cluster(store, name, None).await
+    }
+
+    /// As [`acquire`](Self::acquire); with `nodes_lease` (the cluster's
+    /// lease, when this node owns the pipeline) a holder that is a node
+    /// silent for that long, or stopped, is taken over at once too, so a
+    /// dead node's run does not hold the pipeline for the whole TTL.
+    pub async fn acquire_in_cluster(
+        store: &Store,
+        name: &str,
+        nodes_lease: Option<Duration>,
+    ) -> Result<Self> {
         let holder = holder_id();
         let mut outcome = store.try_acquire_lease(name, &holder, LEASE_TTL).await?;
+        let gone = match (&outcome, nodes_lease) {
+            (LeaseOutcome::Held { holder: other, .. }, _) if holder_is_dead_local(other) => true,
+            (LeaseOutcome::Held { holder: other, .. }, Some(lease)) => {
+                crate::cluster::holder_is_dead_node(store, other, lease).await
+            }
+            _ => false,
+        };
         if let LeaseOutcome::Held { holder: other, .. } = &outcome
-            && holder_is_dead_local(other)
+            && gone
             && store
                 .take_over_lease(name, other, &holder, LEASE_TTL)
                 .await?

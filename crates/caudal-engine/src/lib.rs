@@ -10,6 +10,7 @@ pub mod aggregate;
 pub mod alert;
 pub mod batch;
 pub mod buffered;
+pub mod cluster;
 pub mod crawl;
 pub mod daemon;
 pub mod deliverer;

@@ -166,7 +166,13 @@ struct Shared {
     /// A broker source read with `ack = "delivered"`: where delivery
     /// reports what the broker may forget.
     delivered_to: Arc<std::sync::Mutex<Option<Durable>>>,
+    /// In a cluster, while this node owns the pipeline: the fence its
+    /// checkpoint writes carry, and the cluster's lease.
+    ownership: Ownership,
 }
+
+/// The fence of a pipeline owned in a cluster, with the cluster's lease.
+pub(crate) type Ownership = Arc<std::sync::Mutex<Option<(caudal_store::Fence, Duration)>>>;
 
 /// Counters of one run's intake.
 #[derive(Debug, Default)]
@@ -388,7 +394,12 @@ impl Pipeline {
                     buffered::open(&self.name, &self.buffer_dir, self.buffer_config.clone())
                         .await?;
                 if matches!(self.source, Source::Broker(_)) && self.ack == AckMode::Delivered {
-                    buffered::forget_undelivered(&self.name, &buffer).await?;
+                    buffered::forget_undelivered(
+                        &self.name,
+                        &buffer,
+                        "the broker delivers their messages again",
+                    )
+                    .await?;
                 }
                 let checkpoint = self.checkpoint().await?;
                 let (_, releasable) =
@@ -424,6 +435,42 @@ impl Pipeline {
         }
     }
 
+    /// The fence and cluster lease while this node owns the pipeline in a
+    /// cluster.
+    fn ownership(&self) -> Option<(caudal_store::Fence, Duration)> {
+        self.shared
+            .ownership
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Starts (`Some`) or ends (`None`) this node's ownership of the
+    /// pipeline in a cluster ([`crate::cluster`]). From now on delivery's
+    /// checkpoint writes carry the fence. Taking a pipeline drops what this
+    /// node's buffer still holds undelivered from an earlier ownership:
+    /// with `ack = "delivered"` the shared checkpoint has not passed it, so
+    /// the run reads it again, and another node may have delivered past it
+    /// since.
+    pub async fn own(&self, ownership: Option<(caudal_store::Fence, Duration)>) -> Result<()> {
+        let taking = ownership.is_some();
+        *self
+            .shared
+            .ownership
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = ownership;
+        if taking && self.ack == AckMode::Delivered {
+            let buffer = self.buffer().await?;
+            buffered::forget_undelivered(
+                &self.name,
+                buffer,
+                "the shared checkpoint has not passed them: the run reads them again",
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
     /// The connection state of a broker source's consumer.
     pub fn broker_state(&self) -> Option<BrokerState> {
         match &self.source {
@@ -449,6 +496,7 @@ impl Pipeline {
             stats: self.shared.stats.clone(),
             recent: self.shared.recent.clone(),
             gate: self.aggregates.as_ref().map(|a| a.gate()),
+            ownership: self.shared.ownership.clone(),
             delivered_to: matches!(self.source, Source::Broker(_))
                 .then(|| self.shared.delivered_to.clone()),
         }
@@ -475,7 +523,10 @@ impl Pipeline {
         progress: Option<watch::Sender<Progress>>,
         deliver: bool,
     ) -> Result<RunSummary> {
-        let lease = Lease::acquire(&self.store, &pipeline_lease(&self.name)).await?;
+        let nodes_lease = self.ownership().map(|(_, lease)| lease);
+        let lease =
+            Lease::acquire_in_cluster(&self.store, &pipeline_lease(&self.name), nodes_lease)
+                .await?;
         let buffer = match self.buffer().await {
             Ok(b) => b,
             Err(e) => {

@@ -112,6 +112,17 @@ pub async fn pipeline_status(
         replication,
         broker: running.and_then(crate::Pipeline::broker_state),
         paused: false,
+        owner: if config.cluster.is_some() {
+            let lease = crate::cluster::owner_lease(name);
+            store
+                .leases(&lease)
+                .await?
+                .into_iter()
+                .find(|l| l.held && l.name == lease)
+                .map(|l| l.holder)
+        } else {
+            None
+        },
     })
 }
 

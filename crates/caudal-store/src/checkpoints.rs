@@ -7,7 +7,8 @@ use caudal_core::Result;
 use jiff::Timestamp;
 use sqlx::types::Json;
 
-use crate::{Store, clock, store_error};
+use crate::leases::{FENCE_SQL, fenced_out};
+use crate::{Fence, Store, clock, store_error};
 
 /// A pipeline's saved position.
 #[derive(Clone, Debug, PartialEq)]
@@ -83,19 +84,56 @@ impl Store {
         pipeline: &str,
         position: &serde_json::Value,
     ) -> Result<()> {
+        self.save_checkpoint_fenced(pipeline, position, None).await
+    }
+
+    /// As [`save_checkpoint`](Self::save_checkpoint), and with a `fence`
+    /// only while the fence holds: a node that lost the pipeline (paused,
+    /// cut off from the store) fails with [`ErrorKind::Busy`], saving
+    /// nothing, instead of moving back the new owner's checkpoint.
+    pub async fn save_checkpoint_fenced(
+        &self,
+        pipeline: &str,
+        position: &serde_json::Value,
+        fence: Option<&Fence>,
+    ) -> Result<()> {
         const SQL: &str = "INSERT INTO checkpoints (pipeline, position, updated_at) \
              VALUES ($1, $2, (SELECT now_us FROM clock)) \
              ON CONFLICT (pipeline) DO UPDATE \
              SET position = excluded.position, updated_at = excluded.updated_at";
-        with_pool!(self, |pool| {
-            sqlx::query(SQL)
-                .bind(pipeline)
-                .bind(sqlx::types::Json(position))
-                .execute(pool)
-                .await
-                .map(|_| ())
+        let saved = with_pool!(self, |pool| {
+            async {
+                let mut tx = pool.begin().await?;
+                if let Some(f) = fence {
+                    let held = sqlx::query(FENCE_SQL)
+                        .bind(&f.lease)
+                        .bind(&f.holder)
+                        .bind(f.token)
+                        .execute(&mut *tx)
+                        .await?
+                        .rows_affected();
+                    if held == 0 {
+                        tx.rollback().await?;
+                        return Ok(false);
+                    }
+                }
+                sqlx::query(SQL)
+                    .bind(pipeline)
+                    .bind(sqlx::types::Json(position))
+                    .execute(&mut *tx)
+                    .await?;
+                tx.commit().await?;
+                Ok::<_, sqlx::Error>(true)
+            }
+            .await
         })
         .map_err(|e| store_error(format!("saving the checkpoint of pipeline `{pipeline}`"), e))?;
-        Ok(())
+        match (saved, fence) {
+            (false, Some(f)) => Err(fenced_out(
+                f,
+                &format!("saving the checkpoint of pipeline `{pipeline}`"),
+            )),
+            _ => Ok(()),
+        }
     }
 }

@@ -47,13 +47,17 @@ impl Store {
         // the write happens (after waiting for any concurrent writer), so of
         // several racing acquirers exactly one changes the row. `WHERE true`
         // settles an SQLite parsing ambiguity between upsert and join syntax.
-        const ACQUIRE: &str = "INSERT INTO leases (name, holder, acquired_at, expires_at) \
-             SELECT $1, $2, now_us, now_us + $3 FROM clock WHERE true \
+        // The token grows unless the holder renews a lease it still has.
+        const ACQUIRE: &str = "INSERT INTO leases (name, holder, acquired_at, expires_at, token) \
+             SELECT $1, $2, now_us, now_us + $3, 1 FROM clock WHERE true \
              ON CONFLICT (name) DO UPDATE \
              SET holder = excluded.holder, \
                  acquired_at = CASE WHEN leases.holder = excluded.holder \
                      THEN leases.acquired_at ELSE excluded.acquired_at END, \
-                 expires_at = excluded.expires_at \
+                 expires_at = excluded.expires_at, \
+                 token = CASE WHEN leases.holder = excluded.holder \
+                     AND leases.expires_at > excluded.acquired_at \
+                     THEN leases.token ELSE leases.token + 1 END \
              WHERE leases.expires_at <= excluded.acquired_at \
                 OR leases.holder = excluded.holder";
         const CURRENT: &str = "SELECT holder, expires_at FROM leases WHERE name = $1";
@@ -106,7 +110,7 @@ impl Store {
         ttl: Duration,
     ) -> Result<bool> {
         const SQL: &str = "UPDATE leases \
-             SET holder = $3, \
+             SET holder = $3, token = token + 1, \
                  acquired_at = (SELECT now_us FROM clock), \
                  expires_at = (SELECT now_us FROM clock) + $4 \
              WHERE name = $1 AND holder = $2";
@@ -150,9 +154,11 @@ impl Store {
     }
 
     /// Releases the lease `name` if `holder` holds it; does nothing
-    /// otherwise (it may already have been taken over).
+    /// otherwise (it may already have been taken over). The row stays,
+    /// expired, so its fencing token keeps growing with the next holder.
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
-        const SQL: &str = "DELETE FROM leases WHERE name = $1 AND holder = $2";
+        const SQL: &str = "UPDATE leases SET expires_at = (SELECT now_us FROM clock) \
+             WHERE name = $1 AND holder = $2 AND expires_at > (SELECT now_us FROM clock)";
         with_pool!(self, |pool| {
             sqlx::query(SQL)
                 .bind(name)
@@ -163,4 +169,79 @@ impl Store {
         })
         .map_err(|e| store_error(format!("releasing lease `{name}` for `{holder}`"), e))
     }
+
+    /// The fencing token of the lease `name` while `holder` holds it (and
+    /// it has not expired); `None` otherwise. The token grows each time the
+    /// lease changes hands, so a [`Fence`] made from it stops working once
+    /// anyone else has held the lease since.
+    pub async fn lease_token(&self, name: &str, holder: &str) -> Result<Option<i64>> {
+        const SQL: &str = "SELECT token FROM leases WHERE name = $1 AND holder = $2 \
+             AND expires_at > (SELECT now_us FROM clock)";
+        with_pool!(self, |pool| {
+            sqlx::query_scalar(SQL)
+                .bind(name)
+                .bind(holder)
+                .fetch_optional(pool)
+                .await
+        })
+        .map_err(|e| store_error(format!("reading the token of lease `{name}`"), e))
+    }
+
+    /// Every lease whose name starts with `prefix`, held or not, by name.
+    pub async fn leases(&self, prefix: &str) -> Result<Vec<LeaseRow>> {
+        const SQL: &str = "SELECT name, holder, token, expires_at > (SELECT now_us FROM clock) \
+             FROM leases WHERE substr(name, 1, length($1)) = $1 ORDER BY name";
+        let rows: Vec<(String, String, i64, bool)> = with_pool!(self, |pool| {
+            sqlx::query_as(SQL).bind(prefix).fetch_all(pool).await
+        })
+        .map_err(|e| store_error(format!("listing leases `{prefix}*`"), e))?;
+        Ok(rows
+            .into_iter()
+            .map(|(name, holder, token, held)| LeaseRow {
+                name,
+                holder,
+                token,
+                held,
+            })
+            .collect())
+    }
+}
+
+/// A lease as [`Store::leases`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LeaseRow {
+    pub name: String,
+    /// The last holder (still holding it when `held`).
+    pub holder: String,
+    pub token: i64,
+    /// Whether it is held now (not expired or released).
+    pub held: bool,
+}
+
+/// Proof of holding a lease: writes made with it commit only while
+/// `holder` still holds `lease` with this `token`, unexpired (checked by
+/// the database in the writing transaction, which also locks the lease row
+/// until it commits, so a takeover waits for it or refuses it).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Fence {
+    pub lease: String,
+    pub holder: String,
+    pub token: i64,
+}
+
+/// The statement that checks a [`Fence`] and locks its lease row for the
+/// rest of the transaction: the row is written (to itself), which takes
+/// SQLite's write lock or PostgreSQL's row lock.
+pub(crate) const FENCE_SQL: &str = "UPDATE leases SET holder = holder \
+     WHERE name = $1 AND holder = $2 AND token = $3 AND expires_at > (SELECT now_us FROM clock)";
+
+/// Why a fenced write was refused.
+pub(crate) fn fenced_out(fence: &Fence, what: &str) -> Error {
+    Error::new(
+        ErrorKind::Busy,
+        format!(
+            "not {what}: this process no longer owns `{}` (its token {} is stale or its lease expired)",
+            fence.lease, fence.token
+        ),
+    )
 }

@@ -58,6 +58,7 @@ mod crawl;
 mod datasets;
 mod dead_letters;
 mod leases;
+mod nodes;
 mod open;
 mod retention;
 mod runs;
@@ -78,7 +79,8 @@ pub use crawl::{
 };
 pub use datasets::{DatasetDate, DatasetPart, DatasetSummary, PartitionSummary};
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
-pub use leases::LeaseOutcome;
+pub use leases::{Fence, LeaseOutcome, LeaseRow};
+pub use nodes::{NewNode, Node, NodeState};
 pub use retention::PRUNE_BATCH;
 pub use runs::{RunOutcome, RunRecord};
 pub use sink_states::SinkState;

@@ -126,6 +126,10 @@ pub enum Command {
         /// The pipeline to resync.
         pipeline: String,
     },
+    /// Nodes: the `caudal run` processes sharing this state store, and the
+    /// pipelines each owns in a cluster; drain one.
+    #[command(subcommand)]
+    Node(NodeCommand),
     /// Workflows: list them, start a run, follow its tasks and logs,
     /// cancel, retry the failed tasks, backfill a date range.
     #[command(subcommand)]
@@ -154,6 +158,22 @@ pub enum Command {
         /// Only rows matching this SQL condition, e.g. `"status_id = 3"`.
         #[arg(long = "where")]
         filter: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum NodeCommand {
+    /// Every node: state, heartbeat, version, and the pipelines it owns.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Ask a node to hand its pipelines over to the others and exit. Each
+    /// pipeline stops cleanly (a run in progress ends as cancelled) and is
+    /// given back at once; the command returns once the request is stored.
+    Drain {
+        /// The node's id, or a prefix naming one node.
+        node: String,
     },
 }
 

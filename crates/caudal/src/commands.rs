@@ -208,8 +208,19 @@ pub async fn run(path: &Path) -> ExitCode {
         pipelines.clone(),
         shutdown.clone(),
     );
+    let member = config
+        .cluster
+        .as_ref()
+        .map(|c| caudal_engine::cluster::Member::new(store.clone(), c, pipelines.len()));
+    if let Some(m) = &member {
+        tracing::info!(
+            node = m.id(),
+            lease_s = m.lease().as_secs_f64(),
+            "joining the cluster"
+        );
+    }
     tokio::join!(
-        caudal_engine::daemon::run_with(pipelines, shutdown.clone(), control),
+        caudal_engine::daemon::run_node(pipelines, shutdown.clone(), control, member),
         workflows,
         reports,
         alerting
@@ -411,6 +422,15 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
         }
     }
     print_status(&rows, json);
+    if !json && config.cluster.is_some() {
+        match caudal_engine::cluster::nodes(&store).await {
+            Ok(nodes) => {
+                println!();
+                print_nodes(&nodes);
+            }
+            Err(e) => return fail(&e),
+        }
+    }
     if !json && !config.alerts.is_empty() {
         match store.alert_instances(None).await {
             Ok(instances) => print_alerts(&config, &instances),
@@ -418,6 +438,75 @@ pub async fn status(path: &Path, json: bool) -> ExitCode {
         }
     }
     ExitCode::SUCCESS
+}
+
+/// `caudal node list` and `caudal node drain`.
+pub async fn node(path: &Path, command: &crate::cli::NodeCommand) -> ExitCode {
+    use crate::cli::NodeCommand;
+    let (_, store) = match load_with_store(path).await {
+        Ok(both) => both,
+        Err(code) => return code,
+    };
+    match command {
+        NodeCommand::List { json } => match caudal_engine::cluster::nodes(&store).await {
+            Ok(nodes) if *json => {
+                println!("{}", serde_json::to_string(&nodes).unwrap_or_default());
+                ExitCode::SUCCESS
+            }
+            Ok(nodes) => {
+                print_nodes(&nodes);
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+        NodeCommand::Drain { node } => match caudal_engine::cluster::drain(&store, node).await {
+            Ok(n) => {
+                println!(
+                    "node {} is draining: it hands over {} pipeline(s), then exits",
+                    n.id,
+                    n.pipelines.len()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(&e),
+        },
+    }
+}
+
+/// Prints the nodes (none: a line saying so).
+fn print_nodes(nodes: &[caudal_engine::cluster::NodeView]) {
+    if nodes.is_empty() {
+        println!("nodes: none registered");
+        return;
+    }
+    let table: Vec<[String; 6]> = nodes
+        .iter()
+        .map(|n| {
+            [
+                n.id.clone(),
+                n.state.to_string(),
+                format!("{:.1}s ago", n.heartbeat_age_s),
+                n.version.clone(),
+                n.started_at.clone(),
+                if n.pipelines.is_empty() {
+                    "-".into()
+                } else {
+                    n.pipelines.join(", ")
+                },
+            ]
+        })
+        .collect();
+    print_table(
+        &[
+            "NODE",
+            "STATE",
+            "HEARTBEAT",
+            "VERSION",
+            "STARTED",
+            "PIPELINES",
+        ],
+        &table,
+    );
 }
 
 /// Prints the pending and firing alerts (none: a line saying so).

@@ -63,6 +63,7 @@ fn main() -> ExitCode {
             Command::Cdc(c) => commands::cdc(&cli.config, c).await,
             Command::Token(c) => commands::token(&cli.config, c).await,
             Command::Workflow(c) => workflow::command(&cli.config, c).await,
+            Command::Node(c) => commands::node(&cli.config, c).await,
             Command::Top => top::top(&cli.config, remote::Remote::from_args(&cli)).await,
             Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
             Command::Backfill {

@@ -9,6 +9,7 @@
 pub mod aggregates;
 pub mod alerts;
 pub mod brokers;
+pub mod cluster;
 pub mod crawl;
 pub mod datasets;
 pub mod delivery;
@@ -34,6 +35,7 @@ pub use brokers::{
     KafkaSinkConfig, KafkaSourceConfig, NatsSinkConfig, NatsSourceConfig, NatsStream,
     RabbitmqDeclare, RabbitmqSinkConfig, RabbitmqSourceConfig,
 };
+pub use cluster::ClusterConfig;
 pub use crawl::{
     CrawlSettings, CrawlSourceConfig, FieldConfig, FieldSpec, PageKindConfig, SiteLimits,
     SitePolicy,
@@ -111,6 +113,10 @@ pub struct Config {
     /// Named webhooks alerts notify.
     #[serde(default)]
     pub notifiers: BTreeMap<String, NotifierConfig>,
+    /// Several `caudal run` processes sharing the pipelines over one
+    /// PostgreSQL state store; off unless this table is present.
+    #[serde(default)]
+    pub cluster: Option<ClusterConfig>,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]

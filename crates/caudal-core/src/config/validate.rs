@@ -63,5 +63,6 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
         &mut problems,
     );
     super::alerts::check(config, &mut problems);
+    super::cluster::check(config, &mut problems);
     problems
 }

@@ -453,6 +453,24 @@ impl Daemon {
         (status, self.log())
     }
 
+    /// Waits (at most [`PATIENCE`]) for the process to exit by itself;
+    /// returns how it exited and everything it logged.
+    pub async fn wait(mut self) -> (ExitStatus, String) {
+        let status = match tokio::time::timeout(PATIENCE, self.child.wait()).await {
+            Ok(status) => status.expect("wait for caudal run"),
+            Err(_) => panic!(
+                "caudal run did not exit within {PATIENCE:?}; log:\n{}",
+                self.log()
+            ),
+        };
+        (status, self.log())
+    }
+
+    /// The process id (while it has not been waited for).
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     /// Everything the daemon logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
