@@ -932,7 +932,9 @@ impl Pipeline {
         // Kept before the checkpoint can move past them.
         if !invalid.is_empty() {
             tracing::warn!(pipeline = %self.name, records = invalid.len(), "records failed the schema; kept as dead letters");
-            self.store.add_dead_letters(&self.name, &invalid).await?;
+            self.store
+                .add_dead_letters_once(&self.name, &invalid)
+                .await?;
             metrics::counter!("caudal_records_rejected_total", "pipeline" => self.name.clone(), "reason" => "schema")
                 .increment(invalid.len() as u64);
             counters
@@ -1185,7 +1187,7 @@ impl Pipeline {
                     data: Json::from_map(data),
                 });
             }
-            let sent = self.sender.send(&key, events, stop).await?;
+            let sent = self.sender.for_replay().send(&key, events, stop).await?;
             let ids: Vec<i64> = group.iter().map(|l| l.id).collect();
             self.store
                 .resolve_dead_letters(&ids, caudal_store::DeadLetterState::Replayed)

@@ -49,6 +49,9 @@ pub struct Sender {
     limiter: Arc<RateLimiter>,
     concurrency: ConcurrencyLimit,
     stats: Arc<SendStats>,
+    /// Sending dead letters again: a record refused again is a new letter
+    /// (the one replayed is marked replayed), not the pending one.
+    replaying: bool,
 }
 
 impl std::fmt::Debug for Sender {
@@ -90,6 +93,17 @@ impl Sender {
             limiter: Arc::new(RateLimiter::new(&config.rate_limit)),
             concurrency: ConcurrencyLimit::new(&config.concurrency),
             stats: Arc::default(),
+            replaying: false,
+        }
+    }
+
+    /// This sender for replaying dead letters: what is refused again is
+    /// kept as new letters. Outside a replay, a batch refused again (sent
+    /// again after a crash) keeps its pending letters once.
+    pub fn for_replay(&self) -> Self {
+        Self {
+            replaying: true,
+            ..self.clone()
         }
     }
 
@@ -308,7 +322,14 @@ impl Sender {
             })
             .collect();
         loop {
-            match self.store.add_dead_letters(&self.pipeline, &letters).await {
+            let stored = if self.replaying {
+                self.store.add_dead_letters(&self.pipeline, &letters).await
+            } else {
+                self.store
+                    .add_dead_letters_once(&self.pipeline, &letters)
+                    .await
+            };
+            match stored {
                 Ok(_) => break,
                 Err(e) => {
                     tracing::warn!(pipeline = %self.pipeline, error = %e.report(), "cannot store dead letters yet; retrying");

@@ -170,15 +170,34 @@ const SELECT: &str = "SELECT id, pipeline, batch_key, event_id, record_key, posi
 
 impl Store {
     /// Stores dead letters of `pipeline` in one transaction; returns their
-    /// ids. A letter whose record is already pending from the same batch
-    /// (the batch was sent again after a crash, before its outcome was
-    /// recorded, and refused again) is kept once: its existing id is
-    /// returned. A letter replayed or discarded earlier does not count; a
-    /// record refused again after a replay gets a new letter.
+    /// ids. Each is a new letter (a record refused again after a replay).
     pub async fn add_dead_letters(
         &self,
         pipeline: &str,
         letters: &[NewDeadLetter],
+    ) -> Result<Vec<i64>> {
+        self.store_dead_letters(pipeline, letters, false).await
+    }
+
+    /// As [`add_dead_letters`](Self::add_dead_letters), but a letter whose
+    /// record is already pending from the same batch is kept once: its
+    /// existing id is returned. A batch delivered again after a crash (sent,
+    /// refused and put aside, then the process died before its outcome was
+    /// recorded) is refused again for the same records. Letters replayed or
+    /// discarded earlier do not count.
+    pub async fn add_dead_letters_once(
+        &self,
+        pipeline: &str,
+        letters: &[NewDeadLetter],
+    ) -> Result<Vec<i64>> {
+        self.store_dead_letters(pipeline, letters, true).await
+    }
+
+    async fn store_dead_letters(
+        &self,
+        pipeline: &str,
+        letters: &[NewDeadLetter],
+        once: bool,
     ) -> Result<Vec<i64>> {
         const SQL: &str = "INSERT INTO dead_letters (pipeline, batch_key, event_id, record_key, position, \
              record, reason, status, response_excerpt, attempts, first_attempt_at, last_attempt_at, created_at) \
@@ -190,12 +209,16 @@ impl Store {
             async {
                 let mut tx = pool.begin().await?;
                 for l in letters {
-                    let pending: Option<i64> = sqlx::query_scalar(PENDING)
-                        .bind(pipeline)
-                        .bind(&l.event_id)
-                        .bind(&l.batch_key)
-                        .fetch_optional(&mut *tx)
-                        .await?;
+                    let pending: Option<i64> = if once {
+                        sqlx::query_scalar(PENDING)
+                            .bind(pipeline)
+                            .bind(&l.event_id)
+                            .bind(&l.batch_key)
+                            .fetch_optional(&mut *tx)
+                            .await?
+                    } else {
+                        None
+                    };
                     if let Some(id) = pending {
                         ids.push(id);
                         continue;

@@ -1096,13 +1096,13 @@ async fn dead_letters_are_kept_listed_and_resolved_once(ctx: Ctx) {
 async fn a_batch_refused_again_keeps_one_pending_letter_per_record(ctx: Ctx) {
     let store = ctx.open().await;
     let first = store
-        .add_dead_letters(P, &[letter(1), letter(2)])
+        .add_dead_letters_once(P, &[letter(1), letter(2)])
         .await
         .expect("add");
     let mut other_batch = letter(2);
     other_batch.batch_key = "orders-batch-7".into();
     let again = store
-        .add_dead_letters(P, &[letter(2), letter(1), other_batch, letter(3)])
+        .add_dead_letters_once(P, &[letter(2), letter(1), other_batch, letter(3)])
         .await
         .expect("add again");
     assert_eq!(again[..2], [first[1], first[0]]);
@@ -1110,7 +1110,7 @@ async fn a_batch_refused_again_keeps_one_pending_letter_per_record(ctx: Ctx) {
     assert_eq!(store.pending_dead_letters(P).await.expect("count"), 4);
     // Another pipeline's letter for the same batch and record is its own.
     let elsewhere = store
-        .add_dead_letters("other", &[letter(1)])
+        .add_dead_letters_once("other", &[letter(1)])
         .await
         .expect("add other");
     assert!(!first.contains(&elsewhere[0]));
@@ -1120,11 +1120,18 @@ async fn a_batch_refused_again_keeps_one_pending_letter_per_record(ctx: Ctx) {
         .await
         .expect("replay");
     let refused = store
-        .add_dead_letters(P, &[letter(1)])
+        .add_dead_letters_once(P, &[letter(1)])
         .await
         .expect("refused after replay");
     assert!(!first.contains(&refused[0]));
     assert_eq!(store.pending_dead_letters(P).await.expect("count"), 4);
+    // Plain adds (a replay refused again) are always new letters.
+    let plain = store
+        .add_dead_letters(P, &[letter(1)])
+        .await
+        .expect("plain add");
+    assert_ne!(plain, refused);
+    assert_eq!(store.pending_dead_letters(P).await.expect("count"), 5);
 }
 
 async fn save_checkpoint_and_late_delivered_counts(ctx: Ctx) {
