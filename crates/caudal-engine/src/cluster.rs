@@ -422,7 +422,7 @@ async fn renew(
 }
 
 /// A node as status and the API show it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, serde::Deserialize, utoipa::ToSchema)]
 pub struct NodeView {
     pub id: String,
     pub host: String,
@@ -430,9 +430,8 @@ pub struct NodeView {
     pub version: String,
     pub started_at: String,
     pub heartbeat_age_s: f64,
-    /// `active`, `draining`, `stopped`, or `lost` (no heartbeat for a
-    /// while).
-    pub state: &'static str,
+    /// `active`, `draining`, `stopped`, or `lost` (no heartbeat for 30 s).
+    pub state: String,
     pub cluster: bool,
     /// Pipelines it owns (by the owner leases).
     pub pipelines: Vec<String>,
@@ -457,7 +456,8 @@ pub async fn nodes(store: &Store) -> Result<Vec<NodeView>> {
                 NodeState::Stopped => "stopped",
                 _ if n.heartbeat_age > LOST_AFTER => "lost",
                 s => s.as_str(),
-            };
+            }
+            .to_string();
             NodeView {
                 state,
                 pipelines,
@@ -475,7 +475,8 @@ pub async fn nodes(store: &Store) -> Result<Vec<NodeView>> {
 
 /// Asks node `id` (or the one node whose id starts with it) to drain.
 /// Fails with [`ErrorKind::NotFound`] for no such node, and
-/// [`ErrorKind::Config`] when the prefix names several.
+/// [`ErrorKind::Conflict`] when the prefix names several or the node is
+/// not active.
 pub async fn drain(store: &Store, id: &str) -> Result<NodeView> {
     let all = nodes(store).await?;
     let matching: Vec<&NodeView> = all
@@ -492,7 +493,7 @@ pub async fn drain(store: &Store, id: &str) -> Result<NodeView> {
         [one] => *one,
         many => {
             return Err(Error::new(
-                ErrorKind::Config,
+                ErrorKind::Conflict,
                 format!(
                     "`{id}` names {} nodes ({}); give more of the id",
                     many.len(),
@@ -506,13 +507,13 @@ pub async fn drain(store: &Store, id: &str) -> Result<NodeView> {
     };
     if node.state != "active" {
         return Err(Error::new(
-            ErrorKind::Busy,
+            ErrorKind::Conflict,
             format!("node `{}` is {}, not active", node.id, node.state),
         ));
     }
     store.set_node_state(&node.id, NodeState::Draining).await?;
     let mut node = node.clone();
-    node.state = "draining";
+    node.state = "draining".into();
     Ok(node)
 }
 

@@ -299,6 +299,7 @@ pub fn routes(api: Api) -> Router {
         .route("/alerts", get(crate::alerts::alerts))
         .route("/alerts/history", get(crate::alerts::history))
         .route("/alerts/notifications", get(crate::alerts::notifications))
+        .route("/nodes", get(nodes))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Viewer),
             authorize,
@@ -315,6 +316,7 @@ pub fn routes(api: Api) -> Router {
             axum::routing::delete(reset_checkpoint),
         )
         .route("/pipelines/{name}/resync", post(resync))
+        .route("/nodes/{id}/drain", post(drain_node))
         .route("/workflows/{name}/runs", post(start_workflow))
         .route("/workflow-runs/{id}/cancel", post(cancel_workflow_run))
         .route("/workflow-runs/{id}/retry", post(retry_workflow_run))
@@ -1137,8 +1139,24 @@ pub(crate) async fn crawl_pages(
     })
 }
 
+#[utoipa::path(get, path = "/api/v1/nodes", tag = "cluster", responses((status = 200, description = "every `caudal run` registered in the state store, with the pipelines it owns", body = crate::openapi::NodeList), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn nodes(State(api): State<Api>) -> ApiResult {
+    let nodes = caudal_engine::cluster::nodes(&api.store)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    ok(&crate::openapi::NodeList { nodes })
+}
+
+#[utoipa::path(post, path = "/api/v1/nodes/{id}/drain", tag = "cluster", params(("id" = String, Path, description = "the node's id, or a prefix naming one node")), responses((status = 202, description = "asked: the node hands its pipelines to the others, then exits", body = crate::openapi::NodeView), (status = 404, description = "no such node", body = crate::openapi::ErrorBody), (status = 409, description = "the node is not active, or the prefix names several", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn drain_node(State(api): State<Api>, Path(id): Path<String>) -> ApiResult {
+    let node = caudal_engine::cluster::drain(&api.store, &id)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    answer(StatusCode::ACCEPTED, &node)
+}
+
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 40] = [
+pub const ROUTES: [(&str, &str, Role); 42] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/datasets", Role::Viewer),
     ("GET", "/api/v1/datasets/{name}/partitions", Role::Viewer),
@@ -1191,4 +1209,6 @@ pub const ROUTES: [(&str, &str, Role); 40] = [
     ("GET", "/api/v1/crawl/sites", Role::Viewer),
     ("GET", "/api/v1/crawl/frontiers", Role::Viewer),
     ("GET", "/api/v1/crawl/frontiers/{name}/pages", Role::Viewer),
+    ("GET", "/api/v1/nodes", Role::Viewer),
+    ("POST", "/api/v1/nodes/{id}/drain", Role::Operator),
 ];

@@ -29,6 +29,7 @@ pub use caudal_core::status::PipelineStatus;
 pub use caudal_core::workflow::{
     AttemptInfo, AttemptState, RunState, TaskInstanceInfo, TaskState, WorkflowRunInfo,
 };
+pub use caudal_engine::cluster::NodeView;
 pub use caudal_engine::workflow::WorkflowSummary;
 use caudal_store::{
     AuditRecord, DeadLetter as StoredLetter, FrontierSummary, PageRow, RunRecord, TokenRecord,
@@ -182,6 +183,12 @@ pub struct AuditEntry {
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct AuditLog {
     pub audit: Vec<AuditEntry>,
+}
+
+/// Every node registered in the state store, oldest first.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct NodeList {
+    pub nodes: Vec<NodeView>,
 }
 
 /// Every workflow with its last run.
@@ -470,6 +477,8 @@ impl Modify for Bearer {
         crate::api::resync,
         crate::api::tokens,
         crate::api::audit,
+        crate::api::nodes,
+        crate::api::drain_node,
         crate::api::workflows,
         crate::api::start_workflow,
         crate::api::workflow_runs,
@@ -499,7 +508,7 @@ impl Modify for Bearer {
         Steered, Run, RunPage, DeadLetter, DeadLetterDetail, DeadLetterPage, Discarded, Token,
         TokenList, AuditEntry, AuditLog, BackfillStarted, Replayed, CheckpointReset, crate::api::BackfillBody,
         crate::api::ReplayBody, WorkflowSummary, WorkflowRunInfo, TaskInstanceInfo, AttemptInfo,
-        RunState, TaskState, AttemptState, WorkflowList, WorkflowRunList, TaskList, AttemptList,
+        NodeList, NodeView, RunState, TaskState, AttemptState, WorkflowList, WorkflowRunList, TaskList, AttemptList,
         crate::api::StartBody, CrawlSite, CrawlSiteList, Frontier, FrontierList, CrawlPage,
         CrawlPageList, RowPage, crate::datasets::DatasetInfo, crate::datasets::DatasetList,
         crate::datasets::PartitionInfo, crate::datasets::PartitionList,

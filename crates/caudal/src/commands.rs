@@ -484,7 +484,7 @@ fn print_nodes(nodes: &[caudal_engine::cluster::NodeView]) {
         .map(|n| {
             [
                 n.id.clone(),
-                n.state.to_string(),
+                n.state.clone(),
                 format!("{:.1}s ago", n.heartbeat_age_s),
                 n.version.clone(),
                 n.started_at.clone(),
