@@ -13,6 +13,10 @@
 //! - **Fencing.** A node paused (SIGSTOP) while its pipeline delivers loses
 //!   the pipeline; when it comes back its late checkpoint write is refused,
 //!   and the checkpoint the new owner saved never moves back.
+//! - **Partition.** A node cut off from the state store (its connections
+//!   through a proxy closed, new ones refused) stops its pipeline before
+//!   its lease runs out; the other node takes it; when the network is back
+//!   the cut-off node does not take it back nor move its checkpoint back.
 //! - **Drain.** `caudal node drain` moves a node's pipelines to the others
 //!   and the node exits 0, with no run failed.
 
@@ -24,7 +28,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::time::Duration;
 
-use caudal_testkit::{Receiver, Reply, TestDb, pg_database};
+use caudal_testkit::{Proxy, Receiver, Reply, TestDb, pg_database};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::{Daemon, Output, PATIENCE, command, spawn_daemon};
@@ -135,9 +139,10 @@ impl Cluster {
         self.nodes.iter().map(Node::logs).collect()
     }
 
-    /// `caudal node list --json`, through the first node's configuration.
+    /// `caudal node list --json`, through the last node's configuration
+    /// (the one that reaches the store directly).
     async fn node_list(&self) -> Vec<Value> {
-        let n = &self.nodes[0];
+        let n = self.nodes.last().expect("a node");
         let out = Output::of(command(&n.config, &n.dir, &["node", "list", "--json"])).await;
         assert_eq!(out.code, Some(0), "node list: {out:?}");
         serde_json::from_str(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", out.stdout))
@@ -789,6 +794,110 @@ async fn a_drained_node_hands_its_pipelines_over_and_exits() {
     // Asking again is refused: it is not active.
     let again = Output::of(command(&config, &dir, &["node", "drain", &id])).await;
     assert_ne!(again.code, Some(0), "{again:?}");
+    c.stop_all().await;
+    c.cleanup().await;
+}
+
+/// A node cut off from the state store stops its pipeline before its lease
+/// runs out; the other node takes it over; once the network is back, the
+/// checkpoint never moved back and the pipeline stays with the new owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_cut_off_from_the_store_stops_and_its_pipeline_moves() {
+    let mut c = Cluster::new(2, 1, false, "3s").await;
+    let state_url = c.state().url().to_string();
+    let upstream = state_url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("host:port in the state URL")
+        .to_string();
+    let proxy = Proxy::start(&upstream).await;
+    // n1 reaches the store through the proxy, n2 directly.
+    let config = std::fs::read_to_string(&c.nodes[0].config).expect("n1's config");
+    let proxied = state_url.replace(&upstream, &proxy.addr().to_string());
+    std::fs::write(&c.nodes[0].config, config.replace(&state_url, &proxied))
+        .expect("write n1's config");
+    c.receiver
+        .set_reply(Reply::status(200).delay(Duration::from_millis(100)));
+    // n1 first, so that it owns the pipeline.
+    c.nodes[0].start();
+    c.wait_until_shared(1, 1).await;
+    c.nodes[1].start();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while c
+        .node_list()
+        .await
+        .iter()
+        .filter(|n| n["state"] == "active")
+        .count()
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.owner_of("p1").await, Some(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = item_writer(c.src().pg_pool().await, ITEMS + 1, stop.clone());
+    let state = c.state().pg_pool().await;
+    let sampler = {
+        let (state, stop) = (state.clone(), stop.clone());
+        tokio::spawn(async move {
+            let (mut high, mut backwards) = (0i64, Vec::new());
+            while !stop.load(Ordering::Acquire) {
+                if let Some(at) = cursor_checkpoint(&state, "p1").await {
+                    if at < high {
+                        backwards.push((high, at));
+                    }
+                    high = high.max(at);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            backwards
+        })
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while cursor_checkpoint(&state, "p1").await.unwrap_or(0) < ITEMS {
+        assert!(tokio::time::Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // The partition: n1's connections to the store close, new ones fail.
+    proxy.pause();
+    proxy.cut();
+    let cut_at = cursor_checkpoint(&state, "p1").await.expect("a checkpoint");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let at = cursor_checkpoint(&state, "p1").await.unwrap_or(0);
+        if c.owner_of("p1").await == Some(1) && at > cut_at + 50 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n2 did not take p1 and move on within {PATIENCE:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let log = c.nodes[0].logs();
+    assert!(
+        log.contains("could not renew the pipeline's lease in time"),
+        "n1 did not stop p1 on its own:\n{log}"
+    );
+    // The network is back.
+    proxy.resume();
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, Ordering::Release);
+    let written = writing.await.expect("the writer");
+    let backwards = sampler.await.expect("the sampler");
+    assert!(
+        backwards.is_empty(),
+        "the checkpoint moved back: {backwards:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(c.owner_of("p1").await, Some(1), "{}", c.logs());
+    c.receiver.set_reply(Reply::status(200));
+    c.wait_for_items(1, written).await;
+    state.close().await;
     c.stop_all().await;
     c.cleanup().await;
 }
