@@ -51,6 +51,8 @@ struct Sample {
     pipelines: BTreeMap<String, Figures>,
     sites: Vec<CrawlSite>,
     runs: Vec<WorkflowRunInfo>,
+    /// Cluster nodes live now (`None` outside a cluster).
+    live_nodes: Option<usize>,
 }
 
 /// Where the figures come from.
@@ -107,13 +109,36 @@ impl Feed {
                 (list.pipelines, BTreeMap::new())
             }
         };
+        let nodes = match self {
+            Feed::Store(_, store, _) => caudal_engine::cluster::nodes(store)
+                .await
+                .map_err(|e| e.report())?,
+            Feed::Api(remote) => {
+                let list: caudal_server::openapi::NodeList = remote
+                    .get("/api/v1/nodes")
+                    .await
+                    .map_err(|e| format!("the API: {e}"))?;
+                list.nodes
+            }
+        };
+        let live_nodes = nodes.iter().any(|n| n.cluster).then(|| {
+            nodes
+                .iter()
+                .filter(|n| n.cluster && n.state == "active")
+                .count()
+        });
         let mut out = BTreeMap::new();
         for r in rows {
-            let state = if r.paused {
+            let mut state = if r.paused {
                 "paused".to_string()
             } else {
                 r.outcome.clone().unwrap_or_else(|| "idle".to_string())
             };
+            // In a cluster: on which node (host:pid).
+            if let Some(owner) = &r.owner {
+                let node: Vec<&str> = owner.split(':').take(2).collect();
+                state = format!("{state} @{}", node.join(":"));
+            }
             out.insert(
                 r.pipeline.clone(),
                 Figures {
@@ -136,6 +161,7 @@ impl Feed {
             pipelines: out,
             sites,
             runs,
+            live_nodes,
         })
     }
 }
@@ -326,9 +352,12 @@ pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
                 Constraint::Min(0),
             ])
             .areas(frame.area());
+            let nodes = current
+                .live_nodes
+                .map_or_else(String::new, |n| format!(" — {n} nodes live"));
             let title = match &problem {
-                None => "caudal top — q quits".to_string(),
-                Some(p) => format!("caudal top — q quits — {p}"),
+                None => format!("caudal top{nodes} — q quits"),
+                Some(p) => format!("caudal top{nodes} — q quits — {p}"),
             };
             frame.render_widget(Paragraph::new(Line::from(title)), head);
             let rows: Vec<Row> = current
@@ -351,7 +380,7 @@ pub async fn top(path: &Path, remote: Option<Remote>) -> ExitCode {
                 .collect();
             let widths = [
                 Constraint::Min(20),
-                Constraint::Length(10),
+                Constraint::Length(if current.live_nodes.is_some() { 28 } else { 10 }),
                 Constraint::Length(9),
                 Constraint::Length(9),
                 Constraint::Length(18),

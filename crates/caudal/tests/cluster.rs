@@ -901,3 +901,205 @@ async fn a_node_cut_off_from_the_store_stops_and_its_pipeline_moves() {
     c.stop_all().await;
     c.cleanup().await;
 }
+
+/// `caudal ARGS --json` through `config`, one JSON value per line.
+async fn json_lines(config: &std::path::Path, dir: &std::path::Path, args: &[&str]) -> Vec<Value> {
+    let out = Output::of(command(config, dir, args)).await;
+    assert_eq!(out.code, Some(0), "caudal {args:?}: {out:?}");
+    out.stdout
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+        .collect()
+}
+
+/// A fan-out of 1,000 tasks while three nodes run, the node executing the
+/// workflows killed again and again: another node takes the executor over,
+/// every task instance succeeds exactly once (the store and the tasks'
+/// ledger agree), and the pool of 4 never has more than 4 attempts
+/// running at once, as the tasks observe it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn workflow_tasks_go_on_with_another_node_and_succeed_once_within_the_pool() {
+    const ITEMS: usize = 1000;
+    const SLOTS: usize = 4;
+    let mut c = Cluster::new(3, 0, false, "3s").await;
+    let root = c.nodes[0].dir.parent().expect("the root").to_path_buf();
+    let ledger = root.join("ledger.txt");
+    let spans = root.join("spans.txt");
+    let workflow = format!(
+        r#"
+[pools.workers]
+slots = {SLOTS}
+
+[workflows.fan.tasks.list]
+type = "command"
+run = ["sh", "-c", "seq 1 {ITEMS} > \"$CAUDAL_ITEMS\""]
+retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000 }}
+
+[workflows.fan.tasks.work]
+type = "command"
+depends_on = ["list"]
+for_each = "{{{{ tasks.list.items }}}}"
+pool = "workers"
+run = ["sh", "-c", "echo \"start $1 $CAUDAL_ATTEMPT $(date +%s%N)\" >> \"$3\"; sleep 0.02; echo \"end $1 $CAUDAL_ATTEMPT $(date +%s%N)\" >> \"$3\"; echo \"$1 $CAUDAL_ATTEMPT\" >> \"$2\"", "sh", "{{{{ item }}}}", "{ledger}", "{spans}"]
+retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000 }}
+"#,
+        ledger = ledger.display(),
+        spans = spans.display(),
+    );
+    for n in &c.nodes {
+        let config = std::fs::read_to_string(&n.config).expect("the config");
+        std::fs::write(&n.config, format!("{config}{workflow}")).expect("write the config");
+    }
+    let (config, dir) = (c.nodes[2].config.clone(), c.nodes[2].dir.clone());
+    let out = Output::of(command(&config, &dir, &["workflow", "run", "fan"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let state = c.state().pg_pool().await;
+    let executor = || async {
+        let holder: Option<(String,)> = sqlx::query_as(
+            "SELECT holder FROM leases WHERE name = 'workflows/executor' \
+             AND expires_at > (SELECT now_us FROM clock)",
+        )
+        .fetch_optional(&state)
+        .await
+        .expect("read the executor lease");
+        holder.map(|(h,)| h)
+    };
+    let run_state = || async {
+        let info = json_lines(&config, &dir, &["workflow", "status", "1", "--json"]).await;
+        info.first()
+            .and_then(|i| i["state"].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let mut kills = 0;
+    let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
+    loop {
+        let done = std::fs::read_to_string(&ledger)
+            .map(|l| l.lines().count())
+            .unwrap_or(0);
+        let ended = matches!(
+            run_state().await.as_str(),
+            "succeeded" | "failed" | "cancelled"
+        );
+        if ended {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run did not end ({done} of {ITEMS} done, {kills} kills)\n{}",
+            c.logs()
+        );
+        // Kill the executor's node every 150 tasks, up to 4 times.
+        if kills < 4 && done >= 150 * (kills + 1) {
+            if let Some(holder) = executor().await {
+                let pid: u32 = holder
+                    .split(':')
+                    .nth(1)
+                    .and_then(|p| p.parse().ok())
+                    .expect("a pid");
+                if let Some(i) = c.nodes.iter().position(|n| n.pid() == Some(pid)) {
+                    c.nodes[i]
+                        .daemon
+                        .take()
+                        .expect("running")
+                        .stop(Signal::SIGKILL)
+                        .await;
+                    kills += 1;
+                    c.nodes[i].start();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(run_state().await, "succeeded", "{}", c.logs());
+    assert_eq!(kills, 4, "the executor was not killed 4 times");
+
+    // Every instance succeeded exactly once, with its ledger line.
+    let attempts = json_lines(
+        &config,
+        &dir,
+        &["workflow", "tasks", "1", "--attempts", "--json"],
+    )
+    .await;
+    let mut succeeded: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
+    let mut lost_ended: HashMap<(String, u64), i128> = HashMap::new();
+    for a in attempts.iter().filter(|a| a["task"] == "work") {
+        let index = a["map_index"].as_i64().expect("a map index");
+        let attempt = a["attempt"].as_u64().expect("an attempt number");
+        if a["state"] == "succeeded" {
+            succeeded.entry(index).or_default().push(attempt);
+        }
+        if let Some(ended) = a["ended_at"].as_str() {
+            let t: jiff::Timestamp = ended.parse().expect("a timestamp");
+            lost_ended.insert(((index + 1).to_string(), attempt), t.as_nanosecond());
+        }
+    }
+    assert_eq!(succeeded.len(), ITEMS);
+    let lines: BTreeSet<(String, u64)> = std::fs::read_to_string(&ledger)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| {
+            let (item, attempt) = l.split_once(' ')?;
+            Some((item.to_string(), attempt.parse().ok()?))
+        })
+        .collect();
+    for (index, ok) in &succeeded {
+        assert_eq!(ok.len(), 1, "work[{index}] succeeded {} times", ok.len());
+        let item = (index + 1).to_string();
+        assert!(
+            lines.contains(&(item.clone(), ok[0])),
+            "no ledger line for item {item} attempt {}",
+            ok[0]
+        );
+    }
+
+    // The pool, as the tasks saw it: spans from each attempt's start to its
+    // end (or, for one killed on the way, to when the store ended it).
+    let mut starts: HashMap<(String, u64), i128> = HashMap::new();
+    let mut ends: HashMap<(String, u64), i128> = HashMap::new();
+    for line in std::fs::read_to_string(&spans).unwrap_or_default().lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let [what, item, attempt, at] = parts[..] else {
+            continue;
+        };
+        let (Ok(attempt), Ok(at)) = (attempt.parse::<u64>(), at.parse::<i128>()) else {
+            continue;
+        };
+        let map = if what == "start" {
+            &mut starts
+        } else {
+            &mut ends
+        };
+        map.insert((item.to_string(), attempt), at);
+    }
+    let mut edges: Vec<(i128, i32)> = Vec::new();
+    for (key, start) in &starts {
+        let end = ends
+            .get(key)
+            .or_else(|| lost_ended.get(key))
+            .copied()
+            .unwrap_or_else(|| panic!("attempt {key:?} has no end"));
+        edges.push((*start, 1));
+        edges.push((end, -1));
+    }
+    edges.sort();
+    let (mut running, mut most) = (0, 0);
+    for (_, d) in edges {
+        running += d;
+        most = most.max(running);
+    }
+    assert!(
+        most <= SLOTS as i32,
+        "{most} attempts of the pool of {SLOTS} ran at once"
+    );
+    eprintln!(
+        "cluster workflow: {ITEMS} tasks, {kills} executor kills, {} attempts, at most {most} at once",
+        starts.len()
+    );
+    state.close().await;
+    c.stop_all().await;
+    c.cleanup().await;
+}

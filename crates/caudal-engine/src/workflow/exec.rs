@@ -424,7 +424,10 @@ pub async fn execute(
     options: ExecOptions,
     shutdown: CancellationToken,
 ) -> Result<()> {
-    let lease = Lease::acquire(&store, EXECUTOR_LEASE).await?;
+    // In a cluster, a dead node's executor lease is taken over once the
+    // node has been silent for the cluster's lease, not its whole TTL.
+    let nodes_lease = config.cluster.as_ref().map(|c| c.lease.as_std());
+    let lease = Lease::acquire_in_cluster(&store, EXECUTOR_LEASE, nodes_lease).await?;
     let holder = holder_id();
     let killed = attempt::kill_orphans(&holder);
     if killed > 0 {
