@@ -67,10 +67,15 @@
 //!   run` processes to the always-200 receiver; messages/s and the scaling
 //!   of 2 and 3 processes over 1, with the CPU of caudal, the broker and
 //!   the machine. See [`brokers`].
+//! - `cluster-failover`: three `caudal run` nodes under `[cluster]` share a
+//!   CDC pipeline; each of N trials (default 20) SIGKILLs its owner and
+//!   times kill → another node holds the lease, and kill → first delivery
+//!   by the new owner; p50/p99 against the lease. See [`cluster`].
 
 mod brokers;
 mod buffer;
 mod cdc;
+mod cluster;
 mod crawl;
 mod datasets;
 mod footprint;
@@ -116,6 +121,7 @@ const SCENARIOS: &[&str] = &[
     "live-latency",
     "broker-sink",
     "broker-consumers",
+    "cluster-failover",
 ];
 
 /// The scenarios that run caudal's binary (and so can run a baseline
@@ -143,6 +149,7 @@ const PG_SCENARIOS: &[&str] = &[
     "live-throughput",
     "live-latency",
     "broker-sink",
+    "cluster-failover",
 ];
 
 /// The advisory lock a harness run holds on the PostgreSQL server.
@@ -175,7 +182,7 @@ struct Args {
     /// cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency,
     /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain,
     /// crawl, crawl-limit, dataset-write, dataset-query, live-throughput,
-    /// live-latency, broker-sink, broker-consumers (or all).
+    /// live-latency, broker-sink, broker-consumers, cluster-failover (or all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000;
@@ -185,7 +192,7 @@ struct Args {
     /// (workflow-dispatch, default 10,000), sales (dataset-write,
     /// dataset-query, default 10,000,000), records published to each broker
     /// (broker-sink, default 100,000) or messages consumed from each
-    /// (broker-consumers, default 200,000).
+    /// (broker-consumers, default 200,000), trials (cluster-failover, default 20).
     #[arg(long)]
     rows: Option<u64>,
     /// dataset-write, dataset-query: days the sales spread over, one
@@ -442,6 +449,7 @@ async fn run(args: &Args, name: &str) -> anyhow::Result<Vec<Value>> {
         "live-latency" => vec![live::latency(args).await?],
         "broker-sink" => brokers::sink(args).await?,
         "broker-consumers" => brokers::consumers(args).await?,
+        "cluster-failover" => vec![cluster::failover(args).await?],
         other => bail!("unknown scenario {other:?}"),
     })
 }

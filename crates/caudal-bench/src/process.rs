@@ -96,6 +96,19 @@ impl Measured {
             .with_context(|| format!("no {field} in the child's status"))
     }
 
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.pid.as_raw().unsigned_abs()
+    }
+
+    /// Kills the child at once (SIGKILL), as a crash would.
+    pub fn kill(&self) -> anyhow::Result<()> {
+        if !self.has_exited() {
+            kill(self.pid, Signal::SIGKILL).context("cannot signal the child")?;
+        }
+        Ok(())
+    }
+
     /// Asks the child to stop (SIGTERM).
     pub fn terminate(&self) -> anyhow::Result<()> {
         if !self.has_exited() {

@@ -960,6 +960,49 @@ fn rows(r: &Runs<'_>) -> Vec<Row> {
                 none(),
             ));
         }
+        "cluster_failover" => {
+            let what = |m: &str| {
+                format!(
+                    "{m}, {} nodes, a CDC pipeline's owner killed with SIGKILL, {} trials",
+                    n("nodes"),
+                    n("trials")
+                )
+            };
+            let lease = secs("lease_s");
+            out.push(row(
+                "cluster-failover",
+                what("kill → first delivery by the new owner, p50 / p99 / max"),
+                format!(
+                    "{} / {} / {}",
+                    secs("failover_p50_s"),
+                    secs("failover_p99_s"),
+                    secs("failover_max_s")
+                ),
+                format!(
+                    "the lease, {lease}: the floor of a lease-based failover (goal: p99 ≤ {})",
+                    secs("goal_failover_p99_s")
+                ),
+                format!(
+                    "{} / {}",
+                    ratio("failover_p50_over_lease"),
+                    ratio("failover_p99_over_lease")
+                ),
+                none(),
+            ));
+            out.push(row(
+                "cluster-failover",
+                what("kill → another node holds the lease, p50 / p99 / max"),
+                format!(
+                    "{} / {} / {}",
+                    secs("takeover_p50_s"),
+                    secs("takeover_p99_s"),
+                    secs("takeover_max_s")
+                ),
+                format!("the lease, {lease}"),
+                none(),
+                none(),
+            ));
+        }
         other => out.push(row(
             other,
             String::new(),
@@ -1142,6 +1185,26 @@ mod tests {
             "| dataset-query | `sales_raw`, provider 7, 31 days (50,000 rows, 12,000 KiB), cached (1,000 requests on one connection; goal p99 ≤ 5.0 ms): p50 / p99, requests/s; ratio of the p50s | 4.0 ms / 6.0 ms, 240/s (handler 1.5 ms) | DuckDB on the manifests' 100 files: 40.0 ms / 50.0 ms | 10.00 | – |"
         );
         assert!(!t.contains("| ? |") && !t.contains("?"), "{t}");
+    }
+
+    #[test]
+    fn cluster_failover_shows_percentiles_against_the_lease() {
+        let t = table(&[json!({
+            "scenario": "cluster_failover", "nodes": 3, "trials": 20, "lease_s": 6.0,
+            "takeover_p50_s": 5.51, "takeover_p99_s": 5.71, "takeover_max_s": 5.71,
+            "failover_p50_s": 5.58, "failover_p99_s": 5.77, "failover_max_s": 5.77,
+            "failover_p50_over_lease": 0.93, "failover_p99_over_lease": 0.96,
+            "goal_failover_p99_s": 10.0,
+        })]);
+        let rows: Vec<&str> = t.lines().filter(|l| l.starts_with("| cluster-")).collect();
+        assert_eq!(
+            rows,
+            [
+                "| cluster-failover | kill → first delivery by the new owner, p50 / p99 / max, 3 nodes, a CDC pipeline's owner killed with SIGKILL, 20 trials | 5.58 s / 5.77 s / 5.77 s | the lease, 6.00 s: the floor of a lease-based failover (goal: p99 ≤ 10.00 s) | 0.93 / 0.96 | – |",
+                "| cluster-failover | kill → another node holds the lease, p50 / p99 / max, 3 nodes, a CDC pipeline's owner killed with SIGKILL, 20 trials | 5.51 s / 5.71 s / 5.71 s | the lease, 6.00 s | – | – |",
+            ],
+            "{t}"
+        );
     }
 
     #[test]

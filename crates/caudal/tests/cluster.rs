@@ -3,7 +3,8 @@
 //! directory (its own buffers), all reading one configuration.
 //!
 //! What must hold:
-//! - **Shared out.** Twelve pipelines over three nodes: four each.
+//! - **Shared out.** Twelve pipelines over three nodes: four each; two
+//!   nodes take a dead one's share, and hand it back when it returns.
 //! - **Failover.** SIGKILL the node running the CDC pipeline while rows
 //!   are written: another node takes it and every change arrives; a change
 //!   that arrives twice carries the same event id and the same data; the
@@ -576,6 +577,9 @@ async fn a_killed_node_hands_its_cdc_and_cursor_pipelines_to_the_others() {
         most, 1,
         "the slot's database had {most} walsenders at once ({samples} samples)"
     );
+    // The killed node comes back: the others hand it its share.
+    c.nodes[victim].start();
+    c.wait_until_shared(3, SQL + 1).await;
     let (ids, total) = c.changes();
     eprintln!(
         "cluster: CDC moved from n{} to n{} {:.1}s after SIGKILL; {} changes, {} arrivals \
@@ -993,23 +997,24 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
             c.logs()
         );
         // Kill the executor's node every 150 tasks, up to 4 times.
-        if kills < 4 && done >= 150 * (kills + 1) {
-            if let Some(holder) = executor().await {
-                let pid: u32 = holder
-                    .split(':')
-                    .nth(1)
-                    .and_then(|p| p.parse().ok())
-                    .expect("a pid");
-                if let Some(i) = c.nodes.iter().position(|n| n.pid() == Some(pid)) {
-                    c.nodes[i]
-                        .daemon
-                        .take()
-                        .expect("running")
-                        .stop(Signal::SIGKILL)
-                        .await;
-                    kills += 1;
-                    c.nodes[i].start();
-                }
+        if kills < 4
+            && done >= 150 * (kills + 1)
+            && let Some(holder) = executor().await
+        {
+            let pid: u32 = holder
+                .split(':')
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("a pid");
+            if let Some(i) = c.nodes.iter().position(|n| n.pid() == Some(pid)) {
+                c.nodes[i]
+                    .daemon
+                    .take()
+                    .expect("running")
+                    .stop(Signal::SIGKILL)
+                    .await;
+                kills += 1;
+                c.nodes[i].start();
             }
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
