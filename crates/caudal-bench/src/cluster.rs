@@ -9,9 +9,9 @@
 //!   which only the new owner can send (kill -9 → first delivery).
 //!
 //! The killed node is started again (and waited for) before the next
-//! trial. Reported: p50, p99 and max of both over the trials (default 20,
-//! `--rows` sets it), against the lease: the floor of a lease-based
-//! failover, which waits for the dead node's lease to run out.
+//! trial. Reported: p50, p99 and max of both over the trials (`--trials`,
+//! default 20), against the lease: the floor of a lease-based failover,
+//! which waits for the dead node's lease to run out.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -26,8 +26,6 @@ use crate::process::Measured;
 use crate::subject::{CAUDAL, Subject};
 use crate::{Args, database_url, receiver, round};
 
-/// Trials by default.
-const DEFAULT_TRIALS: u64 = 20;
 /// Nodes of the cluster.
 const NODES: usize = 3;
 /// The state store's database.
@@ -60,7 +58,7 @@ pub async fn failover(args: &Args) -> anyhow::Result<Value> {
 }
 
 async fn failover_run(args: &Args, admin: &PgPool) -> anyhow::Result<Value> {
-    let trials = args.rows.unwrap_or(DEFAULT_TRIALS);
+    let trials = args.trials;
     let (url, db) = provision(args, admin).await?;
     create_slot(&db, SLOT).await?;
     admin

@@ -68,7 +68,7 @@
 //!   of 2 and 3 processes over 1, with the CPU of caudal, the broker and
 //!   the machine. See [`brokers`].
 //! - `cluster-failover`: three `caudal run` nodes under `[cluster]` share a
-//!   CDC pipeline; each of N trials (default 20) SIGKILLs its owner and
+//!   CDC pipeline; each of `--trials` (default 20) SIGKILLs its owner and
 //!   times kill → another node holds the lease, and kill → first delivery
 //!   by the new owner; p50/p99 against the lease. See [`cluster`].
 
@@ -192,13 +192,16 @@ struct Args {
     /// (workflow-dispatch, default 10,000), sales (dataset-write,
     /// dataset-query, default 10,000,000), records published to each broker
     /// (broker-sink, default 100,000) or messages consumed from each
-    /// (broker-consumers, default 200,000), trials (cluster-failover, default 20).
+    /// (broker-consumers, default 200,000).
     #[arg(long)]
     rows: Option<u64>,
     /// dataset-write, dataset-query: days the sales spread over, one
     /// partition of the raw dataset each (default 100).
     #[arg(long)]
     days: Option<u32>,
+    /// cluster-failover: kills of the pipeline's owner, each timed.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(1..))]
+    trials: u64,
     /// dataset-query: cached requests timed per dataset (DuckDB runs at
     /// most 100).
     #[arg(long, default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..))]
@@ -362,6 +365,8 @@ fn main() -> anyhow::Result<()> {
                 "measures live aggregates, which a baseline build may not have"
             } else if name.starts_with("broker-") {
                 "measures the broker connectors, which a baseline build may not have"
+            } else if name.starts_with("cluster-") {
+                "measures clusters, which a baseline build may not have"
             } else {
                 "runs caudal's library in this process"
             };

@@ -158,7 +158,7 @@ async fn assert_pg_clean(pg_url: &str) {
         .await
         .expect("the harness's lock");
     let left: i64 = sqlx::query(
-        "SELECT (SELECT count(*) FROM pg_database WHERE datname = 'caudal_bench')
+        "SELECT (SELECT count(*) FROM pg_database WHERE datname IN ('caudal_bench', 'caudal_bench_state'))
               + (SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE 'caudal\\_bench%')",
     )
     .fetch_one(&mut pg)
@@ -250,6 +250,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         "5",
         "--queries",
         "20",
+        "--trials",
+        "2",
         "--baseline-caudal",
         baseline,
     ]);
@@ -285,7 +287,8 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
             "broker_sink",
             "broker_sink",
             "broker_consumers",
-            "broker_consumers"
+            "broker_consumers",
+            "cluster_failover"
         ],
         "{stdout}"
     );
@@ -464,6 +467,24 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         positive(r, "p2_over_p1");
         positive(r, "p3_over_p1");
     }
+    // Two kills of the CDC pipeline's owner, each timed to the lease's
+    // takeover and to the new owner's first delivery, which comes after.
+    let cluster = results
+        .iter()
+        .find(|r| r["scenario"] == "cluster_failover")
+        .expect("cluster-failover's result");
+    assert_eq!(cluster["trials"], 2, "{cluster}");
+    for figure in ["lease_s", "failover_p50_over_lease", "goal_failover_p99_s"] {
+        positive(cluster, figure);
+    }
+    assert!(
+        positive(cluster, "failover_max_s") >= positive(cluster, "takeover_max_s"),
+        "{cluster}"
+    );
+    assert!(
+        stderr.contains("cluster-failover: measures clusters, which a baseline build may not have"),
+        "{stderr}"
+    );
     // The baseline in every scenario that runs the binary, none in the
     // others (they link caudal's library, or measure workflows, the
     // crawler, datasets or live aggregates, which a baseline build may
@@ -484,6 +505,7 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
                 | "live_latency"
                 | "broker_sink"
                 | "broker_consumers"
+                | "cluster_failover"
         ) {
             assert!(r.get("caudal_over_baseline").is_none(), "{r}");
             assert!(r.get("baseline_binary").is_none(), "{r}");

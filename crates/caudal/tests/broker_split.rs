@@ -31,7 +31,7 @@ use caudal_testkit::{Receiver, Reply, TestDb, pg_database};
 use nix::sys::signal::Signal;
 use rand::Rng as _;
 use serde_json::{Value, json};
-use support::cdc::{Tables, apply, difference, normalise};
+use support::cdc::{Tables, apply, check_logical, difference, drop_slot, normalise};
 use support::{Daemon, PATIENCE, spawn_daemon};
 
 const RABBITMQ_URL: &str = "amqp://guest:guest@127.0.0.1:5672/%2f";
@@ -459,21 +459,6 @@ async fn check_broker(broker: Broker) {
     }
 }
 
-/// Fails loudly, saying how to fix it, when the server cannot do CDC.
-async fn check_logical(db: &TestDb) {
-    let pool = db.pg_pool().await;
-    let (level,): (String,) = sqlx::query_as("SELECT current_setting('wal_level')")
-        .fetch_one(&pool)
-        .await
-        .expect("read wal_level");
-    pool.close().await;
-    assert_eq!(
-        level, "logical",
-        "the PostgreSQL server of CAUDAL_TEST_PG_URL has wal_level = {level}; CDC needs \
-         logical: scripts/test sets it (ALTER SYSTEM SET wal_level = logical, then restart)"
-    );
-}
-
 /// Messages waiting in the broker for the Bs: ready in the partition
 /// queues, or pending for the partition consumers.
 async fn backlog(broker: Broker, name: &str) -> u64 {
@@ -534,34 +519,6 @@ async fn wait_for_stream(name: &str) {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-}
-
-async fn drop_slot(url: &str, slot: &str) {
-    let Ok(pool) = sqlx::PgPool::connect(url).await else {
-        eprintln!("cannot connect to drop slot {slot}");
-        return;
-    };
-    for _ in 0..50 {
-        let _ = sqlx::query(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-             WHERE slot_name = $1 AND active_pid IS NOT NULL",
-        )
-        .bind(slot)
-        .execute(&pool)
-        .await;
-        let dropped = sqlx::query(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-             WHERE slot_name = $1",
-        )
-        .bind(slot)
-        .execute(&pool)
-        .await;
-        if dropped.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    pool.close().await;
 }
 
 async fn delete_rabbitmq(name: &str) {

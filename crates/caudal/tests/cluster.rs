@@ -32,6 +32,7 @@ use std::time::Duration;
 use caudal_testkit::{Proxy, Receiver, Reply, TestDb, pg_database};
 use nix::sys::signal::Signal;
 use serde_json::Value;
+use support::cdc::{check_logical, drop_slot};
 use support::{Daemon, Output, PATIENCE, command, spawn_daemon};
 
 /// Rows of `items` before the nodes start.
@@ -374,49 +375,6 @@ async fn exec(db: &TestDb, sql: &str) {
     pool.close().await;
 }
 
-/// Fails loudly, saying how to fix it, when the server cannot do CDC.
-async fn check_logical(db: &TestDb) {
-    let pool = db.pg_pool().await;
-    let (level,): (String,) = sqlx::query_as("SELECT current_setting('wal_level')")
-        .fetch_one(&pool)
-        .await
-        .expect("read wal_level");
-    pool.close().await;
-    assert_eq!(
-        level, "logical",
-        "the PostgreSQL server of CAUDAL_TEST_PG_URL has wal_level = {level}; CDC needs \
-         logical: scripts/test sets it (ALTER SYSTEM SET wal_level = logical, then restart)"
-    );
-}
-
-async fn drop_slot(url: &str, slot: &str) {
-    let Ok(pool) = sqlx::PgPool::connect(url).await else {
-        eprintln!("cannot connect to drop slot {slot}");
-        return;
-    };
-    for _ in 0..50 {
-        let _ = sqlx::query(
-            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
-             WHERE slot_name = $1 AND active_pid IS NOT NULL",
-        )
-        .bind(slot)
-        .execute(&pool)
-        .await;
-        let dropped = sqlx::query(
-            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
-             WHERE slot_name = $1",
-        )
-        .bind(slot)
-        .execute(&pool)
-        .await;
-        if dropped.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    pool.close().await;
-}
-
 /// Inserts accounts 1, 2, ... in small transactions until `stop`; the last
 /// id written is in `last`.
 fn writer(
@@ -636,6 +594,28 @@ async fn cursor_checkpoint(pool: &sqlx::PgPool, p: &str) -> Option<i64> {
     position["values"][0]["value"].as_i64()
 }
 
+/// Samples pipeline `p`'s cursor checkpoint every 20 ms until `stop`;
+/// returns every time it was seen lower than before: (highest, seen).
+fn sample_checkpoints(
+    state: sqlx::PgPool,
+    p: &'static str,
+    stop: Arc<AtomicBool>,
+) -> tokio::task::JoinHandle<Vec<(i64, i64)>> {
+    tokio::spawn(async move {
+        let (mut high, mut backwards) = (0i64, Vec::new());
+        while !stop.load(Ordering::Acquire) {
+            if let Some(at) = cursor_checkpoint(&state, p).await {
+                if at < high {
+                    backwards.push((high, at));
+                }
+                high = high.max(at);
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        backwards
+    })
+}
+
 /// A node paused while it delivers loses its pipeline to the other; back,
 /// it cannot move the checkpoint the new owner saved.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -652,22 +632,7 @@ async fn a_paused_node_loses_its_pipeline_and_cannot_move_the_checkpoint_back() 
     let writing = item_writer(c.src().pg_pool().await, ITEMS + 1, stop.clone());
     let state = c.state().pg_pool().await;
     // The checkpoint, sampled all along: it must never move back.
-    let sampler = {
-        let (state, stop) = (state.clone(), stop.clone());
-        tokio::spawn(async move {
-            let (mut high, mut backwards) = (0i64, Vec::new());
-            while !stop.load(Ordering::Acquire) {
-                if let Some(at) = cursor_checkpoint(&state, "p1").await {
-                    if at < high {
-                        backwards.push((high, at));
-                    }
-                    high = high.max(at);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            backwards
-        })
-    };
+    let sampler = sample_checkpoints(state.clone(), "p1", stop.clone());
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while cursor_checkpoint(&state, "p1").await.unwrap_or(0) < ITEMS {
         assert!(
@@ -843,22 +808,7 @@ async fn a_node_cut_off_from_the_store_stops_and_its_pipeline_moves() {
     let stop = Arc::new(AtomicBool::new(false));
     let writing = item_writer(c.src().pg_pool().await, ITEMS + 1, stop.clone());
     let state = c.state().pg_pool().await;
-    let sampler = {
-        let (state, stop) = (state.clone(), stop.clone());
-        tokio::spawn(async move {
-            let (mut high, mut backwards) = (0i64, Vec::new());
-            while !stop.load(Ordering::Acquire) {
-                if let Some(at) = cursor_checkpoint(&state, "p1").await {
-                    if at < high {
-                        backwards.push((high, at));
-                    }
-                    high = high.max(at);
-                }
-                tokio::time::sleep(Duration::from_millis(20)).await;
-            }
-            backwards
-        })
-    };
+    let sampler = sample_checkpoints(state.clone(), "p1", stop.clone());
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while cursor_checkpoint(&state, "p1").await.unwrap_or(0) < ITEMS {
         assert!(tokio::time::Instant::now() < deadline, "{}", c.logs());

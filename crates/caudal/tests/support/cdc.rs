@@ -1,10 +1,57 @@
 //! What the CDC tests share: the changes a receiver accepted (each batch
-//! once), and their replay onto an empty copy of the source tables.
+//! once), their replay onto an empty copy of the source tables, the check
+//! that the server can do CDC, and dropping a test's slot.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
-use caudal_testkit::Receiver;
+use caudal_testkit::{Receiver, TestDb};
 use serde_json::{Map, Value, json};
+
+/// Fails loudly, saying how to fix it, when the server cannot do CDC.
+pub async fn check_logical(db: &TestDb) {
+    let pool = db.pg_pool().await;
+    let (level,): (String,) = sqlx::query_as("SELECT current_setting('wal_level')")
+        .fetch_one(&pool)
+        .await
+        .expect("read wal_level");
+    pool.close().await;
+    assert_eq!(
+        level, "logical",
+        "the PostgreSQL server of CAUDAL_TEST_PG_URL has wal_level = {level}; CDC needs \
+         logical: scripts/test sets it (ALTER SYSTEM SET wal_level = logical, then restart)"
+    );
+}
+
+/// Drops the replication slot `slot` of the database at `url`, stopping
+/// its walsender first (a terminated walsender may hold it a moment).
+pub async fn drop_slot(url: &str, slot: &str) {
+    let Ok(pool) = sqlx::PgPool::connect(url).await else {
+        eprintln!("cannot connect to drop slot {slot}");
+        return;
+    };
+    for _ in 0..50 {
+        let _ = sqlx::query(
+            "SELECT pg_terminate_backend(active_pid) FROM pg_replication_slots \
+             WHERE slot_name = $1 AND active_pid IS NOT NULL",
+        )
+        .bind(slot)
+        .execute(&pool)
+        .await;
+        let dropped = sqlx::query(
+            "SELECT pg_drop_replication_slot(slot_name) FROM pg_replication_slots \
+             WHERE slot_name = $1",
+        )
+        .bind(slot)
+        .execute(&pool)
+        .await;
+        if dropped.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    pool.close().await;
+}
 
 /// Where the test configs put the records in a request body.
 pub const CHANGES: &str = "/changes";
