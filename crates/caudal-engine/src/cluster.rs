@@ -343,7 +343,7 @@ impl Owned {
         self.stop.cancel();
         let m = &self.member.inner;
         if !self.lost.load(Ordering::Acquire)
-            && let Err(e) = m.store.release_lease(&self.fence.lease, &m.id).await
+            && let Err(e) = m.store.expire_lease(&self.fence.lease, &m.id).await
         {
             tracing::warn!(pipeline = %self.pipeline, error = %e.report(), "cannot give the pipeline back; it moves when its lease expires");
         }
@@ -374,11 +374,14 @@ async fn renew(
     let i = &member.inner;
     let every = i.lease / 3;
     let mut last_ok = tokio::time::Instant::now();
+    // A fixed deadline: a share change in between does not push the
+    // renewal back.
+    let mut next = last_ok + every;
     let mut share = i.share.subscribe();
     loop {
         tokio::select! {
             () = stop.cancelled() => return,
-            () = tokio::time::sleep(every) => {}
+            () = tokio::time::sleep_until(next) => {}
             _ = share.changed() => {
                 if member.unreserve(false) {
                     slot_given.store(true, Ordering::Release);
@@ -390,6 +393,7 @@ async fn renew(
             }
         }
         let sent = tokio::time::Instant::now();
+        next = sent + every;
         match tokio::time::timeout(every, i.store.renew_lease(&lease, &i.id, i.lease)).await {
             Ok(Ok(true)) => last_ok = sent,
             Ok(Ok(false)) => {

@@ -154,9 +154,27 @@ impl Store {
     }
 
     /// Releases the lease `name` if `holder` holds it; does nothing
-    /// otherwise (it may already have been taken over). The row stays,
-    /// expired, so its fencing token keeps growing with the next holder.
+    /// otherwise (it may already have been taken over). The row goes, and
+    /// its token with it: for leases nothing is fenced by (see
+    /// [`expire_lease`](Self::expire_lease)).
     pub async fn release_lease(&self, name: &str, holder: &str) -> Result<()> {
+        const SQL: &str = "DELETE FROM leases WHERE name = $1 AND holder = $2";
+        with_pool!(self, |pool| {
+            sqlx::query(SQL)
+                .bind(name)
+                .bind(holder)
+                .execute(pool)
+                .await
+                .map(drop)
+        })
+        .map_err(|e| store_error(format!("releasing lease `{name}` for `{holder}`"), e))
+    }
+
+    /// Gives the lease `name` up at once if `holder` holds it, keeping its
+    /// row (expired) so the next holder's token is greater than every
+    /// earlier one, whoever held them: a [`Fence`] of any earlier holding,
+    /// this holder's included, never works again.
+    pub async fn expire_lease(&self, name: &str, holder: &str) -> Result<()> {
         const SQL: &str = "UPDATE leases SET expires_at = (SELECT now_us FROM clock) \
              WHERE name = $1 AND holder = $2 AND expires_at > (SELECT now_us FROM clock)";
         with_pool!(self, |pool| {

@@ -51,8 +51,8 @@ async fn a_lease_token_grows_with_each_new_holder_and_never_goes_back(ctx: Ctx) 
     assert_eq!(token(&store, "a").await, first);
     assert_eq!(store.lease_token(LEASE, "b").await.expect("token"), None);
 
-    // Released: the next holder, even the same one, gets a new token.
-    store.release_lease(LEASE, "a").await.expect("release");
+    // Given up: the next holder, even the same one, gets a new token.
+    store.expire_lease(LEASE, "a").await.expect("give up");
     assert_eq!(store.lease_token(LEASE, "a").await.expect("token"), None);
     store
         .try_acquire_lease(LEASE, "b", TTL)
@@ -60,7 +60,7 @@ async fn a_lease_token_grows_with_each_new_holder_and_never_goes_back(ctx: Ctx) 
         .expect("acquire b");
     let second = token(&store, "b").await;
     assert!(second > first, "{second} after {first}");
-    store.release_lease(LEASE, "b").await.expect("release b");
+    store.expire_lease(LEASE, "b").await.expect("give up b");
     store
         .try_acquire_lease(LEASE, "b", SHORT_TTL)
         .await
@@ -96,6 +96,9 @@ async fn a_lease_token_grows_with_each_new_holder_and_never_goes_back(ctx: Ctx) 
             .expect("list none")
             .is_empty()
     );
+    // Released (not given up), the row goes.
+    store.release_lease(LEASE, "d").await.expect("release");
+    assert!(store.leases("owner/").await.expect("list").is_empty());
 }
 
 async fn a_fenced_checkpoint_commits_only_with_the_current_token(ctx: Ctx) {

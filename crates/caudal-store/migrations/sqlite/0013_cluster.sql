@@ -3,8 +3,8 @@
 -- Every lease carries a fencing token: it grows by one each time the lease
 -- changes hands (or is taken again after it expired or was released), so a
 -- write conditional on (holder, token) fails once anyone else has held the
--- lease since. Released leases keep their row (expired) so the token never
--- goes back.
+-- lease since. Owner leases given up keep their row (expired) so the token
+-- never goes back.
 ALTER TABLE leases ADD COLUMN token INTEGER NOT NULL DEFAULT 1;
 
 -- Nodes: each `caudal run` registers itself and beats its heartbeat; a
