@@ -274,3 +274,182 @@ fn node_of(nodes: &[Node], holder: &str) -> anyhow::Result<usize> {
         .position(|n| n.process.as_ref().is_some_and(|p| p.pid() == pid))
         .with_context(|| format!("the holder {holder:?} is none of the nodes"))
 }
+
+/// Cluster-wide slots of `cluster-dispatch`'s pool, and graphile-worker's
+/// concurrency.
+const DISPATCH_SLOTS: usize = 16;
+
+/// `cluster-dispatch`: a workflow whose one task fans out into N no-op
+/// command instances (`true`, `--rows`, default 5,000) in a cluster-wide
+/// pool of 16, run by 1, 2 and 3 `caudal run` nodes under `[cluster]` on
+/// one PostgreSQL state store: every node claims attempts from the store.
+/// Rate: N over the span from the first instance's start to the last one's
+/// end, as the store recorded them. The reference, in the same run and on
+/// the same server: graphile-worker (bench/graphile/dispatch.js), N jobs
+/// each running `true` as a child process, one worker of concurrency 16.
+pub async fn dispatch(args: &Args) -> anyhow::Result<Vec<Value>> {
+    let tasks = args.rows.unwrap_or(5_000) as usize;
+    let admin = connect_admin(args).await?;
+    let result = dispatch_run(args, &admin, tasks).await;
+    for db in [STATE_DB, "caudal_bench_graphile"] {
+        let _ = admin
+            .execute(sqlx::AssertSqlSafe(format!(
+                "DROP DATABASE IF EXISTS {db} WITH (FORCE)"
+            )))
+            .await;
+    }
+    result
+}
+
+async fn dispatch_run(args: &Args, admin: &PgPool, tasks: usize) -> anyhow::Result<Vec<Value>> {
+    eprintln!(
+        "cluster-dispatch: graphile-worker, {tasks} jobs running `true`, concurrency {DISPATCH_SLOTS} (the reference)"
+    );
+    admin
+        .execute("DROP DATABASE IF EXISTS caudal_bench_graphile WITH (FORCE)")
+        .await?;
+    admin
+        .execute("CREATE DATABASE caudal_bench_graphile")
+        .await?;
+    let graphile = graphile_dispatch(&database_url(&args.pg_url, "caudal_bench_graphile"), tasks)?;
+    let subject = Subject {
+        name: CAUDAL,
+        binary: &args.caudal,
+    };
+    let mut out = Vec::new();
+    for count in 1..=NODES {
+        admin
+            .execute("DROP DATABASE IF EXISTS caudal_bench_state WITH (FORCE)")
+            .await?;
+        admin.execute("CREATE DATABASE caudal_bench_state").await?;
+        let state_url = database_url(&args.pg_url, STATE_DB);
+        let dir = scratch_dir(&format!("cluster-dispatch-{count}"))?;
+        let config = format!(
+            r#"[state]
+url = "{state_url}"
+runs_dir = "{runs}"
+
+[cluster]
+
+[pools.noop]
+slots = {DISPATCH_SLOTS}
+
+[workflows.dispatch.tasks.list]
+type = "command"
+run = ["sh", "-c", "seq 1 {tasks} > \"$CAUDAL_ITEMS\""]
+
+[workflows.dispatch.tasks.noop]
+type = "command"
+depends_on = ["list"]
+for_each = "{{{{ tasks.list.items }}}}"
+pool = "noop"
+run = ["true"]
+"#,
+            runs = dir.join("runs").display(),
+        );
+        let mut nodes = Vec::new();
+        for i in 1..=count {
+            let node_dir = dir.join(format!("n{i}"));
+            std::fs::create_dir_all(&node_dir)?;
+            let path = node_dir.join("caudal.toml");
+            std::fs::write(&path, &config)?;
+            nodes.push(Node {
+                dir: node_dir,
+                config: path,
+                process: None,
+            });
+        }
+        for n in &mut nodes {
+            n.process = Some(spawn_caudal(subject, &n.config, &n.dir, &["run"])?);
+        }
+        let state = PgPool::connect(&state_url).await?;
+        let measured = async {
+            wait_nodes(&state, count).await?;
+            eprintln!("cluster-dispatch: caudal, {tasks} tasks, {count} node(s)");
+            let queued = std::process::Command::new(&args.caudal)
+                .arg("--config")
+                .arg(&nodes[0].config)
+                .args(["workflow", "run", "dispatch"])
+                .env("CAUDAL_LOG", "warn")
+                .output()?;
+            if !queued.status.success() {
+                bail!("caudal workflow run dispatch failed ({})", queued.status);
+            }
+            wait_run_ended(&state).await?;
+            let (n, first, last, nodes_used): (i64, Option<i64>, Option<i64>, i64) =
+                sqlx::query_as(
+                    "SELECT count(*), min(started_at), max(ended_at), count(DISTINCT holder) \
+                     FROM workflow_attempts WHERE task = 'noop' AND state = 'succeeded'",
+                )
+                .fetch_one(&state)
+                .await?;
+            if usize::try_from(n).unwrap_or(0) != tasks {
+                bail!("{n} noop attempts succeeded, not {tasks}");
+            }
+            let span = (last.unwrap_or(0) - first.unwrap_or(0)) as f64 / 1e6;
+            Ok::<_, anyhow::Error>((span, nodes_used))
+        }
+        .await;
+        for n in &mut nodes {
+            if let Some(p) = n.process.take() {
+                let _ = p.terminate();
+                let _ = p.wait().await;
+            }
+        }
+        state.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+        let (span, nodes_used) = measured?;
+        let rate = tasks as f64 / span;
+        out.push(json!({
+            "scenario": "cluster_dispatch",
+            "nodes": count,
+            "tasks": tasks,
+            "slots": DISPATCH_SLOTS,
+            "nodes_that_ran_tasks": nodes_used,
+            "caudal_tasks_per_s": round(rate),
+            "caudal_span_s": round(span),
+            "graphile_jobs_per_s": round(graphile),
+            "caudal_over_graphile": round(rate / graphile),
+        }));
+    }
+    Ok(out)
+}
+
+/// Waits until workflow run 1 has ended; fails unless it succeeded.
+async fn wait_run_ended(state: &PgPool) -> anyhow::Result<()> {
+    let started = Instant::now();
+    loop {
+        let row: Option<(String,)> = sqlx::query_as("SELECT state FROM workflow_runs WHERE id = 1")
+            .fetch_optional(state)
+            .await?;
+        match row.as_ref().map(|(s,)| s.as_str()) {
+            Some("succeeded") => return Ok(()),
+            Some("failed" | "cancelled") => bail!("the workflow run ended {row:?}"),
+            _ => {}
+        }
+        if started.elapsed() > PATIENCE * 4 {
+            bail!("the workflow run did not end within {:?}", PATIENCE * 4);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// bench/graphile/dispatch.js on `url`: jobs/s.
+fn graphile_dispatch(url: &str, tasks: usize) -> anyhow::Result<f64> {
+    let out = std::process::Command::new("node")
+        .arg("bench/graphile/dispatch.js")
+        .arg(url)
+        .arg(tasks.to_string())
+        .arg(DISPATCH_SLOTS.to_string())
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run node (bench/run installs bench/graphile's packages)")?;
+    if !out.status.success() {
+        bail!("bench/graphile/dispatch.js failed ({})", out.status);
+    }
+    let line: Value = serde_json::from_slice(&out.stdout).context("dispatch.js's JSON line")?;
+    if line["jobs"].as_u64() != Some(tasks as u64) {
+        bail!("graphile-worker's dispatch: {line}");
+    }
+    line["jobs_per_s"].as_f64().context("jobs_per_s")
+}

@@ -70,7 +70,11 @@
 //! - `cluster-failover`: three `caudal run` nodes under `[cluster]` share a
 //!   CDC pipeline; each of `--trials` (default 20) SIGKILLs its owner and
 //!   times kill → another node holds the lease, and kill → first delivery
-//!   by the new owner; p50/p99 against the lease. See [`cluster`].
+//!   by the new owner; p50/p99 against the lease. `cluster-dispatch`: a
+//!   fan-out of N no-op command tasks (default 5,000) in a cluster-wide
+//!   pool of 16, run by 1, 2 and 3 nodes claiming from one PostgreSQL
+//!   store, tasks/s against graphile-worker on the same server running
+//!   `true` per job with concurrency 16. See [`cluster`].
 
 mod brokers;
 mod buffer;
@@ -122,6 +126,7 @@ const SCENARIOS: &[&str] = &[
     "broker-sink",
     "broker-consumers",
     "cluster-failover",
+    "cluster-dispatch",
 ];
 
 /// The scenarios that run caudal's binary (and so can run a baseline
@@ -150,6 +155,7 @@ const PG_SCENARIOS: &[&str] = &[
     "live-latency",
     "broker-sink",
     "cluster-failover",
+    "cluster-dispatch",
 ];
 
 /// The advisory lock a harness run holds on the PostgreSQL server.
@@ -182,14 +188,15 @@ struct Args {
     /// cdc-throughput, cdc-latency, mysql-cdc-throughput, mysql-cdc-latency,
     /// buffer, http-sink, footprint, workflow-dispatch, workflow-chain,
     /// crawl, crawl-limit, dataset-write, dataset-query, live-throughput,
-    /// live-latency, broker-sink, broker-consumers, cluster-failover (or all).
+    /// live-latency, broker-sink, broker-consumers, cluster-failover,
+    /// cluster-dispatch (or all).
     #[arg(default_value = "all")]
     scenario: String,
     /// Rows in the source table (initial-sync, default 1,000,000;
     /// steady-state, default 10,000,000), changes written (cdc-throughput,
     /// mysql-cdc-throughput, live-throughput, default 500,000), records (buffer, default
     /// 1,000,000; http-sink, default 2,000,000), tasks
-    /// (workflow-dispatch, default 10,000), sales (dataset-write,
+    /// (workflow-dispatch, default 10,000; cluster-dispatch, default 5,000), sales (dataset-write,
     /// dataset-query, default 10,000,000), records published to each broker
     /// (broker-sink, default 100,000) or messages consumed from each
     /// (broker-consumers, default 200,000).
@@ -455,6 +462,7 @@ async fn run(args: &Args, name: &str) -> anyhow::Result<Vec<Value>> {
         "broker-sink" => brokers::sink(args).await?,
         "broker-consumers" => brokers::consumers(args).await?,
         "cluster-failover" => vec![cluster::failover(args).await?],
+        "cluster-dispatch" => cluster::dispatch(args).await?,
         other => bail!("unknown scenario {other:?}"),
     })
 }

@@ -1003,6 +1003,25 @@ fn rows(r: &Runs<'_>) -> Vec<Row> {
                 none(),
             ));
         }
+        "cluster_dispatch" => {
+            out.push(row(
+                "cluster-dispatch",
+                format!(
+                    "no-op command tasks/s, {} tasks in a cluster-wide pool of {}, {} node(s) on one PostgreSQL",
+                    n("tasks"),
+                    n("slots"),
+                    n("nodes")
+                ),
+                n("caudal_tasks_per_s"),
+                format!(
+                    "graphile-worker on the same PostgreSQL, `true` per job, concurrency {}: {}",
+                    n("slots"),
+                    n("graphile_jobs_per_s")
+                ),
+                ratio("caudal_over_graphile"),
+                none(),
+            ));
+        }
         other => out.push(row(
             other,
             String::new(),

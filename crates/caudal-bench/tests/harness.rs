@@ -288,7 +288,10 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
             "broker_sink",
             "broker_consumers",
             "broker_consumers",
-            "cluster_failover"
+            "cluster_failover",
+            "cluster_dispatch",
+            "cluster_dispatch",
+            "cluster_dispatch"
         ],
         "{stdout}"
     );
@@ -485,6 +488,27 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
         stderr.contains("cluster-failover: measures clusters, which a baseline build may not have"),
         "{stderr}"
     );
+    // Task dispatch with 1, 2 and 3 nodes, each run complete (the
+    // scenario fails otherwise), beside graphile-worker's rate.
+    let dispatch: Vec<&Value> = results
+        .iter()
+        .filter(|r| r["scenario"] == "cluster_dispatch")
+        .collect();
+    for (i, r) in dispatch.iter().enumerate() {
+        assert_eq!(r["nodes"], i + 1, "{r}");
+        assert_eq!(r["tasks"], 3000, "{r}");
+        for figure in [
+            "caudal_tasks_per_s",
+            "graphile_jobs_per_s",
+            "caudal_over_graphile",
+        ] {
+            positive(r, figure);
+        }
+        let used = r["nodes_that_ran_tasks"]
+            .as_u64()
+            .expect("nodes_that_ran_tasks");
+        assert!((1..=i as u64 + 1).contains(&used), "{r}");
+    }
     // The baseline in every scenario that runs the binary, none in the
     // others (they link caudal's library, or measure workflows, the
     // crawler, datasets or live aggregates, which a baseline build may
@@ -506,6 +530,7 @@ fn every_scenario_runs_and_reports_its_references_and_the_baseline() {
                 | "broker_sink"
                 | "broker_consumers"
                 | "cluster_failover"
+                | "cluster_dispatch"
         ) {
             assert!(r.get("caudal_over_baseline").is_none(), "{r}");
             assert!(r.get("baseline_binary").is_none(), "{r}");

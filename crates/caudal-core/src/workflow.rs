@@ -299,6 +299,9 @@ pub struct AttemptInfo {
     pub stderr_tail: Option<String>,
     pub started_at: String,
     pub ended_at: Option<String>,
+    /// The process that ran it (`host:pid:nonce`): in a cluster, the node
+    /// that claimed it.
+    pub node: String,
 }
 
 #[cfg(test)]

@@ -22,6 +22,14 @@
 //!   cleanly (a run in progress ends as cancelled, not failed), releases
 //!   its lease at once so another node takes it without waiting for expiry,
 //!   and then the node exits.
+//! - **One sites node.** Per-site crawl limits (concurrency, delay,
+//!   robots.txt, the adaptive throttle) live in one process's memory, so
+//!   everything that talks to sites runs on one node: the holder of the
+//!   [`SITES_LEASE`]. Crawl pipelines are owned only by it (handed over when
+//!   it stops being the sites node), and the workflow executor hands
+//!   site-bound attempts (crawl tasks, commands with `site`) to it alone.
+//!   A sink's `rate_limit` applies per pipeline, and a pipeline runs on one
+//!   node at a time, so it holds across the cluster as on one machine.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -39,6 +47,9 @@ use tokio_util::sync::CancellationToken;
 const SOLO_HEARTBEAT: Duration = Duration::from_secs(10);
 /// How often a node looks for a pipeline it could take.
 const CLAIM_POLL: Duration = Duration::from_secs(1);
+
+/// The lease of the node that runs everything site-bound.
+pub const SITES_LEASE: &str = "cluster/sites";
 
 /// The name of pipeline `name`'s owner lease.
 pub fn owner_lease(name: &str) -> String {
@@ -65,9 +76,27 @@ struct Inner {
     total: usize,
     /// Cancelled once this node is asked to drain.
     draining: CancellationToken,
+    /// Whether this node holds the [`SITES_LEASE`].
+    sites: watch::Sender<bool>,
+}
+
+/// Whether pipeline `p` keeps to the sites node (a crawl).
+pub fn is_site_bound(p: &crate::pipeline::Pipeline) -> bool {
+    matches!(p.source(), crate::pipeline::Source::Crawl(_))
 }
 
 impl Member {
+    /// A member sharing `pipelines` under `cluster`: the crawls go to the
+    /// sites node, the others are shared out evenly.
+    pub fn for_pipelines(
+        store: Store,
+        cluster: &ClusterConfig,
+        pipelines: &[crate::pipeline::Pipeline],
+    ) -> Self {
+        let shared = pipelines.iter().filter(|p| !is_site_bound(p)).count();
+        Self::new(store, cluster, shared)
+    }
+
     /// A member sharing `total` pipelines under `cluster`.
     pub fn new(store: Store, cluster: &ClusterConfig, total: usize) -> Self {
         Self {
@@ -79,6 +108,7 @@ impl Member {
                 share: watch::Sender::new(0),
                 total,
                 draining: CancellationToken::new(),
+                sites: watch::Sender::new(false),
             }),
         }
     }
@@ -98,24 +128,43 @@ impl Member {
         self.inner.owned.load(Ordering::Relaxed)
     }
 
+    /// Whether this node is the sites node (holds [`SITES_LEASE`]).
+    pub fn is_sites_node(&self) -> bool {
+        *self.inner.sites.borrow()
+    }
+
     /// Waits until this node owns pipeline `name` (or `stop`): takes a slot
-    /// of its share, then the owner lease when it is free.
-    pub async fn claim(&self, name: &str, stop: &CancellationToken) -> Option<Owned> {
+    /// of its share, then the owner lease when it is free. A `site_bound`
+    /// pipeline (a crawl) is claimed only while this node is the sites
+    /// node.
+    pub async fn claim(
+        &self,
+        name: &str,
+        site_bound: bool,
+        stop: &CancellationToken,
+    ) -> Option<Owned> {
         let lease = owner_lease(name);
         let mut share = self.inner.share.subscribe();
+        let mut sites = self.inner.sites.subscribe();
         loop {
             if stop.is_cancelled() {
                 return None;
             }
-            if self.reserve()
-                && let Some(owned) = self.try_take(name, &lease).await
-            {
+            // A crawl takes no slot of the share: the sites node runs
+            // every crawl besides its share of the rest.
+            let may = if site_bound {
+                self.is_sites_node()
+            } else {
+                self.reserve()
+            };
+            if may && let Some(owned) = self.try_take(name, &lease, site_bound).await {
                 return Some(owned);
             }
             tokio::select! {
                 () = stop.cancelled() => return None,
                 () = tokio::time::sleep(CLAIM_POLL) => {}
                 _ = share.changed() => {}
+                _ = sites.changed() => {}
             }
         }
     }
@@ -143,7 +192,7 @@ impl Member {
             .is_ok()
     }
 
-    async fn try_take(&self, name: &str, lease: &str) -> Option<Owned> {
+    async fn try_take(&self, name: &str, lease: &str, site_bound: bool) -> Option<Owned> {
         let i = &self.inner;
         let taken = match i.store.try_acquire_lease(lease, &i.id, i.lease).await {
             Ok(LeaseOutcome::Acquired) => i.store.lease_token(lease, &i.id).await,
@@ -163,14 +212,19 @@ impl Member {
                         holder: i.id.clone(),
                         token,
                     },
+                    site_bound,
                 ))
             }
             Ok(None) => {
-                self.unreserve(true);
+                if !site_bound {
+                    self.unreserve(true);
+                }
                 None
             }
             Err(e) => {
-                self.unreserve(true);
+                if !site_bound {
+                    self.unreserve(true);
+                }
                 tracing::warn!(pipeline = name, error = %e.report(), "cannot claim the pipeline yet");
                 None
             }
@@ -186,6 +240,8 @@ impl Member {
         let beat = i.lease / 3;
         register(&i.store, &i.id, true).await;
         self.update_share().await;
+        let mut sites_ok = tokio::time::Instant::now();
+        self.update_sites(&mut sites_ok).await;
         loop {
             tokio::select! {
                 () = shutdown.cancelled() => break,
@@ -206,6 +262,7 @@ impl Member {
                 }
             }
             self.update_share().await;
+            self.update_sites(&mut sites_ok).await;
             metrics::gauge!("caudal_cluster_pipelines_owned").set(self.owned() as f64);
             if i.draining.is_cancelled() && self.owned() == 0 {
                 tracing::info!("drained: every pipeline handed over");
@@ -213,7 +270,59 @@ impl Member {
                 break;
             }
         }
+        if self.is_sites_node() {
+            i.sites.send_replace(false);
+            let _ = i.store.expire_lease(SITES_LEASE, &i.id).await;
+        }
         let _ = i.store.set_node_state(&i.id, NodeState::Stopped).await;
+    }
+
+    /// Takes or renews the [`SITES_LEASE`] (a draining node gives it up).
+    /// A node that could not renew it for two thirds of the lease stops
+    /// being the sites node before another may take it.
+    async fn update_sites(&self, last_ok: &mut tokio::time::Instant) {
+        let i = &self.inner;
+        if i.draining.is_cancelled() {
+            if self.is_sites_node() {
+                i.sites.send_replace(false);
+                let _ = i.store.expire_lease(SITES_LEASE, &i.id).await;
+                tracing::info!("draining: no longer the sites node");
+            }
+            return;
+        }
+        let attempt = tokio::time::Instant::now();
+        let held = match tokio::time::timeout(
+            i.lease / 3,
+            i.store.try_acquire_lease(SITES_LEASE, &i.id, i.lease),
+        )
+        .await
+        {
+            Ok(Ok(LeaseOutcome::Acquired)) => {
+                *last_ok = attempt;
+                true
+            }
+            Ok(Ok(LeaseOutcome::Held { .. })) => false,
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e.report(), "cannot renew the sites lease");
+                self.is_sites_node() && last_ok.elapsed() < i.lease * 2 / 3
+            }
+            Err(_) => self.is_sites_node() && last_ok.elapsed() < i.lease * 2 / 3,
+        };
+        i.sites.send_if_modified(|s| {
+            let changed = *s != held;
+            if changed {
+                if held {
+                    tracing::info!(
+                        "this node is the sites node: it runs crawls and site-bound tasks"
+                    );
+                } else {
+                    tracing::warn!("this node is no longer the sites node");
+                }
+            }
+            *s = held;
+            changed
+        });
+        metrics::gauge!("caudal_cluster_sites_node").set(if held { 1.0 } else { 0.0 });
     }
 
     /// Recomputes the share from the live nodes.
@@ -301,10 +410,11 @@ pub struct Owned {
 }
 
 impl Owned {
-    fn start(member: Member, pipeline: &str, fence: Fence) -> Self {
+    fn start(member: Member, pipeline: &str, fence: Fence, site_bound: bool) -> Self {
         let stop = CancellationToken::new();
         let lost = Arc::new(AtomicBool::new(false));
-        let slot_given = Arc::new(AtomicBool::new(false));
+        // A crawl holds no slot of the share (see `claim`).
+        let slot_given = Arc::new(AtomicBool::new(site_bound));
         metrics::gauge!("caudal_pipeline_owned", "pipeline" => pipeline.to_string()).set(1.0);
         let renewer = tokio::spawn(renew(
             member.clone(),
@@ -313,6 +423,7 @@ impl Owned {
             stop.clone(),
             lost.clone(),
             slot_given.clone(),
+            site_bound,
         ));
         Self {
             member,
@@ -370,8 +481,10 @@ async fn renew(
     stop: CancellationToken,
     lost: Arc<AtomicBool>,
     slot_given: Arc<AtomicBool>,
+    site_bound: bool,
 ) {
     let i = &member.inner;
+    let mut sites = i.sites.subscribe();
     let every = i.lease / 3;
     let mut last_ok = tokio::time::Instant::now();
     // A fixed deadline: a share change in between does not push the
@@ -383,9 +496,18 @@ async fn renew(
             () = stop.cancelled() => return,
             () = tokio::time::sleep_until(next) => {}
             _ = share.changed() => {
-                if member.unreserve(false) {
+                if !site_bound && member.unreserve(false) {
                     slot_given.store(true, Ordering::Release);
                     tracing::info!(pipeline, "handing the pipeline over to even out the nodes");
+                    stop.cancel();
+                    return;
+                }
+                continue;
+            }
+            _ = sites.changed(), if site_bound => {
+                if !*sites.borrow_and_update() {
+                    slot_given.store(true, Ordering::Release);
+                    tracing::info!(pipeline, "handing the crawl over to the new sites node");
                     stop.cancel();
                     return;
                 }
@@ -416,7 +538,7 @@ async fn renew(
             stop.cancel();
             return;
         }
-        if member.unreserve(false) {
+        if !site_bound && member.unreserve(false) {
             slot_given.store(true, Ordering::Release);
             tracing::info!(pipeline, "handing the pipeline over");
             stop.cancel();
@@ -439,6 +561,9 @@ pub struct NodeView {
     pub cluster: bool,
     /// Pipelines it owns (by the owner leases).
     pub pipelines: Vec<String>,
+    /// Whether it is the sites node (holds `cluster/sites`): it runs the
+    /// crawls and the site-bound workflow attempts.
+    pub sites_node: bool,
 }
 
 /// How long without a heartbeat before a node is shown as lost.
@@ -448,6 +573,11 @@ const LOST_AFTER: Duration = Duration::from_secs(30);
 pub async fn nodes(store: &Store) -> Result<Vec<NodeView>> {
     let nodes = store.nodes().await?;
     let owners = store.leases("owner/").await?;
+    let sites = store.leases(SITES_LEASE).await?;
+    let sites = sites
+        .iter()
+        .find(|l| l.name == SITES_LEASE && l.held)
+        .map(|l| l.holder.as_str());
     Ok(nodes
         .into_iter()
         .map(|n| {
@@ -463,6 +593,7 @@ pub async fn nodes(store: &Store) -> Result<Vec<NodeView>> {
             }
             .to_string();
             NodeView {
+                sites_node: sites == Some(n.id.as_str()),
                 state,
                 pipelines,
                 heartbeat_age_s: n.heartbeat_age.as_secs_f64(),

@@ -198,7 +198,9 @@ async fn owned_loop(
     member: Member,
 ) {
     let name = pipeline.name().to_string();
-    while let Some(owned) = member.claim(&name, &shutdown).await {
+    // Crawls keep to the sites node, where every site's limits live.
+    let site_bound = crate::cluster::is_site_bound(&pipeline);
+    while let Some(owned) = member.claim(&name, site_bound, &shutdown).await {
         let stop = owned.stopped();
         let ending = {
             let (stop, shutdown) = (stop.clone(), shutdown.clone());

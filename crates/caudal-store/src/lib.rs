@@ -57,6 +57,7 @@ mod clock;
 mod crawl;
 mod datasets;
 mod dead_letters;
+mod dispatch;
 mod leases;
 mod nodes;
 mod open;
@@ -79,6 +80,10 @@ pub use crawl::{
 };
 pub use datasets::{DatasetDate, DatasetPart, DatasetSummary, PartitionSummary};
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
+pub use dispatch::{
+    ClaimedDispatch, DispatchBeat, DispatchChanges, DispatchKey, FinishedDispatch, NewDispatch,
+    OpenDispatch,
+};
 pub use leases::{Fence, LeaseOutcome, LeaseRow};
 pub use nodes::{NewNode, Node, NodeState};
 pub use retention::PRUNE_BATCH;

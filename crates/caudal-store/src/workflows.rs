@@ -20,7 +20,7 @@
 use caudal_core::{Error, ErrorKind, Result};
 use jiff::Timestamp;
 
-use crate::{Store, clock, store_error};
+use crate::{DispatchChanges, Store, clock, store_error};
 
 /// A run to create.
 #[derive(Clone, Debug)]
@@ -492,6 +492,28 @@ impl Store {
         attempts: &[AttemptRow],
         runs: &[RunChange],
     ) -> Result<bool> {
+        self.save_workflow_changes_dispatching(
+            lease,
+            holder,
+            tasks,
+            attempts,
+            runs,
+            &DispatchChanges::default(),
+        )
+        .await
+    }
+
+    /// [`Store::save_workflow_changes`], with changes to the attempts
+    /// handed out to nodes (see `dispatch`) in the same transaction.
+    pub async fn save_workflow_changes_dispatching(
+        &self,
+        lease: &str,
+        holder: &str,
+        tasks: &[TaskRow],
+        attempts: &[AttemptRow],
+        runs: &[RunChange],
+        dispatch: &DispatchChanges,
+    ) -> Result<bool> {
         // One statement checks the fence and locks it until the commit: the
         // lease row is written (to itself) only if `holder` holds it, which
         // takes SQLite's write lock, or PostgreSQL's row lock that a
@@ -516,6 +538,7 @@ impl Store {
                 if !attempts.is_empty() {
                     upsert_attempts!(tx, attempts);
                 }
+                crate::dispatch::apply_dispatch!(tx, dispatch);
                 for r in runs {
                     sqlx::query(UPDATE_RUN)
                         .bind(r.id)

@@ -10,7 +10,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
-/// A proxy forwarding loopback connections to `upstream`.
+/// A proxy forwarding connections (on loopback, unless started with
+/// [`Proxy::start_on`]) to `upstream`.
 #[derive(Debug)]
 pub struct Proxy {
     addr: SocketAddr,
@@ -23,9 +24,16 @@ pub struct Proxy {
 impl Proxy {
     /// Starts a proxy to `upstream` (`host:port`) on a free loopback port.
     pub async fn start(upstream: &str) -> Self {
-        let listener = TcpListener::bind("127.0.0.1:0")
+        Self::start_on("127.0.0.1", upstream).await
+    }
+
+    /// Starts a proxy to `upstream` on a free port of address `ip` (for
+    /// example the host's end of a veth pair, for a process in a network
+    /// namespace).
+    pub async fn start_on(ip: &str, upstream: &str) -> Self {
+        let listener = TcpListener::bind((ip, 0))
             .await
-            .expect("bind a loopback port for the proxy");
+            .unwrap_or_else(|e| panic!("bind a port on {ip} for the proxy: {e}"));
         let addr = listener.local_addr().expect("proxy address");
         let (cut, cuts) = watch::channel(0u64);
         let refusing = Arc::new(AtomicBool::new(false));

@@ -211,7 +211,7 @@ pub async fn run(path: &Path) -> ExitCode {
     let member = config
         .cluster
         .as_ref()
-        .map(|c| caudal_engine::cluster::Member::new(store.clone(), c, pipelines.len()));
+        .map(|c| caudal_engine::cluster::Member::for_pipelines(store.clone(), c, &pipelines));
     if let Some(m) = &member {
         tracing::info!(
             node = m.id(),
@@ -484,7 +484,11 @@ fn print_nodes(nodes: &[caudal_engine::cluster::NodeView]) {
         .map(|n| {
             [
                 n.id.clone(),
-                n.state.clone(),
+                if n.sites_node {
+                    format!("{} (sites)", n.state)
+                } else {
+                    n.state.clone()
+                },
                 format!("{:.1}s ago", n.heartbeat_age_s),
                 n.version.clone(),
                 n.started_at.clone(),

@@ -423,7 +423,7 @@ async fn tasks(workflows: &Workflows, run: i64, attempts: bool, json: bool) -> R
             }
             return Ok(());
         }
-        let rows: Vec<[String; 6]> = all
+        let rows: Vec<[String; 7]> = all
             .iter()
             .map(|a| {
                 [
@@ -432,12 +432,15 @@ async fn tasks(workflows: &Workflows, run: i64, attempts: bool, json: bool) -> R
                     a.state.to_string(),
                     a.exit_code.map_or("-".into(), |c| c.to_string()),
                     a.started_at.clone(),
+                    a.node.clone(),
                     a.error.clone().unwrap_or_default(),
                 ]
             })
             .collect();
         print_table(
-            &["TASK", "ATTEMPT", "STATE", "EXIT", "STARTED", "ERROR"],
+            &[
+                "TASK", "ATTEMPT", "STATE", "EXIT", "STARTED", "NODE", "ERROR",
+            ],
             &rows,
         );
         return Ok(());

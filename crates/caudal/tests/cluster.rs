@@ -15,11 +15,17 @@
 //!   the pipeline; when it comes back its late checkpoint write is refused,
 //!   and the checkpoint the new owner saved never moves back.
 //! - **Partition.** A node cut off from the state store (its connections
-//!   through a proxy closed, new ones refused) stops its pipeline before
-//!   its lease runs out; the other node takes it; when the network is back
-//!   the cut-off node does not take it back nor move its checkpoint back.
+//!   through a proxy closed, new ones refused; or, in a network namespace,
+//!   its veth pair taken down so packets are dropped) stops its pipeline
+//!   before its lease runs out; the other node takes it with a greater
+//!   fencing token; when the network is back the cut-off node does not
+//!   take it back nor move its checkpoint back.
 //! - **Drain.** `caudal node drain` moves a node's pipelines to the others
 //!   and the node exits 0, with no run failed.
+//! - **Workflow tasks on any node.** A fan-out of 1,000 runs on every node
+//!   within a cluster-wide pool, each instance succeeding once through
+//!   repeated kills; a paused node's attempt is rescued, retried elsewhere,
+//!   and its late end refused.
 
 mod support;
 
@@ -33,7 +39,8 @@ use caudal_testkit::{Proxy, Receiver, Reply, TestDb, pg_database};
 use nix::sys::signal::Signal;
 use serde_json::Value;
 use support::cdc::{check_logical, drop_slot};
-use support::{Daemon, Output, PATIENCE, command, spawn_daemon};
+use support::netns::Netns;
+use support::{Daemon, Output, PATIENCE, command, spawn_daemon_in};
 
 /// Rows of `items` before the nodes start.
 const ITEMS: i64 = 300;
@@ -45,13 +52,20 @@ struct Node {
     config: PathBuf,
     starts: u32,
     daemon: Option<Daemon>,
+    /// The network namespace it runs in, if not the host's.
+    netns: Option<String>,
 }
 
 impl Node {
     fn start(&mut self) {
         assert!(self.daemon.is_none(), "{} is running already", self.name);
         self.starts += 1;
-        self.daemon = Some(spawn_daemon(&self.config, &self.dir, self.starts));
+        self.daemon = Some(spawn_daemon_in(
+            &self.config,
+            &self.dir,
+            self.starts,
+            self.netns.as_deref(),
+        ));
     }
 
     fn pid(&self) -> Option<u32> {
@@ -116,6 +130,7 @@ impl Cluster {
                     config: path,
                     starts: 0,
                     daemon: None,
+                    netns: None,
                 }
             })
             .collect();
@@ -866,11 +881,14 @@ async fn json_lines(config: &std::path::Path, dir: &std::path::Path, args: &[&st
         .collect()
 }
 
-/// A fan-out of 1,000 tasks while three nodes run, the node executing the
-/// workflows killed again and again: another node takes the executor over,
-/// every task instance succeeds exactly once (the store and the tasks'
-/// ledger agree), and the pool of 4 never has more than 4 attempts
-/// running at once, as the tasks observe it.
+/// A fan-out of 1,000 tasks over three nodes, the attempts claimed by
+/// every node, with a node killed again and again (the executor's, then
+/// another one running attempts): another node takes the executor over,
+/// the attempts of a killed node are rescued once it is silent for a lease
+/// and run again elsewhere, every task instance succeeds exactly once (the
+/// store and the tasks' ledger agree), and the cluster-wide pool of 4
+/// never has more than 4 attempts running at once, as the tasks observe
+/// it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn workflow_tasks_go_on_with_another_node_and_succeed_once_within_the_pool() {
     const ITEMS: usize = 1000;
@@ -946,7 +964,8 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
             "the run did not end ({done} of {ITEMS} done, {kills} kills)\n{}",
             c.logs()
         );
-        // Kill the executor's node every 150 tasks, up to 4 times.
+        // Every 150 tasks, up to 4 times, kill a node: the executor's, then
+        // one of the others (it runs attempts too), and so on.
         if kills < 4
             && done >= 150 * (kills + 1)
             && let Some(holder) = executor().await
@@ -956,7 +975,13 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
                 .nth(1)
                 .and_then(|p| p.parse().ok())
                 .expect("a pid");
-            if let Some(i) = c.nodes.iter().position(|n| n.pid() == Some(pid)) {
+            let executor_node = c.nodes.iter().position(|n| n.pid() == Some(pid));
+            let victim = if kills % 2 == 0 {
+                executor_node
+            } else {
+                executor_node.map(|e| (e + 1) % c.nodes.len())
+            };
+            if let Some(i) = victim {
                 c.nodes[i]
                     .daemon
                     .take()
@@ -970,7 +995,7 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(run_state().await, "succeeded", "{}", c.logs());
-    assert_eq!(kills, 4, "the executor was not killed 4 times");
+    assert_eq!(kills, 4, "the nodes were not killed 4 times");
 
     // Every instance succeeded exactly once, with its ledger line.
     let attempts = json_lines(
@@ -981,7 +1006,11 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
     .await;
     let mut succeeded: BTreeMap<i64, Vec<u64>> = BTreeMap::new();
     let mut lost_ended: HashMap<(String, u64), i128> = HashMap::new();
+    let mut ran_on: BTreeMap<String, usize> = BTreeMap::new();
     for a in attempts.iter().filter(|a| a["task"] == "work") {
+        *ran_on
+            .entry(a["node"].as_str().unwrap_or("").to_string())
+            .or_default() += 1;
         let index = a["map_index"].as_i64().expect("a map index");
         let attempt = a["attempt"].as_u64().expect("an attempt number");
         if a["state"] == "succeeded" {
@@ -993,6 +1022,13 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
         }
     }
     assert_eq!(succeeded.len(), ITEMS);
+    // Attempts ran on the nodes, not only on the executor's: seven node
+    // processes lived during the run (three, then one new per kill).
+    assert!(
+        ran_on.len() >= 4,
+        "attempts ran on {} node processes only: {ran_on:?}",
+        ran_on.len()
+    );
     let lines: BTreeSet<(String, u64)> = std::fs::read_to_string(&ledger)
         .unwrap_or_default()
         .lines()
@@ -1051,10 +1087,641 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
         "{most} attempts of the pool of {SLOTS} ran at once"
     );
     eprintln!(
-        "cluster workflow: {ITEMS} tasks, {kills} executor kills, {} attempts, at most {most} at once",
+        "cluster workflow: {ITEMS} tasks, {kills} node kills, {} attempts, at most {most} at once, on {ran_on:?}",
         starts.len()
     );
     state.close().await;
+    c.stop_all().await;
+    c.cleanup().await;
+}
+
+/// A node paused (SIGSTOP) while it runs a workflow attempt: once it has
+/// been silent for a lease the executor rescues the attempt (counted as
+/// failed: `lost`, its node named) and another node runs the retry, which
+/// succeeds. When the paused node comes back it finds the attempt rescued
+/// and kills its process; its late outcome is refused (the attempt stays
+/// `lost`), so the task succeeded once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_paused_nodes_attempt_is_rescued_retried_elsewhere_and_its_late_end_refused() {
+    let mut c = Cluster::new(3, 0, false, "3s").await;
+    let root = c.nodes[0].dir.parent().expect("the root").to_path_buf();
+    let pids = root.join("pids.txt");
+    let workflow = format!(
+        r#"
+[workflows.slow.tasks.once]
+type = "command"
+run = ["sh", "-c", "echo \"$CAUDAL_ATTEMPT $$\" >> \"$1\"; if [ \"$CAUDAL_ATTEMPT\" = 1 ]; then exec sleep 120; fi", "sh", "{pids}"]
+retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 3 }}
+"#,
+        pids = pids.display(),
+    );
+    for n in &c.nodes {
+        let config = std::fs::read_to_string(&n.config).expect("the config");
+        std::fs::write(&n.config, format!("{config}{workflow}")).expect("write the config");
+    }
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let (config, dir) = (c.nodes[0].config.clone(), c.nodes[0].dir.clone());
+    let out = Output::of(command(&config, &dir, &["workflow", "run", "slow"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let state = c.state().pg_pool().await;
+    // Attempt 1 runs on some node: pause that node.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let (holder, first_pid) = loop {
+        let row: Option<(String,)> = sqlx::query_as(
+            "SELECT holder FROM workflow_attempts WHERE task = 'once' AND attempt = 1 \
+             AND state = 'running'",
+        )
+        .fetch_optional(&state)
+        .await
+        .expect("read the attempt");
+        let started = std::fs::read_to_string(&pids).unwrap_or_default();
+        if let (Some((holder,)), Some(line)) = (row, started.lines().next())
+            && c.nodes
+                .iter()
+                .any(|n| holder.contains(&format!(":{}:", n.pid().unwrap_or(0))))
+        {
+            let pid: i32 = line
+                .split(' ')
+                .nth(1)
+                .and_then(|p| p.parse().ok())
+                .expect("a pid");
+            break (holder, pid);
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "attempt 1 did not start on a node\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let paused = c
+        .nodes
+        .iter()
+        .position(|n| holder.contains(&format!(":{}:", n.pid().unwrap_or(0))))
+        .expect("the node running attempt 1");
+    c.nodes[paused]
+        .daemon
+        .as_ref()
+        .expect("running")
+        .signal(Signal::SIGSTOP);
+    let run_state = || async {
+        let info = json_lines(&config, &dir, &["workflow", "status", "1", "--json"]).await;
+        info.first()
+            .and_then(|i| i["state"].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while run_state().await != "succeeded" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run did not succeed while n{} was paused\n{}",
+            paused + 1,
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let attempts = json_lines(
+        &config,
+        &dir,
+        &["workflow", "tasks", "1", "--attempts", "--json"],
+    )
+    .await;
+    assert_eq!(attempts.len(), 2, "{attempts:?}");
+    assert_eq!(attempts[0]["state"], "lost", "{attempts:?}");
+    assert_eq!(attempts[0]["node"], holder.as_str(), "{attempts:?}");
+    let why = attempts[0]["error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains(&holder) && why.contains("went silent"),
+        "{why}"
+    );
+    assert_eq!(attempts[1]["state"], "succeeded", "{attempts:?}");
+    assert_ne!(
+        attempts[1]["node"],
+        holder.as_str(),
+        "the retry ran elsewhere"
+    );
+    // The paused node's process still runs (a paused caudal stops no
+    // process) until the node is back and finds its attempt rescued.
+    assert!(
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(first_pid), None).is_ok(),
+        "attempt 1's process ended while its node was paused"
+    );
+    c.nodes[paused]
+        .daemon
+        .as_ref()
+        .expect("running")
+        .signal(Signal::SIGCONT);
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while nix::sys::signal::kill(nix::unistd::Pid::from_raw(first_pid), None).is_ok() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n{} did not stop the rescued attempt's process\n{}",
+            paused + 1,
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Its late outcome (cancelled) was refused: attempt 1 stays lost.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while !c.nodes[paused]
+        .logs()
+        .contains("after it was rescued from this node")
+    {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n{} did not report its refused outcome\n{}",
+            paused + 1,
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let again = json_lines(
+        &config,
+        &dir,
+        &["workflow", "tasks", "1", "--attempts", "--json"],
+    )
+    .await;
+    assert_eq!(again[0]["state"], "lost", "{again:?}");
+    assert_eq!(again.len(), 2, "{again:?}");
+    let remaining: (i64,) = sqlx::query_as("SELECT count(*) FROM workflow_dispatch")
+        .fetch_one(&state)
+        .await
+        .expect("count dispatch rows");
+    assert_eq!(
+        remaining.0, 0,
+        "every handed-out attempt was taken and forgotten"
+    );
+    state.close().await;
+    c.stop_all().await;
+    c.cleanup().await;
+}
+
+/// Everything that talks to a site keeps to one node, the sites node:
+/// two crawl pipelines over one site (concurrency 1) and a fan-out of
+/// site-bound commands, over three nodes. The site never serves two
+/// requests at once, the commands never overlap, and all of it runs on the
+/// holder of the sites lease; when that node is killed, the crawls and the
+/// remaining commands move to the next sites node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn site_limits_hold_across_the_cluster_on_the_sites_node() {
+    const COMMANDS: usize = 30;
+    let site = caudal_testkit::site::Site::start(caudal_testkit::site::SiteOptions {
+        listings: 3,
+        per_listing: 5,
+        latency: Duration::from_millis(20),
+        ..Default::default()
+    })
+    .await;
+    let mut c = Cluster::new(3, 0, false, "3s").await;
+    let root = c.nodes[0].dir.parent().expect("the root").to_path_buf();
+    let ledger = root.join("ledger.txt");
+    let extra = format!(
+        r#"
+[crawl]
+timeout = "3s"
+
+[crawl.sites."{host}"]
+concurrency = 1
+delay = "10ms"
+adaptive = false
+robots = false
+
+[sources.crawl_a]
+type = "crawl"
+start_urls = ["{a}"]
+follow = ["a.detail"]
+
+[[sources.crawl_a.pages]]
+name = "detail"
+match = "/property/\\d+$"
+fields.title = "h1.title"
+
+[sources.crawl_b]
+type = "crawl"
+start_urls = ["{b}"]
+follow = ["a.detail"]
+
+[[sources.crawl_b.pages]]
+name = "detail"
+match = "/property/\\d+$"
+fields.title = "h1.title"
+
+[sinks.pages]
+type = "http"
+url = "{pages}"
+batch = {{ max_records = 20, max_wait = "50ms" }}
+
+[pipelines.ca]
+source = "crawl_a"
+sink = "pages"
+schedule = {{ every = "1s" }}
+ack = "delivered"
+
+[pipelines.cb]
+source = "crawl_b"
+sink = "pages"
+schedule = {{ every = "1s" }}
+ack = "delivered"
+
+[workflows.polite.tasks.list]
+type = "command"
+run = ["sh", "-c", "seq 1 {COMMANDS} > \"$CAUDAL_ITEMS\""]
+
+[workflows.polite.tasks.visit]
+type = "command"
+depends_on = ["list"]
+for_each = "{{{{ tasks.list.items }}}}"
+site = "{host}"
+run = ["sh", "-c", "echo \"start $1 $CAUDAL_EXECUTOR $(date +%s%N)\" >> \"$2\"; sleep 0.1; echo \"end $1 $CAUDAL_EXECUTOR $(date +%s%N)\" >> \"$2\"", "sh", "{{{{ item }}}}", "{ledger}"]
+retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 5 }}
+"#,
+        host = site.host(),
+        a = site.url("/listings/1"),
+        b = site.url("/listings/2"),
+        pages = c.receiver.url("/pages"),
+        ledger = ledger.display(),
+    );
+    for n in &c.nodes {
+        let config = std::fs::read_to_string(&n.config).expect("the config");
+        std::fs::write(&n.config, format!("{config}{extra}")).expect("write the config");
+    }
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let state = c.state().pg_pool().await;
+    let first = crawls_on_the_sites_node(&c, &state, None).await;
+    let (config, dir) = (c.nodes[0].config.clone(), c.nodes[0].dir.clone());
+    let out = Output::of(command(&config, &dir, &["workflow", "run", "polite"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // A third of the commands done: kill the sites node.
+    let ended = || {
+        std::fs::read_to_string(&ledger)
+            .unwrap_or_default()
+            .lines()
+            .filter(|l| l.starts_with("end "))
+            .count()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while ended() < COMMANDS / 3 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the commands did not run\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let victim = c
+        .nodes
+        .iter()
+        .position(|n| first.contains(&format!(":{}:", n.pid().unwrap_or(0))))
+        .expect("the sites node");
+    c.nodes[victim]
+        .daemon
+        .take()
+        .expect("running")
+        .stop(Signal::SIGKILL)
+        .await;
+    let second = crawls_on_the_sites_node(&c, &state, Some(&first)).await;
+    let run_state = || async {
+        let info = json_lines(&config, &dir, &["workflow", "status", "1", "--json"]).await;
+        info.first()
+            .and_then(|i| i["state"].as_str())
+            .unwrap_or("")
+            .to_string()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while run_state().await != "succeeded" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run did not succeed\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Let the crawls go on a little on the new sites node.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(site.requests() > 0, "the site was never crawled");
+    assert_eq!(
+        site.max_in_flight(),
+        1,
+        "the site served two requests at once: its concurrency of 1 did not hold across the nodes"
+    );
+    // The commands: each on the sites node of its time, never two at once.
+    let mut spans: BTreeMap<String, (i128, i128, String)> = BTreeMap::new();
+    for line in std::fs::read_to_string(&ledger).unwrap_or_default().lines() {
+        let parts: Vec<&str> = line.split(' ').collect();
+        let [what, item, node, at] = parts[..] else {
+            panic!("a ledger line: {line}");
+        };
+        let at: i128 = at.parse().expect("a time");
+        let e = spans
+            .entry(format!("{item}/{node}"))
+            .or_insert((0, i128::MAX, node.to_string()));
+        if what == "start" {
+            e.0 = at;
+        } else {
+            e.1 = at;
+        }
+    }
+    let nodes: BTreeSet<&str> = spans.values().map(|s| s.2.as_str()).collect();
+    assert!(
+        nodes.iter().all(|n| *n == first || *n == second),
+        "a site-bound command ran off the sites node: {nodes:?} (sites nodes {first}, {second})"
+    );
+    assert!(nodes.contains(second.as_str()), "{nodes:?}");
+    let mut sorted: Vec<&(i128, i128, String)> = spans.values().collect();
+    sorted.sort();
+    for w in sorted.windows(2) {
+        assert!(
+            w[0].1 <= w[1].0,
+            "two site-bound commands overlapped: {:?} and {:?}",
+            w[0],
+            w[1]
+        );
+    }
+    let items: BTreeSet<&str> = spans.keys().filter_map(|k| k.split('/').next()).collect();
+    assert_eq!(items.len(), COMMANDS, "{spans:?}");
+    eprintln!(
+        "sites: {} requests, at most {} at once; {} commands on {nodes:?}",
+        site.requests(),
+        site.max_in_flight(),
+        spans.len()
+    );
+    state.close().await;
+    c.stop_all().await;
+    c.cleanup().await;
+}
+
+/// The node holding the sites lease now, if any.
+async fn sites_holder(state: &sqlx::PgPool) -> Option<String> {
+    let row: Option<(String,)> = sqlx::query_as(
+        "SELECT holder FROM leases WHERE name = 'cluster/sites' \
+         AND expires_at > (SELECT now_us FROM clock)",
+    )
+    .fetch_optional(state)
+    .await
+    .ok()
+    .flatten();
+    // (No such table yet: the nodes are still creating the store.)
+    row.map(|(h,)| h)
+}
+
+/// Waits until the sites node (other than `not`) owns both crawls `ca`
+/// and `cb`; returns it.
+async fn crawls_on_the_sites_node(c: &Cluster, state: &sqlx::PgPool, not: Option<&str>) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let holder = sites_holder(state).await;
+        let owners = c.owners().await;
+        if let Some(h) = holder.filter(|h| Some(h.as_str()) != not)
+            && owners
+                .get(&h)
+                .is_some_and(|p| p.iter().any(|p| p == "ca") && p.iter().any(|p| p == "cb"))
+        {
+            return h;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the crawls did not both go to the sites node: {owners:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// A node in a network namespace, partitioned from PostgreSQL (and from
+/// everything else) by taking its veth pair down while its pipeline
+/// delivers: packets are dropped, connections hang. It stops its pipeline
+/// on its own before its lease runs out; the other node takes the pipeline
+/// with a greater fencing token and moves on; when the partition heals,
+/// whatever the old node had in flight arrives late and is refused, and
+/// the checkpoint never moves back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_node_partitioned_in_a_network_namespace_stops_and_is_fenced() {
+    let mut c = Cluster::new(2, 1, false, "3s").await;
+    let netns = Netns::create(1);
+    let state_url = c.state().url().to_string();
+    let upstream = state_url
+        .split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("host:port in the state URL")
+        .to_string();
+    let receiver_at = c.receiver.addr().to_string();
+    // n1 runs in the namespace: PostgreSQL (store and source) and the
+    // receiver are reachable only through the veth pair.
+    let pg = Proxy::start_on(&netns.host_ip, &upstream).await;
+    let recv = Proxy::start_on(&netns.host_ip, &receiver_at).await;
+    let config = std::fs::read_to_string(&c.nodes[0].config).expect("n1's config");
+    std::fs::write(
+        &c.nodes[0].config,
+        config
+            .replace(&upstream, &pg.addr().to_string())
+            .replace(&receiver_at, &recv.addr().to_string()),
+    )
+    .expect("write n1's config");
+    c.nodes[0].netns = Some(netns.name.clone());
+    c.receiver
+        .set_reply(Reply::status(200).delay(Duration::from_millis(100)));
+    c.nodes[0].start();
+    c.wait_until_shared(1, 1).await;
+    c.nodes[1].start();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while c
+        .node_list()
+        .await
+        .iter()
+        .filter(|n| n["state"] == "active")
+        .count()
+        < 2
+    {
+        assert!(tokio::time::Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(c.owner_of("p1").await, Some(0), "{}", c.logs());
+    let stop = Arc::new(AtomicBool::new(false));
+    let writing = item_writer(c.src().pg_pool().await, ITEMS + 1, stop.clone());
+    let state = c.state().pg_pool().await;
+    let sampler = sample_checkpoints(state.clone(), "p1", stop.clone());
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while cursor_checkpoint(&state, "p1").await.unwrap_or(0) < ITEMS {
+        assert!(tokio::time::Instant::now() < deadline, "{}", c.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let token = || async {
+        let (t,): (i64,) = sqlx::query_as("SELECT token FROM leases WHERE name = 'owner/p1'")
+            .fetch_one(&state)
+            .await
+            .expect("the owner lease");
+        t
+    };
+    let n1_token = token().await;
+
+    // The partition.
+    netns.cut();
+    let cut_at = cursor_checkpoint(&state, "p1").await.expect("a checkpoint");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let at = cursor_checkpoint(&state, "p1").await.unwrap_or(0);
+        if c.owner_of("p1").await == Some(1) && at > cut_at + 50 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "n2 did not take p1 and move on within {PATIENCE:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let n2_token = token().await;
+    assert!(
+        n2_token > n1_token,
+        "the new owner's fencing token {n2_token} is not above the old one's {n1_token}"
+    );
+    let log = c.nodes[0].logs();
+    assert!(
+        log.contains("could not renew the pipeline's lease in time"),
+        "n1 did not stop p1 on its own:\n{log}"
+    );
+    // The partition heals; what n1 had in flight may now arrive, late.
+    netns.heal();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    stop.store(true, Ordering::Release);
+    let written = writing.await.expect("the writer");
+    let backwards = sampler.await.expect("the sampler");
+    assert!(
+        backwards.is_empty(),
+        "the checkpoint moved back: {backwards:?}\n{}",
+        c.logs()
+    );
+    assert_eq!(c.owner_of("p1").await, Some(1), "{}", c.logs());
+    assert_eq!(token().await, n2_token, "p1 changed hands again");
+    c.receiver.set_reply(Reply::status(200));
+    c.wait_for_items(1, written).await;
+    let log = c.nodes[0].logs();
+    eprintln!(
+        "netns partition: tokens {n1_token} -> {n2_token}; n1's late write refused: {}",
+        log.contains("no longer owns")
+    );
+    state.close().await;
+    c.stop_all().await;
+    c.cleanup().await;
+    drop((pg, recv));
+}
+
+/// What a cluster shows: each node's `/metrics` (live nodes, pipelines
+/// owned, which pipeline, the sites node), and `caudal status` with the
+/// nodes table (the sites node marked) and each pipeline's owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_shows_its_nodes_in_status_and_metrics() {
+    let mut c = Cluster::new(2, 2, false, "3s").await;
+    let mut ports = Vec::new();
+    for n in &c.nodes {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let config = std::fs::read_to_string(&n.config).expect("the config");
+        std::fs::write(
+            &n.config,
+            format!("{config}\n[server]\nlisten = \"127.0.0.1:{port}\"\n"),
+        )
+        .expect("write the config");
+        ports.push(port);
+    }
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let owners = c.wait_until_shared(2, 2).await;
+    let http = reqwest::Client::new();
+    // A gauge's value on each node, by its line in /metrics.
+    let gauge = |line: &'static str| {
+        let (http, ports) = (&http, &ports);
+        async move {
+            let mut values = Vec::new();
+            for port in ports {
+                let text = match http
+                    .get(format!("http://127.0.0.1:{port}/metrics"))
+                    .send()
+                    .await
+                {
+                    Ok(r) => r.text().await.unwrap_or_default(),
+                    Err(_) => String::new(),
+                };
+                let value = text
+                    .lines()
+                    .find_map(|l| l.strip_prefix(line)?.strip_prefix(' '))
+                    .and_then(|v| v.trim().parse::<f64>().ok());
+                values.push(value);
+            }
+            values
+        }
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let nodes = gauge("caudal_cluster_nodes").await;
+        let owned = gauge("caudal_cluster_pipelines_owned").await;
+        let sites = gauge("caudal_cluster_sites_node").await;
+        if nodes == [Some(2.0), Some(2.0)]
+            && owned == [Some(1.0), Some(1.0)]
+            && sites.iter().flatten().sum::<f64>() == 1.0
+            && sites.iter().all(Option::is_some)
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the cluster gauges did not settle: nodes {nodes:?}, owned {owned:?}, sites {sites:?}\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let p1 = c.owner_of("p1").await.expect("p1's owner");
+    let owned_p1 = gauge("caudal_pipeline_owned{pipeline=\"p1\"}").await;
+    assert_eq!(owned_p1[p1], Some(1.0), "{owned_p1:?}");
+    assert_ne!(owned_p1[1 - p1], Some(1.0), "{owned_p1:?}");
+    // `caudal status`: the nodes, the sites node marked, the pipelines
+    // each owns; `--json` names each pipeline's owner.
+    let n = &c.nodes[1];
+    let out = Output::of(command(&n.config, &n.dir, &["status"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    for header in ["NODE", "STATE", "HEARTBEAT", "PIPELINES"] {
+        assert!(out.stdout.contains(header), "{}", out.stdout);
+    }
+    for (id, pipelines) in &owners {
+        let line = out
+            .stdout
+            .lines()
+            .find(|l| l.starts_with(id.as_str()))
+            .unwrap_or_else(|| panic!("no line for node {id}:\n{}", out.stdout));
+        for p in pipelines {
+            assert!(line.contains(p.as_str()), "{line}");
+        }
+    }
+    assert_eq!(
+        out.stdout.matches("active (sites)").count(),
+        1,
+        "{}",
+        out.stdout
+    );
+    let out = Output::of(command(&n.config, &n.dir, &["status", "--json"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let status: Value = serde_json::from_str(&out.stdout).expect("status JSON");
+    let owner_of = |p: &str| {
+        status
+            .as_array()
+            .and_then(|ps| ps.iter().find(|x| x["pipeline"] == p))
+            .and_then(|x| x["owner"].as_str())
+            .map(str::to_string)
+    };
+    for (id, pipelines) in &owners {
+        for p in pipelines {
+            assert_eq!(owner_of(p).as_deref(), Some(id.as_str()), "{status}");
+        }
+    }
     c.stop_all().await;
     c.cleanup().await;
 }

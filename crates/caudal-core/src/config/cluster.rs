@@ -38,14 +38,28 @@ pub struct ClusterConfig {
     #[serde(default = "default_lease")]
     #[schemars(extend("default" = DEFAULT_CLUSTER_LEASE))]
     pub lease: Duration,
+    /// Workflow attempts this node runs at once at most (default 32). Any
+    /// node with a free slot claims the next ready attempt; pools
+    /// (`[pools.NAME] slots`) count across the cluster, not per node.
+    #[serde(default = "default_task_slots")]
+    #[schemars(extend("default" = DEFAULT_TASK_SLOTS))]
+    pub task_slots: u32,
 }
+
+/// Default workflow attempts one node runs at once.
+pub const DEFAULT_TASK_SLOTS: u32 = 32;
 
 impl Default for ClusterConfig {
     fn default() -> Self {
         Self {
             lease: DEFAULT_CLUSTER_LEASE,
+            task_slots: DEFAULT_TASK_SLOTS,
         }
     }
+}
+
+fn default_task_slots() -> u32 {
+    DEFAULT_TASK_SLOTS
 }
 
 fn default_lease() -> Duration {
@@ -62,6 +76,12 @@ pub(crate) fn check(config: &Config, out: &mut Vec<Problem>) {
         out.push(Problem::at(
             path.key("lease"),
             "must be at least \"2s\": renewals every third of it must reach the store in time",
+        ));
+    }
+    if cluster.task_slots == 0 {
+        out.push(Problem::at(
+            path.key("task_slots"),
+            "must be at least 1 (a node with no slot runs no workflow attempt)",
         ));
     }
     let url = config.state.url.expose();

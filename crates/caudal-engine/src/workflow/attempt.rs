@@ -37,7 +37,7 @@ const STDERR_TAIL: u64 = 2048;
 pub const EXECUTOR_ENV: &str = "CAUDAL_EXECUTOR";
 
 /// Which attempt.
-#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub(crate) struct AttemptId {
     pub run_id: i64,
     pub task: String,
@@ -46,7 +46,7 @@ pub(crate) struct AttemptId {
 }
 
 /// What an attempt does, rendered.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Work {
     Command {
         program: String,
@@ -77,7 +77,7 @@ pub(crate) enum Work {
 }
 
 /// The files of one attempt.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Files {
     pub stdout: PathBuf,
     pub stderr: PathBuf,
@@ -103,21 +103,22 @@ impl Files {
     }
 }
 
-/// One attempt, ready to run.
-#[derive(Clone, Debug)]
+/// One attempt, ready to run (handed to another node as JSON in a
+/// cluster).
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Spec {
     pub id: AttemptId,
     pub work: Work,
     pub timeout: Option<Duration>,
     /// Why the timeout is what it is (`timeout` or `deadline`).
-    pub timeout_cause: &'static str,
+    pub timeout_cause: String,
     pub files: Files,
     /// `items_from`, rendered, with its column.
     pub items_from: Option<(PathBuf, Option<String>)>,
 }
 
 /// How an attempt ended.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub(crate) enum Ending {
     Succeeded,
     /// The command exited with its skip exit code.
@@ -127,10 +128,13 @@ pub(crate) enum Ending {
     Cancelled,
     /// Stopped because caudal is stopping; it does not count.
     Interrupted,
+    /// Its node went silent while it ran (a cluster's executor rescued
+    /// it); counted as a failed attempt.
+    Lost,
 }
 
 /// What the executor learns from an attempt when it ends.
-#[derive(Debug)]
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
 pub(crate) struct Done {
     pub id: AttemptId,
     pub ending: Ending,

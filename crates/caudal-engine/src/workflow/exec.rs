@@ -24,7 +24,10 @@ use caudal_core::config::{
 use caudal_core::delivery::RetryPolicy;
 use caudal_core::workflow::{AttemptState, Readiness, RunState, TaskState, decide};
 use caudal_core::{Error, ErrorKind, Result};
-use caudal_store::{AttemptRow, RunChange, RunFilter, Store, TaskRow, WorkflowRunRow};
+use caudal_store::{
+    AttemptRow, DispatchChanges, DispatchKey, NewDispatch, RunChange, RunFilter, Store, TaskRow,
+    WorkflowRunRow,
+};
 use jiff::Timestamp;
 use serde_json::{Map, Value};
 use tokio::sync::mpsc;
@@ -32,12 +35,20 @@ use tokio_util::sync::CancellationToken;
 
 use super::attempt::{self, AttemptId, Done, Ending, Files, Shared, Spec, Work};
 use super::render::{self, Context, Prepared};
+use super::worker::key_of;
 use super::{EXECUTOR_LEASE, parse_json_object};
 use crate::lease::{Lease, holder_id};
 use crate::schedule::Schedule;
 
 /// How often the store is asked for new runs and cancel requests.
 const POLL: Duration = Duration::from_millis(200);
+/// How often, in a cluster, the store is asked for attempts that ended on
+/// their nodes (while any runs).
+const DISPATCH_POLL: Duration = Duration::from_millis(10);
+/// How often, in a cluster, attempts of silent nodes are looked for.
+const RESCUE_CHECK: Duration = Duration::from_secs(1);
+/// Outcomes read at most per poll.
+const DISPATCH_READ: u32 = 512;
 /// How often schedules are checked.
 const SCHEDULE_CHECK: Duration = Duration::from_secs(1);
 /// Slots of the implicit pool of tasks that name none.
@@ -279,6 +290,7 @@ struct Batch {
     tasks: Vec<TaskRow>,
     attempts: Vec<AttemptRow>,
     runs: Vec<RunChange>,
+    dispatch: DispatchChanges,
     spawn: Vec<(Spec, CancellationToken)>,
     ack: Option<tokio::sync::oneshot::Sender<()>>,
 }
@@ -309,14 +321,26 @@ fn start_writer(
                 continue;
             }
             let (mut tasks, mut attempts, mut runs) = (Vec::new(), Vec::new(), Vec::new());
+            let mut dispatch = DispatchChanges::default();
             for b in &mut batches {
                 tasks.append(&mut b.tasks);
                 attempts.append(&mut b.attempts);
                 runs.append(&mut b.runs);
+                dispatch.new.append(&mut b.dispatch.new);
+                dispatch.forget.append(&mut b.dispatch.forget);
+                dispatch.cancel.append(&mut b.dispatch.cancel);
             }
-            if !(tasks.is_empty() && attempts.is_empty() && runs.is_empty()) {
+            if !(tasks.is_empty() && attempts.is_empty() && runs.is_empty() && dispatch.is_empty())
+            {
                 let saved = store
-                    .save_workflow_changes(EXECUTOR_LEASE, &holder, &tasks, &attempts, &runs)
+                    .save_workflow_changes_dispatching(
+                        EXECUTOR_LEASE,
+                        &holder,
+                        &tasks,
+                        &attempts,
+                        &runs,
+                        &dispatch,
+                    )
                     .await;
                 let problem = match saved {
                     Ok(true) => None,
@@ -363,6 +387,7 @@ struct Pending {
     tasks: HashSet<(i64, Key)>,
     attempts: HashMap<AttemptId, AttemptRow>,
     runs: HashSet<i64>,
+    dispatch: DispatchChanges,
     spawn: Vec<(Spec, CancellationToken)>,
 }
 
@@ -396,6 +421,13 @@ struct Executor {
     contexts: HashMap<(i64, String), minijinja::Value>,
     /// Notifications being sent (awaited before the executor returns).
     notifications: Vec<tokio::task::JoinHandle<()>>,
+    /// In a cluster: attempts are handed to the nodes through the store,
+    /// and an attempt whose node is silent this long is rescued.
+    dispatch: Option<Duration>,
+    last_rescue: Option<Instant>,
+    /// In a cluster: the node site-bound attempts go to (the sites node,
+    /// or this one while there is none).
+    lane: Option<String>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -429,6 +461,22 @@ pub async fn execute(
     let nodes_lease = config.cluster.as_ref().map(|c| c.lease.as_std());
     let lease = Lease::acquire_in_cluster(&store, EXECUTOR_LEASE, nodes_lease).await?;
     let holder = holder_id();
+    let dispatch_silence = nodes_lease;
+    // `caudal workflow run --wait` in a cluster: this process runs
+    // attempts too (a daemon's node runs its own worker).
+    let local_worker = match (&dispatch_silence, options.only_run) {
+        (Some(_), Some(_)) => {
+            let stop = shutdown.child_token();
+            let handle = tokio::spawn(super::worker::work(
+                config.clone(),
+                store.clone(),
+                holder.clone(),
+                stop.clone(),
+            ));
+            Some((stop, handle))
+        }
+        _ => None,
+    };
     let killed = attempt::kill_orphans(&holder);
     if killed > 0 {
         tracing::warn!(
@@ -505,7 +553,13 @@ pub async fn execute(
         notifications: Vec::new(),
         contexts: HashMap::new(),
         unloadable: HashSet::new(),
+        dispatch: dispatch_silence,
+        last_rescue: None,
+        lane: None,
     };
+    if ex.dispatch.is_some() {
+        ex.refresh_lane().await;
+    }
     let lost = lease.lost();
     let result = ex.main_loop(&mut events, &shutdown, &lost).await;
     // Stop what runs: each attempt ends as interrupted and is queued again
@@ -515,9 +569,13 @@ pub async fn execute(
         Err(e) if result.is_ok() => Err(e),
         _ => result,
     };
+    // Attempts handed to nodes go on there; the next executor adopts them.
+    if ex.dispatch.is_some() {
+        ex.running.clear();
+    }
     while !ex.running.is_empty() {
         match tokio::time::timeout(attempt::KILL_GRACE * 3, events.recv()).await {
-            Ok(Some(done)) => ex.on_done(done),
+            Ok(Some(done)) => ex.on_done(done, None),
             _ => break,
         }
     }
@@ -529,6 +587,10 @@ pub async fn execute(
         tracing::warn!(error = %e.report(), "cannot save the tasks interrupted by shutdown; they are recovered at the next start");
     }
     lease.release().await;
+    if let Some((stop, handle)) = local_worker {
+        stop.cancel();
+        let _ = handle.await;
+    }
     for sending in ex.notifications.drain(..) {
         let _ = tokio::time::timeout(NOTIFY_WAIT, sending).await;
     }
@@ -561,14 +623,17 @@ impl Executor {
                 }
                 event = events.recv() => {
                     if let Some(event) = event {
-                        self.on_done(event);
+                        self.on_done(event, None);
                         while let Ok(event) = events.try_recv() {
-                            self.on_done(event);
+                            self.on_done(event, None);
                         }
                     }
                 }
                 _ = tick.tick() => {
                     self.poll_store(false).await?;
+                }
+                () = tokio::time::sleep(DISPATCH_POLL), if self.dispatch.is_some() && !self.running.is_empty() => {
+                    self.poll_dispatch().await;
                 }
                 () = sleep_until(wake) => {}
             }
@@ -795,11 +860,43 @@ impl Executor {
             }
             self.put(id, key, instance);
         }
+        // In a cluster, attempts still handed out go on on their nodes:
+        // this executor adopts them (their pool slots are taken).
+        let handed_out: HashMap<DispatchKey, String> = if was_running && self.dispatch.is_some() {
+            self.store
+                .open_dispatch(id)
+                .await?
+                .into_iter()
+                .map(|d| (d.key, d.pool))
+                .collect()
+        } else {
+            HashMap::new()
+        };
         for mut a in attempts {
             if a.state != AttemptState::Running.as_str() {
                 continue;
             }
             let key = (a.task.clone(), a.map_index);
+            let attempt_id = AttemptId {
+                run_id: id,
+                task: a.task.clone(),
+                map_index: a.map_index,
+                attempt: a.attempt,
+            };
+            if let Some(pool) = handed_out.get(&key_of(&attempt_id)) {
+                if let Some(p) = self.pools.get_mut(pool) {
+                    p.used += 1;
+                }
+                if let Some(i) = self
+                    .runs
+                    .get_mut(&id)
+                    .and_then(|r| r.instances.get_mut(&key))
+                {
+                    i.stop = Some(CancellationToken::new());
+                }
+                self.running.insert(attempt_id, (a, pool.clone()));
+                continue;
+            }
             a.state = AttemptState::Lost.as_str().to_string();
             a.ended_at = Some(now);
             a.error = Some(format!(
@@ -1352,7 +1449,14 @@ impl Executor {
         let now = Timestamp::now();
         let base = self.base_context(run_id, &key.0);
         match self.prepare(run_id, key, now, &base) {
-            Ok(Some(prepared)) => self.launch(run_id, key, pool, now, prepared),
+            Ok(Some(prepared)) => {
+                let priority = self
+                    .runs
+                    .get(&run_id)
+                    .and_then(|r| r.task(&key.0))
+                    .map_or(i64::MAX, priority_key);
+                self.launch(run_id, key, pool, priority, now, prepared);
+            }
             Ok(None) => {}
             Err(why) => {
                 self.fail_without_attempt(run_id, key, why);
@@ -1428,6 +1532,7 @@ impl Executor {
         run_id: i64,
         key: &Key,
         pool: &str,
+        priority: i64,
         now: Timestamp,
         (work, timeout, cause, items_from): (
             Work,
@@ -1495,11 +1600,150 @@ impl Executor {
             id,
             work,
             timeout,
-            timeout_cause: cause,
+            timeout_cause: cause.to_string(),
             items_from,
         };
-        let _ = now;
-        self.pending.spawn.push((spec, stop));
+        if self.dispatch.is_some() {
+            self.hand_out(spec, pool, priority);
+        } else {
+            self.pending.spawn.push((spec, stop));
+        }
+    }
+
+    /// In a cluster: writes the attempt for any node to claim (with this
+    /// turn's rows). Site-bound attempts (crawls, commands with `site`)
+    /// stay on this node, so each site's limits hold in one process.
+    fn hand_out(&mut self, spec: Spec, pool: &str, priority: i64) {
+        let site_bound = match &spec.work {
+            Work::Crawl { .. } => true,
+            Work::Command { site, .. } => site.is_some(),
+            _ => false,
+        };
+        let text = match serde_json::to_string(&spec) {
+            Ok(t) => t,
+            Err(e) => {
+                let done = Done {
+                    id: spec.id.clone(),
+                    ending: Ending::Failed,
+                    exit_code: None,
+                    pid: None,
+                    error: Some(format!("cannot hand the attempt to a node: {e}")),
+                    stderr_tail: None,
+                    outputs: Map::new(),
+                    items: Vec::new(),
+                    elapsed: Duration::ZERO,
+                };
+                self.on_done(done, None);
+                return;
+            }
+        };
+        self.seq += 1;
+        self.pending.dispatch.new.push(NewDispatch {
+            key: key_of(&spec.id),
+            pool: pool.to_string(),
+            priority,
+            seq: i64::try_from(self.seq).unwrap_or(i64::MAX),
+            lane: if site_bound {
+                self.lane.clone().unwrap_or_else(|| self.holder.clone())
+            } else {
+                String::new()
+            },
+            spec: text,
+        });
+    }
+
+    /// In a cluster: follows the sites node; site-bound attempts not yet
+    /// claimed move to it when it changes.
+    async fn refresh_lane(&mut self) {
+        let sites = match self.store.leases(crate::cluster::SITES_LEASE).await {
+            Ok(rows) => rows
+                .into_iter()
+                .find(|l| l.name == crate::cluster::SITES_LEASE && l.held)
+                .map(|l| l.holder),
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "cannot read which node is the sites node");
+                return;
+            }
+        };
+        let lane = sites.unwrap_or_else(|| self.holder.clone());
+        if self.lane.as_deref() == Some(lane.as_str()) {
+            return;
+        }
+        match self
+            .store
+            .relane_dispatch(EXECUTOR_LEASE, &self.holder, &lane)
+            .await
+        {
+            Ok(0) => {}
+            Ok(n) => {
+                tracing::info!(attempts = n, node = %lane, "site-bound workflow attempts move to the sites node");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "cannot move site-bound workflow attempts");
+                return;
+            }
+        }
+        self.lane = Some(lane);
+    }
+
+    /// In a cluster: takes the outcomes nodes wrote, and every so often
+    /// rescues the attempts of nodes gone silent.
+    async fn poll_dispatch(&mut self) {
+        let Some(silence) = self.dispatch else {
+            return;
+        };
+        if self.last_rescue.is_none_or(|t| t.elapsed() >= RESCUE_CHECK) {
+            self.last_rescue = Some(Instant::now());
+            self.refresh_lane().await;
+            match self
+                .store
+                .rescue_dispatch(EXECUTOR_LEASE, &self.holder, silence)
+                .await
+            {
+                Ok(rescued) => {
+                    for (key, node) in rescued {
+                        metrics::counter!("caudal_workflow_attempts_rescued_total").increment(1);
+                        tracing::warn!(run = key.run_id, task = %key.task, index = key.map_index, attempt = key.attempt, node = node.as_deref().unwrap_or("?"), "a workflow attempt's node went silent; the attempt counts as failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.report(), "cannot rescue the attempts of silent nodes")
+                }
+            }
+        }
+        let finished = match self.store.finished_dispatch(DISPATCH_READ).await {
+            Ok(f) => f,
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "cannot read the outcomes of workflow attempts");
+                return;
+            }
+        };
+        for f in finished {
+            let id = AttemptId {
+                run_id: f.key.run_id,
+                task: f.key.task.clone(),
+                map_index: f.key.map_index,
+                attempt: f.key.attempt,
+            };
+            self.pending.dispatch.forget.push(f.key.clone());
+            if !self.running.contains_key(&id) {
+                continue;
+            }
+            let node = f.node.clone();
+            let done = match f.outcome.as_deref().map(serde_json::from_str::<Done>) {
+                Some(Ok(done)) => done,
+                Some(Err(e)) => lost(id, format!("its outcome cannot be read ({e})")),
+                None => lost(
+                    id,
+                    format!(
+                        "its node ({}) went silent for {} while it ran; counted as a failed attempt",
+                        node.as_deref().unwrap_or("?"),
+                        caudal_core::units::Duration(silence)
+                    ),
+                ),
+            };
+            self.on_done(done, node);
+        }
     }
 
     fn render_work(
@@ -1623,7 +1867,8 @@ impl Executor {
         }
     }
 
-    fn on_done(&mut self, done: Done) {
+    /// An attempt ended (on `node`, when another node ran it).
+    fn on_done(&mut self, done: Done, node: Option<String>) {
         let now = Timestamp::now();
         let id = done.id.clone();
         let key = (id.task.clone(), id.map_index);
@@ -1647,7 +1892,11 @@ impl Executor {
             Ending::Failed => AttemptState::Failed,
             Ending::TimedOut => AttemptState::TimedOut,
             Ending::Cancelled | Ending::Interrupted => AttemptState::Cancelled,
+            Ending::Lost => AttemptState::Lost,
         };
+        if let Some(node) = node {
+            row.holder = node;
+        }
         metrics::counter!("caudal_workflow_attempts_total", "workflow" => workflow.clone(), "task" => key.0.clone(), "outcome" => state.as_str()).increment(1);
         metrics::histogram!("caudal_workflow_attempt_duration_seconds", "workflow" => workflow, "task" => key.0.clone()).record(done.elapsed.as_secs_f64());
         row.state = state.as_str().to_string();
@@ -1701,7 +1950,7 @@ impl Executor {
                 }
                 return;
             }
-            Ending::Failed | Ending::TimedOut => {
+            Ending::Failed | Ending::TimedOut | Ending::Lost => {
                 let why = done.error.unwrap_or_else(|| "failed".into());
                 if self.attempt_failed(run_id, &key, why, now) {
                     return;
@@ -1766,6 +2015,17 @@ impl Executor {
                         .and_then(|i| i.stop.clone())
                     {
                         stop.cancel();
+                        if self.dispatch.is_some()
+                            && let Some(i) =
+                                self.runs.get(&run_id).and_then(|r| r.instances.get(&key))
+                        {
+                            self.pending.dispatch.cancel.push(DispatchKey {
+                                run_id,
+                                task: key.0.clone(),
+                                map_index: key.1,
+                                attempt: i.attempts,
+                            });
+                        }
                     } else if key.1 < 0 {
                         // A fan-out parent: it ends when its instances do.
                         self.set_state(run_id, &key, TaskState::Cancelled);
@@ -1853,6 +2113,7 @@ impl Executor {
         if self.pending.tasks.is_empty()
             && self.pending.attempts.is_empty()
             && self.pending.runs.is_empty()
+            && self.pending.dispatch.is_empty()
         {
             return;
         }
@@ -1885,6 +2146,7 @@ impl Executor {
             tasks,
             attempts,
             runs,
+            dispatch: std::mem::take(&mut self.pending.dispatch),
             spawn: std::mem::take(&mut self.pending.spawn),
             ack: None,
         };
@@ -2062,6 +2324,21 @@ fn slots_to_run(due: &[Timestamp], now: Timestamp, catchup: Catchup) -> Vec<Time
 }
 
 /// Moves the `caudal_workflow_tasks` gauge of `state` by `delta`.
+/// The ending of an attempt its node did not report.
+fn lost(id: AttemptId, why: String) -> Done {
+    Done {
+        id,
+        ending: Ending::Lost,
+        exit_code: None,
+        pid: None,
+        error: Some(why),
+        stderr_tail: None,
+        outputs: Map::new(),
+        items: Vec::new(),
+        elapsed: Duration::ZERO,
+    }
+}
+
 fn tasks_gauge(workflow: &str, state: TaskState, delta: f64) {
     metrics::gauge!("caudal_workflow_tasks", "workflow" => workflow.to_string(), "state" => state.as_str())
         .increment(delta);

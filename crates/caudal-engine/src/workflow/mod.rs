@@ -18,6 +18,7 @@
 pub mod attempt;
 pub mod exec;
 mod render;
+pub mod worker;
 
 use std::sync::Arc;
 
@@ -283,6 +284,7 @@ impl Workflows {
                     stderr_tail: a.stderr_tail,
                     started_at: a.started_at.to_string(),
                     ended_at: a.ended_at.map(|x| x.to_string()),
+                    node: a.holder,
                     task: a.task,
                     map_index: a.map_index,
                     attempt: a.attempt,
@@ -582,6 +584,16 @@ pub async fn serve(
             }
         })
     };
+    // In a cluster every node runs the attempts it claims, whichever node
+    // is the executor.
+    let worker = config.cluster.is_some().then(|| {
+        tokio::spawn(worker::work(
+            config.clone(),
+            store.clone(),
+            caudal_core::process::holder_id(),
+            shutdown.clone(),
+        ))
+    });
     let mut waiting_logged = false;
     while !shutdown.is_cancelled() {
         let options = ExecOptions {
@@ -606,4 +618,13 @@ pub async fn serve(
         }
     }
     pruner.abort();
+    if let Some(worker) = worker {
+        match worker.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e.report(), "this node's workflow worker stopped")
+            }
+            Err(e) => tracing::error!(error = %e, "this node's workflow worker stopped"),
+        }
+    }
 }

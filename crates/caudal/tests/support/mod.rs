@@ -11,6 +11,7 @@
 #![allow(dead_code)]
 
 pub mod cdc;
+pub mod netns;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -348,9 +349,22 @@ pipelines:
 /// Starts `caudal --config <config> run` in `dir`, logging to
 /// `dir/daemon-<n>.log`.
 pub fn spawn_daemon(config: &Path, dir: &Path, n: u32) -> Daemon {
+    spawn_daemon_in(config, dir, n, None)
+}
+
+/// [`spawn_daemon`], inside network namespace `netns` when given (`ip
+/// netns exec` executes caudal in place: the child is caudal itself).
+pub fn spawn_daemon_in(config: &Path, dir: &Path, n: u32, netns: Option<&str>) -> Daemon {
     let log = dir.join(format!("daemon-{n}.log"));
     let file = std::fs::File::create(&log).expect("create the daemon log");
-    let mut cmd = command(config, dir, &["run"]);
+    let mut cmd = match netns {
+        None => command(config, dir, &["run"]),
+        Some(ns) => {
+            let mut cmd = tokio::process::Command::new("ip");
+            cmd.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_caudal")]);
+            caudal_args(cmd, config, dir, &["run"])
+        }
+    };
     // For debugging a test: CAUDAL_TEST_DAEMON_LOG=caudal_connectors=debug.
     if let Ok(filter) = std::env::var("CAUDAL_TEST_DAEMON_LOG") {
         cmd.env("CAUDAL_LOG", format!("info,{filter}"));
@@ -364,7 +378,22 @@ pub fn spawn_daemon(config: &Path, dir: &Path, n: u32) -> Daemon {
 /// `caudal --config <config> <args>` with a clean environment: no config or
 /// log settings inherited from the developer's shell, no colours in logs.
 pub fn command(config: &Path, dir: &Path, args: &[&str]) -> tokio::process::Command {
-    let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_caudal"));
+    caudal_args(
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_caudal")),
+        config,
+        dir,
+        args,
+    )
+}
+
+/// `cmd` (caudal, or a wrapper that executes it) given `--config <config>
+/// <args>` and the clean environment of [`command`].
+fn caudal_args(
+    mut cmd: tokio::process::Command,
+    config: &Path,
+    dir: &Path,
+    args: &[&str],
+) -> tokio::process::Command {
     cmd.arg("--config")
         .arg(config)
         .args(args)

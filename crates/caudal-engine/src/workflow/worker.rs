@@ -1,0 +1,286 @@
+//! A node's worker: in a cluster every node runs the workflow attempts it
+//! claims from the store, whichever node is the executor.
+//!
+//! Promises:
+//! - A node runs at most `[cluster] task_slots` attempts at once, and
+//!   claims (with `FOR UPDATE SKIP LOCKED`, see `caudal_store::dispatch`)
+//!   only while it has a free slot; the executor, one in the cluster,
+//!   keeps every pool's limit, so a pool of 3 is 3 in the cluster.
+//! - It beats each claimed attempt's heartbeat every third of the cluster
+//!   lease. An attempt the executor rescued (the node was silent for a
+//!   lease) or whose run was cancelled is stopped at the next beat; a node
+//!   that cannot reach the store for two thirds of the lease stops all its
+//!   attempts itself, since they are about to be rescued and run again.
+//! - An outcome is written with its claim's token: once rescued, an
+//!   attempt's late outcome changes nothing (the rescue counted it as a
+//!   failed attempt, and the retry policy decides what follows).
+//! - At shutdown its attempts are interrupted and reported as such: the
+//!   executor queues them again without counting a failure.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use caudal_core::config::Config;
+use caudal_core::{Error, ErrorKind, Result};
+use caudal_store::{ClaimedDispatch, DispatchKey, Store};
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use super::attempt::{self, AttemptId, Done, Ending, Shared, Spec};
+
+/// How often a worker looks for ready attempts while work comes in...
+const BUSY_POLL: Duration = Duration::from_millis(20);
+/// ...and once nothing came for [`QUIET_AFTER`].
+const IDLE_POLL: Duration = Duration::from_millis(250);
+const QUIET_AFTER: Duration = Duration::from_secs(2);
+/// Attempts claimed at most per claim.
+const CLAIM_BATCH: u32 = 16;
+/// How long a stopping worker waits for its interrupted attempts.
+const STOP_WAIT: Duration = Duration::from_secs(10);
+
+pub(crate) fn key_of(id: &AttemptId) -> DispatchKey {
+    DispatchKey {
+        run_id: id.run_id,
+        task: id.task.clone(),
+        map_index: id.map_index,
+        attempt: id.attempt,
+    }
+}
+
+struct Running {
+    token: i64,
+    stop: CancellationToken,
+}
+
+/// Runs the attempts this node claims until `shutdown`.
+pub async fn work(
+    config: Arc<Config>,
+    store: Store,
+    node: String,
+    shutdown: CancellationToken,
+) -> Result<()> {
+    let Some(cluster) = config.cluster else {
+        return Ok(());
+    };
+    let lease = cluster.lease.as_std();
+    let slots = cluster.task_slots.max(1) as usize;
+    let killed = attempt::kill_orphans(&node);
+    if killed > 0 {
+        tracing::warn!(
+            processes = killed,
+            "killed processes left by a node that died"
+        );
+    }
+    let http = reqwest::Client::builder()
+        .build()
+        .map_err(|e| Error::with_source(ErrorKind::Internal, "building the HTTP client", e))?;
+    let shared = Shared {
+        config,
+        store: store.clone(),
+        http,
+        holder: node.clone(),
+    };
+    let interrupt = CancellationToken::new();
+    let (events_tx, mut events) = mpsc::unbounded_channel::<Done>();
+    let mut running: HashMap<DispatchKey, Running> = HashMap::new();
+    let mut writes = JoinSet::new();
+    let mut beat = tokio::time::interval(lease / 3);
+    beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_beat = Instant::now();
+    let mut claim_now = true;
+    let mut last_work = Instant::now();
+    loop {
+        if claim_now && running.len() < slots && !shutdown.is_cancelled() {
+            let room = u32::try_from(slots - running.len()).unwrap_or(u32::MAX);
+            match store.claim_dispatch(&node, room.min(CLAIM_BATCH)).await {
+                Ok(claimed) => {
+                    claim_now = !claimed.is_empty();
+                    if claim_now {
+                        last_work = Instant::now();
+                    }
+                    for c in claimed {
+                        start(
+                            c,
+                            &shared,
+                            &interrupt,
+                            &events_tx,
+                            &mut running,
+                            &mut writes,
+                            &store,
+                        );
+                    }
+                }
+                Err(e) => {
+                    claim_now = false;
+                    tracing::warn!(error = %e.report(), "cannot claim workflow attempts");
+                }
+            }
+        }
+        let idle = if claim_now && running.len() < slots {
+            Duration::ZERO
+        } else if running.is_empty() && last_work.elapsed() >= QUIET_AFTER {
+            IDLE_POLL
+        } else {
+            BUSY_POLL
+        };
+        tokio::select! {
+            biased;
+            () = shutdown.cancelled() => break,
+            done = events.recv() => {
+                if let Some(done) = done {
+                    report(&store, &mut running, &mut writes, done);
+                    while let Ok(done) = events.try_recv() {
+                        report(&store, &mut running, &mut writes, done);
+                    }
+                }
+                claim_now = true;
+            }
+            _ = beat.tick() => {
+                let beaten = tokio::time::timeout(lease / 3, store.beat_dispatch(&node))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::new(ErrorKind::Store, "the state store did not answer in time"))
+                    });
+                match beaten {
+                    Ok(beats) => {
+                        last_beat = Instant::now();
+                        let held: HashMap<&DispatchKey, (i64, bool)> =
+                            beats.iter().map(|b| (&b.key, (b.token, b.cancel))).collect();
+                        for (key, r) in &running {
+                            match held.get(key) {
+                                Some((token, false)) if *token == r.token => {}
+                                Some((token, true)) if *token == r.token => r.stop.cancel(),
+                                _ => {
+                                    if !r.stop.is_cancelled() {
+                                        tracing::warn!(run = key.run_id, task = %key.task, index = key.map_index, attempt = key.attempt, "the attempt was rescued from this node; stopping it");
+                                    }
+                                    r.stop.cancel();
+                                }
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.report(), "cannot beat the heartbeat of this node's workflow attempts");
+                        if last_beat.elapsed() >= lease * 2 / 3 {
+                            for r in running.values() {
+                                r.stop.cancel();
+                            }
+                        }
+                    }
+                }
+            }
+            Some(_) = writes.join_next(), if !writes.is_empty() => {}
+            () = tokio::time::sleep(idle) => { claim_now = true; }
+        }
+    }
+    interrupt.cancel();
+    let deadline = tokio::time::Instant::now() + STOP_WAIT;
+    while !running.is_empty() {
+        match tokio::time::timeout_at(deadline, events.recv()).await {
+            Ok(Some(done)) => report(&store, &mut running, &mut writes, done),
+            _ => break,
+        }
+    }
+    let _ = tokio::time::timeout_at(deadline, async {
+        while writes.join_next().await.is_some() {}
+    })
+    .await;
+    Ok(())
+}
+
+fn start(
+    claimed: ClaimedDispatch,
+    shared: &Shared,
+    interrupt: &CancellationToken,
+    events: &mpsc::UnboundedSender<Done>,
+    running: &mut HashMap<DispatchKey, Running>,
+    writes: &mut JoinSet<()>,
+    store: &Store,
+) {
+    let stop = CancellationToken::new();
+    running.insert(
+        claimed.key.clone(),
+        Running {
+            token: claimed.token,
+            stop: stop.clone(),
+        },
+    );
+    let spec: Spec = match serde_json::from_str(&claimed.spec) {
+        Ok(spec) => spec,
+        Err(e) => {
+            let done = Done {
+                id: AttemptId {
+                    run_id: claimed.key.run_id,
+                    task: claimed.key.task.clone(),
+                    map_index: claimed.key.map_index,
+                    attempt: claimed.key.attempt,
+                },
+                ending: Ending::Failed,
+                exit_code: None,
+                pid: None,
+                error: Some(format!(
+                    "this node cannot read the attempt it claimed ({e}); is every node on the same caudal version?"
+                )),
+                stderr_tail: None,
+                outputs: serde_json::Map::new(),
+                items: Vec::new(),
+                elapsed: Duration::ZERO,
+            };
+            report(store, running, writes, done);
+            return;
+        }
+    };
+    if let Some(logs) = spec.files.stdout.parent()
+        && let Err(e) = std::fs::create_dir_all(logs)
+    {
+        tracing::warn!(dir = %logs.display(), error = %e, "cannot create the run's log directory");
+    }
+    tokio::spawn(attempt::run(
+        spec,
+        shared.clone(),
+        stop,
+        interrupt.clone(),
+        events.clone(),
+    ));
+}
+
+/// Writes an attempt's outcome under its claim's token (in the
+/// background: the loop goes on beating and claiming).
+fn report(
+    store: &Store,
+    running: &mut HashMap<DispatchKey, Running>,
+    writes: &mut JoinSet<()>,
+    done: Done,
+) {
+    let key = key_of(&done.id);
+    let Some(r) = running.remove(&key) else {
+        return;
+    };
+    let outcome = match serde_json::to_string(&done) {
+        Ok(o) => o,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot encode an attempt's outcome");
+            return;
+        }
+    };
+    let store = store.clone();
+    writes.spawn(async move {
+        // A store that does not answer: try again for a while; past that
+        // the executor rescues the attempt and it runs again.
+        for wait in [0, 100, 500, 1000, 2000] {
+            tokio::time::sleep(Duration::from_millis(wait)).await;
+            match store.finish_dispatch(&key, r.token, &outcome).await {
+                Ok(true) => return,
+                Ok(false) => {
+                    tracing::info!(run = key.run_id, task = %key.task, index = key.map_index, attempt = key.attempt, "the attempt ended after it was rescued from this node; its outcome is dropped");
+                    return;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e.report(), "cannot write an attempt's outcome; trying again");
+                }
+            }
+        }
+    });
+}
