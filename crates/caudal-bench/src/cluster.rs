@@ -231,12 +231,14 @@ async fn wait_owner(state: &PgPool, not: Option<&str>) -> anyhow::Result<String>
 async fn wait_nodes(state: &PgPool, n: usize) -> anyhow::Result<()> {
     let started = Instant::now();
     loop {
+        // No table yet: the nodes are still creating the store.
         let (live,): (i64,) = sqlx::query_as(
             "SELECT count(*) FROM nodes WHERE state = 'active' AND cluster \
              AND heartbeat_at > (SELECT now_us FROM clock) - 3000000",
         )
         .fetch_one(state)
-        .await?;
+        .await
+        .unwrap_or((0,));
         if usize::try_from(live).unwrap_or(0) >= n {
             return Ok(());
         }
@@ -312,6 +314,7 @@ async fn dispatch_run(args: &Args, admin: &PgPool, tasks: usize) -> anyhow::Resu
         .execute("CREATE DATABASE caudal_bench_graphile")
         .await?;
     let graphile = graphile_dispatch(&database_url(&args.pg_url, "caudal_bench_graphile"), tasks)?;
+    eprintln!("cluster-dispatch: graphile-worker ran {graphile:.0} jobs/s");
     let subject = Subject {
         name: CAUDAL,
         binary: &args.caudal,
@@ -400,6 +403,7 @@ run = ["true"]
         let _ = std::fs::remove_dir_all(&dir);
         let (span, nodes_used) = measured?;
         let rate = tasks as f64 / span;
+        eprintln!("cluster-dispatch: {count} node(s) ran {rate:.0} tasks/s");
         out.push(json!({
             "scenario": "cluster_dispatch",
             "nodes": count,

@@ -21,12 +21,59 @@
 //!   rescued.
 //! - A lane (`lane <> ''`) keeps a row for one node: only that node claims
 //!   it.
+//! - **Wake-ups, not only polls.** On PostgreSQL a batch that hands
+//!   attempts out notifies `caudal_dispatch`, and an outcome notifies
+//!   `caudal_dispatch_done`, at commit; [`Store::dispatch_wakeups`] wakes
+//!   a waiter on either. A notification can be missed (a dropped
+//!   connection), so waiters still poll, less often.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use caudal_core::Result;
+use tokio::sync::Notify;
 
-use crate::{Store, store_error};
+use crate::{Pool, Store, store_error};
+
+/// Which notifications wake a waiter.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wake {
+    /// Attempts were handed out (nodes waiting to claim).
+    HandedOut,
+    /// An attempt's outcome was written (the executor).
+    Ended,
+}
+
+impl Wake {
+    fn channel(self) -> &'static str {
+        match self {
+            Wake::HandedOut => "caudal_dispatch",
+            Wake::Ended => "caudal_dispatch_done",
+        }
+    }
+}
+
+/// Wake-ups from the store's notifications (see [`Store::dispatch_wakeups`]).
+/// Stops listening when dropped.
+#[derive(Debug)]
+pub struct Wakeups {
+    notify: Arc<Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Wakeups {
+    /// Waits for the next notification (one that came since the last wait
+    /// counts). Cancel-safe.
+    pub async fn wait(&self) {
+        self.notify.notified().await;
+    }
+}
+
+impl Drop for Wakeups {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// Which attempt a dispatch row is.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -140,6 +187,13 @@ const CLAIM_HOLDER: &str = "UPDATE workflow_attempts SET holder = $5 \
 const FINISH: &str = "UPDATE workflow_dispatch SET state = 'done', outcome = $6 \
      WHERE run_id = $1 AND task = $2 AND map_index = $3 AND attempt = $4 AND token = $5 \
      AND state = 'claimed'";
+/// [`FINISH`], notifying the executor when it wrote the outcome.
+const FINISH_NOTIFY: &str = "WITH done AS (UPDATE workflow_dispatch SET state = 'done', \
+     outcome = $6 WHERE run_id = $1 AND task = $2 AND map_index = $3 AND attempt = $4 \
+     AND token = $5 AND state = 'claimed' RETURNING 1) \
+     SELECT pg_notify('caudal_dispatch_done', '') FROM done";
+/// Sent in a transaction that hands attempts out.
+pub(crate) const NOTIFY_HANDED_OUT: &str = "SELECT pg_notify('caudal_dispatch', '')";
 
 /// Writes `changes` inside the executor's transaction `tx`.
 macro_rules! apply_dispatch {
@@ -272,8 +326,8 @@ impl Store {
         token: i64,
         outcome: &str,
     ) -> Result<bool> {
-        with_pool!(self, |pool| {
-            sqlx::query(FINISH)
+        let written = match &self.pool {
+            Pool::Sqlite(pool) => sqlx::query(FINISH)
                 .bind(key.run_id)
                 .bind(&key.task)
                 .bind(key.map_index)
@@ -282,9 +336,19 @@ impl Store {
                 .bind(outcome)
                 .execute(pool)
                 .await
-                .map(|d| d.rows_affected() == 1)
-        })
-        .map_err(|e| {
+                .map(|d| d.rows_affected() == 1),
+            Pool::Postgres(pool) => sqlx::query(FINISH_NOTIFY)
+                .bind(key.run_id)
+                .bind(&key.task)
+                .bind(key.map_index)
+                .bind(i64::from(key.attempt))
+                .bind(token)
+                .bind(outcome)
+                .fetch_all(pool)
+                .await
+                .map(|rows| rows.len() == 1),
+        };
+        written.map_err(|e| {
             store_error(
                 format!(
                     "writing the outcome of {}[{}] attempt {} of run {}",
@@ -293,6 +357,41 @@ impl Store {
                 e,
             )
         })
+    }
+
+    /// Wake-ups on `which` notifications: `None` on SQLite (one process:
+    /// nothing to hear from).
+    pub async fn dispatch_wakeups(&self, which: Wake) -> Result<Option<Wakeups>> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return Ok(None);
+        };
+        let channel = which.channel();
+        let failed = |e| store_error(format!("listening on {channel}"), e);
+        let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+            .await
+            .map_err(failed)?;
+        listener.listen(channel).await.map_err(failed)?;
+        let notify = Arc::new(Notify::new());
+        let task = {
+            let notify = notify.clone();
+            tokio::spawn(async move {
+                loop {
+                    match listener.recv().await {
+                        Ok(_) => {
+                            while listener.next_buffered().is_some() {}
+                            notify.notify_one();
+                        }
+                        Err(e) => {
+                            tracing::debug!(error = %e, channel, "lost the notification connection; reconnecting");
+                            // What was missed is found by the next poll.
+                            notify.notify_one();
+                            tokio::time::sleep(Duration::from_secs(1)).await;
+                        }
+                    }
+                }
+            })
+        };
+        Ok(Some(Wakeups { notify, task }))
     }
 
     /// Up to `limit` rows that ended (or were rescued), oldest run first.

@@ -82,7 +82,7 @@ pub use datasets::{DatasetDate, DatasetPart, DatasetSummary, PartitionSummary};
 pub use dead_letters::{DeadLetter, DeadLetterState, NewDeadLetter};
 pub use dispatch::{
     ClaimedDispatch, DispatchBeat, DispatchChanges, DispatchKey, FinishedDispatch, NewDispatch,
-    OpenDispatch,
+    OpenDispatch, Wake, Wakeups,
 };
 pub use leases::{Fence, LeaseOutcome, LeaseRow};
 pub use nodes::{NewNode, Node, NodeState};

@@ -519,6 +519,8 @@ impl Store {
         // takes SQLite's write lock, or PostgreSQL's row lock that a
         // takeover would have to wait for.
         const FENCE: &str = "UPDATE leases SET holder = holder WHERE name = $1 AND holder = $2";
+        // Nodes waiting to claim hear of new attempts at commit.
+        let notify_nodes = !dispatch.new.is_empty() && self.backend() == "postgres";
         with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
@@ -539,6 +541,11 @@ impl Store {
                     upsert_attempts!(tx, attempts);
                 }
                 crate::dispatch::apply_dispatch!(tx, dispatch);
+                if notify_nodes {
+                    sqlx::query(crate::dispatch::NOTIFY_HANDED_OUT)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 for r in runs {
                     sqlx::query(UPDATE_RUN)
                         .bind(r.id)

@@ -43,8 +43,9 @@ use crate::schedule::Schedule;
 /// How often the store is asked for new runs and cancel requests.
 const POLL: Duration = Duration::from_millis(200);
 /// How often, in a cluster, the store is asked for attempts that ended on
-/// their nodes (while any runs).
-const DISPATCH_POLL: Duration = Duration::from_millis(10);
+/// their nodes (while any runs); on PostgreSQL an outcome's notification
+/// wakes the executor at once, the poll catches what one missed.
+const DISPATCH_POLL: Duration = Duration::from_millis(50);
 /// How often, in a cluster, attempts of silent nodes are looked for.
 const RESCUE_CHECK: Duration = Duration::from_secs(1);
 /// Outcomes read at most per poll.
@@ -428,6 +429,8 @@ struct Executor {
     /// In a cluster: the node site-bound attempts go to (the sites node,
     /// or this one while there is none).
     lane: Option<String>,
+    /// In a cluster on PostgreSQL: woken when a node writes an outcome.
+    outcomes: Option<caudal_store::Wakeups>,
 }
 
 impl std::fmt::Debug for Executor {
@@ -556,9 +559,17 @@ pub async fn execute(
         dispatch: dispatch_silence,
         last_rescue: None,
         lane: None,
+        outcomes: None,
     };
     if ex.dispatch.is_some() {
         ex.refresh_lane().await;
+        ex.outcomes = match ex.store.dispatch_wakeups(caudal_store::Wake::Ended).await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e.report(), "cannot listen for attempts' outcomes; polling only");
+                None
+            }
+        };
     }
     let lost = lease.lost();
     let result = ex.main_loop(&mut events, &shutdown, &lost).await;
@@ -633,6 +644,9 @@ impl Executor {
                     self.poll_store(false).await?;
                 }
                 () = tokio::time::sleep(DISPATCH_POLL), if self.dispatch.is_some() && !self.running.is_empty() => {
+                    self.poll_dispatch().await;
+                }
+                () = super::worker::wake(self.outcomes.as_ref()), if self.dispatch.is_some() => {
                     self.poll_dispatch().await;
                 }
                 () = sleep_until(wake) => {}

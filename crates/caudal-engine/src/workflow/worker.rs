@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use caudal_core::config::Config;
 use caudal_core::{Error, ErrorKind, Result};
-use caudal_store::{ClaimedDispatch, DispatchKey, Store};
+use caudal_store::{ClaimedDispatch, DispatchKey, Store, Wake, Wakeups};
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
@@ -32,7 +32,9 @@ use super::attempt::{self, AttemptId, Done, Ending, Shared, Spec};
 
 /// How often a worker looks for ready attempts while work comes in...
 const BUSY_POLL: Duration = Duration::from_millis(20);
-/// ...and once nothing came for [`QUIET_AFTER`].
+/// ...and once nothing came for [`QUIET_AFTER`]; on PostgreSQL a
+/// notification wakes it at once when attempts are handed out, so these
+/// polls only catch what a notification missed.
 const IDLE_POLL: Duration = Duration::from_millis(250);
 const QUIET_AFTER: Duration = Duration::from_secs(2);
 /// Attempts claimed at most per claim.
@@ -81,6 +83,13 @@ pub async fn work(
         store: store.clone(),
         http,
         holder: node.clone(),
+    };
+    let wakeups = match store.dispatch_wakeups(Wake::HandedOut).await {
+        Ok(w) => w,
+        Err(e) => {
+            tracing::warn!(error = %e.report(), "cannot listen for handed-out attempts; polling only");
+            None
+        }
     };
     let interrupt = CancellationToken::new();
     let (events_tx, mut events) = mpsc::unbounded_channel::<Done>();
@@ -172,6 +181,10 @@ pub async fn work(
                 }
             }
             Some(_) = writes.join_next(), if !writes.is_empty() => {}
+            () = wake(wakeups.as_ref()) => {
+                claim_now = true;
+                last_work = Instant::now();
+            }
             () = tokio::time::sleep(idle) => { claim_now = true; }
         }
     }
@@ -283,4 +296,12 @@ fn report(
             }
         }
     });
+}
+
+/// The next wake-up, or never without notifications.
+pub(crate) async fn wake(wakeups: Option<&Wakeups>) {
+    match wakeups {
+        Some(w) => w.wait().await,
+        None => std::future::pending().await,
+    }
 }
