@@ -97,21 +97,7 @@ ack = "delivered"
         name: CAUDAL,
         binary: &args.caudal,
     };
-    let mut nodes = Vec::new();
-    for i in 1..=NODES {
-        let node_dir = dir.join(format!("n{i}"));
-        std::fs::create_dir_all(&node_dir)?;
-        let path = node_dir.join("caudal.toml");
-        std::fs::write(&path, &config)?;
-        nodes.push(Node {
-            dir: node_dir,
-            config: path,
-            process: None,
-        });
-    }
-    for n in &mut nodes {
-        n.process = Some(spawn_caudal(subject, &n.config, &n.dir, &["run"])?);
-    }
+    let mut nodes = start_nodes(subject, &dir, NODES, &config)?;
     let load = tokio::spawn(write_steadily(db.clone()));
     let result = async {
         let mut takeovers = Vec::new();
@@ -183,6 +169,30 @@ ack = "delivered"
         "failover_p99_over_lease": round(f99 / lease_s),
         "goal_failover_p99_s": GOAL_P99_SECS,
     }))
+}
+
+/// Starts `count` `caudal run` nodes with `config`, each in its own
+/// directory `dir/n<i>`.
+fn start_nodes(
+    subject: Subject<'_>,
+    dir: &std::path::Path,
+    count: usize,
+    config: &str,
+) -> anyhow::Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for i in 1..=count {
+        let node_dir = dir.join(format!("n{i}"));
+        std::fs::create_dir_all(&node_dir)?;
+        let path = node_dir.join("caudal.toml");
+        std::fs::write(&path, config)?;
+        let process = Some(spawn_caudal(subject, &path, &node_dir, &["run"])?);
+        nodes.push(Node {
+            dir: node_dir,
+            config: path,
+            process,
+        });
+    }
+    Ok(nodes)
 }
 
 /// Inserts 5 rows every 20 ms until aborted.
@@ -350,21 +360,7 @@ run = ["true"]
 "#,
             runs = dir.join("runs").display(),
         );
-        let mut nodes = Vec::new();
-        for i in 1..=count {
-            let node_dir = dir.join(format!("n{i}"));
-            std::fs::create_dir_all(&node_dir)?;
-            let path = node_dir.join("caudal.toml");
-            std::fs::write(&path, &config)?;
-            nodes.push(Node {
-                dir: node_dir,
-                config: path,
-                process: None,
-            });
-        }
-        for n in &mut nodes {
-            n.process = Some(spawn_caudal(subject, &n.config, &n.dir, &["run"])?);
-        }
+        let mut nodes = start_nodes(subject, &dir, count, &config)?;
         let state = PgPool::connect(&state_url).await?;
         let measured = async {
             wait_nodes(&state, count).await?;

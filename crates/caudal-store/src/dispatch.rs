@@ -244,6 +244,20 @@ pub(crate) const CANCEL_SQL: &str = "UPDATE workflow_dispatch SET cancel = 1 WHE
 
 const FENCE: &str = "UPDATE leases SET holder = holder WHERE name = $1 AND holder = $2";
 
+/// Whether `holder` holds `lease`, checked in transaction `tx`, whose
+/// write locks the lease row until the commit (a takeover waits).
+macro_rules! fence_held {
+    ($tx:expr, $lease:expr, $holder:expr) => {
+        sqlx::query(FENCE)
+            .bind($lease)
+            .bind($holder)
+            .execute(&mut *$tx)
+            .await?
+            .rows_affected()
+            > 0
+    };
+}
+
 fn micros(d: Duration) -> i64 {
     i64::try_from(d.as_micros()).unwrap_or(i64::MAX)
 }
@@ -431,13 +445,7 @@ impl Store {
         with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
-                let fenced = sqlx::query(FENCE)
-                    .bind(lease)
-                    .bind(holder)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if fenced == 0 {
+                if !fence_held!(tx, lease, holder) {
                     tx.rollback().await?;
                     return Ok(Vec::new());
                 }
@@ -494,13 +502,7 @@ impl Store {
         with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
-                let fenced = sqlx::query(FENCE)
-                    .bind(lease)
-                    .bind(holder)
-                    .execute(&mut *tx)
-                    .await?
-                    .rows_affected();
-                if fenced == 0 {
+                if !fence_held!(tx, lease, holder) {
                     tx.rollback().await?;
                     return Ok(0);
                 }

@@ -789,86 +789,44 @@ async fn a_drained_node_hands_its_pipelines_over_and_exits() {
 async fn a_node_cut_off_from_the_store_stops_and_its_pipeline_moves() {
     let mut c = Cluster::new(2, 1, false, "3s").await;
     let state_url = c.state().url().to_string();
-    let upstream = state_url
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("host:port in the state URL")
-        .to_string();
+    let upstream = host_port(&state_url);
     let proxy = Proxy::start(&upstream).await;
     // n1 reaches the store through the proxy, n2 directly.
     let config = std::fs::read_to_string(&c.nodes[0].config).expect("n1's config");
     let proxied = state_url.replace(&upstream, &proxy.addr().to_string());
     std::fs::write(&c.nodes[0].config, config.replace(&state_url, &proxied))
         .expect("write n1's config");
-    c.receiver
-        .set_reply(Reply::status(200).delay(Duration::from_millis(100)));
-    // n1 first, so that it owns the pipeline.
-    c.nodes[0].start();
-    c.wait_until_shared(1, 1).await;
-    c.nodes[1].start();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while c
-        .node_list()
-        .await
-        .iter()
-        .filter(|n| n["state"] == "active")
-        .count()
-        < 2
-    {
-        assert!(tokio::time::Instant::now() < deadline, "{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(c.owner_of("p1").await, Some(0));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writing = item_writer(c.src().pg_pool().await, ITEMS + 1, stop.clone());
-    let state = c.state().pg_pool().await;
-    let sampler = sample_checkpoints(state.clone(), "p1", stop.clone());
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    while cursor_checkpoint(&state, "p1").await.unwrap_or(0) < ITEMS {
-        assert!(tokio::time::Instant::now() < deadline, "{}", c.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-
-    // The partition: n1's connections to the store close, new ones fail.
-    proxy.pause();
-    proxy.cut();
-    let cut_at = cursor_checkpoint(&state, "p1").await.expect("a checkpoint");
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let at = cursor_checkpoint(&state, "p1").await.unwrap_or(0);
-        if c.owner_of("p1").await == Some(1) && at > cut_at + 50 {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "n2 did not take p1 and move on within {PATIENCE:?}\n{}",
-            c.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let log = c.nodes[0].logs();
-    assert!(
-        log.contains("could not renew the pipeline's lease in time"),
-        "n1 did not stop p1 on its own:\n{log}"
-    );
-    // The network is back.
-    proxy.resume();
-    tokio::time::sleep(Duration::from_secs(4)).await;
-    stop.store(true, Ordering::Release);
-    let written = writing.await.expect("the writer");
-    let backwards = sampler.await.expect("the sampler");
-    assert!(
-        backwards.is_empty(),
-        "the checkpoint moved back: {backwards:?}\n{}",
-        c.logs()
-    );
-    assert_eq!(c.owner_of("p1").await, Some(1), "{}", c.logs());
-    c.receiver.set_reply(Reply::status(200));
-    c.wait_for_items(1, written).await;
-    state.close().await;
+    partition_and_heal(
+        &mut c,
+        || {
+            // n1's connections to the store close, new ones fail.
+            proxy.pause();
+            proxy.cut();
+        },
+        || proxy.resume(),
+        Duration::from_secs(4),
+    )
+    .await;
     c.stop_all().await;
     c.cleanup().await;
+}
+
+/// The `host:port` of a `postgres://user@host:port/db` URL.
+fn host_port(url: &str) -> String {
+    url.split('@')
+        .nth(1)
+        .and_then(|rest| rest.split('/').next())
+        .expect("host:port in the URL")
+        .to_string()
+}
+
+/// The state of workflow run 1, as `caudal workflow status 1 --json` says.
+async fn run_state(config: &std::path::Path, dir: &std::path::Path) -> String {
+    let info = json_lines(config, dir, &["workflow", "status", "1", "--json"]).await;
+    info.first()
+        .and_then(|i| i["state"].as_str())
+        .unwrap_or("")
+        .to_string()
 }
 
 /// `caudal ARGS --json` through `config`, one JSON value per line.
@@ -939,13 +897,6 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
         .expect("read the executor lease");
         holder.map(|(h,)| h)
     };
-    let run_state = || async {
-        let info = json_lines(&config, &dir, &["workflow", "status", "1", "--json"]).await;
-        info.first()
-            .and_then(|i| i["state"].as_str())
-            .unwrap_or("")
-            .to_string()
-    };
     let mut kills = 0;
     let deadline = tokio::time::Instant::now() + 3 * PATIENCE;
     loop {
@@ -953,7 +904,7 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
             .map(|l| l.lines().count())
             .unwrap_or(0);
         let ended = matches!(
-            run_state().await.as_str(),
+            run_state(&config, &dir).await.as_str(),
             "succeeded" | "failed" | "cancelled"
         );
         if ended {
@@ -994,7 +945,7 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 1000
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(run_state().await, "succeeded", "{}", c.logs());
+    assert_eq!(run_state(&config, &dir).await, "succeeded", "{}", c.logs());
     assert_eq!(kills, 4, "the nodes were not killed 4 times");
 
     // Every instance succeeded exactly once, with its ledger line.
@@ -1166,15 +1117,8 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 3 }}
         .as_ref()
         .expect("running")
         .signal(Signal::SIGSTOP);
-    let run_state = || async {
-        let info = json_lines(&config, &dir, &["workflow", "status", "1", "--json"]).await;
-        info.first()
-            .and_then(|i| i["state"].as_str())
-            .unwrap_or("")
-            .to_string()
-    };
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while run_state().await != "succeeded" {
+    while run_state(&config, &dir).await != "succeeded" {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the run did not succeed while n{} was paused\n{}",
@@ -1385,15 +1329,8 @@ retry = {{ strategy = "fixed", initial = "10ms", jitter = 0, max_attempts = 5 }}
         .stop(Signal::SIGKILL)
         .await;
     let second = crawls_on_the_sites_node(&c, &state, Some(&first)).await;
-    let run_state = || async {
-        let info = json_lines(&config, &dir, &["workflow", "status", "1", "--json"]).await;
-        info.first()
-            .and_then(|i| i["state"].as_str())
-            .unwrap_or("")
-            .to_string()
-    };
     let deadline = tokio::time::Instant::now() + PATIENCE;
-    while run_state().await != "succeeded" {
+    while run_state(&config, &dir).await != "succeeded" {
         assert!(
             tokio::time::Instant::now() < deadline,
             "the run did not succeed\n{}",
@@ -1504,12 +1441,7 @@ async fn a_node_partitioned_in_a_network_namespace_stops_and_is_fenced() {
     let mut c = Cluster::new(2, 1, false, "3s").await;
     let netns = Netns::create(1);
     let state_url = c.state().url().to_string();
-    let upstream = state_url
-        .split('@')
-        .nth(1)
-        .and_then(|rest| rest.split('/').next())
-        .expect("host:port in the state URL")
-        .to_string();
+    let upstream = host_port(&state_url);
     let receiver_at = c.receiver.addr().to_string();
     // n1 runs in the namespace: PostgreSQL (store and source) and the
     // receiver are reachable only through the veth pair.
@@ -1524,8 +1456,35 @@ async fn a_node_partitioned_in_a_network_namespace_stops_and_is_fenced() {
     )
     .expect("write n1's config");
     c.nodes[0].netns = Some(netns.name.clone());
+    let late_refused = partition_and_heal(
+        &mut c,
+        || netns.cut(),
+        || netns.heal(),
+        // Long enough for what n1 had in flight to arrive after the heal.
+        Duration::from_secs(8),
+    )
+    .await;
+    eprintln!("netns partition: n1's late write refused: {late_refused}");
+    c.stop_all().await;
+    c.cleanup().await;
+    drop((pg, recv));
+}
+
+/// Runs p1 on n1 (whose way to the store `cut` breaks and `heal` mends)
+/// with n2 standing by, while rows are written: cuts n1 off, checks that
+/// n1 stops p1 on its own, that n2 takes it with a greater fencing token
+/// and moves on; heals, waits `settle`, and checks that the checkpoint
+/// never moved back, that p1 stayed with n2, and that every row arrived.
+/// Returns whether n1's log shows a late write refused by the fence.
+async fn partition_and_heal(
+    c: &mut Cluster,
+    cut: impl FnOnce(),
+    heal: impl FnOnce(),
+    settle: Duration,
+) -> bool {
     c.receiver
         .set_reply(Reply::status(200).delay(Duration::from_millis(100)));
+    // n1 first, so that it owns the pipeline.
     c.nodes[0].start();
     c.wait_until_shared(1, 1).await;
     c.nodes[1].start();
@@ -1560,8 +1519,7 @@ async fn a_node_partitioned_in_a_network_namespace_stops_and_is_fenced() {
     };
     let n1_token = token().await;
 
-    // The partition.
-    netns.cut();
+    cut();
     let cut_at = cursor_checkpoint(&state, "p1").await.expect("a checkpoint");
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
@@ -1586,9 +1544,9 @@ async fn a_node_partitioned_in_a_network_namespace_stops_and_is_fenced() {
         log.contains("could not renew the pipeline's lease in time"),
         "n1 did not stop p1 on its own:\n{log}"
     );
-    // The partition heals; what n1 had in flight may now arrive, late.
-    netns.heal();
-    tokio::time::sleep(Duration::from_secs(8)).await;
+
+    heal();
+    tokio::time::sleep(settle).await;
     stop.store(true, Ordering::Release);
     let written = writing.await.expect("the writer");
     let backwards = sampler.await.expect("the sampler");
@@ -1601,15 +1559,8 @@ async fn a_node_partitioned_in_a_network_namespace_stops_and_is_fenced() {
     assert_eq!(token().await, n2_token, "p1 changed hands again");
     c.receiver.set_reply(Reply::status(200));
     c.wait_for_items(1, written).await;
-    let log = c.nodes[0].logs();
-    eprintln!(
-        "netns partition: tokens {n1_token} -> {n2_token}; n1's late write refused: {}",
-        log.contains("no longer owns")
-    );
     state.close().await;
-    c.stop_all().await;
-    c.cleanup().await;
-    drop((pg, recv));
+    c.nodes[0].logs().contains("no longer owns")
 }
 
 /// What a cluster shows: each node's `/metrics` (live nodes, pipelines
