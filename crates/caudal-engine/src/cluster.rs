@@ -247,7 +247,16 @@ impl Member {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep(beat) => {}
             }
-            match i.store.node_heartbeat(&i.id, self.owned() as u64).await {
+            let beaten =
+                tokio::time::timeout(beat, i.store.node_heartbeat(&i.id, self.owned() as u64))
+                    .await
+                    .unwrap_or_else(|_| {
+                        Err(Error::new(
+                            ErrorKind::Store,
+                            "the state store did not answer in time",
+                        ))
+                    });
+            match beaten {
                 Ok(Some(NodeState::Draining)) if !i.draining.is_cancelled() => {
                     tracing::info!(
                         owned = self.owned(),
@@ -513,6 +522,13 @@ async fn renew(
                 }
                 continue;
             }
+        }
+        // A crawl whose node stopped being the sites node (also when that
+        // happened before this renewer subscribed) goes to the new one.
+        if site_bound && !member.is_sites_node() {
+            tracing::info!(pipeline, "handing the crawl over to the new sites node");
+            stop.cancel();
+            return;
         }
         let sent = tokio::time::Instant::now();
         next = sent + every;

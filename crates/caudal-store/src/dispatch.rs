@@ -106,8 +106,10 @@ pub struct DispatchChanges {
     pub new: Vec<NewDispatch>,
     /// Rows whose outcome the executor has taken.
     pub forget: Vec<DispatchKey>,
-    /// Rows whose attempt is to stop (the run was cancelled).
-    pub cancel: Vec<DispatchKey>,
+    /// Rows whose attempt is to stop (the run was cancelled): a claimed
+    /// row is flagged for its node to stop it; a row not yet claimed ends
+    /// at once with the outcome given.
+    pub cancel: Vec<(DispatchKey, String)>,
 }
 
 impl DispatchChanges {
@@ -221,12 +223,20 @@ macro_rules! apply_dispatch {
                 .execute(&mut *$tx)
                 .await?;
         }
-        for k in &$changes.cancel {
+        for (k, outcome) in &$changes.cancel {
             sqlx::query($crate::dispatch::CANCEL_SQL)
                 .bind(k.run_id)
                 .bind(&k.task)
                 .bind(k.map_index)
                 .bind(i64::from(k.attempt))
+                .execute(&mut *$tx)
+                .await?;
+            sqlx::query($crate::dispatch::CANCEL_READY_SQL)
+                .bind(k.run_id)
+                .bind(&k.task)
+                .bind(k.map_index)
+                .bind(i64::from(k.attempt))
+                .bind(outcome)
                 .execute(&mut *$tx)
                 .await?;
         }
@@ -240,7 +250,10 @@ pub(crate) const INSERT_SQL: &str = "INSERT INTO workflow_dispatch \
 pub(crate) const FORGET_SQL: &str = "DELETE FROM workflow_dispatch WHERE run_id = $1 AND task = $2 \
      AND map_index = $3 AND attempt = $4 AND state = 'done'";
 pub(crate) const CANCEL_SQL: &str = "UPDATE workflow_dispatch SET cancel = 1 WHERE run_id = $1 \
-     AND task = $2 AND map_index = $3 AND attempt = $4 AND state <> 'done'";
+     AND task = $2 AND map_index = $3 AND attempt = $4 AND state = 'claimed'";
+pub(crate) const CANCEL_READY_SQL: &str = "UPDATE workflow_dispatch SET state = 'done', \
+     outcome = $5 WHERE run_id = $1 AND task = $2 AND map_index = $3 AND attempt = $4 \
+     AND state = 'ready'";
 
 const FENCE: &str = "UPDATE leases SET holder = holder WHERE name = $1 AND holder = $2";
 
@@ -381,7 +394,12 @@ impl Store {
         };
         let channel = which.channel();
         let failed = |e| store_error(format!("listening on {channel}"), e);
-        let mut listener = sqlx::postgres::PgListener::connect_with(pool)
+        // A pool of its own: a listener keeps its connection for good, and
+        // must not take one of the store's.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .connect_lazy_with((*pool.connect_options()).clone());
+        let mut listener = sqlx::postgres::PgListener::connect_with(&own)
             .await
             .map_err(failed)?;
         listener.listen(channel).await.map_err(failed)?;
@@ -408,13 +426,19 @@ impl Store {
         Ok(Some(Wakeups { notify, task }))
     }
 
-    /// Up to `limit` rows that ended (or were rescued), oldest run first.
-    pub async fn finished_dispatch(&self, limit: u32) -> Result<Vec<FinishedDispatch>> {
+    /// Up to `limit` rows that ended (or were rescued), oldest run first;
+    /// only run `only_run`'s when given.
+    pub async fn finished_dispatch(
+        &self,
+        limit: u32,
+        only_run: Option<i64>,
+    ) -> Result<Vec<FinishedDispatch>> {
         let sql = "SELECT run_id, task, map_index, attempt, node, outcome FROM workflow_dispatch \
-             WHERE state = 'done' ORDER BY run_id LIMIT $1";
+             WHERE state = 'done' AND ($2 IS NULL OR run_id = $2) ORDER BY run_id LIMIT $1";
         with_pool!(self, |pool| {
             sqlx::query_as::<_, (i64, String, i64, i64, Option<String>, Option<String>)>(sql)
                 .bind(i64::from(limit))
+                .bind(only_run)
                 .fetch_all(pool)
                 .await
         })

@@ -20,6 +20,7 @@ backend_tests!(
     a_lane_keeps_an_attempt_for_its_node,
     a_rescued_attempt_cannot_be_finished_by_its_silent_node,
     only_the_executor_of_record_hands_out_and_rescues,
+    a_cancelled_attempt_not_yet_claimed_ends_at_once,
 );
 
 const LEASE: &str = "workflows/executor";
@@ -293,7 +294,7 @@ async fn a_rescued_attempt_cannot_be_finished_by_its_silent_node(ctx: Ctx) {
     );
     // Row 1's run is cancelled: the next beat says so.
     let cancel = DispatchChanges {
-        cancel: vec![key(run, 1)],
+        cancel: vec![(key(run, 1), "{\"cancelled\":true}".into())],
         ..DispatchChanges::default()
     };
     assert!(
@@ -341,7 +342,7 @@ async fn a_rescued_attempt_cannot_be_finished_by_its_silent_node(ctx: Ctx) {
             .is_empty()
     );
     // The executor reads every ended row: one outcome, two rescued.
-    let finished = store.finished_dispatch(100).await.expect("finished");
+    let finished = store.finished_dispatch(100, None).await.expect("finished");
     let outcomes: BTreeSet<(i64, Option<String>)> = finished
         .iter()
         .map(|f| (f.key.map_index, f.outcome.clone()))
@@ -364,7 +365,7 @@ async fn a_rescued_attempt_cannot_be_finished_by_its_silent_node(ctx: Ctx) {
     );
     assert!(
         store
-            .finished_dispatch(100)
+            .finished_dispatch(100, None)
             .await
             .expect("finished")
             .is_empty()
@@ -406,4 +407,46 @@ async fn only_the_executor_of_record_hands_out_and_rescues(ctx: Ctx) {
         "only the executor of record rescues"
     );
     assert_eq!(store.beat_dispatch("node").await.expect("beat").len(), 2);
+}
+
+async fn a_cancelled_attempt_not_yet_claimed_ends_at_once(ctx: Ctx) {
+    let store = ctx.open().await;
+    store
+        .try_acquire_lease(LEASE, "executor", TTL)
+        .await
+        .expect("acquire");
+    let run = new_run(&store).await;
+    assert!(hand_out(&store, "executor", run, 0..2, "").await);
+    let cancel = DispatchChanges {
+        cancel: vec![(key(run, 0), "{\"cancelled\":true}".into())],
+        ..DispatchChanges::default()
+    };
+    assert!(
+        store
+            .save_workflow_changes_dispatching(LEASE, "executor", &[], &[], &[], &cancel)
+            .await
+            .expect("save")
+    );
+    // No node gets it: it ended with the outcome the executor gave.
+    let claimed = store.claim_dispatch("node", 10).await.expect("claim");
+    assert_eq!(
+        claimed.iter().map(|c| c.key.map_index).collect::<Vec<_>>(),
+        [1]
+    );
+    let finished = store
+        .finished_dispatch(10, Some(run))
+        .await
+        .expect("finished");
+    assert_eq!(finished.len(), 1);
+    assert_eq!(finished[0].key, key(run, 0));
+    assert_eq!(finished[0].node, None);
+    assert_eq!(finished[0].outcome.as_deref(), Some("{\"cancelled\":true}"));
+    // Another run's outcomes are left out when asked for one run only.
+    assert!(
+        store
+            .finished_dispatch(10, Some(run + 1))
+            .await
+            .expect("finished")
+            .is_empty()
+    );
 }

@@ -1676,3 +1676,104 @@ async fn a_cluster_shows_its_nodes_in_status_and_metrics() {
     c.stop_all().await;
     c.cleanup().await;
 }
+
+/// Cancelling a run whose attempts are out on the nodes: the attempts
+/// claimed are stopped by their nodes at their next beat (their processes
+/// killed), those not yet claimed end at once, and the run ends
+/// `cancelled` with nothing left handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cancelled_run_stops_its_attempts_on_every_node() {
+    const ITEMS: usize = 12;
+    let mut c = Cluster::new(2, 0, false, "3s").await;
+    let root = c.nodes[0].dir.parent().expect("the root").to_path_buf();
+    let pids = root.join("pids.txt");
+    let workflow = format!(
+        r#"
+[pools.two]
+slots = 4
+
+[workflows.long.tasks.list]
+type = "command"
+run = ["sh", "-c", "seq 1 {ITEMS} > \"$CAUDAL_ITEMS\""]
+
+[workflows.long.tasks.wait]
+type = "command"
+depends_on = ["list"]
+for_each = "{{{{ tasks.list.items }}}}"
+pool = "two"
+run = ["sh", "-c", "echo \"$$\" >> \"$1\"; exec sleep 120", "sh", "{pids}"]
+"#,
+        pids = pids.display(),
+    );
+    for n in &c.nodes {
+        let config = std::fs::read_to_string(&n.config).expect("the config");
+        std::fs::write(&n.config, format!("{config}{workflow}")).expect("write the config");
+    }
+    for n in &mut c.nodes {
+        n.start();
+    }
+    let (config, dir) = (c.nodes[0].config.clone(), c.nodes[0].dir.clone());
+    let out = Output::of(command(&config, &dir, &["workflow", "run", "long"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    // The pool's 4 attempts run (on either node); 8 wait.
+    let started = || {
+        std::fs::read_to_string(&pids)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| l.trim().parse::<i32>().ok())
+            .collect::<Vec<_>>()
+    };
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while started().len() < 4 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the attempts did not start\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let out = Output::of(command(&config, &dir, &["workflow", "cancel", "1"])).await;
+    assert_eq!(out.code, Some(0), "{out:?}");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while run_state(&config, &dir).await != "cancelled" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the run did not end cancelled\n{}",
+            c.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let alive = |pid: &i32| nix::sys::signal::kill(nix::unistd::Pid::from_raw(*pid), None).is_ok();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while started().iter().any(alive) {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "an attempt's process outlived the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(started().len(), 4, "an attempt started after the cancel");
+    let state = c.state().pg_pool().await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let (left,): (i64,) = sqlx::query_as("SELECT count(*) FROM workflow_dispatch")
+            .fetch_one(&state)
+            .await
+            .expect("count dispatch rows");
+        if left == 0 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{left} attempts still handed out after the cancel"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let tasks = json_lines(&config, &dir, &["workflow", "tasks", "1", "--json"]).await;
+    let waits: Vec<&Value> = tasks.iter().filter(|t| t["task"] == "wait").collect();
+    assert_eq!(waits.len(), ITEMS + 1, "{tasks:?}");
+    assert!(waits.iter().all(|t| t["state"] == "cancelled"), "{waits:?}");
+    state.close().await;
+    c.stop_all().await;
+    c.cleanup().await;
+}

@@ -1631,7 +1631,14 @@ impl Executor {
         let site_bound = match &spec.work {
             Work::Crawl { .. } => true,
             Work::Command { site, .. } => site.is_some(),
-            _ => false,
+            // A run of a crawl pipeline crawls too.
+            Work::Pipeline { name } => self
+                .config
+                .pipelines
+                .get(name)
+                .and_then(|p| self.config.sources.get(&p.source))
+                .is_some_and(|s| s.crawl().is_some()),
+            Work::Http { .. } => false,
         };
         let text = match serde_json::to_string(&spec) {
             Ok(t) => t,
@@ -1680,9 +1687,8 @@ impl Executor {
             }
         };
         let lane = sites.unwrap_or_else(|| self.holder.clone());
-        if self.lane.as_deref() == Some(lane.as_str()) {
-            return;
-        }
+        // Every time, not only when the sites node changed: rows written
+        // with the old lane may have been committed since.
         match self
             .store
             .relane_dispatch(EXECUTOR_LEASE, &self.holder, &lane)
@@ -1725,7 +1731,11 @@ impl Executor {
                 }
             }
         }
-        let finished = match self.store.finished_dispatch(DISPATCH_READ).await {
+        let finished = match self
+            .store
+            .finished_dispatch(DISPATCH_READ, self.options.only_run)
+            .await
+        {
             Ok(f) => f,
             Err(e) => {
                 tracing::warn!(error = %e.report(), "cannot read the outcomes of workflow attempts");
@@ -1739,10 +1749,16 @@ impl Executor {
                 map_index: f.key.map_index,
                 attempt: f.key.attempt,
             };
-            self.pending.dispatch.forget.push(f.key.clone());
             if !self.running.contains_key(&id) {
+                // A row of a run this executor has loaded but no longer
+                // waits for (its attempt was settled already) is stale;
+                // another run's row is left for the executor that runs it.
+                if self.runs.contains_key(&f.key.run_id) {
+                    self.pending.dispatch.forget.push(f.key.clone());
+                }
                 continue;
             }
+            self.pending.dispatch.forget.push(f.key.clone());
             let node = f.node.clone();
             let done = match f.outcome.as_deref().map(serde_json::from_str::<Done>) {
                 Some(Ok(done)) => done,
@@ -1930,7 +1946,14 @@ impl Executor {
         if self.state_of(run_id, &key) != Some(TaskState::Running) {
             return;
         }
-        match done.ending {
+        // Stopped by its node (cut off from the store) rather than by a
+        // cancel of its run: it runs again, as an interrupted attempt.
+        let cancelling = self.runs.get(&run_id).is_some_and(|r| r.cancel);
+        let ending = match done.ending {
+            Ending::Cancelled if !cancelling => Ending::Interrupted,
+            e => e,
+        };
+        match ending {
             Ending::Succeeded => {
                 if let Some(i) = self
                     .runs
@@ -2033,12 +2056,17 @@ impl Executor {
                             && let Some(i) =
                                 self.runs.get(&run_id).and_then(|r| r.instances.get(&key))
                         {
-                            self.pending.dispatch.cancel.push(DispatchKey {
+                            let id = AttemptId {
                                 run_id,
                                 task: key.0.clone(),
                                 map_index: key.1,
                                 attempt: i.attempts,
-                            });
+                            };
+                            // What it ends with if no node has claimed it.
+                            let mut unclaimed = lost(id.clone(), "cancelled".into());
+                            unclaimed.ending = Ending::Cancelled;
+                            let outcome = serde_json::to_string(&unclaimed).unwrap_or_default();
+                            self.pending.dispatch.cancel.push((key_of(&id), outcome));
                         }
                     } else if key.1 < 0 {
                         // A fan-out parent: it ends when its instances do.

@@ -13,7 +13,13 @@
 //!   attempts itself, since they are about to be rescued and run again.
 //! - An outcome is written with its claim's token: once rescued, an
 //!   attempt's late outcome changes nothing (the rescue counted it as a
-//!   failed attempt, and the retry policy decides what follows).
+//!   failed attempt, and the retry policy decides what follows). A write
+//!   the store does not take is tried again until it is taken or refused:
+//!   meanwhile the row is still beaten, so it is not rescued while its
+//!   outcome waits here.
+//! - An attempt this node stops on its own (rescued, or the store out of
+//!   reach) ends as interrupted, never as cancelled: only the executor
+//!   cancels, for a run cancelled.
 //! - At shutdown its attempts are interrupted and reported as such: the
 //!   executor queues them again without counting a failure.
 
@@ -31,7 +37,7 @@ use tokio_util::sync::CancellationToken;
 use super::attempt::{self, AttemptId, Done, Ending, Shared, Spec};
 
 /// How often a worker looks for ready attempts while work comes in...
-const BUSY_POLL: Duration = Duration::from_millis(20);
+const BUSY_POLL: Duration = Duration::from_millis(100);
 /// ...and once nothing came for [`QUIET_AFTER`]; on PostgreSQL a
 /// notification wakes it at once when attempts are handed out, so these
 /// polls only catch what a notification missed.
@@ -53,7 +59,10 @@ pub(crate) fn key_of(id: &AttemptId) -> DispatchKey {
 
 struct Running {
     token: i64,
+    /// The executor's cancel (the run was cancelled).
     stop: CancellationToken,
+    /// This node's own stop: the attempt ends interrupted.
+    interrupt: CancellationToken,
 }
 
 /// Runs the attempts this node claims until `shutdown`.
@@ -103,7 +112,19 @@ pub async fn work(
     loop {
         if claim_now && running.len() < slots && !shutdown.is_cancelled() {
             let room = u32::try_from(slots - running.len()).unwrap_or(u32::MAX);
-            match store.claim_dispatch(&node, room.min(CLAIM_BATCH)).await {
+            // Bounded: a store that hangs must not hold the heartbeats up.
+            let claimed = tokio::time::timeout(
+                lease / 3,
+                store.claim_dispatch(&node, room.min(CLAIM_BATCH)),
+            )
+            .await
+            .unwrap_or_else(|_| {
+                Err(Error::new(
+                    ErrorKind::Store,
+                    "the state store did not answer in time",
+                ))
+            });
+            match claimed {
                 Ok(claimed) => {
                     claim_now = !claimed.is_empty();
                     if claim_now {
@@ -162,10 +183,10 @@ pub async fn work(
                                 Some((token, false)) if *token == r.token => {}
                                 Some((token, true)) if *token == r.token => r.stop.cancel(),
                                 _ => {
-                                    if !r.stop.is_cancelled() {
+                                    if !r.interrupt.is_cancelled() {
                                         tracing::warn!(run = key.run_id, task = %key.task, index = key.map_index, attempt = key.attempt, "the attempt was rescued from this node; stopping it");
                                     }
-                                    r.stop.cancel();
+                                    r.interrupt.cancel();
                                 }
                             }
                         }
@@ -174,7 +195,7 @@ pub async fn work(
                         tracing::warn!(error = %e.report(), "cannot beat the heartbeat of this node's workflow attempts");
                         if last_beat.elapsed() >= lease * 2 / 3 {
                             for r in running.values() {
-                                r.stop.cancel();
+                                r.interrupt.cancel();
                             }
                         }
                     }
@@ -213,11 +234,13 @@ fn start(
     store: &Store,
 ) {
     let stop = CancellationToken::new();
+    let own_interrupt = interrupt.child_token();
     running.insert(
         claimed.key.clone(),
         Running {
             token: claimed.token,
             stop: stop.clone(),
+            interrupt: own_interrupt.clone(),
         },
     );
     let spec: Spec = match serde_json::from_str(&claimed.spec) {
@@ -254,7 +277,7 @@ fn start(
         spec,
         shared.clone(),
         stop,
-        interrupt.clone(),
+        own_interrupt,
         events.clone(),
     ));
 }
@@ -280,10 +303,12 @@ fn report(
     };
     let store = store.clone();
     writes.spawn(async move {
-        // A store that does not answer: try again for a while; past that
-        // the executor rescues the attempt and it runs again.
-        for wait in [0, 100, 500, 1000, 2000] {
-            tokio::time::sleep(Duration::from_millis(wait)).await;
+        // A store that does not answer: try again until it takes the
+        // outcome or refuses it (rescued meanwhile).
+        let mut wait = Duration::ZERO;
+        loop {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
             match store.finish_dispatch(&key, r.token, &outcome).await {
                 Ok(true) => return,
                 Ok(false) => {
