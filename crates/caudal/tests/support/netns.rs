@@ -9,7 +9,8 @@
 use std::process::Command;
 
 /// A namespace `caudal-<pid>-<tag>` with `10.213.<n>.2/30` inside and
-/// `10.213.<n>.1/30` on the host's end. Removed on drop.
+/// `10.213.<n>.1/30` on the host's end, `<n>` a subnet no interface uses.
+/// Removed on drop.
 pub struct Netns {
     pub name: String,
     host_if: String,
@@ -41,7 +42,18 @@ impl Netns {
         let name = format!("caudal-{pid}-{tag}");
         let host_if = format!("cv{}h{tag}", pid % 100_000);
         let ns_if = format!("cv{}n{tag}", pid % 100_000);
-        let third = n.wrapping_add(tag.wrapping_mul(17)) % 250;
+        // A subnet no interface uses (a run killed before its drop may
+        // have left one behind).
+        let used = Command::new("ip")
+            .args(["-o", "addr", "show"])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+            .unwrap_or_default();
+        let first = n.wrapping_add(tag.wrapping_mul(17)) % 250;
+        let third = (0..250u16)
+            .map(|i| ((u16::from(first) + i) % 250) as u8)
+            .find(|t| !used.contains(&format!("10.213.{t}.")))
+            .unwrap_or(first);
         let host_ip = format!("10.213.{third}.1");
         let ns_ip = format!("10.213.{third}.2");
         // Leftovers of an earlier process with this pid.
