@@ -338,27 +338,9 @@ async fn dispatch_run(args: &Args, admin: &PgPool, tasks: usize) -> anyhow::Resu
         let state_url = database_url(&args.pg_url, STATE_DB);
         let dir = scratch_dir(&format!("cluster-dispatch-{count}"))?;
         let config = format!(
-            r#"[state]
-url = "{state_url}"
-runs_dir = "{runs}"
-
-[cluster]
-
-[pools.noop]
-slots = {DISPATCH_SLOTS}
-
-[workflows.dispatch.tasks.list]
-type = "command"
-run = ["sh", "-c", "seq 1 {tasks} > \"$CAUDAL_ITEMS\""]
-
-[workflows.dispatch.tasks.noop]
-type = "command"
-depends_on = ["list"]
-for_each = "{{{{ tasks.list.items }}}}"
-pool = "noop"
-run = ["true"]
-"#,
+            "[state]\nurl = \"{state_url}\"\nruns_dir = \"{runs}\"\n\n[cluster]\n\n{body}",
             runs = dir.join("runs").display(),
+            body = crate::workflows::noop_fan_out(tasks, DISPATCH_SLOTS),
         );
         let mut nodes = start_nodes(subject, &dir, count, &config)?;
         let state = PgPool::connect(&state_url).await?;

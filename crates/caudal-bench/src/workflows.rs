@@ -157,22 +157,7 @@ fn spawn_ceiling(tasks: usize, threads: usize) -> anyhow::Result<f64> {
 pub async fn dispatch(args: &Args) -> anyhow::Result<Vec<Value>> {
     let tasks = args.rows.unwrap_or(10_000) as usize;
     let slots = slots();
-    let body = format!(
-        r#"[pools.noop]
-slots = {slots}
-
-[workflows.dispatch.tasks.list]
-type = "command"
-run = ["sh", "-c", "seq 1 {tasks} > \"$CAUDAL_ITEMS\""]
-
-[workflows.dispatch.tasks.noop]
-type = "command"
-depends_on = ["list"]
-for_each = "{{{{ tasks.list.items }}}}"
-pool = "noop"
-run = ["true"]
-"#
-    );
+    let body = noop_fan_out(tasks, slots);
     eprintln!("workflow-dispatch: spawning `true` {tasks} times on {slots} threads (the ceiling)");
     let ceiling = tokio::task::spawn_blocking(move || spawn_ceiling(tasks, slots)).await??;
     let mut out = Vec::new();
@@ -217,6 +202,27 @@ run = ["true"]
         }));
     }
     Ok(out)
+}
+
+/// Workflow `dispatch`: one task listing `tasks` items, fanned out into
+/// as many no-op command instances (`true`) in pool `noop` of `slots`.
+pub(crate) fn noop_fan_out(tasks: usize, slots: usize) -> String {
+    format!(
+        r#"[pools.noop]
+slots = {slots}
+
+[workflows.dispatch.tasks.list]
+type = "command"
+run = ["sh", "-c", "seq 1 {tasks} > \"$CAUDAL_ITEMS\""]
+
+[workflows.dispatch.tasks.noop]
+type = "command"
+depends_on = ["list"]
+for_each = "{{{{ tasks.list.items }}}}"
+pool = "noop"
+run = ["true"]
+"#
+    )
 }
 
 /// p50 and p99 of sorted values.

@@ -22,8 +22,11 @@
 //!   cancels, for a run cancelled.
 //! - At shutdown its attempts are interrupted and reported as such: the
 //!   executor queues them again without counting a failure.
+//! - A row the store says this node holds but the node does not run (a
+//!   claim committed after the node stopped waiting for its answer) is
+//!   handed back as interrupted at the next beat, never beaten for good.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -103,7 +106,7 @@ pub async fn work(
     let interrupt = CancellationToken::new();
     let (events_tx, mut events) = mpsc::unbounded_channel::<Done>();
     let mut running: HashMap<DispatchKey, Running> = HashMap::new();
-    let mut writes = JoinSet::new();
+    let mut outcomes = Outcomes::new(store.clone());
     let mut beat = tokio::time::interval(lease / 3);
     beat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_beat = Instant::now();
@@ -137,8 +140,7 @@ pub async fn work(
                             &interrupt,
                             &events_tx,
                             &mut running,
-                            &mut writes,
-                            &store,
+                            &mut outcomes,
                         );
                     }
                 }
@@ -160,9 +162,9 @@ pub async fn work(
             () = shutdown.cancelled() => break,
             done = events.recv() => {
                 if let Some(done) = done {
-                    report(&store, &mut running, &mut writes, done);
+                    report(&mut running, &mut outcomes, done);
                     while let Ok(done) = events.try_recv() {
-                        report(&store, &mut running, &mut writes, done);
+                        report(&mut running, &mut outcomes, done);
                     }
                 }
                 claim_now = true;
@@ -190,6 +192,12 @@ pub async fn work(
                                 }
                             }
                         }
+                        for b in &beats {
+                            if !running.contains_key(&b.key) && !outcomes.pending(&b.key) {
+                                tracing::warn!(run = b.key.run_id, task = %b.key.task, index = b.key.map_index, attempt = b.key.attempt, "the store says this node claimed an attempt it never started; handing it back");
+                                outcomes.send(b.key.clone(), b.token, interrupted(&b.key));
+                            }
+                        }
                     }
                     Err(e) => {
                         tracing::warn!(error = %e.report(), "cannot beat the heartbeat of this node's workflow attempts");
@@ -201,7 +209,11 @@ pub async fn work(
                     }
                 }
             }
-            Some(_) = writes.join_next(), if !writes.is_empty() => {}
+            Some(written) = outcomes.writes.join_next(), if !outcomes.writes.is_empty() => {
+                if let Ok(key) = written {
+                    outcomes.reporting.remove(&key);
+                }
+            }
             () = wake(wakeups.as_ref()) => {
                 claim_now = true;
                 last_work = Instant::now();
@@ -213,12 +225,12 @@ pub async fn work(
     let deadline = tokio::time::Instant::now() + STOP_WAIT;
     while !running.is_empty() {
         match tokio::time::timeout_at(deadline, events.recv()).await {
-            Ok(Some(done)) => report(&store, &mut running, &mut writes, done),
+            Ok(Some(done)) => report(&mut running, &mut outcomes, done),
             _ => break,
         }
     }
     let _ = tokio::time::timeout_at(deadline, async {
-        while writes.join_next().await.is_some() {}
+        while outcomes.writes.join_next().await.is_some() {}
     })
     .await;
     Ok(())
@@ -230,8 +242,7 @@ fn start(
     interrupt: &CancellationToken,
     events: &mpsc::UnboundedSender<Done>,
     running: &mut HashMap<DispatchKey, Running>,
-    writes: &mut JoinSet<()>,
-    store: &Store,
+    outcomes: &mut Outcomes,
 ) {
     let stop = CancellationToken::new();
     let own_interrupt = interrupt.child_token();
@@ -264,7 +275,7 @@ fn start(
                 items: Vec::new(),
                 elapsed: Duration::ZERO,
             };
-            report(store, running, writes, done);
+            report(running, outcomes, done);
             return;
         }
     };
@@ -282,45 +293,86 @@ fn start(
     ));
 }
 
-/// Writes an attempt's outcome under its claim's token (in the
-/// background: the loop goes on beating and claiming).
-fn report(
-    store: &Store,
-    running: &mut HashMap<DispatchKey, Running>,
-    writes: &mut JoinSet<()>,
-    done: Done,
-) {
+/// Reports an attempt this node ran (see [`Outcomes::send`]).
+fn report(running: &mut HashMap<DispatchKey, Running>, outcomes: &mut Outcomes, done: Done) {
     let key = key_of(&done.id);
-    let Some(r) = running.remove(&key) else {
-        return;
-    };
-    let outcome = match serde_json::to_string(&done) {
-        Ok(o) => o,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot encode an attempt's outcome");
-            return;
+    if let Some(r) = running.remove(&key) {
+        outcomes.send(key, r.token, done);
+    }
+}
+
+/// The ending of an attempt this node hands back without running it.
+fn interrupted(key: &DispatchKey) -> Done {
+    Done {
+        id: AttemptId {
+            run_id: key.run_id,
+            task: key.task.clone(),
+            map_index: key.map_index,
+            attempt: key.attempt,
+        },
+        ending: Ending::Interrupted,
+        exit_code: None,
+        pid: None,
+        error: Some("interrupted: its node handed it back; it will run again".into()),
+        stderr_tail: None,
+        outputs: serde_json::Map::new(),
+        items: Vec::new(),
+        elapsed: Duration::ZERO,
+    }
+}
+
+/// Outcomes being written, in the background: the loop goes on beating
+/// and claiming meanwhile.
+struct Outcomes {
+    store: Store,
+    writes: JoinSet<DispatchKey>,
+    /// The rows whose outcome is being written.
+    reporting: HashSet<DispatchKey>,
+}
+
+impl Outcomes {
+    fn new(store: Store) -> Self {
+        Self {
+            store,
+            writes: JoinSet::new(),
+            reporting: HashSet::new(),
         }
-    };
-    let store = store.clone();
-    writes.spawn(async move {
-        // A store that does not answer: try again until it takes the
-        // outcome or refuses it (rescued meanwhile).
-        let mut wait = Duration::ZERO;
-        loop {
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
-            match store.finish_dispatch(&key, r.token, &outcome).await {
-                Ok(true) => return,
-                Ok(false) => {
-                    tracing::info!(run = key.run_id, task = %key.task, index = key.map_index, attempt = key.attempt, "the attempt ended after it was rescued from this node; its outcome is dropped");
-                    return;
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.report(), "cannot write an attempt's outcome; trying again");
+    }
+
+    fn pending(&self, key: &DispatchKey) -> bool {
+        self.reporting.contains(key)
+    }
+
+    /// Writes `done` under the claim's `token`. A store that does not
+    /// answer is tried again until it takes the outcome or refuses it
+    /// (rescued meanwhile).
+    fn send(&mut self, key: DispatchKey, token: i64, done: Done) {
+        let outcome = serde_json::to_string(&done).unwrap_or_else(|e| {
+            // Not readable by the executor: it counts the attempt as lost
+            // and retries it, rather than waiting for it for good.
+            tracing::error!(error = %e, "cannot encode an attempt's outcome");
+            String::new()
+        });
+        self.reporting.insert(key.clone());
+        let store = self.store.clone();
+        self.writes.spawn(async move {
+            let mut wait = Duration::ZERO;
+            loop {
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).clamp(Duration::from_millis(100), Duration::from_secs(2));
+                match store.finish_dispatch(&key, token, &outcome).await {
+                    Ok(true) => return key,
+                    Ok(false) => {
+                        tracing::info!(run = key.run_id, task = %key.task, index = key.map_index, attempt = key.attempt, "the attempt ended after it was rescued from this node; its outcome is dropped");
+                        return key;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e.report(), "cannot write an attempt's outcome; trying again");
+                    }
                 }
             }
-        }
-    });
+        });
+    }
 }
 
 /// The next wake-up, or never without notifications.
