@@ -101,6 +101,10 @@ pub struct Api {
     pipelines: Arc<std::collections::BTreeMap<String, caudal_engine::Pipeline>>,
     workflows: Workflows,
     cache: Arc<crate::datasets::Cache>,
+    /// The dashboard's signed-in browsers.
+    sessions: Arc<crate::dashboard::Sessions>,
+    /// The last hour of each pipeline's figures.
+    history: crate::history::History,
     /// Cancelled when the server shuts down: long-lived answers (event
     /// streams) end then, so shutdown never waits on a client.
     shutdown: tokio_util::sync::CancellationToken,
@@ -123,6 +127,12 @@ impl Api {
         requests_per_second: u32,
     ) -> Self {
         let config_cache = config.cache.clone();
+        let session_ttl = config
+            .server
+            .as_ref()
+            .map_or(std::time::Duration::from_secs(12 * 3600), |s| {
+                s.session_ttl.as_std()
+            });
         let rate = NonZeroU32::new(requests_per_second.max(1)).unwrap_or(NonZeroU32::MIN);
         let burst = NonZeroU32::new(requests_per_second.max(1).saturating_mul(2)).unwrap_or(rate);
         Self {
@@ -146,8 +156,18 @@ impl Api {
                         .expect("the default cache needs no connection")
                 }),
             ),
+            sessions: Arc::new(crate::dashboard::Sessions::new(session_ttl)),
+            history: crate::history::History::default(),
             shutdown: tokio_util::sync::CancellationToken::new(),
         }
+    }
+
+    pub(crate) fn sessions(&self) -> &crate::dashboard::Sessions {
+        &self.sessions
+    }
+
+    pub(crate) fn history(&self) -> &crate::history::History {
+        &self.history
     }
 
     /// Ends event streams when `shutdown` is cancelled.
@@ -274,6 +294,7 @@ pub fn routes(api: Api) -> Router {
         .route("/pipelines", get(pipelines))
         .route("/pipelines/{name}", get(pipeline))
         .route("/pipelines/{name}/checkpoint", get(checkpoint))
+        .route("/pipelines/{name}/history", get(history))
         .route("/runs", get(runs))
         .route("/runs/{id}", get(run))
         .route("/dead-letters", get(dead_letters))
@@ -360,19 +381,37 @@ async fn authorize(
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default();
-    let Some(token) = header
+    let bearer = header
         .strip_prefix("Bearer ")
         .map(str::trim)
-        .filter(|t| !t.is_empty())
-    else {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send a token: Authorization: Bearer <token> (caudal token create)",
-        )
-        .into_response();
+        .filter(|t| !t.is_empty());
+    let mutating = !matches!(
+        *request.method(),
+        Method::GET | Method::HEAD | Method::OPTIONS
+    );
+    // A bearer token, else the dashboard's session cookie (which needs its
+    // CSRF token to change anything).
+    let hash = match bearer {
+        Some(token) => token_hash(token),
+        None => match api.sessions.of(request.headers()) {
+            Some(session) => {
+                if mutating && let Some(why) = crate::dashboard::forged(&session, request.headers())
+                {
+                    return ApiError::new(StatusCode::FORBIDDEN, "csrf", why).into_response();
+                }
+                session.token_hash
+            }
+            None => {
+                return ApiError::new(
+                    StatusCode::UNAUTHORIZED,
+                    "unauthorized",
+                    "send a token: Authorization: Bearer <token> (caudal token create)",
+                )
+                .into_response();
+            }
+        },
     };
-    let record = match api.store.token_by_hash(&token_hash(token)).await {
+    let record = match api.store.token_by_hash(&hash).await {
         Ok(r) => r,
         Err(e) => return ApiError::from_error(&e).into_response(),
     };
@@ -490,6 +529,31 @@ pub(crate) async fn checkpoint(State(api): State<Api>, Path(name): Path<String>)
             updated_at: cp.updated_at.to_string(),
         }),
     }
+}
+
+/// The pipeline's last hour as this process sampled it: the dashboard's
+/// charts (see [`crate::history`]).
+#[utoipa::path(get, path = "/api/v1/pipelines/{name}/history", tag = "pipelines", params(("name" = String, Path, description = "the pipeline"), HistoryQuery), responses((status = 200, description = "ok", body = crate::history::PipelineHistory), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn history(
+    State(api): State<Api>,
+    Path(name): Path<String>,
+    Query(q): Query<HistoryQuery>,
+) -> ApiResult {
+    known(&api, &name)?;
+    let mut history = api.history.of(&name);
+    if let Some(last) = q.last {
+        let skip = history.points.len().saturating_sub(last as usize);
+        history.points.drain(..skip);
+    }
+    ok(&history)
+}
+
+/// How much of the hour to answer.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct HistoryQuery {
+    /// Only the newest this many points (default: the whole hour).
+    last: Option<u32>,
 }
 
 fn steer(api: &Api, name: &str, result: Result<(), Refused>) -> ApiResult {
@@ -1156,7 +1220,7 @@ pub(crate) async fn drain_node(State(api): State<Api>, Path(id): Path<String>) -
 }
 
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 42] = [
+pub const ROUTES: [(&str, &str, Role); 43] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/datasets", Role::Viewer),
     ("GET", "/api/v1/datasets/{name}/partitions", Role::Viewer),
@@ -1171,6 +1235,7 @@ pub const ROUTES: [(&str, &str, Role); 42] = [
     ("DELETE", "/api/v1/alerts/silences/{id}", Role::Operator),
     ("GET", "/api/v1/pipelines/{name}", Role::Viewer),
     ("GET", "/api/v1/pipelines/{name}/checkpoint", Role::Viewer),
+    ("GET", "/api/v1/pipelines/{name}/history", Role::Viewer),
     ("GET", "/api/v1/runs", Role::Viewer),
     ("GET", "/api/v1/runs/{id}", Role::Viewer),
     ("GET", "/api/v1/dead-letters", Role::Viewer),

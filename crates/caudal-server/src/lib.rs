@@ -1,7 +1,7 @@
 //! What `caudal run` serves over HTTP when `[server]` is configured:
 //! `/healthz` (the process answers), `/readyz` (the state store answers and
-//! every pipeline has started), `/metrics` (Prometheus text format) and the
-//! REST API ([`api`]).
+//! every pipeline has started), `/metrics` (Prometheus text format), the
+//! REST API ([`api`]) and the web dashboard at `/` ([`dashboard`]).
 //!
 //! Metrics are recorded through the `metrics` facade by the engine and the
 //! connectors; [`install_metrics`] installs the Prometheus recorder once per
@@ -9,7 +9,9 @@
 
 pub mod alerts;
 pub mod api;
+pub mod dashboard;
 pub mod datasets;
+pub mod history;
 pub mod live;
 pub mod openapi;
 
@@ -365,10 +367,13 @@ pub fn router(state: AppState) -> Router {
         .with_state(state);
     if let Some(api) = api {
         use utoipa::OpenApi as _;
-        router = router.nest("/api/v1", api::routes(api)).merge(
-            utoipa_swagger_ui::SwaggerUi::new("/api/docs")
-                .url("/api/openapi.json", openapi::ApiDoc::openapi()),
-        );
+        router = router
+            .nest("/api/v1", api::routes(api.clone()))
+            .merge(dashboard::routes(api))
+            .merge(
+                utoipa_swagger_ui::SwaggerUi::new("/api/docs")
+                    .url("/api/openapi.json", openapi::ApiDoc::openapi()),
+            );
     }
     router
 }
@@ -445,6 +450,10 @@ pub async fn serve(
     let mut state = state;
     if let Some(api) = &mut state.api {
         api.set_shutdown(shutdown.clone());
+    }
+    if let Some(api) = &state.api {
+        api.history()
+            .sample(state.metrics.clone(), shutdown.clone());
     }
     let app = router(state.clone());
     // The exporter's histograms and counters are drained regularly.

@@ -5,6 +5,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use super::load::path::{FieldPath, Problem};
+use crate::units::Duration;
 
 /// What `caudal run` serves over HTTP.
 #[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
@@ -18,6 +19,14 @@ pub struct ServerConfig {
     /// more get 429 with `Retry-After`.
     #[serde(default = "default_requests_per_second")]
     pub requests_per_second: u32,
+    /// How long a dashboard sign-in lasts (default `12h`); the browser
+    /// signs in again after it.
+    #[serde(default = "default_session_ttl")]
+    pub session_ttl: Duration,
+}
+
+fn default_session_ttl() -> Duration {
+    Duration(std::time::Duration::from_secs(12 * 3600))
 }
 
 fn default_requests_per_second() -> u32 {
@@ -49,6 +58,14 @@ pub(super) fn check_server(server: Option<&ServerConfig>, out: &mut Vec<Problem>
                 "{:?} is not an address to listen on: write host:port, e.g. \"127.0.0.1:9464\"",
                 server.listen
             ),
+        ));
+    }
+    if let Some(server) = server
+        && server.session_ttl.as_std().is_zero()
+    {
+        out.push(Problem::at(
+            FieldPath::root().key("server").key("session_ttl"),
+            "a dashboard session must last longer than 0s: write e.g. \"12h\"",
         ));
     }
 }

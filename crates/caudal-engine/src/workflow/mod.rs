@@ -45,6 +45,24 @@ pub struct WorkflowSummary {
     pub schedule: String,
     pub tasks: u64,
     pub last_run: Option<WorkflowRunInfo>,
+    /// The tasks and what each waits for, in name order: the DAG.
+    #[serde(default)]
+    pub graph: Vec<TaskNode>,
+}
+
+/// One task of a workflow's DAG.
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize, utoipa::ToSchema)]
+pub struct TaskNode {
+    pub task: String,
+    /// `command`, `pipeline`, `http` or `crawl`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The tasks it waits for.
+    pub depends_on: Vec<String>,
+    /// Its pool, when it names one.
+    pub pool: Option<String>,
+    /// A mapped task: where its items come from.
+    pub mapped: bool,
 }
 
 /// Where an attempt's output is.
@@ -115,6 +133,17 @@ impl Workflows {
                 schedule,
                 tasks: w.tasks.len() as u64,
                 last_run,
+                graph: w
+                    .tasks
+                    .iter()
+                    .map(|(task, t)| TaskNode {
+                        task: task.clone(),
+                        kind: t.kind.as_str().to_string(),
+                        depends_on: t.depends_on.clone(),
+                        pool: t.pool.clone(),
+                        mapped: t.items_from.is_some() || t.for_each.is_some(),
+                    })
+                    .collect(),
             });
         }
         Ok(out)

@@ -10,6 +10,7 @@
 // Each test file uses a different part of this module.
 #![allow(dead_code)]
 
+pub mod browser;
 pub mod cdc;
 pub mod netns;
 
