@@ -84,6 +84,7 @@
       method: opts.method || "GET",
       headers,
       credentials: "same-origin",
+      signal: AbortSignal.timeout(15000),
       body: opts.body === undefined ? undefined : JSON.stringify(opts.body),
     });
     if (r.status === 401) {
@@ -151,13 +152,21 @@
       if (err.status === 401) return;
       node = h("p", { class: "error", role: "alert" }, `Could not load this part: ${err.message}. It will be tried again.`);
     }
-    // What the viewer typed in the region, and where the focus was, stay.
+    // Nothing changed: nothing is redrawn (focus, scroll and screen
+    // readers stay undisturbed).
+    const fresh = document.createElement("div");
+    fresh.append(node);
+    if (fresh.innerHTML === region.el.innerHTML) return;
+    // What the viewer typed, where the focus was, and how far each table
+    // was scrolled, stay.
     const focused = document.activeElement;
     const key = region.el.contains(focused) ? focused.getAttribute("data-key") : null;
     const typed = [...region.el.querySelectorAll("input[data-key]")].map((i) => [i.getAttribute("data-key"), i.value]);
-    region.el.replaceChildren(node);
+    const scrolled = [...region.el.querySelectorAll(".scroll")].map((e) => e.scrollLeft);
+    region.el.replaceChildren(...fresh.childNodes);
     const find = (k) => region.el.querySelector(`[data-key="${CSS.escape(k)}"]`);
     typed.forEach(([k, v]) => { const i = find(k); if (i) i.value = v; });
+    region.el.querySelectorAll(".scroll").forEach((e, i) => { if (scrolled[i]) e.scrollLeft = scrolled[i]; });
     if (key) find(key)?.focus();
   }
   function refresh() { regions.forEach((r) => { r.next = 0; }); tick(); }
@@ -182,7 +191,7 @@
   // there are no rows.
   function table(caption, cols, rows, empty) {
     if (!rows || rows.length === 0) return h("p", { class: "empty" }, empty);
-    return h("div", { class: "scroll", tabindex: "0", role: "region", "aria-label": caption },
+    return h("div", { class: "scroll", tabindex: "0", role: "region", "aria-label": caption, "data-key": `table:${caption}` },
       h("table", {},
         h("caption", { class: "sr-only" }, caption),
         h("thead", {}, h("tr", {}, cols.map(([head]) => h("th", { scope: "col" }, head)))),
@@ -252,7 +261,7 @@
       if (r.lag_bytes !== null && r.lag_bytes !== undefined) parts.push(bytes(r.lag_bytes));
       return parts.join(" · ") || "–";
     }
-    if (p.broker) return p.broker.lag_messages !== undefined && p.broker.lag_messages !== null ? `${num(p.broker.lag_messages)} messages` : "–";
+    if (p.broker) return p.broker.lag !== undefined && p.broker.lag !== null ? `${num(p.broker.lag)} messages waiting` : (p.broker.connected ? "–" : "disconnected");
     return "–";
   }
 
@@ -319,7 +328,7 @@
       ["Pipelines", (n) => n.pipelines.join(", ") || "–"],
       ["Version", (n) => n.version],
       ["Started", (n) => time(n.started_at)],
-      ["", (n) => (n.state === "active" && n.cluster ? action("Drain", () => api(`/nodes/${enc(n.id)}/drain`, { method: "POST" }), `Drain node ${n.id}? It hands its pipelines over and stops.`) : null)],
+      ["", (n) => (n.state === "active" && n.cluster ? action("Drain", () => api(`/nodes/${enc(n.id)}/drain`, { method: "POST" }), `Drain node ${n.id}? It hands its pipelines over and stops.`, "", `drain:${n.id}`) : null)],
     ], nodes, "No node has registered: caudal runs as one process here (nodes appear when [cluster] is configured).");
   }
 
@@ -340,14 +349,16 @@
         ["Owner", p.owner || "this process"],
         ["Last error", p.error ? h("span", { class: "err" }, p.error) : "–"],
       ];
+      // Resync and backfill are for change data capture only.
+      document.querySelectorAll(".cdc-only").forEach((e) => { e.hidden = !p.replication; });
       return h("dl", { class: "facts" }, facts.map(([k, v]) => [h("dt", {}, k), h("dd", {}, v)]));
     });
     const actions = CAN_ACT ? h("div", { class: "actions", role: "group", "aria-label": "Pipeline actions" },
       action("Pause", () => api(`/pipelines/${enc(name)}/pause`, { method: "POST" })),
       action("Resume", () => api(`/pipelines/${enc(name)}/resume`, { method: "POST" })),
       action("Trigger a run", () => api(`/pipelines/${enc(name)}/trigger`, { method: "POST" })),
-      action("Resync", () => api(`/pipelines/${enc(name)}/resync`, { method: "POST" }), `Resync ${name}? Its checkpoint is reset and every row is read again from the start.`, "danger"),
-      backfillForm(name)) : null;
+      cdcOnly(action("Resync", () => api(`/pipelines/${enc(name)}/resync`, { method: "POST" }), `Resync ${name}? Its checkpoint is reset and every row is read again from the start.`, "danger")),
+      cdcOnly(backfillForm(name))) : null;
     const charts = live(async () => {
       const { points } = await api(`/pipelines/${enc(name)}/history`);
       const at = points.map((p) => Date.parse(p.at));
@@ -379,7 +390,8 @@
       const replayAll = rows.length ? action("Replay all", async () => {
         const r = await api(`/pipelines/${enc(name)}/dead-letters/replay`, { method: "POST", body: {} });
         return `Replayed: ${r.delivered} delivered, ${r.rejected_again} refused again.`;
-      }, `Send all ${rows.length} pending dead letters of ${name} to the sink again?`) : null;
+      }, rows.length < 100 ? `Send all ${rows.length} pending dead letters of ${name} to the sink again?`
+        : `Send every pending dead letter of ${name} (100 or more) to the sink again?`, "", "replay-all") : null;
       return h("div", {}, replayAll, table("Pending dead letters", [
         ["Id", (l) => l.id],
         ["Record key", (l) => h("span", { class: "wrap" }, l.record_key || "–")],
@@ -397,6 +409,12 @@
       ], rows, "No pending dead letter: every record was delivered or is still on its way."));
     }, 3000);
     return [detail, actions, section("Last hour", charts), section("Runs", runs), section("Dead letters", letters, inspect)];
+  }
+
+  function cdcOnly(el) {
+    el.classList.add("cdc-only");
+    el.hidden = true;
+    return el;
   }
 
   function backfillForm(name) {
@@ -490,6 +508,8 @@
       })));
   }
 
+  const finishedTasks = new Map();
+
   async function workflowPage(name) {
     $title.textContent = `Workflow ${name}`;
     document.title = `${name} · caudal`;
@@ -504,7 +524,14 @@
       const w = workflows.find((x) => x.workflow === name);
       if (!w) return h("p", { class: "error" }, `No workflow ${name} in the config. Go back to the overview.`);
       const { runs } = await api(`/workflow-runs?workflow=${enc(name)}&limit=20`);
-      const tasks = await Promise.all(runs.map((r) => api(`/workflow-runs/${r.id}/tasks`)));
+      // A finished run's tasks do not change until it is retried.
+      const tasks = await Promise.all(runs.map(async (r) => {
+        const key = `${r.id}:${r.state}:${r.ended_at}`;
+        if (FINISHED.includes(r.state) && finishedTasks.has(key)) return finishedTasks.get(key);
+        const t = await api(`/workflow-runs/${r.id}/tasks`);
+        if (FINISHED.includes(r.state)) finishedTasks.set(key, t);
+        return t;
+      }));
       const grid = runs.map((r, i) => {
         const byTask = {};
         tasks[i].tasks.forEach((t) => { (byTask[t.task] = byTask[t.task] || []).push(t); });
@@ -532,8 +559,8 @@
               }));
             }))),
             h("tr", {}, h("th", { scope: "row" }, "Actions"), grid.map(({ run }) => h("td", {},
-              FINISHED.includes(run.state) ? action("Retry", () => api(`/workflow-runs/${run.id}/retry?failed=true`, { method: "POST" }), null, "small")
-                : action("Cancel", () => api(`/workflow-runs/${run.id}/cancel`, { method: "POST" }), `Cancel run #${run.id}? Its running tasks are stopped.`, "small danger")))))));
+              FINISHED.includes(run.state) ? action("Retry", () => api(`/workflow-runs/${run.id}/retry?failed=true`, { method: "POST" }), null, "small", `retry:${run.id}`)
+                : action("Cancel", () => api(`/workflow-runs/${run.id}/cancel`, { method: "POST" }), `Cancel run #${run.id}? Its running tasks are stopped.`, "small danger", `cancel:${run.id}`)))))));
       return h("div", {},
         h("p", {}, `Schedule: ${w.schedule} · ${w.tasks} tasks`),
         section("Graph", dag(w.graph, latestStates), h("p", { class: "help" }, "Colours show the latest run.")),
@@ -686,8 +713,8 @@
           Object.entries(i.labels).map(([k, v]) => `${k}=${v}`).join(", "), i.value !== null && i.value !== undefined ? ` = ${fixed(i.value)}` : "", " since ", time(i.since)))) : "quiet")],
         ["Silences", (a) => (a.silences.length ? h("ul", { class: "plain" }, a.silences.map((x) => h("li", {},
           `until `, time(x.until), ` by ${x.created_by}${x.reason ? `: ${x.reason}` : ""} `,
-          action("End silence", () => api(`/alerts/silences/${x.id}`, { method: "DELETE" }), null, "small")))) : "–")],
-        ["", (a) => (CAN_ACT ? silenceForm(a.name) : null)],
+          action("End silence", () => api(`/alerts/silences/${x.id}`, { method: "DELETE" }), null, "small", `unsilence:${x.id}`)))) : "–")],
+        ["", (a) => (CAN_ACT ? silenceForm(a.name, alerts.indexOf(a)) : null)],
       ], alerts, "No alert rule is configured: add an [alerts.NAME] section (docs/alerts.md).");
     }, 3000);
     const history = live(async () => {
@@ -703,10 +730,10 @@
     return [section("Rules", rules), section("History", history)];
   }
 
-  function silenceForm(alert) {
-    const id = `sil-${alert.replace(/[^A-Za-z0-9_-]/g, "_")}`;
-    const duration = h("input", { id: `${id}-d`, value: "1h", size: 5, "data-key": `${id}-d` });
-    const reason = h("input", { id: `${id}-r`, placeholder: "why", size: 10, "data-key": `${id}-r` });
+  function silenceForm(alert, index) {
+    const id = `sil-${index}`;
+    const duration = h("input", { id: `${id}-d`, value: "1h", size: 5, "data-key": `silence-for:${alert}` });
+    const reason = h("input", { id: `${id}-r`, placeholder: "why", size: 10, "data-key": `silence-reason:${alert}` });
     return h("form", {
       class: "inline",
       onsubmit: async (e) => {
@@ -717,7 +744,7 @@
           refresh();
         } catch (err) { say(`Silence failed: ${err.message}`, true); }
       },
-    }, h("label", { for: `${id}-d` }, "Silence for"), duration, h("label", { for: `${id}-r`, class: "sr-only" }, "Reason"), reason, h("button", { type: "submit", class: "small" }, "Silence"));
+    }, h("label", { for: `${id}-d` }, "Silence for"), duration, h("label", { for: `${id}-r`, class: "sr-only" }, "Reason"), reason, h("button", { type: "submit", class: "small", "data-key": `silence:${alert}` }, "Silence"));
   }
 
   async function nodesPage() {

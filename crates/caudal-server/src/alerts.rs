@@ -134,7 +134,7 @@ pub struct SilenceEnded {
 pub struct SilenceBody {
     /// How long, e.g. `"2h"`.
     #[serde(rename = "for")]
-    #[schema(value_type = String)]
+    #[schema(value_type = String, pattern = "^[1-9][0-9]{0,8}(ms|s|m|h|d)([0-9]{1,9}(ms|s|m|h|d))*$")]
     pub duration: Duration,
     /// Only the instances with these labels (e.g. `{"provider_id": 7}`);
     /// default all of the alert's.
@@ -240,6 +240,7 @@ pub(crate) struct HistoryQuery {
     /// Only this alert's.
     alert: Option<String>,
     /// At most this many (default 100, at most 1000).
+    #[param(minimum = 1, maximum = 1000)]
     limit: Option<i64>,
 }
 

@@ -362,7 +362,44 @@ pub fn routes(api: Api) -> Router {
         .merge(operator)
         .merge(admin)
         .fallback(|| async { ApiError::not_found("no such API route") })
+        .layer(middleware::map_response(one_error_shape))
         .with_state(api)
+}
+
+/// Every error answer in the one shape: a rejection by an extractor (a
+/// path id that is not a number, a query or body that does not parse, a
+/// wrong content type) comes as plain text; it becomes
+/// `{"error": {"code": "bad_request", "message": "..."}}` with its status.
+async fn one_error_shape(response: Response) -> Response {
+    let status = response.status();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return response;
+    }
+    let (parts, body) = response.into_parts();
+    let text = axum::body::to_bytes(body, 64 * 1024)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default();
+    let code = match status {
+        StatusCode::NOT_FOUND => "not_found",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::PAYLOAD_TOO_LARGE => "too_large",
+        s if s.is_server_error() => "internal",
+        _ => "bad_request",
+    };
+    let mut shaped = ApiError::new(status, code, text).into_response();
+    for name in [header::RETRY_AFTER, header::WWW_AUTHENTICATE, header::ALLOW] {
+        if let Some(v) = parts.headers.get(&name) {
+            shaped.headers_mut().insert(name, v.clone());
+        }
+    }
+    shaped
 }
 
 /// Checks the bearer token and its role, applies the rate limit, and
@@ -391,15 +428,17 @@ async fn authorize(
     );
     // A bearer token, else the dashboard's session cookie (which needs its
     // CSRF token to change anything).
-    let hash = match bearer {
-        Some(token) => token_hash(token),
+    // The rate limit counts per token, and per browser session: a
+    // dashboard's polling does not starve the token's other clients.
+    let (hash, limit_key) = match bearer {
+        Some(token) => (token_hash(token), None),
         None => match api.sessions.of(request.headers()) {
             Some(session) => {
                 if mutating && let Some(why) = crate::dashboard::forged(&session, request.headers())
                 {
                     return ApiError::new(StatusCode::FORBIDDEN, "csrf", why).into_response();
                 }
-                session.token_hash
+                (session.token_hash, Some(format!("session:{}", session.key)))
             }
             None => {
                 return ApiError::new(
@@ -437,7 +476,10 @@ async fn authorize(
         )
         .into_response();
     }
-    if let Err(not_until) = api.limiter.check_key(&record.name) {
+    if let Err(not_until) = api
+        .limiter
+        .check_key(limit_key.as_ref().unwrap_or(&record.name))
+    {
         let wait = not_until.wait_time_from(governor::clock::Clock::now(
             &governor::clock::DefaultClock::default(),
         ));
@@ -540,12 +582,7 @@ pub(crate) async fn history(
     Query(q): Query<HistoryQuery>,
 ) -> ApiResult {
     known(&api, &name)?;
-    let mut history = api.history.of(&name);
-    if let Some(last) = q.last {
-        let skip = history.points.len().saturating_sub(last as usize);
-        history.points.drain(..skip);
-    }
-    ok(&history)
+    ok(&api.history.of(&name, q.last.map(|n| n as usize)))
 }
 
 /// How much of the hour to answer.
@@ -586,19 +623,79 @@ pub(crate) async fn trigger(State(api): State<Api>, Path(name): Path<String>) ->
     steer(&api, &name, api.control.trigger(&name))
 }
 
-/// Paging and filters of list routes.
+/// Paging and filters of `/runs`.
 #[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[into_params(parameter_in = Query)]
-pub(crate) struct ListQuery {
+pub(crate) struct RunsQuery {
     pipeline: Option<String>,
-    outcome: Option<String>,
-    state: Option<String>,
-    /// Runs: ids below this. Dead letters: ids above this.
+    #[param(inline)]
+    outcome: Option<RunOutcome>,
+    /// Runs with ids below this (the previous page's `next_cursor`).
     cursor: Option<i64>,
+    /// At most this many (default 50).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
+/// Paging and filters of `/dead-letters`.
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub(crate) struct LettersQuery {
+    pipeline: Option<String>,
+    #[param(inline)]
+    state: Option<LetterState>,
+    /// Letters with ids above this (the previous page's `next_cursor`).
+    cursor: Option<i64>,
+    /// At most this many (default 50).
+    #[param(minimum = 1, maximum = 500)]
+    limit: Option<u32>,
+}
+
+/// A run outcome to filter by.
+#[derive(Clone, Copy, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum RunOutcome {
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    Abandoned,
+}
+
+impl RunOutcome {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Running => "running",
+            Self::Succeeded => "succeeded",
+            Self::Failed => "failed",
+            Self::Cancelled => "cancelled",
+            Self::Abandoned => "abandoned",
+        }
+    }
+}
+
+/// A dead-letter state to filter by.
+#[derive(Clone, Copy, Debug, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub(crate) enum LetterState {
+    Pending,
+    Replayed,
+    Discarded,
+}
+
 const MAX_PAGE: u32 = 500;
+
+/// A `limit` of a paged route: `default` when absent, 400 outside 1 to
+/// [`MAX_PAGE`].
+fn page_limit(limit: Option<u32>, default: u32) -> Result<u32, ApiError> {
+    match limit {
+        None => Ok(default),
+        Some(n) if (1..=MAX_PAGE).contains(&n) => Ok(n),
+        Some(n) => Err(bad_request(format!(
+            "parameter limit: {n} is not from 1 to {MAX_PAGE}"
+        ))),
+    }
+}
 
 pub(crate) fn bad_request(message: String) -> ApiError {
     ApiError::new(StatusCode::BAD_REQUEST, "bad_request", message)
@@ -616,19 +713,13 @@ pub(crate) fn parse_limit(v: &str, max: usize) -> Result<usize, ApiError> {
         })
 }
 
-#[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(ListQuery), responses((status = 200, description = "ok", body = crate::openapi::RunPage), (status = 400, description = "bad filter", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
-pub(crate) async fn runs(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    if let Some(o) = &q.outcome
-        && !["running", "succeeded", "failed", "cancelled", "abandoned"].contains(&o.as_str())
-    {
-        return Err(bad_request(format!(
-            "outcome {o:?} is not one of running, succeeded, failed, cancelled, abandoned"
-        )));
-    }
+#[utoipa::path(get, path = "/api/v1/runs", tag = "runs", params(RunsQuery), responses((status = 200, description = "ok", body = crate::openapi::RunPage), (status = 400, description = "bad filter", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn runs(State(api): State<Api>, Query(q): Query<RunsQuery>) -> ApiResult {
+    let limit = page_limit(q.limit, 50)?;
+    let outcome = q.outcome.map(RunOutcome::as_str);
     let page = api
         .store
-        .runs_page(q.pipeline.as_deref(), q.outcome.as_deref(), q.cursor, limit)
+        .runs_page(q.pipeline.as_deref(), outcome, q.cursor, limit)
         .await
         .map_err(|e| ApiError::from_error(&e))?;
     let next = (page.len() == limit as usize)
@@ -653,22 +744,21 @@ pub(crate) async fn run(State(api): State<Api>, Path(id): Path<i64>) -> ApiResul
     }
 }
 
-fn letter_state(text: Option<&str>) -> Result<Option<DeadLetterState>, ApiError> {
-    match text {
-        None => Ok(None),
-        Some("pending") => Ok(Some(DeadLetterState::Pending)),
-        Some("replayed") => Ok(Some(DeadLetterState::Replayed)),
-        Some("discarded") => Ok(Some(DeadLetterState::Discarded)),
-        Some(other) => Err(bad_request(format!(
-            "state {other:?} is not one of pending, replayed, discarded"
-        ))),
+fn letter_state(state: LetterState) -> DeadLetterState {
+    match state {
+        LetterState::Pending => DeadLetterState::Pending,
+        LetterState::Replayed => DeadLetterState::Replayed,
+        LetterState::Discarded => DeadLetterState::Discarded,
     }
 }
 
-#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "dead letters", params(ListQuery), responses((status = 200, description = "ok", body = crate::openapi::DeadLetterPage), (status = 400, description = "bad filter", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
-pub(crate) async fn dead_letters(State(api): State<Api>, Query(q): Query<ListQuery>) -> ApiResult {
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    let state = letter_state(q.state.as_deref())?;
+#[utoipa::path(get, path = "/api/v1/dead-letters", tag = "dead letters", params(LettersQuery), responses((status = 200, description = "ok", body = crate::openapi::DeadLetterPage), (status = 400, description = "bad filter", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn dead_letters(
+    State(api): State<Api>,
+    Query(q): Query<LettersQuery>,
+) -> ApiResult {
+    let limit = page_limit(q.limit, 50)?;
+    let state = q.state.map(letter_state);
     let page = api
         .store
         .dead_letters(q.pipeline.as_deref(), state, q.cursor.unwrap_or(0), limit)
@@ -779,8 +869,29 @@ pub(crate) async fn backfill(
 /// Which dead letters to replay (default: every pending one).
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub(crate) struct ReplayBody {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "whole_numbers")]
     ids: Option<Vec<i64>>,
+}
+
+/// Ids as JSON Schema counts integers: `7` and `7.0` alike (a number with
+/// no fraction), nothing else.
+fn whole_numbers<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Vec<i64>>, D::Error> {
+    let numbers: Option<Vec<serde_json::Number>> = Option::deserialize(d)?;
+    numbers
+        .map(|ns| {
+            ns.iter()
+                .map(|n| {
+                    n.as_i64()
+                        .or_else(|| {
+                            n.as_f64()
+                                .filter(|f| f.fract() == 0.0 && f.abs() < 9.0e15)
+                                .map(|f| f as i64)
+                        })
+                        .ok_or_else(|| serde::de::Error::custom(format!("{n} is not an id")))
+                })
+                .collect()
+        })
+        .transpose()
 }
 
 #[utoipa::path(post, path = "/api/v1/pipelines/{name}/dead-letters/replay", tag = "dead letters", params(("name" = String, Path, description = "the pipeline")), request_body(content = ReplayBody, description = "optional: only these ids"), responses((status = 200, description = "replayed", body = crate::openapi::Replayed), (status = 404, description = "not found", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
@@ -943,6 +1054,7 @@ pub(crate) struct WorkflowRunsQuery {
     /// Only this workflow's runs.
     workflow: Option<String>,
     /// At most this many (default 50, at most 500).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -951,7 +1063,7 @@ pub(crate) async fn workflow_runs(
     State(api): State<Api>,
     Query(q): Query<WorkflowRunsQuery>,
 ) -> ApiResult {
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let limit = page_limit(q.limit, 50)?;
     let runs = api
         .workflows
         .runs(q.workflow.as_deref(), limit)
@@ -999,6 +1111,7 @@ pub(crate) struct LogQuery {
     /// The attempt's number; without it, the latest.
     attempt: Option<u32>,
     /// `stdout` (default) or `stderr`.
+    #[param(pattern = "^(stdout|stderr)$")]
     stream: Option<String>,
 }
 
@@ -1165,8 +1278,10 @@ const PAGE_STATES: [&str; 6] = [
 pub(crate) struct PagesQuery {
     /// Only pages in this state: `queued`, `fetching`, `done`,
     /// `unchanged`, `failed` or `skipped`.
+    #[param(pattern = "^(queued|fetching|done|unchanged|failed|skipped)$")]
     state: Option<String>,
     /// At most this many (default 100, at most 500).
+    #[param(minimum = 1, maximum = 500)]
     limit: Option<u32>,
 }
 
@@ -1191,7 +1306,7 @@ pub(crate) async fn crawl_pages(
     if !known {
         return Err(ApiError::not_found(format!("no crawl frontier {name:?}")));
     }
-    let limit = q.limit.unwrap_or(100).clamp(1, MAX_PAGE);
+    let limit = page_limit(q.limit, 100)?;
     let pages = api
         .store
         .frontier_pages(&name, q.state.as_deref(), limit)

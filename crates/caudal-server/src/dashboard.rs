@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use askama::Template;
 use axum::Router;
-use axum::extract::{Form, Query, Request, State};
+use axum::extract::{Form, Path, Query, Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Redirect, Response};
 use axum::routing::get;
@@ -43,6 +43,11 @@ use crate::api::{Api, Role, token_hash};
 
 /// The session cookie's name.
 pub const COOKIE: &str = "caudal_session";
+/// Sessions one token may have open; signing in again ends the oldest.
+const MAX_SESSIONS_PER_TOKEN: usize = 20;
+/// Sessions this process keeps at most.
+const MAX_SESSIONS: usize = 10_000;
+
 /// The header carrying the CSRF token of a cookie-carried request.
 pub const CSRF_HEADER: &str = "x-csrf-token";
 
@@ -66,6 +71,8 @@ pub const PAGES: [&str; 9] = [
 /// A signed-in browser.
 #[derive(Clone, Debug)]
 pub(crate) struct Session {
+    /// The hash of its id: how the server names it.
+    pub(crate) key: String,
     /// The hash of the token it signed in with.
     pub(crate) token_hash: String,
     pub(crate) csrf: String,
@@ -92,6 +99,7 @@ impl Sessions {
     fn open(&self, token_hash: String) -> (String, Session) {
         let id = random_hex();
         let session = Session {
+            key: crate::api::token_hash(&id),
             token_hash,
             csrf: random_hex(),
             expires: Instant::now() + self.ttl,
@@ -99,7 +107,28 @@ impl Sessions {
         if let Ok(mut open) = self.open.lock() {
             let now = Instant::now();
             open.retain(|_, s| s.expires > now);
-            open.insert(crate::api::token_hash(&id), session.clone());
+            // A token keeps its newest sessions; the process at most
+            // MAX_SESSIONS (the oldest go first).
+            let mut mine: Vec<(String, Instant)> = open
+                .iter()
+                .filter(|(_, s)| s.token_hash == session.token_hash)
+                .map(|(k, s)| (k.clone(), s.expires))
+                .collect();
+            if mine.len() >= MAX_SESSIONS_PER_TOKEN {
+                mine.sort_by_key(|(_, e)| *e);
+                for (k, _) in &mine[..=mine.len() - MAX_SESSIONS_PER_TOKEN] {
+                    open.remove(k);
+                }
+            }
+            if open.len() >= MAX_SESSIONS
+                && let Some(oldest) = open
+                    .iter()
+                    .min_by_key(|(_, s)| s.expires)
+                    .map(|(k, _)| k.clone())
+            {
+                open.remove(&oldest);
+            }
+            open.insert(session.key.clone(), session.clone());
         }
         (id, session)
     }
@@ -164,12 +193,17 @@ fn same_origin(headers: &HeaderMap) -> bool {
     let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok()) else {
         return true;
     };
-    let host = headers
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default();
     let origin_host = origin.split_once("://").map_or("", |(_, h)| h);
-    !host.is_empty() && origin_host.eq_ignore_ascii_case(host)
+    // This server as the browser addressed it: the Host header, or the
+    // host a proxy in front of it was asked for.
+    ["x-forwarded-host", "host"].iter().any(|name| {
+        headers
+            .get(*name)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(',').next())
+            .map(str::trim)
+            .is_some_and(|host| !host.is_empty() && origin_host.eq_ignore_ascii_case(host))
+    })
 }
 
 /// Whether the request came over TLS (directly or through a proxy).
@@ -269,18 +303,23 @@ fn render(status: StatusCode, template: &impl Template) -> Response {
 /// Where to go after signing in: a path of this server, else `/`.
 fn safe_next(next: Option<&str>) -> &str {
     match next {
-        Some(n) if n.starts_with('/') && !n.starts_with("//") && !n.contains('\\') => n,
+        Some(n)
+            if n.starts_with('/')
+                && !n.starts_with("//")
+                && !n
+                    .chars()
+                    .any(|c| c == '\\' || c.is_whitespace() || c.is_control()) =>
+        {
+            n
+        }
         _ => "/",
     }
 }
 
-fn to_sign_in(request_path: &str) -> Response {
-    let next: String = url_escape(if request_path == "/" {
-        ""
-    } else {
-        request_path
-    })
-    .collect::<String>();
+fn to_sign_in(uri: &axum::http::Uri) -> Response {
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    let next = percent_encoding::utf8_percent_encode(if target == "/" { "" } else { target }, NEXT)
+        .to_string();
     if next.is_empty() {
         Redirect::to("/sign-in").into_response()
     } else {
@@ -288,22 +327,18 @@ fn to_sign_in(request_path: &str) -> Response {
     }
 }
 
-fn url_escape(s: &str) -> impl Iterator<Item = char> + '_ {
-    s.bytes().flat_map(|b| {
-        let keep = b.is_ascii_alphanumeric() || b"/-_.~".contains(&b);
-        let text = if keep {
-            (b as char).to_string()
-        } else {
-            format!("%{b:02X}")
-        };
-        text.chars().collect::<Vec<_>>()
-    })
-}
+/// What stays as is in `next`: a path's letters and separators.
+const NEXT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'/')
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
 
 async fn page_shell(State(api): State<Api>, request: Request) -> Response {
     let headers = request.headers();
     let Some(session) = api.sessions().of(headers) else {
-        return to_sign_in(request.uri().path());
+        return to_sign_in(request.uri());
     };
     let record = match api.store().token_by_hash(&session.token_hash).await {
         Ok(r) => r.filter(|r| r.revoked_at.is_none()),
@@ -317,7 +352,7 @@ async fn page_shell(State(api): State<Api>, request: Request) -> Response {
     };
     let Some(record) = record else {
         api.sessions().close(headers);
-        return to_sign_in(request.uri().path());
+        return to_sign_in(request.uri());
     };
     let role = Role::parse(&record.role).unwrap_or(Role::Viewer);
     render(
@@ -404,7 +439,12 @@ async fn sign_in(State(api): State<Api>, headers: HeaderMap, form: Form<SignInFo
         .http_only(true)
         .same_site(cookie::SameSite::Strict)
         .max_age(cookie::time::Duration::seconds(ttl as i64));
-    if over_tls(&headers) {
+    let served_over_tls = api
+        .config()
+        .server
+        .as_ref()
+        .is_some_and(|s| s.tls.is_some());
+    if served_over_tls || over_tls(&headers) {
         cookie = cookie.secure(true);
     }
     tracing::info!(token = %record.name, "dashboard sign-in");
@@ -444,7 +484,12 @@ async fn sign_out(State(api): State<Api>, headers: HeaderMap, form: Form<SignOut
     response
 }
 
-fn asset(content_type: &'static str, body: &'static str) -> Response {
+/// An asset of this build; another version's is 404 (a browser must not
+/// keep this one for good under that name).
+fn asset(version_asked: &str, content_type: &'static str, body: &'static str) -> Response {
+    if version_asked != version() {
+        return (StatusCode::NOT_FOUND, "no such version of this asset").into_response();
+    }
     (
         [
             (header::CONTENT_TYPE, content_type),
@@ -456,12 +501,12 @@ fn asset(content_type: &'static str, body: &'static str) -> Response {
         .into_response()
 }
 
-async fn app_js() -> Response {
-    asset("text/javascript; charset=utf-8", APP_JS)
+async fn app_js(Path(v): Path<String>) -> Response {
+    asset(&v, "text/javascript; charset=utf-8", APP_JS)
 }
 
-async fn app_css() -> Response {
-    asset("text/css; charset=utf-8", APP_CSS)
+async fn app_css(Path(v): Path<String>) -> Response {
+    asset(&v, "text/css; charset=utf-8", APP_CSS)
 }
 
 #[cfg(test)]
@@ -474,6 +519,10 @@ mod tests {
         assert_eq!(safe_next(Some("//evil.example/")), "/");
         assert_eq!(safe_next(Some("https://evil.example/")), "/");
         assert_eq!(safe_next(Some("/\\evil.example")), "/");
+        // Browsers drop tabs and line breaks from a Location: "//evil".
+        assert_eq!(safe_next(Some("/\t/evil.example")), "/");
+        assert_eq!(safe_next(Some("/\n/evil.example")), "/");
+        assert_eq!(safe_next(Some("/ /evil.example")), "/");
         assert_eq!(safe_next(None), "/");
     }
 
@@ -494,11 +543,45 @@ mod tests {
         assert!(!same_origin(&h));
         h.insert(header::ORIGIN, HeaderValue::from_static("null"));
         assert!(!same_origin(&h));
+        // Behind a proxy that rewrites Host.
+        h.insert(
+            header::ORIGIN,
+            HeaderValue::from_static("https://caudal.example"),
+        );
+        assert!(!same_origin(&h));
+        h.insert(
+            "x-forwarded-host",
+            HeaderValue::from_static("caudal.example"),
+        );
+        assert!(same_origin(&h));
+    }
+
+    #[test]
+    fn a_token_keeps_its_newest_sessions() {
+        let sessions = Sessions::new(Duration::from_secs(60));
+        let ids: Vec<String> = (0..MAX_SESSIONS_PER_TOKEN + 5)
+            .map(|_| sessions.open("t".into()).0)
+            .collect();
+        sessions.open("other".into());
+        let live = |id: &String| {
+            let mut h = HeaderMap::new();
+            h.insert(
+                header::COOKIE,
+                HeaderValue::from_str(&format!("{COOKIE}={id}")).unwrap(),
+            );
+            sessions.of(&h).is_some()
+        };
+        assert_eq!(
+            ids.iter().filter(|id| live(id)).count(),
+            MAX_SESSIONS_PER_TOKEN
+        );
+        assert!(ids[..5].iter().all(|id| !live(id)), "the oldest ended");
+        assert!(live(ids.last().unwrap()));
     }
 
     #[test]
     fn sessions_expire_and_close() {
-        let sessions = Sessions::new(Duration::from_millis(50));
+        let sessions = Sessions::new(Duration::from_millis(300));
         let (id, s) = sessions.open("h".into());
         let mut h = HeaderMap::new();
         h.insert(
@@ -506,7 +589,7 @@ mod tests {
             HeaderValue::from_str(&format!("a=b; {COOKIE}={id}")).unwrap(),
         );
         assert_eq!(sessions.of(&h).map(|s| s.csrf), Some(s.csrf));
-        std::thread::sleep(Duration::from_millis(80));
+        std::thread::sleep(Duration::from_millis(600));
         assert!(sessions.of(&h).is_none(), "expired");
         let (id, _) = sessions.open("h".into());
         h.insert(

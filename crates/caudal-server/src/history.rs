@@ -83,14 +83,17 @@ pub struct History {
 
 impl History {
     /// The points of `pipeline`, oldest first (none before the first two
-    /// samples).
-    pub fn of(&self, pipeline: &str) -> PipelineHistory {
+    /// samples); only the newest `last` when given.
+    pub fn of(&self, pipeline: &str, last: Option<usize>) -> PipelineHistory {
         let points = self
             .series
             .lock()
             .map(|s| {
                 s.get(pipeline)
-                    .map(|s| s.points.iter().cloned().collect())
+                    .map(|s| {
+                        let skip = last.map_or(0, |n| s.points.len().saturating_sub(n));
+                        s.points.iter().skip(skip).cloned().collect()
+                    })
                     .unwrap_or_default()
             })
             .unwrap_or_default();
@@ -210,12 +213,12 @@ mod tests {
         let h = History::default();
         let t0: jiff::Timestamp = "2026-12-07T10:00:00Z".parse().unwrap();
         h.record(t0, &text(100, 90, 1.0, 10));
-        assert!(h.of("p").points.is_empty(), "one sample has no rate");
+        assert!(h.of("p", None).points.is_empty(), "one sample has no rate");
         h.record(
             t0 + jiff::SignedDuration::from_secs(2),
             &text(300, 290, 1.5, 20),
         );
-        let points = h.of("p").points;
+        let points = h.of("p", None).points;
         assert_eq!(points.len(), 1);
         let p = &points[0];
         assert_eq!(p.read_per_s, 100.0);
@@ -227,7 +230,7 @@ mod tests {
             t0 + jiff::SignedDuration::from_secs(4),
             &text(5, 5, 1.5, 20),
         );
-        let last = h.of("p").points.pop().unwrap();
+        let last = h.of("p", None).points.pop().unwrap();
         assert_eq!((last.read_per_s, last.latency_ms), (0.0, None));
     }
 
@@ -241,7 +244,8 @@ mod tests {
                 &text(i as u64, 0, 0.0, 0),
             );
         }
-        assert_eq!(h.of("p").points.len(), KEEP);
-        assert!(h.of("unknown").points.is_empty());
+        assert_eq!(h.of("p", None).points.len(), KEEP);
+        assert_eq!(h.of("p", Some(3)).points.len(), 3);
+        assert!(h.of("unknown", None).points.is_empty());
     }
 }

@@ -333,6 +333,35 @@ pub struct AppState {
     store: Store,
     started: Arc<AtomicBool>,
     api: Option<api::Api>,
+    tls: Option<Tls>,
+}
+
+/// The certificate and key `caudal run` serves HTTPS with, loaded.
+#[derive(Clone)]
+pub struct Tls(axum_server::tls_rustls::RustlsConfig);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Tls")
+    }
+}
+
+/// Loads `[server] tls`: fails at start, naming the file, when the
+/// certificate or the key cannot be used.
+pub async fn load_tls(tls: &caudal_core::config::ServerTls) -> Result<Tls> {
+    axum_server::tls_rustls::RustlsConfig::from_pem_file(&tls.cert, &tls.key)
+        .await
+        .map(Tls)
+        .map_err(|e| {
+            Error::with_source(
+                ErrorKind::Config,
+                format!(
+                    "server.tls: cannot serve HTTPS with cert {} and key {}",
+                    tls.cert, tls.key
+                ),
+                e,
+            )
+        })
 }
 
 impl AppState {
@@ -342,7 +371,14 @@ impl AppState {
             store,
             started: Arc::new(AtomicBool::new(false)),
             api: None,
+            tls: None,
         }
+    }
+
+    /// Serves HTTPS with `tls`.
+    pub fn with_tls(mut self, tls: Tls) -> Self {
+        self.tls = Some(tls);
+        self
     }
 
     /// Serves the REST API under `/api/v1` too.
@@ -469,10 +505,31 @@ pub async fn serve(
             }
         })
     };
-    let served = axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
-        .map_err(|e| Error::with_source(ErrorKind::Internal, "the HTTP server failed", e));
+    let served = match state.tls.clone() {
+        None => axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+            .map_err(|e| Error::with_source(ErrorKind::Internal, "the HTTP server failed", e)),
+        Some(Tls(tls)) => {
+            let handle = axum_server::Handle::new();
+            {
+                let handle = handle.clone();
+                tokio::spawn(async move {
+                    shutdown.cancelled().await;
+                    handle.graceful_shutdown(Some(std::time::Duration::from_secs(5)));
+                });
+            }
+            let listener = listener.into_std().map_err(|e| {
+                Error::with_source(ErrorKind::Internal, "the HTTPS listener failed", e)
+            })?;
+            axum_server::from_tcp_rustls(listener, tls)
+                .map_err(|e| Error::with_source(ErrorKind::Internal, "the HTTPS server failed", e))?
+                .handle(handle)
+                .serve(app.into_make_service())
+                .await
+                .map_err(|e| Error::with_source(ErrorKind::Internal, "the HTTPS server failed", e))
+        }
+    };
     upkeep.abort();
     served
 }

@@ -456,6 +456,56 @@ impl Modify for Bearer {
     }
 }
 
+/// Every operation lists the rejections any request may meet before its
+/// handler runs, in the one error shape: 400 (a path, query or body that
+/// does not parse), and for those with a body 415 (not JSON) and 422 (JSON
+/// of the wrong shape).
+#[derive(Debug)]
+struct Rejections;
+
+impl Modify for Rejections {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+        let error = || {
+            ContentBuilder::new()
+                .schema(Some(Ref::from_schema_name("ErrorBody")))
+                .build()
+        };
+        let answer = |text: &str| {
+            ResponseBuilder::new()
+                .description(text)
+                .content("application/json", error())
+                .build()
+        };
+        for item in openapi.paths.paths.values_mut() {
+            for op in [
+                &mut item.get,
+                &mut item.post,
+                &mut item.delete,
+                &mut item.put,
+                &mut item.patch,
+            ]
+            .into_iter()
+            .flatten()
+            {
+                let has_body = op.request_body.is_some();
+                let responses = &mut op.responses.responses;
+                responses
+                    .entry("400".into())
+                    .or_insert_with(|| answer("a path, query or body that does not parse").into());
+                if has_body {
+                    responses
+                        .entry("415".into())
+                        .or_insert_with(|| answer("a body that is not application/json").into());
+                    responses
+                        .entry("422".into())
+                        .or_insert_with(|| answer("JSON of the wrong shape").into());
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, OpenApi)]
 #[openapi(
     info(title = "caudal", description = "The REST API of `caudal run`: see docs/api.md."),
@@ -510,7 +560,7 @@ impl Modify for Bearer {
         TokenList, AuditEntry, AuditLog, BackfillStarted, Replayed, CheckpointReset, crate::api::BackfillBody,
         crate::api::ReplayBody, WorkflowSummary, WorkflowRunInfo, TaskInstanceInfo, AttemptInfo,
         NodeList, NodeView, RunState, TaskState, AttemptState, WorkflowList, WorkflowRunList, TaskList, AttemptList,
-        crate::api::StartBody, caudal_engine::workflow::TaskNode, crate::history::PipelineHistory, crate::history::HistoryPoint, CrawlSite, CrawlSiteList, Frontier, FrontierList, CrawlPage,
+        crate::api::StartBody, caudal_engine::workflow::TaskNode, crate::api::RunOutcome, crate::api::LetterState, crate::history::PipelineHistory, crate::history::HistoryPoint, CrawlSite, CrawlSiteList, Frontier, FrontierList, CrawlPage,
         CrawlPageList, RowPage, crate::datasets::DatasetInfo, crate::datasets::DatasetList,
         crate::datasets::PartitionInfo, crate::datasets::PartitionList,
         crate::live::AggregateInfo, crate::live::AggregateList, crate::live::LiveWindows,
@@ -519,6 +569,6 @@ impl Modify for Bearer {
         crate::alerts::EventInfo, crate::alerts::NotificationPage, crate::alerts::NotificationInfo,
         crate::alerts::SilenceBody, crate::alerts::SilenceEnded, caudal_core::alert::AlertState
     )),
-    modifiers(&Bearer)
+    modifiers(&Bearer, &Rejections)
 )]
 pub struct ApiDoc;

@@ -107,6 +107,14 @@ pub enum Command {
     Validate,
     /// Print the JSON Schema of the configuration, for editors.
     Schema,
+    /// Print a shell completion script: `caudal completions bash >
+    /// /etc/bash_completion.d/caudal` (also zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `caudal man > caudal.1; man ./caudal.1`.
+    Man,
     /// Change data capture: the replication slot and publication of a
     /// pipeline with a `mode = "cdc"` source.
     #[command(subcommand)]

@@ -260,7 +260,10 @@ async fn start_server(
         caudal_engine::workflow::Workflows::new(config, store.clone()),
         server.requests_per_second,
     );
-    let state = caudal_server::AppState::new(handle, store.clone()).with_api(api);
+    let mut state = caudal_server::AppState::new(handle, store.clone()).with_api(api);
+    if let Some(tls) = &server.tls {
+        state = state.with_tls(caudal_server::load_tls(tls).await?);
+    }
     let sampled: Vec<Pipeline> = pipelines.to_vec();
     let stop = shutdown.clone();
     tokio::spawn(async move {

@@ -60,6 +60,21 @@ fn main() -> ExitCode {
             Command::Buffer(c) => commands::buffer(&cli.config, c).await,
             Command::Validate => commands::validate(&cli.config),
             Command::Schema => commands::schema(),
+            Command::Completions { shell } => {
+                let mut cli = <Cli as clap::CommandFactory>::command();
+                clap_complete::generate(*shell, &mut cli, "caudal", &mut std::io::stdout());
+                ExitCode::SUCCESS
+            }
+            Command::Man => {
+                let cli = <Cli as clap::CommandFactory>::command();
+                match clap_mangen::Man::new(cli).render(&mut std::io::stdout()) {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(e) => {
+                        eprintln!("error: cannot write the manual page: {e}");
+                        ExitCode::from(1)
+                    }
+                }
+            }
             Command::Cdc(c) => commands::cdc(&cli.config, c).await,
             Command::Token(c) => commands::token(&cli.config, c).await,
             Command::Workflow(c) => workflow::command(&cli.config, c).await,

@@ -165,6 +165,36 @@ fn schema_prints_the_json_schema_of_the_config() {
 }
 
 #[test]
+fn completions_and_the_manual_page_come_from_the_cli() {
+    let dir = tempfile::tempdir().expect("a directory");
+    for shell in ["bash", "zsh", "fish"] {
+        let assert = caudal(&["completions", shell]).assert().code(0);
+        let script = text(&assert.get_output().stdout);
+        for sub in ["once", "validate", "workflow", "completions"] {
+            assert!(script.contains(sub), "{shell} completion lacks {sub}");
+        }
+        if shell == "bash" {
+            // The script is valid bash.
+            let file = write(dir.path(), "caudal.bash", &script);
+            let checked = std::process::Command::new("bash")
+                .args(["-n", &file])
+                .output()
+                .expect("bash");
+            assert!(checked.status.success(), "{}", text(&checked.stderr));
+        }
+    }
+    let assert = caudal(&["man"]).assert().code(0);
+    let page = text(&assert.get_output().stdout);
+    assert!(
+        page.starts_with(".ie") || page.contains(".TH caudal"),
+        "{page}"
+    );
+    for part in [".SH NAME", ".SH SUBCOMMANDS", "caudal\\-once", "Exit codes"] {
+        assert!(page.contains(part), "the manual page lacks {part}:\n{page}");
+    }
+}
+
+#[test]
 fn help_teaches_the_exit_codes() {
     let assert = caudal(&["--help"]).assert().code(0);
     let stdout = text(&assert.get_output().stdout);

@@ -65,7 +65,7 @@ impl Served {
             &path,
             format!(
                 "{}\n{extra}\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
-                 requests_per_second = 10000\nsession_ttl = \"{session_ttl}\"\n",
+                 session_ttl = \"{session_ttl}\"\n",
                 world.config_toml()
             ),
         )
@@ -457,15 +457,14 @@ async fn sign_in_cookie_roles_and_csrf() {
 async fn sessions_expire() {
     let mut world = World::sqlite().await;
     world.every = "1h".into();
-    let s = Served::start(world, "", "3s").await;
+    let s = Served::start(world, "", "5s").await;
     let b = Browser::start(&s.base, 1280, 900, None).await;
     b.sign_in(&s.operator).await;
     b.wait_js(
-        "the overview",
-        "return document.querySelector('main table, main .empty:not(:empty)');",
+        "the overview drawn",
+        "return location.pathname === '/' && performance.getEntriesByName('caudal:drawn').length > 0;",
     )
     .await;
-    assert_eq!(b.path().await, "/");
     // The open page's next poll is refused once the session is over: it
     // goes to the sign-in page by itself.
     b.wait_js(
@@ -474,7 +473,7 @@ async fn sessions_expire() {
     )
     .await;
     let (cookie, csrf) = s.session(&s.operator).await;
-    tokio::time::sleep(Duration::from_secs(4)).await;
+    tokio::time::sleep(Duration::from_secs(6)).await;
     let (status, _) = s
         .cookie_post(
             &format!("/api/v1/pipelines/{PIPELINE}/pause"),
@@ -511,11 +510,17 @@ async fn pipeline_page_moves_replays_a_dead_letter_and_pauses() {
             .body("<h1>Refused</h1><script>window.__pwned=4</script>"),
     );
     let s = Served::start(world, "", "12h").await;
-    let (_, letters) = loop {
-        let (status, body) = s.api("GET", "/dead-letters?state=pending", &s.viewer).await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let letters = loop {
+        let (_, body) = s.api("GET", "/dead-letters?state=pending", &s.viewer).await;
         if body["dead_letters"].as_array().map_or(0, Vec::len) == 3 {
-            break (status, body);
+            break body;
         }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "three dead letters: {body}\n{}",
+            s.log()
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let id_of = |key: &str| {
@@ -654,7 +659,11 @@ async fn pipeline_page_moves_replays_a_dead_letter_and_pauses() {
         "return document.querySelector('dl.facts .badge.paused');",
     )
     .await;
-    assert_eq!(b.text("#status").await, "Pause: done.");
+    b.wait_js(
+        "the pause's answer",
+        "return document.querySelector('#status').textContent === 'Pause: done.';",
+    )
+    .await;
     let (_, detail) = s
         .api("GET", &format!("/pipelines/{PIPELINE}"), &s.viewer)
         .await;
@@ -694,7 +703,7 @@ fn workflow_config() -> String {
         "[workflows.{WORKFLOW}.tasks.extract]\ntype = \"command\"\n\
          run = [\"sh\", \"-c\", \"echo extracted; sleep 1\"]\n\n\
          [workflows.{WORKFLOW}.tasks.transform]\ntype = \"command\"\n\
-         run = [\"sh\", \"-c\", \"sleep 1\"]\ndepends_on = [\"extract\"]\n\n\
+         run = [\"sh\", \"-c\", \"sleep 3\"]\ndepends_on = [\"extract\"]\n\n\
          [workflows.{WORKFLOW}.tasks.load]\ntype = \"command\"\n\
          run = [\"sh\", \"-c\", \"sleep 1\"]\ndepends_on = [\"transform\"]\n"
     )
@@ -958,6 +967,8 @@ async fn every_page_renders_with_data_is_accessible_and_light() {
                 )
                 .await;
             }
+            // Checked once every part has drawn.
+            let (paint, drawn, bytes) = b.paint_and_weight().await;
             let errors = b
                 .js(
                     "return [...document.querySelectorAll('main .error')].map(e => e.textContent);",
@@ -985,7 +996,6 @@ async fn every_page_renders_with_data_is_accessible_and_light() {
                 violations.is_empty(),
                 "{name}{suffix}: accessibility: {violations:#?}"
             );
-            let (paint, drawn, bytes) = b.paint_and_weight().await;
             let own = b
                 .js(
                     "const nav = performance.getEntriesByType('navigation')[0];
@@ -1037,15 +1047,17 @@ async fn every_page_renders_with_data_is_accessible_and_light() {
         "return document.querySelector('main .badge.failed');",
     )
     .await;
-    b.click("#sil-refused-r").await;
+    b.click("input[data-key=\"silence-reason:refused\"]").await;
     b.client
-        .find(fantoccini::Locator::Id("sil-refused-r"))
+        .find(fantoccini::Locator::Css(
+            "input[data-key=\"silence-reason:refused\"]",
+        ))
         .await
         .expect("the reason field")
         .send_keys("partner maintenance")
         .await
         .expect("type a reason");
-    b.click("form.inline button[type=submit]").await;
+    b.click("button[data-key=\"silence:refused\"]").await;
     let silenced = b
         .wait_js(
             "the silence in the rules table",

@@ -16,7 +16,7 @@ use caudal_core::delivery::{StatusClass, StatusClasses};
 use caudal_core::sink::{Batch, Delivery, Event, Sink};
 use caudal_core::{Error, ErrorKind, Result};
 use reqwest::header::{
-    CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
+    AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
 };
 use serde::Serialize;
 
@@ -45,6 +45,8 @@ pub struct HttpSink {
     client: reqwest::Client,
     template: Option<minijinja::Environment<'static>>,
     classes: StatusClasses,
+    /// How the partner knows the sink (`auth`).
+    auth: Option<super::partner::Auth>,
 }
 
 /// What a body template sees.
@@ -115,17 +117,25 @@ impl HttpSink {
                 Some(env)
             }
         };
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(config.timeout.as_std())
             .connect_timeout(config.timeout.as_std().min(Duration::from_secs(10)))
             .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")))
             // A redirect would turn a POST into a body-less GET whose 2xx
             // looks like a delivery; a 3xx is an answer to act on instead.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(|e| {
-                Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e)
-            })?;
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(tls) = &config.tls {
+            builder = super::partner::with_tls(builder, tls).map_err(cfg_err)?;
+        }
+        let client = builder.build().map_err(|e| {
+            Error::with_source(ErrorKind::Internal, "cannot build the HTTP client", e)
+        })?;
+        let auth = config
+            .auth
+            .as_ref()
+            .map(super::partner::Auth::new)
+            .transpose()
+            .map_err(cfg_err)?;
         let idempotency_header = if config.idempotency_header.is_empty() {
             None
         } else {
@@ -155,7 +165,73 @@ impl HttpSink {
             client,
             template,
             classes: StatusClasses::from_config(&config.delivery.status),
+            auth,
         })
+    }
+
+    /// Sends `body` with `headers` and the sink's authentication; a 401
+    /// answered to an OAuth2 token is sent once more with a new token.
+    async fn send(
+        &self,
+        headers: HeaderMap,
+        body: bytes::Bytes,
+    ) -> std::result::Result<reqwest::Response, String> {
+        use super::partner::Auth;
+        let request = |headers: HeaderMap| {
+            self.client
+                .request(self.method.clone(), self.url.clone())
+                .headers(headers)
+                .body(body.clone())
+        };
+        let sent = |e: reqwest::Error| {
+            let what = if e.is_timeout() {
+                "timed out"
+            } else if e.is_connect() {
+                "could not connect"
+            } else {
+                "failed"
+            };
+            format!(
+                "{} {}: request {what}: {}",
+                self.method,
+                self.url,
+                error_chain(&e)
+            )
+        };
+        let mut headers = headers;
+        match &self.auth {
+            None => request(headers).send().await.map_err(sent),
+            Some(Auth::Basic(value)) => {
+                headers.insert(AUTHORIZATION, value.clone());
+                request(headers).send().await.map_err(sent)
+            }
+            Some(Auth::Hmac(signer)) => {
+                let (name, value) = signer.sign(
+                    jiff::Timestamp::now().as_second(),
+                    &self.method,
+                    &self.url,
+                    &body,
+                );
+                headers.insert(name, value);
+                request(headers).send().await.map_err(sent)
+            }
+            Some(Auth::OAuth2(tokens)) => {
+                let token = tokens.authorization().await?;
+                let mut first = headers.clone();
+                first.insert(AUTHORIZATION, token.clone());
+                let response = request(first).send().await.map_err(sent)?;
+                if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+                    return Ok(response);
+                }
+                // The token was refused (revoked, or expired early): once
+                // more with a new one.
+                let _ = response.bytes().await;
+                tokens.refused(&token).await;
+                let token = tokens.authorization().await?;
+                headers.insert(AUTHORIZATION, token);
+                request(headers).send().await.map_err(sent)
+            }
+        }
     }
 
     /// The request body for a batch (before compression).
@@ -251,31 +327,13 @@ impl Sink for HttpSink {
         }
         metrics::counter!("caudal_sink_sent_bytes_total", "pipeline" => batch.pipeline.to_string(), "sink" => self.name.clone())
             .increment(body.len() as u64);
-        let request = self
-            .client
-            .request(self.method.clone(), self.url.clone())
-            .headers(headers)
-            .body(body);
-        match request.send().await {
-            Err(e) => {
-                let what = if e.is_timeout() {
-                    "timed out"
-                } else if e.is_connect() {
-                    "could not connect"
-                } else {
-                    "failed"
-                };
-                Delivery::Retry {
-                    reason: format!(
-                        "{} {}: request {what}: {}",
-                        self.method,
-                        self.url,
-                        error_chain(&e)
-                    ),
-                    status: None,
-                    after: None,
-                }
-            }
+        match self.send(headers, bytes::Bytes::from(body)).await {
+            // Not sent, or no token to send it with: temporary.
+            Err(reason) => Delivery::Retry {
+                reason,
+                status: None,
+                after: None,
+            },
             Ok(response) => {
                 let status = response.status().as_u16();
                 let retry_after = response

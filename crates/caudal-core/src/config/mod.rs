@@ -14,6 +14,7 @@ pub mod crawl;
 pub mod datasets;
 pub mod delivery;
 pub mod load;
+pub mod partner;
 pub mod pipelines;
 pub mod retention;
 pub mod server;
@@ -44,6 +45,9 @@ pub use datasets::{CacheConfig, ColumnType, Compression, FileFormat, FilesSinkCo
 pub use delivery::*;
 pub use load::{
     ConfigError, ConfigErrors, Format, Located, PathPart, load_file, load_str, locate_in_file,
+};
+pub use partner::{
+    BasicAuth, ClientAuth, HmacAlgorithm, HmacAuth, HttpAuth, HttpTls, OAuth2Auth, SecretValue,
 };
 pub use pipelines::*;
 pub use server::*;

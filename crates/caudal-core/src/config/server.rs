@@ -23,6 +23,20 @@ pub struct ServerConfig {
     /// signs in again after it.
     #[serde(default = "default_session_ttl")]
     pub session_ttl: Duration,
+    /// Serve HTTPS instead of HTTP: `{ cert = "server.pem", key =
+    /// "server.key" }` (PEM files: the certificate chain, and its key).
+    #[serde(default)]
+    pub tls: Option<ServerTls>,
+}
+
+/// The certificate `caudal run` serves HTTPS with.
+#[derive(Clone, Debug, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ServerTls {
+    /// A PEM file: the server's certificate, then its chain.
+    pub cert: String,
+    /// A PEM file: the certificate's private key.
+    pub key: String,
 }
 
 fn default_session_ttl() -> Duration {
@@ -59,6 +73,16 @@ pub(super) fn check_server(server: Option<&ServerConfig>, out: &mut Vec<Problem>
                 server.listen
             ),
         ));
+    }
+    if let Some(tls) = server.and_then(|s| s.tls.as_ref()) {
+        for (field, file) in [("cert", &tls.cert), ("key", &tls.key)] {
+            if file.is_empty() {
+                out.push(Problem::at(
+                    FieldPath::root().key("server").key("tls").key(field),
+                    "must name a PEM file",
+                ));
+            }
+        }
     }
     if let Some(server) = server
         && server.session_ttl.as_std().is_zero()

@@ -147,6 +147,13 @@ pub struct HttpSinkConfig {
     #[serde(default = "default_idempotency_header")]
     #[schemars(extend("default" = DEFAULT_IDEMPOTENCY_HEADER))]
     pub idempotency_header: String,
+    /// How the sink authenticates to the partner: `{ basic = {…} }`,
+    /// `{ oauth2 = {…} }` or `{ hmac = {…} }` (docs/delivery.md).
+    #[serde(default)]
+    pub auth: Option<super::partner::HttpAuth>,
+    /// A custom CA and a client certificate: `{ ca, cert, key }`.
+    #[serde(default)]
+    pub tls: Option<super::partner::HttpTls>,
 }
 
 fn default_method() -> String {
@@ -266,6 +273,18 @@ pub(super) fn check_http_sink(path: &FieldPath, sink: &HttpSinkConfig, out: &mut
     if sink.timeout.as_std().is_zero() {
         out.push(Problem::at(path.key("timeout"), "must be greater than 0s"));
     }
+    let header_names: Vec<String> = sink
+        .headers
+        .keys()
+        .map(|h| h.to_ascii_lowercase())
+        .collect();
+    super::partner::check_partner(
+        path,
+        sink.auth.as_ref(),
+        sink.tls.as_ref(),
+        &header_names,
+        out,
+    );
     check_delivery(&path.key("delivery"), &sink.delivery, out);
     // The old spellings, where the file has them.
     let legacy = DeliveryConfig {
@@ -288,7 +307,7 @@ pub(super) fn check_http_sink(path: &FieldPath, sink: &HttpSinkConfig, out: &mut
     }
 }
 
-fn is_http_url(url: &str) -> bool {
+pub(super) fn is_http_url(url: &str) -> bool {
     let lower = url.to_ascii_lowercase();
     ["http://", "https://"].iter().any(|scheme| {
         lower
@@ -298,7 +317,7 @@ fn is_http_url(url: &str) -> bool {
 }
 
 /// An RFC 9110 token.
-fn is_header_name(name: &str) -> bool {
+pub(super) fn is_header_name(name: &str) -> bool {
     !name.is_empty()
         && name
             .chars()

@@ -13,6 +13,7 @@
 pub mod browser;
 pub mod cdc;
 pub mod netns;
+pub mod tls;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
