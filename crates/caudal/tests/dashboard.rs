@@ -1015,6 +1015,24 @@ async fn every_page_renders_with_data_is_accessible_and_light() {
                  {bytes} bytes with data ({own} page+assets)"
             ));
         }
+        // A reference in the same browser and run: the embedded Swagger UI
+        // of the same server (/api/docs/), its first contentful paint.
+        b.goto("/api/docs/").await;
+        let swagger = b
+            .wait_js(
+                "Swagger UI's first paint",
+                "const p = performance.getEntriesByName('first-contentful-paint')[0];
+                 const nav = performance.getEntriesByType('navigation')[0];
+                 const bytes = nav.encodedBodySize + performance.getEntriesByType('resource')
+                   .reduce((s, r) => s + r.encodedBodySize, 0);
+                 return p ? [p.startTime, bytes] : null;",
+            )
+            .await;
+        report.push(format!(
+            "reference{suffix}: Swagger UI first contentful paint {:.0} ms, {} bytes",
+            swagger[0].as_f64().unwrap_or(f64::NAN),
+            swagger[1]
+        ));
         // Keyboard: the first Tab reaches the skip link.
         b.goto("/").await;
         b.wait_js(

@@ -47,6 +47,8 @@ pub struct HttpSink {
     classes: StatusClasses,
     /// How the partner knows the sink (`auth`).
     auth: Option<super::partner::Auth>,
+    /// The longest a delivery's sending may take, token included.
+    send_deadline: Duration,
 }
 
 /// What a body template sees.
@@ -133,9 +135,25 @@ impl HttpSink {
         let auth = config
             .auth
             .as_ref()
-            .map(super::partner::Auth::new)
+            .map(|a| super::partner::Auth::new(a, config.tls.as_ref()))
             .transpose()
             .map_err(cfg_err)?;
+        let mut classes = StatusClasses::from_config(&config.delivery.status);
+        if auth.is_some() {
+            // With credentials configured, a refusal of them is a problem
+            // of ours (a rotated secret, a clock, a scope) to fix and
+            // retry, not a verdict on the records.
+            classes = classes
+                .unless_listed(401, StatusClass::Retry)
+                .unless_listed(403, StatusClass::Retry);
+        }
+        // A token request and a second send after a 401 fit in this; a
+        // delivery never takes longer.
+        let send_deadline = config.timeout.as_std() * 2
+            + config.auth.as_ref().map_or(Duration::ZERO, |a| match a {
+                caudal_core::config::HttpAuth::Oauth2(o) => o.timeout.as_std() * 2,
+                _ => Duration::ZERO,
+            });
         let idempotency_header = if config.idempotency_header.is_empty() {
             None
         } else {
@@ -164,8 +182,9 @@ impl HttpSink {
             gzip: config.gzip,
             client,
             template,
-            classes: StatusClasses::from_config(&config.delivery.status),
+            classes,
             auth,
+            send_deadline,
         })
     }
 
@@ -327,7 +346,18 @@ impl Sink for HttpSink {
         }
         metrics::counter!("caudal_sink_sent_bytes_total", "pipeline" => batch.pipeline.to_string(), "sink" => self.name.clone())
             .increment(body.len() as u64);
-        match self.send(headers, bytes::Bytes::from(body)).await {
+        let sent = tokio::time::timeout(
+            self.send_deadline,
+            self.send(headers, bytes::Bytes::from(body)),
+        )
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "{} {}: no answer within {:?}",
+                self.method, self.url, self.send_deadline
+            ))
+        });
+        match sent {
             // Not sent, or no token to send it with: temporary.
             Err(reason) => Delivery::Retry {
                 reason,

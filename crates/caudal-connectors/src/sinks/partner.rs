@@ -9,7 +9,9 @@
 //!   them.
 //! - **A token is fetched once for everyone.** Concurrent deliveries wait
 //!   for one token request; the token is reused until a fifth of its life
-//!   (at most a minute) is left, then fetched again.
+//!   (at most a minute) is left, then fetched again. If that early fetch
+//!   fails, the token is used on until it expires; a failed fetch is not
+//!   tried again for a second, and deliveries meanwhile get its error.
 //! - **A token refused is replaced once.** A 401 answered to a token drops
 //!   it; the delivery fetches a new one and sends again once.
 //! - **Failing to get a token loses nothing.** It is a temporary failure
@@ -24,6 +26,7 @@ use caudal_core::config::{ClientAuth, HmacAlgorithm, HttpAuth, HttpTls, OAuth2Au
 use caudal_core::units::Secret;
 use hmac::{KeyInit as _, Mac as _};
 use reqwest::header::{HeaderName, HeaderValue};
+use serde::Deserialize as _;
 
 /// How the sink authenticates, ready to apply.
 #[derive(Debug)]
@@ -35,7 +38,9 @@ pub(crate) enum Auth {
 }
 
 impl Auth {
-    pub(crate) fn new(auth: &HttpAuth) -> Result<Self, String> {
+    /// `tls` is the sink's: the token endpoint is reached with the same
+    /// CA and client certificate.
+    pub(crate) fn new(auth: &HttpAuth, tls: Option<&HttpTls>) -> Result<Self, String> {
         Ok(match auth {
             HttpAuth::Basic(b) => {
                 let password = b
@@ -51,7 +56,7 @@ impl Auth {
                 value.set_sensitive(true);
                 Self::Basic(value)
             }
-            HttpAuth::Oauth2(o) => Self::OAuth2(Box::new(TokenSource::new(o)?)),
+            HttpAuth::Oauth2(o) => Self::OAuth2(Box::new(TokenSource::new(o, tls)?)),
             HttpAuth::Hmac(h) => Self::Hmac(Signer {
                 secret: h
                     .secret
@@ -107,8 +112,18 @@ pub(crate) struct TokenSource {
     audience: Option<String>,
     client_auth: ClientAuth,
     client: reqwest::Client,
-    cached: tokio::sync::Mutex<Option<Token>>,
+    state: tokio::sync::Mutex<TokenState>,
 }
+
+#[derive(Debug, Default)]
+struct TokenState {
+    token: Option<Token>,
+    /// The last fetch that failed: when, and why.
+    failed: Option<(Instant, String)>,
+}
+
+/// How long a failed token fetch is not tried again.
+const FETCH_BACKOFF: Duration = Duration::from_secs(1);
 
 #[derive(Clone, Debug)]
 struct Token {
@@ -116,6 +131,8 @@ struct Token {
     /// When to fetch a new one (a while before it expires); none: only
     /// when refused.
     refresh_at: Option<Instant>,
+    /// When it expires; none: not said.
+    expires_at: Option<Instant>,
 }
 
 /// What a token endpoint answers (RFC 6749 §5.1).
@@ -124,21 +141,45 @@ struct TokenAnswer {
     access_token: String,
     #[serde(default)]
     token_type: Option<String>,
-    #[serde(default)]
+    /// Seconds; some servers send it as a string (`"3599"`).
+    #[serde(default, deserialize_with = "seconds")]
     expires_in: Option<f64>,
 }
 
+fn seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<f64>, D::Error> {
+    Ok(match Option::<serde_json::Value>::deserialize(d)? {
+        Some(serde_json::Value::Number(n)) => n.as_f64(),
+        Some(serde_json::Value::String(s)) => s.trim().parse().ok(),
+        _ => None,
+    })
+}
+
+/// The parts of a token endpoint's refusal that may be shown (RFC 6749
+/// §5.2); nothing else of its body is, as it may echo the request.
+#[derive(serde::Deserialize)]
+struct TokenRefusal {
+    error: String,
+    #[serde(default)]
+    error_description: Option<String>,
+}
+
 impl TokenSource {
-    fn new(o: &OAuth2Auth) -> Result<Self, String> {
+    fn new(o: &OAuth2Auth, tls: Option<&HttpTls>) -> Result<Self, String> {
         let token_url =
             reqwest::Url::parse(&o.token_url).map_err(|e| format!("auth.oauth2.token_url: {e}"))?;
         let client_secret = o
             .client_secret
             .read()
             .map_err(|e| format!("auth.oauth2.client_secret: {e}"))?;
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .timeout(o.timeout.as_std())
             .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")))
+            // A redirected POST would lose its form.
+            .redirect(reqwest::redirect::Policy::none());
+        if let Some(tls) = tls {
+            builder = with_tls(builder, tls)?;
+        }
+        let client = builder
             .build()
             .map_err(|e| format!("cannot build the token client: {e}"))?;
         Ok(Self {
@@ -149,31 +190,62 @@ impl TokenSource {
             audience: o.audience.clone(),
             client_auth: o.client_auth,
             client,
-            cached: tokio::sync::Mutex::new(None),
+            state: tokio::sync::Mutex::default(),
         })
+    }
+
+    /// The token endpoint, for messages (without credentials).
+    fn endpoint(&self) -> String {
+        caudal_core::units::redact_url(self.token_url.as_str())
     }
 
     /// The `Authorization` value to send now: the cached token while it
     /// is fresh, else a new one.
     pub(crate) async fn authorization(&self) -> Result<HeaderValue, String> {
-        let mut cached = self.cached.lock().await;
-        if let Some(t) = cached.as_ref()
-            && t.refresh_at.is_none_or(|at| Instant::now() < at)
+        let mut state = self.state.lock().await;
+        let now = Instant::now();
+        if let Some(t) = state.token.as_ref()
+            && t.refresh_at.is_none_or(|at| now < at)
         {
             return Ok(t.value.clone());
         }
-        let token = self.fetch().await?;
-        let value = token.value.clone();
-        *cached = Some(token);
-        Ok(value)
+        // Still valid, though due for renewal.
+        let usable = state
+            .token
+            .as_ref()
+            .filter(|t| t.expires_at.is_none_or(|at| now < at))
+            .map(|t| t.value.clone());
+        if let Some((at, why)) = &state.failed
+            && now.duration_since(*at) < FETCH_BACKOFF
+        {
+            return usable.ok_or_else(|| why.clone());
+        }
+        match self.fetch().await {
+            Ok(token) => {
+                let value = token.value.clone();
+                state.token = Some(token);
+                state.failed = None;
+                Ok(value)
+            }
+            Err(why) => {
+                state.failed = Some((Instant::now(), why.clone()));
+                match usable {
+                    Some(v) => {
+                        tracing::warn!(reason = %why, "cannot renew the OAuth2 token; using it until it expires");
+                        Ok(v)
+                    }
+                    None => Err(why),
+                }
+            }
+        }
     }
 
     /// Drops `refused` if it is still the cached token: the next call
     /// fetches a new one.
     pub(crate) async fn refused(&self, refused: &HeaderValue) {
-        let mut cached = self.cached.lock().await;
-        if cached.as_ref().is_some_and(|t| t.value == *refused) {
-            *cached = None;
+        let mut state = self.state.lock().await;
+        if state.token.as_ref().is_some_and(|t| t.value == *refused) {
+            state.token = None;
         }
     }
 
@@ -200,25 +272,34 @@ impl TokenSource {
             .form(&form)
             .send()
             .await
-            .map_err(|e| format!("token request to {} failed: {e}", self.token_url))?;
+            .map_err(|e| format!("token request to {} failed: {e}", self.endpoint()))?;
         let status = response.status();
         let body = response
             .bytes()
             .await
-            .map_err(|e| format!("token answer from {} unreadable: {e}", self.token_url))?;
+            .map_err(|e| format!("token answer from {} unreadable: {e}", self.endpoint()))?;
         if !status.is_success() {
-            // The error document (RFC 6749 §5.2) names the problem, never
-            // a secret of ours.
-            let excerpt = String::from_utf8_lossy(&body[..body.len().min(300)]).into_owned();
+            // Only the error document's code and description (RFC 6749
+            // §5.2): a proxy's page might echo the form, secret included.
+            let said = serde_json::from_slice::<TokenRefusal>(&body)
+                .map(|r| {
+                    let mut text: String = r.error.chars().take(100).collect();
+                    if let Some(d) = r.error_description {
+                        text.push_str(": ");
+                        text.extend(d.chars().take(200));
+                    }
+                    text
+                })
+                .unwrap_or_else(|_| "no OAuth2 error document".into());
             return Err(format!(
-                "the token endpoint {} answered {status}: {excerpt}",
-                self.token_url
+                "the token endpoint {} answered {status} ({said})",
+                self.endpoint()
             ));
         }
         let answer: TokenAnswer = serde_json::from_slice(&body).map_err(|e| {
             format!(
                 "the token endpoint {} answered without an access_token: {e}",
-                self.token_url
+                self.endpoint()
             )
         })?;
         if let Some(kind) = &answer.token_type
@@ -226,21 +307,24 @@ impl TokenSource {
         {
             return Err(format!(
                 "the token endpoint {} gave a {kind:?} token; only bearer tokens are supported",
-                self.token_url
+                self.endpoint()
             ));
         }
         let mut value = HeaderValue::from_str(&format!("Bearer {}", answer.access_token))
             .map_err(|_| "the access token is not valid in a header".to_string())?;
         value.set_sensitive(true);
-        let refresh_at = answer
+        let life = answer
             .expires_in
             .filter(|s| s.is_finite() && *s > 0.0)
-            .map(|s| {
-                let life = Duration::from_secs_f64(s.min(1e9));
-                fetched + life - (life / 5).min(Duration::from_secs(60))
-            });
-        tracing::debug!(token_url = %self.token_url, "fetched an OAuth2 token");
-        Ok(Token { value, refresh_at })
+            .map(|s| Duration::from_secs_f64(s.min(1e9)));
+        let refresh_at = life.map(|life| fetched + life - (life / 5).min(Duration::from_secs(60)));
+        let expires_at = life.map(|life| fetched + life);
+        tracing::debug!(token_url = %self.endpoint(), "fetched an OAuth2 token");
+        Ok(Token {
+            value,
+            refresh_at,
+            expires_at,
+        })
     }
 }
 

@@ -55,6 +55,12 @@ impl StatusClasses {
         Self { overrides }
     }
 
+    /// `code` is `class` unless the configuration lists it.
+    pub fn unless_listed(mut self, code: u16, class: StatusClass) -> Self {
+        self.overrides.entry(code).or_insert(class);
+        self
+    }
+
     /// The class of a response status.
     pub fn classify(&self, status: u16) -> StatusClass {
         self.overrides
