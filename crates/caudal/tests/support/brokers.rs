@@ -495,6 +495,15 @@ pub fn kafka_cluster(brokers: i32) -> MockCluster<'static, DefaultProducerContex
 /// Messages `topic` holds in all (the sum of its partitions' end
 /// offsets). Blocking.
 pub fn topic_size(bootstrap: &str, topic: &str, partitions: i32) -> i64 {
+    watermarks(bootstrap, topic, partitions)
+        .iter()
+        .map(|(_, high)| high)
+        .sum()
+}
+
+/// The low and high watermarks of partitions `0..partitions` of `topic`
+/// ((0, 0) for one the brokers do not answer for).
+pub fn watermarks(bootstrap: &str, topic: &str, partitions: i32) -> Vec<(i64, i64)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .create()
@@ -503,9 +512,9 @@ pub fn topic_size(bootstrap: &str, topic: &str, partitions: i32) -> i64 {
         .map(|p| {
             consumer
                 .fetch_watermarks(topic, p, Duration::from_secs(10))
-                .map_or(0, |(_, high)| high)
+                .unwrap_or((0, 0))
         })
-        .sum()
+        .collect()
 }
 
 /// Reads `topic` (partitions `0..partitions`) from the beginning until
