@@ -38,6 +38,9 @@ const SLOT_LEN: usize = 28;
 const SLOT_STRIDE: u64 = 512;
 const FILE_LEN: usize = 2 * SLOT_STRIDE as usize;
 const LEGACY_MAGIC: [u8; 8] = *b"CAUDALAK";
+/// Generations from here on are rewritten from 1 when the buffer opens, so
+/// updates in place (one generation each) never run out of them.
+const GENERATION_LIMIT: u64 = 1 << 63;
 const LEGACY_LEN: usize = 20;
 
 /// What the `acked` file holds.
@@ -184,8 +187,7 @@ fn write_whole(dir: &Path, generation: u64, offset: u64) -> Result<()> {
 }
 
 /// Durably replaces the acknowledged offset with a freshly written file.
-/// For tests and tools; a running buffer updates its [`AckedFile`] in place.
-#[cfg(test)]
+/// For copies and tests; a running buffer updates its [`AckedFile`] in place.
 pub(crate) fn store(dir: &Path, offset: u64) -> Result<()> {
     let generation = read(dir).map_or(0, |l| l.generation);
     write_whole(dir, generation + 1, offset)
@@ -208,9 +210,16 @@ impl AckedFile {
     pub(crate) fn open(dir: &Path, offset: u64) -> Result<Self> {
         let loaded = read(dir)?;
         let (generation, next_slot) = match loaded.newest {
-            Some(slot) if slot.offset == offset => (slot.generation, 1 - slot.index),
+            Some(slot) if slot.offset == offset && slot.generation < GENERATION_LIMIT => {
+                (slot.generation, 1 - slot.index)
+            }
             _ => {
-                let generation = loaded.generation + 1;
+                // A generation near the end of its range (only a damaged
+                // file holds one) starts over: the file is written whole.
+                let generation = match loaded.generation {
+                    g if g < GENERATION_LIMIT => g + 1,
+                    _ => 1,
+                };
                 write_whole(dir, generation, offset)?;
                 (generation, 1)
             }
@@ -278,6 +287,19 @@ mod tests {
         bytes[9] ^= 1;
         fs::write(dir.path().join(ACKED_FILE), &bytes).unwrap();
         assert!(matches!(load(dir.path()).unwrap(), Acked::Damaged(_)));
+    }
+
+    /// Found by the `buffer_segments` fuzz target: a file whose newest
+    /// slot holds the last generation made the next update overflow it.
+    #[test]
+    fn fuzz_a_generation_at_its_end_starts_over() {
+        let dir = tempfile::tempdir().unwrap();
+        write_whole(dir.path(), u64::MAX, 5).unwrap();
+        let mut file = AckedFile::open(dir.path(), 5).unwrap();
+        file.store(6).unwrap();
+        file.store(7).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Acked::Offset(7));
+        assert_eq!(read(dir.path()).unwrap().generation, 3);
     }
 
     #[test]

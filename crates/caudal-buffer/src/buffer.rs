@@ -183,6 +183,10 @@ struct State {
     short_of_space: bool,
     /// An idle reclaim is scheduled.
     idle_reclaim_pending: bool,
+    /// Live [`Snapshot`]s: while any is, no segment file is deleted (nor
+    /// the active one reclaimed), so a copy in progress finds every file
+    /// it listed.
+    pins: usize,
 }
 
 /// What the last failed append found, and when.
@@ -272,6 +276,9 @@ impl State {
     /// Removes segments whose offsets are all acknowledged (never the last).
     fn take_deletable(&mut self) -> Vec<PathBuf> {
         let mut paths = Vec::new();
+        if self.pins > 0 {
+            return paths;
+        }
         while self.segments.len() > 1 && self.segments[1].base <= self.acked {
             if let Some(segment) = self.segments.pop_front() {
                 self.freed += segment.end;
@@ -547,27 +554,34 @@ impl Writer {
         if self.poisoned.is_some() || self.file.is_none() || self.records == 0 {
             return false;
         }
-        {
-            let st = inner.state();
+        // Checked and taken off the list under one lock, so a snapshot
+        // either holds the segment back or never lists it.
+        let listed = {
+            let mut st = inner.state();
             let worth_it = force
                 || st.short_of_space
                 || self.pos - SEGMENT_HEADER_BYTES >= RECLAIM_ACTIVE_BYTES;
             // Holding the writer, nothing is appended meanwhile.
-            if st.acked < self.next_offset || !worth_it {
+            if st.acked < self.next_offset || !worth_it || st.pins > 0 {
                 return false;
             }
-        }
+            if st.segments.back().is_some_and(|s| s.base == self.base) {
+                st.segments.pop_back()
+            } else {
+                None
+            }
+        };
         if let Err(e) = fs::remove_file(&self.path) {
             tracing::warn!(segment = %self.path.display(), error = %e, "buffer: could not delete the acknowledged active segment");
+            if let Some(segment) = listed {
+                inner.state().segments.push_back(segment);
+            }
             return false;
         }
         self.file = None;
         self.unsynced = false;
         {
             let mut st = inner.state();
-            if st.segments.back().is_some_and(|s| s.base == self.base) {
-                st.segments.pop_back();
-            }
             st.read_hint = None;
             st.freed += self.pos;
             st.short_of_space = false;
@@ -1010,6 +1024,7 @@ impl Buffer {
             disk_full: None,
             short_of_space: false,
             idle_reclaim_pending: false,
+            pins: 0,
         };
         state.acked_logical = logical_position(&state, acked);
         let deletable = state.take_deletable();
@@ -1147,6 +1162,18 @@ impl Buffer {
             return Ok(writer.next_offset..writer.next_offset);
         }
         let first = writer.next_offset;
+        // Offsets never wrap: numbering taken from a damaged `acked` file
+        // or segment name may leave no room for these entries.
+        if first.checked_add(entries.len() as u64).is_none() {
+            return Err(Error::Format {
+                path: writer.path.clone(),
+                reason: format!(
+                    "offsets end at {}: no room for {} more entries",
+                    u64::MAX,
+                    entries.len()
+                ),
+            });
+        }
         let mut encoded = Vec::with_capacity(usize::try_from(bytes).unwrap_or(0));
         for (i, entry) in entries.iter().enumerate() {
             encode_record(&mut encoded, first + i as u64, entry.as_ref());
@@ -1424,6 +1451,130 @@ impl Buffer {
     }
 }
 
+/// A hold on a running buffer for an online copy (see
+/// [`Buffer::snapshot`]): while it lives, no segment file is deleted, so
+/// every entry from [`acked`](Self::acked) on stays on disk however far
+/// delivery moves meanwhile. Appends, reads and acknowledgements go on.
+#[derive(Debug)]
+pub struct Snapshot {
+    inner: Arc<Inner>,
+    acked: u64,
+}
+
+/// What [`Snapshot::copy_to`] wrote.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Copied {
+    /// The acknowledged offset the copy holds: a buffer opened from it
+    /// delivers from here.
+    pub acked: u64,
+    /// One past the last entry copied.
+    pub next_offset: u64,
+    /// Segment files copied.
+    pub segments: usize,
+    /// Bytes of those files.
+    pub bytes: u64,
+}
+
+impl Buffer {
+    /// Starts an online copy: notes the acknowledged offset now and keeps
+    /// every segment file from being deleted until the snapshot is
+    /// dropped. [`Snapshot::copy_to`] then writes a buffer directory that
+    /// opens at that offset and holds every entry appended up to the copy.
+    ///
+    /// Taking the offset first is what makes a copy consistent with a state
+    /// store copied in between: entries below it were covered by the
+    /// checkpoint before the store was copied, and entries appended before
+    /// the store was copied are in the buffer copy.
+    pub fn snapshot(&self) -> Snapshot {
+        let mut st = self.inner.state();
+        st.pins += 1;
+        Snapshot {
+            inner: self.inner.clone(),
+            acked: st.acked,
+        }
+    }
+}
+
+impl Snapshot {
+    /// The acknowledged offset the copy will hold.
+    pub fn acked(&self) -> u64 {
+        self.acked
+    }
+
+    /// Writes the copy into `dest` (created; it must not exist yet): every
+    /// segment file as far as its published records go, then an `acked`
+    /// file holding [`acked`](Self::acked), each synced. Blocking: run it
+    /// off the async threads. A copy cut short leaves a directory without
+    /// an `acked` file, which [`Copied`] was never returned for.
+    pub fn copy_to(&self, dest: &Path) -> Result<Copied> {
+        let (listed, next_offset): (Vec<(PathBuf, u64)>, u64) = {
+            let st = self.inner.state();
+            let listed = st
+                .segments
+                .iter()
+                .map(|s| (s.path.clone(), s.end))
+                .collect();
+            (listed, st.next_offset)
+        };
+        if let Some(parent) = dest.parent() {
+            fs::create_dir_all(parent)
+                .map_err(|e| Error::io("create backup directory", parent, e))?;
+        }
+        fs::create_dir(dest).map_err(|e| Error::io("create buffer copy", dest, e))?;
+        let mut copied = Copied {
+            acked: self.acked,
+            next_offset,
+            segments: 0,
+            bytes: 0,
+        };
+        for (path, end) in listed {
+            let Some(name) = path.file_name() else {
+                continue;
+            };
+            let to = dest.join(name);
+            let mut from = File::open(&path).map_err(|e| Error::io("open segment", &path, e))?;
+            let mut out =
+                File::create(&to).map_err(|e| Error::io("create segment copy", &to, e))?;
+            // Only published records: bytes past `end` may be an append in
+            // progress.
+            let n = io::copy(&mut io::Read::take(&mut from, end), &mut out)
+                .map_err(|e| Error::io("copy segment", &path, e))?;
+            if n != end {
+                return Err(Error::io(
+                    "copy segment",
+                    &path,
+                    io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("{n} bytes read of the {end} published"),
+                    ),
+                ));
+            }
+            out.sync_all()
+                .map_err(|e| Error::io("fsync segment copy", &to, e))?;
+            copied.segments += 1;
+            copied.bytes += n;
+        }
+        acked::store(dest, self.acked)?;
+        acked::sync_dir(dest)?;
+        Ok(copied)
+    }
+}
+
+impl Drop for Snapshot {
+    fn drop(&mut self) {
+        let deletable = {
+            let mut st = self.inner.state();
+            st.pins = st.pins.saturating_sub(1);
+            st.take_deletable()
+        };
+        // What acknowledgements freed meanwhile goes now, and a drained
+        // active segment as its idle reclaim would have done.
+        delete_segments(deletable);
+        self.inner.reclaim_if_drained(true);
+        self.inner.wake();
+    }
+}
+
 fn read_parts(inner: &Inner, parts: &[ReadPart]) -> Result<Vec<(u64, Vec<u8>)>> {
     let mut out = Vec::new();
     let mut hint = None;
@@ -1601,12 +1752,67 @@ mod tests {
         }
     }
 
+    /// A snapshot keeps every segment from its acknowledged offset on disk
+    /// while delivery acknowledges everything (here across several
+    /// segments, the active one drained too), and the copy opens at that
+    /// offset with every entry appended before the copy, intact.
+    #[tokio::test]
+    async fn a_snapshot_copies_from_its_offset_while_delivery_goes_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let backups = tempfile::tempdir().unwrap();
+        let (buffer, _) = Buffer::open(dir.path(), small()).unwrap();
+        let entries: Vec<Vec<u8>> = (0..300u32).map(|i| i.to_le_bytes().repeat(20)).collect();
+        buffer.append(&entries[..100]).await.unwrap();
+        buffer.ack(40).await.unwrap();
+        let snapshot = buffer.snapshot();
+        assert_eq!(snapshot.acked(), 40);
+        buffer.append(&entries[100..]).await.unwrap();
+        buffer.ack(300).await.unwrap();
+        let segments = buffer.stats().segments;
+        assert!(segments > 2, "several segments, none deleted: {segments}");
+        let copy = backups.path().join("orders");
+        let copied = snapshot.copy_to(&copy).unwrap();
+        assert_eq!((copied.acked, copied.next_offset), (40, 300));
+        assert_eq!(copied.segments, segments);
+        assert!(snapshot.copy_to(&copy).is_err(), "an existing copy is kept");
+        drop(snapshot);
+        assert_eq!(buffer.stats().segments, 1, "freed once the snapshot ends");
+
+        let (restored, recovery) = Buffer::open(&copy, small()).unwrap();
+        assert_eq!((recovery.acked, recovery.next_offset), (40, 300));
+        assert!(recovery.torn.is_empty() && recovery.corrupt.is_empty());
+        let got = restored.read(40, 1000).await.unwrap();
+        let want: Vec<(u64, Vec<u8>)> = (40..300u64)
+            .map(|i| (i, entries[i as usize].clone()))
+            .collect();
+        assert_eq!(got, want);
+        // The copy is a buffer like any other: it appends after its end.
+        assert_eq!(restored.append(&[b"next"]).await.unwrap(), 300..301);
+    }
+
     #[tokio::test]
     async fn second_open_of_a_directory_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let (_buffer, _) = Buffer::open(dir.path(), small()).unwrap();
         let err = Buffer::open(dir.path(), small()).unwrap_err();
         assert!(matches!(err, Error::Locked { .. }), "{err}");
+    }
+
+    /// Found by the `buffer_segments` fuzz target: an `acked` file (intact,
+    /// or damaged with a matching checksum) at the last offset made the
+    /// next append overflow the offset instead of failing.
+    #[tokio::test]
+    async fn fuzz_append_at_the_last_offset_fails_without_overflow() {
+        let dir = tempfile::tempdir().unwrap();
+        acked::store(dir.path(), u64::MAX).unwrap();
+        let (buffer, _) = Buffer::open(dir.path(), small()).unwrap();
+        assert_eq!(buffer.next_offset(), u64::MAX);
+        let err = buffer.append(&[b"x"]).await.unwrap_err();
+        assert!(matches!(err, Error::Format { .. }), "{err}");
+        assert_eq!(
+            buffer.append::<&[u8]>(&[]).await.unwrap(),
+            u64::MAX..u64::MAX
+        );
     }
 
     #[tokio::test]

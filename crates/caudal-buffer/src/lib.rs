@@ -17,6 +17,8 @@
 //! - [`Buffer::ack`] persists the acknowledged offset (in place: it needs no
 //!   new disk space) and deletes segments that are fully acknowledged, the
 //!   active one too once the buffer is drained.
+//! - [`Buffer::snapshot`] holds the files for an online copy
+//!   ([`Snapshot::copy_to`]), consistent with a checkpoint saved meanwhile.
 //! - [`inspect`] and [`fsck`] are read-only views for the CLI
 //!   (`caudal buffer inspect|fsck PIPELINE`); [`space`] is the free space of
 //!   a buffer's filesystem.
@@ -47,7 +49,7 @@ mod error;
 mod segment;
 mod space;
 
-pub use buffer::{Buffer, Recovery, Stats};
+pub use buffer::{Buffer, Copied, Recovery, Snapshot, Stats};
 pub use check::{FsckReport, Inspection, Problem, ProblemKind, SegmentInfo, fsck, inspect};
 pub use config::{
     BufferConfig, DEFAULT_MAX_BYTES, DEFAULT_SEGMENT_BYTES, FsyncPolicy, MIN_SEGMENT_BYTES,

@@ -227,6 +227,12 @@ pub(crate) fn scan_segment(path: &Path, base: u64) -> Result<Scan> {
         if pos == file_len {
             break;
         }
+        // No entry has the last offset (an append that would reach it is
+        // refused), so every `base + records` below is an offset.
+        if base.checked_add(scan.framed + 1).is_none() {
+            scan.break_reason = Some("a record's offset runs past the largest offset");
+            break;
+        }
         if file_len - pos < RECORD_HEADER_BYTES {
             scan.break_reason = Some("a record header is cut off by the end of the file");
             break;
@@ -376,6 +382,23 @@ mod tests {
         encode_record(&mut frame, 7, b"hello");
         assert_eq!(frame.len(), 8 + 5);
         assert_ne!(record_crc(8, b"hello"), record_crc(7, b"hello"));
+    }
+
+    /// Found by the `buffer_segments` fuzz target: a segment named after
+    /// the last offset holding a record made `fsck` overflow the offset.
+    #[test]
+    fn fuzz_records_past_the_largest_offset_are_not_framed() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = u64::MAX;
+        let path = dir.path().join(segment_file_name(base));
+        let mut bytes = encode_header(base).to_vec();
+        encode_record(&mut bytes, base, b"last");
+        std::fs::write(&path, &bytes).unwrap();
+        let scan = scan_segment(&path, base).unwrap().into_tail();
+        assert_eq!((scan.framed, scan.good_through), (0, 0));
+        assert_eq!(scan.unframed_bytes(), RECORD_HEADER_BYTES + 4);
+        let report = crate::fsck(dir.path()).unwrap();
+        assert!(!report.is_clean(), "{report}");
     }
 
     #[test]

@@ -82,6 +82,11 @@ impl Route {
         })
     }
 
+    /// The route when it is the same for every record (literal text).
+    pub fn literal(&self) -> Option<&str> {
+        self.literal.as_deref()
+    }
+
     /// The route of `event` in `pipeline`; `Err` says why it has none.
     pub fn render(&self, pipeline: &str, event: &Event) -> std::result::Result<String, String> {
         if let Some(text) = &self.literal {

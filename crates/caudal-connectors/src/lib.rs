@@ -8,5 +8,7 @@
 pub mod broker;
 #[cfg(feature = "crawl")]
 pub mod crawl;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod sinks;
 pub mod sources;

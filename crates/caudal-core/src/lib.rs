@@ -10,6 +10,7 @@ pub mod config;
 pub mod dataset;
 pub mod delivery;
 pub mod error;
+pub mod probe;
 pub mod process;
 pub mod record;
 pub mod sink;

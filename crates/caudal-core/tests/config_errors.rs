@@ -558,3 +558,13 @@ fn retention_nonsense() {
         ),
     );
 }
+
+/// `[backup]` with no directory, no interval and nothing kept: each named.
+#[test]
+fn backup_nothing() {
+    check(
+        "backup_nothing",
+        &format!("{SEED_TOML}\n[backup]\ndir = \"\"\nevery = \"0s\"\nkeep = 0\n"),
+        &format!("{SEED_YAML}\nbackup:\n  dir: ''\n  every: 0s\n  keep: 0\n"),
+    );
+}

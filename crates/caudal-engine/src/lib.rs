@@ -8,6 +8,7 @@
 
 pub mod aggregate;
 pub mod alert;
+pub mod backup;
 pub mod batch;
 pub mod buffered;
 pub mod cluster;
@@ -15,6 +16,7 @@ pub mod crawl;
 pub mod daemon;
 pub mod deliverer;
 pub mod delivery;
+pub mod doctor;
 pub mod lease;
 pub mod maintenance;
 pub mod ordering;

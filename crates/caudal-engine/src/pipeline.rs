@@ -385,6 +385,12 @@ impl Pipeline {
         &self.shared.stats
     }
 
+    /// The pipeline's buffer if this process has opened it already (it
+    /// runs the pipeline), without opening it.
+    pub fn opened_buffer(&self) -> Option<&Buffer> {
+        self.shared.buffer.get()
+    }
+
     /// The pipeline's buffer, opened (and recovered) on first use.
     pub async fn buffer(&self) -> Result<&Buffer> {
         self.shared

@@ -353,6 +353,7 @@ pub fn routes(api: Api) -> Router {
     let admin = Router::new()
         .route("/tokens", get(tokens))
         .route("/audit", get(audit))
+        .route("/backups", post(backup))
         .route_layer(middleware::from_fn_with_state(
             (api.clone(), Role::Admin),
             authorize,
@@ -1334,8 +1335,55 @@ pub(crate) async fn drain_node(State(api): State<Api>, Path(id): Path<String>) -
     answer(StatusCode::ACCEPTED, &node)
 }
 
+/// Where to write a backup.
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct BackupBody {
+    /// An absolute directory on the daemon's machine; the backup is a new
+    /// `caudal-backup-<time>` directory in it. Default: `[backup] dir`.
+    #[serde(default)]
+    to: Option<String>,
+}
+
+#[utoipa::path(post, path = "/api/v1/backups", tag = "operations", request_body = BackupBody, responses((status = 201, description = "taken: a consistent copy of the SQLite state store and every pipeline's buffer", body = crate::openapi::BackupTaken), (status = 400, description = "`to` is not an absolute path", body = crate::openapi::ErrorBody), (status = 409, description = "no `to` and no `[backup] dir`, or a backup of that name is being written", body = crate::openapi::ErrorBody), (status = 500, description = "the copy failed (nothing is kept of it)", body = crate::openapi::ErrorBody), (status = 401, description = "no live token", body = crate::openapi::ErrorBody), (status = 403, description = "role too low", body = crate::openapi::ErrorBody), (status = 429, description = "rate limited; see Retry-After", body = crate::openapi::ErrorBody)), security(("bearer" = [])))]
+pub(crate) async fn backup(
+    State(api): State<Api>,
+    body: Option<axum::Json<BackupBody>>,
+) -> ApiResult {
+    let body = body.map(|b| b.0).unwrap_or_default();
+    let to = match body.to {
+        Some(to) => {
+            let path = std::path::PathBuf::from(&to);
+            let upward = path
+                .components()
+                .any(|c| matches!(c, std::path::Component::ParentDir));
+            if !path.is_absolute() || upward || to.contains('\0') {
+                return Err(bad_request(format!(
+                    "body field to: {to:?} is not an absolute path on the daemon's machine (without ..)"
+                )));
+            }
+            path
+        }
+        None => api.config.backup_dir().ok_or_else(|| {
+            ApiError::conflict(
+                "no [backup] dir is configured: send {\"to\": \"/absolute/dir\"}".into(),
+            )
+        })?,
+    };
+    let pipelines: Vec<caudal_engine::Pipeline> = api.pipelines.values().cloned().collect();
+    let (buffers, not_open) = caudal_engine::backup::pipeline_buffers(&pipelines);
+    let taken = caudal_engine::backup::take(&api.store, &buffers, &not_open, &to)
+        .await
+        .map_err(|e| ApiError::from_error(&e))?;
+    tracing::info!(backup = %taken.dir.display(), "backup taken through the API");
+    answer(
+        StatusCode::CREATED,
+        &crate::openapi::BackupTaken::from(taken),
+    )
+}
+
 /// Every route and the role it needs, for documentation and tests.
-pub const ROUTES: [(&str, &str, Role); 43] = [
+pub const ROUTES: [(&str, &str, Role); 44] = [
     ("GET", "/api/v1/pipelines", Role::Viewer),
     ("GET", "/api/v1/datasets", Role::Viewer),
     ("GET", "/api/v1/datasets/{name}/partitions", Role::Viewer),
@@ -1373,6 +1421,7 @@ pub const ROUTES: [(&str, &str, Role); 43] = [
     ("POST", "/api/v1/pipelines/{name}/resync", Role::Operator),
     ("GET", "/api/v1/tokens", Role::Admin),
     ("GET", "/api/v1/audit", Role::Admin),
+    ("POST", "/api/v1/backups", Role::Admin),
     ("GET", "/api/v1/workflows", Role::Viewer),
     ("GET", "/api/v1/workflow-runs", Role::Viewer),
     ("GET", "/api/v1/workflow-runs/{id}", Role::Viewer),

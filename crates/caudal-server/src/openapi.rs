@@ -191,6 +191,62 @@ pub struct NodeList {
     pub nodes: Vec<NodeView>,
 }
 
+/// A backup `caudal run` took (`POST /api/v1/backups`).
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BackupTaken {
+    /// Its directory, on the daemon's machine.
+    pub dir: String,
+    /// When it was taken (RFC 3339, UTC).
+    pub taken_at: String,
+    /// `sqlite` (the store is copied) or `postgres` (it is not: pg_dump).
+    pub store: String,
+    /// Each pipeline's buffer copy.
+    pub buffers: std::collections::BTreeMap<String, BackupBuffer>,
+    /// Pipelines whose buffer this node does not hold (another node of
+    /// the cluster owns them): not copied.
+    pub not_copied: Vec<String>,
+}
+
+/// One pipeline's buffer in a backup.
+#[derive(Debug, Serialize, Deserialize, ToSchema)]
+pub struct BackupBuffer {
+    /// The acknowledged offset: a restore delivers from here.
+    pub acked: u64,
+    /// One past the last entry copied.
+    pub next_offset: u64,
+    /// Segment files copied.
+    pub segments: u64,
+    /// Bytes copied.
+    pub bytes: u64,
+}
+
+impl From<caudal_engine::backup::Taken> for BackupTaken {
+    fn from(t: caudal_engine::backup::Taken) -> Self {
+        Self {
+            dir: t.dir.display().to_string(),
+            taken_at: t.manifest.taken_at,
+            store: t.manifest.store,
+            not_copied: t.manifest.not_copied,
+            buffers: t
+                .manifest
+                .buffers
+                .into_iter()
+                .map(|(name, c)| {
+                    (
+                        name,
+                        BackupBuffer {
+                            acked: c.acked,
+                            next_offset: c.next_offset,
+                            segments: c.segments as u64,
+                            bytes: c.bytes,
+                        },
+                    )
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Every workflow with its last run.
 #[derive(Debug, Serialize, Deserialize, ToSchema)]
 pub struct WorkflowList {
@@ -530,6 +586,7 @@ impl Modify for Rejections {
         crate::api::audit,
         crate::api::nodes,
         crate::api::drain_node,
+        crate::api::backup,
         crate::api::workflows,
         crate::api::start_workflow,
         crate::api::workflow_runs,
@@ -567,7 +624,8 @@ impl Modify for Rejections {
         caudal_engine::aggregate::WindowView, crate::alerts::AlertList, crate::alerts::AlertInfo,
         crate::alerts::InstanceInfo, crate::alerts::SilenceInfo, crate::alerts::HistoryPage,
         crate::alerts::EventInfo, crate::alerts::NotificationPage, crate::alerts::NotificationInfo,
-        crate::alerts::SilenceBody, crate::alerts::SilenceEnded, caudal_core::alert::AlertState
+        crate::alerts::SilenceBody, crate::alerts::SilenceEnded, caudal_core::alert::AlertState,
+        crate::api::BackupBody, BackupTaken, BackupBuffer
     )),
     modifiers(&Bearer, &Rejections)
 )]

@@ -52,6 +52,7 @@ macro_rules! with_pool {
 mod aggregates;
 mod alerts;
 mod api;
+mod backup;
 mod checkpoints;
 mod clock;
 mod crawl;

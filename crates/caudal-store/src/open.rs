@@ -58,6 +58,50 @@ impl Store {
     }
 }
 
+impl Store {
+    /// Whether the store takes writes (`caudal doctor`), changing nothing:
+    /// SQLite takes its write lock (`BEGIN IMMEDIATE`) and lets it go;
+    /// PostgreSQL must not be a standby or read-only. Returns how many
+    /// migrations the schema has applied (all of them, once opened).
+    pub async fn probe_write(&self) -> Result<i64> {
+        let applied = |e| store_error("counting the applied migrations".into(), e);
+        match &self.pool {
+            Pool::Sqlite(pool) => {
+                let tx = pool
+                    .begin_with("BEGIN IMMEDIATE")
+                    .await
+                    .map_err(|e| store_error("taking the write lock".into(), e))?;
+                tx.rollback()
+                    .await
+                    .map_err(|e| store_error("releasing the write lock".into(), e))?;
+                sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(applied)
+            }
+            Pool::Postgres(pool) => {
+                let (standby, read_only): (bool, String) = sqlx::query_as(
+                    "SELECT pg_is_in_recovery(), current_setting('default_transaction_read_only')",
+                )
+                .fetch_one(pool)
+                .await
+                .map_err(|e| store_error("reading the server's state".into(), e))?;
+                if standby || read_only == "on" {
+                    return Err(Error::new(
+                        ErrorKind::Store,
+                        "state store: the PostgreSQL server is read-only (a standby, or \
+                         default_transaction_read_only = on)",
+                    ));
+                }
+                sqlx::query_scalar("SELECT count(*) FROM _sqlx_migrations WHERE success")
+                    .fetch_one(pool)
+                    .await
+                    .map_err(applied)
+            }
+        }
+    }
+}
+
 async fn open_sqlite(url: &str) -> Result<Store> {
     let rest = url.strip_prefix("sqlite:").unwrap_or(url);
     let rest = rest.strip_prefix("//").unwrap_or(rest);

@@ -105,6 +105,26 @@ pub enum Command {
     /// Check a configuration file and report every problem with its
     /// file:line:column and field path.
     Validate,
+    /// Check that a configuration can run here, and say what to fix: the
+    /// state store (opens, writable), the buffers' disk (writable, room for
+    /// every buffer.max_bytes), each source (reachable, SELECT privilege,
+    /// CDC prerequisites: wal_level, REPLICATION, slots, binlog settings)
+    /// and each sink (reachable, TLS, OAuth2 token; the exchange or stream
+    /// exists; a dataset writable). No record is read or sent.
+    ///
+    /// Exit codes: 0 nothing failed (warnings allowed unless --strict), 1 a
+    /// check failed (or warned, with --strict), 2 invalid configuration.
+    Doctor {
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        /// Exit 1 on warnings too.
+        #[arg(long)]
+        strict: bool,
+        /// The longest one step (a connection, a query, a request) may take.
+        #[arg(long, default_value = "10s")]
+        timeout: caudal_core::units::Duration,
+    },
     /// Print the JSON Schema of the configuration, for editors.
     Schema,
     /// Print a shell completion script: `caudal completions bash >
@@ -166,6 +186,29 @@ pub enum Command {
         /// Only rows matching this SQL condition, e.g. `"status_id = 3"`.
         #[arg(long = "where")]
         filter: Option<String>,
+    },
+    /// Take a consistent online backup of the SQLite state store and every
+    /// pipeline's buffer: a new `caudal-backup-<UTC time>` directory under
+    /// --to. With --api the running `caudal run` takes it (and --to is a
+    /// directory on its machine); without, no process may hold the buffers.
+    Backup {
+        /// The directory to put the backup in (default `[backup] dir`).
+        #[arg(long)]
+        to: Option<PathBuf>,
+        /// Print what was written as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Put a backup in place: the SQLite state store and every pipeline's
+    /// buffer (stop `caudal run` first). What it replaces is moved aside,
+    /// never deleted. Pipelines then resume from the backup's checkpoints.
+    Restore {
+        /// The backup's directory (`caudal-backup-…`).
+        from: PathBuf,
+        /// The backup's store is PostgreSQL and the dump taken with it is
+        /// restored already: put its buffers in place.
+        #[arg(long)]
+        store_restored: bool,
     },
 }
 

@@ -219,11 +219,18 @@ pub async fn run(path: &Path) -> ExitCode {
             "joining the cluster"
         );
     }
+    let backups = caudal_engine::backup::serve(
+        std::sync::Arc::new(config.clone()),
+        store.clone(),
+        pipelines.clone(),
+        shutdown.clone(),
+    );
     tokio::join!(
         caudal_engine::daemon::run_node(pipelines, shutdown.clone(), control, member),
         workflows,
         reports,
-        alerting
+        alerting,
+        backups
     );
     if let Some((_, task)) = server {
         let _ = task.await;

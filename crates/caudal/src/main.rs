@@ -1,9 +1,11 @@
 //! The `caudal` binary: parses arguments, sets up logging, and hands off to
 //! a command. Everything else lives in the library crates.
 
+mod backup;
 mod cli;
 mod commands;
 mod demo;
+mod doctor;
 mod progress;
 mod remote;
 mod report;
@@ -28,6 +30,9 @@ fn main() -> ExitCode {
     // The demo prints its own story; its logs stay at warnings unless asked.
     let level = match (&cli.command, cli.log_level.as_str()) {
         (Command::Demo(_), "info") => "warn",
+        // Doctor's report is its output; a broker client's log of a
+        // refused lookup (RabbitMQ closes the channel) is not news.
+        (Command::Doctor { .. }, "info") => "warn,lapin=off",
         (_, level) => level,
     };
     let traces = init_logging(level, cli.log_format);
@@ -59,6 +64,11 @@ fn main() -> ExitCode {
             },
             Command::Buffer(c) => commands::buffer(&cli.config, c).await,
             Command::Validate => commands::validate(&cli.config),
+            Command::Doctor {
+                json,
+                strict,
+                timeout,
+            } => doctor::doctor(&cli.config, *json, *strict, *timeout).await,
             Command::Schema => commands::schema(),
             Command::Completions { shell } => {
                 let mut cli = <Cli as clap::CommandFactory>::command();
@@ -81,6 +91,19 @@ fn main() -> ExitCode {
             Command::Node(c) => commands::node(&cli.config, c).await,
             Command::Top => top::top(&cli.config, remote::Remote::from_args(&cli)).await,
             Command::Resync { pipeline } => commands::resync(&cli.config, pipeline).await,
+            Command::Backup { to, json } => {
+                backup::backup(
+                    &cli.config,
+                    remote::Remote::from_args(&cli),
+                    to.as_deref(),
+                    *json,
+                )
+                .await
+            }
+            Command::Restore {
+                from,
+                store_restored,
+            } => backup::restore(&cli.config, from, *store_restored).await,
             Command::Backfill {
                 pipeline,
                 from,

@@ -106,6 +106,25 @@ impl Remote {
             .map_err(report)
     }
 
+    /// Asks the daemon for a backup into `to` (its `[backup] dir` if
+    /// `None`).
+    pub async fn backup(
+        &self,
+        to: Option<&std::path::Path>,
+    ) -> Result<caudal_server::openapi::BackupTaken, ExitCode> {
+        let body = match to {
+            Some(dir) => serde_json::json!({ "to": dir.display().to_string() }),
+            None => serde_json::json!({}),
+        };
+        let answer = self.post_json("/api/v1/backups", &body).await?;
+        serde_json::from_value(answer).map_err(|e| {
+            eprintln!(
+                "error: the caudal API answered /api/v1/backups with an unexpected shape: {e}"
+            );
+            ExitCode::from(EXIT_FAILED)
+        })
+    }
+
     pub async fn status(&self, json: bool) -> ExitCode {
         match self.fetch::<PipelineList>("/api/v1/pipelines").await {
             Err(code) => code,

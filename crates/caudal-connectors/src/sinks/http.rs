@@ -253,6 +253,74 @@ impl HttpSink {
         }
     }
 
+    /// Whether the receiver can be reached and the sink's credentials
+    /// work, without sending a record (`caudal doctor`).
+    ///
+    /// `reach`: a `HEAD` request to the URL (no body, no credentials, no
+    /// idempotency key) proves the connection and the TLS handshake (with
+    /// the sink's `tls`); any HTTP answer counts, since the endpoint may
+    /// only take the sink's method. `auth`: an OAuth2 token fetched from
+    /// the token endpoint proves the client credentials; basic and HMAC
+    /// credentials are checked only by the receiver on a real delivery, so
+    /// they are reported as not checked.
+    pub async fn probe(&self) -> Vec<caudal_core::probe::Finding> {
+        use caudal_core::probe::Finding;
+        let url = caudal_core::units::redact_url(self.url.as_str());
+        let reach = match self.client.head(self.url.clone()).send().await {
+            Ok(response) => Finding::ok(
+                "reach",
+                format!("{url} answered HEAD with {}", response.status()),
+            ),
+            Err(e) => {
+                // The url may carry credentials: never in the text.
+                let e = e.without_url();
+                let chain = error_chain(&e);
+                let lower = chain.to_ascii_lowercase();
+                let fix = if lower.contains("certificate") || lower.contains("tls") {
+                    "the receiver's TLS certificate is not trusted or does not match the host: \
+                     set `tls.ca` to its CA's PEM file, or correct the URL's host"
+                } else if e.is_timeout() {
+                    "the host does not answer: check the URL's host and port, and firewalls \
+                     between here and the receiver"
+                } else {
+                    "check the URL's host and port, that the receiver runs, and DNS or \
+                     firewalls between here and it"
+                };
+                Finding::fail("reach", format!("HEAD {url} failed: {chain}"), fix)
+            }
+        };
+        let auth = match &self.auth {
+            None => None,
+            Some(super::partner::Auth::Basic(_)) => Some(Finding::skipped(
+                "auth",
+                "basic credentials are checked by the receiver on a delivery; none is sent",
+            )),
+            Some(super::partner::Auth::Hmac(_)) => Some(Finding::skipped(
+                "auth",
+                "HMAC signatures are checked by the receiver on a delivery; none is sent",
+            )),
+            Some(super::partner::Auth::OAuth2(tokens)) => Some(match tokens.probe().await {
+                Ok((endpoint, life)) => Finding::ok(
+                    "auth",
+                    format!(
+                        "{endpoint} issued an OAuth2 token{}",
+                        life.map_or_else(String::new, |l| format!(" valid for {}s", l.as_secs()))
+                    ),
+                ),
+                Err(why) => {
+                    let fix = if why.contains("answered") {
+                        "check auth.oauth2.client_id and client_secret (and scopes, audience) \
+                         with the partner"
+                    } else {
+                        "check that auth.oauth2.token_url is right and reachable from here"
+                    };
+                    Finding::fail("auth", why, fix)
+                }
+            }),
+        };
+        std::iter::once(reach).chain(auth).collect()
+    }
+
     /// The request body for a batch (before compression).
     pub fn encode(&self, pipeline: &str, key: &str, records: &[Event]) -> Result<Vec<u8>> {
         match (&self.template, &self.envelope) {

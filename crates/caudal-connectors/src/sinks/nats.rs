@@ -85,6 +85,78 @@ impl NatsSink {
         Ok(js)
     }
 
+    /// Whether the server can be reached and a stream captures the
+    /// subject, without publishing (`caudal doctor`). A subject rendered
+    /// per record is not looked up.
+    pub async fn probe(&self) -> Vec<caudal_core::probe::Finding> {
+        use caudal_core::probe::Finding;
+        let url = redact_url(&self.url);
+        let (options, servers) = connect_options(&self.url);
+        let connected = tokio::time::timeout(
+            self.timeout,
+            options
+                .connection_timeout(self.timeout.min(Duration::from_secs(10)))
+                .connect(servers.as_str()),
+        )
+        .await;
+        let client = match connected {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => {
+                return vec![Finding::fail(
+                    "connect",
+                    format!("cannot connect to {url}: {e}"),
+                    "check the url's host, port and credentials, and that NATS runs",
+                )];
+            }
+            Err(_) => {
+                return vec![Finding::fail(
+                    "connect",
+                    format!("connecting to {url} took longer than {:?}", self.timeout),
+                    "check the url's host and port, and firewalls between here and the server",
+                )];
+            }
+        };
+        let mut out = vec![Finding::ok("connect", format!("connected to {url}"))];
+        let js = jetstream::new(client);
+        out.push(match (&self.stream, self.route.literal()) {
+            (Some(stream), _) => match js.get_stream(&stream.name).await {
+                Ok(_) => Finding::ok("stream", format!("stream {:?} exists", stream.name)),
+                Err(e) if is_stream_not_found(&e) => Finding::ok(
+                    "stream",
+                    format!(
+                        "stream {:?} does not exist yet: the first delivery creates it",
+                        stream.name
+                    ),
+                ),
+                Err(e) => Finding::fail(
+                    "stream",
+                    format!("cannot look up stream {:?}: {e}", stream.name),
+                    "check that JetStream is enabled on the server and that the credentials \
+                     may read stream information",
+                ),
+            },
+            (None, None) => Finding::skipped(
+                "stream",
+                "the subject is rendered per record; no stream is looked up",
+            ),
+            (None, Some(subject)) => match js.stream_by_subject(subject).await {
+                Ok(name) => Finding::ok(
+                    "stream",
+                    format!("stream {name:?} captures subject {subject:?}"),
+                ),
+                Err(e) => Finding::fail(
+                    "stream",
+                    format!("no stream captures subject {subject:?}: {e}"),
+                    format!(
+                        "create a JetStream stream for {subject:?} (nats stream add), or set \
+                         `stream` on the sink so caudal creates it"
+                    ),
+                ),
+            },
+        });
+        out
+    }
+
     fn retry(&self, why: String) -> Delivery {
         Delivery::Retry {
             reason: format!(
@@ -226,6 +298,15 @@ fn decode(text: &str) -> String {
         }
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A lookup that failed only because the stream is not there.
+fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        e.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(j)
+            if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
 }
 
 #[cfg(test)]

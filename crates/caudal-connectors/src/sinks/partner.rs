@@ -240,6 +240,17 @@ impl TokenSource {
         }
     }
 
+    /// Asks the token endpoint for a token now, bypassing the cache, and
+    /// keeps nothing (`caudal doctor`): how long the token would live, or
+    /// why none was given.
+    pub(crate) async fn probe(&self) -> Result<(String, Option<Duration>), String> {
+        let token = self.fetch().await?;
+        let life = token
+            .expires_at
+            .map(|at| at.saturating_duration_since(Instant::now()));
+        Ok((self.endpoint(), life))
+    }
+
     /// Drops `refused` if it is still the cached token: the next call
     /// fetches a new one.
     pub(crate) async fn refused(&self, refused: &HeaderValue) {

@@ -120,6 +120,86 @@ impl RabbitmqSink {
         Ok((channel, generation))
     }
 
+    /// Whether the broker can be reached and the exchange exists, without
+    /// publishing (`caudal doctor`): connects, opens a channel, and
+    /// declares the exchange passively (which fails when it is missing).
+    pub async fn probe(&self) -> Vec<caudal_core::probe::Finding> {
+        use caudal_core::probe::Finding;
+        let url = redact_url(&self.url);
+        let connected = tokio::time::timeout(self.timeout, async {
+            let connection = Connection::connect(&self.url, ConnectionProperties::default())
+                .await
+                .map_err(|e| format!("cannot connect to {url}: {e}"))?;
+            let channel = connection
+                .create_channel()
+                .await
+                .map_err(|e| format!("cannot open a channel on {url}: {e}"))?;
+            Ok::<_, String>((connection, channel))
+        })
+        .await
+        .unwrap_or_else(|_| {
+            Err(format!(
+                "connecting to {url} took longer than {:?}",
+                self.timeout
+            ))
+        });
+        let (connection, channel) = match connected {
+            Ok(both) => both,
+            Err(why) => {
+                return vec![Finding::fail(
+                    "connect",
+                    why,
+                    "check the url's host, port, user and password (and vhost), and that \
+                     RabbitMQ runs",
+                )];
+            }
+        };
+        let mut out = vec![Finding::ok("connect", format!("connected to {url}"))];
+        let declares = self
+            .declare
+            .as_ref()
+            .is_some_and(|d| d.exchange_type.is_some());
+        if self.exchange.is_empty() {
+            out.push(Finding::ok(
+                "exchange",
+                "the default exchange (messages go to the queue named by the routing key)",
+            ));
+        } else {
+            let passive = channel
+                .exchange_declare(
+                    ShortString::from(self.exchange.as_str()),
+                    lapin::ExchangeKind::Direct,
+                    ExchangeDeclareOptions {
+                        passive: true,
+                        ..ExchangeDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            out.push(match passive {
+                Ok(()) => Finding::ok("exchange", format!("exchange {:?} exists", self.exchange)),
+                Err(_) if declares => Finding::ok(
+                    "exchange",
+                    format!(
+                        "exchange {:?} does not exist yet: the first delivery declares it",
+                        self.exchange
+                    ),
+                ),
+                Err(e) => Finding::fail(
+                    "exchange",
+                    format!("exchange {:?} is not usable: {e}", self.exchange),
+                    format!(
+                        "declare exchange {:?} on the broker, or set `declare` on the sink so \
+                         caudal declares it",
+                        self.exchange
+                    ),
+                ),
+            });
+        }
+        let _ = connection.close(200, "doctor done".into()).await;
+        out
+    }
+
     /// Forgets connection `generation` after a failure on it.
     async fn reset(&self, generation: u64) {
         let mut link = self.link.lock().await;

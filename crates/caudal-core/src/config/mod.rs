@@ -8,6 +8,7 @@
 
 pub mod aggregates;
 pub mod alerts;
+pub mod backup;
 pub mod brokers;
 pub mod cluster;
 pub mod crawl;
@@ -121,6 +122,10 @@ pub struct Config {
     /// PostgreSQL state store; off unless this table is present.
     #[serde(default)]
     pub cluster: Option<ClusterConfig>,
+    /// Scheduled backups of the state store and the buffers, taken by
+    /// `caudal run`; off unless this table is present.
+    #[serde(default)]
+    pub backup: Option<backup::BackupConfig>,
     /// The directory of the file this was loaded from, for paths written
     /// relative to it (`schema`). Not part of the file.
     #[serde(skip)]
@@ -146,6 +151,19 @@ impl Config {
     /// beside the SQLite state file (or the configuration file).
     pub fn runs_dir(&self) -> std::path::PathBuf {
         self.state_dir(self.state.runs_dir.as_deref(), DEFAULT_RUNS_DIR)
+    }
+
+    /// The SQLite state file (as written in `state.url`, relative to the
+    /// working directory like the store itself); `None` for a PostgreSQL
+    /// or in-memory store.
+    pub fn sqlite_state_path(&self) -> Option<std::path::PathBuf> {
+        sqlite_state_file(self.state.url.expose()).map(std::path::PathBuf::from)
+    }
+
+    /// The directory scheduled backups go to (`backup.dir`, resolved
+    /// against the configuration file's directory).
+    pub fn backup_dir(&self) -> Option<std::path::PathBuf> {
+        self.backup.as_ref().map(|b| self.config_dir().join(&b.dir))
     }
 
     /// The configuration file's directory (`.` when unknown).

@@ -316,6 +316,62 @@ pub struct SqlSourceConfig {
     /// read by cursor.
     #[serde(default)]
     pub first_load: Option<FirstLoadMode>,
+    /// TLS of a mysql source's connections, the cursor reads and the binary
+    /// log reader alike: `{ mode, ca, cert, key }`. Unset: plain
+    /// connections. Set: `mode` defaults to `verify_identity`, which checks
+    /// the server's certificate against `ca` and its name against the url's
+    /// host. PostgreSQL sources take libpq's `sslmode`, `sslrootcert`,
+    /// `sslcert` and `sslkey` in their url instead.
+    #[serde(default)]
+    pub tls: Option<MysqlTls>,
+}
+
+/// TLS of a MySQL/MariaDB source, in the terms of the `mysql` client's
+/// `--ssl-mode` (Debezium's `database.ssl.mode`).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct MysqlTls {
+    /// How much of the server's certificate is checked (default
+    /// `verify_identity`: its chain and its name).
+    #[serde(default)]
+    pub mode: MysqlTlsMode,
+    /// A PEM file of the CA certificates that sign the server's certificate.
+    /// Without it, only the public web roots built into caudal (Mozilla's
+    /// list) are trusted; with it, those roots and these certificates.
+    #[serde(default)]
+    pub ca: Option<String>,
+    /// A PEM file with the client certificate (and its chain) to present,
+    /// for users created `REQUIRE X509` or `REQUIRE SUBJECT …`.
+    #[serde(default)]
+    pub cert: Option<String>,
+    /// The client certificate's private key (PEM): `{ file = "PATH" }`, or
+    /// `"${ENV_VAR}"` holding the key itself.
+    #[serde(default)]
+    pub key: Option<super::partner::SecretValue>,
+}
+
+/// How a MySQL/MariaDB connection uses TLS. The upper-case names of the
+/// `mysql` client (`VERIFY_IDENTITY`, …) are accepted too.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum MysqlTlsMode {
+    /// Plain connections (the same as leaving `tls` unset).
+    #[serde(alias = "DISABLED")]
+    Disabled,
+    /// Encrypted, without checking the certificate: safe against
+    /// eavesdroppers, not against someone impersonating the server.
+    #[serde(alias = "REQUIRED")]
+    Required,
+    /// Encrypted; the certificate must be signed by a trusted CA, whatever
+    /// name it carries. Cursor reads only: the binary log reader checks
+    /// names.
+    #[serde(alias = "VERIFY_CA")]
+    VerifyCa,
+    /// Encrypted; the certificate must be signed by a trusted CA and name
+    /// the url's host (a DNS name or IP address in its subjectAltName).
+    #[default]
+    #[serde(alias = "VERIFY_IDENTITY")]
+    VerifyIdentity,
 }
 
 fn default_page_size() -> u32 {
@@ -347,6 +403,7 @@ pub(super) fn check_source(path: &FieldPath, source: &SourceConfig, out: &mut Ve
     if sql.page_size == 0 {
         out.push(Problem::at(path.key("page_size"), "must be greater than 0"));
     }
+    check_tls(path, dialect, sql, out);
     match sql.mode {
         SqlMode::Incremental => {
             check_incremental(path, sql, out);
@@ -413,6 +470,135 @@ fn missing_feature(dialect: SqlDialect, sql: &SqlSourceConfig) -> Option<(&'stat
                 .into(),
         )),
         _ => None,
+    }
+}
+
+/// The connection options of a SQL url that set TLS: a mysql source sets
+/// TLS in `tls` (the binary log reader does not read them from the url).
+const MYSQL_URL_TLS_OPTIONS: &[&str] = &[
+    "sslmode", "ssl-mode", "sslca", "ssl-ca", "sslcert", "ssl-cert", "sslkey", "ssl-key",
+];
+
+/// The values libpq (CDC) and the SQL driver (cursor reads, the store)
+/// both take for `sslmode`.
+pub const POSTGRES_SSLMODES: &[&str] = &[
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
+/// The `key=value` options of a url's query, in order.
+fn url_options(url: &str) -> impl Iterator<Item = (&str, &str)> {
+    let query = url.split_once('?').map_or("", |(_, q)| q);
+    let query = query.split_once('#').map_or(query, |(q, _)| q);
+    query
+        .split('&')
+        .filter(|o| !o.is_empty())
+        .map(|o| o.split_once('=').unwrap_or((o, "")))
+}
+
+/// `tls` of a mysql source, and TLS options in a url where caudal would
+/// not honour them alike on every connection.
+fn check_tls(path: &FieldPath, dialect: SqlDialect, sql: &SqlSourceConfig, out: &mut Vec<Problem>) {
+    let url = sql.url.expose();
+    match dialect {
+        SqlDialect::Mysql => {
+            for (name, _) in url_options(url) {
+                if MYSQL_URL_TLS_OPTIONS.contains(&name.to_ascii_lowercase().as_str()) {
+                    out.push(Problem::at(
+                        path.key("url"),
+                        format!(
+                            "{name:?} in the url: a mysql source sets TLS with `tls = {{ mode = \
+                             \"verify_identity\", ca = \"/path/ca.pem\" }}`, which the cursor \
+                             reads and the binary log reader both use; remove it from the url"
+                        ),
+                    ));
+                }
+            }
+        }
+        SqlDialect::Postgres => {
+            let options: Vec<_> = url_options(url).collect();
+            let root_cert = options.iter().any(|(name, _)| *name == "sslrootcert");
+            for (name, value) in &options {
+                if *name == "sslmode" && !POSTGRES_SSLMODES.contains(value) {
+                    out.push(Problem::at(
+                        path.key("url"),
+                        format!(
+                            "sslmode={value:?} in the url: expected one of {}",
+                            POSTGRES_SSLMODES.join(", ")
+                        ),
+                    ));
+                }
+                // libpq (CDC) then checks the certificate, the SQL driver
+                // does not: the two would disagree.
+                if *name == "sslmode" && *value == "require" && root_cert {
+                    out.push(Problem::at(
+                        path.key("url"),
+                        "sslmode=require with sslrootcert: write sslmode=verify-full (or \
+                         verify-ca) so that every connection of the source checks the \
+                         certificate",
+                    ));
+                }
+            }
+            if sql.tls.is_some() {
+                out.push(Problem::at(
+                    path.key("tls"),
+                    "`tls` is for mysql sources; a postgres source sets TLS in its url, e.g. \
+                     ?sslmode=verify-full&sslrootcert=/etc/caudal/db-ca.pem",
+                ));
+            }
+            return;
+        }
+        SqlDialect::Sqlite => {
+            if sql.tls.is_some() {
+                out.push(Problem::at(
+                    path.key("tls"),
+                    "`tls` is for mysql sources; a sqlite source reads a local file",
+                ));
+            }
+            return;
+        }
+    }
+    let Some(tls) = &sql.tls else { return };
+    let at = path.key("tls");
+    if tls.mode == MysqlTlsMode::Disabled {
+        for (field, set) in [
+            ("ca", tls.ca.is_some()),
+            ("cert", tls.cert.is_some()),
+            ("key", tls.key.is_some()),
+        ] {
+            if set {
+                out.push(Problem::at(
+                    at.key(field),
+                    format!("{field:?} has no effect with mode = \"disabled\" (plain connections)"),
+                ));
+            }
+        }
+        return;
+    }
+    if tls.mode == MysqlTlsMode::Required && tls.ca.is_some() {
+        out.push(Problem::at(
+            at.key("ca"),
+            "mode = \"required\" encrypts without checking the certificate; to check it \
+             against ca, set mode = \"verify_identity\" (or \"verify_ca\")",
+        ));
+    }
+    if tls.cert.is_some() != tls.key.is_some() {
+        out.push(Problem::at(
+            at.clone(),
+            "a client certificate needs both cert and key",
+        ));
+    }
+    if tls.mode == MysqlTlsMode::VerifyCa && sql.mode == SqlMode::Cdc {
+        out.push(Problem::at(
+            at.key("mode"),
+            "the binary log reader cannot check a certificate without its name: use \
+             \"verify_identity\" (connect to a host name or address the server's \
+             certificate carries) or \"required\"",
+        ));
     }
 }
 

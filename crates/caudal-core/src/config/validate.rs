@@ -49,6 +49,7 @@ pub(crate) fn check(config: &Config) -> Vec<Problem> {
     super::server::check_server(config.server.as_ref(), &mut problems);
     super::crawl::check_settings(&root.key("crawl"), &config.crawl, &mut problems);
     super::retention::check(&root.key("retention"), &config.retention, &mut problems);
+    super::backup::check(config.backup.as_ref(), &mut problems);
     super::datasets::check_cache(&root.key("cache"), &config.cache, &mut problems);
     let names = super::workflows::Names {
         pools: &config.pools,

@@ -14,6 +14,7 @@ pub mod browser;
 pub mod cdc;
 pub mod netns;
 pub mod tls;
+pub mod tls_servers;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

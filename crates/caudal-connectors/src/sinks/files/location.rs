@@ -29,6 +29,35 @@ fn storage_error(what: &str, e: impl std::fmt::Display) -> Error {
 }
 
 impl Location {
+    /// Whether the dataset can be written (`caudal doctor`): puts a small
+    /// probe object under the dataset's prefix and deletes it again.
+    pub async fn probe(&self) -> caudal_core::probe::Finding {
+        use caudal_core::probe::Finding;
+        use object_store::ObjectStoreExt as _;
+        let name = format!(".caudal-doctor-{}", std::process::id());
+        let path = ObjectPath::from(format!("{}/{name}", self.root));
+        let written = self
+            .store
+            .put(&path, bytes::Bytes::from_static(b"caudal doctor\n").into())
+            .await;
+        match written {
+            Ok(_) => {
+                let _ = self.store.delete(&path).await;
+                Finding::ok("write", format!("{} is writable", self.display))
+            }
+            Err(e) => Finding::fail(
+                "write",
+                format!("cannot write to {}: {e}", self.display),
+                if self.local.is_some() {
+                    "make the directory writable by the user caudal runs as"
+                } else {
+                    "check the bucket's name, region, endpoint and credentials \
+                     (AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), and that they may put objects"
+                },
+            ),
+        }
+    }
+
     /// Opens the location of a `files` sink; a relative directory is
     /// relative to `config_dir`. A local directory is created when missing.
     pub fn open(config: &FilesSinkConfig, config_dir: &Path) -> Result<Self> {

@@ -5,6 +5,7 @@
 use std::collections::HashSet;
 
 use caudal_core::config::SqlDialect;
+use caudal_core::probe::{Finding, Status};
 use caudal_core::{Error, ErrorKind, Result};
 use sqlx::{MySqlPool, Row};
 
@@ -69,22 +70,51 @@ fn config_error(source: &str, message: String) -> Error {
 }
 
 /// Checks what reading the binary log as a replica needs, with errors that
-/// say what to change.
+/// say what to change: the first failing [`prerequisites`]; a warning
+/// (`binlog_row_image` not FULL) is logged.
 pub async fn preflight(pool: &MySqlPool, source: &str, server_id: u32) -> Result<Server> {
+    let (server, findings) = prerequisites(pool, source, server_id).await?;
+    for f in &findings {
+        match f.status {
+            Status::Fail => return Err(config_error(source, f.message())),
+            Status::Warn => tracing::warn!(source, "{}", f.message()),
+            _ => {}
+        }
+    }
+    Ok(server)
+}
+
+/// What reading the binary log as a replica needs, one finding each: a
+/// MariaDB server, the binary log on, ROW format, full row metadata, no
+/// compressed events, a server id of its own, the replication privileges;
+/// and, as a warning, full row images.
+pub async fn prerequisites(
+    pool: &MySqlPool,
+    source: &str,
+    server_id: u32,
+) -> Result<(Server, Vec<Finding>)> {
     let version: String = sqlx::query_scalar("SELECT VERSION()")
         .fetch_one(pool)
         .await
         .map_err(|e| query_error(source, "cannot read the server version", e))?;
+    let server = |own_id: u64, row_image: String| Server {
+        version: version.clone(),
+        server_id: u32::try_from(own_id).unwrap_or(0),
+        row_image,
+    };
     if !version.contains("MariaDB") {
-        return Err(config_error(
-            source,
+        let finding = Finding::fail(
+            "version",
             format!(
                 "the server is MySQL {version}; binlog CDC supports MariaDB servers (10.5 and \
                  later), whose consistent snapshots report their binary log position \
-                 (binlog_snapshot_position); read this MySQL server with mode = \"incremental\""
+                 (binlog_snapshot_position)"
             ),
-        ));
+            "read this MySQL server with mode = \"incremental\"",
+        );
+        return Ok((server(0, String::new()), vec![finding]));
     }
+    let mut out = vec![Finding::ok("version", version.clone())];
     let row = sqlx::query(
         "SELECT CAST(@@log_bin AS SIGNED), @@GLOBAL.binlog_format, @@GLOBAL.binlog_row_image, \
          @@GLOBAL.binlog_row_metadata, CAST(@@server_id AS UNSIGNED), \
@@ -111,72 +141,90 @@ pub async fn preflight(pool: &MySqlPool, source: &str, server_id: u32) -> Result
     let (format, image, metadata) = (text(1), text(2), text(3));
     let own_id: u64 = row.try_get(4).unwrap_or(0);
     let compress: i64 = row.try_get(5).unwrap_or(0);
-    if log_bin != 1 {
-        return Err(config_error(
-            source,
-            "the server's binary log is off; add `log_bin = mariadb-bin` and a `server_id` under \
-             [mysqld] in its configuration and restart it"
-                .into(),
-        ));
-    }
-    if !format.eq_ignore_ascii_case("ROW") {
-        return Err(config_error(
-            source,
-            format!(
-                "binlog_format is {format}; CDC needs every change as a row: \
-                 SET GLOBAL binlog_format = 'ROW' (and `binlog_format = ROW` in the server's \
-                 configuration, so it stays after a restart)"
-            ),
-        ));
-    }
-    if !metadata.eq_ignore_ascii_case("FULL") {
-        return Err(config_error(
-            source,
+    out.push(if log_bin == 1 {
+        Finding::ok("log_bin", "the binary log is on")
+    } else {
+        Finding::fail(
+            "log_bin",
+            "the server's binary log is off",
+            "add `log_bin = mariadb-bin` and a `server_id` under [mysqld] in its configuration \
+             and restart it",
+        )
+    });
+    out.push(if format.eq_ignore_ascii_case("ROW") {
+        Finding::ok("binlog_format", "binlog_format is ROW")
+    } else {
+        Finding::fail(
+            "binlog_format",
+            format!("binlog_format is {format}; CDC needs every change as a row"),
+            "SET GLOBAL binlog_format = 'ROW' (and `binlog_format = ROW` in the server's \
+             configuration, so it stays after a restart)",
+        )
+    });
+    out.push(if metadata.eq_ignore_ascii_case("FULL") {
+        Finding::ok("binlog_row_metadata", "binlog_row_metadata is FULL")
+    } else {
+        Finding::fail(
+            "binlog_row_metadata",
             format!(
                 "binlog_row_metadata is {metadata}; caudal decodes each change with the column \
-                 names, signedness and ENUM/SET values the log held at that point: \
-                 SET GLOBAL binlog_row_metadata = 'FULL' (and in the server's configuration)"
+                 names, signedness and ENUM/SET values the log held at that point"
             ),
-        ));
-    }
+            "SET GLOBAL binlog_row_metadata = 'FULL' (and in the server's configuration)",
+        )
+    });
     if compress != 0 {
-        return Err(config_error(
-            source,
-            "log_bin_compress is ON, and compressed binary log events cannot be read: \
-             SET GLOBAL log_bin_compress = OFF"
-                .into(),
+        out.push(Finding::fail(
+            "log_bin_compress",
+            "log_bin_compress is ON, and compressed binary log events cannot be read",
+            "SET GLOBAL log_bin_compress = OFF",
         ));
     }
-    if own_id == u64::from(server_id) {
-        return Err(config_error(
-            source,
+    out.push(if image.eq_ignore_ascii_case("FULL") {
+        Finding::ok("binlog_row_image", "binlog_row_image is FULL")
+    } else {
+        Finding::warn(
+            "binlog_row_image",
             format!(
-                "server_id {server_id} is the server's own id; give the source a `server_id` \
-                 no other replica of this server uses"
+                "binlog_row_image is {image}: updates carry only the changed columns (the others \
+                 are listed in `unchanged`) and deletes only the key"
             ),
-        ));
-    }
-    if !image.eq_ignore_ascii_case("FULL") {
-        tracing::warn!(
-            source,
-            binlog_row_image = %image,
-            "binlog_row_image is not FULL: updates carry only the changed columns (the others are \
-             listed in `unchanged`) and deletes only the key; SET GLOBAL binlog_row_image = 'FULL' \
-             for whole rows"
-        );
-    }
-    check_grants(pool, source).await?;
-    check_server_id(pool, source, server_id).await?;
-    Ok(Server {
-        version,
-        server_id: u32::try_from(own_id).unwrap_or(0),
-        row_image: image.to_ascii_uppercase(),
-    })
+            "SET GLOBAL binlog_row_image = 'FULL' for whole rows",
+        )
+    });
+    // A failure to read the grants must not hide what was found above.
+    out.push(match check_grants(pool, source).await {
+        Ok(finding) => finding,
+        Err(e) if out.iter().any(|f| f.status == Status::Fail) => Finding::fail(
+            "privileges",
+            e.to_string(),
+            "grant the user REPLICATION SLAVE, REPLICATION CLIENT and SELECT",
+        ),
+        Err(e) => return Err(e),
+    });
+    out.push(if own_id == u64::from(server_id) {
+        Finding::fail(
+            "server_id",
+            format!("server_id {server_id} is the server's own id"),
+            "give the source a `server_id` no other replica of this server uses",
+        )
+    } else {
+        match check_server_id(pool, source, server_id).await {
+            Ok(finding) => finding,
+            Err(e) if out.iter().any(|f| f.status == Status::Fail) => Finding::fail(
+                "server_id",
+                e.to_string(),
+                "give the source a `server_id` no other replica of this server uses",
+            ),
+            Err(e) => return Err(e),
+        }
+    });
+    Ok((server(own_id, image.to_ascii_uppercase()), out))
 }
 
 /// The privileges a binlog replica needs: REPLICATION SLAVE to read the
 /// log, BINLOG MONITOR (REPLICATION CLIENT) to see its files.
-async fn check_grants(pool: &MySqlPool, source: &str) -> Result<()> {
+async fn check_grants(pool: &MySqlPool, source: &str) -> Result<Finding> {
     let rows = sqlx::query("SHOW GRANTS FOR CURRENT_USER()")
         .fetch_all(pool)
         .await
@@ -200,22 +248,29 @@ async fn check_grants(pool: &MySqlPool, source: &str) -> Result<()> {
         missing.push("REPLICATION CLIENT");
     }
     if missing.is_empty() {
-        return Ok(());
+        return Ok(Finding::ok(
+            "privileges",
+            "the user may read the binary log (REPLICATION SLAVE, REPLICATION CLIENT)",
+        ));
     }
-    Err(config_error(
-        source,
+    Ok(Finding::fail(
+        "privileges",
         format!(
-            "the user lacks {} to read the binary log; GRANT {}, SELECT ON *.* TO the user",
-            missing.join(" and "),
-            missing.join(", ")
+            "the user lacks {} to read the binary log",
+            missing.join(" and ")
         ),
+        format!("GRANT {}, SELECT ON *.* TO the user", missing.join(", ")),
     ))
 }
 
 /// Refuses a server id another replica of the server registered with
 /// (caudal's own earlier connections register as host `caudal:…` and are
 /// replaced when the same id connects again).
-async fn check_server_id(pool: &MySqlPool, source: &str, server_id: u32) -> Result<()> {
+async fn check_server_id(pool: &MySqlPool, source: &str, server_id: u32) -> Result<Finding> {
+    let unique = Finding::ok(
+        "server_id",
+        format!("no other replica uses server_id {server_id}"),
+    );
     let rows = match sqlx::query("SHOW SLAVE HOSTS").fetch_all(pool).await {
         Ok(rows) => rows,
         // It needs REPLICATION MASTER ADMIN, which a replica does not:
@@ -225,7 +280,10 @@ async fn check_server_id(pool: &MySqlPool, source: &str, server_id: u32) -> Resu
                 source,
                 "cannot list the server's replicas to check server_id: {e}"
             );
-            return Ok(());
+            return Ok(Finding::ok(
+                "server_id",
+                format!("server_id {server_id} (the user may not list the server's replicas)"),
+            ));
         }
         Err(e) => return Err(query_error(source, "cannot list the server's replicas", e)),
     };
@@ -237,16 +295,17 @@ async fn check_server_id(pool: &MySqlPool, source: &str, server_id: u32) -> Resu
             .unwrap_or(0);
         let host: String = row.try_get(1).unwrap_or_default();
         if id == u64::from(server_id) && !host.is_empty() && !host.starts_with("caudal:") {
-            return Err(config_error(
-                source,
+            return Ok(Finding::fail(
+                "server_id",
                 format!(
-                    "replica {host:?} of the server already uses server_id {server_id}; the server \
-                     would drop one of the two connections: give the source another `server_id`"
+                    "replica {host:?} of the server already uses server_id {server_id}; the \
+                     server would drop one of the two connections"
                 ),
+                "give the source another `server_id`",
             ));
         }
     }
-    Ok(())
+    Ok(unique)
 }
 
 /// Looks a table up: it must exist, be InnoDB (a consistent snapshot needs

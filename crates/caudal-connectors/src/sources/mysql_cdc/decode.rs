@@ -158,6 +158,7 @@ impl Shape {
 /// One row image, written straight into its JSON text (columns in the
 /// log's order), with the values of the key columns it holds and the
 /// columns it left out (`binlog_row_image` MINIMAL or NOBLOB).
+#[derive(Debug)]
 pub struct Image {
     pub row: ObjectWriter,
     /// The values of the image's key columns, as values.
@@ -199,6 +200,7 @@ pub fn images(
     let mut buf = ParseBuf(event.rows_data());
     let mut rows = Vec::new();
     while !buf.is_empty() {
+        let left = buf.0.len();
         let mut image = |cols: &Option<Vec<usize>>| {
             cols.as_deref()
                 .map(|cols| image_of(shape, &mut buf, cols, decimals, key))
@@ -206,6 +208,13 @@ pub fn images(
         };
         let b = image(&before)?;
         let a = image(&after)?;
+        // A row of no column takes no byte: the event would never end.
+        if buf.0.len() == left {
+            return Err(format!(
+                "a row event of {} has rows of no column",
+                shape.table
+            ));
+        }
         rows.push((b, a));
     }
     Ok(rows)
@@ -230,6 +239,7 @@ fn image_of<'a>(
         let value = if nulls[j / 8] & (1 << (j % 8)) != 0 {
             BinlogValue::Value(MyValue::NULL)
         } else {
+            check_raw(col, buf.0).map_err(fail)?;
             buf.parse::<BinlogValue<'a>>((col.ty, &col.meta, col.unsigned, false))
                 .map_err(|e| fail(e.to_string()))?
         };
@@ -255,6 +265,96 @@ fn image_of<'a>(
         key: key_values,
         missing,
     })
+}
+
+/// Refuses the raw values the client library cannot read safely (it
+/// overflows on them: a panic with overflow checks, a wrong value without).
+/// Only a damaged log holds them.
+///
+/// - A `DATETIME2` is stored offset by 2^39, so every datetime MariaDB
+///   writes starts with a byte of 0x80 or more; below that the library
+///   negates a packed value that can be `i64::MIN`.
+/// - A `DECIMAL` has precision and scale, and digits in groups of nine
+///   (4 bytes each) plus partial groups; the library scales the partial
+///   group of fraction digits up without checking that it holds no more
+///   digits than its width.
+///
+/// The table map's metadata must also hold what the library reads for the
+/// column's type (it indexes it unchecked).
+fn check_raw(col: &Col, raw: &[u8]) -> Result<(), String> {
+    use ColumnType::*;
+    let meta_bytes = match col.ty {
+        MYSQL_TYPE_TINY_BLOB
+        | MYSQL_TYPE_MEDIUM_BLOB
+        | MYSQL_TYPE_LONG_BLOB
+        | MYSQL_TYPE_BLOB
+        | MYSQL_TYPE_GEOMETRY
+        | MYSQL_TYPE_VECTOR
+        | MYSQL_TYPE_TIMESTAMP2
+        | MYSQL_TYPE_DATETIME2
+        | MYSQL_TYPE_TIME2 => 1,
+        MYSQL_TYPE_STRING
+        | MYSQL_TYPE_VARCHAR
+        | MYSQL_TYPE_VAR_STRING
+        | MYSQL_TYPE_BIT
+        | MYSQL_TYPE_NEWDECIMAL
+        | MYSQL_TYPE_ENUM
+        | MYSQL_TYPE_SET => 2,
+        // Arrays of a multi-valued index (MySQL's, internal): never a
+        // table's column.
+        MYSQL_TYPE_TYPED_ARRAY => usize::MAX,
+        _ => 0,
+    };
+    if col.meta.len() < meta_bytes {
+        return Err(format!(
+            "the table map gives a column of type {:?} no usable metadata (a damaged log)",
+            col.ty
+        ));
+    }
+    match col.ty {
+        MYSQL_TYPE_DATETIME2 if raw.first().is_some_and(|b| *b < 0x80) => {
+            Err("a DATETIME2 value below the lowest datetime (a damaged log)".into())
+        }
+        MYSQL_TYPE_NEWDECIMAL => check_decimal(&col.meta, raw),
+        _ => Ok(()),
+    }
+}
+
+/// Bytes of a partial group of 0 to 9 decimal digits.
+const DECIMAL_DIGIT_BYTES: [usize; 10] = [0, 1, 1, 2, 2, 3, 3, 4, 4, 4];
+
+fn check_decimal(meta: &[u8], raw: &[u8]) -> Result<(), String> {
+    let damaged = |what: &str| Err(format!("a DECIMAL {what} (a damaged log)"));
+    let &[precision, scale, ..] = meta else {
+        return damaged("column without its precision and scale");
+    };
+    let (precision, scale) = (usize::from(precision), usize::from(scale));
+    if scale > precision {
+        return damaged("column whose scale exceeds its precision");
+    }
+    let digits = scale % 9;
+    if digits == 0 {
+        return Ok(());
+    }
+    let intg = precision - scale;
+    let start = DECIMAL_DIGIT_BYTES[intg % 9] + intg / 9 * 4 + scale / 9 * 4;
+    let width = DECIMAL_DIGIT_BYTES[digits];
+    // Too short a value: the library reports it.
+    let (Some(&first), Some(group)) = (raw.first(), raw.get(start..start + width)) else {
+        return Ok(());
+    };
+    // The sign is the first bit, stored inverted; a negative value's
+    // bytes are all inverted.
+    let negative = first & 0x80 == 0;
+    let mut value: u32 = 0;
+    for (i, byte) in group.iter().enumerate() {
+        let byte = if start + i == 0 { byte ^ 0x80 } else { *byte };
+        value = (value << 8) | u32::from(if negative { !byte } else { byte });
+    }
+    if value >= 10u32.pow(digits as u32) {
+        return damaged("value with more fraction digits than its scale");
+    }
+    Ok(())
 }
 
 /// Writes one value: text and integers straight from the log's bytes,
@@ -394,6 +494,10 @@ fn value_of(
         }
         (MYSQL_TYPE_SET, MyValue::Bytes(b)) => {
             let values = at.map(|a| shape.sets[a].as_slice()).unwrap_or_default();
+            // A SET has at most 64 members: 8 bytes.
+            if b.len() > 8 {
+                return Err(format!("a SET value of {} bytes (at most 8)", b.len()));
+            }
             let mut bits = 0u64;
             for (k, byte) in b.iter().enumerate() {
                 bits |= u64::from(*byte) << (8 * k);
@@ -488,7 +592,11 @@ fn timestamp(v: &MyValue) -> Result<Value, String> {
     if secs == 0 && micros == 0 {
         return Ok(Value::Null);
     }
-    let t = chrono::DateTime::from_timestamp(secs, micros * 1000)
+    // More than a second of microseconds is a damaged value.
+    let Some(nanos) = micros.checked_mul(1000).filter(|n| *n < 1_000_000_000) else {
+        return Err(format!("unreadable TIMESTAMP {text:?}"));
+    };
+    let t = chrono::DateTime::from_timestamp(secs, nanos)
         .ok_or_else(|| format!("TIMESTAMP {text:?} out of range"))?;
     Ok(Value::String(format_utc(&t)))
 }
@@ -514,6 +622,149 @@ fn text(bytes: &[u8], charset: Option<&str>) -> Result<String, String> {
 mod tests {
     use super::*;
 
+    fn datetime_shape() -> Shape {
+        Shape {
+            table: "shop.orders".into(),
+            columns: vec!["at".into()],
+            enums: vec![Vec::new()],
+            sets: vec![Vec::new()],
+            cols: vec![Col {
+                ty: ColumnType::MYSQL_TYPE_DATETIME2,
+                meta: vec![0],
+                unsigned: false,
+                charset: 0,
+            }],
+            facts: Facts::default(),
+        }
+    }
+
+    /// Found by the `binlog_rows` fuzz target: a `DATETIME2` of five zero
+    /// bytes made the client library negate `i64::MIN` (a panic with
+    /// overflow checks, a wrapped value without).
+    #[test]
+    fn fuzz_datetime2_below_the_lowest_datetime_is_refused() {
+        let shape = datetime_shape();
+        // The NULL bitmap (nothing NULL), then the value.
+        let row = [0u8, 0, 0, 0, 0, 0];
+        let err = image_of(
+            &shape,
+            &mut ParseBuf(&row),
+            &[0],
+            DecimalFormat::String,
+            &[],
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(err.contains("DATETIME2"), "{err}");
+        // 2025-05-14 10:30:00 as MariaDB writes it.
+        let row = [0u8, 153, 182, 156, 167, 128];
+        let image = image_of(
+            &shape,
+            &mut ParseBuf(&row),
+            &[0],
+            DecimalFormat::String,
+            &[],
+        )
+        .expect("a valid datetime");
+        assert_eq!(
+            image.row.finish().to_value(),
+            serde_json::json!({"at": "2025-05-14T10:30:00"})
+        );
+    }
+
+    /// Found by the `binlog_rows` fuzz target: a `DECIMAL(10,8)` whose
+    /// fraction group holds more than 8 digits overflowed in the client
+    /// library as it scaled the group up.
+    #[test]
+    fn fuzz_decimal_with_too_many_fraction_digits_is_refused() {
+        let mut shape = datetime_shape();
+        shape.columns = vec!["amount".into()];
+        shape.cols[0] = Col {
+            ty: ColumnType::MYSQL_TYPE_NEWDECIMAL,
+            meta: vec![10, 8],
+            unsigned: false,
+            charset: 0,
+        };
+        let decode = |value: &[u8]| {
+            let mut row = vec![0u8];
+            row.extend_from_slice(value);
+            image_of(
+                &shape,
+                &mut ParseBuf(&row),
+                &[0],
+                DecimalFormat::String,
+                &[],
+            )
+            .map(|image| image.row.finish().to_value())
+        };
+        let err = decode(&[0x80, 0x7f, 0xff, 0xff, 0xff]).unwrap_err();
+        assert!(err.contains("DECIMAL"), "{err}");
+        // 12.50000000 and -12.50000000, as MariaDB writes them.
+        let positive = [0x8c, 0x02, 0xfa, 0xf0, 0x80];
+        assert_eq!(
+            decode(&positive).unwrap(),
+            serde_json::json!({"amount": "12.50000000"})
+        );
+        let negative: Vec<u8> = positive.iter().map(|b| !b).collect();
+        assert_eq!(
+            decode(&negative).unwrap(),
+            serde_json::json!({"amount": "-12.50000000"})
+        );
+    }
+
+    /// Found by the `binlog_rows` fuzz target: a `TINY_BLOB` column (a
+    /// type table maps never hold, so its metadata is empty) made the
+    /// client library index the metadata out of bounds.
+    #[test]
+    fn fuzz_column_without_its_metadata_is_refused() {
+        let mut shape = datetime_shape();
+        shape.cols[0] = Col {
+            ty: ColumnType::MYSQL_TYPE_TINY_BLOB,
+            meta: Vec::new(),
+            unsigned: false,
+            charset: 0,
+        };
+        let row = [0u8, 1, b'x'];
+        let err = image_of(
+            &shape,
+            &mut ParseBuf(&row),
+            &[0],
+            DecimalFormat::String,
+            &[],
+        )
+        .map(|_| ())
+        .unwrap_err();
+        assert!(err.contains("metadata"), "{err}");
+    }
+
+    /// Found by the `binlog_rows` fuzz target: a rows event whose column
+    /// bitmap names no column has rows that take no byte, and reading them
+    /// never ended (memory grew until the process was killed).
+    #[test]
+    fn fuzz_rows_of_no_column_are_refused() {
+        use mysql_common::binlog::EventStreamReader;
+        use mysql_common::binlog::consts::BinlogVersion;
+        use mysql_common::binlog::events::EventData;
+        // WRITE_ROWS_EVENT_V1 of table 1: one column, none present, a byte.
+        let body = [1u8, 0, 0, 0, 0, 0, 0, 0, 1, 0x00, 0xaa];
+        let mut event = Vec::new();
+        event.extend_from_slice(&0u32.to_le_bytes());
+        event.push(23);
+        event.extend_from_slice(&1u32.to_le_bytes());
+        event.extend_from_slice(&(19 + body.len() as u32).to_le_bytes());
+        event.extend_from_slice(&[0; 6]);
+        event.extend_from_slice(&body);
+        let mut reader = EventStreamReader::new(BinlogVersion::Version4);
+        let event = reader.read(&event[..]).unwrap().unwrap();
+        let Some(EventData::RowsEvent(rows)) = event.read_data().unwrap() else {
+            panic!("not a rows event");
+        };
+        let err = images(&datetime_shape(), &rows, DecimalFormat::String, &[])
+            .map(|_| ())
+            .unwrap_err();
+        assert!(err.contains("no column"), "{err}");
+    }
+
     #[test]
     fn unsigned_values_keep_their_width() {
         assert_eq!(unsigned_of(-1, ColumnType::MYSQL_TYPE_TINY), 255);
@@ -528,6 +779,41 @@ mod tests {
             Value::String("2023-11-14T22:13:20.250Z".into())
         );
         assert_eq!(timestamp(&MyValue::Int(0)).unwrap(), Value::Null);
+    }
+
+    /// Found by the `binlog_rows` fuzz target: a SET value of more than 8
+    /// bytes overflowed the shift that gathers its member bits.
+    #[test]
+    fn fuzz_set_value_longer_than_64_members_is_refused() {
+        let mut shape = datetime_shape();
+        shape.sets[0] = vec!["a".into(), "b".into()];
+        let col = Col {
+            ty: ColumnType::MYSQL_TYPE_SET,
+            meta: vec![0xf8, 9],
+            unsigned: false,
+            charset: 0,
+        };
+        let set = |bytes: Vec<u8>| {
+            let value = BinlogValue::Value(MyValue::Bytes(bytes));
+            value_of(&shape, Some(0), "at", &col, &value, DecimalFormat::String)
+        };
+        let err = set(vec![1; 9]).unwrap_err();
+        assert!(err.contains("SET"), "{err}");
+        assert_eq!(set(vec![3]).unwrap(), Value::String("a,b".into()));
+    }
+
+    /// Found by the `binlog_rows` fuzz target: a fraction of more than a
+    /// second of microseconds overflowed as it became nanoseconds.
+    #[test]
+    fn fuzz_timestamp_fraction_beyond_a_second_is_refused() {
+        for text in ["1700000000.4294967", "1700000000.1000000"] {
+            let err = timestamp(&MyValue::Bytes(text.as_bytes().to_vec())).unwrap_err();
+            assert!(err.contains("unreadable TIMESTAMP"), "{err}");
+        }
+        assert_eq!(
+            timestamp(&MyValue::Bytes(b"1700000000.999999".to_vec())).unwrap(),
+            Value::String("2023-11-14T22:13:20.999999Z".into())
+        );
     }
 
     #[test]

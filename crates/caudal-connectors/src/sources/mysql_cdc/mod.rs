@@ -13,15 +13,16 @@
 //! `delete` or `truncate`, `binlog` is `file:offset` of the transaction's
 //! start and `gtid` MariaDB's `domain-server-sequence`.
 
-mod catalog;
+pub(crate) mod catalog;
 mod chunk;
-mod decode;
+pub(crate) mod decode;
 mod reader;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use caudal_core::config::{CdcSnapshot, SqlSourceConfig};
+use caudal_core::probe::Finding;
 use caudal_core::record::Position;
 use caudal_core::status::{BinlogReplication, Replication, ReplicationSource};
 use caudal_core::{Error, ErrorKind, Result};
@@ -82,7 +83,9 @@ impl MyCdcSource {
                 ),
             )
         };
-        let pool = crate::sources::sql::mysql::connect(url)
+        let tls = crate::sources::sql::mysql_tls::MysqlTlsFiles::load(config.tls.as_ref())
+            .map_err(|e| Error::new(ErrorKind::Config, format!("source {name:?}: {e}")))?;
+        let pool = crate::sources::sql::mysql::connect(url, &tls)
             .await
             .map_err(|e| unreachable(&e))?;
         // The replica connection takes the URL without its query options
@@ -97,8 +100,11 @@ impl MyCdcSource {
                 format!("source {name:?}: the url is not a valid MySQL URL: {e}"),
             )
         })?;
+        // The same TLS as the pool's: a replica connection is checked
+        // exactly like the cursor reads.
         let opts = mysql_async::OptsBuilder::from_opts(opts)
             .prefer_socket(false)
+            .ssl_opts(tls.ssl_opts())
             .into();
         let server_id = config
             .server_id
@@ -129,6 +135,53 @@ impl MyCdcSource {
             (None, Some(t)) => vec![t.clone()],
             (None, None) => Vec::new(),
         }
+    }
+
+    /// What a run needs, checked without changing anything (`caudal
+    /// doctor`): the server's binary log settings and the user's
+    /// privileges, then each table (exists, InnoDB, keyed).
+    pub async fn probe(&self) -> Vec<Finding> {
+        let mut out = match catalog::prerequisites(&self.pool, &self.name, self.server_id).await {
+            Ok((_, found)) => found,
+            Err(e) => {
+                return vec![Finding::fail(
+                    "prerequisites",
+                    e.report(),
+                    e.kind()
+                        .hint()
+                        .unwrap_or("check the source's settings and its server"),
+                )];
+            }
+        };
+        for t in self.tables() {
+            out.push(match catalog::table(&self.pool, &self.name, &t).await {
+                Ok(table) if table.keyless() => Finding::warn(
+                    format!("table {}", table.name),
+                    format!(
+                        "{} has no primary key (nor a unique index of NOT NULL columns)",
+                        table.name
+                    ),
+                    "add a primary key: without one, changes are ordered against the whole \
+                     table and backfills are refused",
+                ),
+                Ok(table) => Finding::ok(
+                    format!("table {}", table.name),
+                    format!("{} is readable and keyed", table.name),
+                ),
+                Err(e) => Finding::fail(
+                    format!("table {t}"),
+                    e.report(),
+                    if e.message().contains("does not exist") {
+                        "create the table, or correct `tables` (schema.table), and GRANT SELECT \
+                         on it to the source's user"
+                    } else {
+                        "see the message: the table must be InnoDB with a primary key of \
+                         orderable columns"
+                    },
+                ),
+            });
+        }
+        out
     }
 
     /// The server's binary log files, oldest first.

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use caudal_core::probe::Finding;
 use caudal_core::{Error, ErrorKind, Result};
 use sqlx::postgres::PgTypeInfo;
 use sqlx::{AssertSqlSafe, Column, Executor, PgPool, SqlSafeStr, Statement};
@@ -269,8 +270,29 @@ pub async fn slot(pool: &PgPool, source: &str, name: &str) -> Result<Option<Slot
 }
 
 /// Checks what logical replication needs from the server and the user, with
-/// errors that say what to change.
+/// errors that say what to change: the first failing [`prerequisites`].
 pub async fn preflight(pool: &PgPool, source: &str) -> Result<()> {
+    match prerequisites(pool, source)
+        .await?
+        .into_iter()
+        .find(Finding::failed)
+    {
+        None => Ok(()),
+        Some(f) => Err(Error::new(
+            if f.check == "replication" {
+                ErrorKind::Query
+            } else {
+                ErrorKind::Config
+            },
+            format!("source {source:?}: {}", f.message()),
+        )),
+    }
+}
+
+/// What logical replication needs from the server and the user, one
+/// finding each: PostgreSQL 14 or later, `wal_level = logical`, and the
+/// REPLICATION privilege (or superuser).
+pub async fn prerequisites(pool: &PgPool, source: &str) -> Result<Vec<Finding>> {
     let (wal_level, version, can_replicate, user): (String, i32, bool, String) = sqlx::query_as(
         "SELECT current_setting('wal_level'), current_setting('server_version_num')::int4, \
                 (SELECT rolreplication OR rolsuper FROM pg_roles WHERE rolname = current_user), \
@@ -279,35 +301,61 @@ pub async fn preflight(pool: &PgPool, source: &str) -> Result<()> {
     .fetch_one(pool)
     .await
     .map_err(|e| query_error(source, "cannot read the server's settings", e))?;
-    if version < 140_000 {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "source {source:?}: CDC needs PostgreSQL 14 or later (the server is {})",
-                version / 10_000
-            ),
-        ));
-    }
-    if wal_level != "logical" {
-        return Err(Error::new(
-            ErrorKind::Config,
-            format!(
-                "source {source:?}: the server has wal_level = {wal_level}; CDC needs \
-                 wal_level = logical (ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)"
-            ),
-        ));
-    }
-    if !can_replicate {
-        return Err(Error::new(
-            ErrorKind::Query,
-            format!(
-                "source {source:?}: user {user:?} may not use replication; \
-                 ALTER ROLE {} WITH REPLICATION",
-                quote_ident(SqlDialect::Postgres, &user)
-            ),
-        ));
-    }
-    Ok(())
+    let major = version / 10_000;
+    Ok(vec![
+        if version < 140_000 {
+            Finding::fail(
+                "version",
+                format!("CDC needs PostgreSQL 14 or later (the server is {major})"),
+                "upgrade the server, or read the tables with mode = \"incremental\"",
+            )
+        } else {
+            Finding::ok("version", format!("PostgreSQL {major}"))
+        },
+        if wal_level == "logical" {
+            Finding::ok("wal_level", "wal_level = logical")
+        } else {
+            Finding::fail(
+                "wal_level",
+                format!("the server has wal_level = {wal_level}; CDC needs wal_level = logical"),
+                "ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL",
+            )
+        },
+        if can_replicate {
+            Finding::ok("replication", format!("user {user:?} may use replication"))
+        } else {
+            Finding::fail(
+                "replication",
+                format!("user {user:?} may not use replication"),
+                format!(
+                    "ALTER ROLE {} WITH REPLICATION",
+                    quote_ident(SqlDialect::Postgres, &user)
+                ),
+            )
+        },
+    ])
+}
+
+/// Replication slots the server holds, and how many it allows
+/// (`max_replication_slots`).
+pub async fn slot_capacity(pool: &PgPool, source: &str) -> Result<(i64, i64)> {
+    sqlx::query_as(
+        "SELECT (SELECT count(*) FROM pg_replication_slots)::int8, \
+                current_setting('max_replication_slots')::int8",
+    )
+    .fetch_one(pool)
+    .await
+    .map_err(|e| query_error(source, "cannot count the replication slots", e))
+}
+
+/// Whether publication `name` exists.
+pub async fn publication_exists(pool: &PgPool, source: &str, name: &str) -> Result<bool> {
+    let found: Option<(i32,)> = sqlx::query_as("SELECT 1 FROM pg_publication WHERE pubname = $1")
+        .bind(name)
+        .fetch_optional(pool)
+        .await
+        .map_err(|e| query_error(source, "cannot read pg_publication", e))?;
+    Ok(found.is_some())
 }
 
 /// Makes sure the publication exists and holds every table in `tables`;

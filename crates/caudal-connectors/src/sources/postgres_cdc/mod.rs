@@ -19,6 +19,7 @@ mod reader;
 use std::sync::Arc;
 
 use caudal_core::config::{CdcSnapshot, SqlSourceConfig};
+use caudal_core::probe::Finding;
 use caudal_core::record::{Position, format_lsn};
 use caudal_core::status::{Replication, ReplicationSource, SlotReplication};
 use caudal_core::{Error, ErrorKind, Result};
@@ -155,6 +156,90 @@ impl PgCdcSource {
         catalog::slot(&self.pool, &self.name, &self.slot).await
     }
 
+    /// What a run needs, checked without changing anything (`caudal
+    /// doctor`): the server's prerequisites, each table (exists, readable,
+    /// keyed, publishable), the publication, and the slot (its state, or
+    /// room for it on the server).
+    pub async fn probe(&self) -> Vec<Finding> {
+        let fail = |check: &str, e: Error| {
+            Finding::fail(
+                check,
+                e.report(),
+                e.kind()
+                    .hint()
+                    .unwrap_or("check the source's settings and its server"),
+            )
+        };
+        let mut out = match catalog::prerequisites(&self.pool, &self.name).await {
+            Ok(found) => found,
+            Err(e) => return vec![fail("prerequisites", e)],
+        };
+        for t in self.tables() {
+            out.push(match catalog::table(&self.pool, &self.name, &t).await {
+                Err(e) => table_finding(&t, &e),
+                Ok(table) => match identity_problem(&table) {
+                    Some(problem) => problem,
+                    None if table.keyless() => Finding::warn(
+                        format!("table {}", table.name),
+                        format!("{} has no primary key", table.name),
+                        "add a primary key: without one, changes are ordered against the whole \
+                         table and backfills are refused",
+                    ),
+                    None => Finding::ok(
+                        format!("table {}", table.name),
+                        format!("{} is readable and keyed", table.name),
+                    ),
+                },
+            });
+        }
+        out.push(
+            match catalog::publication_exists(&self.pool, &self.name, &self.publication).await {
+                Ok(true) => Finding::ok(
+                    "publication",
+                    format!("publication {:?} exists", self.publication),
+                ),
+                Ok(false) => Finding::ok(
+                    "publication",
+                    format!(
+                        "publication {:?} does not exist yet: the first run creates it (the \
+                         user must own the tables)",
+                        self.publication
+                    ),
+                ),
+                Err(e) => fail("publication", e),
+            },
+        );
+        out.push(match self.slot_info().await {
+            Err(e) => fail("slot", e),
+            Ok(Some(slot)) => slot_finding(&self.slot, &slot),
+            Ok(None) => match catalog::slot_capacity(&self.pool, &self.name).await {
+                Err(e) => fail("slot", e),
+                Ok((used, max)) if used >= max => Finding::fail(
+                    "slot",
+                    format!(
+                        "slot {:?} does not exist yet, and the server has no free slot ({used} \
+                         of max_replication_slots = {max} in use)",
+                        self.slot
+                    ),
+                    format!(
+                        "drop slots no longer used (SELECT pg_drop_replication_slot(name)), or \
+                         ALTER SYSTEM SET max_replication_slots = {} and restart PostgreSQL",
+                        max + 4
+                    ),
+                ),
+                Ok((used, max)) => Finding::ok(
+                    "slot",
+                    format!(
+                        "slot {:?} does not exist yet: the first run creates it ({used} of \
+                         max_replication_slots = {max} in use)",
+                        self.slot
+                    ),
+                ),
+            },
+        });
+        out
+    }
+
     /// Starts one run from `from` (the last durable position; `None` for a
     /// pipeline that has captured nothing yet). `follow`: stream until
     /// stopped; otherwise stop once the log as of now is read.
@@ -172,14 +257,10 @@ impl PgCdcSource {
         for t in &tables {
             if t.keyless() {
                 keyless_notice(&self.name, t);
-            } else if t.replica_identity == 'n' {
+            } else if let Some(problem) = identity_problem(t) {
                 return Err(Error::new(
                     ErrorKind::Config,
-                    format!(
-                        "source {:?}: table {} has REPLICA IDENTITY NOTHING, so PostgreSQL refuses \
-                         its updates and deletes once published; ALTER TABLE {} REPLICA IDENTITY DEFAULT",
-                        self.name, t.name, t.quoted
-                    ),
+                    format!("source {:?}: {}", self.name, problem.message()),
                 ));
             }
         }
@@ -628,4 +709,72 @@ fn keyless_notice(source: &str, t: &Table) {
             t.quoted
         );
     }
+}
+
+/// A table PostgreSQL would refuse updates and deletes of once published.
+fn identity_problem(t: &Table) -> Option<Finding> {
+    (!t.keyless() && t.replica_identity == 'n').then(|| {
+        Finding::fail(
+            format!("table {}", t.name),
+            format!(
+                "table {} has REPLICA IDENTITY NOTHING, so PostgreSQL refuses its updates and \
+                 deletes once published",
+                t.name
+            ),
+            format!("ALTER TABLE {} REPLICA IDENTITY DEFAULT", t.quoted),
+        )
+    })
+}
+
+/// A table that cannot be captured: missing, unreadable, or keyed by a
+/// type caudal cannot order.
+fn table_finding(written: &str, e: &Error) -> Finding {
+    let fix = match e.kind() {
+        ErrorKind::Config if e.message().contains("does not exist") => {
+            "create the table, or correct `tables` (schema-qualified: schema.table)".to_string()
+        }
+        _ if e.message().contains("GRANT SELECT") => {
+            format!("GRANT SELECT ON {written} TO the source's user")
+        }
+        kind => kind
+            .hint()
+            .unwrap_or("check the table and the source's user")
+            .to_string(),
+    };
+    Finding::fail(format!("table {written}"), e.report(), fix)
+}
+
+/// An existing slot: usable, or lost (the server dropped the WAL it held).
+fn slot_finding(name: &str, slot: &Slot) -> Finding {
+    if slot.wal_status.as_deref() == Some("lost") {
+        return Finding::fail(
+            "slot",
+            format!("slot {name:?} is lost: the server removed WAL it still needed"),
+            "`caudal resync PIPELINE` reads the tables again and streams from a new slot",
+        );
+    }
+    if slot.plugin.as_deref().is_some_and(|p| p != "pgoutput") {
+        return Finding::fail(
+            "slot",
+            format!(
+                "slot {name:?} uses plugin {:?}; caudal reads pgoutput",
+                slot.plugin.as_deref().unwrap_or_default()
+            ),
+            "give the source another `slot`, or drop this one if nothing else uses it",
+        );
+    }
+    let lag = slot
+        .lag_bytes
+        .map_or_else(String::new, |b| format!(", {b} bytes of WAL held"));
+    Finding::ok(
+        "slot",
+        format!(
+            "slot {name:?} exists ({}{lag})",
+            if slot.active {
+                "in use by a running pipeline"
+            } else {
+                "not in use"
+            }
+        ),
+    )
 }

@@ -16,6 +16,8 @@
 pub mod first_load;
 #[cfg(feature = "mysql")]
 pub(crate) mod mysql;
+#[cfg(feature = "mysql")]
+pub(crate) mod mysql_tls;
 pub(crate) mod postgres;
 pub mod postgres_copy;
 pub use postgres::table_columns;
@@ -168,7 +170,11 @@ impl SqlSource {
                 Pool::Postgres(postgres::connect(url).await.map_err(connect_err)?)
             }
             #[cfg(feature = "mysql")]
-            SqlDialect::Mysql => Pool::Mysql(mysql::connect(url).await.map_err(connect_err)?),
+            SqlDialect::Mysql => {
+                let tls = mysql_tls::MysqlTlsFiles::load(sql.tls.as_ref())
+                    .map_err(|e| Error::new(ErrorKind::Config, format!("source {name:?}: {e}")))?;
+                Pool::Mysql(mysql::connect(url, &tls).await.map_err(connect_err)?)
+            }
             #[cfg(not(feature = "mysql"))]
             SqlDialect::Mysql => {
                 return Err(Error::new(
@@ -286,6 +292,94 @@ impl SqlSource {
             key_field: key_field.map(str::to_string),
             first_load,
         })
+    }
+
+    /// Whether a run can read (`caudal doctor`): runs the source's query
+    /// with `LIMIT 0` (which checks the table, the columns and the user's
+    /// SELECT privilege without reading a row), then checks the cursor
+    /// columns against what the query returns.
+    pub async fn probe(&self) -> caudal_core::probe::Finding {
+        use caudal_core::probe::Finding;
+        let sql = format!(
+            "SELECT {} FROM {} LIMIT 0",
+            self.select_list(),
+            self.relation()
+        );
+        let sql = || sqlx::AssertSqlSafe(sql.clone());
+        let ran = match &self.pool {
+            Pool::Postgres(p) => sqlx::query(sql()).execute(p).await.map(drop),
+            #[cfg(feature = "mysql")]
+            Pool::Mysql(p) => sqlx::query(sql()).execute(p).await.map(drop),
+            Pool::Sqlite(p) => sqlx::query(sql()).execute(p).await.map(drop),
+        };
+        if let Err(e) = ran {
+            let fix = self.read_fix(&e).await;
+            let said = match &e {
+                sqlx::Error::Database(d) => d.message().to_string(),
+                other => other.to_string(),
+            };
+            return Finding::fail("read", format!("cannot read {}: {said}", self.what()), fix);
+        }
+        match self.describe().await.and_then(|columns| {
+            self.plan(&columns)?;
+            Ok(columns.len())
+        }) {
+            Ok(n) => Finding::ok(
+                "read",
+                format!(
+                    "{} is readable: {n} columns, cursor ({})",
+                    self.what(),
+                    self.config.cursor.join(", ")
+                ),
+            ),
+            Err(e) => Finding::fail(
+                "read",
+                e.report(),
+                "correct `cursor` (or `columns`, `lag`) to match what the source returns",
+            ),
+        }
+    }
+
+    /// What to change when reading the source failed with `e`.
+    async fn read_fix(&self, e: &sqlx::Error) -> String {
+        let (code, text) = match e {
+            sqlx::Error::Database(d) => (
+                d.code().map(|c| c.to_string()).unwrap_or_default(),
+                d.message().to_ascii_lowercase(),
+            ),
+            other => (String::new(), other.to_string().to_ascii_lowercase()),
+        };
+        let denied = code == "42501" || text.contains("denied") || text.contains("permission");
+        if denied {
+            let user: Option<String> = match &self.pool {
+                Pool::Postgres(p) => sqlx::query_scalar("SELECT current_user::text")
+                    .fetch_one(p)
+                    .await
+                    .ok(),
+                #[cfg(feature = "mysql")]
+                Pool::Mysql(p) => sqlx::query_scalar("SELECT CURRENT_USER()")
+                    .fetch_one(p)
+                    .await
+                    .ok(),
+                Pool::Sqlite(_) => None,
+            };
+            let user = user.unwrap_or_else(|| "the source's user".to_string());
+            return match &self.config.table {
+                Some(_) => format!("GRANT SELECT ON {} TO {user}", self.relation()),
+                None => format!("GRANT SELECT on the tables of `query` TO {user}"),
+            };
+        }
+        let missing_table = code == "42P01"
+            || code == "42S02"
+            || text.contains("no such table")
+            || text.contains("doesn't exist");
+        if missing_table {
+            return "create the table, or correct `table` (or `query`) in the source".into();
+        }
+        if code == "42703" || code == "42S22" || text.contains("no such column") {
+            return "correct `columns` (or `query`): a column it names does not exist".into();
+        }
+        "correct the source's `table`, `query` or `columns`, or the user's privileges".into()
     }
 
     /// Refuses a checkpoint whose cursor has another number of columns.

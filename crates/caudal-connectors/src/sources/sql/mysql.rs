@@ -34,9 +34,14 @@ use super::{
     ColumnKind, ColumnSpec, DecodeOptions, FetchError, decimal_value, format_naive, format_utc,
 };
 
-pub(crate) async fn connect(url: &str) -> Result<MySqlPool, sqlx::Error> {
+/// A pool of connections to `url` with the source's TLS.
+pub(crate) async fn connect(
+    url: &str,
+    tls: &super::mysql_tls::MysqlTlsFiles,
+) -> Result<MySqlPool, sqlx::Error> {
     let url = url.replacen("mariadb://", "mysql://", 1);
     let options = MySqlConnectOptions::from_str(&url)?.timezone(Some("+00:00".to_string()));
+    let options = tls.apply(options);
     MySqlPoolOptions::new()
         .max_connections(2)
         .acquire_timeout(std::time::Duration::from_secs(10))

@@ -560,7 +560,15 @@ fn array(elem: &PgTypeInfo, b: &[u8], decimals: DecimalFormat) -> Result<Value, 
     }
     let mut dims = Vec::new();
     for _ in 0..ndim {
-        dims.push(usize::try_from(r.int().ok_or_else(bad)?).map_err(|_| bad())?);
+        let len = usize::try_from(r.int().ok_or_else(bad)?).map_err(|_| bad())?;
+        // PostgreSQL writes an empty array with no dimensions. A dimension
+        // of length 0 would make the element count 0 whatever the others
+        // say, and nesting would then build as many empty arrays as they
+        // claim (billions, from a few bytes).
+        if len == 0 {
+            return Err(bad());
+        }
+        dims.push(len);
         let _lower_bound = r.int().ok_or_else(bad)?;
     }
     let total = dims
@@ -721,5 +729,45 @@ mod tests {
             microseconds: 0,
         };
         assert_eq!(iso_interval(&zero), "PT0S");
+    }
+
+    /// An array header: dimensions (length, lower bound 1) and no elements.
+    fn array_header(dims: &[i32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(&i32::try_from(dims.len()).unwrap().to_be_bytes());
+        b.extend_from_slice(&0i32.to_be_bytes());
+        b.extend_from_slice(&23u32.to_be_bytes());
+        for d in dims {
+            b.extend_from_slice(&d.to_be_bytes());
+            b.extend_from_slice(&1i32.to_be_bytes());
+        }
+        b
+    }
+
+    /// Found by the `change_records` fuzz target: `int4[]` dimensions
+    /// [2147483647, 0] hold no element, and nesting them allocated 2^31
+    /// empty arrays (an abort on allocation failure) instead of refusing.
+    #[test]
+    fn fuzz_array_with_an_empty_dimension_is_refused_not_allocated() {
+        let int4s = <Vec<i32> as sqlx::Type<sqlx::Postgres>>::type_info();
+        let value = array_header(&[i32::MAX, 0]);
+        assert_eq!(
+            binary_value(&int4s, &value, DecimalFormat::String),
+            Err("malformed array value".to_string())
+        );
+        // No dimensions at all is how PostgreSQL writes an empty array.
+        assert_eq!(
+            binary_value(&int4s, &array_header(&[]), DecimalFormat::String),
+            Ok(Value::Array(Vec::new()))
+        );
+        let mut one = array_header(&[1, 2]);
+        for n in [7i32, 8] {
+            one.extend_from_slice(&4i32.to_be_bytes());
+            one.extend_from_slice(&n.to_be_bytes());
+        }
+        assert_eq!(
+            binary_value(&int4s, &one, DecimalFormat::String),
+            Ok(serde_json::json!([[7, 8]]))
+        );
     }
 }

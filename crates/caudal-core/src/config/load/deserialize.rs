@@ -459,7 +459,7 @@ mod tests {
         assert_eq!(
             problems,
             [
-                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools, crawl, cache, aggregates, alerts, notifiers, cluster",
+                "stats: unknown field \"stats\"; expected one of: state, sources, sinks, pipelines, server, retention, workflows, pools, crawl, cache, aggregates, alerts, notifiers, cluster, backup",
                 "sources.a.cursor[1]: invalid type: integer `5`, expected a string",
                 "sources.b.type: unknown source type \"oracle\"; expected one of: postgres, mysql, sqlite, crawl, aggregate, rabbitmq, nats, kafka",
                 "sources.c: missing required field \"type\"; set it to one of: postgres, mysql, sqlite, crawl, aggregate, rabbitmq, nats, kafka",
