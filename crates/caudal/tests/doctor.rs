@@ -644,3 +644,81 @@ schedule = {{ every = \"1h\" }}
     );
     world.cleanup().await;
 }
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kafka_topic_is_looked_up_without_being_created() {
+    let world = World::sqlite().await;
+    let cluster = brokers::kafka_cluster(1);
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = brokers::unique("doctor_topic");
+    cluster
+        .create_topic(&topic, 3, 1)
+        .expect("create the topic");
+    let missing = brokers::unique("doctor_missing_topic");
+    let config = |topic: &str, brokers: &str| {
+        format!(
+            "{}
+[sinks.events]
+type = \"kafka\"
+brokers = \"{brokers}\"
+topic = \"{topic}\"
+
+[pipelines.to_kafka]
+source = \"servicedesk\"
+sink = \"events\"
+schedule = {{ every = \"1h\" }}
+",
+            world.config_toml()
+        )
+    };
+
+    let (code, report) = doctor_json(&world, &config(&topic, &bootstrap)).await;
+    assert_eq!(code, Some(0), "{report:#}");
+    assert_eq!(check(&report, "sink events", "connect")["status"], "ok");
+    let t = check(&report, "sink events", "topic");
+    assert_eq!(t["status"], "ok", "{t}");
+    assert!(
+        t["found"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("3 partition"),
+        "{t}"
+    );
+
+    let (code, report) = doctor_json(&world, &config(&missing, &bootstrap)).await;
+    assert_eq!(code, Some(1), "{report:#}");
+    let t = check(&report, "sink events", "topic");
+    assert_eq!(t["status"], "fail", "{t}");
+    assert!(
+        t["fix"].as_str().unwrap_or_default().contains(&missing),
+        "{t}"
+    );
+    // Looking it up did not create it.
+    let b = bootstrap.clone();
+    let m = missing.clone();
+    let created = tokio::task::spawn_blocking(move || {
+        use rdkafka::consumer::Consumer;
+        let client: rdkafka::consumer::BaseConsumer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", &b)
+            .create()
+            .expect("a Kafka client");
+        client
+            .fetch_metadata(None, Duration::from_secs(10))
+            .expect("metadata")
+            .topics()
+            .iter()
+            .any(|t| t.name() == m)
+    })
+    .await
+    .expect("the metadata task");
+    assert!(!created, "doctor created topic {missing}");
+
+    let closed = format!("127.0.0.1:{}", closed_port());
+    let started = Instant::now();
+    let out = doctor(&world, &config(&topic, &closed), &["--timeout", "3s"]).await;
+    assert_eq!(out.code, Some(1), "{out}");
+    assert!(out.stdout.contains("did not answer"), "{out}");
+    assert!(started.elapsed() < Duration::from_secs(30), "{out}");
+    world.cleanup().await;
+}

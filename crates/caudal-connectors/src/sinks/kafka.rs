@@ -81,6 +81,82 @@ impl KafkaSink {
     }
 }
 
+impl KafkaSink {
+    /// For `caudal doctor`: the brokers answer a metadata request within
+    /// `timeout`, and the topic (unless it is rendered per record) exists
+    /// with partitions. Asks for every topic's metadata, never the one
+    /// topic's: a producer's request naming a missing topic may make the
+    /// broker create it. Sends no message.
+    pub async fn probe(&self, timeout: Duration) -> Vec<caudal_core::probe::Finding> {
+        use caudal_core::probe::Finding;
+        use rdkafka::producer::Producer;
+        let producer = self.producer.clone();
+        let asked = tokio::task::spawn_blocking(move || {
+            producer.client().fetch_metadata(None, timeout).map(|m| {
+                let topics: Vec<(String, usize, bool)> = m
+                    .topics()
+                    .iter()
+                    .map(|t| {
+                        (
+                            t.name().to_string(),
+                            t.partitions().len(),
+                            t.error().is_none(),
+                        )
+                    })
+                    .collect();
+                (m.brokers().len(), topics)
+            })
+        })
+        .await;
+        let (brokers, topics) = match asked {
+            Ok(Ok(found)) => found,
+            Ok(Err(e)) => {
+                return vec![Finding::fail(
+                    "connect",
+                    format!(
+                        "the brokers {} did not answer within {timeout:?}: {e}",
+                        self.brokers
+                    ),
+                    "check `brokers` (host:port, comma-separated), that Kafka runs, and \
+                     firewalls between here and it",
+                )];
+            }
+            Err(e) => {
+                return vec![Finding::fail(
+                    "connect",
+                    format!("the metadata request failed: {e}"),
+                    "run caudal doctor again",
+                )];
+            }
+        };
+        let mut out = vec![Finding::ok(
+            "connect",
+            format!("{brokers} broker(s) answered at {}", self.brokers),
+        )];
+        out.push(match self.route.literal() {
+            None => Finding::skipped(
+                "topic",
+                "the topic is rendered per record; no topic is looked up",
+            ),
+            Some(topic) => match topics.iter().find(|(name, _, _)| name == topic) {
+                Some((_, partitions, true)) if *partitions > 0 => Finding::ok(
+                    "topic",
+                    format!("topic {topic:?} exists with {partitions} partition(s)"),
+                ),
+                _ => Finding::fail(
+                    "topic",
+                    format!("topic {topic:?} does not exist on the brokers"),
+                    format!(
+                        "create the topic {topic:?} (caudal does not create Kafka topics), or \
+                         correct the sink's `topic`"
+                    ),
+                ),
+            },
+        });
+        out
+    }
+}
+
 /// What a failed message means for its batch.
 fn classify(topic: &str, e: &KafkaError) -> Failure {
     match e.rdkafka_error_code() {
