@@ -20,7 +20,10 @@
 //!   judged by the database's clock; a long attempt on a live node is never
 //!   rescued.
 //! - A lane (`lane <> ''`) keeps a row for one node: only that node claims
-//!   it.
+//!   it, and only once no other node holds a lane row. When the lane moves
+//!   (a new sites node), the new node starts nothing site-bound until the
+//!   old node's site-bound attempts have ended or been rescued, so a
+//!   per-site limit holds across the hand-over too.
 //! - **Wake-ups, not only polls.** On PostgreSQL a batch that hands
 //!   attempts out notifies `caudal_dispatch`, and an outcome notifies
 //!   `caudal_dispatch_done`, at commit; [`Store::dispatch_wakeups`] wakes
@@ -170,7 +173,9 @@ fn key(t: KeyTuple) -> DispatchKey {
 const CLAIM_POSTGRES: &str = "UPDATE workflow_dispatch AS d SET state = 'claimed', node = $1, token = d.token + 1, \
              heartbeat_at = (SELECT now_us FROM clock) \
              FROM (SELECT run_id, task, map_index, attempt FROM workflow_dispatch \
-                   WHERE state = 'ready' AND (lane = '' OR lane = $1) \
+                   WHERE state = 'ready' AND (lane = '' OR (lane = $1 AND NOT EXISTS \
+                     (SELECT 1 FROM workflow_dispatch p WHERE p.state = 'claimed' \
+                      AND p.lane <> '' AND p.node <> $1))) \
                    ORDER BY priority, run_id, seq LIMIT $2 FOR UPDATE SKIP LOCKED) AS c \
              WHERE d.run_id = c.run_id AND d.task = c.task AND d.map_index = c.map_index \
              AND d.attempt = c.attempt \
@@ -181,7 +186,9 @@ const CLAIM_SQLITE: &str = "UPDATE workflow_dispatch SET state = 'claimed', node
      token = token + 1, heartbeat_at = (SELECT now_us FROM clock) \
      WHERE (run_id, task, map_index, attempt) IN \
        (SELECT run_id, task, map_index, attempt FROM workflow_dispatch \
-        WHERE state = 'ready' AND (lane = '' OR lane = $1) \
+        WHERE state = 'ready' AND (lane = '' OR (lane = $1 AND NOT EXISTS \
+          (SELECT 1 FROM workflow_dispatch p WHERE p.state = 'claimed' \
+           AND p.lane <> '' AND p.node <> $1))) \
         ORDER BY priority, run_id, seq LIMIT $2) \
      RETURNING run_id, task, map_index, attempt, token, spec";
 const CLAIM_HOLDER: &str = "UPDATE workflow_attempts SET holder = $5 \

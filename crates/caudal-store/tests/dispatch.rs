@@ -253,6 +253,22 @@ async fn a_lane_keeps_an_attempt_for_its_node(ctx: Ctx) {
             .expect("claim")
             .is_empty()
     );
+    // node-a still runs a row of a lane: node-c starts nothing of its lane
+    // until that ends (a per-site limit holds across the hand-over).
+    assert!(
+        store
+            .claim_dispatch("node-c", 10)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the new lane waits for the old lane's running attempt"
+    );
+    assert!(
+        store
+            .finish_dispatch(&got[0].key, got[0].token, "{}")
+            .await
+            .expect("finish")
+    );
     assert_eq!(
         store
             .claim_dispatch("node-c", 10)
