@@ -363,14 +363,29 @@ async fn probe_source(
     source: &SourceConfig,
     options: Options,
 ) -> Vec<Finding> {
-    let Some(sql) = source.sql() else {
-        return vec![Finding::skipped(
-            "probe",
-            format!(
-                "{} sources are not probed yet; `caudal once` shows whether one works",
-                source.type_name()
-            ),
-        )];
+    let sql = match source {
+        SourceConfig::Postgres(sql) | SourceConfig::Mysql(sql) | SourceConfig::Sqlite(sql) => sql,
+        SourceConfig::Crawl(crawl) => {
+            return caudal_connectors::crawl::probe::probe(&config.crawl, crawl).await;
+        }
+        SourceConfig::Aggregate(a) => return probe_aggregate(config, &a.aggregate),
+        SourceConfig::Rabbitmq(_) | SourceConfig::Nats(_) | SourceConfig::Kafka(_) => {
+            let pipeline = readers(config)
+                .get(name)
+                .and_then(|p| p.first().copied())
+                .unwrap_or(name)
+                .to_string();
+            return match caudal_connectors::sources::broker::BrokerSource::new(
+                &pipeline, name, source,
+            ) {
+                Err(e) => vec![Finding::fail(
+                    "config",
+                    e.report(),
+                    "build caudal with the broker's feature, or correct the source",
+                )],
+                Ok(b) => b.probe(options.timeout).await,
+            };
+        }
     };
     match sql.mode {
         SqlMode::Incremental | SqlMode::Query => {
@@ -416,6 +431,29 @@ async fn probe_source(
             probe_cdc(pipeline, name, source, options).await
         }
     }
+}
+
+/// An aggregate source reads closed windows from the state store (checked
+/// under `store`); what is left to say is what feeds the aggregate.
+fn probe_aggregate(config: &Config, aggregate: &str) -> Vec<Finding> {
+    let fed_by = config
+        .aggregates
+        .get(aggregate)
+        .map(|a| a.pipeline.as_str());
+    vec![match fed_by {
+        Some(pipeline) => Finding::ok(
+            "windows",
+            format!(
+                "reads aggregate {aggregate:?}'s closed windows from the state store; \
+                 pipeline {pipeline:?} feeds it"
+            ),
+        ),
+        None => Finding::fail(
+            "windows",
+            format!("aggregate {aggregate:?} is not in `[aggregates]`"),
+            "name an aggregate of `[aggregates]` (`caudal validate` lists every problem)",
+        ),
+    }]
 }
 
 /// A CDC source's probe, as the pipeline `pipeline` would read it.

@@ -722,3 +722,271 @@ schedule = {{ every = \"1h\" }}
     assert!(started.elapsed() < Duration::from_secs(30), "{out}");
     world.cleanup().await;
 }
+
+#[cfg(all(feature = "rabbitmq", feature = "nats"))]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn broker_sources_are_looked_up_without_consuming_or_creating() {
+    let mut created = brokers::Created::default();
+    let world = World::sqlite().await;
+    let connection = brokers::rabbitmq().await;
+    // A queue holding three messages; two names that exist nowhere.
+    let queue = created.queue("doctor_src_q");
+    brokers::declare_queue(&connection, &queue).await;
+    let channel = brokers::channel(&connection).await;
+    for i in 0..3 {
+        let body = format!("{{\"n\": {i}}}");
+        brokers::publish(&channel, "", &queue, body.as_bytes(), None, &[]).await;
+    }
+    let missing_queue = brokers::unique("doctor_src_missing_q");
+    let declared_queue = brokers::unique("doctor_src_declared_q");
+    let js = async_nats::jetstream::new(brokers::nats().await);
+    let stream = created.stream("doctor_src_s");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: stream.clone(),
+        subjects: vec![format!("{stream}.>")],
+        ..Default::default()
+    })
+    .await
+    .expect("create the stream");
+    js.publish(format!("{stream}.a"), "{}".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("the stream took it");
+    let missing_stream = brokers::unique("doctor_src_missing_s");
+    let config = format!(
+        "{}
+[sources.q]
+type = \"rabbitmq\"
+url = \"{rabbit}\"
+queue = \"{queue}\"
+
+[sources.q_missing]
+type = \"rabbitmq\"
+url = \"{rabbit}\"
+queue = \"{missing_queue}\"
+
+[sources.q_declared]
+type = \"rabbitmq\"
+url = \"{rabbit}\"
+queue = \"{declared_queue}\"
+declare = true
+
+[sources.s]
+type = \"nats\"
+url = \"nats://{nats}\"
+stream = \"{stream}\"
+consumer = \"doctor_reader\"
+
+[sources.s_missing]
+type = \"nats\"
+url = \"nats://{nats}\"
+stream = \"{missing_stream}\"
+consumer = \"doctor_reader\"
+",
+        world.config_toml(),
+        rabbit = brokers::rabbitmq_url(brokers::RABBITMQ_ADDR),
+        nats = brokers::NATS_ADDR,
+    );
+    let (code, report) = doctor_json(&world, &config).await;
+    assert_eq!(code, Some(1), "{report:#}");
+    let found = |subject: &str, name: &str| {
+        let c = check(&report, subject, name);
+        (
+            c["status"].as_str().unwrap_or_default().to_string(),
+            c["found"].as_str().unwrap_or_default().to_string(),
+            c["fix"].as_str().unwrap_or_default().to_string(),
+        )
+    };
+    assert_eq!(found("source q", "connect").0, "ok");
+    let (status, text, _) = found("source q", "queue");
+    assert_eq!(status, "ok", "{text}");
+    assert!(text.contains("3 message(s) ready"), "{text}");
+    let (status, _, fix) = found("source q_missing", "queue");
+    assert_eq!(status, "fail", "{report:#}");
+    assert!(
+        fix.contains(&missing_queue) && fix.contains("declare = true"),
+        "{fix}"
+    );
+    let (status, text, _) = found("source q_declared", "queue");
+    assert_eq!(status, "ok", "{text}");
+    assert!(text.contains("does not exist yet"), "{text}");
+    let (status, text, _) = found("source s", "stream");
+    assert_eq!(status, "ok", "{text}");
+    assert!(text.contains("1 message(s)"), "{text}");
+    let (status, text, _) = found("source s", "consumer");
+    assert_eq!(status, "ok", "{text}");
+    assert!(text.contains("does not exist yet"), "{text}");
+    let (status, text, fix) = found("source s_missing", "stream");
+    assert_eq!(status, "fail", "{text}");
+    assert!(text.contains("does not exist"), "{text}");
+    assert!(fix.contains(&missing_stream), "{fix}");
+
+    // Nothing was consumed, declared or created.
+    assert_eq!(brokers::queue_length(&connection, &queue).await, Some(3));
+    assert_eq!(
+        brokers::queue_length(&connection, &missing_queue).await,
+        None
+    );
+    assert_eq!(
+        brokers::queue_length(&connection, &declared_queue).await,
+        None
+    );
+    let stream_handle = js.get_stream(&stream).await.expect("the stream");
+    assert!(
+        stream_handle.consumer_info("doctor_reader").await.is_err(),
+        "doctor created the durable consumer"
+    );
+    world.cleanup().await;
+}
+
+#[cfg(feature = "kafka")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kafka_source_topics_are_looked_up() {
+    let world = World::sqlite().await;
+    let cluster = brokers::kafka_cluster(1);
+    let bootstrap = cluster.bootstrap_servers();
+    let topic = brokers::unique("doctor_src_topic");
+    cluster
+        .create_topic(&topic, 2, 1)
+        .expect("create the topic");
+    let missing = brokers::unique("doctor_src_missing_topic");
+    let config = format!(
+        "{}
+[sources.events]
+type = \"kafka\"
+brokers = \"{bootstrap}\"
+topics = [\"{topic}\", \"{missing}\"]
+group = \"doctor\"
+",
+        world.config_toml()
+    );
+    let (code, report) = doctor_json(&world, &config).await;
+    assert_eq!(code, Some(1), "{report:#}");
+    assert_eq!(check(&report, "source events", "connect")["status"], "ok");
+    let topics = checks(&report, "source events")
+        .into_iter()
+        .filter(|c| c["check"] == "topic")
+        .collect::<Vec<_>>();
+    assert_eq!(topics.len(), 2, "{report:#}");
+    let ok = topics
+        .iter()
+        .find(|c| c["found"].as_str().unwrap_or_default().contains(&topic))
+        .expect("the existing topic's check");
+    assert_eq!(ok["status"], "ok", "{ok}");
+    assert!(
+        ok["found"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("2 partition"),
+        "{ok}"
+    );
+    let fail = topics
+        .iter()
+        .find(|c| c["found"].as_str().unwrap_or_default().contains(&missing))
+        .expect("the missing topic's check");
+    assert_eq!(fail["status"], "fail", "{fail}");
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crawl_start_urls_are_asked_politely_and_aggregate_sources_named() {
+    use caudal_testkit::site::{Site, SiteOptions};
+    let site = Site::start(SiteOptions {
+        robots: Some("User-agent: *\nDisallow: /listings/2\n".into()),
+        ..SiteOptions::default()
+    })
+    .await;
+    let world = World::sqlite().await;
+    let config = format!(
+        "{}
+[crawl]
+user_agent = \"doctor-test/1.0\"
+
+[sources.site]
+type = \"crawl\"
+start_urls = [\"{ok}\", \"{disallowed}\", \"{missing}\"]
+follow = [\"a.detail\"]
+
+[[sources.site.pages]]
+name = \"detail\"
+match = \"/property/\\\\d+$\"
+fields.title = \"h1.title\"
+
+[aggregates.per_hour]
+pipeline = \"{pipeline}\"
+time = \"last_modified_date\"
+window = \"1h\"
+[aggregates.per_hour.metrics]
+requests = \"count\"
+
+[sources.hourly]
+type = \"aggregate\"
+aggregate = \"per_hour\"
+
+[pipelines.crawled]
+source = \"site\"
+sink = \"partner\"
+schedule = {{ every = \"1h\" }}
+
+[pipelines.hourly_out]
+source = \"hourly\"
+sink = \"partner\"
+schedule = {{ every = \"1h\" }}
+",
+        world.config_toml(),
+        ok = site.url("/listings/1"),
+        disallowed = site.url("/listings/2"),
+        missing = site.url("/no-such-page"),
+        pipeline = support::PIPELINE,
+    );
+    let (code, report) = doctor_json(&world, &config).await;
+    assert_eq!(code, Some(1), "{report:#}");
+    let starts: Vec<&Value> = checks(&report, "source site")
+        .into_iter()
+        .filter(|c| c["check"] == "start")
+        .collect();
+    assert_eq!(starts.len(), 3, "{report:#}");
+    let about = |path: &str| {
+        starts
+            .iter()
+            .find(|c| c["found"].as_str().unwrap_or_default().contains(path))
+            .unwrap_or_else(|| panic!("no check about {path}: {report:#}"))
+    };
+    assert_eq!(about("/listings/1")["status"], "ok", "{report:#}");
+    let refused = about("/listings/2");
+    assert_eq!(refused["status"], "fail", "{refused}");
+    assert!(
+        refused["found"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("robots.txt disallows"),
+        "{refused}"
+    );
+    let missing = about("/no-such-page");
+    assert_eq!(missing["status"], "fail", "{missing}");
+    assert!(
+        missing["found"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("404"),
+        "{missing}"
+    );
+    let windows = check(&report, "source hourly", "windows");
+    assert_eq!(windows["status"], "ok", "{windows}");
+    // What the crawl would ask first and nothing more: robots.txt once,
+    // one request per allowed start URL, the configured User-Agent.
+    let log = site.log();
+    let paths: Vec<&str> = log.iter().map(|a| a.path.as_str()).collect();
+    assert_eq!(site.hits("/robots.txt"), 1, "{paths:?}");
+    assert_eq!(site.hits("/listings/1"), 1, "{paths:?}");
+    assert_eq!(site.hits("/listings/2"), 0, "{paths:?}");
+    assert_eq!(site.hits("/no-such-page"), 1, "{paths:?}");
+    assert_eq!(log.len(), 3, "{paths:?}");
+    assert!(
+        log.iter()
+            .all(|a| a.user_agent.as_deref() == Some("doctor-test/1.0")),
+        "{log:?}"
+    );
+    world.cleanup().await;
+}

@@ -6,6 +6,7 @@
 
 pub mod extract;
 pub mod fetch;
+pub mod probe;
 pub mod robots;
 pub mod sitemap;
 pub mod sites;

@@ -301,7 +301,7 @@ fn decode(text: &str) -> String {
 }
 
 /// A lookup that failed only because the stream is not there.
-fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
+pub(crate) fn is_stream_not_found(e: &jetstream::context::GetStreamError) -> bool {
     matches!(
         e.kind(),
         jetstream::context::GetStreamErrorKind::JetStream(j)

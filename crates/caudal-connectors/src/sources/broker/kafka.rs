@@ -154,3 +154,88 @@ fn close(s: &Session<'_>, ledger: &mut Ledger, consumer: &StreamConsumer) -> End
     store_durable(s, ledger, consumer);
     Ended::Stopped
 }
+
+/// `caudal doctor`'s look at the source: the brokers answer and every
+/// topic exists with partitions. Asks for every topic's metadata, never
+/// one topic's (which may make a broker create it); joins no group.
+pub(super) async fn probe(
+    config: &KafkaSourceConfig,
+    timeout: std::time::Duration,
+) -> Vec<caudal_core::probe::Finding> {
+    use caudal_core::probe::Finding;
+    let mut client = ClientConfig::new();
+    for (k, v) in &config.options {
+        client.set(k, v.expose());
+    }
+    client.set("bootstrap.servers", &config.brokers);
+    let consumer: rdkafka::consumer::BaseConsumer = match client.create() {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![Finding::fail(
+                "config",
+                format!("cannot create a Kafka client: {e}"),
+                "correct the source's `options` (librdkafka settings)",
+            )];
+        }
+    };
+    let asked = tokio::task::spawn_blocking(move || {
+        consumer.fetch_metadata(None, timeout).map(|m| {
+            let topics: Vec<(String, usize, bool)> = m
+                .topics()
+                .iter()
+                .map(|t| {
+                    (
+                        t.name().to_string(),
+                        t.partitions().len(),
+                        t.error().is_none(),
+                    )
+                })
+                .collect();
+            (m.brokers().len(), topics)
+        })
+    })
+    .await;
+    let (brokers, topics) = match asked {
+        Ok(Ok(found)) => found,
+        Ok(Err(e)) => {
+            return vec![Finding::fail(
+                "connect",
+                format!(
+                    "the brokers {} did not answer within {timeout:?}: {e}",
+                    config.brokers
+                ),
+                "check `brokers` (host:port, comma-separated), that Kafka runs, and firewalls \
+                 between here and it",
+            )];
+        }
+        Err(e) => {
+            return vec![Finding::fail(
+                "connect",
+                format!("the metadata request failed: {e}"),
+                "run caudal doctor again",
+            )];
+        }
+    };
+    let mut out = vec![Finding::ok(
+        "connect",
+        format!("{brokers} broker(s) answered at {}", config.brokers),
+    )];
+    for topic in &config.topics {
+        out.push(match topics.iter().find(|(name, _, _)| name == topic) {
+            Some((_, partitions, true)) if *partitions > 0 => Finding::ok(
+                "topic",
+                format!("topic {topic:?} exists with {partitions} partition(s)"),
+            ),
+            _ => Finding::fail(
+                "topic",
+                format!("topic {topic:?} does not exist on the brokers"),
+                format!(
+                    "create the topic {topic:?}, or correct the source's `topics` (the group \
+                     {:?} would wait on it)",
+                    config.group
+                ),
+            ),
+        });
+    }
+    out
+}

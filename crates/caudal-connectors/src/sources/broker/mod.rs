@@ -128,6 +128,37 @@ impl BrokerSource {
             .clone()
     }
 
+    /// `caudal doctor`'s look at the broker: connects and looks the queue,
+    /// stream and consumer, or topics up, each step within `timeout`.
+    /// Consumes, acknowledges and creates nothing.
+    pub async fn probe(&self, timeout: Duration) -> Vec<caudal_core::probe::Finding> {
+        use caudal_core::probe::Finding;
+        let looked = tokio::time::timeout(timeout, async {
+            match &self.0.config {
+                #[cfg(feature = "rabbitmq")]
+                SourceConfig::Rabbitmq(c) => rabbitmq::probe(c).await,
+                #[cfg(feature = "nats")]
+                SourceConfig::Nats(c) => nats::probe(c).await,
+                #[cfg(feature = "kafka")]
+                SourceConfig::Kafka(c) => kafka::probe(c, timeout).await,
+                // `new` refuses every broker this build lacks.
+                _ => Vec::new(),
+            }
+        })
+        .await;
+        looked.unwrap_or_else(|_| {
+            vec![Finding::fail(
+                "connect",
+                format!(
+                    "the {} broker did not answer within {timeout:?}",
+                    self.0.config.type_name()
+                ),
+                "check the source's address, that the broker runs, and firewalls between here \
+                 and it",
+            )]
+        })
+    }
+
     /// Starts consuming: pages of records until stopped. The pipeline
     /// reports durable positions through the reader's
     /// [`durable`](CdcReader::durable) handle; messages up to each are

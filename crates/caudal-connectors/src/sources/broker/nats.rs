@@ -192,3 +192,90 @@ pub(super) fn record_of(
     let record = message_record(&s.source.name, &message.payload, &meta, s.meta_field);
     (record, acker)
 }
+
+/// `caudal doctor`'s look at the source: connects, looks the stream up and
+/// the durable consumer (which the first run creates when missing). Reads
+/// and acknowledges nothing.
+pub(super) async fn probe(config: &NatsSourceConfig) -> Vec<caudal_core::probe::Finding> {
+    use caudal_core::probe::Finding;
+    let url = shown(config.url.expose());
+    let (options, servers) = crate::sinks::nats::connect_options(config.url.expose());
+    let client = match options.connect(servers.as_str()).await {
+        Ok(c) => c,
+        Err(e) => {
+            return vec![Finding::fail(
+                "connect",
+                format!("cannot connect to {url}: {e}"),
+                "check the url's host, port and credentials, and that NATS runs",
+            )];
+        }
+    };
+    let mut out = vec![Finding::ok("connect", format!("connected to {url}"))];
+    let js = jetstream::new(client);
+    let mut stream = match js.get_stream(&config.stream).await {
+        Ok(s) => s,
+        Err(e) => {
+            let missing = crate::sinks::nats::is_stream_not_found(&e);
+            out.push(Finding::fail(
+                "stream",
+                if missing {
+                    format!("stream {:?} does not exist", config.stream)
+                } else {
+                    format!("cannot look up stream {:?}: {e}", config.stream)
+                },
+                if missing {
+                    format!(
+                        "create the JetStream stream {:?} (nats stream add), or correct the \
+                         source's `stream`",
+                        config.stream
+                    )
+                } else {
+                    "check that JetStream is enabled on the server and that the credentials \
+                     may read stream information"
+                        .to_string()
+                },
+            ));
+            return out;
+        }
+    };
+    let messages = stream.info().await.map_or(0, |i| i.state.messages);
+    out.push(Finding::ok(
+        "stream",
+        format!("stream {:?} exists: {messages} message(s)", config.stream),
+    ));
+    if config.partitions > 1 {
+        out.push(Finding::ok(
+            "consumer",
+            format!(
+                "{} partition consumers named after {:?}: created when the source starts",
+                config.partitions, config.consumer
+            ),
+        ));
+        return out;
+    }
+    use async_nats::jetstream::context::ConsumerInfoErrorKind;
+    out.push(match stream.consumer_info(&config.consumer).await {
+        Ok(info) => Finding::ok(
+            "consumer",
+            format!(
+                "durable consumer {:?} exists: {} message(s) pending, {} awaiting \
+                 acknowledgement",
+                config.consumer, info.num_pending, info.num_ack_pending
+            ),
+        ),
+        Err(e) if matches!(e.kind(), ConsumerInfoErrorKind::NotFound) => Finding::ok(
+            "consumer",
+            format!(
+                "durable consumer {:?} does not exist yet: caudal creates it when it starts \
+                 (from the stream's first message)",
+                config.consumer
+            ),
+        ),
+        Err(e) => Finding::fail(
+            "consumer",
+            format!("cannot look up durable consumer {:?}: {e}", config.consumer),
+            "check that the credentials may read consumer information",
+        ),
+    });
+    out
+}

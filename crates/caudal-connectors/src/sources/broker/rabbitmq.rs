@@ -218,3 +218,64 @@ fn value_text(v: &AMQPValue) -> String {
         other => format!("{other:?}"),
     }
 }
+
+/// `caudal doctor`'s look at the source: connects, and looks each queue
+/// up with a passive declare (which creates nothing and reads nothing).
+pub(super) async fn probe(config: &RabbitmqSourceConfig) -> Vec<caudal_core::probe::Finding> {
+    use caudal_core::probe::Finding;
+    let url = shown(config.url.expose());
+    let connection =
+        match Connection::connect(config.url.expose(), ConnectionProperties::default()).await {
+            Ok(c) => c,
+            Err(e) => {
+                return vec![Finding::fail(
+                    "connect",
+                    format!("cannot connect to {url}: {e}"),
+                    "check the url's host, port, user and password (and vhost), and that \
+                     RabbitMQ runs",
+                )];
+            }
+        };
+    let mut out = vec![Finding::ok("connect", format!("connected to {url}"))];
+    for (queue, _) in queue_names(&config.queue, None, config.partitions) {
+        // A refused passive declare closes its channel: one per queue.
+        let looked = async {
+            let channel = connection.create_channel().await?;
+            channel
+                .queue_declare(
+                    ShortString::from(queue.as_str()),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await
+        }
+        .await;
+        out.push(match looked {
+            Ok(q) => Finding::ok(
+                "queue",
+                format!(
+                    "queue {queue:?} exists: {} message(s) ready, {} consumer(s)",
+                    q.message_count(),
+                    q.consumer_count()
+                ),
+            ),
+            Err(_) if config.declare => Finding::ok(
+                "queue",
+                format!("queue {queue:?} does not exist yet: caudal declares it when it starts"),
+            ),
+            Err(e) => Finding::fail(
+                "queue",
+                format!("queue {queue:?} is not usable: {e}"),
+                format!(
+                    "declare queue {queue:?} on the broker, or set `declare = true` on the \
+                     source so caudal declares it"
+                ),
+            ),
+        });
+    }
+    let _ = connection.close(200, "doctor done".into()).await;
+    out
+}
