@@ -22,6 +22,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
+use caudal_connectors::sinks::partner::{PartnerClient, SendError};
 use caudal_core::alert::{self, AlertState, Instance, Notify};
 use caudal_core::config::{AlertConfig, AlertWindow, Check, Config, MetricKind, NotifyFormat};
 use caudal_core::{Error, ErrorKind, Result};
@@ -60,7 +61,7 @@ pub async fn serve(
     let sender = {
         let (config, store, stop) = (config.clone(), store.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let notifiers = Notifiers::new(&config);
             let mut tick = tokio::time::interval(TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -68,7 +69,7 @@ pub async fn serve(
                     () = stop.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                if let Err(e) = send_due(&config, &store, &http).await {
+                if let Err(e) = send_due(&config, &store, &notifiers).await {
                     tracing::warn!(error = %e.report(), "cannot send alert notifications; trying again in a second");
                 }
             }
@@ -391,10 +392,37 @@ async fn check_value(
     })
 }
 
+/// The notifiers' HTTP clients, each with its `auth` and `tls` (one per
+/// notifier, so an OAuth2 token is fetched once and reused).
+#[derive(Debug)]
+pub struct Notifiers(BTreeMap<String, std::result::Result<PartnerClient, String>>);
+
+impl Notifiers {
+    /// The clients of `config`'s notifiers. One whose credentials cannot
+    /// be read keeps the reason: its notifications fail with it, and are
+    /// tried again, until the configuration is fixed.
+    pub fn new(config: &Config) -> Self {
+        Self(
+            config
+                .notifiers
+                .iter()
+                .map(|(name, n)| {
+                    let builder = reqwest::Client::builder()
+                        .timeout(n.timeout.as_std())
+                        .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")));
+                    let client = PartnerClient::new(builder, n.auth.as_ref(), n.tls.as_ref())
+                        .map_err(|why| format!("notifier {name:?}: {why}"));
+                    (name.clone(), client)
+                })
+                .collect(),
+        )
+    }
+}
+
 /// Sends the notifications that are due.
-pub async fn send_due(config: &Config, store: &Store, http: &reqwest::Client) -> Result<()> {
+pub async fn send_due(config: &Config, store: &Store, notifiers: &Notifiers) -> Result<()> {
     for n in store.due_notifications(SEND_BATCH).await? {
-        match send(config, http, &n).await {
+        match send(config, notifiers, &n).await {
             Ok(()) => {
                 store.notification_sent(n.id).await?;
                 metrics::counter!("caudal_alert_notifications_total", "alert" => n.alert.clone(), "outcome" => "sent")
@@ -415,8 +443,8 @@ pub async fn send_due(config: &Config, store: &Store, http: &reqwest::Client) ->
     Ok(())
 }
 
-async fn send(config: &Config, http: &reqwest::Client, n: &Notification) -> Result<()> {
-    let notifier = config.notifiers.get(&n.notifier).ok_or_else(|| {
+async fn send(config: &Config, notifiers: &Notifiers, n: &Notification) -> Result<()> {
+    let gone = || {
         Error::new(
             ErrorKind::Config,
             format!(
@@ -424,29 +452,72 @@ async fn send(config: &Config, http: &reqwest::Client, n: &Notification) -> Resu
                 n.notifier
             ),
         )
-    })?;
+    };
+    let notifier = config.notifiers.get(&n.notifier).ok_or_else(gone)?;
+    let client = match notifiers.0.get(&n.notifier).ok_or_else(gone)? {
+        Ok(c) => c,
+        Err(why) => return Err(Error::new(ErrorKind::Config, why.clone())),
+    };
     let payload: Value = serde_json::from_str(&n.payload)
         .map_err(|e| Error::with_source(ErrorKind::Internal, "an unreadable notification", e))?;
     let body = match notifier.format {
         NotifyFormat::Json => payload,
         NotifyFormat::Slack => json!({ "text": slack_text(&payload) }),
     };
-    let mut request = http
-        .post(notifier.url.expose())
-        .timeout(notifier.timeout.as_std())
-        .header("Idempotency-Key", &n.key)
-        .header(reqwest::header::CONTENT_TYPE, "application/json")
-        .body(body.to_string());
-    for (k, v) in &notifier.headers {
-        request = request.header(k, v.expose());
-    }
-    let response = request.send().await.map_err(|e| {
-        Error::with_source(
-            ErrorKind::Connect,
-            format!("notifier {:?}: the request failed", n.notifier),
-            e,
+    let url = reqwest::Url::parse(notifier.url.expose()).map_err(|e| {
+        Error::new(
+            ErrorKind::Config,
+            format!("notifier {:?}: the url is not a URL: {e}", n.notifier),
         )
     })?;
+    let mut headers = reqwest::header::HeaderMap::new();
+    let header = |k: &str, v: &str| {
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes()).ok()?;
+        let mut value = reqwest::header::HeaderValue::from_str(v).ok()?;
+        value.set_sensitive(true);
+        Some((name, value))
+    };
+    for (k, v) in [
+        ("Idempotency-Key", n.key.as_str()),
+        ("Content-Type", "application/json"),
+    ]
+    .into_iter()
+    .chain(
+        notifier
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.expose())),
+    ) {
+        let (name, value) = header(k, v).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!(
+                    "notifier {:?}: header {k:?} is not a valid header",
+                    n.notifier
+                ),
+            )
+        })?;
+        headers.insert(name, value);
+    }
+    let response = client
+        .send(
+            &reqwest::Method::POST,
+            &url,
+            headers,
+            body.to_string().into(),
+        )
+        .await
+        .map_err(|e| match e {
+            SendError::Auth(why) => Error::new(
+                ErrorKind::Unavailable,
+                format!("notifier {:?}: no credentials: {why}", n.notifier),
+            ),
+            SendError::Request(e) => Error::with_source(
+                ErrorKind::Connect,
+                format!("notifier {:?}: the request failed", n.notifier),
+                e.without_url(),
+            ),
+        })?;
     let status = response.status();
     if status.is_success() {
         Ok(())

@@ -16,7 +16,7 @@ use caudal_core::delivery::{StatusClass, StatusClasses};
 use caudal_core::sink::{Batch, Delivery, Event, Sink};
 use caudal_core::{Error, ErrorKind, Result};
 use reqwest::header::{
-    AUTHORIZATION, CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
+    CONTENT_ENCODING, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue, RETRY_AFTER,
 };
 use serde::Serialize;
 
@@ -195,62 +195,34 @@ impl HttpSink {
         headers: HeaderMap,
         body: bytes::Bytes,
     ) -> std::result::Result<reqwest::Response, String> {
-        use super::partner::Auth;
-        let request = |headers: HeaderMap| {
-            self.client
-                .request(self.method.clone(), self.url.clone())
-                .headers(headers)
-                .body(body.clone())
-        };
-        let sent = |e: reqwest::Error| {
-            let what = if e.is_timeout() {
-                "timed out"
-            } else if e.is_connect() {
-                "could not connect"
-            } else {
-                "failed"
-            };
-            format!(
-                "{} {}: request {what}: {}",
-                self.method,
-                self.url,
-                error_chain(&e)
-            )
-        };
-        let mut headers = headers;
-        match &self.auth {
-            None => request(headers).send().await.map_err(sent),
-            Some(Auth::Basic(value)) => {
-                headers.insert(AUTHORIZATION, value.clone());
-                request(headers).send().await.map_err(sent)
+        use super::partner::SendError;
+        super::partner::send(
+            &self.client,
+            self.auth.as_ref(),
+            &self.method,
+            &self.url,
+            headers,
+            body,
+        )
+        .await
+        .map_err(|e| match e {
+            SendError::Auth(why) => why,
+            SendError::Request(e) => {
+                let what = if e.is_timeout() {
+                    "timed out"
+                } else if e.is_connect() {
+                    "could not connect"
+                } else {
+                    "failed"
+                };
+                format!(
+                    "{} {}: request {what}: {}",
+                    self.method,
+                    self.url,
+                    error_chain(&e)
+                )
             }
-            Some(Auth::Hmac(signer)) => {
-                let (name, value) = signer.sign(
-                    jiff::Timestamp::now().as_second(),
-                    &self.method,
-                    &self.url,
-                    &body,
-                );
-                headers.insert(name, value);
-                request(headers).send().await.map_err(sent)
-            }
-            Some(Auth::OAuth2(tokens)) => {
-                let token = tokens.authorization().await?;
-                let mut first = headers.clone();
-                first.insert(AUTHORIZATION, token.clone());
-                let response = request(first).send().await.map_err(sent)?;
-                if response.status() != reqwest::StatusCode::UNAUTHORIZED {
-                    return Ok(response);
-                }
-                // The token was refused (revoked, or expired early): once
-                // more with a new one.
-                let _ = response.bytes().await;
-                tokens.refused(&token).await;
-                let token = tokens.authorization().await?;
-                headers.insert(AUTHORIZATION, token);
-                request(headers).send().await.map_err(sent)
-            }
-        }
+        })
     }
 
     /// Whether the receiver can be reached and the sink's credentials

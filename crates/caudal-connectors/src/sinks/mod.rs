@@ -7,6 +7,6 @@ pub mod http;
 pub mod kafka;
 #[cfg(feature = "nats")]
 pub mod nats;
-mod partner;
+pub mod partner;
 #[cfg(feature = "rabbitmq")]
 pub mod rabbitmq;

@@ -70,6 +70,107 @@ impl Auth {
     }
 }
 
+/// Why an authenticated request got no answer.
+#[derive(Debug)]
+pub enum SendError {
+    /// The request failed (connect, TLS, timeout).
+    Request(reqwest::Error),
+    /// No credentials to send: the OAuth2 token endpoint failed.
+    Auth(String),
+}
+
+/// Sends `method url` with `headers` and `body` through `client`, with
+/// `auth` applied: a basic `Authorization`, an HMAC signature of this
+/// very request, or the cached OAuth2 token (a 401 answered to a token
+/// drops it, and the request is sent once more with a new one).
+pub(crate) async fn send(
+    client: &reqwest::Client,
+    auth: Option<&Auth>,
+    method: &reqwest::Method,
+    url: &reqwest::Url,
+    headers: reqwest::header::HeaderMap,
+    body: bytes::Bytes,
+) -> Result<reqwest::Response, SendError> {
+    use reqwest::header::AUTHORIZATION;
+    let request = |headers: reqwest::header::HeaderMap| {
+        client
+            .request(method.clone(), url.clone())
+            .headers(headers)
+            .body(body.clone())
+    };
+    let mut headers = headers;
+    match auth {
+        None => request(headers).send().await.map_err(SendError::Request),
+        Some(Auth::Basic(value)) => {
+            headers.insert(AUTHORIZATION, value.clone());
+            request(headers).send().await.map_err(SendError::Request)
+        }
+        Some(Auth::Hmac(signer)) => {
+            let (name, value) = signer.sign(jiff::Timestamp::now().as_second(), method, url, &body);
+            headers.insert(name, value);
+            request(headers).send().await.map_err(SendError::Request)
+        }
+        Some(Auth::OAuth2(tokens)) => {
+            let token = tokens.authorization().await.map_err(SendError::Auth)?;
+            let mut first = headers.clone();
+            first.insert(AUTHORIZATION, token.clone());
+            let response = request(first).send().await.map_err(SendError::Request)?;
+            if response.status() != reqwest::StatusCode::UNAUTHORIZED {
+                return Ok(response);
+            }
+            // The token was refused (revoked, or expired early): once
+            // more with a new one.
+            let _ = response.bytes().await;
+            tokens.refused(&token).await;
+            let token = tokens.authorization().await.map_err(SendError::Auth)?;
+            headers.insert(AUTHORIZATION, token);
+            request(headers).send().await.map_err(SendError::Request)
+        }
+    }
+}
+
+/// An HTTP client that authenticates the way a partner's endpoint asks
+/// (`auth`, `tls`), for the callers besides the HTTP sink: alert
+/// notifiers and workflow `http` tasks. Keep one per endpoint: it caches
+/// its OAuth2 token.
+#[derive(Debug)]
+pub struct PartnerClient {
+    client: reqwest::Client,
+    auth: Option<Auth>,
+}
+
+impl PartnerClient {
+    /// A client from `builder` (its timeouts, redirect policy and agent),
+    /// with `tls`'s CA and client certificate and `auth`'s credentials,
+    /// read now from the environment or files.
+    pub fn new(
+        builder: reqwest::ClientBuilder,
+        auth: Option<&HttpAuth>,
+        tls: Option<&HttpTls>,
+    ) -> Result<Self, String> {
+        let builder = match tls {
+            Some(tls) => with_tls(builder, tls)?,
+            None => builder,
+        };
+        let client = builder
+            .build()
+            .map_err(|e| format!("cannot build the HTTP client: {e}"))?;
+        let auth = auth.map(|a| Auth::new(a, tls)).transpose()?;
+        Ok(Self { client, auth })
+    }
+
+    /// Sends one request with the credentials applied (see [`send`]).
+    pub async fn send(
+        &self,
+        method: &reqwest::Method,
+        url: &reqwest::Url,
+        headers: reqwest::header::HeaderMap,
+        body: bytes::Bytes,
+    ) -> Result<reqwest::Response, SendError> {
+        send(&self.client, self.auth.as_ref(), method, url, headers, body).await
+    }
+}
+
 /// Adds the custom CA and the client certificate of `tls` to `builder`.
 pub(crate) fn with_tls(
     builder: reqwest::ClientBuilder,

@@ -159,6 +159,13 @@ pub struct NotifierConfig {
     #[serde(default = "default_timeout")]
     #[schemars(extend("default" = "10s"))]
     pub timeout: Duration,
+    /// How the webhook knows caudal: basic, OAuth2 client credentials or
+    /// an HMAC signature, as on the HTTP sink (docs/delivery.md).
+    #[serde(default)]
+    pub auth: Option<super::partner::HttpAuth>,
+    /// A custom CA and a client certificate, as on the HTTP sink.
+    #[serde(default)]
+    pub tls: Option<super::partner::HttpTls>,
 }
 
 fn default_timeout() -> Duration {
@@ -179,6 +186,8 @@ pub(super) fn check(config: &super::Config, out: &mut Vec<Problem>) {
         if n.timeout.0.is_zero() {
             out.push(Problem::at(path.key("timeout"), "must be greater than 0s"));
         }
+        let header_names: Vec<String> = n.headers.keys().map(|h| h.to_ascii_lowercase()).collect();
+        super::partner::check_partner(&path, n.auth.as_ref(), n.tls.as_ref(), &header_names, out);
     }
     for (name, a) in &config.alerts {
         let path = root.key("alerts").key(name.clone());

@@ -243,6 +243,13 @@ pub struct TaskConfig {
     /// http: the request body (a template).
     #[serde(default)]
     pub body: Option<String>,
+    /// http: how the endpoint knows caudal (basic, OAuth2 client
+    /// credentials or an HMAC signature), as on the HTTP sink.
+    #[serde(default)]
+    pub auth: Option<super::partner::HttpAuth>,
+    /// http: a custom CA and a client certificate, as on the HTTP sink.
+    #[serde(default)]
+    pub tls: Option<super::partner::HttpTls>,
     /// Tasks that must end before this one starts.
     #[serde(default)]
     pub depends_on: Vec<String>,
@@ -602,6 +609,8 @@ fn check_task(
     only("method", task.method.is_some(), TaskType::Http, out);
     only("headers", !task.headers.is_empty(), TaskType::Http, out);
     only("body", task.body.is_some(), TaskType::Http, out);
+    only("auth", task.auth.is_some(), TaskType::Http, out);
+    only("tls", task.tls.is_some(), TaskType::Http, out);
     only("site", task.site.is_some(), TaskType::Command, out);
     only("source", task.source.is_some(), TaskType::Crawl, out);
     only(
@@ -671,6 +680,18 @@ fn check_task(
                     format!("{method:?} is not an HTTP method"),
                 ));
             }
+            let header_names: Vec<String> = task
+                .headers
+                .keys()
+                .map(|h| h.to_ascii_lowercase())
+                .collect();
+            super::partner::check_partner(
+                path,
+                task.auth.as_ref(),
+                task.tls.as_ref(),
+                &header_names,
+                out,
+            );
         }
     }
     for (i, dep) in task.depends_on.iter().enumerate() {

@@ -21,6 +21,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use caudal_connectors::sinks::partner::{PartnerClient, SendError};
 use caudal_core::config::Config;
 use caudal_store::Store;
 use nix::sys::signal::{Signal, kill, killpg};
@@ -62,6 +63,11 @@ pub(crate) enum Work {
         url: String,
         headers: Vec<(String, String)>,
         body: Option<String>,
+        /// The workflow whose task (`id.task`) sets `auth` or `tls`: the
+        /// node running the attempt reads them from its own
+        /// configuration, so no secret travels through the store.
+        #[serde(default)]
+        partner_of: Option<String>,
     },
     Pipeline {
         name: String,
@@ -155,6 +161,50 @@ pub(crate) struct Shared {
     pub store: Store,
     pub http: reqwest::Client,
     pub holder: String,
+    /// The clients of `http` tasks with `auth` or `tls`, per (workflow,
+    /// task), made on first use and kept (an OAuth2 token is reused).
+    pub partners: Arc<Partners>,
+}
+
+/// A task's client, or why it cannot be made.
+type MadeClient = Arc<std::result::Result<PartnerClient, String>>;
+
+/// See [`Shared::partners`].
+#[derive(Debug, Default)]
+pub(crate) struct Partners(
+    std::sync::Mutex<std::collections::HashMap<(String, String), MadeClient>>,
+);
+
+impl Partners {
+    /// The client of task `task` of workflow `workflow`, as `config` sets
+    /// it up; the reason when it cannot be made.
+    fn client(&self, config: &Config, workflow: &str, task: &str) -> MadeClient {
+        let mut clients = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        clients
+            .entry((workflow.to_string(), task.to_string()))
+            .or_insert_with(|| {
+                let made = match config
+                    .workflows
+                    .get(workflow)
+                    .and_then(|w| w.tasks.get(task))
+                {
+                    None => Err(format!(
+                        "task {task:?} of workflow {workflow:?} is not in this node's configuration"
+                    )),
+                    Some(t) => PartnerClient::new(
+                        reqwest::Client::builder()
+                            .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION"))),
+                        t.auth.as_ref(),
+                        t.tls.as_ref(),
+                    ),
+                };
+                Arc::new(made)
+            })
+            .clone()
+    }
 }
 
 /// Runs one attempt to its end and reports it on `events`. `stop`
@@ -451,6 +501,7 @@ async fn run_http(
         url,
         headers,
         body,
+        partner_of,
     } = &spec.work
     else {
         return done(spec, Ending::Failed, Some("not an http task".into()));
@@ -465,18 +516,63 @@ async fn run_http(
             );
         }
     };
-    let mut request = shared.http.request(method, url);
+    let target = match reqwest::Url::parse(url) {
+        Ok(u) => u,
+        Err(e) => {
+            return done(
+                spec,
+                Ending::Failed,
+                Some(format!("{url:?} is not a URL: {e}")),
+            );
+        }
+    };
+    let mut header_map = reqwest::header::HeaderMap::new();
     for (k, v) in headers {
-        request = request.header(k, v);
+        let name = reqwest::header::HeaderName::from_bytes(k.as_bytes());
+        let value = reqwest::header::HeaderValue::from_str(v);
+        let (Ok(name), Ok(mut value)) = (name, value) else {
+            return done(
+                spec,
+                Ending::Failed,
+                Some(format!("headers.{k}: not a valid header name and value")),
+            );
+        };
+        value.set_sensitive(true);
+        header_map.append(name, value);
     }
-    if let Some(body) = body {
-        request = request.body(body.clone());
-    }
+    let body = body.clone();
     let send = async {
-        let response = request
-            .send()
-            .await
-            .map_err(|e| format!("request to {url} failed: {e}"))?;
+        let response = match partner_of {
+            None => {
+                let mut request = shared.http.request(method.clone(), target.clone());
+                request = request.headers(header_map);
+                if let Some(body) = body {
+                    request = request.body(body);
+                }
+                request
+                    .send()
+                    .await
+                    .map_err(|e| format!("request to {url} failed: {e}"))?
+            }
+            Some(workflow) => {
+                let client = shared
+                    .partners
+                    .client(&shared.config, workflow, &spec.id.task);
+                let client = client.as_ref().as_ref().map_err(Clone::clone)?;
+                client
+                    .send(
+                        &method,
+                        &target,
+                        header_map,
+                        body.unwrap_or_default().into(),
+                    )
+                    .await
+                    .map_err(|e| match e {
+                        SendError::Auth(why) => format!("no credentials for {url}: {why}"),
+                        SendError::Request(e) => format!("request to {url} failed: {e}"),
+                    })?
+            }
+        };
         let status = response.status();
         let text = response.text().await.unwrap_or_default();
         Ok::<_, String>((status, text))

@@ -519,6 +519,7 @@ pub async fn execute(
         store: store.clone(),
         http,
         holder: holder.clone(),
+        partners: Arc::default(),
     };
     let interrupt = CancellationToken::new();
     let writer_failed = CancellationToken::new();
@@ -1878,6 +1879,8 @@ impl Executor {
                     url,
                     headers,
                     body,
+                    partner_of: (task.auth.is_some() || task.tls.is_some())
+                        .then(|| run.row.workflow.clone()),
                 }
             }
             TaskType::Pipeline => Work::Pipeline {

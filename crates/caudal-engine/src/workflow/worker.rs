@@ -95,6 +95,7 @@ pub async fn work(
         store: store.clone(),
         http,
         holder: node.clone(),
+        partners: Arc::default(),
     };
     let wakeups = match store.dispatch_wakeups(Wake::HandedOut).await {
         Ok(w) => w,
