@@ -448,3 +448,247 @@ async fn a_client_certificate_and_a_private_ca() {
     );
     world.cleanup().await;
 }
+
+/// Whether `r` carries a valid `X-Partner-Signature` of `HMAC_SECRET`.
+fn signed(r: &caudal_testkit::ReceivedRequest) -> bool {
+    let header = r
+        .headers
+        .get("x-partner-signature")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    let fields: BTreeMap<&str, &str> = header
+        .split(',')
+        .filter_map(|p| p.split_once('='))
+        .collect();
+    let (Some(t), Some(v1)) = (fields.get("t"), fields.get("v1")) else {
+        return false;
+    };
+    let mut target = r.path.clone();
+    if let Some(q) = &r.query {
+        target = format!("{target}?{q}");
+    }
+    let mut mac =
+        hmac::Hmac::<sha2::Sha256>::new_from_slice(HMAC_SECRET.as_bytes()).expect("any key");
+    mac.update(format!("{t}\n{}\n{target}\n", r.method).as_bytes());
+    mac.update(&r.raw_body);
+    let expected: String = mac
+        .finalize()
+        .into_bytes()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    expected == *v1
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alert_notifier_signs_its_notifications() {
+    let mut world = World::sqlite().await;
+    world.every = "1s".into();
+    world.retry = "{ max_attempts = 1 }".into();
+    // The partner refuses every record: dead letters, so the alert fires.
+    world.receiver.set_behaviour(Reply::status(422));
+    world.insert(1..=3, 0).await;
+    let webhook = Receiver::start().await;
+    webhook.set_behaviour(Behaviour::custom(|r| {
+        Reply::status(if signed(r) { 200 } else { 401 })
+    }));
+    let secret = write_secret(world.dir.path(), "hook-secret", HMAC_SECRET);
+    let path = world.write_config();
+    let base = std::fs::read_to_string(&path).expect("the config");
+    std::fs::write(
+        &path,
+        format!(
+            "{base}
+[notifiers.ops]
+url = \"{hook}\"
+auth = {{ hmac = {{ secret = {{ file = \"{secret}\" }}, header = \"X-Partner-Signature\" }} }}
+
+[alerts.refused]
+check = \"dead_letters\"
+pipeline = \"{PIPELINE}\"
+above = 0
+every = \"1s\"
+notify = [\"ops\"]
+",
+            hook = webhook.url("/ops"),
+        ),
+    )
+    .expect("write the config");
+    let daemon = spawn_daemon(&path, world.dir.path(), 1);
+    let deadline = Instant::now() + PATIENCE;
+    while !webhook.requests().iter().any(|r| r.status == Some(200)) {
+        assert!(
+            Instant::now() < deadline,
+            "no signed notification was taken: {:?}\n{}",
+            webhook
+                .requests()
+                .iter()
+                .map(|r| r.status)
+                .collect::<Vec<_>>(),
+            daemon.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (_, log) = daemon.stop(Signal::SIGTERM).await;
+    let requests = webhook.requests();
+    assert!(requests.iter().all(signed), "every notification is signed");
+    let first = &requests[0];
+    assert!(first.headers.contains_key("idempotency-key"), "{first:?}");
+    let body = first.json.clone().unwrap_or_default();
+    assert_eq!(body["alert"], "refused", "{body}");
+    assert_eq!(body["status"], "firing", "{body}");
+    assert!(!log.contains(HMAC_SECRET), "{log}");
+    world.cleanup().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workflow_http_tasks_use_oauth2_and_a_client_certificate() {
+    let world = World::sqlite().await;
+    // The authorization server: client credentials in the form.
+    let endpoint = Receiver::start().await;
+    let issued = Arc::new(Mutex::new(0usize));
+    let count = Arc::clone(&issued);
+    endpoint.set_behaviour(Behaviour::custom(move |r| {
+        let form = String::from_utf8_lossy(&r.body).into_owned();
+        if !form.contains(&format!("client_secret={CLIENT_SECRET}")) {
+            return Reply::status(401).json(&serde_json::json!({"error": "invalid_client"}));
+        }
+        let mut n = count.lock().expect("the count");
+        *n += 1;
+        Reply::status(200).json(&serde_json::json!({
+            "access_token": format!("tok-{n}"), "token_type": "Bearer", "expires_in": 300,
+        }))
+    }));
+    // The partner's API: a token the endpoint issued.
+    world.receiver.set_behaviour(Behaviour::custom(|r| {
+        let token = r
+            .headers
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        if r.path.starts_with("/items/") && token != "Bearer tok-1" {
+            return Reply::status(401);
+        }
+        Reply::status(200).json(&serde_json::json!({"ok": true}))
+    }));
+    let certs = world.dir.path().join("certs");
+    std::fs::create_dir_all(&certs).expect("a directory");
+    support::tls::certificates(&certs);
+    let (port, handshakes) = tls_front(&certs, world.receiver.addr()).await;
+    let c = |f: &str| certs.join(f).display().to_string();
+    let secret = write_secret(world.dir.path(), "client-secret", CLIENT_SECRET);
+    let path = world.write_config();
+    let base = std::fs::read_to_string(&path).expect("the config");
+    let flow = |mtls: &str| {
+        format!(
+            "{base}
+[workflows.calls.tasks.list]
+type = \"command\"
+run = [\"sh\", \"-c\", \"printf '1\\\\n2\\\\n3\\\\n' > \\\"$CAUDAL_ITEMS\\\"\"]
+
+[workflows.calls.tasks.fetch]
+type = \"http\"
+depends_on = [\"list\"]
+for_each = \"{{{{ tasks.list.items }}}}\"
+url = \"{partner}/items/{{{{ item }}}}\"
+auth = {{ oauth2 = {{ token_url = \"{token_url}\", client_id = \"caudal\", client_secret = {{ file = \"{secret}\" }}, client_auth = \"body\" }} }}
+
+[workflows.calls.tasks.hello]
+type = \"http\"
+depends_on = [\"fetch\"]
+url = \"https://127.0.0.1:{port}/hello\"
+{mtls}
+",
+            partner = world.receiver.url(""),
+            token_url = endpoint.url("/oauth/token"),
+        )
+    };
+    // Without the client certificate the TLS front refuses the last task.
+    std::fs::write(
+        &path,
+        flow(&format!("tls = {{ ca = \"{}\" }}", c("ca.pem"))),
+    )
+    .expect("config");
+    let refused = Output::of(command(
+        &path,
+        world.dir.path(),
+        &["workflow", "run", "calls", "--wait"],
+    ))
+    .await;
+    assert_ne!(refused.code, Some(0), "{refused}");
+    assert!(
+        handshakes
+            .lock()
+            .expect("the handshakes")
+            .iter()
+            .any(|h| h.starts_with("refused")),
+        "{refused}"
+    );
+    assert_eq!(
+        world
+            .receiver
+            .requests()
+            .iter()
+            .filter(|r| r.path == "/hello")
+            .count(),
+        0
+    );
+    // With it, every task succeeds; one token served the three items.
+    std::fs::write(
+        &path,
+        flow(&format!(
+            "tls = {{ ca = \"{}\", cert = \"{}\", key = {{ file = \"{}\" }} }}",
+            c("ca.pem"),
+            c("client.pem"),
+            c("client.key")
+        )),
+    )
+    .expect("config");
+    *issued.lock().expect("the count") = 0;
+    world.receiver.clear();
+    let out = Output::of(command(
+        &path,
+        world.dir.path(),
+        &["workflow", "run", "calls", "--wait"],
+    ))
+    .await;
+    assert_eq!(out.code, Some(0), "{out}");
+    let requests = world.receiver.requests();
+    let items: BTreeSet<String> = requests
+        .iter()
+        .filter(|r| r.path.starts_with("/items/") && r.status == Some(200))
+        .map(|r| r.path.clone())
+        .collect();
+    assert_eq!(
+        items,
+        ["/items/1", "/items/2", "/items/3"]
+            .into_iter()
+            .map(String::from)
+            .collect(),
+        "{out}"
+    );
+    assert_eq!(
+        *issued.lock().expect("the count"),
+        1,
+        "one token for every item"
+    );
+    assert!(
+        requests
+            .iter()
+            .any(|r| r.path == "/hello" && r.status == Some(200))
+    );
+    assert!(
+        handshakes
+            .lock()
+            .expect("the handshakes")
+            .iter()
+            .any(|h| h == "client certificate verified")
+    );
+    for secret in [CLIENT_SECRET, "tok-1"] {
+        assert!(
+            !out.stdout.contains(secret) && !out.stderr.contains(secret),
+            "{out}"
+        );
+    }
+    world.cleanup().await;
+}
