@@ -188,6 +188,40 @@ fn connect_failure(e: &Error) -> Finding {
 }
 
 async fn store(config: &Config, options: Options) -> Vec<Finding> {
+    // A SQLite store not made yet is not made by a check: say whether the
+    // first run can make it.
+    if let Some(file) = caudal_core::config::sqlite_state_file(config.state.url.expose()) {
+        let file = Path::new(file);
+        if !file.exists() {
+            let dir = match file.parent() {
+                Some(d) if !d.as_os_str().is_empty() => d,
+                _ => Path::new("."),
+            };
+            let (finding, _, _) = inspect_dir(dir);
+            return vec![if finding.failed() {
+                Finding::fail(
+                    "open",
+                    format!(
+                        "{} does not exist yet, and {} cannot be written: the first run \
+                         cannot create it",
+                        file.display(),
+                        dir.display()
+                    ),
+                    "make the store's directory writable by caudal's user, or correct \
+                     state.url",
+                )
+            } else {
+                Finding::ok(
+                    "open",
+                    format!(
+                        "{} does not exist yet; the first run creates it in {}",
+                        file.display(),
+                        dir.display()
+                    ),
+                )
+            }];
+        }
+    }
     let opened = match within(
         options.timeout,
         "open",

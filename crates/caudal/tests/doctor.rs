@@ -990,3 +990,31 @@ schedule = {{ every = \"1h\" }}
     );
     world.cleanup().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sqlite_store_not_made_yet_is_not_made_by_doctor() {
+    let world = World::sqlite().await;
+    let fresh = world.dir.path().join("fresh").join("state.db");
+    let config = world.config_toml().replace(
+        &format!("sqlite://{}", world.state_db().display()),
+        &format!("sqlite://{}", fresh.display()),
+    );
+    assert!(config.contains(&fresh.display().to_string()), "{config}");
+    let (code, report) = doctor_json(&world, &config).await;
+    let open = check(&report, "store", "open");
+    assert_eq!(open["status"], "ok", "{report:#}");
+    assert!(
+        open["found"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("does not exist yet"),
+        "{open}"
+    );
+    assert!(!fresh.exists(), "doctor created the store");
+    assert!(
+        !fresh.parent().expect("a parent").exists(),
+        "doctor created its directory"
+    );
+    assert_eq!(code, Some(0), "{report:#}");
+    world.cleanup().await;
+}

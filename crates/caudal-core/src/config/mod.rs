@@ -187,7 +187,7 @@ impl Config {
 
 /// The file of a `sqlite://PATH` or `sqlite:PATH` state url (not for an
 /// in-memory database).
-fn sqlite_state_file(url: &str) -> Option<&str> {
+pub fn sqlite_state_file(url: &str) -> Option<&str> {
     let rest = url.strip_prefix("sqlite:")?;
     let rest = rest.strip_prefix("//").unwrap_or(rest);
     let (path, query) = rest.split_once('?').unwrap_or((rest, ""));
