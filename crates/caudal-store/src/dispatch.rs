@@ -7,9 +7,11 @@
 //! decides what follows and forgets the rows.
 //!
 //! Promises:
-//! - **One claimer.** [`Store::claim_dispatch`] takes ready rows with
-//!   `FOR UPDATE SKIP LOCKED` on PostgreSQL (SQLite has one writer), so of
-//!   any number of nodes claiming at once each row goes to exactly one.
+//! - **One claimer.** [`Store::claim_dispatch`] claims under an advisory
+//!   transaction lock on PostgreSQL (SQLite has one writer), with
+//!   `FOR UPDATE SKIP LOCKED` besides, so of any number of nodes claiming
+//!   at once each row goes to exactly one, and each claim sees the claims
+//!   committed before it.
 //! - **Fenced by token.** Every claim and every rescue adds one to the row's
 //!   token; a node's heartbeat ([`Store::beat_dispatch`]) and outcome
 //!   ([`Store::finish_dispatch`]) count only with the token of its claim,
@@ -170,6 +172,8 @@ fn key(t: KeyTuple) -> DispatchKey {
 }
 
 /// Claims ready rows, skipping those another node is claiming.
+/// The advisory lock claims take on PostgreSQL ("caudal" and 1).
+const CLAIM_LOCK: i64 = 0x6361_7564_616c_0001;
 const CLAIM_POSTGRES: &str = "UPDATE workflow_dispatch AS d SET state = 'claimed', node = $1, token = d.token + 1, \
              heartbeat_at = (SELECT now_us FROM clock) \
              FROM (SELECT run_id, task, map_index, attempt FROM workflow_dispatch \
@@ -295,6 +299,16 @@ impl Store {
         with_pool!(self, |pool| {
             async {
                 let mut tx = pool.begin().await?;
+                if claim == CLAIM_POSTGRES {
+                    // One claimer at a time: each claim's snapshot then
+                    // sees the lane rows the previous one claimed (the
+                    // lane guard's NOT EXISTS would miss a concurrent
+                    // claim under READ COMMITTED). Claims are short.
+                    sqlx::query("SELECT pg_advisory_xact_lock($1)")
+                        .bind(CLAIM_LOCK)
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 let rows: Vec<(i64, String, i64, i64, i64, String)> = sqlx::query_as(claim)
                     .bind(node)
                     .bind(i64::from(limit))
@@ -523,6 +537,20 @@ impl Store {
                 e,
             )
         })
+    }
+
+    /// The nodes other than `node` running a lane row now (the previous
+    /// sites node's site-bound attempts, which `node`'s wait for).
+    pub async fn lane_claims_elsewhere(&self, node: &str) -> Result<Vec<(String, i64)>> {
+        let sql = "SELECT node, count(*) FROM workflow_dispatch WHERE state = 'claimed' \
+             AND lane <> '' AND node <> $1 GROUP BY node ORDER BY node";
+        with_pool!(self, |pool| {
+            sqlx::query_as::<_, (String, i64)>(sql)
+                .bind(node)
+                .fetch_all(pool)
+                .await
+        })
+        .map_err(|e| store_error("reading the site-bound attempts of other nodes".into(), e))
     }
 
     /// Gives every ready row kept for a lane to node `lane` instead (the

@@ -1639,7 +1639,7 @@ impl Executor {
                 .get(name)
                 .and_then(|p| self.config.sources.get(&p.source))
                 .is_some_and(|s| s.crawl().is_some()),
-            Work::Http { .. } => false,
+            Work::Http { .. } | Work::PartnerHttp { .. } => false,
         };
         let text = match serde_json::to_string(&spec) {
             Ok(t) => t,
@@ -1703,6 +1703,13 @@ impl Executor {
                 tracing::warn!(error = %e.report(), "cannot move site-bound workflow attempts");
                 return;
             }
+        }
+        if self.lane.as_deref() != Some(lane.as_str())
+            && let Ok(busy) = self.store.lane_claims_elsewhere(&lane).await
+            && !busy.is_empty()
+        {
+            let busy: Vec<String> = busy.iter().map(|(n, c)| format!("{n} ({c})")).collect();
+            tracing::warn!(node = %lane, running_on = %busy.join(", "), "the sites node changed: its site-bound workflow attempts wait until the previous sites node's running ones end (or are rescued)");
         }
         self.lane = Some(lane);
     }
@@ -1874,13 +1881,21 @@ impl Executor {
                     .method
                     .clone()
                     .unwrap_or_else(|| if body.is_some() { "POST" } else { "GET" }.to_string());
-                Work::Http {
-                    method,
-                    url,
-                    headers,
-                    body,
-                    partner_of: (task.auth.is_some() || task.tls.is_some())
-                        .then(|| run.row.workflow.clone()),
+                if task.auth.is_some() || task.tls.is_some() {
+                    Work::PartnerHttp {
+                        method,
+                        url,
+                        headers,
+                        body,
+                        workflow: run.row.workflow.clone(),
+                    }
+                } else {
+                    Work::Http {
+                        method,
+                        url,
+                        headers,
+                        body,
+                    }
                 }
             }
             TaskType::Pipeline => Work::Pipeline {
