@@ -61,7 +61,7 @@ pub async fn serve(
     let sender = {
         let (config, store, stop) = (config.clone(), store.clone(), shutdown.clone());
         tokio::spawn(async move {
-            let notifiers = Notifiers::new(&config);
+            let notifiers = Notifiers::default();
             let mut tick = tokio::time::interval(TICK);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
@@ -393,29 +393,37 @@ async fn check_value(
 }
 
 /// The notifiers' HTTP clients, each with its `auth` and `tls` (one per
-/// notifier, so an OAuth2 token is fetched once and reused).
-#[derive(Debug)]
-pub struct Notifiers(BTreeMap<String, std::result::Result<PartnerClient, String>>);
+/// notifier, so an OAuth2 token is fetched once and reused), made on first
+/// use. One whose credentials cannot be read is not kept: its
+/// notifications fail with the reason and are tried again, reading them
+/// again, until they can be.
+#[derive(Debug, Default)]
+pub struct Notifiers(std::sync::Mutex<BTreeMap<String, Arc<PartnerClient>>>);
 
 impl Notifiers {
-    /// The clients of `config`'s notifiers. One whose credentials cannot
-    /// be read keeps the reason: its notifications fail with it, and are
-    /// tried again, until the configuration is fixed.
-    pub fn new(config: &Config) -> Self {
-        Self(
-            config
-                .notifiers
-                .iter()
-                .map(|(name, n)| {
-                    let builder = reqwest::Client::builder()
-                        .timeout(n.timeout.as_std())
-                        .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")));
-                    let client = PartnerClient::new(builder, n.auth.as_ref(), n.tls.as_ref())
-                        .map_err(|why| format!("notifier {name:?}: {why}"));
-                    (name.clone(), client)
-                })
-                .collect(),
-        )
+    /// The client of notifier `name` as `config` sets it up.
+    fn client(&self, config: &Config, name: &str) -> Result<Arc<PartnerClient>> {
+        let mut clients = self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(c) = clients.get(name) {
+            return Ok(c.clone());
+        }
+        let n = config.notifiers.get(name).ok_or_else(|| {
+            Error::new(
+                ErrorKind::Config,
+                format!("notifier {name:?} is no longer in the configuration"),
+            )
+        })?;
+        let builder = reqwest::Client::builder()
+            .timeout(n.timeout.as_std())
+            .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION")));
+        let client = PartnerClient::new(builder, n.auth.as_ref(), n.tls.as_ref())
+            .map_err(|why| Error::new(ErrorKind::Config, format!("notifier {name:?}: {why}")))?;
+        let client = Arc::new(client);
+        clients.insert(name.to_string(), client.clone());
+        Ok(client)
     }
 }
 
@@ -444,7 +452,8 @@ pub async fn send_due(config: &Config, store: &Store, notifiers: &Notifiers) -> 
 }
 
 async fn send(config: &Config, notifiers: &Notifiers, n: &Notification) -> Result<()> {
-    let gone = || {
+    let client = notifiers.client(config, &n.notifier)?;
+    let notifier = config.notifiers.get(&n.notifier).ok_or_else(|| {
         Error::new(
             ErrorKind::Config,
             format!(
@@ -452,12 +461,7 @@ async fn send(config: &Config, notifiers: &Notifiers, n: &Notification) -> Resul
                 n.notifier
             ),
         )
-    };
-    let notifier = config.notifiers.get(&n.notifier).ok_or_else(gone)?;
-    let client = match notifiers.0.get(&n.notifier).ok_or_else(gone)? {
-        Ok(c) => c,
-        Err(why) => return Err(Error::new(ErrorKind::Config, why.clone())),
-    };
+    })?;
     let payload: Value = serde_json::from_str(&n.payload)
         .map_err(|e| Error::with_source(ErrorKind::Internal, "an unreadable notification", e))?;
     let body = match notifier.format {

@@ -197,7 +197,7 @@ async fn store(config: &Config, options: Options) -> Vec<Finding> {
                 Some(d) if !d.as_os_str().is_empty() => d,
                 _ => Path::new("."),
             };
-            let (finding, _, _) = inspect_dir(dir);
+            let (finding, _) = writable(dir);
             return vec![if finding.failed() {
                 Finding::fail(
                     "open",
@@ -328,6 +328,14 @@ async fn buffer_dir(config: &Config) -> Vec<Finding> {
 /// parent, where it would be created) takes a file; the free space there;
 /// the bytes buffers already hold in `dir`.
 fn inspect_dir(dir: &Path) -> (Finding, std::io::Result<caudal_buffer::Space>, u64) {
+    let (writable, existing) = writable(dir);
+    let space = caudal_buffer::space(&existing).map_err(|e| std::io::Error::other(e.to_string()));
+    (writable, space, dir_bytes(dir))
+}
+
+/// Whether `dir` (or, while it does not exist, the nearest existing
+/// parent) takes a file; and that existing directory.
+fn writable(dir: &Path) -> (Finding, PathBuf) {
     let existing = dir
         .ancestors()
         .find(|d| d.as_os_str().is_empty() || d.exists())
@@ -363,8 +371,7 @@ fn inspect_dir(dir: &Path) -> (Finding, std::io::Result<caudal_buffer::Space>, u
             ),
         ),
     };
-    let space = caudal_buffer::space(&existing).map_err(|e| std::io::Error::other(e.to_string()));
-    (writable, space, dir_bytes(dir))
+    (writable, existing)
 }
 
 /// The bytes of the files under `dir` (0 when it does not exist).
@@ -400,7 +407,8 @@ async fn probe_source(
     let sql = match source {
         SourceConfig::Postgres(sql) | SourceConfig::Mysql(sql) | SourceConfig::Sqlite(sql) => sql,
         SourceConfig::Crawl(crawl) => {
-            return caudal_connectors::crawl::probe::probe(&config.crawl, crawl).await;
+            return caudal_connectors::crawl::probe::probe(&config.crawl, crawl, options.timeout)
+                .await;
         }
         SourceConfig::Aggregate(a) => return probe_aggregate(config, &a.aggregate),
         SourceConfig::Rabbitmq(_) | SourceConfig::Nats(_) | SourceConfig::Kafka(_) => {

@@ -124,6 +124,12 @@ schedule = {{ every = \"1h\" }}
         nats = brokers::NATS_ADDR,
     );
 
+    // A store an earlier command made: doctor opens it and checks a write.
+    let path = world.dir.path().join("doctor.toml");
+    std::fs::write(&path, &config).expect("write the config");
+    let status = world.caudal_with(&path, &["status"]).await;
+    assert_eq!(status.code, Some(0), "{status}");
+    assert!(world.state_db().exists(), "caudal status made the store");
     let out = doctor(&world, &config, &[]).await;
     assert_eq!(out.code, Some(0), "{out}");
     assert!(out.stdout.contains("0 failures"), "{out}");

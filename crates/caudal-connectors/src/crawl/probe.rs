@@ -9,7 +9,7 @@
 //!   crawl would wait on it), a site that does not answer and a 4xx/5xx
 //!   answer are failures, each with what to do.
 
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use caudal_core::config::{CrawlSettings, CrawlSourceConfig};
 use caudal_core::probe::Finding;
@@ -22,8 +22,13 @@ use super::sites::{Outcome, Sites};
 /// URLs asked at most per source.
 pub const MAX_PROBED: usize = 5;
 
-/// Probes `source` as a crawl under `settings` (`[crawl]`) would start it.
-pub async fn probe(settings: &CrawlSettings, source: &CrawlSourceConfig) -> Vec<Finding> {
+/// Probes `source` as a crawl under `settings` (`[crawl]`) would start it;
+/// each URL's checks within `timeout` (a site's delay included).
+pub async fn probe(
+    settings: &CrawlSettings,
+    source: &CrawlSourceConfig,
+    timeout: Duration,
+) -> Vec<Finding> {
     let sites = Sites::new(settings);
     let urls: Vec<&String> = source
         .start_urls
@@ -39,7 +44,18 @@ pub async fn probe(settings: &CrawlSettings, source: &CrawlSourceConfig) -> Vec<
     }
     let mut out = Vec::new();
     for raw in urls {
-        out.push(probe_url(&sites, raw).await);
+        out.push(
+            tokio::time::timeout(timeout, probe_url(&sites, raw))
+                .await
+                .unwrap_or_else(|_| {
+                    Finding::fail(
+                        "start",
+                        format!("{raw}: no answer within {timeout:?} (robots.txt or the page)"),
+                        "check that the site is reachable from here, and its robots.txt \
+                         Crawl-delay",
+                    )
+                }),
+        );
     }
     out
 }
@@ -103,7 +119,7 @@ async fn probe_url(sites: &Sites, raw: &str) -> Finding {
                 check,
                 format!(
                     "{url}: the request {what}: {}",
-                    crate::sinks::http::error_chain(&e)
+                    crate::sinks::http::error_chain(&e.without_url())
                 ),
                 format!("check that {host} is reachable from here (DNS, firewall, proxy)"),
             )

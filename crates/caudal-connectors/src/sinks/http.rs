@@ -512,7 +512,9 @@ async fn excerpt(response: reqwest::Response) -> String {
     }
 }
 
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error with its causes, `: `-separated (reqwest's own message names
+/// no cause).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut cause = e.source();
     while let Some(c) = cause {

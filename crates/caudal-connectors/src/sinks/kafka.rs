@@ -88,72 +88,110 @@ impl KafkaSink {
     /// topic's: a producer's request naming a missing topic may make the
     /// broker create it. Sends no message.
     pub async fn probe(&self, timeout: Duration) -> Vec<caudal_core::probe::Finding> {
-        use caudal_core::probe::Finding;
         use rdkafka::producer::Producer;
         let producer = self.producer.clone();
-        let asked = tokio::task::spawn_blocking(move || {
-            producer.client().fetch_metadata(None, timeout).map(|m| {
-                let topics: Vec<(String, usize, bool)> = m
-                    .topics()
-                    .iter()
-                    .map(|t| {
-                        (
-                            t.name().to_string(),
-                            t.partitions().len(),
-                            t.error().is_none(),
-                        )
-                    })
-                    .collect();
-                (m.brokers().len(), topics)
-            })
+        let (connected, topics) = match probe_topics(&self.brokers, timeout, move |t| {
+            producer.client().fetch_metadata(None, t)
         })
-        .await;
-        let (brokers, topics) = match asked {
-            Ok(Ok(found)) => found,
-            Ok(Err(e)) => {
-                return vec![Finding::fail(
-                    "connect",
-                    format!(
-                        "the brokers {} did not answer within {timeout:?}: {e}",
-                        self.brokers
-                    ),
-                    "check `brokers` (host:port, comma-separated), that Kafka runs, and \
-                     firewalls between here and it",
-                )];
-            }
-            Err(e) => {
-                return vec![Finding::fail(
-                    "connect",
-                    format!("the metadata request failed: {e}"),
-                    "run caudal doctor again",
-                )];
-            }
+        .await
+        {
+            Ok(found) => found,
+            Err(failed) => return vec![failed],
         };
-        let mut out = vec![Finding::ok(
-            "connect",
-            format!("{brokers} broker(s) answered at {}", self.brokers),
-        )];
-        out.push(match self.route.literal() {
-            None => Finding::skipped(
+        let topic = match self.route.literal() {
+            None => caudal_core::probe::Finding::skipped(
                 "topic",
                 "the topic is rendered per record; no topic is looked up",
             ),
-            Some(topic) => match topics.iter().find(|(name, _, _)| name == topic) {
-                Some((_, partitions, true)) if *partitions > 0 => Finding::ok(
-                    "topic",
-                    format!("topic {topic:?} exists with {partitions} partition(s)"),
+            Some(topic) => topic_finding(
+                &topics,
+                topic,
+                format!(
+                    "create the topic {topic:?} (caudal does not create Kafka topics), or correct \
+                     the sink's `topic`"
                 ),
-                _ => Finding::fail(
-                    "topic",
-                    format!("topic {topic:?} does not exist on the brokers"),
-                    format!(
-                        "create the topic {topic:?} (caudal does not create Kafka topics), or \
-                         correct the sink's `topic`"
-                    ),
-                ),
-            },
-        });
-        out
+            ),
+        };
+        vec![connected, topic]
+    }
+}
+
+/// A topic as a metadata answer lists it: name, partitions, whether it
+/// came without an error.
+pub(crate) type TopicMeta = (String, usize, bool);
+
+/// `caudal doctor`'s metadata request: `fetch` (a client's
+/// `fetch_metadata(None, …)`: every topic, so none is auto-created) within
+/// `timeout`. The "connect" finding and the topics, or the failure.
+pub(crate) async fn probe_topics(
+    brokers: &str,
+    timeout: Duration,
+    fetch: impl FnOnce(Duration) -> rdkafka::error::KafkaResult<rdkafka::metadata::Metadata>
+    + Send
+    + 'static,
+) -> std::result::Result<(caudal_core::probe::Finding, Vec<TopicMeta>), caudal_core::probe::Finding>
+{
+    use caudal_core::probe::Finding;
+    // Shorter than the caller's own limit, so librdkafka's reason shows.
+    let asked = tokio::task::spawn_blocking(move || {
+        fetch(timeout.mul_f64(0.8)).map(|m| {
+            let topics: Vec<TopicMeta> = m
+                .topics()
+                .iter()
+                .map(|t| {
+                    (
+                        t.name().to_string(),
+                        t.partitions().len(),
+                        t.error().is_none(),
+                    )
+                })
+                .collect();
+            (m.brokers().len(), topics)
+        })
+    })
+    .await;
+    match asked {
+        Ok(Ok((count, topics))) => Ok((
+            Finding::ok(
+                "connect",
+                format!("{count} broker(s) answered at {brokers}"),
+            ),
+            topics,
+        )),
+        Ok(Err(e)) => Err(Finding::fail(
+            "connect",
+            format!("the brokers {brokers} did not answer within {timeout:?}: {e}"),
+            "check `brokers` (host:port, comma-separated), that Kafka runs, and firewalls \
+             between here and it",
+        )),
+        Err(e) => Err(Finding::fail(
+            "connect",
+            format!("the metadata request failed: {e}"),
+            "run caudal doctor again",
+        )),
+    }
+}
+
+/// Whether `topic` is among `topics` with partitions; `fix` when not.
+pub(crate) fn topic_finding(
+    topics: &[TopicMeta],
+    topic: &str,
+    fix: String,
+) -> caudal_core::probe::Finding {
+    use caudal_core::probe::Finding;
+    match topics.iter().find(|(name, _, _)| name == topic) {
+        Some((_, partitions, true)) if *partitions > 0 => Finding::ok(
+            "topic",
+            format!("topic {topic:?} exists with {partitions} partition(s)"),
+        ),
+        _ => Finding::fail(
+            "topic",
+            format!(
+                "topic {topic:?} does not exist on the brokers, or these credentials cannot \
+                 describe it"
+            ),
+            fix,
+        ),
     }
 }
 

@@ -22,7 +22,6 @@ use async_nats::jetstream::{self, context::PublishErrorKind};
 use caudal_core::Result;
 use caudal_core::config::{NatsSinkConfig, NatsStream};
 use caudal_core::sink::{Batch, Delivery, Sink};
-use caudal_core::units::redact_url;
 
 use crate::broker::{Route, identity_headers};
 
@@ -90,7 +89,7 @@ impl NatsSink {
     /// per record is not looked up.
     pub async fn probe(&self) -> Vec<caudal_core::probe::Finding> {
         use caudal_core::probe::Finding;
-        let url = redact_url(&self.url);
+        let url = shown(&self.url);
         let (options, servers) = connect_options(&self.url);
         let connected = tokio::time::timeout(
             self.timeout,
@@ -159,11 +158,7 @@ impl NatsSink {
 
     fn retry(&self, why: String) -> Delivery {
         Delivery::Retry {
-            reason: format!(
-                "NATS {} (sink {:?}): {why}",
-                redact_url(&self.url),
-                self.name
-            ),
+            reason: format!("NATS {} (sink {:?}): {why}", shown(&self.url), self.name),
             status: None,
             after: None,
         }
@@ -252,6 +247,12 @@ impl Sink for NatsSink {
             Ok(Ok(())) => Delivery::Delivered { status: None },
         }
     }
+}
+
+/// A NATS url as messages show it: its servers, without the user part
+/// (a user and password, or a token).
+pub fn shown(url: &str) -> String {
+    connect_options(url).1
 }
 
 /// Connect options and server list for a NATS URL: credentials written in

@@ -93,10 +93,13 @@ pub(crate) async fn send(
 ) -> Result<reqwest::Response, SendError> {
     use reqwest::header::AUTHORIZATION;
     let request = |headers: reqwest::header::HeaderMap| {
-        client
-            .request(method.clone(), url.clone())
-            .headers(headers)
-            .body(body.clone())
+        let request = client.request(method.clone(), url.clone()).headers(headers);
+        // No body at all (no `Content-Length: 0` on a GET) when empty.
+        if body.is_empty() {
+            request
+        } else {
+            request.body(body.clone())
+        }
     };
     let mut headers = headers;
     match auth {
@@ -140,14 +143,21 @@ pub struct PartnerClient {
 }
 
 impl PartnerClient {
-    /// A client from `builder` (its timeouts, redirect policy and agent),
-    /// with `tls`'s CA and client certificate and `auth`'s credentials,
-    /// read now from the environment or files.
+    /// A client from `builder` (its timeouts and agent), with `tls`'s CA
+    /// and client certificate and `auth`'s credentials, read now from the
+    /// environment or files. With `auth`, redirects are not followed: the
+    /// credentials (an HMAC header, say) would go to wherever a redirect
+    /// points, and a redirected POST loses its body.
     pub fn new(
         builder: reqwest::ClientBuilder,
         auth: Option<&HttpAuth>,
         tls: Option<&HttpTls>,
     ) -> Result<Self, String> {
+        let builder = if auth.is_some() {
+            builder.redirect(reqwest::redirect::Policy::none())
+        } else {
+            builder
+        };
         let builder = match tls {
             Some(tls) => with_tls(builder, tls)?,
             None => builder,

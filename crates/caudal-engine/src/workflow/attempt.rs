@@ -63,11 +63,19 @@ pub(crate) enum Work {
         url: String,
         headers: Vec<(String, String)>,
         body: Option<String>,
+    },
+    /// An http task with `auth` or `tls`. A variant of its own, so a node
+    /// that does not know it refuses the attempt instead of sending it
+    /// without its credentials.
+    PartnerHttp {
+        method: String,
+        url: String,
+        headers: Vec<(String, String)>,
+        body: Option<String>,
         /// The workflow whose task (`id.task`) sets `auth` or `tls`: the
         /// node running the attempt reads them from its own
         /// configuration, so no secret travels through the store.
-        #[serde(default)]
-        partner_of: Option<String>,
+        workflow: String,
     },
     Pipeline {
         name: String,
@@ -166,44 +174,52 @@ pub(crate) struct Shared {
     pub partners: Arc<Partners>,
 }
 
-/// A task's client, or why it cannot be made.
-type MadeClient = Arc<std::result::Result<PartnerClient, String>>;
-
 /// See [`Shared::partners`].
 #[derive(Debug, Default)]
 pub(crate) struct Partners(
-    std::sync::Mutex<std::collections::HashMap<(String, String), MadeClient>>,
+    std::sync::Mutex<std::collections::HashMap<(String, String), Arc<PartnerClient>>>,
 );
 
 impl Partners {
     /// The client of task `task` of workflow `workflow`, as `config` sets
-    /// it up; the reason when it cannot be made.
-    fn client(&self, config: &Config, workflow: &str, task: &str) -> MadeClient {
-        let mut clients = self
+    /// it up; why it cannot be made (a credential file unreadable, say: it
+    /// is tried again at the next attempt).
+    fn client(
+        &self,
+        config: &Config,
+        workflow: &str,
+        task: &str,
+    ) -> std::result::Result<Arc<PartnerClient>, String> {
+        let key = (workflow.to_string(), task.to_string());
+        if let Some(c) = self
             .0
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        clients
-            .entry((workflow.to_string(), task.to_string()))
-            .or_insert_with(|| {
-                let made = match config
-                    .workflows
-                    .get(workflow)
-                    .and_then(|w| w.tasks.get(task))
-                {
-                    None => Err(format!(
-                        "task {task:?} of workflow {workflow:?} is not in this node's configuration"
-                    )),
-                    Some(t) => PartnerClient::new(
-                        reqwest::Client::builder()
-                            .user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION"))),
-                        t.auth.as_ref(),
-                        t.tls.as_ref(),
-                    ),
-                };
-                Arc::new(made)
-            })
-            .clone()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&key)
+        {
+            return Ok(c.clone());
+        }
+        let t = config
+            .workflows
+            .get(workflow)
+            .and_then(|w| w.tasks.get(task))
+            .ok_or_else(|| {
+                format!(
+                    "task {task:?} of workflow {workflow:?} is not in this node's configuration"
+                )
+            })?;
+        let client = Arc::new(PartnerClient::new(
+            reqwest::Client::builder().user_agent(concat!("caudal/", env!("CARGO_PKG_VERSION"))),
+            t.auth.as_ref(),
+            t.tls.as_ref(),
+        )?);
+        Ok(self
+            .0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(key)
+            .or_insert(client)
+            .clone())
     }
 }
 
@@ -219,7 +235,9 @@ pub(crate) async fn run(
     let started = Instant::now();
     let mut done = match &spec.work {
         Work::Command { .. } => run_command(&spec, &shared, &stop, &shutdown).await,
-        Work::Http { .. } => run_http(&spec, &shared, &stop, &shutdown).await,
+        Work::Http { .. } | Work::PartnerHttp { .. } => {
+            run_http(&spec, &shared, &stop, &shutdown).await
+        }
         Work::Pipeline { name } => run_pipeline(&spec, name, &shared, &stop, &shutdown).await,
         Work::Crawl { .. } => run_crawl(&spec, &shared, &stop, &shutdown).await,
     };
@@ -496,15 +514,21 @@ async fn run_http(
     stop: &CancellationToken,
     shutdown: &CancellationToken,
 ) -> Done {
-    let Work::Http {
-        method,
-        url,
-        headers,
-        body,
-        partner_of,
-    } = &spec.work
-    else {
-        return done(spec, Ending::Failed, Some("not an http task".into()));
+    let (method, url, headers, body, partner_of) = match &spec.work {
+        Work::Http {
+            method,
+            url,
+            headers,
+            body,
+        } => (method, url, headers, body, None),
+        Work::PartnerHttp {
+            method,
+            url,
+            headers,
+            body,
+            workflow,
+        } => (method, url, headers, body, Some(workflow)),
+        _ => return done(spec, Ending::Failed, Some("not an http task".into())),
     };
     let method = match reqwest::Method::from_bytes(method.as_bytes()) {
         Ok(m) => m,
@@ -549,16 +573,17 @@ async fn run_http(
                 if let Some(body) = body {
                     request = request.body(body);
                 }
-                request
-                    .send()
-                    .await
-                    .map_err(|e| format!("request to {url} failed: {e}"))?
+                request.send().await.map_err(|e| {
+                    format!(
+                        "request to {url} failed: {}",
+                        caudal_connectors::sinks::http::error_chain(&e.without_url())
+                    )
+                })?
             }
             Some(workflow) => {
                 let client = shared
                     .partners
-                    .client(&shared.config, workflow, &spec.id.task);
-                let client = client.as_ref().as_ref().map_err(Clone::clone)?;
+                    .client(&shared.config, workflow, &spec.id.task)?;
                 client
                     .send(
                         &method,
@@ -569,7 +594,10 @@ async fn run_http(
                     .await
                     .map_err(|e| match e {
                         SendError::Auth(why) => format!("no credentials for {url}: {why}"),
-                        SendError::Request(e) => format!("request to {url} failed: {e}"),
+                        SendError::Request(e) => format!(
+                            "request to {url} failed: {}",
+                            caudal_connectors::sinks::http::error_chain(&e.without_url())
+                        ),
                     })?
             }
         };

@@ -178,64 +178,26 @@ pub(super) async fn probe(
             )];
         }
     };
-    let asked = tokio::task::spawn_blocking(move || {
-        consumer.fetch_metadata(None, timeout).map(|m| {
-            let topics: Vec<(String, usize, bool)> = m
-                .topics()
-                .iter()
-                .map(|t| {
-                    (
-                        t.name().to_string(),
-                        t.partitions().len(),
-                        t.error().is_none(),
-                    )
-                })
-                .collect();
-            (m.brokers().len(), topics)
+    let (connected, topics) =
+        match crate::sinks::kafka::probe_topics(&config.brokers, timeout, move |t| {
+            consumer.fetch_metadata(None, t)
         })
-    })
-    .await;
-    let (brokers, topics) = match asked {
-        Ok(Ok(found)) => found,
-        Ok(Err(e)) => {
-            return vec![Finding::fail(
-                "connect",
-                format!(
-                    "the brokers {} did not answer within {timeout:?}: {e}",
-                    config.brokers
-                ),
-                "check `brokers` (host:port, comma-separated), that Kafka runs, and firewalls \
-                 between here and it",
-            )];
-        }
-        Err(e) => {
-            return vec![Finding::fail(
-                "connect",
-                format!("the metadata request failed: {e}"),
-                "run caudal doctor again",
-            )];
-        }
-    };
-    let mut out = vec![Finding::ok(
-        "connect",
-        format!("{brokers} broker(s) answered at {}", config.brokers),
-    )];
+        .await
+        {
+            Ok(found) => found,
+            Err(failed) => return vec![failed],
+        };
+    let mut out = vec![connected];
     for topic in &config.topics {
-        out.push(match topics.iter().find(|(name, _, _)| name == topic) {
-            Some((_, partitions, true)) if *partitions > 0 => Finding::ok(
-                "topic",
-                format!("topic {topic:?} exists with {partitions} partition(s)"),
+        out.push(crate::sinks::kafka::topic_finding(
+            &topics,
+            topic,
+            format!(
+                "create the topic {topic:?}, or correct the source's `topics` (the group {:?} \
+                 would wait on it)",
+                config.group
             ),
-            _ => Finding::fail(
-                "topic",
-                format!("topic {topic:?} does not exist on the brokers"),
-                format!(
-                    "create the topic {topic:?}, or correct the source's `topics` (the group \
-                     {:?} would wait on it)",
-                    config.group
-                ),
-            ),
-        });
+        ));
     }
     out
 }

@@ -6,8 +6,9 @@ use caudal_core::config::NatsSourceConfig;
 use futures::StreamExt as _;
 use futures::future::FutureExt as _;
 
-use super::{Ended, PAGE_MAX, Session, shown};
+use super::{Ended, PAGE_MAX, Session};
 use crate::broker::{MessageMeta, Unacked, message_record};
+use crate::sinks::nats::shown;
 
 /// Messages read and not acknowledged yet.
 #[derive(Debug, Default)]

@@ -31,8 +31,9 @@ use futures::future::FutureExt as _;
 use futures::stream::{SelectAll, Stream, StreamExt as _};
 use tokio_util::sync::CancellationToken;
 
-use super::{Ended, PAGE_MAX, Session, shown};
+use super::{Ended, PAGE_MAX, Session};
 use crate::broker::Unacked;
+use crate::sinks::nats::shown;
 
 /// Messages read and not acknowledged yet: their partition, the tenure
 /// they were read in, and their acknowledger.

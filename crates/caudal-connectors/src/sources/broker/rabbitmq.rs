@@ -262,7 +262,7 @@ pub(super) async fn probe(config: &RabbitmqSourceConfig) -> Vec<caudal_core::pro
                     q.consumer_count()
                 ),
             ),
-            Err(_) if config.declare => Finding::ok(
+            Err(e) if config.declare && is_not_found(&e) => Finding::ok(
                 "queue",
                 format!("queue {queue:?} does not exist yet: caudal declares it when it starts"),
             ),
@@ -278,4 +278,10 @@ pub(super) async fn probe(config: &RabbitmqSourceConfig) -> Vec<caudal_core::pro
     }
     let _ = connection.close(200, "doctor done".into()).await;
     out
+}
+
+/// Whether the broker answered 404 NOT_FOUND (the queue does not exist),
+/// not some other refusal (access, a lock).
+fn is_not_found(e: &lapin::Error) -> bool {
+    matches!(e.kind(), lapin::ErrorKind::ProtocolError(amqp) if amqp.get_id() == 404)
 }
