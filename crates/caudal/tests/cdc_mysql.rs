@@ -789,10 +789,16 @@ impl PrivateMaria {
     fn start() -> Self {
         let dir = tempfile::tempdir().expect("a data directory");
         let data = dir.path().join("data");
+        // A server starting deletes every `#sql*` file of its tmpdir: with
+        // the shared /tmp, one test's server removed another's bootstrap
+        // tables mid-way. Each server has a tmpdir of its own.
+        let tmp = dir.path().join("tmp");
+        std::fs::create_dir(&tmp).expect("a temporary directory");
         let install = std::process::Command::new("mariadb-install-db")
             .args(["--no-defaults", "--auth-root-authentication-method=normal"])
             .arg(format!("--datadir={}", data.display()))
             .args(["--user=root", "--skip-test-db"])
+            .arg(format!("--tmpdir={}", tmp.display()))
             .output()
             .unwrap_or_else(|e| {
                 panic!("mariadb-install-db: {e} (install mariadb-server, or run scripts/test)")
@@ -821,6 +827,7 @@ impl PrivateMaria {
         let child = std::process::Command::new("mariadbd")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", d.join("tmp").display()))
             .arg(format!("--port={}", self.port))
             .arg(format!("--socket={}", d.join("sock").display()))
             .arg(format!("--pid-file={}", d.join("pid").display()))

@@ -268,11 +268,17 @@ impl TlsMariadb {
     pub fn start(certs: &Path) -> Self {
         let dir = tempfile::tempdir().expect("a data directory");
         let d = dir.path();
+        // A server starting deletes every `#sql*` file of its tmpdir: with
+        // the shared /tmp, another test's server removed this bootstrap's
+        // tables mid-way. Each server has a tmpdir of its own.
+        let tmp = d.join("tmp");
+        std::fs::create_dir(&tmp).expect("a temporary directory");
         let mut install = Command::new("mariadb-install-db");
         install
             .args(["--no-defaults", "--auth-root-authentication-method=normal"])
             .arg(format!("--datadir={}", d.join("data").display()))
-            .args(["--user=root", "--skip-test-db"]);
+            .args(["--user=root", "--skip-test-db"])
+            .arg(format!("--tmpdir={}", tmp.display()));
         run(install, "mariadb-install-db (mariadb-server)");
         let port = free_port();
         let log = d.join("server.log");
@@ -280,6 +286,7 @@ impl TlsMariadb {
         let child = Command::new("mariadbd")
             .arg("--no-defaults")
             .arg(format!("--datadir={}", d.join("data").display()))
+            .arg(format!("--tmpdir={}", tmp.display()))
             .arg(format!("--port={port}"))
             .arg(format!("--socket={}", d.join("sock").display()))
             .arg(format!("--pid-file={}", d.join("pid").display()))
